@@ -1,0 +1,406 @@
+//! The backend boundary: device memory and the fused ops that model code is written
+//! against (DESIGN.md §1). Model and trainer code is generic over [`Backend`], so a new
+//! device (CUDA) slots in without touching them.
+//!
+//! Conventions, shared by every op (after llm.c):
+//! * Buffers are contiguous, row-major, logically f32. A backend may store frozen weights
+//!   in a narrower type (see [`Backend::upload_weight`]); activations, LoRA parameters,
+//!   gradients and optimizer state are f32 (or wider on the f64 reference backend).
+//! * Argument order: outputs first, then saved buffers, then inputs and weights, then
+//!   dimensions. Gradients are named `d…`.
+//! * Parameter gradients accumulate (`+=`); activation gradients overwrite unless the op
+//!   takes an [`Accumulate`] argument (the residual stream).
+//! * Shapes use B = batch, T = sequence, N = B·T tokens, C = channels, H = query heads,
+//!   KVH = key/value heads, D = head dimension, V = vocabulary, R = LoRA rank.
+
+pub mod cpu;
+
+use crate::error::Result;
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors spelling ("F32", "F16", "BF16").
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    /// Decode little-endian bytes of this type into f32 values (`out.len()` elements).
+    pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "fp16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            _ => Err(crate::error::Error::config(format!(
+                "unknown dtype '{s}'; supported: f32, f16, bf16"
+            ))),
+        }
+    }
+}
+
+/// Whether an op overwrites its output or adds into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    /// `out = result`
+    Overwrite,
+    /// `out += result`
+    Add,
+}
+
+/// One GEMM, row-major: `C[m×n] (=|+=) alpha · op(A)[m×k] · op(B)[k×n]`.
+/// `op(A)` is A itself (stored `[m, k]`) or, with `trans_a`, Aᵀ of A stored `[k, m]`;
+/// likewise B is stored `[k, n]` or, with `trans_b`, `[n, k]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub accumulate: Accumulate,
+}
+
+/// Shapes of a causal self-attention call. q, out: `[B, T, H, D]`; k, v: `[B, T, KVH, D]`;
+/// lse (the saved log-sum-exp of each score row): `[B, H, T]`. Query head h reads key/value
+/// head `h / (H / KVH)` (grouped-query attention).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k, usually 1/√D.
+    pub scale: f32,
+}
+
+/// Hyper-parameters of one AdamW update (PyTorch semantics: decoupled weight decay,
+/// bias correction, eps outside the square root). `step` counts from 1.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+}
+
+/// Hyper-parameters of one SGD update (PyTorch semantics, dampening 0, no Nesterov):
+/// `d = g + wd·p; buf = first ? d : momentum·buf + d; p -= lr·buf`.
+#[derive(Clone, Copy, Debug)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    /// True on the first update, when the momentum buffer is initialised from the gradient.
+    pub first: bool,
+}
+
+/// Result of the fused LM head + cross-entropy.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSum {
+    /// Sum of per-token cross-entropy over counted tokens (label != -100).
+    pub sum: f64,
+    /// Number of counted tokens.
+    pub count: usize,
+}
+
+/// Label value that is not counted in the loss (HF convention).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Whether element `i` survives dropout with probability `p` under `seed`. A pure
+/// counter-based hash (splitmix64), so every backend draws the same mask and a recomputed
+/// forward (gradient checkpointing) draws it again without storing it.
+#[inline]
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 high bits → uniform in [0, 1)
+    let u = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+    u >= p
+}
+
+/// A buffer owned by a backend.
+pub trait DeviceBuf: Send + Sync {
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// True when the buffer holds no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A compute device: owns memory and runs the fused ops. Every op checks that its buffers
+/// have the lengths its dimensions imply and reports the op's name when they do not.
+pub trait Backend: Send + Sync + 'static {
+    /// Device memory holding a contiguous array.
+    type Buf: DeviceBuf;
+
+    /// Short name for messages ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----------------------------------------------------------------------
+
+    /// A new buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A new buffer holding `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A frozen weight from its stored little-endian bytes; the backend chooses its storage
+    /// type (the CPU decodes to its compute type; CUDA keeps bf16/f16 for the GEMMs).
+    fn upload_weight(&self, bytes: &[u8], dtype: DType) -> Result<Self::Buf>;
+    /// The buffer's contents as f32.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Set every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// Wait until all queued work is done.
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- linear algebra --------------------------------------------------------------
+
+    /// `c (=|+=) alpha · op(a) · op(b)`, see [`Gemm`].
+    fn matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
+    /// `y (=|+=) alpha · x`, elementwise over the whole buffers.
+    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf, acc: Accumulate) -> Result<()>;
+    /// `x[r, :] += b` for every row r of x `[rows, b.len()]`.
+    fn add_bias(&self, x: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// Column block copy: `dst[r, dst_off..dst_off+width] (=|+=) src[r, src_off..src_off+width]`
+    /// for r in 0..rows, where dst has `dst_cols` columns and src `src_cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(
+        &self,
+        dst: &mut Self::Buf,
+        dst_cols: usize,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_cols: usize,
+        src_off: usize,
+        width: usize,
+        acc: Accumulate,
+    ) -> Result<()>;
+    /// Sum of squares of all elements, accumulated in f64 (for gradient clipping).
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+
+    // ---- embedding -------------------------------------------------------------------
+
+    /// `out[i, :] (=|+=) table[ids[i], :]`; out `[N, C]`, table `[V, C]`. An id ≥ V is an
+    /// error that quotes the id. (Embeddings are frozen: no backward.)
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        ids: &[u32],
+        table: &Self::Buf,
+        c: usize,
+        acc: Accumulate,
+    ) -> Result<()>;
+
+    // ---- normalisation ---------------------------------------------------------------
+
+    /// RMSNorm over rows of x `[N, C]`: `out = x · rstd · w`, `rstd[i] = 1/√(mean(x²)+eps)`
+    /// saved for the backward.
+    fn rms_norm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+    ) -> Result<()>;
+    /// Input gradient of RMSNorm (the weight is frozen): `dx (=|+=) ∂L/∂x`.
+    fn rms_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        acc: Accumulate,
+    ) -> Result<()>;
+    /// LayerNorm over rows of x `[N, C]`: `out = (x − mean)·rstd·w + b`; mean and rstd
+    /// `[N]` saved for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        eps: f32,
+    ) -> Result<()>;
+    /// Input gradient of LayerNorm (weight and bias frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        acc: Accumulate,
+    ) -> Result<()>;
+
+    // ---- rotary position embedding ----------------------------------------------------
+
+    /// Rotate x `[N, heads, D]` in place by angles `positions[i] · inv_freq[j]`, HF's
+    /// rotate-half layout (pairs j and j + D/2); `inv_freq` has D/2 entries.
+    fn rope_forward(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()>;
+    /// Gradient of [`Backend::rope_forward`] in place: the inverse rotation of dx.
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()>;
+
+    // ---- attention -------------------------------------------------------------------
+
+    /// Causal softmax attention without a stored score matrix; saves each row's
+    /// log-sum-exp in `lse` for the backward. Shapes in [`AttnDims`].
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<()>;
+    /// Gradients of causal attention; dq, dk, dv are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<()>;
+
+    // ---- MLP activations -------------------------------------------------------------
+
+    /// `out = silu(gate) · up`, elementwise.
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// Gradients of SwiGLU; dgate and dup are overwritten.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// GPT-2's `gelu_new` (tanh approximation), elementwise.
+    fn gelu_forward(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// Gradient of [`Backend::gelu_forward`]; dx is overwritten.
+    fn gelu_backward(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()>;
+
+    // ---- dropout (LoRA input) --------------------------------------------------------
+
+    /// `out = keep(i) ? x / (1 − p) : 0` with the mask of [`dropout_keep`].
+    fn dropout_forward(&self, out: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64) -> Result<()>;
+    /// Gradient of dropout with the same `p` and `seed`; dx is overwritten.
+    fn dropout_backward(&self, dx: &mut Self::Buf, dout: &Self::Buf, p: f32, seed: u64) -> Result<()>;
+
+    // ---- LM head + loss --------------------------------------------------------------
+
+    /// Fused LM head and cross-entropy over row chunks, so that no `[N, V]` matrix need
+    /// exist: `logits = h · wᵀ` (h `[N, C]`, w `[V, C]`), per-row loss against
+    /// `labels[i]` (already shifted; [`IGNORE_INDEX`] is skipped). When `dh` is given it is
+    /// overwritten with `loss_scale · (softmax − onehot) · w`; when `logits` is given it
+    /// receives the full `[N, V]` logits.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_loss(
+        &self,
+        h: &Self::Buf,
+        w: &Self::Buf,
+        labels: &[i32],
+        c: usize,
+        loss_scale: f32,
+        dh: Option<&mut Self::Buf>,
+        logits: Option<&mut Self::Buf>,
+    ) -> Result<LossSum>;
+
+    // ---- optimizers ------------------------------------------------------------------
+
+    /// One AdamW update of parameter p with gradient g and moments m, v.
+    fn adamw_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: AdamWStep,
+    ) -> Result<()>;
+    /// One SGD (momentum) update of parameter p with gradient g and momentum buffer.
+    fn sgd_step(&self, p: &mut Self::Buf, g: &Self::Buf, buf: &mut Self::Buf, h: SgdStep) -> Result<()>;
+}

@@ -1,0 +1,74 @@
+//! The library's error type. Every message names what was wrong (the file, the tensor,
+//! the op, the value) and, where one is known, what to do about it.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in lema, as concrete variants that quote their input.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O failure on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model or checkpoint file whose contents are malformed.
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// A tensor that is missing or disagrees with the model configuration.
+    #[error("{path}: tensor '{tensor}': {msg}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    /// An invalid or unsupported configuration value.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A backend op rejected its arguments or failed on the device.
+    #[error("{backend} op '{op}': {msg}")]
+    Backend {
+        backend: &'static str,
+        op: &'static str,
+        msg: String,
+    },
+    /// Training produced a non-finite value.
+    #[error("{0}")]
+    NonFinite(String),
+}
+
+impl Error {
+    /// Attach a path to an `std::io::Error`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A format error on a file.
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A problem with one named tensor of a file.
+    pub fn tensor(path: impl Into<PathBuf>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A configuration error.
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+}
