@@ -2,8 +2,24 @@
 //! The frozen base weights stay in one memory-mapped `.safetensors` file and pass through
 //! the device one layer at a time; see DESIGN.md for the picture.
 
+pub mod api;
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod fsutil;
+pub mod gbi;
+pub mod lora;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod stream;
+pub mod trainer;
 
+pub use api::{Device, LemaConfig, LemaModel, Trainer};
+pub use data::Batch;
 pub use error::{Error, Result};
+pub use optim::OptimizerConfig;
+pub use stream::Strategy;
+pub use trainer::StepOutput;

@@ -1,0 +1,447 @@
+//! The library's front door, after the seed's Python API: a [`LemaConfig`], a
+//! [`LemaModel`] built from it, LoRA initialisation, a [`Trainer`] made from an
+//! optimizer, `train_step`, and checkpoints that save and load.
+//!
+//! ```no_run
+//! use lema::{LemaConfig, LemaModel, Trainer, OptimizerConfig};
+//! # fn main() -> lema::Result<()> {
+//! let config = LemaConfig::new("models/smollm2/model.safetensors");
+//! let mut model = LemaModel::new(config)?;
+//! model.initialize_lora()?;
+//! println!("{} trainable parameters", model.trainable_parameters());
+//! let mut trainer = Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
+//! let ids: Vec<u32> = vec![1, 2, 3, 4];
+//! let out = trainer.train_step(&lema::Batch::language_modeling(ids, 1, 4)?)?;
+//! println!("loss {}", out.loss);
+//! trainer.save_checkpoint("out/checkpoint-1".as_ref())?;
+//! # Ok(()) }
+//! ```
+
+use crate::backend::DType;
+use crate::backend::cpu::CpuBackend;
+use crate::checkpoint;
+use crate::config::{Arch, ModelConfig};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::gbi::Gbi;
+use crate::lora::{LoraConfig, LoraParams};
+use crate::model::Model;
+use crate::optim::OptimizerConfig;
+use crate::rng::Rng;
+use crate::stream::{Strategy, make_stream};
+use crate::trainer::{Engine, StepOutput};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the computation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when a GPU and driver are present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            _ => Err(Error::config(format!("unknown device '{s}'; supported: auto, cpu, cuda"))),
+        }
+    }
+}
+
+/// Everything needed to build a model for training (the seed's `LemaConfig`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LemaConfig {
+    /// The monolithic `.safetensors` produced by `lema prepare`.
+    pub model_path: PathBuf,
+    /// The HF config.json; default: `config.json` beside the model file.
+    pub config_path: Option<PathBuf>,
+    /// Where to write the global binary index (tensor → group, offset, dtype, shape) as
+    /// JSON for inspection; lema itself always re-reads and re-validates the header.
+    pub gbi_path: Option<PathBuf>,
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+    pub lora_dropout: f32,
+    /// None: the architecture's PEFT default (Llama: q_proj, v_proj; GPT-2: c_attn).
+    pub lora_target_modules: Option<Vec<String>>,
+    pub use_rslora: bool,
+    pub strategy: Strategy,
+    pub gradient_checkpointing: bool,
+    /// Compute type of the GEMMs on an accelerator (the CPU computes in f32).
+    pub dtype: Option<DType>,
+    pub device: Device,
+    pub seed: u64,
+    /// Start from this PEFT adapter folder instead of a fresh initialisation.
+    pub adapter_path: Option<PathBuf>,
+}
+
+impl LemaConfig {
+    /// Defaults for the model at `model_path`: rank 16, α 32, no dropout, PEFT's default
+    /// targets, STREAMING with gradient checkpointing, automatic device, seed 42.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        LemaConfig {
+            model_path: model_path.into(),
+            config_path: None,
+            gbi_path: None,
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_target_modules: None,
+            use_rslora: false,
+            strategy: Strategy::Streaming,
+            gradient_checkpointing: true,
+            dtype: None,
+            device: Device::Auto,
+            seed: 42,
+            adapter_path: None,
+        }
+    }
+
+    /// The config.json path in effect.
+    pub fn config_json(&self) -> PathBuf {
+        self.config_path.clone().unwrap_or_else(|| {
+            self.model_path
+                .parent()
+                .map(|p| p.join("config.json"))
+                .unwrap_or_else(|| PathBuf::from("config.json"))
+        })
+    }
+
+    /// The LoRA settings in effect for `arch`.
+    pub fn lora_config(&self, arch: Arch) -> LoraConfig {
+        LoraConfig {
+            r: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: self.lora_target_modules.clone().unwrap_or_else(|| default_targets(arch)),
+            use_rslora: self.use_rslora,
+        }
+    }
+}
+
+/// PEFT's default LoRA targets for each architecture.
+pub fn default_targets(arch: Arch) -> Vec<String> {
+    let t: &[&str] = match arch {
+        Arch::Llama => &["q_proj", "v_proj"],
+        Arch::Gpt2 => &["c_attn"],
+    };
+    t.iter().map(|s| s.to_string()).collect()
+}
+
+/// An engine on whichever backend was chosen; the dispatch happens here once.
+enum AnyEngine {
+    Cpu(Box<Engine<CpuBackend<f32>>>),
+}
+
+macro_rules! with_engine {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            AnyEngine::Cpu($e) => $body,
+        }
+    };
+}
+
+/// A model ready for LoRA training: validated weights file, architecture, memory
+/// strategy and backend.
+pub struct LemaModel {
+    config: LemaConfig,
+    engine: AnyEngine,
+}
+
+/// Open the weights and config of `config` and check every tensor the architecture
+/// needs against the file (name, shape).
+pub fn open_model(config: &LemaConfig) -> Result<(Arc<Gbi>, Model)> {
+    let cfg = ModelConfig::from_file(&config.config_json())?;
+    let gbi = Gbi::open(&config.model_path)?;
+    let model = Model::new(cfg);
+    for spec in model.tensor_specs() {
+        gbi.expect(&spec.name, &spec.shape)?;
+    }
+    if let Some(p) = &config.gbi_path {
+        write_gbi_json(&gbi, p)?;
+    }
+    Ok((Arc::new(gbi), model))
+}
+
+fn write_gbi_json(gbi: &Gbi, path: &Path) -> Result<()> {
+    let tensors: Vec<serde_json::Value> = gbi
+        .tensors()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name, "group": format!("{:?}", Gbi::group_of(&t.name)),
+                "dtype": t.dtype.safetensors_name(), "shape": t.shape,
+                "offset": t.offset, "len": t.len,
+            })
+        })
+        .collect();
+    checkpoint::write_json(
+        path,
+        &serde_json::json!({ "file": gbi.path(), "num_layers": gbi.num_layers(), "tensors": tensors }),
+    )
+}
+
+impl LemaModel {
+    /// Open and validate the model described by `config` on its device.
+    pub fn new(config: LemaConfig) -> Result<Self> {
+        let (gbi, model) = open_model(&config)?;
+        let engine = match config.device {
+            Device::Cuda => {
+                return Err(Error::config(
+                    "device 'cuda' was requested but this build has no CUDA backend yet; use --device cpu or auto",
+                ));
+            }
+            Device::Auto | Device::Cpu => AnyEngine::Cpu(Box::new(Engine {
+                be: CpuBackend::new(),
+                stream: make_stream(config.strategy, gbi.clone(), model.clone()),
+                model,
+                gbi,
+                lora: None,
+                optimizer: None,
+                gradient_checkpointing: config.gradient_checkpointing,
+                seed: config.seed,
+            })),
+        };
+        let mut m = LemaModel { config, engine };
+        if let Some(dir) = m.config.adapter_path.clone() {
+            m.load_adapter(&dir)?;
+        }
+        Ok(m)
+    }
+
+    /// The configuration this model was built from.
+    pub fn config(&self) -> &LemaConfig {
+        &self.config
+    }
+
+    /// The architecture's configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        with_engine!(&self.engine, e => e.model.config())
+    }
+
+    /// Create fresh adapters as PEFT does (A kaiming-uniform from the seed, B zero).
+    pub fn initialize_lora(&mut self) -> Result<()> {
+        let arch = self.model_config().arch;
+        let lcfg = self.config.lora_config(arch);
+        let mut rng = Rng::new(self.config.seed);
+        with_engine!(&mut self.engine, e => {
+            e.lora = Some(LoraParams::init(&e.be, &e.model, &lcfg, &mut rng)?);
+        });
+        Ok(())
+    }
+
+    /// Replace the adapters with those of a PEFT adapter folder (its adapter_config.json
+    /// decides rank, alpha and targets).
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let lcfg = checkpoint::read_adapter_config(dir)?;
+        with_engine!(&mut self.engine, e => {
+            e.lora = Some(checkpoint::load_adapter(&e.be, &e.model, dir)?);
+        });
+        self.config.lora_rank = lcfg.r;
+        self.config.lora_alpha = lcfg.alpha;
+        self.config.lora_dropout = lcfg.dropout;
+        self.config.lora_target_modules = Some(lcfg.target_modules);
+        self.config.use_rslora = lcfg.use_rslora;
+        Ok(())
+    }
+
+    /// Number of trainable (LoRA) scalars; 0 before initialisation.
+    pub fn trainable_parameters(&self) -> usize {
+        with_engine!(&self.engine, e => e.lora.as_ref().map_or(0, |l| l.num_parameters()))
+    }
+
+    /// Every LoRA tensor as (PEFT key, shape, values).
+    pub fn lora_tensors(&self) -> Result<Vec<(String, [usize; 2], Vec<f32>)>> {
+        with_engine!(&self.engine, e => {
+            let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
+            lora.named_params().into_iter().map(|(k, s, p, _)| Ok((k, s, e.be.download(p)?))).collect()
+        })
+    }
+
+    /// Every LoRA gradient as (PEFT key, values), as left by the last step.
+    pub fn lora_grads(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        with_engine!(&self.engine, e => {
+            let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
+            lora.named_params().into_iter().map(|(k, _, _, g)| Ok((k, e.be.download(g)?))).collect()
+        })
+    }
+
+    /// Mean loss and logits of a batch without training (LoRA dropout off).
+    pub fn evaluate(&mut self, batch: &Batch, want_logits: bool) -> Result<(f64, usize, Option<Vec<f32>>)> {
+        with_engine!(&mut self.engine, e => {
+            let (l, logits) = e.eval(batch, want_logits)?;
+            Ok((l.sum / l.count.max(1) as f64, l.count, logits))
+        })
+    }
+
+    /// Write the adapter alone (PEFT format) into `dir`, atomically.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let base = self.config.model_path.to_string_lossy().to_string();
+        with_engine!(&self.engine, e => {
+            let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
+            let arch = e.model.config().arch;
+            checkpoint::write_dir_atomically(dir, |tmp| checkpoint::write_adapter(&e.be, lora, arch, Some(&base), tmp))
+        })
+    }
+}
+
+/// Run state saved in `trainer_state.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format tag, so that other folders are not mistaken for checkpoints.
+    pub format: String,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub optimizer: OptimizerConfig,
+    pub max_grad_norm: Option<f32>,
+    pub config: LemaConfig,
+    /// What identifies the base model: file size and config.json contents.
+    pub model_fingerprint: serde_json::Value,
+    /// State of the caller's data pipeline and schedule (opaque to the trainer).
+    pub extra: serde_json::Value,
+}
+
+const STATE_FORMAT: &str = "lema-trainer-state-1";
+
+fn fingerprint(config: &LemaConfig) -> Result<serde_json::Value> {
+    let size = std::fs::metadata(&config.model_path)
+        .map_err(|e| Error::io(&config.model_path, e))?
+        .len();
+    let cfg_path = config.config_json();
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
+    Ok(serde_json::json!({ "model_file_bytes": size, "config": cfg }))
+}
+
+/// A model plus optimizer: the seed's trainer.
+pub struct Trainer {
+    pub model: LemaModel,
+    /// Global-norm clipping threshold; None disables clipping.
+    pub max_grad_norm: Option<f32>,
+    /// Caller state stored in checkpoints (data position, schedule, …).
+    pub extra_state: serde_json::Value,
+}
+
+impl Trainer {
+    /// A trainer over `model` (whose LoRA must be initialised or loaded) with a fresh
+    /// optimizer.
+    pub fn new(mut model: LemaModel, optimizer: OptimizerConfig) -> Result<Self> {
+        with_engine!(&mut model.engine, e => e.set_optimizer(optimizer)?);
+        Ok(Trainer {
+            model,
+            max_grad_norm: None,
+            extra_state: serde_json::Value::Null,
+        })
+    }
+
+    /// One optimizer step on one batch at the optimizer's learning rate.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepOutput> {
+        self.train_step_accumulated(std::slice::from_ref(batch), None, false)
+    }
+
+    /// One step on one batch that also returns its `[B, T, V]` logits.
+    pub fn train_step_with_logits(&mut self, batch: &Batch) -> Result<StepOutput> {
+        self.train_step_accumulated(std::slice::from_ref(batch), None, true)
+    }
+
+    /// One optimizer step over several micro-batches (gradient accumulation), at learning
+    /// rate `lr` (None: the optimizer's).
+    pub fn train_step_accumulated(&mut self, micro: &[Batch], lr: Option<f32>, want_logits: bool) -> Result<StepOutput> {
+        let clip = self.max_grad_norm;
+        with_engine!(&mut self.model.engine, e => e.train_step(micro, lr, clip, want_logits))
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        with_engine!(&self.model.engine, e => e.optimizer.as_ref().map_or(0, |o| o.step))
+    }
+
+    /// Save adapter, optimizer state and trainer state into `dir` atomically.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let config = self.model.config.clone();
+        let fp = fingerprint(&config)?;
+        let base = config.model_path.to_string_lossy().to_string();
+        let max_grad_norm = self.max_grad_norm;
+        let extra = self.extra_state.clone();
+        with_engine!(&self.model.engine, e => {
+            let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
+            let opt = e.optimizer.as_ref().ok_or_else(|| Error::config("no optimizer"))?;
+            let arch = e.model.config().arch;
+            checkpoint::write_dir_atomically(dir, |tmp| {
+                checkpoint::write_adapter(&e.be, lora, arch, Some(&base), tmp)?;
+                checkpoint::write_optimizer(&e.be, lora, opt, tmp)?;
+                let state = TrainerState {
+                    format: STATE_FORMAT.into(),
+                    step: opt.step,
+                    optimizer: opt.cfg.clone(),
+                    max_grad_norm,
+                    config,
+                    model_fingerprint: fp,
+                    extra,
+                };
+                let v = serde_json::to_value(&state).map_err(|e| Error::config(e.to_string()))?;
+                checkpoint::write_json(&tmp.join(checkpoint::TRAINER_STATE), &v)
+            })
+        })
+    }
+
+    /// Read a checkpoint's trainer state.
+    pub fn read_state(dir: &Path) -> Result<TrainerState> {
+        let path = dir.join(checkpoint::TRAINER_STATE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::format(&path, "missing: this folder is not a complete lema checkpoint")
+            } else {
+                Error::io(&path, e)
+            }
+        })?;
+        let st: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("not a lema trainer state: {e}")))?;
+        if st.format != STATE_FORMAT {
+            return Err(Error::format(&path, format!("format '{}' is not '{STATE_FORMAT}'", st.format)));
+        }
+        Ok(st)
+    }
+
+    /// Resume from a checkpoint folder. `config` overrides the saved configuration (e.g.
+    /// to move the model file); the base model must be the one the run started with.
+    pub fn from_checkpoint(dir: &Path, config: Option<LemaConfig>) -> Result<Self> {
+        let st = Self::read_state(dir)?;
+        let mut config = config.unwrap_or(st.config.clone());
+        let fp = fingerprint(&config)?;
+        if fp != st.model_fingerprint {
+            let what = if fp["model_file_bytes"] != st.model_fingerprint["model_file_bytes"] {
+                format!(
+                    "the model file is {} bytes, the checkpoint was made on one of {} bytes",
+                    fp["model_file_bytes"], st.model_fingerprint["model_file_bytes"]
+                )
+            } else {
+                "its config.json differs from the one the checkpoint was made with".to_string()
+            };
+            return Err(Error::config(format!(
+                "checkpoint {} was made with a different base model: {what}",
+                dir.display()
+            )));
+        }
+        config.adapter_path = Some(dir.to_path_buf());
+        let model = LemaModel::new(config)?;
+        let mut t = Trainer::new(model, st.optimizer.clone())?;
+        t.max_grad_norm = st.max_grad_norm;
+        t.extra_state = st.extra.clone();
+        with_engine!(&mut t.model.engine, e => {
+            let lora = e.lora.as_ref().ok_or_else(|| Error::config("internal: lora"))?;
+            let opt = e.optimizer.as_mut().ok_or_else(|| Error::config("internal: optimizer"))?;
+            checkpoint::read_optimizer(&e.be, lora, opt, dir)?;
+            opt.step = st.step;
+        });
+        Ok(t)
+    }
+}

@@ -1,0 +1,257 @@
+//! Checkpoints: the adapter in PEFT's own format (`adapter_model.safetensors` +
+//! `adapter_config.json`, loadable by `peft.PeftModel.from_pretrained`), plus optimizer
+//! state (`optimizer.safetensors`) and `trainer_state.json`. A folder is written under a
+//! temporary name and renamed into place, so a crash never leaves a folder that loads.
+
+use crate::backend::{Backend, DType};
+use crate::config::Arch;
+use crate::error::{Error, Result};
+use crate::fsutil::{TensorOut, atomic_write, f32_bytes, write_safetensors};
+use crate::gbi::Gbi;
+use crate::lora::{LoraConfig, LoraParams};
+use crate::optim::Optimizer;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// PEFT's adapter weights file.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's adapter config file.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// Optimizer moments, keyed `<peft key>.<state name>`.
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+/// Step, RNG, data position and configuration of a run; written last.
+pub const TRAINER_STATE: &str = "trainer_state.json";
+
+/// PEFT's `adapter_config.json` for `lora` on a model of `arch`.
+pub fn adapter_config_json(lora: &LoraConfig, arch: Arch, base_model: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.target_modules,
+        "use_rslora": lora.use_rslora,
+        // GPT-2's Conv1D stores weights [in, out]; PEFT needs to know to transpose.
+        "fan_in_fan_out": arch == Arch::Gpt2,
+        "bias": "none",
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": false,
+        "revision": null,
+    })
+}
+
+/// Read the LoRA settings from a PEFT `adapter_config.json`, refusing what lema does not
+/// implement (DoRA, per-module ranks, regex targets, bias training).
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+    let bad = |msg: String| Error::format(&path, msg);
+    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+        if t != "LORA" {
+            return Err(bad(format!("peft_type is '{t}'; lema loads LORA adapters only")));
+        }
+    }
+    let r = v
+        .get("r")
+        .and_then(|x| x.as_u64())
+        .ok_or_else(|| bad("missing integer field 'r'".into()))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|x| x.as_f64())
+        .ok_or_else(|| bad("missing number field 'lora_alpha'".into()))? as f32;
+    let dropout = v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
+    let use_rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let target_modules = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(str::to_string).ok_or_else(|| bad("target_modules holds a non-string".into())))
+            .collect::<Result<Vec<_>>>()?,
+        Some(serde_json::Value::String(s)) if s == "all-linear" => vec![s.clone()],
+        Some(serde_json::Value::String(s)) => {
+            return Err(bad(format!(
+                "target_modules is the regular expression '{s}'; lema supports a list of module names"
+            )));
+        }
+        _ => return Err(bad("missing field 'target_modules'".into())),
+    };
+    if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(bad("use_dora is true; lema does not implement DoRA".into()));
+    }
+    for field in ["rank_pattern", "alpha_pattern"] {
+        if v.get(field).and_then(|x| x.as_object()).is_some_and(|o| !o.is_empty()) {
+            return Err(bad(format!("{field} is set; lema supports one rank and alpha for all modules")));
+        }
+    }
+    if let Some(b) = v.get("bias").and_then(|x| x.as_str()) {
+        if b != "none" {
+            return Err(bad(format!("bias is '{b}'; lema trains no biases (use \"none\")")));
+        }
+    }
+    let cfg = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+        use_rslora,
+    };
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// The tensors of a safetensors file as f32, by name, with shapes.
+pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let gbi = Gbi::open(path)?;
+    let mut out = HashMap::new();
+    for t in gbi.tensors() {
+        let mut v = vec![0.0f32; t.shape.iter().product()];
+        t.dtype.decode_into(gbi.bytes(t), &mut v);
+        out.insert(t.name.clone(), (t.shape.clone(), v));
+    }
+    Ok(out)
+}
+
+/// Load an adapter's A and B matrices from a PEFT folder into fresh parameters for
+/// `model`; every expected key must be present with the right shape and no key may be
+/// left over.
+pub fn load_adapter<B: Backend>(be: &B, model: &crate::model::Model, dir: &Path) -> Result<LoraParams<B>> {
+    let cfg = read_adapter_config(dir)?;
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = read_f32_tensors(&path)?;
+    let mut take = |key: String, shape: [usize; 2]| -> Result<Vec<f32>> {
+        // PEFT also writes keys with the adapter name when saving non-default adapters
+        let (s, v) = tensors
+            .remove(&key)
+            .or_else(|| tensors.remove(&key.replace(".weight", ".default.weight")))
+            .ok_or_else(|| Error::tensor(&path, &key, "missing from the adapter (was it trained for another model or target_modules?)"))?;
+        if s != shape {
+            return Err(Error::tensor(
+                &path,
+                &key,
+                format!("has shape {s:?}, the model needs {shape:?} (different base model or rank?)"),
+            ));
+        }
+        Ok(v)
+    };
+    let params = LoraParams::build(be, model, &cfg, |spec| {
+        let a = take(crate::lora::peft_key(&spec.path, 'A'), [spec.r, spec.linear.in_features])?;
+        let b = take(crate::lora::peft_key(&spec.path, 'B'), [spec.linear.out_features, spec.r])?;
+        Ok((a, b))
+    })?;
+    if let Some(extra) = tensors.keys().next() {
+        return Err(Error::tensor(
+            &path,
+            extra,
+            format!("is not a LoRA matrix of this model ({} unexpected keys)", tensors.len()),
+        ));
+    }
+    Ok(params)
+}
+
+/// Write the adapter (weights + config) into `dir`.
+pub fn write_adapter<B: Backend>(be: &B, lora: &LoraParams<B>, arch: Arch, base_model: Option<&str>, dir: &Path) -> Result<()> {
+    let mut tensors = Vec::new();
+    for (key, shape, p, _) in lora.named_params() {
+        tensors.push(TensorOut {
+            name: key,
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            data: Cow::Owned(f32_bytes(&be.download(p)?)),
+        });
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, &meta)?;
+    let cfg = adapter_config_json(&lora.cfg, arch, base_model);
+    write_json(&dir.join(ADAPTER_CONFIG), &cfg)
+}
+
+/// Write the optimizer's state tensors into `dir`.
+pub fn write_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &Optimizer<B>, dir: &Path) -> Result<()> {
+    let names = opt.cfg.state_names();
+    let mut tensors = Vec::new();
+    for ((key, shape, _, _), st) in lora.named_params().into_iter().zip(&opt.state) {
+        for (name, buf) in names.iter().zip(st) {
+            tensors.push(TensorOut {
+                name: format!("{key}.{name}"),
+                dtype: DType::F32,
+                shape: shape.to_vec(),
+                data: Cow::Owned(f32_bytes(&be.download(buf)?)),
+            });
+        }
+    }
+    write_safetensors(&dir.join(OPTIMIZER_STATE), &tensors, &BTreeMap::new())
+}
+
+/// Fill the optimizer's state from `dir`, checking that every tensor is there.
+pub fn read_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &mut Optimizer<B>, dir: &Path) -> Result<()> {
+    let path = dir.join(OPTIMIZER_STATE);
+    let mut tensors = read_f32_tensors(&path)?;
+    let names = opt.cfg.state_names();
+    for ((key, shape, _, _), st) in lora.named_params().into_iter().zip(opt.state.iter_mut()) {
+        for (name, buf) in names.iter().zip(st.iter_mut()) {
+            let k = format!("{key}.{name}");
+            let (s, v) = tensors
+                .remove(&k)
+                .ok_or_else(|| Error::tensor(&path, &k, "missing from the optimizer state"))?;
+            if s != shape {
+                return Err(Error::tensor(&path, &k, format!("has shape {s:?}, expected {shape:?}")));
+            }
+            *buf = be.upload(&v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Write pretty JSON atomically.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::format(path, e.to_string()))?;
+    atomic_write(path, |w| std::io::Write::write_all(w, text.as_bytes()))
+}
+
+/// Create `dir` by filling a temporary sibling folder with `fill` and renaming it into
+/// place; an existing `dir` is replaced only after the new one is complete.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::config(format!("checkpoint path {} has no folder name", dir.display())))?
+        .to_string_lossy()
+        .to_string();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let pid = std::process::id();
+    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{pid}"));
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Ok(f) = std::fs::File::open(&parent) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! LoRA adapters with PEFT semantics: `A` `[R, in]` kaiming-uniform (a = √5, bound
+//! 1/√in), `B` `[out, R]` zeros, output adds `(drop(x)·Aᵀ·Bᵀ)·scale` with scale α/R
+//! (α/√R with rsLoRA). Masters, gradients and optimizer moments are f32.
+
+use crate::backend::{Backend, DeviceBuf};
+use crate::error::{Error, Result};
+use crate::model::{LinearSpec, Model};
+use crate::rng::{Rng, mix_seed};
+use serde::{Deserialize, Serialize};
+
+/// The adapter's hyper-parameters (PEFT's `LoraConfig` subset that lema supports).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    /// Module names as PEFT matches them: a module is adapted when its path equals an
+    /// entry or ends with `.` + entry. `all-linear` adapts every linear of every block.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// The multiplier of the LoRA branch: α/r, or α/√r with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+
+    /// Reject values PEFT would reject or that make no sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config("lora_rank must be at least 1"));
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(Error::config(format!(
+                "lora_alpha must be a positive number, got {}",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if self.target_modules.is_empty() {
+            return Err(Error::config("lora_target_modules is empty"));
+        }
+        Ok(())
+    }
+
+    /// Whether the module at `path` (e.g. `model.layers.0.self_attn.q_proj`) is adapted.
+    pub fn targets(&self, path: &str) -> bool {
+        self.target_modules.iter().any(|t| {
+            t == "all-linear" || path == t || path.ends_with(&format!(".{t}"))
+        })
+    }
+}
+
+/// One adapted linear: its PEFT module path, shapes, parameters and gradients.
+pub struct LoraModule<B: Backend> {
+    /// Full HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Block index.
+    pub layer: usize,
+    /// Module path relative to the block (`self_attn.q_proj`).
+    pub linear: &'static str,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `[R, in]`
+    pub a: B::Buf,
+    /// `[out, R]`
+    pub b: B::Buf,
+    /// Gradient of `a`, `[R, in]` (accumulated).
+    pub da: B::Buf,
+    /// Gradient of `b`, `[out, R]` (accumulated).
+    pub db: B::Buf,
+}
+
+/// Key of a LoRA matrix in PEFT's `adapter_model.safetensors`.
+pub fn peft_key(path: &str, which: char) -> String {
+    format!("base_model.model.{path}.lora_{which}.weight")
+}
+
+/// All adapters of a model, ordered by block then by the block's linear order.
+pub struct LoraParams<B: Backend> {
+    pub cfg: LoraConfig,
+    pub modules: Vec<LoraModule<B>>,
+    /// `layer_range[i]` indexes the modules of block i.
+    layer_range: Vec<std::ops::Range<usize>>,
+}
+
+/// The adapters of one block, plus what a forward needs to apply them.
+pub struct BlockLora<'a, B: Backend> {
+    pub modules: &'a mut [LoraModule<B>],
+    pub r: usize,
+    pub scale: f32,
+    pub dropout: f32,
+    /// Seed of this block's dropout masks for this micro-batch.
+    pub seed: u64,
+}
+
+impl<B: Backend> BlockLora<'_, B> {
+    /// The adapter of `linear`, if that linear is adapted, with its position (for seeds).
+    pub fn find(&self, linear: &str) -> Option<(usize, &LoraModule<B>)> {
+        self.modules.iter().enumerate().find(|(_, m)| m.linear == linear)
+    }
+
+    /// Mutable access to the adapter of `linear`.
+    pub fn find_mut(&mut self, linear: &str) -> Option<(usize, &mut LoraModule<B>)> {
+        self.modules.iter_mut().enumerate().find(|(_, m)| m.linear == linear)
+    }
+
+    /// Dropout seed of the module at position `idx` of this block.
+    pub fn module_seed(&self, idx: usize) -> u64 {
+        mix_seed(&[self.seed, idx as u64])
+    }
+}
+
+impl<B: Backend> LoraParams<B> {
+    /// Adapters for every targeted linear of `model`, initialised as PEFT does: A
+    /// kaiming-uniform from `rng`, B zero. A target list that matches nothing is an error.
+    pub fn init(be: &B, model: &Model, cfg: &LoraConfig, rng: &mut Rng) -> Result<Self> {
+        Self::build(be, model, cfg, |spec| {
+            let bound = 1.0 / (spec.in_features as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * spec.in_features)
+                .map(|_| rng.uniform(-bound, bound) as f32)
+                .collect();
+            let b = vec![0.0f32; spec.out_features * cfg.r];
+            Ok((a, b))
+        })
+    }
+
+    /// Adapters whose A and B come from `load(path, spec)`.
+    pub fn build(
+        be: &B,
+        model: &Model,
+        cfg: &LoraConfig,
+        mut load: impl FnMut(&ModuleSpec) -> Result<(Vec<f32>, Vec<f32>)>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let linears = model.linears();
+        let n_layers = model.config().num_hidden_layers;
+        let mut modules = Vec::new();
+        let mut layer_range = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            let start = modules.len();
+            for lin in &linears {
+                let path = format!("{}{}", model.block_prefix(layer), lin.name);
+                if !cfg.targets(&path) {
+                    continue;
+                }
+                let spec = ModuleSpec {
+                    path,
+                    layer,
+                    linear: lin.clone(),
+                    r: cfg.r,
+                };
+                let (a, b) = load(&spec)?;
+                modules.push(LoraModule {
+                    a: be.upload(&a)?,
+                    b: be.upload(&b)?,
+                    da: be.zeros(a.len())?,
+                    db: be.zeros(b.len())?,
+                    path: spec.path,
+                    layer,
+                    linear: lin.name,
+                    in_features: lin.in_features,
+                    out_features: lin.out_features,
+                });
+            }
+            layer_range.push(start..modules.len());
+        }
+        if modules.is_empty() {
+            let names: Vec<&str> = linears.iter().map(|l| l.name).collect();
+            return Err(Error::config(format!(
+                "lora_target_modules {:?} match no module of this model; its block linears are {:?}",
+                cfg.target_modules, names
+            )));
+        }
+        Ok(LoraParams {
+            cfg: cfg.clone(),
+            modules,
+            layer_range,
+        })
+    }
+
+    /// The adapters of block `layer`, with dropout seed `seed`.
+    pub fn block(&mut self, layer: usize, seed: u64) -> BlockLora<'_, B> {
+        let range = self.layer_range.get(layer).cloned().unwrap_or(0..0);
+        BlockLora {
+            r: self.cfg.r,
+            scale: self.cfg.scale(),
+            dropout: self.cfg.dropout,
+            seed,
+            modules: &mut self.modules[range],
+        }
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.modules.iter().map(|m| m.a.len() + m.b.len()).sum()
+    }
+
+    /// Zero every gradient.
+    pub fn zero_grads(&mut self, be: &B) -> Result<()> {
+        for m in &mut self.modules {
+            be.fill_zero(&mut m.da)?;
+            be.fill_zero(&mut m.db)?;
+        }
+        Ok(())
+    }
+
+    /// Every trainable tensor as (PEFT key, parameter, gradient), in a fixed order.
+    pub fn named_params_mut(&mut self) -> Vec<(String, &mut B::Buf, &mut B::Buf)> {
+        let mut out = Vec::with_capacity(self.modules.len() * 2);
+        for m in &mut self.modules {
+            out.push((peft_key(&m.path, 'A'), &mut m.a, &mut m.da));
+            out.push((peft_key(&m.path, 'B'), &mut m.b, &mut m.db));
+        }
+        out
+    }
+
+    /// Every trainable tensor as (PEFT key, shape, parameter, gradient), in a fixed order.
+    pub fn named_params(&self) -> Vec<(String, [usize; 2], &B::Buf, &B::Buf)> {
+        let r = self.cfg.r;
+        let mut out = Vec::with_capacity(self.modules.len() * 2);
+        for m in &self.modules {
+            out.push((peft_key(&m.path, 'A'), [r, m.in_features], &m.a, &m.da));
+            out.push((peft_key(&m.path, 'B'), [m.out_features, r], &m.b, &m.db));
+        }
+        out
+    }
+}
+
+/// What a loader needs to know about one adapted linear.
+pub struct ModuleSpec {
+    pub path: String,
+    pub layer: usize,
+    pub linear: LinearSpec,
+    pub r: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(targets: &[&str]) -> LoraConfig {
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: targets.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+        }
+    }
+
+    #[test]
+    fn peft_style_matching() {
+        let c = cfg(&["q_proj", "c_proj"]);
+        assert!(c.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.0.self_attn.qq_proj"));
+        assert!(c.targets("transformer.h.1.attn.c_proj"));
+        assert!(c.targets("transformer.h.1.mlp.c_proj"));
+        let c = cfg(&["mlp.c_proj"]);
+        assert!(!c.targets("transformer.h.1.attn.c_proj"));
+        assert!(c.targets("transformer.h.1.mlp.c_proj"));
+    }
+
+    #[test]
+    fn scale_and_validation() {
+        let mut c = cfg(&["q_proj"]);
+        assert_eq!(c.scale(), 2.0);
+        c.use_rslora = true;
+        assert_eq!(c.scale(), 4.0);
+        c.r = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("lora_rank"));
+        let mut c = cfg(&["q_proj"]);
+        c.dropout = 1.0;
+        assert!(c.validate().unwrap_err().to_string().contains("lora_dropout"));
+        let c = cfg(&[]);
+        assert!(c.validate().unwrap_err().to_string().contains("empty"));
+    }
+}

@@ -1,0 +1,251 @@
+//! Model definitions: parameter names and shapes, and each block's forward and backward
+//! composed from backend ops. Adding an architecture means adding one file here and one
+//! arm to [`Model`]; the trainer never looks inside.
+
+pub mod gpt2;
+pub mod linear;
+pub mod llama;
+
+use crate::backend::{Backend, DeviceBuf};
+use crate::config::{Arch, ModelConfig};
+use crate::error::{Error, Result};
+use crate::lora::BlockLora;
+use std::collections::HashMap;
+
+/// Frozen weights of one group (a block, or the head), on the device, keyed by their name
+/// relative to the group's prefix (e.g. `self_attn.q_proj.weight`).
+pub struct LayerWeights<B: Backend> {
+    pub tensors: HashMap<String, B::Buf>,
+}
+
+impl<B: Backend> LayerWeights<B> {
+    /// The tensor called `name`; the index was validated at open, so a miss is a bug in
+    /// the model file (reported, not panicked).
+    pub fn get(&self, name: &str) -> Result<&B::Buf> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::config(format!("internal: layer weights lack '{name}'")))
+    }
+
+    /// The tensor called `name` when the model has it (optional biases).
+    pub fn opt(&self, name: &str) -> Option<&B::Buf> {
+        self.tensors.get(name)
+    }
+
+    /// Elements held, for memory accounting.
+    pub fn numel(&self) -> usize {
+        self.tensors.values().map(|b| b.len()).sum()
+    }
+}
+
+/// Activations a block's forward keeps for its backward, by name.
+pub struct Saved<B: Backend> {
+    bufs: HashMap<String, B::Buf>,
+}
+
+impl<B: Backend> Default for Saved<B> {
+    fn default() -> Self {
+        Saved {
+            bufs: HashMap::new(),
+        }
+    }
+}
+
+impl<B: Backend> Saved<B> {
+    /// Keep `buf` under `name`.
+    pub fn put(&mut self, name: impl Into<String>, buf: B::Buf) {
+        self.bufs.insert(name.into(), buf);
+    }
+    /// Borrow a saved buffer.
+    pub fn get(&self, name: &str) -> Result<&B::Buf> {
+        self.bufs
+            .get(name)
+            .ok_or_else(|| Error::config(format!("internal: activation '{name}' was not saved")))
+    }
+    /// Elements held, for memory accounting.
+    pub fn numel(&self) -> usize {
+        self.bufs.values().map(|b| b.len()).sum()
+    }
+}
+
+/// Per-call facts a block needs beyond its weights.
+#[derive(Clone, Debug)]
+pub struct StepShape {
+    pub batch: usize,
+    pub seq: usize,
+    /// Position of each token (`[B·T]`), for RoPE or learned positions.
+    pub positions: Vec<u32>,
+}
+
+impl StepShape {
+    /// Positions 0..T for each of `batch` rows.
+    pub fn new(batch: usize, seq: usize) -> Self {
+        let positions = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        StepShape {
+            batch,
+            seq,
+            positions,
+        }
+    }
+    /// Number of tokens, B·T.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// A linear layer inside a block that LoRA may adapt.
+#[derive(Clone, Debug)]
+pub struct LinearSpec {
+    /// Module path relative to the block, as HF names it (`self_attn.q_proj`).
+    pub name: &'static str,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// One tensor the model expects in the weights file.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// A supported architecture, chosen from the config.
+#[derive(Clone, Debug)]
+pub enum Model {
+    Llama(llama::Llama),
+    Gpt2(gpt2::Gpt2),
+}
+
+/// Dispatch a method call to the architecture inside a [`Model`].
+macro_rules! dispatch {
+    ($self:expr, $m:ident => $e:expr) => {
+        match $self {
+            Model::Llama($m) => $e,
+            Model::Gpt2($m) => $e,
+        }
+    };
+}
+
+impl Model {
+    /// The architecture described by `cfg`.
+    pub fn new(cfg: ModelConfig) -> Self {
+        match cfg.arch {
+            Arch::Llama => Model::Llama(llama::Llama { cfg }),
+            Arch::Gpt2 => Model::Gpt2(gpt2::Gpt2 { cfg }),
+        }
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        dispatch!(self, m => &m.cfg)
+    }
+
+    /// Prefix of block `i`'s tensor names (`model.layers.3.`).
+    pub fn block_prefix(&self, i: usize) -> String {
+        dispatch!(self, m => m.block_prefix(i))
+    }
+
+    /// Names of the head group's tensors (final norm and LM head).
+    pub fn head_names(&self) -> &'static [&'static str] {
+        dispatch!(self, m => m.head_names())
+    }
+
+    /// Every tensor of the model with its expected shape (for validating the file).
+    pub fn tensor_specs(&self) -> Vec<TensorSpec> {
+        dispatch!(self, m => m.tensor_specs())
+    }
+
+    /// The linears of one block that LoRA can target.
+    pub fn linears(&self) -> Vec<LinearSpec> {
+        dispatch!(self, m => m.linears())
+    }
+
+    /// The embedding of `ids` at `positions` as `[N, C]` f32 rows, read from the file on
+    /// the host (only the rows used are touched, so the table never moves to the device).
+    pub fn embed(&self, gbi: &crate::gbi::Gbi, ids: &[u32], positions: &[u32]) -> Result<Vec<f32>> {
+        dispatch!(self, m => m.embed(gbi, ids, positions))
+    }
+
+    /// Block forward: `y = block(x)`; returns y and, when `keep` is set, the activations
+    /// its backward needs.
+    pub fn block_forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        shape: &StepShape,
+        keep: bool,
+    ) -> Result<(B::Buf, Saved<B>)> {
+        dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep))
+    }
+
+    /// Block backward: from `dy` and the saved activations of the forward on `x`, returns
+    /// dx and adds the LoRA gradients into `lora`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &mut BlockLora<B>,
+        x: &B::Buf,
+        saved: &Saved<B>,
+        dy: &B::Buf,
+        shape: &StepShape,
+    ) -> Result<B::Buf> {
+        dispatch!(self, m => m.block_backward(be, w, lora, x, saved, dy, shape))
+    }
+
+    /// Final norm forward: returns the normed hidden state and the saved statistics.
+    pub fn final_norm_forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        x: &B::Buf,
+    ) -> Result<(B::Buf, Saved<B>)> {
+        dispatch!(self, m => m.final_norm_forward(be, w, x))
+    }
+
+    /// Final norm backward: dx from d(normed).
+    pub fn final_norm_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        x: &B::Buf,
+        saved: &Saved<B>,
+        dout: &B::Buf,
+    ) -> Result<B::Buf> {
+        dispatch!(self, m => m.final_norm_backward(be, w, x, saved, dout))
+    }
+}
+
+/// `Some(saved)` when activations are to be kept, for [`linear::Linear::forward`].
+pub(crate) fn keep_in<B: Backend>(keep: bool, saved: &mut Saved<B>) -> Option<&mut Saved<B>> {
+    if keep { Some(saved) } else { None }
+}
+
+/// Rows of a `[N, c]` buffer.
+pub(crate) fn rows<D: DeviceBuf>(x: &D, c: usize) -> usize {
+    x.len() / c.max(1)
+}
+
+/// Rows `ids` of the `[V, c]` table `name`, decoded to f32 on the host: `[N, c]`. An id
+/// outside the table is an error that quotes it.
+pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> Result<Vec<f32>> {
+    let t = gbi.tensor(name)?;
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let row_bytes = c * t.dtype.size();
+    let bytes = gbi.bytes(t);
+    let mut out = vec![0.0f32; ids.len() * c];
+    for (o, &id) in out.chunks_exact_mut(c).zip(ids) {
+        let id = id as usize;
+        if id >= rows {
+            return Err(Error::config(format!(
+                "token id {id} is outside the model's table '{name}' of {rows} rows; \
+                 was the data tokenized for another model?"
+            )));
+        }
+        t.dtype.decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
+    }
+    Ok(out)
+}

@@ -1,0 +1,209 @@
+//! Optimizers over the LoRA parameters (PyTorch semantics), global-norm gradient
+//! clipping, and their state for checkpoints.
+
+use crate::backend::{AdamWStep, Backend, SgdStep};
+use crate::error::{Error, Result};
+use crate::lora::LoraParams;
+use serde::{Deserialize, Serialize};
+
+/// Which optimizer and its hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// `torch.optim.AdamW`.
+    AdamW {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    /// `torch.optim.SGD` with momentum (dampening 0, no Nesterov).
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    },
+}
+
+impl OptimizerConfig {
+    /// AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+    pub fn adamw(lr: f32) -> Self {
+        OptimizerConfig::AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+
+    /// SGD with the given momentum and no weight decay.
+    pub fn sgd(lr: f32, momentum: f32) -> Self {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// The configured (peak) learning rate.
+    pub fn lr(&self) -> f32 {
+        match self {
+            OptimizerConfig::AdamW { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
+        }
+    }
+
+    /// Reject values that would silently misbehave.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f32| Err(Error::config(format!("optimizer {what} = {v} is out of range")));
+        match *self {
+            OptimizerConfig::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                if !(lr.is_finite() && lr >= 0.0) {
+                    return bad("lr", lr);
+                }
+                if !(0.0..1.0).contains(&beta1) {
+                    return bad("beta1", beta1);
+                }
+                if !(0.0..1.0).contains(&beta2) {
+                    return bad("beta2", beta2);
+                }
+                if !(eps.is_finite() && eps > 0.0) {
+                    return bad("eps", eps);
+                }
+                if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+                    return bad("weight_decay", weight_decay);
+                }
+            }
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => {
+                if !(lr.is_finite() && lr >= 0.0) {
+                    return bad("lr", lr);
+                }
+                if !(0.0..1.0).contains(&momentum) {
+                    return bad("momentum", momentum);
+                }
+                if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+                    return bad("weight_decay", weight_decay);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the per-parameter state tensors, as PyTorch names them.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        match self {
+            OptimizerConfig::AdamW { .. } => &["exp_avg", "exp_avg_sq"],
+            OptimizerConfig::Sgd { .. } => &["momentum_buffer"],
+        }
+    }
+}
+
+/// An optimizer with its per-parameter state, in the order of
+/// [`LoraParams::named_params`].
+pub struct Optimizer<B: Backend> {
+    pub cfg: OptimizerConfig,
+    /// Updates done so far.
+    pub step: u64,
+    /// `state[i][j]`: state tensor j (see [`OptimizerConfig::state_names`]) of parameter i.
+    pub state: Vec<Vec<B::Buf>>,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// Fresh state (zeros) for every parameter of `params`.
+    pub fn new(be: &B, cfg: OptimizerConfig, params: &LoraParams<B>) -> Result<Self> {
+        cfg.validate()?;
+        let n_state = cfg.state_names().len();
+        let state = params
+            .named_params()
+            .iter()
+            .map(|(_, shape, _, _)| (0..n_state).map(|_| be.zeros(shape[0] * shape[1])).collect())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Optimizer { cfg, step: 0, state })
+    }
+
+    /// One update of every parameter with learning rate `lr` (the schedule's value).
+    pub fn update(&mut self, be: &B, params: &mut LoraParams<B>, lr: f32) -> Result<()> {
+        self.step += 1;
+        let step = self.step;
+        for ((_, p, g), st) in params.named_params_mut().into_iter().zip(&mut self.state) {
+            match (&self.cfg, st.as_mut_slice()) {
+                (
+                    OptimizerConfig::AdamW {
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                        ..
+                    },
+                    [m, v],
+                ) => be.adamw_step(
+                    p,
+                    g,
+                    m,
+                    v,
+                    AdamWStep {
+                        lr,
+                        beta1: *beta1,
+                        beta2: *beta2,
+                        eps: *eps,
+                        weight_decay: *weight_decay,
+                        step,
+                    },
+                )?,
+                (
+                    OptimizerConfig::Sgd {
+                        momentum,
+                        weight_decay,
+                        ..
+                    },
+                    [buf],
+                ) => be.sgd_step(
+                    p,
+                    g,
+                    buf,
+                    SgdStep {
+                        lr,
+                        momentum: *momentum,
+                        weight_decay: *weight_decay,
+                        first: step == 1,
+                    },
+                )?,
+                _ => return Err(Error::config("internal: optimizer state does not match its kind")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of all gradients; when `max_norm` is given and exceeded, scale every
+/// gradient by `max_norm / (norm + 1e-6)` as `torch.nn.utils.clip_grad_norm_` does.
+/// Returns the norm before clipping.
+pub fn clip_grad_norm<B: Backend>(be: &B, params: &mut LoraParams<B>, max_norm: Option<f32>) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for (_, _, g) in params.named_params_mut() {
+        sq += be.sum_squares(g)?;
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = max_norm {
+        let coef = max as f64 / (norm + 1e-6);
+        if coef < 1.0 {
+            for (_, _, g) in params.named_params_mut() {
+                let mut scaled = be.zeros(crate::backend::DeviceBuf::len(g))?;
+                be.axpy(&mut scaled, coef as f32, g, crate::backend::Accumulate::Overwrite)?;
+                *g = scaled;
+            }
+        }
+    }
+    Ok(norm)
+}

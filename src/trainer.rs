@@ -1,0 +1,239 @@
+//! The layer-wise schedule: forward over the blocks keeping only each block's input,
+//! head and loss, then the blocks in reverse, each re-run from its saved input before its
+//! backward (gradient checkpointing); gradient accumulation, clipping and the optimizer
+//! step. It never knows which backend or memory strategy runs.
+
+use crate::backend::{Backend, LossSum};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::gbi::Gbi;
+use crate::lora::LoraParams;
+use crate::model::{Model, StepShape};
+use crate::optim::{Optimizer, OptimizerConfig, clip_grad_norm};
+use crate::rng::mix_seed;
+use crate::stream::{Part, WeightStream};
+use std::sync::Arc;
+
+/// What one optimizer step reports.
+#[derive(Clone, Debug, Default)]
+pub struct StepOutput {
+    /// Mean cross-entropy over the counted tokens of all micro-batches.
+    pub loss: f64,
+    /// Counted tokens.
+    pub tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `[B, T, V]` logits of the (single) micro-batch, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Everything a training run holds on one backend.
+pub struct Engine<B: Backend> {
+    pub be: B,
+    pub model: Model,
+    pub gbi: Arc<Gbi>,
+    pub stream: Box<dyn WeightStream<B>>,
+    pub lora: Option<LoraParams<B>>,
+    pub optimizer: Option<Optimizer<B>>,
+    pub gradient_checkpointing: bool,
+    /// Base of the dropout seeds.
+    pub seed: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    fn lora_mut(&mut self) -> Result<&mut LoraParams<B>> {
+        self.lora
+            .as_mut()
+            .ok_or_else(|| Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first"))
+    }
+
+    /// Check a batch against the model before any work.
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let cfg = self.model.config();
+        if matches!(self.model, Model::Gpt2(_)) && b.seq > cfg.max_position_embeddings {
+            return Err(Error::config(format!(
+                "sequence length {} exceeds GPT-2's {} learned positions; use max_seq_length ≤ {}",
+                b.seq, cfg.max_position_embeddings, cfg.max_position_embeddings
+            )));
+        }
+        if let Some(w) = cfg.sliding_window {
+            if b.seq > w {
+                return Err(Error::config(format!(
+                    "sequence length {} exceeds the model's sliding window of {w} tokens, which lema does not implement; use max_seq_length ≤ {w}",
+                    b.seq
+                )));
+            }
+        }
+        if let Some(&id) = b.input_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(Error::config(format!(
+                "token id {id} is outside the vocabulary of {} ids; was the data tokenized for another model?",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(&l) = b.labels.iter().find(|&&l| l >= 0 && l as usize >= cfg.vocab_size) {
+            return Err(Error::config(format!(
+                "label {l} is outside the vocabulary of {} ids",
+                cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward (and, with `train`, backward) of one micro-batch. The loss gradient is
+    /// scaled by `loss_scale` (1 / counted tokens of the whole accumulated batch), and
+    /// LoRA gradients are added into the parameters' gradient buffers.
+    pub fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        train: bool,
+        want_logits: bool,
+        dropout_seed: u64,
+    ) -> Result<(LossSum, Option<Vec<f32>>)> {
+        self.check_batch(batch)?;
+        let shape = StepShape::new(batch.batch, batch.seq);
+        let n = shape.tokens();
+        let c = self.model.config().hidden_size;
+        let layers = self.model.config().num_hidden_layers;
+        let keep_all = train && !self.gradient_checkpointing;
+        let be = &self.be;
+        let lora = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first"))?;
+        let dropout = if train { lora.cfg.dropout } else { 0.0 };
+        let block_seed = |i: usize| mix_seed(&[dropout_seed, i as u64]);
+
+        // h[0][N, C] = embedding (gathered on the host from the mapped file)
+        let h0 = self.model.embed(&self.gbi, &batch.input_ids, &shape.positions)?;
+        let mut hs = vec![be.upload(&h0)?];
+        let mut saved = Vec::new();
+        for i in 0..layers {
+            let next = if i + 1 < layers { Part::Block(i + 1) } else { Part::Head };
+            let w = self.stream.get(be, Part::Block(i), Some(next))?;
+            let mut bl = lora.block(i, block_seed(i));
+            bl.dropout = dropout;
+            let (y, sv) = self.model.block_forward(be, &w, &bl, &hs[i], &shape, keep_all)?;
+            hs.push(y);
+            if keep_all {
+                saved.push(sv);
+            }
+        }
+
+        // head: final norm, LM head and cross-entropy, row-chunked in the backend
+        let last = layers.checked_sub(1).map(Part::Block);
+        let hw = self.stream.get(be, Part::Head, last)?;
+        let x_last = hs.pop().ok_or_else(|| Error::config("internal: no hidden state"))?;
+        let (xf, fsv) = self.model.final_norm_forward(be, &hw, &x_last)?;
+        let labels = batch.shifted_labels();
+        let mut dxf = if train { Some(be.zeros(n * c)?) } else { None };
+        let mut logits = if want_logits {
+            Some(be.zeros(n * self.model.config().vocab_size)?)
+        } else {
+            None
+        };
+        let loss = be.lm_head_loss(
+            &xf,
+            hw.get("lm_head.weight")?,
+            &labels,
+            c,
+            loss_scale,
+            dxf.as_mut(),
+            logits.as_mut(),
+        )?;
+        let logits = logits.map(|l| be.download(&l)).transpose()?;
+        let Some(dxf) = dxf else {
+            return Ok((loss, logits));
+        };
+        let mut dh = self.model.final_norm_backward(be, &hw, &x_last, &fsv, &dxf)?;
+        drop((xf, dxf, x_last, hw));
+
+        for i in (0..layers).rev() {
+            let next = i.checked_sub(1).map(Part::Block);
+            let w = self.stream.get(be, Part::Block(i), next)?;
+            let x = hs.pop().ok_or_else(|| Error::config("internal: hidden state stack"))?;
+            let mut bl = lora.block(i, block_seed(i));
+            bl.dropout = dropout;
+            let sv = match saved.pop() {
+                Some(sv) => sv,
+                // gradient checkpointing: re-run this block's forward from its input
+                None => self.model.block_forward(be, &w, &bl, &x, &shape, true)?.1,
+            };
+            dh = self.model.block_backward(be, &w, &mut bl, &x, &sv, &dh, &shape)?;
+        }
+        Ok((loss, logits))
+    }
+
+    /// One optimizer step over the micro-batches (gradient accumulation), equal to one
+    /// step on their concatenation: the loss is the mean over all their counted tokens.
+    pub fn train_step(
+        &mut self,
+        micro: &[Batch],
+        lr: Option<f32>,
+        max_grad_norm: Option<f32>,
+        want_logits: bool,
+    ) -> Result<StepOutput> {
+        if micro.is_empty() {
+            return Err(Error::config("train_step needs at least one batch"));
+        }
+        if self.optimizer.is_none() {
+            return Err(Error::config("no optimizer: build a Trainer with an optimizer config first"));
+        }
+        let total: usize = micro.iter().map(Batch::counted_tokens).sum();
+        if total == 0 {
+            return Err(Error::config(
+                "the batch has no counted tokens (every label is -100 or sequences have length 1)",
+            ));
+        }
+        let step = self.optimizer.as_ref().map_or(0, |o| o.step);
+        self.lora_mut()?.zero_grads(&self.be)?;
+        let mut sum = 0.0;
+        let mut logits = None;
+        for (k, b) in micro.iter().enumerate() {
+            let seed = mix_seed(&[self.seed, step, k as u64]);
+            let (l, lg) = self.forward_backward(b, 1.0 / total as f32, true, want_logits && micro.len() == 1, seed)?;
+            sum += l.sum;
+            logits = lg;
+        }
+        let loss = sum / total as f64;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "loss is {loss} at step {}; the parameters were not updated",
+                step + 1
+            )));
+        }
+        let lora = self.lora.as_mut().ok_or_else(|| Error::config("internal: lora"))?;
+        let grad_norm = clip_grad_norm(&self.be, lora, max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "gradient norm is {grad_norm} at step {}; the parameters were not updated",
+                step + 1
+            )));
+        }
+        let opt = self.optimizer.as_mut().ok_or_else(|| Error::config("internal: optimizer"))?;
+        let lr = lr.unwrap_or_else(|| opt.cfg.lr());
+        opt.update(&self.be, lora, lr)?;
+        Ok(StepOutput {
+            loss,
+            tokens: total,
+            grad_norm,
+            logits,
+        })
+    }
+
+    /// Loss (sum and count) of a batch without gradients.
+    pub fn eval(&mut self, batch: &Batch, want_logits: bool) -> Result<(LossSum, Option<Vec<f32>>)> {
+        self.forward_backward(batch, 1.0, false, want_logits, 0)
+    }
+
+    /// Attach a fresh optimizer to the current adapters.
+    pub fn set_optimizer(&mut self, cfg: OptimizerConfig) -> Result<()> {
+        let be = &self.be;
+        let lora = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| Error::config("initialise LoRA before creating the optimizer"))?;
+        self.optimizer = Some(Optimizer::new(be, cfg, lora)?);
+        Ok(())
+    }
+}
