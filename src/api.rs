@@ -28,7 +28,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::optim::OptimizerConfig;
 use crate::rng::Rng;
-use crate::stream::{Strategy, make_stream};
+use crate::stream::Strategy;
 use crate::trainer::{Engine, StepOutput};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -198,16 +198,14 @@ impl LemaModel {
                     "device 'cuda' was requested but this build has no CUDA backend yet; use --device cpu or auto",
                 ));
             }
-            Device::Auto | Device::Cpu => AnyEngine::Cpu(Box::new(Engine {
-                be: CpuBackend::new(),
-                stream: make_stream(config.strategy, gbi.clone(), model.clone()),
+            Device::Auto | Device::Cpu => AnyEngine::Cpu(Box::new(Engine::new(
+                CpuBackend::new(),
                 model,
                 gbi,
-                lora: None,
-                optimizer: None,
-                gradient_checkpointing: config.gradient_checkpointing,
-                seed: config.seed,
-            })),
+                config.strategy,
+                config.gradient_checkpointing,
+                config.seed,
+            ))),
         };
         let mut m = LemaModel { config, engine };
         if let Some(dir) = m.config.adapter_path.clone() {

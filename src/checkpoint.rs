@@ -93,6 +93,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             return Err(bad(format!("{field} is set; lema supports one rank and alpha for all modules")));
         }
     }
+    for field in ["exclude_modules", "layers_to_transform", "modules_to_save", "trainable_token_indices"] {
+        if v.get(field).is_some_and(|x| !x.is_null()) {
+            return Err(bad(format!("{field} is set; lema does not support it yet")));
+        }
+    }
+    if v.get("lora_bias").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(bad("lora_bias is true; lema trains no biases".into()));
+    }
     if let Some(b) = v.get("bias").and_then(|x| x.as_str()) {
         if b != "none" {
             return Err(bad(format!("bias is '{b}'; lema trains no biases (use \"none\")")));

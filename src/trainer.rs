@@ -41,6 +41,27 @@ pub struct Engine<B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
+    /// An engine over an opened model, with no adapters or optimizer yet.
+    pub fn new(
+        be: B,
+        model: Model,
+        gbi: Arc<Gbi>,
+        strategy: crate::stream::Strategy,
+        gradient_checkpointing: bool,
+        seed: u64,
+    ) -> Self {
+        Engine {
+            be,
+            stream: crate::stream::make_stream(strategy, gbi.clone(), model.clone()),
+            model,
+            gbi,
+            lora: None,
+            optimizer: None,
+            gradient_checkpointing,
+            seed,
+        }
+    }
+
     fn lora_mut(&mut self) -> Result<&mut LoraParams<B>> {
         self.lora
             .as_mut()

@@ -1,0 +1,277 @@
+//! `lema bench`: a random-init model of a named shape written to a temporary folder, a
+//! few warm-up steps, N timed steps, and a report of step time, tokens/s, memory and the
+//! fraction of the machine's own GEMM throughput that a training step reaches.
+
+use crate::api::{Device, LemaConfig, LemaModel};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Accumulate, Backend, DType, Gemm};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::fsutil::{TensorOut, write_safetensors};
+use crate::optim::OptimizerConfig;
+use crate::rng::Rng;
+use crate::stream::Strategy;
+use crate::trainer::StepOutput;
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The shape of a Llama-family or GPT-2 model.
+#[derive(Clone, Debug, Serialize)]
+pub struct Shape {
+    pub name: String,
+    pub gpt2: bool,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub max_positions: usize,
+    pub tied: bool,
+}
+
+/// Named shapes: `llama2-7b`, `llama3-8b`, `tinyllama-1.1b`, `smollm2-135m`, `gpt2`,
+/// `gpt2-xl`, and `tiny` (for tests).
+pub fn preset(name: &str) -> Result<Shape> {
+    let s = |gpt2, vocab, hidden, intermediate, layers, heads, kv_heads, max_positions, tied| Shape {
+        name: name.to_string(),
+        gpt2,
+        vocab,
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        max_positions,
+        tied,
+    };
+    Ok(match name {
+        "llama2-7b" => s(false, 32000, 4096, 11008, 32, 32, 32, 4096, false),
+        "llama3-8b" => s(false, 128256, 4096, 14336, 32, 32, 8, 8192, false),
+        "tinyllama-1.1b" => s(false, 32000, 2048, 5632, 22, 32, 4, 2048, false),
+        "smollm2-135m" => s(false, 49152, 576, 1536, 30, 9, 3, 8192, true),
+        "gpt2" => s(true, 50257, 768, 3072, 12, 12, 12, 1024, true),
+        "gpt2-xl" => s(true, 50257, 1600, 6400, 48, 25, 25, 1024, true),
+        "tiny" => s(false, 256, 64, 128, 2, 4, 2, 512, false),
+        _ => {
+            return Err(Error::config(format!(
+                "unknown model shape '{name}'; known: llama2-7b, llama3-8b, tinyllama-1.1b, smollm2-135m, gpt2, gpt2-xl, tiny"
+            )));
+        }
+    })
+}
+
+impl Shape {
+    /// The HF config.json of this shape.
+    pub fn config_json(&self) -> serde_json::Value {
+        if self.gpt2 {
+            serde_json::json!({
+                "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": self.vocab, "n_embd": self.hidden, "n_layer": self.layers,
+                "n_head": self.heads, "n_positions": self.max_positions, "n_inner": self.intermediate,
+                "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+                "tie_word_embeddings": true,
+            })
+        } else {
+            serde_json::json!({
+                "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "vocab_size": self.vocab, "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "max_position_embeddings": self.max_positions, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": self.tied,
+            })
+        }
+    }
+
+    /// Frozen parameters inside the blocks (the streamed part).
+    pub fn block_params(&self) -> usize {
+        let (c, i) = (self.hidden, self.intermediate);
+        let kv = c / self.heads * self.kv_heads;
+        if self.gpt2 {
+            self.layers * (4 * c * c + 2 * c * i)
+        } else {
+            self.layers * (2 * c * c + 2 * c * kv + 3 * c * i)
+        }
+    }
+}
+
+/// Write a random-init model of `shape` (weights N(0, 0.02), norms 1) as
+/// `dir/model.safetensors` + `dir/config.json`; returns the weights path.
+pub fn write_random_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg_json = shape.config_json();
+    let cfg_path = dir.join("config.json");
+    crate::checkpoint::write_json(&cfg_path, &cfg_json)?;
+    let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
+    let model = crate::model::Model::new(cfg);
+    let mut rng = Rng::new(seed);
+    let mut tensors = Vec::new();
+    for spec in model.tensor_specs() {
+        let n: usize = spec.shape.iter().product();
+        let is_norm_weight = spec.shape.len() == 1 && (spec.name.contains("norm") || spec.name.contains("ln_")) && spec.name.ends_with(".weight");
+        let vals: Vec<f32> = if is_norm_weight {
+            vec![1.0; n]
+        } else if spec.shape.len() == 1 {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+        };
+        tensors.push(TensorOut {
+            name: spec.name,
+            dtype,
+            shape: spec.shape,
+            data: Cow::Owned(encode(&vals, dtype)),
+        });
+    }
+    let path = dir.join("model.safetensors");
+    write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
+}
+
+/// f32 values as little-endian bytes of `dtype`.
+pub fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+    }
+}
+
+/// What to benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchOptions {
+    pub shape: Shape,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub strategy: Strategy,
+    pub dtype: DType,
+    pub lora_rank: usize,
+    pub device: Device,
+}
+
+/// The benchmark's findings.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub options: BenchOptions,
+    pub device: String,
+    pub threads: usize,
+    pub step_seconds_median: f64,
+    pub step_seconds_all: Vec<f64>,
+    pub tokens_per_second: f64,
+    /// Model FLOPs of one step (6·P per token with checkpointing, attention and head).
+    pub step_flops: f64,
+    pub achieved_gflops: f64,
+    /// The same machine's large-GEMM throughput through the same backend.
+    pub gemm_gflops: f64,
+    pub fraction_of_gemm: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub model_file_bytes: u64,
+    pub final_loss: f64,
+}
+
+/// FLOPs of one training step with gradient checkpointing: forward twice and the input
+/// gradient of every frozen GEMM (2·P each per token), attention (causal), LM head.
+pub fn step_flops(shape: &Shape, batch: usize, seq: usize) -> f64 {
+    let tokens = (batch * seq) as f64;
+    let linear = 6.0 * shape.block_params() as f64 * tokens;
+    // causal attention forward: QKᵀ and PV over (T+1)/2 keys on average, 2 FLOPs each;
+    // recomputed once, backward ≈ 2× forward
+    let attn_fwd = 4.0 * shape.hidden as f64 * (seq as f64 + 1.0) / 2.0 * tokens * shape.layers as f64;
+    let head = 4.0 * (shape.hidden * shape.vocab) as f64 * tokens;
+    linear + 4.0 * attn_fwd + head
+}
+
+/// GFLOP/s of a large f32 GEMM on the CPU backend (median of several runs).
+pub fn cpu_gemm_gflops() -> Result<f64> {
+    let be = CpuBackend::<f32>::new();
+    let (m, n, k) = (512, 2048, 2048);
+    let mut rng = Rng::new(1);
+    let a = be.upload(&(0..m * k).map(|_| rng.normal() as f32).collect::<Vec<_>>())?;
+    let b = be.upload(&(0..n * k).map(|_| rng.normal() as f32).collect::<Vec<_>>())?;
+    let mut c = be.zeros(m * n)?;
+    let g = Gemm {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b: true,
+        alpha: 1.0,
+        accumulate: Accumulate::Overwrite,
+    };
+    be.matmul(&mut c, &a, &b, g)?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        be.matmul(&mut c, &a, &b, g)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * n * k) as f64 / median(&mut times) / 1e9)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Run the benchmark in `workdir` (the random model is written there).
+pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
+    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1)?;
+    let model_file_bytes = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+    let mut cfg = LemaConfig::new(&path);
+    cfg.strategy = opts.strategy;
+    cfg.device = opts.device;
+    cfg.lora_rank = opts.lora_rank;
+    cfg.lora_alpha = 2.0 * opts.lora_rank as f32;
+    cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+    let mut model = LemaModel::new(cfg)?;
+    model.initialize_lora()?;
+    let mut trainer = crate::api::Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
+    let mut rng = Rng::new(2);
+    let n = opts.batch * opts.seq;
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(opts.shape.vocab as u64) as u32).collect();
+    let batch = Batch::language_modeling(ids, opts.batch, opts.seq)?;
+    let mut last = StepOutput::default();
+    for _ in 0..opts.warmup {
+        last = trainer.train_step(&batch)?;
+    }
+    let mut times = Vec::with_capacity(opts.steps);
+    for _ in 0..opts.steps.max(1) {
+        let t = Instant::now();
+        last = trainer.train_step(&batch)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let all = times.clone();
+    let med = median(&mut times);
+    let flops = step_flops(&opts.shape, opts.batch, opts.seq);
+    let gemm = cpu_gemm_gflops()?;
+    let achieved = flops / med / 1e9;
+    Ok(BenchReport {
+        options: opts.clone(),
+        device: "cpu".into(),
+        threads: rayon::current_num_threads(),
+        step_seconds_median: med,
+        step_seconds_all: all,
+        tokens_per_second: n as f64 / med,
+        step_flops: flops,
+        achieved_gflops: achieved,
+        gemm_gflops: gemm,
+        fraction_of_gemm: achieved / gemm,
+        peak_rss_bytes: peak_rss_bytes(),
+        model_file_bytes,
+        final_loss: last.loss,
+    })
+}

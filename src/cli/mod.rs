@@ -1,0 +1,40 @@
+//! Argument parsing and the subcommands.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA fine-tuning of language models larger than your GPU's memory.
+#[derive(Parser)]
+#[command(name = "lema", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmark a training step on a random-init model of a named shape.
+    Bench(bench::BenchArgs),
+}
+
+/// Parse arguments, run, print any error chain on one line; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let result = match cli.command {
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

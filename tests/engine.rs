@@ -1,0 +1,210 @@
+//! Properties of the engine on the CPU: strategies agree bit for bit, gradient
+//! checkpointing changes nothing, accumulation equals one big batch, resume equals an
+//! uninterrupted run, a fixed batch can be learned, and the LoRA gradients of the whole
+//! model match central finite differences in f64.
+
+mod common;
+use common::*;
+use lema::backend::cpu::CpuBackend;
+use lema::lora::LoraConfig;
+use lema::model::Model;
+use lema::rng::Rng;
+use lema::stream::Strategy;
+use lema::trainer::Engine;
+use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
+use std::sync::Arc;
+
+fn config(case: &str) -> LemaConfig {
+    let mut c = LemaConfig::new(fixture(case).join("model.safetensors"));
+    c.device = Device::Cpu;
+    c.lora_rank = 4;
+    c.lora_alpha = 8.0;
+    c.lora_target_modules = Some(vec!["all-linear".into()]);
+    c
+}
+
+/// A batch of fresh random tokens (labels = inputs, a few ignored).
+fn random_batch(seed: u64, batch: usize, seq: usize, vocab: u64) -> Batch {
+    let mut r = Rng::new(seed);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| r.below(vocab) as u32).collect();
+    let mut labels: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    labels[1] = -100;
+    Batch::new(ids, labels, batch, seq).unwrap()
+}
+
+/// Start from non-zero B so every gradient is exercised: one SGD step with a large lr.
+fn trainer(cfg: LemaConfig, opt: OptimizerConfig) -> Trainer {
+    let mut m = LemaModel::new(cfg).unwrap();
+    m.initialize_lora().unwrap();
+    Trainer::new(m, opt).unwrap()
+}
+
+fn run(cfg: LemaConfig, steps: usize, batch: &Batch) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut t = trainer(cfg, OptimizerConfig::adamw(1e-2));
+    let losses = (0..steps).map(|_| t.train_step(batch).unwrap().loss).collect();
+    let w = t.model.lora_tensors().unwrap().into_iter().map(|(_, _, w)| w).collect();
+    (losses, w)
+}
+
+#[test]
+fn strategies_and_checkpointing_are_bit_identical() {
+    for case in ["llama_gqa", "gpt2"] {
+        let b = random_batch(1, 2, 9, 96);
+        let mut base = config(case);
+        base.lora_dropout = 0.1;
+        let reference = run(base.clone(), 3, &b);
+        for (strategy, ckpt) in [(Strategy::Resident, true), (Strategy::Streaming, false), (Strategy::Resident, false)] {
+            let mut c = base.clone();
+            c.strategy = strategy;
+            c.gradient_checkpointing = ckpt;
+            let got = run(c, 3, &b);
+            assert_eq!(got, reference, "{case}: {strategy:?}, checkpointing={ckpt} differs from STREAMING");
+        }
+    }
+}
+
+#[test]
+fn accumulation_equals_one_big_batch() {
+    for case in ["llama_tied", "gpt2"] {
+        let big = random_batch(2, 3, 8, 96);
+        let micro: Vec<Batch> = (0..3)
+            .map(|i| {
+                let r = i * 8..(i + 1) * 8;
+                Batch::new(big.input_ids[r.clone()].to_vec(), big.labels[r].to_vec(), 1, 8).unwrap()
+            })
+            .collect();
+        let mut a = trainer(config(case), OptimizerConfig::sgd(0.5, 0.9));
+        let mut b = trainer(config(case), OptimizerConfig::sgd(0.5, 0.9));
+        for step in 0..3 {
+            let la = a.train_step(&big).unwrap();
+            let lb = b.train_step_accumulated(&micro, None, false).unwrap();
+            assert_close(&format!("{case} step {step} loss"), &[lb.loss], &[la.loss], 1e-6);
+            assert_close(&format!("{case} step {step} grad norm"), &[lb.grad_norm], &[la.grad_norm], 1e-5);
+        }
+        for ((k, _, wa), (_, _, wb)) in a.model.lora_tensors().unwrap().iter().zip(b.model.lora_tensors().unwrap()) {
+            assert_close(&format!("{case} {k}"), &f64s(&wb), &f64s(wa), 1e-5);
+        }
+    }
+}
+
+#[test]
+fn resume_equals_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in ["llama_gqa", "gpt2"] {
+        let b = random_batch(3, 2, 6, 96);
+        let mut cfg = config(case);
+        cfg.lora_dropout = 0.2;
+        let mut straight = trainer(cfg.clone(), OptimizerConfig::adamw(5e-3));
+        straight.max_grad_norm = Some(0.5);
+        let full: Vec<f64> = (0..6).map(|_| straight.train_step(&b).unwrap().loss).collect();
+
+        let mut first = trainer(cfg.clone(), OptimizerConfig::adamw(5e-3));
+        first.max_grad_norm = Some(0.5);
+        let mut got: Vec<f64> = (0..3).map(|_| first.train_step(&b).unwrap().loss).collect();
+        let ck = dir.path().join(format!("{case}-ckpt"));
+        first.save_checkpoint(&ck).unwrap();
+        drop(first);
+        let mut resumed = Trainer::from_checkpoint(&ck, None).unwrap();
+        assert_eq!(resumed.step(), 3);
+        assert_eq!(resumed.max_grad_norm, Some(0.5));
+        got.extend((0..3).map(|_| resumed.train_step(&b).unwrap().loss));
+        assert_eq!(got, full, "{case}: resumed run diverged");
+        assert_eq!(
+            resumed.model.lora_tensors().unwrap(),
+            straight.model.lora_tensors().unwrap(),
+            "{case}: weights differ after resume"
+        );
+    }
+}
+
+#[test]
+fn fixed_batch_is_learned() {
+    let b = random_batch(4, 2, 16, 96);
+    let mut cfg = config("llama_gqa");
+    cfg.lora_rank = 8;
+    cfg.lora_alpha = 16.0;
+    let mut t = trainer(cfg, OptimizerConfig::adamw(3e-2));
+    let first = t.train_step(&b).unwrap().loss;
+    let mut last = first;
+    for _ in 0..300 {
+        last = t.train_step(&b).unwrap().loss;
+    }
+    assert!(first > 4.0, "a random model starts near ln(96) = 4.56, got {first}");
+    assert!(last < 0.05, "loss after 300 steps on one batch is {last} (from {first})");
+}
+
+/// Whole-model LoRA gradients in f64 against central finite differences of the loss,
+/// with LoRA dropout on (the masks are a pure function of the seed, so the loss is a
+/// deterministic function of the parameters).
+#[test]
+fn model_lora_gradients_match_finite_differences() {
+    for case in ["llama_tied", "gpt2", "llama_gqa"] {
+        let mut cfg = config(case);
+        cfg.lora_dropout = 0.25;
+        let (gbi, model): (Arc<_>, Model) = lema::api::open_model(&cfg).unwrap();
+        let lcfg = LoraConfig {
+            r: 3,
+            alpha: 5.0,
+            dropout: 0.25,
+            target_modules: vec!["all-linear".into()],
+            use_rslora: false,
+        };
+        let be = CpuBackend::<f64>::new();
+        let mut e = Engine::new(be, model, gbi, Strategy::Streaming, true, 9);
+        let mut rng = Rng::new(5);
+        let mut lora = lema::lora::LoraParams::init(&e.be, &e.model, &lcfg, &mut rng).unwrap();
+        // non-zero B so that dA is exercised
+        for m in &mut lora.modules {
+            for x in m.b.as_mut_slice() {
+                *x = rng.normal() * 0.2;
+            }
+        }
+        e.lora = Some(lora);
+        let b = random_batch(6, 2, 5, 96);
+        let total = b.counted_tokens() as f64;
+        let seed = 77;
+        let loss = |e: &mut Engine<CpuBackend<f64>>| {
+            let (l, _) = e.forward_backward(&b, 1.0, true, false, seed).unwrap();
+            l.sum / total
+        };
+        e.lora.as_mut().unwrap().zero_grads(&e.be).unwrap();
+        e.forward_backward(&b, (1.0 / total) as f32, true, false, seed).unwrap();
+        let n_mod = e.lora.as_ref().unwrap().modules.len();
+        let mut picks = Rng::new(11);
+        let mut checked = 0;
+        for mi in 0..n_mod {
+            for which in 0..2 {
+                let (analytic, len) = {
+                    let m = &e.lora.as_ref().unwrap().modules[mi];
+                    let g = if which == 0 { &m.da } else { &m.db };
+                    (g.as_slice().to_vec(), g.as_slice().len())
+                };
+                for _ in 0..2 {
+                    let j = picks.below(len as u64) as usize;
+                    let h = 1e-6;
+                    let set = |e: &mut Engine<CpuBackend<f64>>, d: f64| {
+                        let m = &mut e.lora.as_mut().unwrap().modules[mi];
+                        let p = if which == 0 { &mut m.a } else { &mut m.b };
+                        p.as_mut_slice()[j] += d;
+                    };
+                    set(&mut e, h);
+                    let lp = loss(&mut e);
+                    set(&mut e, -2.0 * h);
+                    let lm = loss(&mut e);
+                    set(&mut e, h);
+                    let numeric = (lp - lm) / (2.0 * h);
+                    let a = analytic[j];
+                    let err = (a - numeric).abs() / numeric.abs().max(1e-4);
+                    let name = &e.lora.as_ref().unwrap().modules[mi].path;
+                    assert!(
+                        err < 1e-5 && a.is_finite(),
+                        "{case} {name} {}[{j}]: analytic {a:e} vs numeric {numeric:e}",
+                        if which == 0 { "A" } else { "B" }
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 16, "{case}: only {checked} entries checked");
+    }
+}
