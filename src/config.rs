@@ -18,7 +18,9 @@ pub enum Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's wavelength-dependent scaling.
     Llama3 {
         factor: f32,
