@@ -369,7 +369,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `out = keep(i) ? x / (1 − p) : 0` with the mask of [`dropout_keep`].
     fn dropout_forward(&self, out: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64) -> Result<()>;
     /// Gradient of dropout with the same `p` and `seed`; dx is overwritten.
-    fn dropout_backward(&self, dx: &mut Self::Buf, dout: &Self::Buf, p: f32, seed: u64) -> Result<()>;
+    fn dropout_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        p: f32,
+        seed: u64,
+    ) -> Result<()>;
 
     // ---- LM head + loss --------------------------------------------------------------
 
@@ -402,5 +408,11 @@ pub trait Backend: Send + Sync + 'static {
         h: AdamWStep,
     ) -> Result<()>;
     /// One SGD (momentum) update of parameter p with gradient g and momentum buffer.
-    fn sgd_step(&self, p: &mut Self::Buf, g: &Self::Buf, buf: &mut Self::Buf, h: SgdStep) -> Result<()>;
+    fn sgd_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        buf: &mut Self::Buf,
+        h: SgdStep,
+    ) -> Result<()>;
 }
