@@ -17,8 +17,8 @@
 //! # Ok(()) }
 //! ```
 
-use crate::backend::DType;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, DType};
 use crate::checkpoint;
 use crate::config::{Arch, ModelConfig};
 use crate::data::Batch;
@@ -51,7 +51,9 @@ impl std::str::FromStr for Device {
             "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            _ => Err(Error::config(format!("unknown device '{s}'; supported: auto, cpu, cuda"))),
+            _ => Err(Error::config(format!(
+                "unknown device '{s}'; supported: auto, cpu, cuda"
+            ))),
         }
     }
 }
@@ -121,7 +123,10 @@ impl LemaConfig {
             r: self.lora_rank,
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
-            target_modules: self.lora_target_modules.clone().unwrap_or_else(|| default_targets(arch)),
+            target_modules: self
+                .lora_target_modules
+                .clone()
+                .unwrap_or_else(|| default_targets(arch)),
             use_rslora: self.use_rslora,
         }
     }
@@ -256,7 +261,7 @@ impl LemaModel {
     }
 
     /// Every LoRA tensor as (PEFT key, shape, values).
-    pub fn lora_tensors(&self) -> Result<Vec<(String, [usize; 2], Vec<f32>)>> {
+    pub fn lora_tensors(&self) -> Result<Vec<LoraTensor>> {
         with_engine!(&self.engine, e => {
             let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
             lora.named_params().into_iter().map(|(k, s, p, _)| Ok((k, s, e.be.download(p)?))).collect()
@@ -272,7 +277,11 @@ impl LemaModel {
     }
 
     /// Mean loss and logits of a batch without training (LoRA dropout off).
-    pub fn evaluate(&mut self, batch: &Batch, want_logits: bool) -> Result<(f64, usize, Option<Vec<f32>>)> {
+    pub fn evaluate(
+        &mut self,
+        batch: &Batch,
+        want_logits: bool,
+    ) -> Result<(f64, usize, Option<Vec<f32>>)> {
         with_engine!(&mut self.engine, e => {
             let (l, logits) = e.eval(batch, want_logits)?;
             Ok((l.sum / l.count.max(1) as f64, l.count, logits))
@@ -289,6 +298,9 @@ impl LemaModel {
         })
     }
 }
+
+/// A LoRA tensor as (PEFT key, shape, values).
+pub type LoraTensor = (String, [usize; 2], Vec<f32>);
 
 /// Run state saved in `trainer_state.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -352,7 +364,12 @@ impl Trainer {
 
     /// One optimizer step over several micro-batches (gradient accumulation), at learning
     /// rate `lr` (None: the optimizer's).
-    pub fn train_step_accumulated(&mut self, micro: &[Batch], lr: Option<f32>, want_logits: bool) -> Result<StepOutput> {
+    pub fn train_step_accumulated(
+        &mut self,
+        micro: &[Batch],
+        lr: Option<f32>,
+        want_logits: bool,
+    ) -> Result<StepOutput> {
         let clip = self.max_grad_norm;
         with_engine!(&mut self.model.engine, e => e.train_step(micro, lr, clip, want_logits))
     }
@@ -396,7 +413,10 @@ impl Trainer {
         let path = dir.join(checkpoint::TRAINER_STATE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::format(&path, "missing: this folder is not a complete lema checkpoint")
+                Error::format(
+                    &path,
+                    "missing: this folder is not a complete lema checkpoint",
+                )
             } else {
                 Error::io(&path, e)
             }
@@ -404,7 +424,10 @@ impl Trainer {
         let st: TrainerState = serde_json::from_str(&text)
             .map_err(|e| Error::format(&path, format!("not a lema trainer state: {e}")))?;
         if st.format != STATE_FORMAT {
-            return Err(Error::format(&path, format!("format '{}' is not '{STATE_FORMAT}'", st.format)));
+            return Err(Error::format(
+                &path,
+                format!("format '{}' is not '{STATE_FORMAT}'", st.format),
+            ));
         }
         Ok(st)
     }

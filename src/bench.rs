@@ -36,18 +36,19 @@ pub struct Shape {
 /// Named shapes: `llama2-7b`, `llama3-8b`, `tinyllama-1.1b`, `smollm2-135m`, `gpt2`,
 /// `gpt2-xl`, and `tiny` (for tests).
 pub fn preset(name: &str) -> Result<Shape> {
-    let s = |gpt2, vocab, hidden, intermediate, layers, heads, kv_heads, max_positions, tied| Shape {
-        name: name.to_string(),
-        gpt2,
-        vocab,
-        hidden,
-        intermediate,
-        layers,
-        heads,
-        kv_heads,
-        max_positions,
-        tied,
-    };
+    let s =
+        |gpt2, vocab, hidden, intermediate, layers, heads, kv_heads, max_positions, tied| Shape {
+            name: name.to_string(),
+            gpt2,
+            vocab,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            max_positions,
+            tied,
+        };
     Ok(match name {
         "llama2-7b" => s(false, 32000, 4096, 11008, 32, 32, 32, 4096, false),
         "llama3-8b" => s(false, 128256, 4096, 14336, 32, 32, 8, 8192, false),
@@ -99,9 +100,16 @@ impl Shape {
     }
 }
 
-/// Write a random-init model of `shape` (weights N(0, 0.02), norms 1) as
-/// `dir/model.safetensors` + `dir/config.json`; returns the weights path.
-pub fn write_random_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<PathBuf> {
+/// Write a random-init model of `shape` (block weights N(0, 0.02), embedding and head
+/// N(0, `embed_std`), norms 1, biases 0) as `dir/model.safetensors` + `dir/config.json`;
+/// returns the weights path.
+pub fn write_random_model(
+    dir: &Path,
+    shape: &Shape,
+    dtype: DType,
+    seed: u64,
+    embed_std: f64,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_json = shape.config_json();
     let cfg_path = dir.join("config.json");
@@ -112,13 +120,19 @@ pub fn write_random_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) ->
     let mut tensors = Vec::new();
     for spec in model.tensor_specs() {
         let n: usize = spec.shape.iter().product();
-        let is_norm_weight = spec.shape.len() == 1 && (spec.name.contains("norm") || spec.name.contains("ln_")) && spec.name.ends_with(".weight");
+        let is_norm_weight = spec.shape.len() == 1
+            && (spec.name.contains("norm") || spec.name.contains("ln_"))
+            && spec.name.ends_with(".weight");
         let vals: Vec<f32> = if is_norm_weight {
             vec![1.0; n]
         } else if spec.shape.len() == 1 {
             vec![0.0; n]
         } else {
-            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+            let embed_or_head = spec.name.contains("embed")
+                || spec.name.contains("wte")
+                || spec.name.starts_with("lm_head");
+            let std = if embed_or_head { embed_std } else { 0.02 };
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
         };
         tensors.push(TensorOut {
             name: spec.name,
@@ -136,8 +150,14 @@ pub fn write_random_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) ->
 pub fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -182,7 +202,8 @@ pub fn step_flops(shape: &Shape, batch: usize, seq: usize) -> f64 {
     let linear = 6.0 * shape.block_params() as f64 * tokens;
     // causal attention forward: QKᵀ and PV over (T+1)/2 keys on average, 2 FLOPs each;
     // recomputed once, backward ≈ 2× forward
-    let attn_fwd = 4.0 * shape.hidden as f64 * (seq as f64 + 1.0) / 2.0 * tokens * shape.layers as f64;
+    let attn_fwd =
+        4.0 * shape.hidden as f64 * (seq as f64 + 1.0) / 2.0 * tokens * shape.layers as f64;
     let head = 4.0 * (shape.hidden * shape.vocab) as f64 * tokens;
     linear + 4.0 * attn_fwd + head
 }
@@ -229,8 +250,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Run the benchmark in `workdir` (the random model is written there).
 pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
-    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1)?;
-    let model_file_bytes = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?;
+    let model_file_bytes = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
     let mut cfg = LemaConfig::new(&path);
     cfg.strategy = opts.strategy;
     cfg.device = opts.device;
@@ -242,7 +265,9 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     let mut trainer = crate::api::Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
     let mut rng = Rng::new(2);
     let n = opts.batch * opts.seq;
-    let ids: Vec<u32> = (0..n).map(|_| rng.below(opts.shape.vocab as u64) as u32).collect();
+    let ids: Vec<u32> = (0..n)
+        .map(|_| rng.below(opts.shape.vocab as u64) as u32)
+        .collect();
     let batch = Batch::language_modeling(ids, opts.batch, opts.seq)?;
     let mut last = StepOutput::default();
     for _ in 0..opts.warmup {

@@ -24,7 +24,11 @@ pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
 
 /// PEFT's `adapter_config.json` for `lora` on a model of `arch`.
-pub fn adapter_config_json(lora: &LoraConfig, arch: Arch, base_model: Option<&str>) -> serde_json::Value {
+pub fn adapter_config_json(
+    lora: &LoraConfig,
+    arch: Arch,
+    base_model: Option<&str>,
+) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -54,13 +58,15 @@ pub fn adapter_config_json(lora: &LoraConfig, arch: Arch, base_model: Option<&st
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
     let bad = |msg: String| Error::format(&path, msg);
-    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
-        if t != "LORA" {
-            return Err(bad(format!("peft_type is '{t}'; lema loads LORA adapters only")));
-        }
+    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str())
+        && t != "LORA"
+    {
+        return Err(bad(format!(
+            "peft_type is '{t}'; lema loads LORA adapters only"
+        )));
     }
     let r = v
         .get("r")
@@ -70,12 +76,22 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         .get("lora_alpha")
         .and_then(|x| x.as_f64())
         .ok_or_else(|| bad("missing number field 'lora_alpha'".into()))? as f32;
-    let dropout = v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
-    let use_rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let dropout = v
+        .get("lora_dropout")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0) as f32;
+    let use_rslora = v
+        .get("use_rslora")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
     let target_modules = match v.get("target_modules") {
         Some(serde_json::Value::Array(a)) => a
             .iter()
-            .map(|t| t.as_str().map(str::to_string).ok_or_else(|| bad("target_modules holds a non-string".into())))
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("target_modules holds a non-string".into()))
+            })
             .collect::<Result<Vec<_>>>()?,
         Some(serde_json::Value::String(s)) if s == "all-linear" => vec![s.clone()],
         Some(serde_json::Value::String(s)) => {
@@ -89,11 +105,21 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         return Err(bad("use_dora is true; lema does not implement DoRA".into()));
     }
     for field in ["rank_pattern", "alpha_pattern"] {
-        if v.get(field).and_then(|x| x.as_object()).is_some_and(|o| !o.is_empty()) {
-            return Err(bad(format!("{field} is set; lema supports one rank and alpha for all modules")));
+        if v.get(field)
+            .and_then(|x| x.as_object())
+            .is_some_and(|o| !o.is_empty())
+        {
+            return Err(bad(format!(
+                "{field} is set; lema supports one rank and alpha for all modules"
+            )));
         }
     }
-    for field in ["exclude_modules", "layers_to_transform", "modules_to_save", "trainable_token_indices"] {
+    for field in [
+        "exclude_modules",
+        "layers_to_transform",
+        "modules_to_save",
+        "trainable_token_indices",
+    ] {
         if v.get(field).is_some_and(|x| !x.is_null()) {
             return Err(bad(format!("{field} is set; lema does not support it yet")));
         }
@@ -101,10 +127,12 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     if v.get("lora_bias").and_then(|x| x.as_bool()) == Some(true) {
         return Err(bad("lora_bias is true; lema trains no biases".into()));
     }
-    if let Some(b) = v.get("bias").and_then(|x| x.as_str()) {
-        if b != "none" {
-            return Err(bad(format!("bias is '{b}'; lema trains no biases (use \"none\")")));
-        }
+    if let Some(b) = v.get("bias").and_then(|x| x.as_str())
+        && b != "none"
+    {
+        return Err(bad(format!(
+            "bias is '{b}'; lema trains no biases (use \"none\")"
+        )));
     }
     let cfg = LoraConfig {
         r,
@@ -117,8 +145,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     Ok(cfg)
 }
 
+/// Tensors by name: shape and f32 values.
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// The tensors of a safetensors file as f32, by name, with shapes.
-pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_f32_tensors(path: &Path) -> Result<TensorMap> {
     let gbi = Gbi::open(path)?;
     let mut out = HashMap::new();
     for t in gbi.tensors() {
@@ -132,7 +163,11 @@ pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<
 /// Load an adapter's A and B matrices from a PEFT folder into fresh parameters for
 /// `model`; every expected key must be present with the right shape and no key may be
 /// left over.
-pub fn load_adapter<B: Backend>(be: &B, model: &crate::model::Model, dir: &Path) -> Result<LoraParams<B>> {
+pub fn load_adapter<B: Backend>(
+    be: &B,
+    model: &crate::model::Model,
+    dir: &Path,
+) -> Result<LoraParams<B>> {
     let cfg = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = read_f32_tensors(&path)?;
@@ -146,28 +181,45 @@ pub fn load_adapter<B: Backend>(be: &B, model: &crate::model::Model, dir: &Path)
             return Err(Error::tensor(
                 &path,
                 &key,
-                format!("has shape {s:?}, the model needs {shape:?} (different base model or rank?)"),
+                format!(
+                    "has shape {s:?}, the model needs {shape:?} (different base model or rank?)"
+                ),
             ));
         }
         Ok(v)
     };
     let params = LoraParams::build(be, model, &cfg, |spec| {
-        let a = take(crate::lora::peft_key(&spec.path, 'A'), [spec.r, spec.linear.in_features])?;
-        let b = take(crate::lora::peft_key(&spec.path, 'B'), [spec.linear.out_features, spec.r])?;
+        let a = take(
+            crate::lora::peft_key(&spec.path, 'A'),
+            [spec.r, spec.linear.in_features],
+        )?;
+        let b = take(
+            crate::lora::peft_key(&spec.path, 'B'),
+            [spec.linear.out_features, spec.r],
+        )?;
         Ok((a, b))
     })?;
     if let Some(extra) = tensors.keys().next() {
         return Err(Error::tensor(
             &path,
             extra,
-            format!("is not a LoRA matrix of this model ({} unexpected keys)", tensors.len()),
+            format!(
+                "is not a LoRA matrix of this model ({} unexpected keys)",
+                tensors.len()
+            ),
         ));
     }
     Ok(params)
 }
 
 /// Write the adapter (weights + config) into `dir`.
-pub fn write_adapter<B: Backend>(be: &B, lora: &LoraParams<B>, arch: Arch, base_model: Option<&str>, dir: &Path) -> Result<()> {
+pub fn write_adapter<B: Backend>(
+    be: &B,
+    lora: &LoraParams<B>,
+    arch: Arch,
+    base_model: Option<&str>,
+    dir: &Path,
+) -> Result<()> {
     let mut tensors = Vec::new();
     for (key, shape, p, _) in lora.named_params() {
         tensors.push(TensorOut {
@@ -185,7 +237,12 @@ pub fn write_adapter<B: Backend>(be: &B, lora: &LoraParams<B>, arch: Arch, base_
 }
 
 /// Write the optimizer's state tensors into `dir`.
-pub fn write_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &Optimizer<B>, dir: &Path) -> Result<()> {
+pub fn write_optimizer<B: Backend>(
+    be: &B,
+    lora: &LoraParams<B>,
+    opt: &Optimizer<B>,
+    dir: &Path,
+) -> Result<()> {
     let names = opt.cfg.state_names();
     let mut tensors = Vec::new();
     for ((key, shape, _, _), st) in lora.named_params().into_iter().zip(&opt.state) {
@@ -202,7 +259,12 @@ pub fn write_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &Optimizer
 }
 
 /// Fill the optimizer's state from `dir`, checking that every tensor is there.
-pub fn read_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &mut Optimizer<B>, dir: &Path) -> Result<()> {
+pub fn read_optimizer<B: Backend>(
+    be: &B,
+    lora: &LoraParams<B>,
+    opt: &mut Optimizer<B>,
+    dir: &Path,
+) -> Result<()> {
     let path = dir.join(OPTIMIZER_STATE);
     let mut tensors = read_f32_tensors(&path)?;
     let names = opt.cfg.state_names();
@@ -213,7 +275,11 @@ pub fn read_optimizer<B: Backend>(be: &B, lora: &LoraParams<B>, opt: &mut Optimi
                 .remove(&k)
                 .ok_or_else(|| Error::tensor(&path, &k, "missing from the optimizer state"))?;
             if s != shape {
-                return Err(Error::tensor(&path, &k, format!("has shape {s:?}, expected {shape:?}")));
+                return Err(Error::tensor(
+                    &path,
+                    &k,
+                    format!("has shape {s:?}, expected {shape:?}"),
+                ));
             }
             *buf = be.upload(&v)?;
         }
@@ -232,7 +298,12 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = dir
         .file_name()
-        .ok_or_else(|| Error::config(format!("checkpoint path {} has no folder name", dir.display())))?
+        .ok_or_else(|| {
+            Error::config(format!(
+                "checkpoint path {} has no folder name",
+                dir.display()
+            ))
+        })?
         .to_string_lossy()
         .to_string();
     let parent = match dir.parent() {

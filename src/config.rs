@@ -1,6 +1,7 @@
 //! Model configuration read from the Hugging Face `config.json` beside the weights.
 
 use crate::error::{Error, Result};
+use serde_json::{Map, Value};
 use std::path::Path;
 
 /// Supported architectures.
@@ -18,7 +19,9 @@ pub enum Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's wavelength-dependent scaling.
     Llama3 {
         factor: f32,
@@ -52,9 +55,17 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mistral's `sliding_window`: attention reaches at most this many tokens back. The
+    /// trainer refuses longer sequences, where it would differ from full causal attention.
+    pub sliding_window: Option<usize>,
     /// The parsed config.json, kept so it can be written back unchanged.
     pub raw: serde_json::Value,
 }
+
+/// The `model_type` values lema understands, for messages.
+const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, gpt2";
+/// The `rope_scaling` types lema understands, for messages.
+const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3";
 
 impl ModelConfig {
     /// Read and validate a config.json file.
@@ -64,7 +75,954 @@ impl ModelConfig {
     }
 
     /// Parse and validate config.json text; `path` is used in messages only.
-    pub fn from_json_str(_text: &str, path: &Path) -> Result<Self> {
-        Err(Error::format(path, "config parsing not implemented yet"))
+    /// Unsupported architectures and options are refused here, with the value quoted,
+    /// rather than silently computing something else than the reference model.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let raw: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("config.json is not valid JSON: {e}")))?;
+        let mut cfg = {
+            let Some(obj) = raw.as_object() else {
+                return Err(Error::format(
+                    path,
+                    format!("config.json must be a JSON object, found {}", quote(&raw)),
+                ));
+            };
+            let f = Fields {
+                obj,
+                path,
+                prefix: "",
+            };
+            match obj.get("model_type") {
+                Some(Value::String(t)) if t == "llama" || t == "mistral" => parse_llama(&f, t)?,
+                Some(Value::String(t)) if t == "gpt2" => parse_gpt2(&f)?,
+                Some(Value::String(t)) => {
+                    return Err(f.err(format!(
+                        "unsupported model_type '{t}'; supported: {SUPPORTED_MODEL_TYPES}"
+                    )));
+                }
+                None | Some(Value::Null) => {
+                    return Err(f.err(format!(
+                        "missing 'model_type'; supported: {SUPPORTED_MODEL_TYPES}"
+                    )));
+                }
+                Some(v) => {
+                    return Err(f.err(format!(
+                        "field 'model_type' must be a string, found {}; supported: \
+                         {SUPPORTED_MODEL_TYPES}",
+                        quote(v)
+                    )));
+                }
+            }
+        };
+        cfg.raw = raw;
+        Ok(cfg)
+    }
+
+    /// RoPE inverse frequencies, `head_dim / 2` of them: HF's default `1/θ^(2i/D)`, then the
+    /// configured scaling exactly as transformers computes it. Computed in f64.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim as f64;
+        let theta = f64::from(self.rope_theta);
+        (0..self.head_dim / 2)
+            .map(|i| {
+                let base = 1.0 / theta.powf((2 * i) as f64 / d);
+                let scaled = match self.rope_scaling {
+                    RopeScaling::None => base,
+                    RopeScaling::Linear { factor } => base / f64::from(factor),
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => llama3_scale(
+                        base,
+                        f64::from(factor),
+                        f64::from(low_freq_factor),
+                        f64::from(high_freq_factor),
+                        original_max_position_embeddings as f64,
+                    ),
+                };
+                scaled as f32
+            })
+            .collect()
+    }
+
+    /// The original config.json, pretty-printed, to write beside checkpoints and prepared
+    /// models so that they load in transformers unchanged.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(&self.raw).unwrap_or_else(|_| self.raw.to_string())
+    }
+}
+
+/// transformers' `_compute_llama3_parameters` for one frequency: long wavelengths are
+/// divided by `factor`, short ones kept, and the band between is interpolated smoothly.
+fn llama3_scale(inv_freq: f64, factor: f64, low: f64, high: f64, old_context: f64) -> f64 {
+    let low_freq_wavelen = old_context / low;
+    let high_freq_wavelen = old_context / high;
+    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+    let inv_freq_llama = if wavelen > low_freq_wavelen {
+        inv_freq / factor
+    } else {
+        inv_freq
+    };
+    let smooth = (old_context / wavelen - low) / (high - low);
+    let smoothed = (1.0 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama;
+    // transformers: `~(wavelen < high) * ~(wavelen > low)`; the same for finite wavelengths.
+    let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+    if is_medium { smoothed } else { inv_freq_llama }
+}
+
+/// A JSON value as it would appear in the file, shortened for messages.
+fn quote(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        let head: String = s.chars().take(57).collect();
+        format!("{head}...")
+    } else {
+        s
+    }
+}
+
+/// Typed access to the fields of one JSON object, with messages that name the file and
+/// the field. `null` counts as absent, as it does for transformers.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+    /// Prepended to field names in messages ("rope_scaling.").
+    prefix: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn err(&self, msg: impl std::fmt::Display) -> Error {
+        Error::config(format!("{}: {msg}", self.path.display()))
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn type_err(&self, key: &str, want: &str, v: &Value) -> Error {
+        self.err(format!(
+            "field '{}{key}' must be {want}, found {}",
+            self.prefix,
+            quote(v)
+        ))
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        self.err(format!("missing required field '{}{key}'", self.prefix))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.type_err(key, "a non-negative integer", v)),
+        }
+    }
+
+    /// An optional size, which must be positive when present.
+    fn opt_size(&self, key: &str) -> Result<Option<usize>> {
+        match self.opt_usize(key)? {
+            Some(0) => Err(self.err(format!("field '{}{key}' must be > 0, found 0", self.prefix))),
+            n => Ok(n),
+        }
+    }
+
+    /// A required positive size.
+    fn size(&self, key: &str) -> Result<usize> {
+        self.opt_size(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.type_err(key, "a number", v)),
+        }
+    }
+
+    /// A positive number that fits an f32, or `default` when absent.
+    fn positive_f32(&self, key: &str, default: Option<f32>) -> Result<f32> {
+        let Some(x) = self.opt_f64(key)? else {
+            return default.ok_or_else(|| self.missing(key));
+        };
+        let y = x as f32;
+        if x > 0.0 && y > 0.0 && y.is_finite() {
+            Ok(y)
+        } else {
+            Err(self.err(format!(
+                "field '{}{key}' must be a positive number that fits in f32, found {x}",
+                self.prefix
+            )))
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.type_err(key, "true or false", v)),
+        }
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.type_err(key, "a string", v)),
+        }
+    }
+
+    fn opt_object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(o)),
+            Some(v) => Err(self.type_err(key, "an object", v)),
+        }
+    }
+
+    fn token(&self, key: &str, v: &Value) -> Result<u32> {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| self.type_err(key, "a token id (integer below 2^32)", v))
+    }
+
+    fn opt_token(&self, key: &str) -> Result<Option<u32>> {
+        self.get(key).map(|v| self.token(key, v)).transpose()
+    }
+
+    /// A token id or a list of them (`eos_token_id`).
+    fn tokens(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(|v| self.token(key, v)).collect(),
+            Some(v) => Ok(vec![self.token(key, v)?]),
+        }
+    }
+
+    /// `hidden / heads` as the head dimension, refused when it does not divide evenly.
+    fn derive_head_dim(&self, hidden: (&str, usize), heads: (&str, usize)) -> Result<usize> {
+        if !hidden.1.is_multiple_of(heads.1) {
+            return Err(self.err(format!(
+                "{} = {} is not divisible by {} = {}",
+                hidden.0, hidden.1, heads.0, heads.1
+            )));
+        }
+        Ok(hidden.1 / heads.1)
+    }
+}
+
+/// Llama, Mistral and their relatives (SwiGLU MLP, RMSNorm, RoPE, optional GQA).
+fn parse_llama(f: &Fields, model_type: &str) -> Result<ModelConfig> {
+    if let Some(act) = f.opt_str("hidden_act")?
+        && act != "silu"
+    {
+        return Err(f.err(format!(
+            "hidden_act '{act}' is not supported for {model_type}; supported: silu"
+        )));
+    }
+    let vocab_size = f.size("vocab_size")?;
+    let hidden_size = f.size("hidden_size")?;
+    let intermediate_size = f.size("intermediate_size")?;
+    let num_hidden_layers = f.size("num_hidden_layers")?;
+    let num_attention_heads = f.size("num_attention_heads")?;
+    let num_key_value_heads = f
+        .opt_size("num_key_value_heads")?
+        .unwrap_or(num_attention_heads);
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+        return Err(f.err(format!(
+            "num_attention_heads = {num_attention_heads} is not divisible by \
+             num_key_value_heads = {num_key_value_heads}"
+        )));
+    }
+    let head_dim = match f.opt_size("head_dim")? {
+        Some(d) => d,
+        None => f.derive_head_dim(
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_attention_heads),
+        )?,
+    };
+    if !head_dim.is_multiple_of(2) {
+        return Err(f.err(format!(
+            "head_dim = {head_dim} is odd; rotary embeddings need an even head dimension"
+        )));
+    }
+    if let Some(p) = f.opt_f64("partial_rotary_factor")?
+        && p != 1.0
+    {
+        return Err(f.err(format!(
+            "partial_rotary_factor = {p} is not supported; only 1.0 (rotate the whole head)"
+        )));
+    }
+    let default_max_pos = if model_type == "mistral" {
+        4096 * 32
+    } else {
+        2048
+    };
+    let max_position_embeddings = f
+        .opt_size("max_position_embeddings")?
+        .unwrap_or(default_max_pos);
+    let norm_eps = f.positive_f32("rms_norm_eps", Some(1e-6))?;
+    let (rope_theta, rope_scaling) = parse_rope(f)?;
+    let sliding_window = if model_type == "mistral" {
+        f.opt_size("sliding_window")?
+    } else {
+        None
+    };
+    Ok(ModelConfig {
+        arch: Arch::Llama,
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        max_position_embeddings,
+        norm_eps,
+        rope_theta,
+        rope_scaling,
+        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
+        mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
+        bos_token_id: f.opt_token("bos_token_id")?,
+        eos_token_ids: f.tokens("eos_token_id")?,
+        sliding_window,
+        raw: Value::Null,
+    })
+}
+
+/// `rope_theta` and `rope_scaling`. Newer transformers write both inside
+/// `rope_parameters`; that is read when the older keys are absent.
+fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
+    let params = f.opt_object("rope_parameters")?.map(|obj| Fields {
+        obj,
+        path: f.path,
+        prefix: "rope_parameters.",
+    });
+    let rope_theta = match (f.get("rope_theta"), &params) {
+        (None, Some(p)) => p.positive_f32("rope_theta", Some(10000.0))?,
+        _ => f.positive_f32("rope_theta", Some(10000.0))?,
+    };
+    let scaling = match (f.opt_object("rope_scaling")?, params) {
+        (Some(obj), _) => Fields {
+            obj,
+            path: f.path,
+            prefix: "rope_scaling.",
+        },
+        (None, Some(p)) => p,
+        (None, None) => return Ok((rope_theta, RopeScaling::None)),
+    };
+    let kind = match scaling.opt_str("rope_type")? {
+        Some(t) => Some(t),
+        None => scaling.opt_str("type")?,
+    };
+    let rope_scaling = match kind {
+        // `rope_parameters` may carry only `rope_theta`.
+        None if scaling.prefix == "rope_parameters." => RopeScaling::None,
+        None => {
+            return Err(scaling.err(format!(
+                "'{}' has no 'rope_type' (or 'type'); supported: {SUPPORTED_ROPE_TYPES}",
+                scaling.prefix.trim_end_matches('.')
+            )));
+        }
+        Some("default") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: scaling.positive_f32("factor", None)?,
+        },
+        Some("llama3") => {
+            let low_freq_factor = scaling.positive_f32("low_freq_factor", None)?;
+            let high_freq_factor = scaling.positive_f32("high_freq_factor", None)?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(scaling.err(format!(
+                    "llama3 rope scaling needs high_freq_factor > low_freq_factor, found \
+                     {high_freq_factor} and {low_freq_factor}"
+                )));
+            }
+            RopeScaling::Llama3 {
+                factor: scaling.positive_f32("factor", None)?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: scaling
+                    .size("original_max_position_embeddings")?,
+            }
+        }
+        Some(other) => {
+            return Err(scaling.err(format!(
+                "rope scaling type '{other}' is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )));
+        }
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
+/// GPT-2 (LayerNorm, learned positions, `gelu_new` MLP, fused QKV, biases everywhere).
+fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
+    if let Some(act) = f.opt_str("activation_function")?
+        && act != "gelu_new"
+        && act != "gelu_pytorch_tanh"
+    {
+        return Err(f.err(format!(
+            "activation_function '{act}' is not supported for gpt2; supported: gelu_new, \
+             gelu_pytorch_tanh"
+        )));
+    }
+    if f.opt_bool("scale_attn_by_inverse_layer_idx")? == Some(true) {
+        return Err(f.err(
+            "scale_attn_by_inverse_layer_idx = true is not supported (attention scores \
+             would be divided by the layer index)",
+        ));
+    }
+    if f.opt_bool("reorder_and_upcast_attn")? == Some(true) {
+        return Err(f.err("reorder_and_upcast_attn = true is not supported"));
+    }
+    if f.opt_bool("scale_attn_weights")? == Some(false) {
+        return Err(f.err(
+            "scale_attn_weights = false is not supported (attention scores are always \
+             scaled by 1/sqrt(head_dim))",
+        ));
+    }
+    let vocab_size = f.size("vocab_size")?;
+    let n_embd = f.size("n_embd")?;
+    let n_layer = f.size("n_layer")?;
+    let n_head = f.size("n_head")?;
+    let n_positions = f.size("n_positions")?;
+    let n_inner = match f.opt_size("n_inner")? {
+        Some(n) => n,
+        None => n_embd
+            .checked_mul(4)
+            .ok_or_else(|| f.err(format!("n_embd = {n_embd} is too large")))?,
+    };
+    let head_dim = f.derive_head_dim(("n_embd", n_embd), ("n_head", n_head))?;
+    Ok(ModelConfig {
+        arch: Arch::Gpt2,
+        vocab_size,
+        hidden_size: n_embd,
+        intermediate_size: n_inner,
+        num_hidden_layers: n_layer,
+        num_attention_heads: n_head,
+        num_key_value_heads: n_head,
+        head_dim,
+        max_position_embeddings: n_positions,
+        norm_eps: f.positive_f32("layer_norm_epsilon", Some(1e-5))?,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(true),
+        attention_bias: true,
+        mlp_bias: true,
+        bos_token_id: f.opt_token("bos_token_id")?,
+        eos_token_ids: f.tokens("eos_token_id")?,
+        sliding_window: None,
+        raw: Value::Null,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/models/x/config.json";
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(json, Path::new(PATH))
+    }
+
+    /// Parse `json`, which must fail; return the message, which must name the file.
+    fn err_of(json: &str) -> String {
+        match parse(json) {
+            Ok(c) => panic!("expected an error for {json}, got {c:?}"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains(PATH), "message does not name the file: {msg}");
+                msg
+            }
+        }
+    }
+
+    fn assert_contains(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "message {msg:?} lacks {p:?}");
+        }
+    }
+
+    /// A Llama config with `extra` fields merged over it (null removes a field).
+    fn llama_with(extra: &str) -> String {
+        let mut base: Value = serde_json::from_str(TINYLLAMA).unwrap();
+        let extra: Value = serde_json::from_str(extra).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                base.as_object_mut().unwrap().remove(k);
+            } else {
+                base[k] = v.clone();
+            }
+        }
+        base.to_string()
+    }
+
+    fn gpt2_with(extra: &str) -> String {
+        let mut base: Value = serde_json::from_str(GPT2).unwrap();
+        let extra: Value = serde_json::from_str(extra).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        base.to_string()
+    }
+
+    const TINYLLAMA: &str = r#"{
+      "architectures": ["LlamaForCausalLM"],
+      "attention_bias": false,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "hidden_act": "silu",
+      "hidden_size": 2048,
+      "initializer_range": 0.02,
+      "intermediate_size": 5632,
+      "max_position_embeddings": 2048,
+      "model_type": "llama",
+      "num_attention_heads": 32,
+      "num_hidden_layers": 22,
+      "num_key_value_heads": 4,
+      "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05,
+      "rope_scaling": null,
+      "rope_theta": 10000.0,
+      "tie_word_embeddings": false,
+      "torch_dtype": "bfloat16",
+      "transformers_version": "4.35.0",
+      "use_cache": true,
+      "vocab_size": 32000
+    }"#;
+
+    const LLAMA31: &str = r#"{
+      "architectures": ["LlamaForCausalLM"],
+      "attention_bias": false,
+      "attention_dropout": 0.0,
+      "bos_token_id": 128000,
+      "eos_token_id": [128001, 128008, 128009],
+      "hidden_act": "silu",
+      "hidden_size": 4096,
+      "initializer_range": 0.02,
+      "intermediate_size": 14336,
+      "max_position_embeddings": 131072,
+      "mlp_bias": false,
+      "model_type": "llama",
+      "num_attention_heads": 32,
+      "num_hidden_layers": 32,
+      "num_key_value_heads": 8,
+      "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05,
+      "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3"
+      },
+      "rope_theta": 500000.0,
+      "tie_word_embeddings": false,
+      "torch_dtype": "bfloat16",
+      "vocab_size": 128256
+    }"#;
+
+    const GPT2: &str = r#"{
+      "activation_function": "gelu_new",
+      "architectures": ["GPT2LMHeadModel"],
+      "attn_pdrop": 0.1,
+      "bos_token_id": 50256,
+      "embd_pdrop": 0.1,
+      "eos_token_id": 50256,
+      "initializer_range": 0.02,
+      "layer_norm_epsilon": 1e-05,
+      "model_type": "gpt2",
+      "n_ctx": 1024,
+      "n_embd": 768,
+      "n_head": 12,
+      "n_layer": 12,
+      "n_positions": 1024,
+      "resid_pdrop": 0.1,
+      "summary_activation": null,
+      "vocab_size": 50257
+    }"#;
+
+    #[test]
+    fn tinyllama() {
+        let c = parse(TINYLLAMA).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(c.vocab_size, 32000);
+        assert_eq!(c.hidden_size, 2048);
+        assert_eq!(c.intermediate_size, 5632);
+        assert_eq!(c.num_hidden_layers, 22);
+        assert_eq!(c.num_attention_heads, 32);
+        assert_eq!(c.num_key_value_heads, 4);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.max_position_embeddings, 2048);
+        assert_eq!(c.norm_eps, 1e-5);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+        assert!(!c.tie_word_embeddings && !c.attention_bias && !c.mlp_bias);
+        assert_eq!(c.bos_token_id, Some(1));
+        assert_eq!(c.eos_token_ids, vec![2]);
+        assert_eq!(c.sliding_window, None);
+
+        // Unscaled RoPE: 1/θ^(2i/D), checked against a few values written out by hand.
+        let f = c.rope_inv_freq();
+        assert_eq!(f.len(), 32);
+        assert_eq!(f[0], 1.0);
+        assert!((f[16] - 0.01).abs() < 1e-9, "{}", f[16]); // 10000^(-32/64) = 1/100
+        assert!((f[8] - 0.1).abs() < 1e-8, "{}", f[8]); // 10000^(-16/64) = 1/10
+    }
+
+    #[test]
+    fn llama_defaults() {
+        let c = parse(&llama_with(
+            r#"{"num_key_value_heads": null, "max_position_embeddings": null,
+                "rms_norm_eps": null, "rope_theta": null, "tie_word_embeddings": null,
+                "hidden_act": null, "bos_token_id": null, "eos_token_id": null,
+                "rope_scaling": null, "attention_bias": null}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.num_key_value_heads, 32);
+        assert_eq!(c.max_position_embeddings, 2048);
+        assert_eq!(c.norm_eps, 1e-6);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.bos_token_id, None);
+        assert!(c.eos_token_ids.is_empty());
+    }
+
+    #[test]
+    fn llama_explicit_head_dim_and_options() {
+        // head_dim given explicitly need not be hidden / heads.
+        let c = parse(&llama_with(
+            r#"{"head_dim": 128, "tie_word_embeddings": true, "attention_bias": true,
+                "mlp_bias": true, "rope_scaling": {"type": "linear", "factor": 2.0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.head_dim, 128);
+        assert!(c.tie_word_embeddings && c.attention_bias && c.mlp_bias);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let f = c.rope_inv_freq();
+        assert_eq!(f.len(), 64);
+        assert_eq!(f[0], 0.5);
+        assert!((f[32] - 0.005).abs() < 1e-9, "{}", f[32]);
+
+        let c = parse(&llama_with(r#"{"rope_scaling": {"rope_type": "default"}}"#)).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn mistral_sliding_window() {
+        let c = parse(&llama_with(
+            r#"{"model_type": "mistral", "sliding_window": 4096}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(c.sliding_window, Some(4096));
+        let c = parse(&llama_with(r#"{"model_type": "mistral"}"#)).unwrap();
+        assert_eq!(c.sliding_window, None);
+        let mut v: Value =
+            serde_json::from_str(&llama_with(r#"{"model_type": "mistral"}"#)).unwrap();
+        v["sliding_window"] = Value::Null;
+        assert_eq!(parse(&v.to_string()).unwrap().sliding_window, None);
+        let msg = err_of(&llama_with(
+            r#"{"model_type": "mistral", "sliding_window": "4k"}"#,
+        ));
+        assert_contains(&msg, &["sliding_window", "\"4k\""]);
+    }
+
+    #[test]
+    fn llama31_rope_scaling() {
+        let c = parse(LLAMA31).unwrap();
+        assert_eq!(c.head_dim, 128);
+        assert_eq!(c.num_key_value_heads, 8);
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+        assert_eq!(c.bos_token_id, Some(128000));
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        let got = c.rope_inv_freq();
+        assert_eq!(got.len(), 64);
+
+        // Meta's reference `apply_scaling` (llama3 repo), written independently as a
+        // three-way branch on the wavelength.
+        let reference = |i: usize| -> f64 {
+            let freq = 500000f64.powf(-(i as f64) / 64.0);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < 8192.0 / 4.0 {
+                freq
+            } else if wavelen > 8192.0 / 1.0 {
+                freq / 8.0
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
+                (1.0 - smooth) * freq / 8.0 + smooth * freq
+            }
+        };
+        for (i, &g) in got.iter().enumerate() {
+            let want = reference(i);
+            assert!(
+                ((f64::from(g) - want) / want).abs() < 1e-6,
+                "inv_freq[{i}] = {g}, reference {want}"
+            );
+        }
+        // Values from Python's float math, one in each band: high (kept), medium
+        // (interpolated), low (divided by 8).
+        for (i, want) in [
+            (28, 0.0032114459947525913),
+            (30, 0.0013718935677611381),
+            (34, 0.00017850781276799638),
+            (35, 9.556212353964683e-05),
+            (63, 3.068925988914511e-07),
+        ] {
+            let g = f64::from(got[i]);
+            assert!(
+                ((g - want) / want).abs() < 1e-6,
+                "inv_freq[{i}] = {g}, want {want}"
+            );
+        }
+        // The medium band really is interpolated: strictly between the two ends.
+        let unscaled = 500000f64.powf(-30.0 / 64.0);
+        assert!(f64::from(got[30]) < unscaled && f64::from(got[30]) > unscaled / 8.0);
+    }
+
+    #[test]
+    fn rope_parameters_new_style() {
+        let c = parse(&llama_with(
+            r#"{"rope_theta": null, "rope_scaling": null, "rope_parameters":
+                {"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 100.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+        let c = parse(&llama_with(
+            r#"{"rope_theta": null, "rope_parameters": {"rope_theta": 500000.0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+        let msg = err_of(&llama_with(
+            r#"{"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}"#,
+        ));
+        assert_contains(&msg, &["'yarn'", "default, linear, llama3"]);
+    }
+
+    #[test]
+    fn gpt2() {
+        let c = parse(GPT2).unwrap();
+        assert_eq!(c.arch, Arch::Gpt2);
+        assert_eq!(c.vocab_size, 50257);
+        assert_eq!(c.hidden_size, 768);
+        assert_eq!(c.intermediate_size, 3072);
+        assert_eq!(c.num_hidden_layers, 12);
+        assert_eq!(c.num_attention_heads, 12);
+        assert_eq!(c.num_key_value_heads, 12);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.max_position_embeddings, 1024);
+        assert_eq!(c.norm_eps, 1e-5);
+        assert!(c.tie_word_embeddings && c.attention_bias && c.mlp_bias);
+        assert_eq!(c.eos_token_ids, vec![50256]);
+
+        let c = parse(&gpt2_with(
+            r#"{"n_inner": 1000, "activation_function": "gelu_pytorch_tanh",
+                "tie_word_embeddings": false, "layer_norm_epsilon": 1e-6}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.intermediate_size, 1000);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.norm_eps, 1e-6);
+        let c = parse(&gpt2_with(r#"{"n_inner": null}"#)).unwrap();
+        assert_eq!(c.intermediate_size, 3072);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let c = parse(LLAMA31).unwrap();
+        let again = parse(&c.to_json_string()).unwrap();
+        assert_eq!(again.raw, c.raw);
+        assert!(c.to_json_string().contains("\n  \"rope_theta\": 500000.0"));
+    }
+
+    #[test]
+    fn bad_model_type() {
+        let msg = err_of(&llama_with(r#"{"model_type": "qwen2"}"#));
+        assert_contains(&msg, &["'qwen2'", "llama, mistral, gpt2"]);
+        let msg = err_of(&llama_with(r#"{"model_type": null}"#));
+        assert_contains(&msg, &["missing 'model_type'", "llama, mistral, gpt2"]);
+        let msg = err_of(&llama_with(r#"{"model_type": 7}"#));
+        assert_contains(&msg, &["model_type", "7", "llama, mistral, gpt2"]);
+    }
+
+    #[test]
+    fn bad_json() {
+        for text in [
+            "",
+            "{",
+            "[1, 2]",
+            "\"llama\"",
+            "{\"model_type\": \"llama\",}",
+            "nul",
+        ] {
+            let msg = err_of(text);
+            assert!(
+                msg.contains("JSON") || msg.contains("object"),
+                "{text:?} gave {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_rope_scaling() {
+        for kind in ["dynamic", "yarn", "longrope"] {
+            let msg = err_of(&llama_with(&format!(
+                r#"{{"rope_scaling": {{"rope_type": "{kind}", "factor": 2.0}}}}"#
+            )));
+            assert_contains(&msg, &[kind, "not supported", "default, linear, llama3"]);
+        }
+        let msg = err_of(&llama_with(r#"{"rope_scaling": {"factor": 2.0}}"#));
+        assert_contains(&msg, &["rope_type", "default, linear, llama3"]);
+        let msg = err_of(&llama_with(r#"{"rope_scaling": {"type": "linear"}}"#));
+        assert_contains(&msg, &["rope_scaling.factor", "missing"]);
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"type": "linear", "factor": 0}}"#,
+        ));
+        assert_contains(&msg, &["rope_scaling.factor", "positive"]);
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0}}"#,
+        ));
+        assert_contains(&msg, &["rope_scaling.original_max_position_embeddings"]);
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#,
+        ));
+        assert_contains(&msg, &["high_freq_factor > low_freq_factor"]);
+        let msg = err_of(&llama_with(r#"{"rope_scaling": "linear"}"#));
+        assert_contains(&msg, &["rope_scaling", "an object", "\"linear\""]);
+        let msg = err_of(&llama_with(r#"{"rope_theta": "10000"}"#));
+        assert_contains(&msg, &["rope_theta", "a number", "\"10000\""]);
+        let msg = err_of(&llama_with(r#"{"rope_theta": 1e300}"#));
+        assert_contains(&msg, &["rope_theta", "fits in f32"]);
+        let msg = err_of(&llama_with(r#"{"partial_rotary_factor": 0.5}"#));
+        assert_contains(&msg, &["partial_rotary_factor", "0.5"]);
+    }
+
+    #[test]
+    fn bad_llama_fields() {
+        let msg = err_of(&llama_with(r#"{"hidden_act": "gelu"}"#));
+        assert_contains(&msg, &["hidden_act 'gelu'", "silu"]);
+        let msg = err_of(&llama_with(r#"{"hidden_size": "2048"}"#));
+        assert_contains(&msg, &["'hidden_size'", "non-negative integer", "\"2048\""]);
+        let msg = err_of(&llama_with(r#"{"hidden_size": 2048.5}"#));
+        assert_contains(&msg, &["'hidden_size'", "2048.5"]);
+        let msg = err_of(&llama_with(r#"{"num_hidden_layers": -3}"#));
+        assert_contains(&msg, &["'num_hidden_layers'", "-3"]);
+        let msg = err_of(&llama_with(r#"{"vocab_size": null}"#));
+        assert_contains(&msg, &["missing required field 'vocab_size'"]);
+        for field in [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "head_dim",
+        ] {
+            let msg = err_of(&llama_with(&format!(r#"{{"{field}": 0}}"#)));
+            assert_contains(&msg, &[field, "must be > 0"]);
+        }
+        let msg = err_of(&llama_with(r#"{"num_key_value_heads": 5}"#));
+        assert_contains(
+            &msg,
+            &["num_attention_heads = 32", "num_key_value_heads = 5"],
+        );
+        let msg = err_of(&llama_with(r#"{"hidden_size": 2050}"#));
+        assert_contains(
+            &msg,
+            &[
+                "hidden_size = 2050",
+                "not divisible",
+                "num_attention_heads = 32",
+            ],
+        );
+        let msg = err_of(&llama_with(r#"{"head_dim": 63}"#));
+        assert_contains(&msg, &["head_dim = 63", "odd"]);
+        let msg = err_of(&llama_with(r#"{"tie_word_embeddings": "yes"}"#));
+        assert_contains(&msg, &["tie_word_embeddings", "true or false"]);
+        let msg = err_of(&llama_with(r#"{"eos_token_id": [2, "x"]}"#));
+        assert_contains(&msg, &["eos_token_id", "\"x\""]);
+        let msg = err_of(&llama_with(r#"{"bos_token_id": 5000000000}"#));
+        assert_contains(&msg, &["bos_token_id", "5000000000"]);
+        let msg = err_of(&llama_with(r#"{"rms_norm_eps": -1e-5}"#));
+        assert_contains(&msg, &["rms_norm_eps", "positive"]);
+    }
+
+    #[test]
+    fn bad_gpt2_fields() {
+        let msg = err_of(&gpt2_with(r#"{"activation_function": "relu"}"#));
+        assert_contains(&msg, &["activation_function 'relu'", "gelu_new"]);
+        let msg = err_of(&gpt2_with(r#"{"scale_attn_by_inverse_layer_idx": true}"#));
+        assert_contains(&msg, &["scale_attn_by_inverse_layer_idx", "not supported"]);
+        let msg = err_of(&gpt2_with(r#"{"reorder_and_upcast_attn": true}"#));
+        assert_contains(&msg, &["reorder_and_upcast_attn", "not supported"]);
+        let msg = err_of(&gpt2_with(r#"{"scale_attn_weights": false}"#));
+        assert_contains(&msg, &["scale_attn_weights", "not supported"]);
+        let msg = err_of(&gpt2_with(r#"{"n_embd": 770}"#));
+        assert_contains(&msg, &["n_embd = 770", "n_head = 12"]);
+        let msg = err_of(&gpt2_with(r#"{"n_head": "12"}"#));
+        assert_contains(&msg, &["'n_head'", "\"12\""]);
+        let msg = err_of(&gpt2_with(r#"{"n_layer": 0}"#));
+        assert_contains(&msg, &["n_layer", "> 0"]);
+        let msg = err_of(&gpt2_with(r#"{"n_positions": null}"#));
+        assert_contains(&msg, &["missing required field 'n_positions'"]);
+        // The disabled options are fine when false.
+        parse(&gpt2_with(
+            r#"{"scale_attn_by_inverse_layer_idx": false, "reorder_and_upcast_attn": false,
+                "scale_attn_weights": true}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn any_json_value_does_not_panic() {
+        // Every field of both configs replaced by values of every JSON type.
+        let values = [
+            "null",
+            "true",
+            "-1",
+            "0",
+            "1",
+            "1.5",
+            "1e400",
+            "\"s\"",
+            "[]",
+            "[1]",
+            "{}",
+            "{\"type\": \"llama3\"}",
+        ];
+        for base in [TINYLLAMA, LLAMA31, GPT2] {
+            let obj: Value = serde_json::from_str(base).unwrap();
+            for key in obj.as_object().unwrap().keys() {
+                for v in values {
+                    let mut o = obj.clone();
+                    o[key.as_str()] = match serde_json::from_str(v) {
+                        Ok(v) => v,
+                        Err(_) => continue, // 1e400 is not representable
+                    };
+                    let _ = parse(&o.to_string());
+                }
+            }
+        }
     }
 }

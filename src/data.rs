@@ -55,7 +55,10 @@ impl Batch {
     /// `labels[t + 1]`; the last row of each sequence is not scored.
     pub fn shifted_labels(&self) -> Vec<i32> {
         let mut out = vec![IGNORE_INDEX; self.labels.len()];
-        for (o, l) in out.chunks_exact_mut(self.seq).zip(self.labels.chunks_exact(self.seq)) {
+        for (o, l) in out
+            .chunks_exact_mut(self.seq)
+            .zip(self.labels.chunks_exact(self.seq))
+        {
             o[..self.seq - 1].copy_from_slice(&l[1..]);
         }
         out
@@ -63,7 +66,10 @@ impl Batch {
 
     /// Number of tokens that count towards the loss.
     pub fn counted_tokens(&self) -> usize {
-        self.shifted_labels().iter().filter(|&&l| l != IGNORE_INDEX).count()
+        self.shifted_labels()
+            .iter()
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 

@@ -55,9 +55,9 @@ impl LoraConfig {
 
     /// Whether the module at `path` (e.g. `model.layers.0.self_attn.q_proj`) is adapted.
     pub fn targets(&self, path: &str) -> bool {
-        self.target_modules.iter().any(|t| {
-            t == "all-linear" || path == t || path.ends_with(&format!(".{t}"))
-        })
+        self.target_modules
+            .iter()
+            .any(|t| t == "all-linear" || path == t || path.ends_with(&format!(".{t}")))
     }
 }
 
@@ -107,12 +107,18 @@ pub struct BlockLora<'a, B: Backend> {
 impl<B: Backend> BlockLora<'_, B> {
     /// The adapter of `linear`, if that linear is adapted, with its position (for seeds).
     pub fn find(&self, linear: &str) -> Option<(usize, &LoraModule<B>)> {
-        self.modules.iter().enumerate().find(|(_, m)| m.linear == linear)
+        self.modules
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.linear == linear)
     }
 
     /// Mutable access to the adapter of `linear`.
     pub fn find_mut(&mut self, linear: &str) -> Option<(usize, &mut LoraModule<B>)> {
-        self.modules.iter_mut().enumerate().find(|(_, m)| m.linear == linear)
+        self.modules
+            .iter_mut()
+            .enumerate()
+            .find(|(_, m)| m.linear == linear)
     }
 
     /// Dropout seed of the module at position `idx` of this block.
@@ -126,11 +132,11 @@ impl<B: Backend> LoraParams<B> {
     /// kaiming-uniform from `rng`, B zero. A target list that matches nothing is an error.
     pub fn init(be: &B, model: &Model, cfg: &LoraConfig, rng: &mut Rng) -> Result<Self> {
         Self::build(be, model, cfg, |spec| {
-            let bound = 1.0 / (spec.in_features as f64).sqrt();
-            let a: Vec<f32> = (0..cfg.r * spec.in_features)
+            let bound = 1.0 / (spec.linear.in_features as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * spec.linear.in_features)
                 .map(|_| rng.uniform(-bound, bound) as f32)
                 .collect();
-            let b = vec![0.0f32; spec.out_features * cfg.r];
+            let b = vec![0.0f32; spec.linear.out_features * cfg.r];
             Ok((a, b))
         })
     }
@@ -226,7 +232,7 @@ impl<B: Backend> LoraParams<B> {
     }
 
     /// Every trainable tensor as (PEFT key, shape, parameter, gradient), in a fixed order.
-    pub fn named_params(&self) -> Vec<(String, [usize; 2], &B::Buf, &B::Buf)> {
+    pub fn named_params(&self) -> Vec<NamedParam<'_, B>> {
         let r = self.cfg.r;
         let mut out = Vec::with_capacity(self.modules.len() * 2);
         for m in &self.modules {
@@ -236,6 +242,14 @@ impl<B: Backend> LoraParams<B> {
         out
     }
 }
+
+/// (PEFT key, shape `[rows, cols]`, parameter, gradient).
+pub type NamedParam<'a, B> = (
+    String,
+    [usize; 2],
+    &'a <B as Backend>::Buf,
+    &'a <B as Backend>::Buf,
+);
 
 /// What a loader needs to know about one adapted linear.
 pub struct ModuleSpec {
@@ -281,7 +295,12 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("lora_rank"));
         let mut c = cfg(&["q_proj"]);
         c.dropout = 1.0;
-        assert!(c.validate().unwrap_err().to_string().contains("lora_dropout"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("lora_dropout")
+        );
         let c = cfg(&[]);
         assert!(c.validate().unwrap_err().to_string().contains("empty"));
     }

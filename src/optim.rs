@@ -56,7 +56,11 @@ impl OptimizerConfig {
 
     /// Reject values that would silently misbehave.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f32| Err(Error::config(format!("optimizer {what} = {v} is out of range")));
+        let bad = |what: &str, v: f32| {
+            Err(Error::config(format!(
+                "optimizer {what} = {v} is out of range"
+            )))
+        };
         match *self {
             OptimizerConfig::AdamW {
                 lr,
@@ -127,9 +131,17 @@ impl<B: Backend> Optimizer<B> {
         let state = params
             .named_params()
             .iter()
-            .map(|(_, shape, _, _)| (0..n_state).map(|_| be.zeros(shape[0] * shape[1])).collect())
+            .map(|(_, shape, _, _)| {
+                (0..n_state)
+                    .map(|_| be.zeros(shape[0] * shape[1]))
+                    .collect()
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Optimizer { cfg, step: 0, state })
+        Ok(Optimizer {
+            cfg,
+            step: 0,
+            state,
+        })
     }
 
     /// One update of every parameter with learning rate `lr` (the schedule's value).
@@ -179,7 +191,11 @@ impl<B: Backend> Optimizer<B> {
                         first: step == 1,
                     },
                 )?,
-                _ => return Err(Error::config("internal: optimizer state does not match its kind")),
+                _ => {
+                    return Err(Error::config(
+                        "internal: optimizer state does not match its kind",
+                    ));
+                }
             }
         }
         Ok(())
@@ -189,7 +205,11 @@ impl<B: Backend> Optimizer<B> {
 /// Global L2 norm of all gradients; when `max_norm` is given and exceeded, scale every
 /// gradient by `max_norm / (norm + 1e-6)` as `torch.nn.utils.clip_grad_norm_` does.
 /// Returns the norm before clipping.
-pub fn clip_grad_norm<B: Backend>(be: &B, params: &mut LoraParams<B>, max_norm: Option<f32>) -> Result<f64> {
+pub fn clip_grad_norm<B: Backend>(
+    be: &B,
+    params: &mut LoraParams<B>,
+    max_norm: Option<f32>,
+) -> Result<f64> {
     let mut sq = 0.0f64;
     for (_, _, g) in params.named_params_mut() {
         sq += be.sum_squares(g)?;
@@ -200,7 +220,12 @@ pub fn clip_grad_norm<B: Backend>(be: &B, params: &mut LoraParams<B>, max_norm: 
         if coef < 1.0 {
             for (_, _, g) in params.named_params_mut() {
                 let mut scaled = be.zeros(crate::backend::DeviceBuf::len(g))?;
-                be.axpy(&mut scaled, coef as f32, g, crate::backend::Accumulate::Overwrite)?;
+                be.axpy(
+                    &mut scaled,
+                    coef as f32,
+                    g,
+                    crate::backend::Accumulate::Overwrite,
+                )?;
                 *g = scaled;
             }
         }

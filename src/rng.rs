@@ -19,9 +19,9 @@ pub fn splitmix64(x: u64) -> u64 {
 
 /// Combine several values into one seed (for per-step, per-layer dropout seeds).
 pub fn mix_seed(parts: &[u64]) -> u64 {
-    parts
-        .iter()
-        .fold(0x1234_5678_9ABC_DEF0, |acc, &p| splitmix64(acc ^ splitmix64(p)))
+    parts.iter().fold(0x1234_5678_9ABC_DEF0, |acc, &p| {
+        splitmix64(acc ^ splitmix64(p))
+    })
 }
 
 impl Rng {
@@ -96,6 +96,9 @@ mod tests {
         let xs: Vec<f64> = (0..20000).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 }

@@ -50,7 +50,12 @@ pub trait WeightStream<B: Backend>: Send {
 
 /// Upload the tensors of `part` from the file; names are relative to the block prefix
 /// (blocks) or full (head).
-pub fn load_part<B: Backend>(be: &B, gbi: &Gbi, model: &Model, part: Part) -> Result<LayerWeights<B>> {
+pub fn load_part<B: Backend>(
+    be: &B,
+    gbi: &Gbi,
+    model: &Model,
+    part: Part,
+) -> Result<LayerWeights<B>> {
     let mut tensors = HashMap::new();
     match part {
         Part::Block(i) => {
@@ -99,10 +104,10 @@ impl<B: Backend> Streaming<B> {
 
 impl<B: Backend> WeightStream<B> for Streaming<B> {
     fn get(&mut self, be: &B, part: Part, next: Option<Part>) -> Result<Arc<LayerWeights<B>>> {
-        if let Some((p, w)) = &self.last {
-            if *p == part {
-                return Ok(w.clone());
-            }
+        if let Some((p, w)) = &self.last
+            && *p == part
+        {
+            return Ok(w.clone());
         }
         self.last = None;
         let w = Arc::new(load_part(be, &self.gbi, &self.model, part)?);
@@ -152,7 +157,11 @@ impl<B: Backend> WeightStream<B> for Resident<B> {
 }
 
 /// The stream for `strategy`.
-pub fn make_stream<B: Backend>(strategy: Strategy, gbi: Arc<Gbi>, model: Model) -> Box<dyn WeightStream<B>> {
+pub fn make_stream<B: Backend>(
+    strategy: Strategy,
+    gbi: Arc<Gbi>,
+    model: Model,
+) -> Box<dyn WeightStream<B>> {
     match strategy {
         Strategy::Streaming => Box::new(Streaming::<B>::new(gbi, model)),
         Strategy::Resident => Box::new(Resident::<B>::new(gbi, model)),

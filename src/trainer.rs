@@ -62,12 +62,6 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn lora_mut(&mut self) -> Result<&mut LoraParams<B>> {
-        self.lora
-            .as_mut()
-            .ok_or_else(|| Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first"))
-    }
-
     /// Check a batch against the model before any work.
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let cfg = self.model.config();
@@ -77,13 +71,13 @@ impl<B: Backend> Engine<B> {
                 b.seq, cfg.max_position_embeddings, cfg.max_position_embeddings
             )));
         }
-        if let Some(w) = cfg.sliding_window {
-            if b.seq > w {
-                return Err(Error::config(format!(
-                    "sequence length {} exceeds the model's sliding window of {w} tokens, which lema does not implement; use max_seq_length ≤ {w}",
-                    b.seq
-                )));
-            }
+        if let Some(w) = cfg.sliding_window
+            && b.seq > w
+        {
+            return Err(Error::config(format!(
+                "sequence length {} exceeds the model's sliding window of {w} tokens, which lema does not implement; use max_seq_length ≤ {w}",
+                b.seq
+            )));
         }
         if let Some(&id) = b.input_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
             return Err(Error::config(format!(
@@ -91,7 +85,11 @@ impl<B: Backend> Engine<B> {
                 cfg.vocab_size
             )));
         }
-        if let Some(&l) = b.labels.iter().find(|&&l| l >= 0 && l as usize >= cfg.vocab_size) {
+        if let Some(&l) = b
+            .labels
+            .iter()
+            .find(|&&l| l >= 0 && l as usize >= cfg.vocab_size)
+        {
             return Err(Error::config(format!(
                 "label {l} is outside the vocabulary of {} ids",
                 cfg.vocab_size
@@ -118,23 +116,28 @@ impl<B: Backend> Engine<B> {
         let layers = self.model.config().num_hidden_layers;
         let keep_all = train && !self.gradient_checkpointing;
         let be = &self.be;
-        let lora = self
-            .lora
-            .as_mut()
-            .ok_or_else(|| Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first"))?;
+        let lora = need_lora(&mut self.lora)?;
         let dropout = if train { lora.cfg.dropout } else { 0.0 };
         let block_seed = |i: usize| mix_seed(&[dropout_seed, i as u64]);
 
         // h[0][N, C] = embedding (gathered on the host from the mapped file)
-        let h0 = self.model.embed(&self.gbi, &batch.input_ids, &shape.positions)?;
+        let h0 = self
+            .model
+            .embed(&self.gbi, &batch.input_ids, &shape.positions)?;
         let mut hs = vec![be.upload(&h0)?];
         let mut saved = Vec::new();
         for i in 0..layers {
-            let next = if i + 1 < layers { Part::Block(i + 1) } else { Part::Head };
+            let next = if i + 1 < layers {
+                Part::Block(i + 1)
+            } else {
+                Part::Head
+            };
             let w = self.stream.get(be, Part::Block(i), Some(next))?;
             let mut bl = lora.block(i, block_seed(i));
             bl.dropout = dropout;
-            let (y, sv) = self.model.block_forward(be, &w, &bl, &hs[i], &shape, keep_all)?;
+            let (y, sv) = self
+                .model
+                .block_forward(be, &w, &bl, &hs[i], &shape, keep_all)?;
             hs.push(y);
             if keep_all {
                 saved.push(sv);
@@ -144,7 +147,9 @@ impl<B: Backend> Engine<B> {
         // head: final norm, LM head and cross-entropy, row-chunked in the backend
         let last = layers.checked_sub(1).map(Part::Block);
         let hw = self.stream.get(be, Part::Head, last)?;
-        let x_last = hs.pop().ok_or_else(|| Error::config("internal: no hidden state"))?;
+        let x_last = hs
+            .pop()
+            .ok_or_else(|| Error::config("internal: no hidden state"))?;
         let (xf, fsv) = self.model.final_norm_forward(be, &hw, &x_last)?;
         let labels = batch.shifted_labels();
         let mut dxf = if train { Some(be.zeros(n * c)?) } else { None };
@@ -166,13 +171,17 @@ impl<B: Backend> Engine<B> {
         let Some(dxf) = dxf else {
             return Ok((loss, logits));
         };
-        let mut dh = self.model.final_norm_backward(be, &hw, &x_last, &fsv, &dxf)?;
+        let mut dh = self
+            .model
+            .final_norm_backward(be, &hw, &x_last, &fsv, &dxf)?;
         drop((xf, dxf, x_last, hw));
 
         for i in (0..layers).rev() {
             let next = i.checked_sub(1).map(Part::Block);
             let w = self.stream.get(be, Part::Block(i), next)?;
-            let x = hs.pop().ok_or_else(|| Error::config("internal: hidden state stack"))?;
+            let x = hs
+                .pop()
+                .ok_or_else(|| Error::config("internal: hidden state stack"))?;
             let mut bl = lora.block(i, block_seed(i));
             bl.dropout = dropout;
             let sv = match saved.pop() {
@@ -180,7 +189,9 @@ impl<B: Backend> Engine<B> {
                 // gradient checkpointing: re-run this block's forward from its input
                 None => self.model.block_forward(be, &w, &bl, &x, &shape, true)?.1,
             };
-            dh = self.model.block_backward(be, &w, &mut bl, &x, &sv, &dh, &shape)?;
+            dh = self
+                .model
+                .block_backward(be, &w, &mut bl, &x, &sv, &dh, &shape)?;
         }
         Ok((loss, logits))
     }
@@ -198,7 +209,9 @@ impl<B: Backend> Engine<B> {
             return Err(Error::config("train_step needs at least one batch"));
         }
         if self.optimizer.is_none() {
-            return Err(Error::config("no optimizer: build a Trainer with an optimizer config first"));
+            return Err(Error::config(
+                "no optimizer: build a Trainer with an optimizer config first",
+            ));
         }
         let total: usize = micro.iter().map(Batch::counted_tokens).sum();
         if total == 0 {
@@ -207,12 +220,19 @@ impl<B: Backend> Engine<B> {
             ));
         }
         let step = self.optimizer.as_ref().map_or(0, |o| o.step);
-        self.lora_mut()?.zero_grads(&self.be)?;
+        let lora = need_lora(&mut self.lora)?;
+        lora.zero_grads(&self.be)?;
         let mut sum = 0.0;
         let mut logits = None;
         for (k, b) in micro.iter().enumerate() {
             let seed = mix_seed(&[self.seed, step, k as u64]);
-            let (l, lg) = self.forward_backward(b, 1.0 / total as f32, true, want_logits && micro.len() == 1, seed)?;
+            let (l, lg) = self.forward_backward(
+                b,
+                1.0 / total as f32,
+                true,
+                want_logits && micro.len() == 1,
+                seed,
+            )?;
             sum += l.sum;
             logits = lg;
         }
@@ -223,7 +243,10 @@ impl<B: Backend> Engine<B> {
                 step + 1
             )));
         }
-        let lora = self.lora.as_mut().ok_or_else(|| Error::config("internal: lora"))?;
+        let lora = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| Error::config("internal: lora"))?;
         let grad_norm = clip_grad_norm(&self.be, lora, max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -231,7 +254,10 @@ impl<B: Backend> Engine<B> {
                 step + 1
             )));
         }
-        let opt = self.optimizer.as_mut().ok_or_else(|| Error::config("internal: optimizer"))?;
+        let opt = self
+            .optimizer
+            .as_mut()
+            .ok_or_else(|| Error::config("internal: optimizer"))?;
         let lr = lr.unwrap_or_else(|| opt.cfg.lr());
         opt.update(&self.be, lora, lr)?;
         Ok(StepOutput {
@@ -243,7 +269,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Loss (sum and count) of a batch without gradients.
-    pub fn eval(&mut self, batch: &Batch, want_logits: bool) -> Result<(LossSum, Option<Vec<f32>>)> {
+    pub fn eval(
+        &mut self,
+        batch: &Batch,
+        want_logits: bool,
+    ) -> Result<(LossSum, Option<Vec<f32>>)> {
         self.forward_backward(batch, 1.0, false, want_logits, 0)
     }
 
@@ -257,4 +287,10 @@ impl<B: Backend> Engine<B> {
         self.optimizer = Some(Optimizer::new(be, cfg, lora)?);
         Ok(())
     }
+}
+
+fn need_lora<B: Backend>(lora: &mut Option<LoraParams<B>>) -> Result<&mut LoraParams<B>> {
+    lora.as_mut().ok_or_else(|| {
+        Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first")
+    })
 }

@@ -41,8 +41,16 @@ fn trainer(cfg: LemaConfig, opt: OptimizerConfig) -> Trainer {
 
 fn run(cfg: LemaConfig, steps: usize, batch: &Batch) -> (Vec<f64>, Vec<Vec<f32>>) {
     let mut t = trainer(cfg, OptimizerConfig::adamw(1e-2));
-    let losses = (0..steps).map(|_| t.train_step(batch).unwrap().loss).collect();
-    let w = t.model.lora_tensors().unwrap().into_iter().map(|(_, _, w)| w).collect();
+    let losses = (0..steps)
+        .map(|_| t.train_step(batch).unwrap().loss)
+        .collect();
+    let w = t
+        .model
+        .lora_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, w)| w)
+        .collect();
     (losses, w)
 }
 
@@ -53,12 +61,19 @@ fn strategies_and_checkpointing_are_bit_identical() {
         let mut base = config(case);
         base.lora_dropout = 0.1;
         let reference = run(base.clone(), 3, &b);
-        for (strategy, ckpt) in [(Strategy::Resident, true), (Strategy::Streaming, false), (Strategy::Resident, false)] {
+        for (strategy, ckpt) in [
+            (Strategy::Resident, true),
+            (Strategy::Streaming, false),
+            (Strategy::Resident, false),
+        ] {
             let mut c = base.clone();
             c.strategy = strategy;
             c.gradient_checkpointing = ckpt;
             let got = run(c, 3, &b);
-            assert_eq!(got, reference, "{case}: {strategy:?}, checkpointing={ckpt} differs from STREAMING");
+            assert_eq!(
+                got, reference,
+                "{case}: {strategy:?}, checkpointing={ckpt} differs from STREAMING"
+            );
         }
     }
 }
@@ -70,7 +85,13 @@ fn accumulation_equals_one_big_batch() {
         let micro: Vec<Batch> = (0..3)
             .map(|i| {
                 let r = i * 8..(i + 1) * 8;
-                Batch::new(big.input_ids[r.clone()].to_vec(), big.labels[r].to_vec(), 1, 8).unwrap()
+                Batch::new(
+                    big.input_ids[r.clone()].to_vec(),
+                    big.labels[r].to_vec(),
+                    1,
+                    8,
+                )
+                .unwrap()
             })
             .collect();
         let mut a = trainer(config(case), OptimizerConfig::sgd(0.5, 0.9));
@@ -78,10 +99,26 @@ fn accumulation_equals_one_big_batch() {
         for step in 0..3 {
             let la = a.train_step(&big).unwrap();
             let lb = b.train_step_accumulated(&micro, None, false).unwrap();
-            assert_close(&format!("{case} step {step} loss"), &[lb.loss], &[la.loss], 1e-6);
-            assert_close(&format!("{case} step {step} grad norm"), &[lb.grad_norm], &[la.grad_norm], 1e-5);
+            assert_close(
+                &format!("{case} step {step} loss"),
+                &[lb.loss],
+                &[la.loss],
+                1e-6,
+            );
+            assert_close(
+                &format!("{case} step {step} grad norm"),
+                &[lb.grad_norm],
+                &[la.grad_norm],
+                1e-5,
+            );
         }
-        for ((k, _, wa), (_, _, wb)) in a.model.lora_tensors().unwrap().iter().zip(b.model.lora_tensors().unwrap()) {
+        for ((k, _, wa), (_, _, wb)) in a
+            .model
+            .lora_tensors()
+            .unwrap()
+            .iter()
+            .zip(b.model.lora_tensors().unwrap())
+        {
             assert_close(&format!("{case} {k}"), &f64s(&wb), &f64s(wa), 1e-5);
         }
     }
@@ -96,7 +133,9 @@ fn resume_equals_uninterrupted_run() {
         cfg.lora_dropout = 0.2;
         let mut straight = trainer(cfg.clone(), OptimizerConfig::adamw(5e-3));
         straight.max_grad_norm = Some(0.5);
-        let full: Vec<f64> = (0..6).map(|_| straight.train_step(&b).unwrap().loss).collect();
+        let full: Vec<f64> = (0..6)
+            .map(|_| straight.train_step(&b).unwrap().loss)
+            .collect();
 
         let mut first = trainer(cfg.clone(), OptimizerConfig::adamw(5e-3));
         first.max_grad_norm = Some(0.5);
@@ -119,18 +158,35 @@ fn resume_equals_uninterrupted_run() {
 
 #[test]
 fn fixed_batch_is_learned() {
-    let b = random_batch(4, 2, 16, 96);
-    let mut cfg = config("llama_gqa");
+    // A random model whose embedding and head have unit-scale weights, so that a frozen
+    // head can express confident predictions (with HF's 0.02 init the logits of a tiny
+    // model cannot leave the neighbourhood of uniform, whatever LoRA does).
+    let dir = tempfile::tempdir().unwrap();
+    let shape = lema::bench::preset("tiny").unwrap();
+    let path =
+        lema::bench::write_random_model(dir.path(), &shape, lema::backend::DType::F32, 3, 1.0)
+            .unwrap();
+    let mut cfg = LemaConfig::new(path);
+    cfg.device = Device::Cpu;
     cfg.lora_rank = 8;
     cfg.lora_alpha = 16.0;
-    let mut t = trainer(cfg, OptimizerConfig::adamw(3e-2));
+    cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+    let b = random_batch(4, 2, 16, shape.vocab as u64);
+    let mut t = trainer(cfg, OptimizerConfig::adamw(1e-2));
     let first = t.train_step(&b).unwrap().loss;
     let mut last = first;
     for _ in 0..300 {
         last = t.train_step(&b).unwrap().loss;
     }
-    assert!(first > 4.0, "a random model starts near ln(96) = 4.56, got {first}");
-    assert!(last < 0.05, "loss after 300 steps on one batch is {last} (from {first})");
+    eprintln!("fixed batch: loss {first:.4} -> {last:.5} after 300 AdamW steps");
+    assert!(
+        first > 2.0,
+        "a random model should start far from the answer, got {first}"
+    );
+    assert!(
+        last < 0.05,
+        "loss after 300 steps on one batch is {last} (from {first})"
+    );
 }
 
 /// Whole-model LoRA gradients in f64 against central finite differences of the loss,
@@ -168,17 +224,23 @@ fn model_lora_gradients_match_finite_differences() {
             l.sum / total
         };
         e.lora.as_mut().unwrap().zero_grads(&e.be).unwrap();
-        e.forward_backward(&b, (1.0 / total) as f32, true, false, seed).unwrap();
-        let n_mod = e.lora.as_ref().unwrap().modules.len();
+        e.forward_backward(&b, (1.0 / total) as f32, true, false, seed)
+            .unwrap();
+        // snapshot the analytic gradients first: the loss evaluations below run the
+        // backward too and add into the gradient buffers
+        let grads: Vec<[Vec<f64>; 2]> = e
+            .lora
+            .as_ref()
+            .unwrap()
+            .modules
+            .iter()
+            .map(|m| [m.da.as_slice().to_vec(), m.db.as_slice().to_vec()])
+            .collect();
         let mut picks = Rng::new(11);
         let mut checked = 0;
-        for mi in 0..n_mod {
-            for which in 0..2 {
-                let (analytic, len) = {
-                    let m = &e.lora.as_ref().unwrap().modules[mi];
-                    let g = if which == 0 { &m.da } else { &m.db };
-                    (g.as_slice().to_vec(), g.as_slice().len())
-                };
+        for (mi, g) in grads.iter().enumerate() {
+            for (which, analytic) in g.iter().enumerate() {
+                let len = analytic.len();
                 for _ in 0..2 {
                     let j = picks.below(len as u64) as usize;
                     let h = 1e-6;

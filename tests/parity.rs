@@ -33,9 +33,13 @@ fn batch_of(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)
 
 fn optimizer(case: &str, which: &str) -> OptimizerConfig {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap())
+            .unwrap();
     let o = &meta["optimizers"][which];
-    let f = |k: &str| o[k].as_f64().unwrap_or_else(|| panic!("meta.json optimizers.{which}.{k}")) as f32;
+    let f = |k: &str| {
+        o[k].as_f64()
+            .unwrap_or_else(|| panic!("meta.json optimizers.{which}.{k}")) as f32
+    };
     match which {
         "adamw" => {
             let betas = o["betas"].as_array().expect("betas");
@@ -67,14 +71,32 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
         let out = trainer.train_step_with_logits(&batch).expect("step");
         let tag = format!("{case}/{which}/{strategy:?}/ckpt={checkpointing}");
         if which == "adamw" {
-            assert_close(&format!("{tag} logits"), &f64s(out.logits.as_ref().unwrap()), &reference["logits"].1, 2e-6);
-            assert_close(&format!("{tag} loss"), &[out.loss], &reference["loss"].1, 1e-6);
-            assert_close(&format!("{tag} grad norm"), &[out.grad_norm], &reference["grad_norm"].1, 1e-5);
+            assert_close(
+                &format!("{tag} logits"),
+                &f64s(out.logits.as_ref().unwrap()),
+                &reference["logits"].1,
+                2e-6,
+            );
+            assert_close(
+                &format!("{tag} loss"),
+                &[out.loss],
+                &reference["loss"].1,
+                1e-6,
+            );
+            assert_close(
+                &format!("{tag} grad norm"),
+                &[out.grad_norm],
+                &reference["grad_norm"].1,
+                1e-5,
+            );
             let grads = trainer.model.lora_grads().unwrap();
             let n_ref = reference.keys().filter(|k| k.starts_with("grad.")).count();
             assert_eq!(grads.len(), n_ref, "{tag}: number of LoRA tensors");
             for (key, g) in &grads {
-                let r = &reference.get(&format!("grad.{key}")).unwrap_or_else(|| panic!("{tag}: no reference for {key}")).1;
+                let r = &reference
+                    .get(&format!("grad.{key}"))
+                    .unwrap_or_else(|| panic!("{tag}: no reference for {key}"))
+                    .1;
                 assert_close(&format!("{tag} grad {key}"), &f64s(g), r, 2e-5);
             }
         }
@@ -82,10 +104,20 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
         for _ in 1..5 {
             losses.push(trainer.train_step(&batch).expect("step").loss);
         }
-        assert_close(&format!("{tag} losses"), &losses, &reference[&format!("losses_{which}")].1, 1e-5);
+        assert_close(
+            &format!("{tag} losses"),
+            &losses,
+            &reference[&format!("losses_{which}")].1,
+            1e-5,
+        );
         for (key, _, w) in trainer.model.lora_tensors().unwrap() {
             let r = &reference[&format!("after_{which}.{key}")].1;
-            assert_close(&format!("{tag} weights after 5 steps {key}"), &f64s(&w), r, 1e-4);
+            assert_close(
+                &format!("{tag} weights after 5 steps {key}"),
+                &f64s(&w),
+                r,
+                1e-4,
+            );
         }
     }
 }

@@ -217,6 +217,18 @@ pub trait Backend: Send + Sync + 'static {
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// Wait until all queued work is done.
     fn synchronize(&self) -> Result<()>;
+    /// A new buffer holding `data` at the backend's full precision, so that the f64
+    /// reference backend can take finite-difference perturbations that f32 would round
+    /// away. Backends that compute in f32 round to f32 (the default).
+    fn upload_f64(&self, data: &[f64]) -> Result<Self::Buf> {
+        let narrow: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+        self.upload(&narrow)
+    }
+    /// The buffer's contents as f64, exactly on the f64 reference backend (the default
+    /// widens [`Backend::download`]).
+    fn download_f64(&self, buf: &Self::Buf) -> Result<Vec<f64>> {
+        Ok(self.download(buf)?.into_iter().map(f64::from).collect())
+    }
 
     // ---- linear algebra --------------------------------------------------------------
 
@@ -376,7 +388,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `out = keep(i) ? x / (1 − p) : 0` with the mask of [`dropout_keep`].
     fn dropout_forward(&self, out: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64) -> Result<()>;
     /// Gradient of dropout with the same `p` and `seed`; dx is overwritten.
-    fn dropout_backward(&self, dx: &mut Self::Buf, dout: &Self::Buf, p: f32, seed: u64) -> Result<()>;
+    fn dropout_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        p: f32,
+        seed: u64,
+    ) -> Result<()>;
 
     // ---- LM head + loss --------------------------------------------------------------
 
@@ -409,5 +427,11 @@ pub trait Backend: Send + Sync + 'static {
         h: AdamWStep,
     ) -> Result<()>;
     /// One SGD (momentum) update of parameter p with gradient g and momentum buffer.
-    fn sgd_step(&self, p: &mut Self::Buf, g: &Self::Buf, buf: &mut Self::Buf, h: SgdStep) -> Result<()>;
+    fn sgd_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        buf: &mut Self::Buf,
+        h: SgdStep,
+    ) -> Result<()>;
 }

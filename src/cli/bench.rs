@@ -53,7 +53,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dir = match &a.workdir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile::tempdir().context("creating a temporary folder for the random model")?;
+            tmp =
+                tempfile::tempdir().context("creating a temporary folder for the random model")?;
             tmp.path().to_path_buf()
         }
     };

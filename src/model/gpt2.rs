@@ -28,7 +28,11 @@ impl Gpt2 {
     }
 
     pub(crate) fn head_names(&self) -> &'static [&'static str] {
-        &["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+        &[
+            "transformer.ln_f.weight",
+            "transformer.ln_f.bias",
+            "lm_head.weight",
+        ]
     }
 
     pub(crate) fn linears(&self) -> Vec<LinearSpec> {
@@ -38,7 +42,12 @@ impl Gpt2 {
             in_features,
             out_features,
         };
-        vec![l(ATTN, c, 3 * c), l(APROJ, c, c), l(FC, c, i), l(MPROJ, i, c)]
+        vec![
+            l(ATTN, c, 3 * c),
+            l(APROJ, c, c),
+            l(FC, c, i),
+            l(MPROJ, i, c),
+        ]
     }
 
     pub(crate) fn tensor_specs(&self) -> Vec<TensorSpec> {
@@ -46,7 +55,10 @@ impl Gpt2 {
         let t = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
         let mut out = vec![
             t("transformer.wte.weight".into(), vec![v, c]),
-            t("transformer.wpe.weight".into(), vec![self.cfg.max_position_embeddings, c]),
+            t(
+                "transformer.wpe.weight".into(),
+                vec![self.cfg.max_position_embeddings, c],
+            ),
         ];
         for layer in 0..self.cfg.num_hidden_layers {
             let p = self.block_prefix(layer);
@@ -78,7 +90,11 @@ impl Gpt2 {
         Ok(h)
     }
 
-    fn linear<'w, B: Backend>(&self, w: &'w LayerWeights<B>, name: &'static str) -> Result<Linear<'w, B>> {
+    fn linear<'w, B: Backend>(
+        &self,
+        w: &'w LayerWeights<B>,
+        name: &'static str,
+    ) -> Result<Linear<'w, B>> {
         let spec = self
             .linears()
             .into_iter()
@@ -176,7 +192,9 @@ impl Gpt2 {
         // ln1[N, C] = layer_norm(x)
         let ln1 = self.layer_norm(be, w, "ln_1", x, n, &mut sv, keep)?;
         // qkv[N, 3C] = ln1 · W_attn + b; q, k, v = its three column blocks
-        let qkv = self.linear(w, ATTN)?.forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+        let qkv = self
+            .linear(w, ATTN)?
+            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
         let mut parts = Vec::with_capacity(3);
         for j in 0..3 {
             let mut p = be.zeros(n * c)?;
@@ -190,15 +208,21 @@ impl Gpt2 {
         let mut lse = be.zeros(s.batch * self.cfg.num_attention_heads * s.seq)?;
         be.attention_forward(&mut att, &mut lse, q, k, v, self.attn_dims(s))?;
         // h = x + att · W_proj + b
-        let mut h = self.linear(w, APROJ)?.forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
+        let mut h = self
+            .linear(w, APROJ)?
+            .forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // f[N, I] = layer_norm(h) · W_fc + b; a = gelu(f)
         let ln2 = self.layer_norm(be, w, "ln_2", &h, n, &mut sv, keep)?;
-        let f = self.linear(w, FC)?.forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+        let f = self
+            .linear(w, FC)?
+            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
         let mut a = be.zeros(n * i)?;
         be.gelu_forward(&mut a, &f)?;
         // y = h + a · W_mproj + b
-        let mut y = self.linear(w, MPROJ)?.forward(be, &a, n, lora, keep_in(keep, &mut sv))?;
+        let mut y = self
+            .linear(w, MPROJ)?
+            .forward(be, &a, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
         if keep {
             let [q, k, v]: [B::Buf; 3] = parts
@@ -237,26 +261,59 @@ impl Gpt2 {
         let n = s.tokens();
         // y = h + a·W_mproj  ⇒  da = dy·W_mprojᵀ
         let mut da = be.zeros(n * i)?;
-        self.linear(w, MPROJ)?
-            .backward(be, &mut da, dy, sv.get("a")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, MPROJ)?.backward(
+            be,
+            &mut da,
+            dy,
+            sv.get("a")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         // a = gelu(f)
         let mut df = be.zeros(n * i)?;
         be.gelu_backward(&mut df, &da, sv.get("f")?)?;
         drop(da);
         // f = ln2·W_fc
         let mut dln2 = be.zeros(n * c)?;
-        self.linear(w, FC)?
-            .backward(be, &mut dln2, &df, sv.get("ln2")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, FC)?.backward(
+            be,
+            &mut dln2,
+            &df,
+            sv.get("ln2")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         drop(df);
         // ln2 = layer_norm(h)  ⇒  dh = dy + layer_norm_backward(dln2)
         let mut dh = be.zeros(n * c)?;
         be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
-        self.layer_norm_backward(be, w, "ln_2", &mut dh, &dln2, sv.get("h")?, sv, Accumulate::Add)?;
+        self.layer_norm_backward(
+            be,
+            w,
+            "ln_2",
+            &mut dh,
+            &dln2,
+            sv.get("h")?,
+            sv,
+            Accumulate::Add,
+        )?;
         drop(dln2);
         // h = x + att·W_proj  ⇒  datt = dh·W_projᵀ
         let mut datt = be.zeros(n * c)?;
-        self.linear(w, APROJ)?
-            .backward(be, &mut datt, &dh, sv.get("att")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, APROJ)?.backward(
+            be,
+            &mut datt,
+            &dh,
+            sv.get("att")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         // att = attention(q, k, v)
         let mut dq = be.zeros(n * c)?;
         let mut dk = be.zeros(n * c)?;
@@ -282,8 +339,16 @@ impl Gpt2 {
         drop((dq, dk, dv));
         // qkv = ln1·W_attn
         let mut dln1 = be.zeros(n * c)?;
-        self.linear(w, ATTN)?
-            .backward(be, &mut dln1, &dqkv, sv.get("ln1")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, ATTN)?.backward(
+            be,
+            &mut dln1,
+            &dqkv,
+            sv.get("ln1")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         // ln1 = layer_norm(x)  ⇒  dx = dh + layer_norm_backward(dln1)
         self.layer_norm_backward(be, w, "ln_1", &mut dh, &dln1, x, sv, Accumulate::Add)?;
         Ok(dh)
@@ -310,7 +375,16 @@ impl Gpt2 {
         dout: &B::Buf,
     ) -> Result<B::Buf> {
         let mut dx = be.zeros(x.len())?;
-        self.layer_norm_backward(be, w, "transformer.ln_f", &mut dx, dout, x, sv, Accumulate::Overwrite)?;
+        self.layer_norm_backward(
+            be,
+            w,
+            "transformer.ln_f",
+            &mut dx,
+            dout,
+            x,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         Ok(dx)
     }
 }

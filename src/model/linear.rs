@@ -26,7 +26,15 @@ pub struct Linear<'a, B: Backend> {
     pub out_features: usize,
 }
 
-fn gemm(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32, acc: Accumulate) -> Gemm {
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    acc: Accumulate,
+) -> Gemm {
     Gemm {
         m,
         n,
@@ -56,7 +64,15 @@ impl<B: Backend> Linear<'_, B> {
             &mut y,
             x,
             self.w,
-            gemm(n, fo, fi, false, self.layout == Layout::OutIn, 1.0, Accumulate::Overwrite),
+            gemm(
+                n,
+                fo,
+                fi,
+                false,
+                self.layout == Layout::OutIn,
+                1.0,
+                Accumulate::Overwrite,
+            ),
         )?;
         if let Some(b) = self.bias {
             be.add_bias(&mut y, b)?;
@@ -74,9 +90,19 @@ impl<B: Backend> Linear<'_, B> {
             };
             // t[N, R] = xd[N, in] · Aᵀ, A [R, in]
             let mut t = be.zeros(n * r)?;
-            be.matmul(&mut t, xd, &m.a, gemm(n, r, fi, false, true, 1.0, Accumulate::Overwrite))?;
+            be.matmul(
+                &mut t,
+                xd,
+                &m.a,
+                gemm(n, r, fi, false, true, 1.0, Accumulate::Overwrite),
+            )?;
             // y[N, out] += scale · t · Bᵀ, B [out, R]
-            be.matmul(&mut y, &t, &m.b, gemm(n, fo, r, false, true, lora.scale, Accumulate::Add))?;
+            be.matmul(
+                &mut y,
+                &t,
+                &m.b,
+                gemm(n, fo, r, false, true, lora.scale, Accumulate::Add),
+            )?;
             if let Some(s) = saved {
                 s.put(format!("{}.lora_t", self.name), t);
             }
@@ -101,7 +127,12 @@ impl<B: Backend> Linear<'_, B> {
     ) -> Result<()> {
         let (fi, fo) = (self.in_features, self.out_features);
         // forward: y = x · op(W)  ⇒  dx = dy · op(W)ᵀ; W [out, in] is used as stored.
-        be.matmul(dx, dy, self.w, gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc))?;
+        be.matmul(
+            dx,
+            dy,
+            self.w,
+            gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc),
+        )?;
         let (r, scale, p) = (lora.r, lora.scale, lora.dropout);
         let seed = lora.find(self.name).map(|(idx, _)| lora.module_seed(idx));
         let Some((_, m)) = lora.find_mut(self.name) else {
@@ -109,24 +140,54 @@ impl<B: Backend> Linear<'_, B> {
         };
         let t = saved.get(&format!("{}.lora_t", self.name))?;
         // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
-        be.matmul(&mut m.db, dy, t, gemm(fo, r, n, true, false, scale, Accumulate::Add))?;
+        be.matmul(
+            &mut m.db,
+            dy,
+            t,
+            gemm(fo, r, n, true, false, scale, Accumulate::Add),
+        )?;
         //                              dt[N, R] = scale · dy · B
         let mut dt = be.zeros(n * r)?;
-        be.matmul(&mut dt, dy, &m.b, gemm(n, r, fo, false, false, scale, Accumulate::Overwrite))?;
+        be.matmul(
+            &mut dt,
+            dy,
+            &m.b,
+            gemm(n, r, fo, false, false, scale, Accumulate::Overwrite),
+        )?;
         // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
         if p > 0.0 {
             let seed = seed.unwrap_or_default();
             let mut xd = be.zeros(n * fi)?;
             be.dropout_forward(&mut xd, x, p, seed)?;
-            be.matmul(&mut m.da, &dt, &xd, gemm(r, fi, n, true, false, 1.0, Accumulate::Add))?;
+            be.matmul(
+                &mut m.da,
+                &dt,
+                &xd,
+                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+            )?;
             let mut dxd = be.zeros(n * fi)?;
-            be.matmul(&mut dxd, &dt, &m.a, gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite))?;
+            be.matmul(
+                &mut dxd,
+                &dt,
+                &m.a,
+                gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
+            )?;
             // forward: xd = dropout(x)  ⇒  dx += dropout_backward(dxd)
             be.dropout_backward(&mut xd, &dxd, p, seed)?;
             be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
         } else {
-            be.matmul(&mut m.da, &dt, x, gemm(r, fi, n, true, false, 1.0, Accumulate::Add))?;
-            be.matmul(dx, &dt, &m.a, gemm(n, fi, r, false, false, 1.0, Accumulate::Add))?;
+            be.matmul(
+                &mut m.da,
+                &dt,
+                x,
+                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+            )?;
+            be.matmul(
+                dx,
+                &dt,
+                &m.a,
+                gemm(n, fi, r, false, false, 1.0, Accumulate::Add),
+            )?;
         }
         Ok(())
     }

@@ -99,7 +99,11 @@ impl Llama {
         gather_rows(gbi, "model.embed_tokens.weight", ids, self.cfg.hidden_size)
     }
 
-    fn linear<'w, B: Backend>(&self, w: &'w LayerWeights<B>, name: &'static str) -> Result<Linear<'w, B>> {
+    fn linear<'w, B: Backend>(
+        &self,
+        w: &'w LayerWeights<B>,
+        name: &'static str,
+    ) -> Result<Linear<'w, B>> {
         let spec = self
             .linears()
             .into_iter()
@@ -146,11 +150,23 @@ impl Llama {
         // ln1[N, C] = rms_norm(x) · input_layernorm
         let mut ln1 = be.zeros(n * c)?;
         let mut rstd1 = be.zeros(n)?;
-        be.rms_norm_forward(&mut ln1, &mut rstd1, x, w.get("input_layernorm.weight")?, eps)?;
+        be.rms_norm_forward(
+            &mut ln1,
+            &mut rstd1,
+            x,
+            w.get("input_layernorm.weight")?,
+            eps,
+        )?;
         // q[N, H·D], k, v[N, KVH·D]; RoPE on q and k
-        let mut q = self.linear(w, Q)?.forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
-        let mut k = self.linear(w, K)?.forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
-        let v = self.linear(w, V)?.forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+        let mut q = self
+            .linear(w, Q)?
+            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+        let mut k = self
+            .linear(w, K)?
+            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+        let v = self
+            .linear(w, V)?
+            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
         be.rope_forward(&mut q, &s.positions, &inv_freq, h_)?;
         be.rope_forward(&mut k, &s.positions, &inv_freq, kvh)?;
         // att[N, H·D] = causal_attention(q, k, v)
@@ -158,19 +174,33 @@ impl Llama {
         let mut lse = be.zeros(s.batch * h_ * s.seq)?;
         be.attention_forward(&mut att, &mut lse, &q, &k, &v, self.attn_dims(s))?;
         // h[N, C] = x + att · Woᵀ
-        let mut h = self.linear(w, O)?.forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
+        let mut h = self
+            .linear(w, O)?
+            .forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // ln2 = rms_norm(h) · post_attention_layernorm
         let mut ln2 = be.zeros(n * c)?;
         let mut rstd2 = be.zeros(n)?;
-        be.rms_norm_forward(&mut ln2, &mut rstd2, &h, w.get("post_attention_layernorm.weight")?, eps)?;
+        be.rms_norm_forward(
+            &mut ln2,
+            &mut rstd2,
+            &h,
+            w.get("post_attention_layernorm.weight")?,
+            eps,
+        )?;
         // act[N, I] = silu(ln2·Wgᵀ) · (ln2·Wuᵀ)
-        let g = self.linear(w, GATE)?.forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
-        let u = self.linear(w, UP)?.forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+        let g = self
+            .linear(w, GATE)?
+            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+        let u = self
+            .linear(w, UP)?
+            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
         let mut act = be.zeros(n * i)?;
         be.swiglu_forward(&mut act, &g, &u)?;
         // y[N, C] = h + act · Wdᵀ
-        let mut y = self.linear(w, DOWN)?.forward(be, &act, n, lora, keep_in(keep, &mut sv))?;
+        let mut y = self
+            .linear(w, DOWN)?
+            .forward(be, &act, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
         if keep {
             for (name, buf) in [
@@ -212,8 +242,16 @@ impl Llama {
 
         // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
         let mut dact = be.zeros(n * i)?;
-        self.linear(w, DOWN)?
-            .backward(be, &mut dact, dy, sv.get("act")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, DOWN)?.backward(
+            be,
+            &mut dact,
+            dy,
+            sv.get("act")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         // act = silu(g)·u
         let mut dg = be.zeros(n * i)?;
         let mut du = be.zeros(n * i)?;
@@ -222,8 +260,16 @@ impl Llama {
         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
         let ln2 = sv.get("ln2")?;
         let mut dln2 = be.zeros(n * c)?;
-        self.linear(w, GATE)?
-            .backward(be, &mut dln2, &dg, ln2, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, GATE)?.backward(
+            be,
+            &mut dln2,
+            &dg,
+            ln2,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         self.linear(w, UP)?
             .backward(be, &mut dln2, &du, ln2, n, lora, sv, Accumulate::Add)?;
         drop((dg, du));
@@ -242,8 +288,16 @@ impl Llama {
         drop(dln2);
         // h = x + att·Woᵀ  ⇒  datt = dh·Wo
         let mut datt = be.zeros(n * qd)?;
-        self.linear(w, O)?
-            .backward(be, &mut datt, &dh, sv.get("att")?, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, O)?.backward(
+            be,
+            &mut datt,
+            &dh,
+            sv.get("att")?,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         // att = attention(q, k, v)
         let mut dq = be.zeros(n * qd)?;
         let mut dk = be.zeros(n * kvd)?;
@@ -294,7 +348,13 @@ impl Llama {
         let n = super::rows(x, c);
         let mut out = be.zeros(n * c)?;
         let mut rstd = be.zeros(n)?;
-        be.rms_norm_forward(&mut out, &mut rstd, x, w.get("model.norm.weight")?, self.cfg.norm_eps)?;
+        be.rms_norm_forward(
+            &mut out,
+            &mut rstd,
+            x,
+            w.get("model.norm.weight")?,
+            self.cfg.norm_eps,
+        )?;
         let mut sv = Saved::default();
         sv.put("rstd", rstd);
         Ok((out, sv))

@@ -245,7 +245,8 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
                  was the data tokenized for another model?"
             )));
         }
-        t.dtype.decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
+        t.dtype
+            .decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
     }
     Ok(out)
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 /// Folder of a PEFT fixture case.
 pub fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
 }
 
 /// All tensors of a safetensors file as f64, with shapes (any numeric dtype).
@@ -49,6 +51,9 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 /// Assert relative error below `tol`, with a message naming `what`.
 pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
     let e = rel_err(a, b);
+    if std::env::var_os("LEMA_TEST_VERBOSE").is_some() {
+        eprintln!("{what}: relative error {e:.3e} (tolerance {tol:.1e})");
+    }
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 

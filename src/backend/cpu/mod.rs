@@ -1,1 +1,839 @@
-//! CPU backend (placeholder until implemented).
+//! CPU backend: the f32 compute path and, as `CpuBackend<f64>`, the reference that
+//! finite-difference tests and the other backends are checked against.
+//!
+//! Each op family lives in its own file as plain generic kernels over slices
+//! (`rms_norm_forward(out, rstd, x, w, c, eps)`); the [`Backend`] impl here checks every
+//! buffer length against the dimensions, then calls them. The heavier kernels split rows,
+//! tokens or heads over rayon. Reductions collect partial results in order and add them
+//! sequentially, so no result depends on the thread count or on scheduling.
+
+mod activation;
+mod attention;
+mod elementwise;
+mod loss;
+mod matmul;
+mod norm;
+mod optim;
+mod rope;
+#[cfg(test)]
+mod tests;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use super::{
+    Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, IGNORE_INDEX, LossSum,
+    SgdStep,
+};
+use crate::error::{Error, Result};
+
+/// Element type the CPU backend computes in: `f32` (training) or `f64` (the reference for
+/// finite-difference tests). Sealed, because the `gemm` crate supports only these two here.
+pub trait CpuFloat:
+    num_traits::Float + Send + Sync + Copy + Default + std::fmt::Debug + 'static + sealed::Sealed
+{
+    /// Convert from f32 (exact for both element types).
+    fn from_f32(v: f32) -> Self;
+    /// Convert from f64 (rounds to nearest on f32).
+    fn from_f64(v: f64) -> Self;
+    /// Convert to f32 (rounds to nearest on f64).
+    fn as_f32(self) -> f32;
+    /// Convert to f64 (exact).
+    fn as_f64(self) -> f64;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+impl CpuFloat for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn as_f32(self) -> f32 {
+        self
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl CpuFloat for f64 {
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn as_f32(self) -> f32 {
+        self as f32
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
+}
+
+/// A CPU buffer: a plain vector of the backend's element type.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuBuf<T>(pub Vec<T>);
+
+impl<T> CpuBuf<T> {
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        &self.0
+    }
+    /// The elements, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+    /// The underlying vector.
+    pub fn into_vec(self) -> Vec<T> {
+        self.0
+    }
+}
+
+impl<T> From<Vec<T>> for CpuBuf<T> {
+    /// Wrap a vector without converting it (how f64 tests put exact values in).
+    fn from(v: Vec<T>) -> Self {
+        CpuBuf(v)
+    }
+}
+
+impl<T: Send + Sync> DeviceBuf for CpuBuf<T> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// The CPU backend, computing in `T` (`f32` by default, `f64` for reference tests).
+/// Runs on rayon's global pool, or on its own pool from [`CpuBackend::with_threads`].
+pub struct CpuBackend<T = f32> {
+    pool: Option<Arc<rayon::ThreadPool>>,
+    _elem: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for CpuBackend<T> {
+    fn clone(&self) -> Self {
+        CpuBackend {
+            pool: self.pool.clone(),
+            _elem: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for CpuBackend<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("elem", &std::any::type_name::<T>())
+            .field(
+                "threads",
+                &self.pool.as_ref().map(|p| p.current_num_threads()),
+            )
+            .finish()
+    }
+}
+
+impl<T: CpuFloat> Default for CpuBackend<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: CpuFloat> CpuBackend<T> {
+    /// A backend on rayon's global thread pool.
+    pub fn new() -> Self {
+        CpuBackend {
+            pool: None,
+            _elem: PhantomData,
+        }
+    }
+
+    /// A backend with its own pool of `threads` worker threads (≥ 1).
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Err(fail(
+                "with_threads",
+                "thread count must be at least 1, got 0",
+            ));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| {
+                fail(
+                    "with_threads",
+                    format!("cannot start {threads} threads: {e}"),
+                )
+            })?;
+        Ok(CpuBackend {
+            pool: Some(Arc::new(pool)),
+            _elem: PhantomData,
+        })
+    }
+
+    /// Number of worker threads the ops run on.
+    pub fn threads(&self) -> usize {
+        match &self.pool {
+            Some(p) => p.current_num_threads(),
+            None => rayon::current_num_threads(),
+        }
+    }
+
+    /// Run `f` on this backend's pool (so nested rayon and gemm work uses it).
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+// ---- argument checks -------------------------------------------------------------------
+
+/// A backend error of op `op`.
+fn fail(op: &'static str, msg: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "cpu",
+        op,
+        msg: msg.into(),
+    }
+}
+
+/// `Ok` when buffer `what` holds `want` elements; otherwise an error quoting both lengths
+/// and the expected shape.
+fn expect_len(
+    op: &'static str,
+    what: &str,
+    got: usize,
+    want: usize,
+    shape: impl FnOnce() -> String,
+) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(fail(
+            op,
+            format!("{what} has {got} elements, expected {want} = {}", shape()),
+        ))
+    }
+}
+
+/// The product of `dims`, or an error when it overflows.
+fn numel(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| fail(op, format!("shape {dims:?} overflows the address space")))
+}
+
+/// Rows of buffer `what` seen as `[rows, cols]`; an error when cols is 0 or does not divide
+/// its length.
+fn rows_of(op: &'static str, what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return Err(fail(
+            op,
+            format!("{what} has {len} elements, not a whole number of rows of {cols}"),
+        ));
+    }
+    Ok(len / cols)
+}
+
+/// `Ok` when two buffers that the op pairs element by element have equal lengths.
+fn same_len(op: &'static str, a: (&str, usize), b: (&str, usize)) -> Result<()> {
+    if a.1 == b.1 {
+        Ok(())
+    } else {
+        Err(fail(
+            op,
+            format!("{} has {} elements but {} has {}", a.0, a.1, b.0, b.1),
+        ))
+    }
+}
+
+/// Checks of the attention shapes shared by forward and backward; returns (q len, kv len,
+/// lse len).
+fn attn_lens(op: &'static str, d: &AttnDims) -> Result<(usize, usize, usize)> {
+    if d.head_dim == 0 {
+        return Err(fail(op, "head_dim must be positive, got 0"));
+    }
+    if d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
+        return Err(fail(
+            op,
+            format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                d.n_heads, d.n_kv_heads
+            ),
+        ));
+    }
+    Ok((
+        numel(op, &[d.batch, d.seq, d.n_heads, d.head_dim])?,
+        numel(op, &[d.batch, d.seq, d.n_kv_heads, d.head_dim])?,
+        numel(op, &[d.batch, d.n_heads, d.seq])?,
+    ))
+}
+
+/// Checks of the RoPE arguments shared by forward and backward.
+fn rope_check(
+    op: &'static str,
+    len: usize,
+    positions: &[u32],
+    inv_freq: &[f32],
+    heads: usize,
+) -> Result<()> {
+    if inv_freq.is_empty() {
+        return Err(fail(
+            op,
+            "inv_freq is empty (head dim D = 2·inv_freq.len() must be > 0)",
+        ));
+    }
+    let d = 2 * inv_freq.len();
+    let want = numel(op, &[positions.len(), heads, d])?;
+    expect_len(op, "x", len, want, || {
+        format!("[N={} (positions), heads={heads}, D={d}]", positions.len())
+    })
+}
+
+/// Checks of a dropout probability.
+fn dropout_check(op: &'static str, p: f32) -> Result<()> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(fail(
+            op,
+            format!("dropout probability {p} is outside [0, 1)"),
+        ))
+    }
+}
+
+impl<T: CpuFloat> Backend for CpuBackend<T> {
+    type Buf = CpuBuf<T>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    // ---- memory ----------------------------------------------------------------------
+
+    fn zeros(&self, n: usize) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf(vec![T::zero(); n]))
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf(data.iter().map(|&x| T::from_f32(x)).collect()))
+    }
+
+    fn upload_weight(&self, bytes: &[u8], dtype: DType) -> Result<CpuBuf<T>> {
+        let op = "upload_weight";
+        let n = rows_of(
+            op,
+            &format!("{dtype} weight bytes"),
+            bytes.len(),
+            dtype.size(),
+        )?;
+        // Decode through a small f32 scratch so that at most one T-sized copy exists.
+        const CHUNK: usize = 1 << 14;
+        let mut out = Vec::with_capacity(n);
+        let mut scratch = vec![0f32; CHUNK.min(n)];
+        for piece in bytes.chunks(CHUNK * dtype.size()) {
+            let s = &mut scratch[..piece.len() / dtype.size()];
+            dtype.decode_into(piece, s);
+            out.extend(s.iter().map(|&x| T::from_f32(x)));
+        }
+        Ok(CpuBuf(out))
+    }
+
+    fn download(&self, buf: &CpuBuf<T>) -> Result<Vec<f32>> {
+        Ok(buf.0.iter().map(|&x| x.as_f32()).collect())
+    }
+
+    fn fill_zero(&self, buf: &mut CpuBuf<T>) -> Result<()> {
+        buf.0.fill(T::zero());
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload_f64(&self, data: &[f64]) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf(data.iter().map(|&x| T::from_f64(x)).collect()))
+    }
+
+    fn download_f64(&self, buf: &CpuBuf<T>) -> Result<Vec<f64>> {
+        Ok(buf.0.iter().map(|&x| x.as_f64()).collect())
+    }
+
+    // ---- linear algebra --------------------------------------------------------------
+
+    fn matmul(&self, c: &mut CpuBuf<T>, a: &CpuBuf<T>, b: &CpuBuf<T>, g: Gemm) -> Result<()> {
+        let op = "matmul";
+        let (m, n, k) = (g.m, g.n, g.k);
+        let a_shape = if g.trans_a { [k, m] } else { [m, k] };
+        let b_shape = if g.trans_b { [n, k] } else { [k, n] };
+        expect_len(op, "c", c.len(), numel(op, &[m, n])?, || {
+            format!("[m={m}, n={n}]")
+        })?;
+        expect_len(op, "a", a.len(), numel(op, &a_shape)?, || {
+            format!("{a_shape:?} (m={m}, k={k}, trans_a={})", g.trans_a)
+        })?;
+        expect_len(op, "b", b.len(), numel(op, &b_shape)?, || {
+            format!("{b_shape:?} (k={k}, n={n}, trans_b={})", g.trans_b)
+        })?;
+        self.install(|| matmul::matmul(&mut c.0, &a.0, &b.0, &g));
+        Ok(())
+    }
+
+    fn axpy(&self, y: &mut CpuBuf<T>, alpha: f32, x: &CpuBuf<T>, acc: Accumulate) -> Result<()> {
+        same_len("axpy", ("y", y.len()), ("x", x.len()))?;
+        self.install(|| elementwise::axpy(&mut y.0, T::from_f32(alpha), &x.0, acc));
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut CpuBuf<T>, b: &CpuBuf<T>) -> Result<()> {
+        let op = "add_bias";
+        if x.is_empty() {
+            return Ok(());
+        }
+        rows_of(op, "x", x.len(), b.len())?;
+        self.install(|| elementwise::add_bias(&mut x.0, &b.0));
+        Ok(())
+    }
+
+    fn copy_cols(
+        &self,
+        dst: &mut CpuBuf<T>,
+        dst_cols: usize,
+        dst_off: usize,
+        src: &CpuBuf<T>,
+        src_cols: usize,
+        src_off: usize,
+        width: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "copy_cols";
+        let rows = rows_of(op, "dst", dst.len(), dst_cols)?;
+        let src_rows = rows_of(op, "src", src.len(), src_cols)?;
+        if src_rows != rows {
+            return Err(fail(
+                op,
+                format!(
+                    "dst has {rows} rows of {dst_cols} ({} elements) but src has {src_rows} rows of {src_cols} ({} elements)",
+                    dst.len(),
+                    src.len()
+                ),
+            ));
+        }
+        for (what, off, cols) in [("dst", dst_off, dst_cols), ("src", src_off, src_cols)] {
+            if off.checked_add(width).is_none_or(|end| end > cols) {
+                return Err(fail(
+                    op,
+                    format!("{what} columns {off}..{off}+{width} exceed its {cols} columns"),
+                ));
+            }
+        }
+        self.install(|| {
+            elementwise::copy_cols(
+                &mut dst.0, dst_cols, dst_off, &src.0, src_cols, src_off, width, acc,
+            )
+        });
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &CpuBuf<T>) -> Result<f64> {
+        Ok(self.install(|| elementwise::sum_squares(&x.0)))
+    }
+
+    // ---- embedding -------------------------------------------------------------------
+
+    fn embedding_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        ids: &[u32],
+        table: &CpuBuf<T>,
+        c: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        let v = rows_of(op, "table", table.len(), c)?;
+        let n = ids.len();
+        expect_len(op, "out", out.len(), numel(op, &[n, c])?, || {
+            format!("[N={n} (ids), C={c}]")
+        })?;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= v) {
+            return Err(fail(
+                op,
+                format!("token id {id} at position {i} is out of range for a vocabulary of {v}"),
+            ));
+        }
+        self.install(|| elementwise::embedding_forward(&mut out.0, ids, &table.0, c, acc));
+        Ok(())
+    }
+
+    // ---- normalisation ---------------------------------------------------------------
+
+    fn rms_norm_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        rstd: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rms_norm_forward";
+        let c = w.len();
+        let n = rows_of(op, "x", x.len(), c)?;
+        expect_len(op, "out", out.len(), x.len(), || format!("[N={n}, C={c}]"))?;
+        expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
+        self.install(|| {
+            norm::rms_norm_forward(&mut out.0, &mut rstd.0, &x.0, &w.0, c, T::from_f32(eps))
+        });
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "rms_norm_backward";
+        let c = w.len();
+        let n = rows_of(op, "x", x.len(), c)?;
+        expect_len(op, "dx", dx.len(), x.len(), || format!("[N={n}, C={c}]"))?;
+        expect_len(op, "dout", dout.len(), x.len(), || {
+            format!("[N={n}, C={c}]")
+        })?;
+        expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
+        self.install(|| norm::rms_norm_backward(&mut dx.0, &dout.0, &x.0, &w.0, &rstd.0, c, acc));
+        Ok(())
+    }
+
+    fn layer_norm_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        mean: &mut CpuBuf<T>,
+        rstd: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        b: &CpuBuf<T>,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "layer_norm_forward";
+        let c = w.len();
+        let n = rows_of(op, "x", x.len(), c)?;
+        expect_len(op, "b", b.len(), c, || format!("[C={c}] (from w)"))?;
+        expect_len(op, "out", out.len(), x.len(), || format!("[N={n}, C={c}]"))?;
+        expect_len(op, "mean", mean.len(), n, || format!("[N={n}]"))?;
+        expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
+        self.install(|| {
+            norm::layer_norm_forward(
+                &mut out.0,
+                &mut mean.0,
+                &mut rstd.0,
+                &x.0,
+                &w.0,
+                &b.0,
+                c,
+                T::from_f32(eps),
+            )
+        });
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        mean: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "layer_norm_backward";
+        let c = w.len();
+        let n = rows_of(op, "x", x.len(), c)?;
+        expect_len(op, "dx", dx.len(), x.len(), || format!("[N={n}, C={c}]"))?;
+        expect_len(op, "dout", dout.len(), x.len(), || {
+            format!("[N={n}, C={c}]")
+        })?;
+        expect_len(op, "mean", mean.len(), n, || format!("[N={n}]"))?;
+        expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
+        self.install(|| {
+            norm::layer_norm_backward(&mut dx.0, &dout.0, &x.0, &w.0, &mean.0, &rstd.0, c, acc)
+        });
+        Ok(())
+    }
+
+    // ---- rotary position embedding ----------------------------------------------------
+
+    fn rope_forward(
+        &self,
+        x: &mut CpuBuf<T>,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
+        rope_check("rope_forward", x.len(), positions, inv_freq, heads)?;
+        self.install(|| rope::rope_forward(&mut x.0, positions, inv_freq, heads));
+        Ok(())
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut CpuBuf<T>,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
+        rope_check("rope_backward", dx.len(), positions, inv_freq, heads)?;
+        self.install(|| rope::rope_backward(&mut dx.0, positions, inv_freq, heads));
+        Ok(())
+    }
+
+    // ---- attention -------------------------------------------------------------------
+
+    fn attention_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        lse: &mut CpuBuf<T>,
+        q: &CpuBuf<T>,
+        k: &CpuBuf<T>,
+        v: &CpuBuf<T>,
+        dims: AttnDims,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        let (nq, nkv, nlse) = attn_lens(op, &dims)?;
+        let AttnDims {
+            batch: b,
+            seq: t,
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: d,
+            ..
+        } = dims;
+        let q_shape = || format!("[B={b}, T={t}, H={h}, D={d}]");
+        let kv_shape = || format!("[B={b}, T={t}, KVH={kvh}, D={d}]");
+        expect_len(op, "out", out.len(), nq, q_shape)?;
+        expect_len(op, "q", q.len(), nq, q_shape)?;
+        expect_len(op, "k", k.len(), nkv, kv_shape)?;
+        expect_len(op, "v", v.len(), nkv, kv_shape)?;
+        expect_len(op, "lse", lse.len(), nlse, || {
+            format!("[B={b}, H={h}, T={t}]")
+        })?;
+        self.install(|| {
+            attention::attention_forward(&mut out.0, &mut lse.0, &q.0, &k.0, &v.0, &dims)
+        });
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut CpuBuf<T>,
+        dk: &mut CpuBuf<T>,
+        dv: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        out: &CpuBuf<T>,
+        lse: &CpuBuf<T>,
+        q: &CpuBuf<T>,
+        k: &CpuBuf<T>,
+        v: &CpuBuf<T>,
+        dims: AttnDims,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let (nq, nkv, nlse) = attn_lens(op, &dims)?;
+        let AttnDims {
+            batch: b,
+            seq: t,
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: d,
+            ..
+        } = dims;
+        let q_shape = || format!("[B={b}, T={t}, H={h}, D={d}]");
+        let kv_shape = || format!("[B={b}, T={t}, KVH={kvh}, D={d}]");
+        for (what, len) in [
+            ("dq", dq.len()),
+            ("dout", dout.len()),
+            ("out", out.len()),
+            ("q", q.len()),
+        ] {
+            expect_len(op, what, len, nq, q_shape)?;
+        }
+        for (what, len) in [
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+            ("k", k.len()),
+            ("v", v.len()),
+        ] {
+            expect_len(op, what, len, nkv, kv_shape)?;
+        }
+        expect_len(op, "lse", lse.len(), nlse, || {
+            format!("[B={b}, H={h}, T={t}]")
+        })?;
+        self.install(|| {
+            attention::attention_backward(
+                &mut dq.0, &mut dk.0, &mut dv.0, &dout.0, &out.0, &lse.0, &q.0, &k.0, &v.0, &dims,
+            )
+        });
+        Ok(())
+    }
+
+    // ---- MLP activations -------------------------------------------------------------
+
+    fn swiglu_forward(&self, out: &mut CpuBuf<T>, gate: &CpuBuf<T>, up: &CpuBuf<T>) -> Result<()> {
+        let op = "swiglu_forward";
+        same_len(op, ("out", out.len()), ("gate", gate.len()))?;
+        same_len(op, ("up", up.len()), ("gate", gate.len()))?;
+        self.install(|| activation::swiglu_forward(&mut out.0, &gate.0, &up.0));
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut CpuBuf<T>,
+        dup: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        gate: &CpuBuf<T>,
+        up: &CpuBuf<T>,
+    ) -> Result<()> {
+        let op = "swiglu_backward";
+        for (what, len) in [
+            ("dgate", dgate.len()),
+            ("dup", dup.len()),
+            ("dout", dout.len()),
+            ("up", up.len()),
+        ] {
+            same_len(op, (what, len), ("gate", gate.len()))?;
+        }
+        self.install(|| {
+            activation::swiglu_backward(&mut dgate.0, &mut dup.0, &dout.0, &gate.0, &up.0)
+        });
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut CpuBuf<T>, x: &CpuBuf<T>) -> Result<()> {
+        same_len("gelu_forward", ("out", out.len()), ("x", x.len()))?;
+        self.install(|| activation::gelu_forward(&mut out.0, &x.0));
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dx: &mut CpuBuf<T>, dout: &CpuBuf<T>, x: &CpuBuf<T>) -> Result<()> {
+        let op = "gelu_backward";
+        same_len(op, ("dx", dx.len()), ("x", x.len()))?;
+        same_len(op, ("dout", dout.len()), ("x", x.len()))?;
+        self.install(|| activation::gelu_backward(&mut dx.0, &dout.0, &x.0));
+        Ok(())
+    }
+
+    // ---- dropout (LoRA input) --------------------------------------------------------
+
+    fn dropout_forward(&self, out: &mut CpuBuf<T>, x: &CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
+        let op = "dropout_forward";
+        dropout_check(op, p)?;
+        same_len(op, ("out", out.len()), ("x", x.len()))?;
+        self.install(|| activation::dropout(&mut out.0, &x.0, p, seed));
+        Ok(())
+    }
+
+    fn dropout_backward(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        let op = "dropout_backward";
+        dropout_check(op, p)?;
+        same_len(op, ("dx", dx.len()), ("dout", dout.len()))?;
+        // out = mask·x/(1 − p) is linear in x, so dx = mask·dout/(1 − p): the same kernel.
+        self.install(|| activation::dropout(&mut dx.0, &dout.0, p, seed));
+        Ok(())
+    }
+
+    // ---- LM head + loss --------------------------------------------------------------
+
+    fn lm_head_loss(
+        &self,
+        h: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        labels: &[i32],
+        c: usize,
+        loss_scale: f32,
+        dh: Option<&mut CpuBuf<T>>,
+        logits: Option<&mut CpuBuf<T>>,
+    ) -> Result<LossSum> {
+        let op = "lm_head_loss";
+        let v = rows_of(op, "w", w.len(), c)?;
+        let n = labels.len();
+        let h_shape = || format!("[N={n} (labels), C={c}]");
+        expect_len(op, "h", h.len(), numel(op, &[n, c])?, h_shape)?;
+        if let Some(dh) = &dh {
+            expect_len(op, "dh", dh.len(), h.len(), h_shape)?;
+        }
+        if let Some(lg) = &logits {
+            expect_len(op, "logits", lg.len(), numel(op, &[n, v])?, || {
+                format!("[N={n}, V={v}]")
+            })?;
+        }
+        let bad = labels
+            .iter()
+            .enumerate()
+            .find(|&(_, &l)| l != IGNORE_INDEX && !(0..v as i64).contains(&(l as i64)));
+        if let Some((i, &l)) = bad {
+            return Err(fail(
+                op,
+                format!(
+                    "label {l} at position {i} is outside 0..{v} (vocabulary) and is not the ignore index {IGNORE_INDEX}"
+                ),
+            ));
+        }
+        let dh = dh.map(|b| b.0.as_mut_slice());
+        let logits = logits.map(|b| b.0.as_mut_slice());
+        Ok(self.install(|| {
+            loss::lm_head_loss(&h.0, &w.0, labels, c, T::from_f32(loss_scale), dh, logits)
+        }))
+    }
+
+    // ---- optimizers ------------------------------------------------------------------
+
+    fn adamw_step(
+        &self,
+        p: &mut CpuBuf<T>,
+        g: &CpuBuf<T>,
+        m: &mut CpuBuf<T>,
+        v: &mut CpuBuf<T>,
+        h: AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw_step";
+        if h.step == 0 {
+            return Err(fail(op, "step counts from 1, got 0"));
+        }
+        for (what, len) in [("g", g.len()), ("m", m.len()), ("v", v.len())] {
+            same_len(op, (what, len), ("p", p.len()))?;
+        }
+        self.install(|| optim::adamw_step(&mut p.0, &g.0, &mut m.0, &mut v.0, &h));
+        Ok(())
+    }
+
+    fn sgd_step(
+        &self,
+        p: &mut CpuBuf<T>,
+        g: &CpuBuf<T>,
+        buf: &mut CpuBuf<T>,
+        h: SgdStep,
+    ) -> Result<()> {
+        let op = "sgd_step";
+        same_len(op, ("g", g.len()), ("p", p.len()))?;
+        same_len(op, ("buf", buf.len()), ("p", p.len()))?;
+        self.install(|| optim::sgd_step(&mut p.0, &g.0, &mut buf.0, &h));
+        Ok(())
+    }
+}

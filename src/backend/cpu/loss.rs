@@ -1,0 +1,101 @@
+//! Fused LM head and cross-entropy over row chunks: only a `[CHUNK, V]` block of logits
+//! exists at a time. Per chunk: logits = h·wᵀ (one GEMM), a stable log-softmax per row
+//! (rows in parallel), the loss, dlogits in place of the logits, then dh = dlogits·w.
+
+use rayon::prelude::*;
+
+use super::CpuFloat;
+use super::matmul::gemm_rowmajor;
+use crate::backend::{Accumulate, IGNORE_INDEX, LossSum};
+
+/// Rows of logits materialised at once (memory CHUNK·V).
+const CHUNK: usize = 64;
+
+/// Loss of h `[N, C]` against labels `[N]` (each in 0..V or [`IGNORE_INDEX`]) through the
+/// head w `[V, C]`. dh `[N, C]`, when given, is overwritten with
+/// `loss_scale · (softmax − onehot) · w` (zero rows for ignored labels); logits `[N, V]`,
+/// when given, receives the logits.
+pub(crate) fn lm_head_loss<T: CpuFloat>(
+    h: &[T],
+    w: &[T],
+    labels: &[i32],
+    c: usize,
+    loss_scale: T,
+    mut dh: Option<&mut [T]>,
+    mut logits: Option<&mut [T]>,
+) -> LossSum {
+    let n = labels.len();
+    let v = w.len() / c;
+    let mut total = LossSum::default();
+    if n == 0 {
+        return total;
+    }
+    let mut block = vec![T::zero(); CHUNK.min(n) * v]; // [rows ≤ CHUNK, V]
+    for (ci, labels) in labels.chunks(CHUNK).enumerate() {
+        let (r0, rows) = (ci * CHUNK, labels.len());
+        let block = &mut block[..rows * v];
+        // block [rows, V] = h[r0..r0+rows] [rows, C] · wᵀ (w stored [V, C])
+        gemm_rowmajor(
+            block,
+            &h[r0 * c..(r0 + rows) * c],
+            w,
+            (rows, v, c),
+            (false, true),
+            T::one(),
+            Accumulate::Overwrite,
+        );
+        if let Some(out) = logits.as_deref_mut() {
+            out[r0 * v..(r0 + rows) * v].copy_from_slice(block);
+        }
+        let want_grad = dh.is_some();
+        let losses: Vec<Option<f64>> = block
+            .par_chunks_mut(v)
+            .zip(labels.par_iter())
+            .map(|(row, &label)| row_loss(row, label, loss_scale, want_grad))
+            .collect();
+        // Added in row order: the sum does not depend on the thread count.
+        for loss in losses.into_iter().flatten() {
+            total.sum += loss;
+            total.count += 1;
+        }
+        if let Some(dh) = dh.as_deref_mut() {
+            // dh[r0..r0+rows] [rows, C] = dlogits [rows, V] · w [V, C]
+            gemm_rowmajor(
+                &mut dh[r0 * c..(r0 + rows) * c],
+                block,
+                w,
+                (rows, c, v),
+                (false, false),
+                T::one(),
+                Accumulate::Overwrite,
+            );
+        }
+    }
+    total
+}
+
+/// Cross-entropy of one row of logits `[V]` against `label`: `lse − logit[label]`, or
+/// `None` for [`IGNORE_INDEX`]. With `want_grad` the row is overwritten with
+/// `loss_scale · (softmax − onehot)` (zeros for an ignored row).
+fn row_loss<T: CpuFloat>(row: &mut [T], label: i32, loss_scale: T, want_grad: bool) -> Option<f64> {
+    if label == IGNORE_INDEX {
+        if want_grad {
+            row.fill(T::zero());
+        }
+        return None;
+    }
+    let label = label as usize;
+    // lse = max + ln Σ exp(x − max)
+    let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+    let sum = row.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
+    let lse = max + sum.ln();
+    let loss = lse - row[label];
+    if want_grad {
+        // ∂loss/∂x_j = softmax_j − [j = label], softmax_j = exp(x_j − lse)
+        for x in row.iter_mut() {
+            *x = loss_scale * (*x - lse).exp();
+        }
+        row[label] = row[label] - loss_scale;
+    }
+    Some(loss.as_f64())
+}

@@ -1,0 +1,115 @@
+//! SwiGLU, gelu_new and dropout: forward against formulas, backward against finite
+//! differences.
+
+use super::util::*;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, dropout_keep};
+
+const N: usize = 37;
+
+fn swiglu(gate: &[f64], up: &[f64]) -> Vec<f64> {
+    let mut out = buf(&vec![0.0; gate.len()]);
+    be64()
+        .swiglu_forward(&mut out, &buf(gate), &buf(up))
+        .unwrap();
+    out.0
+}
+
+fn gelu(x: &[f64]) -> Vec<f64> {
+    let mut out = buf(&vec![0.0; x.len()]);
+    be64().gelu_forward(&mut out, &buf(x)).unwrap();
+    out.0
+}
+
+#[test]
+fn swiglu_forward_matches_formula_and_backward_matches_finite_differences() {
+    let mut rng = Rng::new(40);
+    let (gate, up, dout) = (rng.vec(N, 4.0), rng.vec(N, 2.0), rng.vec(N, 1.0));
+    let want: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    assert_close("swiglu out", &swiglu(&gate, &up), &want, 1e-15, 1e-16);
+
+    let (mut dgate, mut dup) = (buf(&[9.0; N]), buf(&[9.0; N]));
+    be64()
+        .swiglu_backward(&mut dgate, &mut dup, &buf(&dout), &buf(&gate), &buf(&up))
+        .unwrap();
+    check_grad("swiglu dgate", &dgate.0, &gate, |g| {
+        weighted_sum(&dout, &swiglu(g, &up))
+    });
+    check_grad("swiglu dup", &dup.0, &up, |u| {
+        weighted_sum(&dout, &swiglu(&gate, u))
+    });
+}
+
+#[test]
+fn gelu_forward_matches_formula_and_backward_matches_finite_differences() {
+    let mut rng = Rng::new(41);
+    let (x, dout) = (rng.vec(N, 4.0), rng.vec(N, 1.0));
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let want: Vec<f64> = x
+        .iter()
+        .map(|&x| 0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh()))
+        .collect();
+    assert_close("gelu out", &gelu(&x), &want, 1e-15, 1e-16);
+
+    let mut dx = buf(&[9.0; N]);
+    be64()
+        .gelu_backward(&mut dx, &buf(&dout), &buf(&x))
+        .unwrap();
+    check_grad("gelu dx", &dx.0, &x, |x| weighted_sum(&dout, &gelu(x)));
+}
+
+#[test]
+fn dropout_follows_the_shared_mask_and_backward_matches_finite_differences() {
+    let mut rng = Rng::new(42);
+    let be = be64();
+    let (p, seed) = (0.3f32, 0xDEAD_BEEF);
+    let n = 4000;
+    let (x, dout) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let mut out = buf(&vec![0.0; n]);
+    be.dropout_forward(&mut out, &buf(&x), p, seed).unwrap();
+    let want: Vec<f64> = (0..n)
+        .map(|i| {
+            if dropout_keep(seed, i as u64, p) {
+                x[i] / (1.0 - p as f64)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    assert_close("dropout out", &out.0, &want, 1e-15, 0.0);
+    let kept = (0..n).filter(|&i| dropout_keep(seed, i as u64, p)).count() as f64 / n as f64;
+    assert!(
+        (kept - 0.7).abs() < 0.03,
+        "kept fraction {kept}, expected about 0.7"
+    );
+
+    // Finite differences on a short prefix (the op is elementwise, so this covers it).
+    let m = 40;
+    let mut dx = buf(&vec![9.0; m]);
+    be.dropout_backward(&mut dx, &buf(&dout[..m]), p, seed)
+        .unwrap();
+    check_grad("dropout dx", &dx.0, &x[..m], |xx| {
+        let mut o = buf(&vec![0.0; m]);
+        be.dropout_forward(&mut o, &buf(xx), p, seed).unwrap();
+        weighted_sum(&dout[..m], &o.0)
+    });
+
+    // p = 0 copies; the f32 backend draws the same mask.
+    be.dropout_forward(&mut out, &buf(&x), 0.0, seed).unwrap();
+    assert_eq!(out.0, x);
+    let be32 = CpuBackend::<f32>::new();
+    let mut o32 = be32.zeros(n).unwrap();
+    be32.dropout_forward(&mut o32, &be32.upload_f64(&x).unwrap(), p, seed)
+        .unwrap();
+    assert_close(
+        "dropout f32",
+        &be32.download_f64(&o32).unwrap(),
+        &want,
+        1e-6,
+        0.0,
+    );
+}

@@ -1,0 +1,86 @@
+//! Fused LM head + cross-entropy: against explicit logits and log-softmax (across a chunk
+//! boundary, with ignored labels), and dh against finite differences.
+
+use super::util::*;
+use crate::backend::cpu::CpuBuf;
+use crate::backend::{Backend, IGNORE_INDEX, LossSum};
+
+/// More rows than one 64-row chunk, so the chunk boundary is crossed.
+const N: usize = 70;
+const V: usize = 11;
+const C: usize = 6;
+
+fn labels(rng: &mut Rng) -> Vec<i32> {
+    (0..N)
+        .map(|_| {
+            if rng.below(5) == 0 {
+                IGNORE_INDEX
+            } else {
+                rng.below(V) as i32
+            }
+        })
+        .collect()
+}
+
+fn loss(h: &[f64], w: &[f64], labels: &[i32], scale: f32, dh: Option<&mut CpuBuf<f64>>) -> LossSum {
+    be64()
+        .lm_head_loss(&buf(h), &buf(w), labels, C, scale, dh, None)
+        .unwrap()
+}
+
+#[test]
+fn lm_head_loss_matches_explicit_log_softmax() {
+    let mut rng = Rng::new(50);
+    let (h, w, labels) = (rng.vec(N * C, 2.0), rng.vec(V * C, 1.0), labels(&mut rng));
+    let mut logits = buf(&vec![0.0; N * V]);
+    let got = be64()
+        .lm_head_loss(&buf(&h), &buf(&w), &labels, C, 1.0, None, Some(&mut logits))
+        .unwrap();
+
+    let mut want_logits = vec![0.0; N * V];
+    let (mut sum, mut count) = (0.0, 0);
+    for i in 0..N {
+        for j in 0..V {
+            want_logits[i * V + j] = (0..C).map(|c| h[i * C + c] * w[j * C + c]).sum::<f64>();
+        }
+        if labels[i] == IGNORE_INDEX {
+            continue;
+        }
+        let row = &want_logits[i * V..][..V];
+        let log_z = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+        sum += -(row[labels[i] as usize] - log_z);
+        count += 1;
+    }
+    assert_close("logits", &logits.0, &want_logits, 1e-13, 1e-13);
+    assert_eq!(got.count, count);
+    assert!(
+        count > 0 && count < N,
+        "the test needs counted and ignored rows"
+    );
+    assert_close("loss sum", &[got.sum], &[sum], 1e-13, 0.0);
+}
+
+#[test]
+fn lm_head_loss_dh_matches_finite_differences() {
+    let mut rng = Rng::new(51);
+    let (h, w, labels) = (rng.vec(N * C, 2.0), rng.vec(V * C, 1.0), labels(&mut rng));
+    let scale = 0.37f32;
+    let mut dh = buf(&vec![5.0; N * C]);
+    let with_grad = loss(&h, &w, &labels, scale, Some(&mut dh));
+    let without = loss(&h, &w, &labels, scale, None);
+    assert_eq!(with_grad, without, "the gradient must not change the loss");
+    // The trainer's loss is the returned sum times loss_scale.
+    check_grad("lm_head_loss dh", &dh.0, &h, |hh| {
+        scale as f64 * loss(hh, &w, &labels, scale, None).sum
+    });
+    for (i, _) in labels
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l == IGNORE_INDEX)
+    {
+        assert!(
+            dh.0[i * C..][..C].iter().all(|&g| g == 0.0),
+            "ignored row {i} has a gradient"
+        );
+    }
+}
