@@ -6,5 +6,6 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod gbi;
 
 pub use error::{Error, Result};
