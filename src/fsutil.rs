@@ -32,7 +32,8 @@ impl Drop for TempGuard {
 /// flushed, synced and renamed over `path`; then the folder is synced (Unix only). On any
 /// error before the rename, the temporary file is removed and `path` is untouched; an
 /// error after it (syncing the folder) means the new file is in place but may not yet
-/// survive a power loss.
+/// survive a power loss. Two concurrent writers of one path in one process would share
+/// the temporary name; callers serialise such writes.
 pub fn atomic_write(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
@@ -95,9 +96,13 @@ fn sync_dir(_dir: &Path) -> std::io::Result<()> {
 /// One tensor to write: its name, element type, shape and little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct TensorOut<'a> {
+    /// Header name (unique in the file; `__metadata__` is reserved).
     pub name: String,
+    /// Element type of `data`.
     pub dtype: DType,
+    /// Row-major shape.
     pub shape: Vec<usize>,
+    /// Little-endian bytes, `product(shape) × dtype size` of them; borrowed or owned.
     pub data: Cow<'a, [u8]>,
 }
 
