@@ -261,6 +261,7 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     cfg.lora_alpha = 2.0 * opts.lora_rank as f32;
     cfg.lora_target_modules = Some(vec!["all-linear".into()]);
     let mut model = LemaModel::new(cfg)?;
+    let device = format!("{:?}", model.device()).to_lowercase();
     model.initialize_lora()?;
     let mut trainer = crate::api::Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
     let mut rng = Rng::new(2);
@@ -286,7 +287,7 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     let achieved = flops / med / 1e9;
     Ok(BenchReport {
         options: opts.clone(),
-        device: "cpu".into(),
+        device,
         threads: rayon::current_num_threads(),
         step_seconds_median: med,
         step_seconds_all: all,

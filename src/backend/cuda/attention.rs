@@ -25,7 +25,12 @@ fn variant(op: &'static str, d: usize) -> Result<&'static str> {
         33..=64 => "d64",
         65..=128 => "d128",
         129..=256 => "d256",
-        _ => return Err(err(op, format!("head dimension {d} is not supported (1 to 256)"))),
+        _ => {
+            return Err(err(
+                op,
+                format!("head dimension {d} is not supported (1 to 256)"),
+            ));
+        }
     })
 }
 
@@ -50,7 +55,10 @@ fn check_dims(op: &'static str, d: &AttnDims) -> Result<()> {
     if d.n_heads == 0 || d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
         return Err(err(
             op,
-            format!("{} query heads are not a multiple of {} key/value heads", d.n_heads, d.n_kv_heads),
+            format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                d.n_heads, d.n_kv_heads
+            ),
         ));
     }
     let int = |v: usize| v <= i32::MAX as usize;

@@ -6,7 +6,9 @@
 use crate::backend::DType;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,21 +46,28 @@ pub fn probe(ordinal: usize) -> std::result::Result<(), String> {
         return Err("no CUDA driver (libcuda.so) could be loaded".into());
     }
     if !blas {
-        return Err("the CUDA driver is present but cuBLAS (libcublas.so.13) could not be loaded; \
+        return Err(
+            "the CUDA driver is present but cuBLAS (libcublas.so.13) could not be loaded; \
                     install the CUDA 13 runtime libraries or add them to LD_LIBRARY_PATH"
-            .into());
+                .into(),
+        );
     }
     if !rtc {
-        return Err("the CUDA driver is present but NVRTC (libnvrtc.so.13) could not be loaded; \
+        return Err(
+            "the CUDA driver is present but NVRTC (libnvrtc.so.13) could not be loaded; \
                     install the CUDA 13 runtime libraries or add them to LD_LIBRARY_PATH"
-            .into());
+                .into(),
+        );
     }
-    let n = CudaContext::device_count().map_err(|e| format!("the CUDA driver found no usable GPU ({e:?})"))?;
+    let n = CudaContext::device_count()
+        .map_err(|e| format!("the CUDA driver found no usable GPU ({e:?})"))?;
     if n <= 0 {
         return Err("the CUDA driver reports no GPU".into());
     }
     if ordinal >= n as usize {
-        return Err(format!("GPU {ordinal} was asked for but the driver reports {n}"));
+        return Err(format!(
+            "GPU {ordinal} was asked for but the driver reports {n}"
+        ));
     }
     Ok(())
 }
@@ -83,7 +92,9 @@ impl KernelCache {
                 let base = std::env::var_os("XDG_CACHE_HOME")
                     .filter(|v| !v.is_empty())
                     .map(PathBuf::from)
-                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+                    .or_else(|| {
+                        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
+                    })?;
                 Some(base.join("lema").join("kernels"))
             }
         }
@@ -138,8 +149,10 @@ fn nvrtc_version() -> (i32, i32) {
 fn nvrtc_compile(module: &'static str, src: &str, options: &[String]) -> Result<Vec<u8>> {
     use cudarc::nvrtc::{result, sys};
     let op = "compile kernels";
-    let csrc = std::ffi::CString::new(src).map_err(|_| err(op, format!("module '{module}': NUL in source")))?;
-    let cname = std::ffi::CString::new(format!("{module}.cu")).map_err(|_| err(op, "bad module name"))?;
+    let csrc = std::ffi::CString::new(src)
+        .map_err(|_| err(op, format!("module '{module}': NUL in source")))?;
+    let cname =
+        std::ffi::CString::new(format!("{module}.cu")).map_err(|_| err(op, "bad module name"))?;
     let prog = result::create_program(&csrc, Some(&cname))
         .map_err(|e| err(op, format!("module '{module}': nvrtcCreateProgram: {e:?}")))?;
     struct Guard(sys::nvrtcProgram);
@@ -155,20 +168,29 @@ fn nvrtc_compile(module: &'static str, src: &str, options: &[String]) -> Result<
         // SAFETY: the log of a live program.
         let log = unsafe { result::get_program_log(guard.0) }
             .map(|raw| {
-                let bytes: Vec<u8> = raw.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+                let bytes: Vec<u8> = raw
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             })
             .unwrap_or_else(|_| "(no log)".into());
         return Err(err(
             op,
-            format!("NVRTC could not compile module '{module}' ({e:?}, options {options:?}):\n{log}"),
+            format!(
+                "NVRTC could not compile module '{module}' ({e:?}, options {options:?}):\n{log}"
+            ),
         ));
     }
     let mut size = 0usize;
     // SAFETY: live program, out-parameter.
     let r = unsafe { sys::nvrtcGetCUBINSize(guard.0, &mut size) };
     if r != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-        return Err(err(op, format!("module '{module}': nvrtcGetCUBINSize: {r:?}")));
+        return Err(err(
+            op,
+            format!("module '{module}': nvrtcGetCUBINSize: {r:?}"),
+        ));
     }
     let mut cubin = vec![0u8; size];
     // SAFETY: the buffer has the size NVRTC asked for.
@@ -184,7 +206,10 @@ fn nvrtc_compile(module: &'static str, src: &str, options: &[String]) -> Result<
 pub(crate) fn module_image(m: Module, arch: &str, cache: &KernelCache) -> Result<Arc<Vec<u8>>> {
     let (major, minor) = nvrtc_version();
     let version = format!("{major}.{minor}");
-    let options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    let options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
     let opt_text = options.join(" ");
     let key = fnv1a(&[
         COMMON.as_bytes(),
@@ -193,13 +218,20 @@ pub(crate) fn module_image(m: Module, arch: &str, cache: &KernelCache) -> Result
         version.as_bytes(),
         opt_text.as_bytes(),
     ]);
-    if let Some(img) = memory_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+    if let Some(img) = memory_cache()
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&key).cloned())
+    {
         return Ok(img);
     }
     let file = cache
         .dir()
         .map(|d| d.join(format!("{}-{arch}-nvrtc{version}-{key:016x}.cubin", m.name)));
-    let from_disk = file.as_ref().and_then(|f| std::fs::read(f).ok()).filter(|b| b.len() > 4 && &b[..4] == b"\x7fELF");
+    let from_disk = file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .filter(|b| b.len() > 4 && &b[..4] == b"\x7fELF");
     let img = match from_disk {
         Some(b) => Arc::new(b),
         None => {
@@ -329,7 +361,9 @@ impl Device {
                 // SAFETY: as above.
                 match unsafe { self.stream.alloc::<u8>(bytes) } {
                     Ok(s) => Ok(s),
-                    Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => Err(self.oom(op, bytes)),
+                    Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                        Err(self.oom(op, bytes))
+                    }
                     Err(e) => Err(driver_err(op, e)),
                 }
             }
@@ -363,11 +397,19 @@ impl Device {
 
     fn function(&self, m: Module, kernel: &'static str) -> Result<CudaFunction> {
         let op = "load kernel";
-        if let Some(f) = self.functions.lock().ok().and_then(|f| f.get(&(m.name, kernel)).cloned()) {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&(m.name, kernel)).cloned())
+        {
             return Ok(f);
         }
         let module = {
-            let mut mods = self.modules.lock().map_err(|_| err(op, "module cache lock poisoned"))?;
+            let mut mods = self
+                .modules
+                .lock()
+                .map_err(|_| err(op, "module cache lock poisoned"))?;
             match mods.get(m.name) {
                 Some(md) => md.clone(),
                 None => {
@@ -375,15 +417,20 @@ impl Device {
                     let md = self
                         .ctx
                         .load_module(Ptx::from_binary(img.as_ref().clone()))
-                        .map_err(|e| err(op, format!("module '{}' for {}: {e:?}", m.name, self.arch)))?;
+                        .map_err(|e| {
+                            err(op, format!("module '{}' for {}: {e:?}", m.name, self.arch))
+                        })?;
                     mods.insert(m.name, md.clone());
                     md
                 }
             }
         };
-        let f = module
-            .load_function(kernel)
-            .map_err(|e| err(op, format!("kernel '{kernel}' not found in module '{}': {e:?}", m.name)))?;
+        let f = module.load_function(kernel).map_err(|e| {
+            err(
+                op,
+                format!("kernel '{kernel}' not found in module '{}': {e:?}", m.name),
+            )
+        })?;
         if let Ok(mut fs) = self.functions.lock() {
             fs.insert((m.name, kernel), f.clone());
         }
@@ -392,7 +439,14 @@ impl Device {
 
     /// Launch `kernel` of module `m` on the compute stream. The one door through which
     /// every kernel runs: sizes are checked here, and a failure names the kernel.
-    pub fn launch(&self, op: &'static str, m: Module, kernel: &'static str, l: Launch, args: &[Arg]) -> Result<()> {
+    pub fn launch(
+        &self,
+        op: &'static str,
+        m: Module,
+        kernel: &'static str,
+        l: Launch,
+        args: &[Arg],
+    ) -> Result<()> {
         let (gx, gy, gz) = l.grid;
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(()); // nothing to do
@@ -400,7 +454,10 @@ impl Device {
         if gx > i32::MAX as usize || gy > 65535 || gz > 65535 || l.block == 0 || l.block > 1024 {
             return Err(err(
                 op,
-                format!("kernel '{kernel}': launch grid ({gx}, {gy}, {gz}) × block {} exceeds the device limits", l.block),
+                format!(
+                    "kernel '{kernel}': launch grid ({gx}, {gy}, {gz}) × block {} exceeds the device limits",
+                    l.block
+                ),
             ));
         }
         let f = self.function(m, kernel)?;
@@ -412,7 +469,10 @@ impl Device {
             .map_err(|e| {
                 err(
                     op,
-                    format!("kernel '{kernel}' needs {} bytes of shared memory: {e:?}", l.shared_bytes),
+                    format!(
+                        "kernel '{kernel}' needs {} bytes of shared memory: {e:?}",
+                        l.shared_bytes
+                    ),
                 )
             })?;
         }
@@ -432,7 +492,8 @@ impl Device {
                 s
             })
             .collect();
-        let mut params: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|s| s.as_mut_ptr() as *mut _).collect();
+        let mut params: Vec<*mut std::ffi::c_void> =
+            slots.iter_mut().map(|s| s.as_mut_ptr() as *mut _).collect();
         self.bind(op)?;
         // SAFETY: the parameter list matches the kernel's signature in its .cu file (each
         // call site passes the arguments in the kernel's order, pointers to buffers whose

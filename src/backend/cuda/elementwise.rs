@@ -24,10 +24,22 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.dev.launch(op, MODULE, kernel, Launch::cover(n, BLOCK, MAX_BLOCKS), args)
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel,
+            Launch::cover(n, BLOCK, MAX_BLOCKS),
+            args,
+        )
     }
 
-    pub(super) fn axpy_impl(&self, y: &mut CudaBuf, alpha: f32, x: &CudaBuf, acc: Accumulate) -> Result<()> {
+    pub(super) fn axpy_impl(
+        &self,
+        y: &mut CudaBuf,
+        alpha: f32,
+        x: &CudaBuf,
+        acc: Accumulate,
+    ) -> Result<()> {
         let op = "axpy";
         let n = y.len();
         let py = Self::check_f32(op, "y", y, n)?;
@@ -36,7 +48,13 @@ impl CudaBackend {
             op,
             "axpy",
             n,
-            &[Arg::Ptr(py), Arg::Ptr(px), Arg::F32(alpha), Arg::I64(n as i64), Arg::I32(acc_flag(acc))],
+            &[
+                Arg::Ptr(py),
+                Arg::Ptr(px),
+                Arg::F32(alpha),
+                Arg::I64(n as i64),
+                Arg::I32(acc_flag(acc)),
+            ],
         )
     }
 
@@ -50,7 +68,13 @@ impl CudaBackend {
             op,
             "add_bias",
             rows * cols,
-            &[Arg::Ptr(px), Arg::Ptr(pb), Arg::I32(bdt), Arg::I64(rows as i64), Arg::I64(cols as i64)],
+            &[
+                Arg::Ptr(px),
+                Arg::Ptr(pb),
+                Arg::I32(bdt),
+                Arg::I64(rows as i64),
+                Arg::I64(cols as i64),
+            ],
         )
     }
 
@@ -71,7 +95,10 @@ impl CudaBackend {
         if rows_of(op, "src", src.len(), src_cols)? != rows {
             return Err(err(
                 op,
-                format!("dst has {rows} rows of {dst_cols}, src {} elements in rows of {src_cols}", src.len()),
+                format!(
+                    "dst has {rows} rows of {dst_cols}, src {} elements in rows of {src_cols}",
+                    src.len()
+                ),
             ));
         }
         if dst_off + width > dst_cols || src_off + width > src_cols {
@@ -120,7 +147,11 @@ impl CudaBackend {
             MODULE,
             "sum_squares_partial",
             l,
-            &[Arg::Ptr(super::Device::ptr(&partial)), Arg::Ptr(px), Arg::I64(n as i64)],
+            &[
+                Arg::Ptr(super::Device::ptr(&partial)),
+                Arg::Ptr(px),
+                Arg::I64(n as i64),
+            ],
         )?;
         let bytes = self
             .dev
@@ -144,7 +175,10 @@ impl CudaBackend {
         let op = "embedding_forward";
         let v = rows_of(op, "table", table.len(), c)?;
         if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= v) {
-            return Err(err(op, format!("token id {id} at position {i} is outside the vocabulary of {v}")));
+            return Err(err(
+                op,
+                format!("token id {id} at position {i} is outside the vocabulary of {v}"),
+            ));
         }
         let n = ids.len();
         let po = Self::check_f32(op, "out", out, n * c)?;
@@ -170,12 +204,20 @@ impl CudaBackend {
     }
 
     /// Small host arrays (ids, positions, labels) to the device, ordered on the stream.
-    pub(super) fn upload_u32(&self, op: &'static str, v: &[u32]) -> Result<cudarc::driver::CudaSlice<u8>> {
+    pub(super) fn upload_u32(
+        &self,
+        op: &'static str,
+        v: &[u32],
+    ) -> Result<cudarc::driver::CudaSlice<u8>> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
         self.upload_bytes(op, &bytes)
     }
 
-    pub(super) fn upload_bytes(&self, op: &'static str, bytes: &[u8]) -> Result<cudarc::driver::CudaSlice<u8>> {
+    pub(super) fn upload_bytes(
+        &self,
+        op: &'static str,
+        bytes: &[u8],
+    ) -> Result<cudarc::driver::CudaSlice<u8>> {
         let mut mem = self.dev.alloc(op, bytes.len())?;
         if !bytes.is_empty() {
             self.dev
@@ -186,13 +228,23 @@ impl CudaBackend {
         Ok(mem)
     }
 
-    pub(super) fn swiglu_forward_impl(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
+    pub(super) fn swiglu_forward_impl(
+        &self,
+        out: &mut CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
         let op = "swiglu_forward";
         let n = out.len();
         let po = Self::check_f32(op, "out", out, n)?;
         let pg = Self::check_f32(op, "gate", gate, n)?;
         let pu = Self::check_f32(op, "up", up, n)?;
-        self.run(op, "swiglu_fwd", n, &[Arg::Ptr(po), Arg::Ptr(pg), Arg::Ptr(pu), Arg::I64(n as i64)])
+        self.run(
+            op,
+            "swiglu_fwd",
+            n,
+            &[Arg::Ptr(po), Arg::Ptr(pg), Arg::Ptr(pu), Arg::I64(n as i64)],
+        )
     }
 
     pub(super) fn swiglu_backward_impl(
@@ -214,7 +266,14 @@ impl CudaBackend {
             op,
             "swiglu_bwd",
             n,
-            &[Arg::Ptr(pdg), Arg::Ptr(pdu), Arg::Ptr(pd), Arg::Ptr(pg), Arg::Ptr(pu), Arg::I64(n as i64)],
+            &[
+                Arg::Ptr(pdg),
+                Arg::Ptr(pdu),
+                Arg::Ptr(pd),
+                Arg::Ptr(pg),
+                Arg::Ptr(pu),
+                Arg::I64(n as i64),
+            ],
         )
     }
 
@@ -223,22 +282,52 @@ impl CudaBackend {
         let n = out.len();
         let po = Self::check_f32(op, "out", out, n)?;
         let px = Self::check_f32(op, "x", x, n)?;
-        self.run(op, "gelu_fwd", n, &[Arg::Ptr(po), Arg::Ptr(px), Arg::I64(n as i64)])
+        self.run(
+            op,
+            "gelu_fwd",
+            n,
+            &[Arg::Ptr(po), Arg::Ptr(px), Arg::I64(n as i64)],
+        )
     }
 
-    pub(super) fn gelu_backward_impl(&self, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf) -> Result<()> {
+    pub(super) fn gelu_backward_impl(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+    ) -> Result<()> {
         let op = "gelu_backward";
         let n = dx.len();
         let pdx = Self::check_f32(op, "dx", dx, n)?;
         let pd = Self::check_f32(op, "dout", dout, n)?;
         let px = Self::check_f32(op, "x", x, n)?;
-        self.run(op, "gelu_bwd", n, &[Arg::Ptr(pdx), Arg::Ptr(pd), Arg::Ptr(px), Arg::I64(n as i64)])
+        self.run(
+            op,
+            "gelu_bwd",
+            n,
+            &[
+                Arg::Ptr(pdx),
+                Arg::Ptr(pd),
+                Arg::Ptr(px),
+                Arg::I64(n as i64),
+            ],
+        )
     }
 
     /// Forward and backward of dropout are the same map: `out = keep(i) ? x/(1−p) : 0`.
-    pub(super) fn dropout_impl(&self, op: &'static str, out: &mut CudaBuf, x: &CudaBuf, p: f32, seed: u64) -> Result<()> {
+    pub(super) fn dropout_impl(
+        &self,
+        op: &'static str,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
         if !(0.0..1.0).contains(&p) {
-            return Err(err(op, format!("dropout probability {p} is outside [0, 1)")));
+            return Err(err(
+                op,
+                format!("dropout probability {p} is outside [0, 1)"),
+            ));
         }
         let n = out.len();
         let po = Self::check_f32(op, "out", out, n)?;
@@ -248,7 +337,14 @@ impl CudaBackend {
             op,
             "dropout",
             n,
-            &[Arg::Ptr(po), Arg::Ptr(px), Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::I64(n as i64)],
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(px),
+                Arg::F32(p),
+                Arg::F32(scale),
+                Arg::U64(seed),
+                Arg::I64(n as i64),
+            ],
         )
     }
 }

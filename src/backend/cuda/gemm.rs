@@ -19,8 +19,12 @@ pub(super) struct GemmState {
 impl GemmState {
     pub fn new(dev: &Device) -> Result<Self> {
         dev.bind("init")?;
-        let blas = CudaBlas::new(dev.stream.clone()).map_err(|e| err("init", format!("cuBLAS: {e:?}")))?;
-        Ok(GemmState { blas, scratch: None })
+        let blas =
+            CudaBlas::new(dev.stream.clone()).map_err(|e| err("init", format!("cuBLAS: {e:?}")))?;
+        Ok(GemmState {
+            blas,
+            scratch: None,
+        })
     }
 }
 
@@ -41,7 +45,13 @@ fn cuda_type(d: DType) -> cudaDataType {
 
 impl CudaBackend {
     /// [`crate::backend::Backend::matmul`] with its shape checks.
-    pub(super) fn gemm_checked(&self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
+    pub(super) fn gemm_checked(
+        &self,
+        c: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        g: Gemm,
+    ) -> Result<()> {
         let op = "matmul";
         let shape = format!(
             "m={} n={} k={} trans_a={} trans_b={}",
@@ -50,14 +60,26 @@ impl CudaBackend {
         if a.len != g.m * g.k || b.len != g.k * g.n || c.len != g.m * g.n {
             return Err(err(
                 op,
-                format!("{shape}: a has {} elements, b {}, c {}", a.len, b.len, c.len),
+                format!(
+                    "{shape}: a has {} elements, b {}, c {}",
+                    a.len, b.len, c.len
+                ),
             ));
         }
         if c.dtype != DType::F32 {
-            return Err(err(op, format!("{shape}: the output must be f32, it is {}", c.dtype)));
+            return Err(err(
+                op,
+                format!("{shape}: the output must be f32, it is {}", c.dtype),
+            ));
         }
-        let oa = Operand { ptr: a.ptr(), dtype: a.dtype };
-        let ob = Operand { ptr: b.ptr(), dtype: b.dtype };
+        let oa = Operand {
+            ptr: a.ptr(),
+            dtype: a.dtype,
+        };
+        let ob = Operand {
+            ptr: b.ptr(),
+            dtype: b.dtype,
+        };
         self.gemm_raw(op, c.ptr(), oa, ob, g)
     }
 
@@ -73,17 +95,44 @@ impl CudaBackend {
     /// Types: f32 × f32 runs SGEMM. When one operand is a bf16/f16 weight, the f32 operand
     /// is cast to that type in a scratch buffer and `cublasGemmEx` runs with f32 output and
     /// CUBLAS_COMPUTE_32F (f32 accumulation).
-    pub(super) fn gemm_raw(&self, op: &'static str, c: u64, a: Operand, b: Operand, g: Gemm) -> Result<()> {
-        let shape = || format!("m={} n={} k={} trans_a={} trans_b={}", g.m, g.n, g.k, g.trans_a, g.trans_b);
+    pub(super) fn gemm_raw(
+        &self,
+        op: &'static str,
+        c: u64,
+        a: Operand,
+        b: Operand,
+        g: Gemm,
+    ) -> Result<()> {
+        let shape = || {
+            format!(
+                "m={} n={} k={} trans_a={} trans_b={}",
+                g.m, g.n, g.k, g.trans_a, g.trans_b
+            )
+        };
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        let int = |v: usize| i32::try_from(v).map_err(|_| err(op, format!("{}: dimension {v} exceeds cuBLAS's 32-bit range", shape())));
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                err(
+                    op,
+                    format!("{}: dimension {v} exceeds cuBLAS's 32-bit range", shape()),
+                )
+            })
+        };
         let (m, n, k) = (int(g.m)?, int(g.n)?, int(g.k)?);
         let lda = if g.trans_a { m } else { k };
         let ldb = if g.trans_b { k } else { n };
-        let op_a = if g.trans_a { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let op_b = if g.trans_b { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let op_a = if g.trans_a {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        };
+        let op_b = if g.trans_b {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        };
         let alpha: f32 = g.alpha;
         let beta: f32 = match g.accumulate {
             Accumulate::Overwrite => 0.0,
@@ -94,19 +143,35 @@ impl CudaBackend {
             // op(A)·op(B) is the zero matrix: C = beta·C.
             if g.accumulate == Accumulate::Overwrite {
                 // SAFETY: c addresses m·n f32 values on the compute stream's device.
-                unsafe { cudarc::driver::result::memset_d8_async(c, 0, g.m * g.n * 4, self.dev.stream.cu_stream()) }
-                    .map_err(|e| driver_err(op, e))?;
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(
+                        c,
+                        0,
+                        g.m * g.n * 4,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver_err(op, e))?;
             }
             return Ok(());
         }
-        let mut st = self.gemm.lock().map_err(|_| err(op, "cuBLAS lock poisoned"))?;
+        let mut st = self
+            .gemm
+            .lock()
+            .map_err(|_| err(op, "cuBLAS lock poisoned"))?;
         // Bring both operands to one storage type.
         let half = match (a.dtype, b.dtype) {
             (DType::F32, DType::F32) => None,
             (DType::F32, h) | (h, DType::F32) => Some(h),
             (x, y) if x == y => Some(x),
             (x, y) => {
-                return Err(err(op, format!("{}: operands are {x} and {y}; mixed half types are not supported", shape())));
+                return Err(err(
+                    op,
+                    format!(
+                        "{}: operands are {x} and {y}; mixed half types are not supported",
+                        shape()
+                    ),
+                ));
             }
         };
         let (a, b) = match half {
@@ -143,7 +208,10 @@ impl CudaBackend {
                                 Arg::I32((h == DType::BF16) as i32),
                             ],
                         )?;
-                        let cast = Operand { ptr: scratch, dtype: h };
+                        let cast = Operand {
+                            ptr: scratch,
+                            dtype: h,
+                        };
                         if side == 0 { (cast, b) } else { (a, cast) }
                     }
                 }

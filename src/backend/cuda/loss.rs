@@ -37,7 +37,9 @@ impl CudaBackend {
         {
             return Err(err(
                 op,
-                format!("label {l} at position {i} is outside the vocabulary of {v} (and is not the ignore index {IGNORE_INDEX})"),
+                format!(
+                    "label {l} at position {i} is outside the vocabulary of {v} (and is not the ignore index {IGNORE_INDEX})"
+                ),
             ));
         }
         let pdh = match &dh {
@@ -138,7 +140,11 @@ impl CudaBackend {
                 )?;
             }
         }
-        let bytes = self.dev.stream.clone_dtoh(&row_loss).map_err(|e| driver_err(op, e))?;
+        let bytes = self
+            .dev
+            .stream
+            .clone_dtoh(&row_loss)
+            .map_err(|e| driver_err(op, e))?;
         let sum: f64 = bytes[..n * 4]
             .chunks_exact(4)
             .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as f64)

@@ -25,13 +25,14 @@ mod norm;
 mod optim;
 mod rope;
 
+pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::{KernelCache, probe};
 
 use crate::backend::{
     Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
 };
 use crate::error::Result;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use device::{Device, err};
 use std::sync::{Arc, Mutex};
 
@@ -114,7 +115,11 @@ impl CudaBackend {
     /// The backend with explicit options. Fails with a sentence saying what is missing
     /// when there is no driver, no CUDA 13 libraries or no GPU.
     pub fn with_options(opts: CudaOptions) -> Result<Self> {
-        let dev = Device::new(opts.ordinal, opts.kernel_cache.clone(), opts.sync_each_launch)?;
+        let dev = Device::new(
+            opts.ordinal,
+            opts.kernel_cache.clone(),
+            opts.sync_each_launch,
+        )?;
         let gemm = gemm::GemmState::new(&dev)?;
         Ok(CudaBackend {
             dev,
@@ -161,6 +166,23 @@ impl CudaBackend {
     }
 
     // ---- hooks for the streaming engine -------------------------------------------------
+
+    /// `bytes` of page-locked host memory (write-combined: fast to fill and to copy to the
+    /// device, slow for the CPU to read), the source of asynchronous weight uploads.
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedHostSlice<u8>> {
+        let op = "alloc_pinned";
+        self.dev.bind(op)?;
+        // SAFETY: plain host allocation of `bytes` u8, which any bit pattern is valid for.
+        unsafe { self.dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| {
+            err(
+                op,
+                format!(
+                    "could not page-lock {:.1} MiB of host memory ({e:?}); use fewer or smaller staging buffers",
+                    bytes as f64 / (1024.0 * 1024.0)
+                ),
+            )
+        })
+    }
 
     /// A new stream for host→device weight copies, running beside the compute stream.
     pub fn new_copy_stream(&self) -> Result<Arc<CudaStream>> {
@@ -213,7 +235,13 @@ impl CudaBackend {
         if bytes.len() != dst.bytes() {
             return Err(err(
                 op,
-                format!("{} bytes given for a slot of {} bytes ({} × {})", bytes.len(), dst.bytes(), dst.len, dst.dtype),
+                format!(
+                    "{} bytes given for a slot of {} bytes ({} × {})",
+                    bytes.len(),
+                    dst.bytes(),
+                    dst.len,
+                    dst.dtype
+                ),
             ));
         }
         self.dev.bind(op)?;
@@ -226,7 +254,8 @@ impl CudaBackend {
             cudarc::driver::result::memcpy_htod_async(dst.ptr(), bytes, copy.cu_stream())
                 .map_err(|e| device::driver_err(op, e))?;
         }
-        copy.record_event(None).map_err(|e| device::driver_err(op, e))
+        copy.record_event(None)
+            .map_err(|e| device::driver_err(op, e))
     }
 
     fn check_f32(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<u64> {
@@ -234,14 +263,20 @@ impl CudaBackend {
             return Err(err(op, format!("{what} must be f32, it is {}", b.dtype)));
         }
         if b.len != len {
-            return Err(err(op, format!("{what} has {} elements, expected {len}", b.len)));
+            return Err(err(
+                op,
+                format!("{what} has {} elements, expected {len}", b.len),
+            ));
         }
         Ok(b.ptr())
     }
 
     fn check_any(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<(u64, i32)> {
         if b.len != len {
-            return Err(err(op, format!("{what} has {} elements, expected {len}", b.len)));
+            return Err(err(
+                op,
+                format!("{what} has {} elements, expected {len}", b.len),
+            ));
         }
         Ok((b.ptr(), device::dtype_code(b.dtype)))
     }
@@ -250,7 +285,10 @@ impl CudaBackend {
 /// Rows of a `[rows, cols]` buffer, or an error naming the op when it is not a whole number.
 fn rows_of(op: &'static str, what: &str, len: usize, cols: usize) -> Result<usize> {
     if cols == 0 || !len.is_multiple_of(cols) {
-        return Err(err(op, format!("{what} has {len} elements, not a multiple of {cols} columns")));
+        return Err(err(
+            op,
+            format!("{what} has {len} elements, not a multiple of {cols} columns"),
+        ));
     }
     Ok(len / cols)
 }
@@ -296,10 +334,20 @@ impl Backend for CudaBackend {
         let op = "upload_weight";
         self.dev.bind(op)?;
         if !bytes.len().is_multiple_of(dtype.size()) {
-            return Err(err(op, format!("{} bytes is not a whole number of {dtype} elements", bytes.len())));
+            return Err(err(
+                op,
+                format!(
+                    "{} bytes is not a whole number of {dtype} elements",
+                    bytes.len()
+                ),
+            ));
         }
         let n = bytes.len() / dtype.size();
-        let target = if dtype == DType::F32 { self.opts.weight_dtype } else { dtype };
+        let target = if dtype == DType::F32 {
+            self.opts.weight_dtype
+        } else {
+            dtype
+        };
         let converted;
         let src: &[u8] = if target == dtype {
             bytes
@@ -352,8 +400,14 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         let op = "synchronize";
         self.dev.bind(op)?;
-        self.dev.stream.synchronize().map_err(|e| device::driver_err(op, e))?;
-        self.dev.ctx.check_err().map_err(|e| device::driver_err(op, e))
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| device::driver_err(op, e))?;
+        self.dev
+            .ctx
+            .check_err()
+            .map_err(|e| device::driver_err(op, e))
     }
 
     fn matmul(&self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
@@ -386,11 +440,25 @@ impl Backend for CudaBackend {
         self.sum_squares_impl(x)
     }
 
-    fn embedding_forward(&self, out: &mut CudaBuf, ids: &[u32], table: &CudaBuf, c: usize, acc: Accumulate) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        ids: &[u32],
+        table: &CudaBuf,
+        c: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
         self.embedding_impl(out, ids, table, c, acc)
     }
 
-    fn rms_norm_forward(&self, out: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, eps: f32) -> Result<()> {
+    fn rms_norm_forward(
+        &self,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+    ) -> Result<()> {
         self.rms_norm_forward_impl(out, rstd, x, w, eps)
     }
 
@@ -432,11 +500,23 @@ impl Backend for CudaBackend {
         self.layer_norm_backward_impl(dx, dout, x, w, mean, rstd, acc)
     }
 
-    fn rope_forward(&self, x: &mut CudaBuf, positions: &[u32], inv_freq: &[f32], heads: usize) -> Result<()> {
+    fn rope_forward(
+        &self,
+        x: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
         self.rope_impl("rope_forward", x, positions, inv_freq, heads, 1.0)
     }
 
-    fn rope_backward(&self, dx: &mut CudaBuf, positions: &[u32], inv_freq: &[f32], heads: usize) -> Result<()> {
+    fn rope_backward(
+        &self,
+        dx: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
         self.rope_impl("rope_backward", dx, positions, inv_freq, heads, -1.0)
     }
 
@@ -472,7 +552,14 @@ impl Backend for CudaBackend {
         self.swiglu_forward_impl(out, gate, up)
     }
 
-    fn swiglu_backward(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
+    fn swiglu_backward(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
         self.swiglu_backward_impl(dgate, dup, dout, gate, up)
     }
 
@@ -505,7 +592,14 @@ impl Backend for CudaBackend {
         self.lm_head_loss_impl(h, w, labels, c, loss_scale, dh, logits)
     }
 
-    fn adamw_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, h: AdamWStep) -> Result<()> {
+    fn adamw_step(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        h: AdamWStep,
+    ) -> Result<()> {
         self.adamw_impl(p, g, m, v, h)
     }
 

@@ -113,7 +113,10 @@ impl CudaBackend {
         let (pw, wdt) = Self::check_any(op, "weight", w, c)?;
         let (pb, bdt) = Self::check_any(op, "bias", b, c)?;
         if bdt != wdt {
-            return Err(super::device::err(op, "weight and bias are stored in different types"));
+            return Err(super::device::err(
+                op,
+                "weight and bias are stored in different types",
+            ));
         }
         self.dev.launch(
             op,

@@ -11,7 +11,14 @@ pub(super) const MODULE: Module = Module {
 };
 
 impl CudaBackend {
-    pub(super) fn adamw_impl(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, h: AdamWStep) -> Result<()> {
+    pub(super) fn adamw_impl(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        h: AdamWStep,
+    ) -> Result<()> {
         let op = "adamw_step";
         let n = p.len();
         let pp = Self::check_f32(op, "param", p, n)?;
@@ -48,7 +55,13 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn sgd_impl(&self, p: &mut CudaBuf, g: &CudaBuf, buf: &mut CudaBuf, h: SgdStep) -> Result<()> {
+    pub(super) fn sgd_impl(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        buf: &mut CudaBuf,
+        h: SgdStep,
+    ) -> Result<()> {
         let op = "sgd_step";
         let n = p.len();
         let pp = Self::check_f32(op, "param", p, n)?;

@@ -24,7 +24,10 @@ impl CudaBackend {
         let d = inv_freq.len() * 2;
         let n = positions.len();
         if heads == 0 || d == 0 {
-            return Err(err(op, format!("heads = {heads} and head dimension {d} must be positive")));
+            return Err(err(
+                op,
+                format!("heads = {heads} and head dimension {d} must be positive"),
+            ));
         }
         let rows = rows_of(op, "x", x.len(), heads * d)?;
         if rows != n {
