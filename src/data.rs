@@ -6,12 +6,17 @@ use crate::error::{Error, Result};
 /// A batch of `batch` sequences of `seq` tokens, row-major. `labels` follow the HF
 /// causal-LM convention: the same positions as `input_ids` (the model shifts them, so
 /// the logits at t are scored against `labels[t + 1]`), `-100` is not counted.
+///
+/// A packed batch also has `segment_ids` (`[B·T]`): tokens of one example share an id,
+/// and examples are contiguous. Positions restart and attention is confined within each
+/// segment, and the last token of a segment is not scored against the next one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i32>,
     pub batch: usize,
     pub seq: usize,
+    pub segment_ids: Option<Vec<u32>>,
 }
 
 impl Batch {
@@ -42,7 +47,32 @@ impl Batch {
             labels,
             batch,
             seq,
+            segment_ids: None,
         })
+    }
+
+    /// Mark the batch as packed: `segment_ids[i]` names the example token i belongs to.
+    /// Each example must be one contiguous run within a row.
+    pub fn with_segments(mut self, segment_ids: Vec<u32>) -> Result<Self> {
+        if segment_ids.len() != self.input_ids.len() {
+            return Err(Error::config(format!(
+                "segment_ids has {} entries, the batch has {} tokens",
+                segment_ids.len(),
+                self.input_ids.len()
+            )));
+        }
+        for (r, row) in segment_ids.chunks(self.seq).enumerate() {
+            let mut seen = std::collections::HashSet::new();
+            for (t, &id) in row.iter().enumerate() {
+                if (t == 0 || id != row[t - 1]) && !seen.insert(id) {
+                    return Err(Error::config(format!(
+                        "segment {id} of row {r} is split (it resumes at position {t}); each packed example must be contiguous"
+                    )));
+                }
+            }
+        }
+        self.segment_ids = Some(segment_ids);
+        Ok(self)
     }
 
     /// A batch whose labels are its inputs (plain language modelling).
@@ -60,6 +90,14 @@ impl Batch {
             .zip(self.labels.chunks_exact(self.seq))
         {
             o[..self.seq - 1].copy_from_slice(&l[1..]);
+        }
+        if let Some(seg) = &self.segment_ids {
+            // the last token of a packed example does not predict the next example
+            for (i, o) in out.iter_mut().enumerate() {
+                if (i + 1) % self.seq != 0 && seg[i + 1] != seg[i] {
+                    *o = IGNORE_INDEX;
+                }
+            }
         }
         out
     }
@@ -82,6 +120,20 @@ mod tests {
         let b = Batch::new(vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, -100, 5, 6], 2, 3).unwrap();
         assert_eq!(b.shifted_labels(), vec![2, 3, -100, 5, 6, -100]);
         assert_eq!(b.counted_tokens(), 4);
+    }
+
+    #[test]
+    fn packed_shift_stops_at_segment_ends() {
+        let b = Batch::new(vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, 4, 5, 6], 1, 6)
+            .unwrap()
+            .with_segments(vec![0, 0, 1, 1, 1, 2])
+            .unwrap();
+        assert_eq!(b.shifted_labels(), vec![2, -100, 4, 5, -100, -100]);
+        let e = Batch::new(vec![1; 4], vec![1; 4], 1, 4)
+            .unwrap()
+            .with_segments(vec![0, 1, 0, 0])
+            .unwrap_err();
+        assert!(e.to_string().contains("segment 0 of row 0 is split"), "{e}");
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl<B: Backend> Engine<B> {
         dropout_seed: u64,
     ) -> Result<(LossSum, Option<Vec<f32>>)> {
         self.check_batch(batch)?;
-        let shape = StepShape::new(batch.batch, batch.seq);
+        let shape = StepShape::of_batch(batch);
         let n = shape.tokens();
         let c = self.model.config().hidden_size;
         let layers = self.model.config().num_hidden_layers;

@@ -339,7 +339,11 @@ pub trait Backend: Send + Sync + 'static {
     // ---- attention -------------------------------------------------------------------
 
     /// Causal softmax attention without a stored score matrix; saves each row's
-    /// log-sum-exp in `lse` for the backward. Shapes in [`AttnDims`].
+    /// log-sum-exp in `lse` for the backward. Shapes in [`AttnDims`]. With `key_start`
+    /// (`[B·T]`, packed sequences), query t of a row attends to keys
+    /// `key_start[t] ..= t` only, so packed examples do not see each other; without it,
+    /// to keys `0 ..= t`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
@@ -348,8 +352,10 @@ pub trait Backend: Send + Sync + 'static {
         k: &Self::Buf,
         v: &Self::Buf,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()>;
-    /// Gradients of causal attention; dq, dk, dv are overwritten.
+    /// Gradients of causal attention (same `key_start` as the forward); dq, dk, dv are
+    /// overwritten.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -363,6 +369,7 @@ pub trait Backend: Send + Sync + 'static {
         k: &Self::Buf,
         v: &Self::Buf,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()>;
 
     // ---- MLP activations -------------------------------------------------------------

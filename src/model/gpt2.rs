@@ -206,7 +206,15 @@ impl Gpt2 {
         // att[N, C] = causal_attention(q, k, v)
         let mut att = be.zeros(n * c)?;
         let mut lse = be.zeros(s.batch * self.cfg.num_attention_heads * s.seq)?;
-        be.attention_forward(&mut att, &mut lse, q, k, v, self.attn_dims(s))?;
+        be.attention_forward(
+            &mut att,
+            &mut lse,
+            q,
+            k,
+            v,
+            self.attn_dims(s),
+            s.key_start(),
+        )?;
         // h = x + att · W_proj + b
         let mut h = self
             .linear(w, APROJ)?
@@ -329,6 +337,7 @@ impl Gpt2 {
             sv.get("k")?,
             sv.get("v")?,
             self.attn_dims(s),
+            s.key_start(),
         )?;
         drop(datt);
         // q, k, v = column blocks of qkv

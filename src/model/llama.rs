@@ -172,7 +172,15 @@ impl Llama {
         // att[N, H·D] = causal_attention(q, k, v)
         let mut att = be.zeros(n * qd)?;
         let mut lse = be.zeros(s.batch * h_ * s.seq)?;
-        be.attention_forward(&mut att, &mut lse, &q, &k, &v, self.attn_dims(s))?;
+        be.attention_forward(
+            &mut att,
+            &mut lse,
+            &q,
+            &k,
+            &v,
+            self.attn_dims(s),
+            s.key_start(),
+        )?;
         // h[N, C] = x + att · Woᵀ
         let mut h = self
             .linear(w, O)?
@@ -313,6 +321,7 @@ impl Llama {
             sv.get("k")?,
             sv.get("v")?,
             self.attn_dims(s),
+            s.key_start(),
         )?;
         drop(datt);
         // q, k were rotated in place after their projections

@@ -73,8 +73,12 @@ impl<B: Backend> Saved<B> {
 pub struct StepShape {
     pub batch: usize,
     pub seq: usize,
-    /// Position of each token (`[B·T]`), for RoPE or learned positions.
+    /// Position of each token (`[B·T]`), for RoPE or learned positions; restarts at 0
+    /// at each packed segment.
     pub positions: Vec<u32>,
+    /// For packed rows: the index within its row of the first token of each token's
+    /// segment (`[B·T]`), the first key it may attend to.
+    pub segment_start: Option<Vec<u32>>,
 }
 
 impl StepShape {
@@ -85,7 +89,39 @@ impl StepShape {
             batch,
             seq,
             positions,
+            segment_start: None,
         }
+    }
+
+    /// The shape of `b`, with positions and attention confined to its segments when the
+    /// batch is packed.
+    pub fn of_batch(b: &crate::data::Batch) -> Self {
+        let Some(seg) = &b.segment_ids else {
+            return Self::new(b.batch, b.seq);
+        };
+        let mut positions = Vec::with_capacity(seg.len());
+        let mut starts = Vec::with_capacity(seg.len());
+        for row in seg.chunks(b.seq) {
+            let mut start = 0;
+            for (t, &id) in row.iter().enumerate() {
+                if t > 0 && id != row[t - 1] {
+                    start = t;
+                }
+                positions.push((t - start) as u32);
+                starts.push(start as u32);
+            }
+        }
+        StepShape {
+            batch: b.batch,
+            seq: b.seq,
+            positions,
+            segment_start: Some(starts),
+        }
+    }
+
+    /// The attention ops' `key_start` argument.
+    pub fn key_start(&self) -> Option<&[u32]> {
+        self.segment_start.as_deref()
     }
     /// Number of tokens, B·T.
     pub fn tokens(&self) -> usize {

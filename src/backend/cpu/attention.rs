@@ -1,4 +1,4 @@
-//! Causal softmax attention, flash-style: each query row computes its scores, their max
+//! Causal softmax attention (optionally confined to packed segments), flash-style: each query row computes its scores, their max
 //! and normaliser in one row of scratch, so no `[T, T]` matrix exists; the row's
 //! log-sum-exp is saved and the backward recomputes the probabilities from it.
 //!
@@ -60,9 +60,11 @@ pub(crate) fn attention_forward<T: CpuFloat>(
     k: &[T],
     v: &[T],
     dims: &AttnDims,
+    key_start: Option<&[u32]>,
 ) {
     let l = Layout::new(dims);
     let row = l.h * l.d;
+    let first = |bt: usize| key_start.map_or(0, |ks| ks[bt] as usize);
     if out.is_empty() {
         return;
     }
@@ -75,12 +77,13 @@ pub(crate) fn attention_forward<T: CpuFloat>(
         .enumerate()
         .for_each_init(Vec::new, |p: &mut Vec<T>, (bt, (out_bt, lse_bt))| {
             let (b, t) = (bt / l.t, bt % l.t);
+            let s0 = first(bt);
             for h in 0..l.h {
                 let g = h / l.group;
                 let qv = &q[l.q(b, t, h)..][..l.d];
-                // scores over keys s ≤ t, then p = exp(score − max)
+                // scores over keys s0 ≤ s ≤ t, then p = exp(score − max)
                 p.clear();
-                p.extend((0..=t).map(|s| scale * dot(qv, &k[l.kv(b, s, g)..][..l.d])));
+                p.extend((s0..=t).map(|s| scale * dot(qv, &k[l.kv(b, s, g)..][..l.d])));
                 let max = p.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
                 let mut sum = T::zero();
                 for x in p.iter_mut() {
@@ -90,7 +93,7 @@ pub(crate) fn attention_forward<T: CpuFloat>(
                 // out = Σ_s p_s · v_s / Σ_s p_s
                 let o = &mut out_bt[h * l.d..][..l.d];
                 o.fill(T::zero());
-                for (s, &ps) in p.iter().enumerate() {
+                for (s, &ps) in (s0..).zip(p.iter()) {
                     add_scaled(o, ps, &v[l.kv(b, s, g)..][..l.d]);
                 }
                 for x in o.iter_mut() {
@@ -123,8 +126,10 @@ pub(crate) fn attention_backward<T: CpuFloat>(
     k: &[T],
     v: &[T],
     dims: &AttnDims,
+    key_start: Option<&[u32]>,
 ) {
     let l = Layout::new(dims);
+    let first = |bt: usize| key_start.map_or(0, |ks| ks[bt] as usize);
     dq.fill(T::zero());
     dk.fill(T::zero());
     dv.fill(T::zero());
@@ -157,7 +162,7 @@ pub(crate) fn attention_backward<T: CpuFloat>(
             let (b, t) = (bt / l.t, bt % l.t);
             for h in 0..l.h {
                 let dq_row = &mut dq_bt[h * l.d..][..l.d];
-                for s in 0..=t {
+                for s in first(bt)..=t {
                     let (_, ds) = grad(b, t, h, s);
                     add_scaled(dq_row, scale * ds, &k[l.kv(b, s, h / l.group)..][..l.d]);
                 }
@@ -174,7 +179,9 @@ pub(crate) fn attention_backward<T: CpuFloat>(
                 let g = h / l.group;
                 let dk_row = &mut dk_bs[g * l.d..][..l.d];
                 let dv_row = &mut dv_bs[g * l.d..][..l.d];
-                for t in s..l.t {
+                // queries t ≥ s that see key s: key_start never decreases along a
+                // row, so they end at the first t whose segment starts after s
+                for t in (s..l.t).take_while(|&t| first(b * l.t + t) <= s) {
                     let (p, ds) = grad(b, t, h, s);
                     let qi = l.q(b, t, h);
                     add_scaled(dk_row, scale * ds, &q[qi..][..l.d]);

@@ -276,6 +276,35 @@ fn attn_lens(op: &'static str, d: &AttnDims) -> Result<(usize, usize, usize)> {
     ))
 }
 
+/// `key_start` must give, for every token t of a row, a first key ≤ t, never decreasing
+/// along the row (packed segments are contiguous).
+fn check_key_start(op: &'static str, d: &AttnDims, key_start: Option<&[u32]>) -> Result<()> {
+    let Some(ks) = key_start else { return Ok(()) };
+    if ks.len() != d.batch * d.seq {
+        return Err(fail(
+            op,
+            format!(
+                "key_start has {} entries, expected B·T = {}",
+                ks.len(),
+                d.batch * d.seq
+            ),
+        ));
+    }
+    for (r, row) in ks.chunks(d.seq.max(1)).enumerate() {
+        for (t, &s) in row.iter().enumerate() {
+            if s as usize > t || (t > 0 && s < row[t - 1]) {
+                return Err(fail(
+                    op,
+                    format!(
+                        "key_start[{r}, {t}] = {s} must be ≤ {t} and not below the previous entry"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks of the RoPE arguments shared by forward and backward.
 fn rope_check(
     op: &'static str,
@@ -608,8 +637,10 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         k: &CpuBuf<T>,
         v: &CpuBuf<T>,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
         let op = "attention_forward";
+        check_key_start(op, &dims, key_start)?;
         let (nq, nkv, nlse) = attn_lens(op, &dims)?;
         let AttnDims {
             batch: b,
@@ -629,7 +660,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             format!("[B={b}, H={h}, T={t}]")
         })?;
         self.install(|| {
-            attention::attention_forward(&mut out.0, &mut lse.0, &q.0, &k.0, &v.0, &dims)
+            attention::attention_forward(&mut out.0, &mut lse.0, &q.0, &k.0, &v.0, &dims, key_start)
         });
         Ok(())
     }
@@ -646,8 +677,10 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         k: &CpuBuf<T>,
         v: &CpuBuf<T>,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
         let op = "attention_backward";
+        check_key_start(op, &dims, key_start)?;
         let (nq, nkv, nlse) = attn_lens(op, &dims)?;
         let AttnDims {
             batch: b,
@@ -681,6 +714,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         self.install(|| {
             attention::attention_backward(
                 &mut dq.0, &mut dk.0, &mut dv.0, &dout.0, &out.0, &lse.0, &q.0, &k.0, &v.0, &dims,
+                key_start,
             )
         });
         Ok(())

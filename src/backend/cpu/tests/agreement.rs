@@ -59,7 +59,7 @@ fn run_all<Be: Backend>(be: &Be, seed: u64) -> Vec<(&'static str, Vec<f64>)> {
     res.push(("rope q", down(&q)));
     let (k, v) = (up(&rng.vec(N * C / 2, 1.5)), up(&rng.vec(N * C / 2, 1.0)));
     let mut lse = be.zeros(2 * 4 * 6).unwrap();
-    be.attention_forward(&mut out, &mut lse, &q, &k, &v, dims)
+    be.attention_forward(&mut out, &mut lse, &q, &k, &v, dims, None)
         .unwrap();
     res.push(("attention out", down(&out)));
     res.push(("attention lse", down(&lse)));
@@ -69,7 +69,7 @@ fn run_all<Be: Backend>(be: &Be, seed: u64) -> Vec<(&'static str, Vec<f64>)> {
         be.zeros(N * C / 2).unwrap(),
     );
     be.attention_backward(
-        &mut dq, &mut dk, &mut dv, &dyb, &out, &lse, &q, &k, &v, dims,
+        &mut dq, &mut dk, &mut dv, &dyb, &out, &lse, &q, &k, &v, dims, None,
     )
     .unwrap();
     be.rope_backward(&mut dq, &positions, &inv_freq, 4).unwrap();

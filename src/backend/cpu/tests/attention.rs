@@ -58,7 +58,7 @@ fn forward(q: &[f64], k: &[f64], v: &[f64], d: &AttnDims) -> (Vec<f64>, Vec<f64>
     let (nq, _, nl) = lens(d);
     let (mut out, mut lse) = (buf(&vec![0.0; nq]), buf(&vec![0.0; nl]));
     be64()
-        .attention_forward(&mut out, &mut lse, &buf(q), &buf(k), &buf(v), *d)
+        .attention_forward(&mut out, &mut lse, &buf(q), &buf(k), &buf(v), *d, None)
         .unwrap();
     (out.0, lse.0)
 }
@@ -123,6 +123,7 @@ fn attention_backward_matches_finite_differences() {
             &buf(&k),
             &buf(&v),
             d,
+            None,
         )
         .unwrap();
         let loss = |q: &[f64], k: &[f64], v: &[f64]| weighted_sum(&up, &forward(q, k, v, &d).0);
@@ -154,5 +155,113 @@ fn attention_backward_matches_finite_differences() {
                 loss(&q, x, &v)
             });
         }
+    }
+}
+
+/// Packed rows: attention with `key_start` equals attention run on each segment as its
+/// own sequence, forward and backward.
+#[test]
+fn key_start_confines_attention_to_segments() {
+    let mut rng = Rng::new(32);
+    let be = be64();
+    // one row of T = 7 holding segments of lengths 3, 1, 3
+    let seg = [3usize, 1, 3];
+    let d = dims(1, 7, 4, 2, 3);
+    let (nq, nkv, nl) = lens(&d);
+    let (q, k, v) = (rng.vec(nq, 1.5), rng.vec(nkv, 1.5), rng.vec(nkv, 1.0));
+    let up = rng.vec(nq, 1.0);
+    let mut ks = Vec::new();
+    for (i, &len) in seg.iter().enumerate() {
+        let start: usize = seg[..i].iter().sum();
+        ks.extend(std::iter::repeat_n(start as u32, len));
+    }
+    let (mut out, mut lse) = (buf(&vec![0.0; nq]), buf(&vec![0.0; nl]));
+    be.attention_forward(
+        &mut out,
+        &mut lse,
+        &buf(&q),
+        &buf(&k),
+        &buf(&v),
+        d,
+        Some(&ks),
+    )
+    .unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        buf(&vec![0.0; nq]),
+        buf(&vec![0.0; nkv]),
+        buf(&vec![0.0; nkv]),
+    );
+    be.attention_backward(
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &buf(&up),
+        &out,
+        &lse,
+        &buf(&q),
+        &buf(&k),
+        &buf(&v),
+        d,
+        Some(&ks),
+    )
+    .unwrap();
+    let (qrow, kvrow) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);
+    let mut start = 0;
+    for &len in &seg {
+        let ds = dims(1, len, 4, 2, 3);
+        let qs = &q[start * qrow..(start + len) * qrow];
+        let kk = &k[start * kvrow..(start + len) * kvrow];
+        let vs = &v[start * kvrow..(start + len) * kvrow];
+        let (o, _) = forward(qs, kk, vs, &ds);
+        assert_close(
+            "segment out",
+            &out.0[start * qrow..(start + len) * qrow],
+            &o,
+            1e-12,
+            1e-14,
+        );
+        let ups = &up[start * qrow..(start + len) * qrow];
+        let (mut gq, mut gk, mut gv) = (
+            buf(&vec![0.0; len * qrow]),
+            buf(&vec![0.0; len * kvrow]),
+            buf(&vec![0.0; len * kvrow]),
+        );
+        let (o2, l2) = forward(qs, kk, vs, &ds);
+        be.attention_backward(
+            &mut gq,
+            &mut gk,
+            &mut gv,
+            &buf(ups),
+            &buf(&o2),
+            &buf(&l2),
+            &buf(qs),
+            &buf(kk),
+            &buf(vs),
+            ds,
+            None,
+        )
+        .unwrap();
+        assert_close(
+            "segment dq",
+            &dq.0[start * qrow..(start + len) * qrow],
+            &gq.0,
+            1e-12,
+            1e-14,
+        );
+        assert_close(
+            "segment dk",
+            &dk.0[start * kvrow..(start + len) * kvrow],
+            &gk.0,
+            1e-12,
+            1e-14,
+        );
+        assert_close(
+            "segment dv",
+            &dv.0[start * kvrow..(start + len) * kvrow],
+            &gv.0,
+            1e-12,
+            1e-14,
+        );
+        start += len;
     }
 }

@@ -56,8 +56,20 @@ fn length_mismatches_name_the_op_and_lengths() {
         &buf(&[0.0; 16]),
         &buf(&[0.0; 16]),
         dims,
+        None,
     ));
     assert_mentions(&msg, &["attention_forward", "n_heads 3", "n_kv_heads 2"]);
+    let good = AttnDims { n_heads: 2, ..dims };
+    let msg = message(be.attention_forward(
+        &mut buf(&[0.0; 16]),
+        &mut buf(&[0.0; 4]),
+        &buf(&[0.0; 16]),
+        &buf(&[0.0; 16]),
+        &buf(&[0.0; 16]),
+        good,
+        Some(&[1, 1]),
+    ));
+    assert_mentions(&msg, &["attention_forward", "key_start[0, 0] = 1"]);
 
     let msg = message(be.rope_forward(&mut buf(&[0.0; 15]), &[0, 1], &[1.0, 0.5], 2));
     assert_mentions(&msg, &["rope_forward", "15", "16", "N=2"]);
