@@ -494,6 +494,22 @@ fn rope_forward_and_backward() {
 
 // ---- attention -----------------------------------------------------------------------
 
+/// Packed rows: each batch row cut into segments at random places (`key_start`).
+fn packed_starts(r: &mut Rng, b: usize, t: usize) -> Vec<u32> {
+    let mut ks = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        let mut start = 0u32;
+        for i in 0..t {
+            if i > 0 && r.below(9) == 0 {
+                start = i as u32;
+            }
+            ks.push(start);
+        }
+    }
+    ks
+}
+
+#[allow(clippy::too_many_arguments)]
 fn attention_case(
     g: &CudaBackend,
     r: &mut Rng,
@@ -502,6 +518,7 @@ fn attention_case(
     h: usize,
     kvh: usize,
     d: usize,
+    key_start: Option<&[u32]>,
 ) {
     let c = cpu();
     let p = Pair { c: &c, g };
@@ -513,7 +530,8 @@ fn attention_case(
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
     };
-    let tag = format!("B={b} T={t} H={h} KVH={kvh} D={d}");
+    let packed = if key_start.is_some() { " packed" } else { "" };
+    let tag = format!("B={b} T={t} H={h} KVH={kvh} D={d}{packed}");
     let (nq, nk) = (b * t * h * d, b * t * kvh * d);
     // q scaled up so that the softmax is peaked in places, not uniform.
     let (q, k, v) = (r.vec(nq, 2.0), r.vec(nk, 1.0), r.vec(nk, 1.0));
@@ -523,9 +541,9 @@ fn attention_case(
     // outputs start poisoned, so an unwritten element fails
     let (mut co, mut go) = p.up(&vec![f32::NAN; nq]);
     let (mut cl, mut gl) = p.up(&vec![f32::NAN; b * h * t]);
-    c.attention_forward(&mut co, &mut cl, &cq, &ck, &cv, dims)
+    c.attention_forward(&mut co, &mut cl, &cq, &ck, &cv, dims, key_start)
         .unwrap();
-    g.attention_forward(&mut go, &mut gl, &gq, &gk, &gv, dims)
+    g.attention_forward(&mut go, &mut gl, &gq, &gk, &gv, dims, key_start)
         .unwrap();
     // D-term dots and T-term softmax sums in f32, in different orders: ~1e-6.
     p.cmp(&format!("attention_forward out {tag}"), &co, &go, 1e-5);
@@ -536,11 +554,11 @@ fn attention_case(
     let (mut cdk, mut gdk) = p.up(&vec![f32::NAN; nk]);
     let (mut cdv, mut gdv) = p.up(&vec![f32::NAN; nk]);
     c.attention_backward(
-        &mut cdq, &mut cdk, &mut cdv, &cdo, &co, &cl, &cq, &ck, &cv, dims,
+        &mut cdq, &mut cdk, &mut cdv, &cdo, &co, &cl, &cq, &ck, &cv, dims, key_start,
     )
     .unwrap();
     g.attention_backward(
-        &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, dims,
+        &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, dims, key_start,
     )
     .unwrap();
     // gradients sum over up to T·H/KVH terms of differences p·(dp − Δ): 2e-5.
@@ -554,14 +572,19 @@ fn attention_gqa_forward_backward() {
     let Some(g) = gpu() else { return };
     let mut r = Rng::fresh("attention");
     for t in [1, 7, 64, 300] {
-        attention_case(&g, &mut r, 2, t, 4, 2, 64);
+        attention_case(&g, &mut r, 2, t, 4, 2, 64, None);
     }
     // head dimensions of every kernel variant, odd ones masked, and D = 256 whose tiles
     // need more than 48 KB of shared memory; multi-query (KVH = 1) too.
-    attention_case(&g, &mut r, 1, 37, 2, 1, 16);
-    attention_case(&g, &mut r, 1, 45, 6, 2, 80);
-    attention_case(&g, &mut r, 2, 64, 4, 4, 128);
-    attention_case(&g, &mut r, 1, 70, 2, 1, 256);
+    attention_case(&g, &mut r, 1, 37, 2, 1, 16, None);
+    attention_case(&g, &mut r, 1, 45, 6, 2, 80, None);
+    attention_case(&g, &mut r, 2, 64, 4, 4, 128, None);
+    attention_case(&g, &mut r, 1, 70, 2, 1, 256, None);
+    // packed sequences: attention confined to segments
+    for t in [7, 64, 300] {
+        let ks = packed_starts(&mut r, 2, t);
+        attention_case(&g, &mut r, 2, t, 4, 2, 64, Some(&ks));
+    }
 }
 
 // ---- LM head + loss ------------------------------------------------------------------

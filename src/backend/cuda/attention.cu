@@ -1,7 +1,9 @@
 // Causal attention without a T x T matrix (attention.rs), flash-style, f32 throughout.
 //
 // Layouts: q, out, dout, dq: [B, T, H, D]; k, v, dk, dv: [B, T, KVH, D]; lse, dsum: [B, H, T].
-// Query head h reads key/value head h / (H / KVH).
+// Query head h reads key/value head h / (H / KVH). Query t of batch row b sees keys
+// s0 ..= t, s0 = ks[b * T + t] (packed sequences; ks never decreases along a row) or 0 when
+// ks is null.
 //
 // Forward: a block of NW warps handles NW consecutive queries of one (batch, head); each
 // warp owns one query. Keys stream through shared memory in tiles of KT = 32, one key per
@@ -22,24 +24,30 @@
 
 __device__ __forceinline__ i64 qidx(i64 b, i64 t, i64 h, i64 T, i64 H, i64 D) { return ((b * T + t) * H + h) * D; }
 
+__device__ __forceinline__ int first_key(const u32* ks, int b, int t, int T) {
+    return ks ? (int)ks[(i64)b * T + t] : 0;
+}
+
 template <int DPL>
-__device__ void attn_fwd(float* out, float* lse, const float* q, const float* k, const float* v, int T, int H,
-                         int KVH, int D, float scale) {
+__device__ void attn_fwd(float* out, float* lse, const float* q, const float* k, const float* v, const u32* ks,
+                         int T, int H, int KVH, int D, float scale) {
     extern __shared__ float sm[];
     const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
     const int t0 = blockIdx.x * nw, t = t0 + warp;
-    float* ks = sm;                   // [KT][D + 1]
-    float* vs = ks + KT * (D + 1);    // [KT][D]
+    float* kt = sm;                   // [KT][D + 1]
+    float* vs = kt + KT * (D + 1);    // [KT][D]
     float* qs = vs + KT * D;          // [nw][D]
     const bool active = t < T;
+    const int s0 = active ? first_key(ks, b, t, T) : 0;
     if (active)
         for (int d = lane; d < D; d += 32) qs[warp * D + d] = q[qidx(b, t, h, T, H, D) + d];
     float m = -INF_F, l = 0.f, o[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; ++i) o[i] = 0.f;
     const int t_last = min(t0 + nw, T) - 1;
-    for (int j0 = 0; j0 <= t_last; j0 += KT) {
+    // keys from the first query's segment start (the smallest in the block)
+    for (int j0 = (first_key(ks, b, t0, T) / KT) * KT; j0 <= t_last; j0 += KT) {
         __syncthreads();
         for (int idx = threadIdx.x; idx < KT * D; idx += blockDim.x) {
             const int jj = idx / D, d = idx % D, j = j0 + jj;
@@ -49,22 +57,22 @@ __device__ void attn_fwd(float* out, float* lse, const float* q, const float* k,
                 kv = k[off];
                 vv = v[off];
             }
-            ks[jj * (D + 1) + d] = kv;
+            kt[jj * (D + 1) + d] = kv;
             vs[jj * D + d] = vv;
         }
         __syncthreads();
-        if (active && j0 <= t) {
+        if (active && j0 <= t && j0 + KT > s0) {
             const int j = j0 + lane;
             float s = -INF_F;
-            if (j <= t) {
-                const float* kr = ks + lane * (D + 1);
+            if (j >= s0 && j <= t) {
+                const float* kr = kt + lane * (D + 1);
                 const float* qr = qs + warp * D;
                 float acc = 0.f;
                 for (int d = 0; d < D; ++d) acc += qr[d] * kr[d];
                 s = acc * scale;
             }
-            const float mn = fmaxf(m, warp_max(s));  // finite: key j0 <= t is always valid
-            const float p = j <= t ? expf(s - mn) : 0.f;
+            const float mn = fmaxf(m, warp_max(s));  // finite: the tile holds a key of s0..=t
+            const float p = (j >= s0 && j <= t) ? expf(s - mn) : 0.f;
             const float corr = expf(m - mn);        // 0 on the first tile (m = -inf)
             l = l * corr + warp_sum(p);
 #pragma unroll
@@ -94,17 +102,18 @@ __device__ void attn_fwd(float* out, float* lse, const float* q, const float* k,
 
 template <int DPL>
 __device__ void attn_bwd_dq(float* dq, float* dsum, const float* dout, const float* out, const float* lse,
-                            const float* q, const float* k, const float* v, int T, int H, int KVH, int D,
-                            float scale) {
+                            const float* q, const float* k, const float* v, const u32* ks, int T, int H, int KVH,
+                            int D, float scale) {
     extern __shared__ float sm[];
     const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
     const int t0 = blockIdx.x * nw, t = t0 + warp;
-    float* ks = sm;                     // [KT][D + 1]
-    float* vs = ks + KT * (D + 1);      // [KT][D + 1]
+    float* kt = sm;                     // [KT][D + 1]
+    float* vs = kt + KT * (D + 1);      // [KT][D + 1]
     float* qs = vs + KT * (D + 1);      // [nw][D]
     float* dos = qs + nw * D;           // [nw][D]
     const bool active = t < T;
+    const int s0 = active ? first_key(ks, b, t, T) : 0;
     float dt = 0.f, lt = 0.f;
     if (active) {
         const i64 base = qidx(b, t, h, T, H, D);
@@ -123,7 +132,7 @@ __device__ void attn_bwd_dq(float* dq, float* dsum, const float* dout, const flo
 #pragma unroll
     for (int i = 0; i < DPL; ++i) a[i] = 0.f;
     const int t_last = min(t0 + nw, T) - 1;
-    for (int j0 = 0; j0 <= t_last; j0 += KT) {
+    for (int j0 = (first_key(ks, b, t0, T) / KT) * KT; j0 <= t_last; j0 += KT) {
         __syncthreads();
         for (int idx = threadIdx.x; idx < KT * D; idx += blockDim.x) {
             const int jj = idx / D, d = idx % D, j = j0 + jj;
@@ -133,15 +142,15 @@ __device__ void attn_bwd_dq(float* dq, float* dsum, const float* dout, const flo
                 kv = k[off];
                 vv = v[off];
             }
-            ks[jj * (D + 1) + d] = kv;
+            kt[jj * (D + 1) + d] = kv;
             vs[jj * (D + 1) + d] = vv;
         }
         __syncthreads();
-        if (active && j0 <= t) {
+        if (active && j0 <= t && j0 + KT > s0) {
             const int j = j0 + lane;
             float ds = 0.f;
-            if (j <= t) {
-                const float* kr = ks + lane * (D + 1);
+            if (j >= s0 && j <= t) {
+                const float* kr = kt + lane * (D + 1);
                 const float* vr = vs + lane * (D + 1);
                 const float* qr = qs + warp * D;
                 const float* dr = dos + warp * D;
@@ -159,7 +168,7 @@ __device__ void attn_bwd_dq(float* dq, float* dsum, const float* dout, const flo
 #pragma unroll
                 for (int i = 0; i < DPL; ++i) {
                     const int d = lane + 32 * i;
-                    if (d < D) a[i] += dsj * ks[jj * (D + 1) + d];
+                    if (d < D) a[i] += dsj * kt[jj * (D + 1) + d];
                 }
             }
         }
@@ -175,8 +184,8 @@ __device__ void attn_bwd_dq(float* dq, float* dsum, const float* dout, const flo
 
 template <int DPL>
 __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const float* lse, const float* dsum,
-                              const float* q, const float* k, const float* v, int T, int H, int KVH, int D,
-                              float scale) {
+                              const float* q, const float* k, const float* v, const u32* ks, int T, int H, int KVH,
+                              int D, float scale) {
     extern __shared__ float sm[];
     const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = blockIdx.z, g = blockIdx.y, group = H / KVH;
@@ -187,7 +196,9 @@ __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const flo
     float* vj = kj + nw * D;             // [nw][D]
     float* ls = vj + nw * D;             // [KT]
     float* dss = ls + KT;                // [KT]
+    int* ss = (int*)(dss + KT);          // [KT] first key of each query of the tile
     const bool active = j < T;
+    const int j_last = min(j0b + nw, T) - 1;
     if (active) {
         const i64 base = qidx(b, j, g, T, KVH, D);
         for (int d = lane; d < D; d += 32) {
@@ -217,12 +228,16 @@ __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const flo
                 const int t = t0 + tt;
                 ls[tt] = t < T ? lse[((i64)b * H + h) * T + t] : 0.f;
                 dss[tt] = t < T ? dsum[((i64)b * H + h) * T + t] : 0.f;
+                ss[tt] = t < T ? first_key(ks, b, t, T) : T;
             }
             __syncthreads();
+            // Segment starts never decrease: once a tile's first query starts after every
+            // key of this block, no later query sees them either (uniform over the block).
+            if (ss[0] > j_last) break;
             if (active && t0 + KT - 1 >= j) {
                 const int t = t0 + lane;
                 float p = 0.f, ds = 0.f;
-                if (t >= j && t < T) {
+                if (t >= j && t < T && ss[lane] <= j) {
                     const float* qr = qs + lane * (D + 1);
                     const float* dr = dos + lane * (D + 1);
                     const float* kr = kj + warp * D;
@@ -266,18 +281,21 @@ __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const flo
 
 #define ATTN_VARIANTS(DPL, SUFFIX)                                                                                   \
     extern "C" __global__ void attn_fwd_##SUFFIX(float* out, float* lse, const float* q, const float* k,            \
-                                                 const float* v, int T, int H, int KVH, int D, float scale) {        \
-        attn_fwd<DPL>(out, lse, q, k, v, T, H, KVH, D, scale);                                                       \
+                                                 const float* v, const u32* ks, int T, int H, int KVH, int D,        \
+                                                 float scale) {                                                      \
+        attn_fwd<DPL>(out, lse, q, k, v, ks, T, H, KVH, D, scale);                                                   \
     }                                                                                                                \
     extern "C" __global__ void attn_bwd_dq_##SUFFIX(float* dq, float* dsum, const float* dout, const float* out,     \
                                                     const float* lse, const float* q, const float* k,               \
-                                                    const float* v, int T, int H, int KVH, int D, float scale) {     \
-        attn_bwd_dq<DPL>(dq, dsum, dout, out, lse, q, k, v, T, H, KVH, D, scale);                                    \
+                                                    const float* v, const u32* ks, int T, int H, int KVH, int D,     \
+                                                    float scale) {                                                   \
+        attn_bwd_dq<DPL>(dq, dsum, dout, out, lse, q, k, v, ks, T, H, KVH, D, scale);                                \
     }                                                                                                                \
     extern "C" __global__ void attn_bwd_dkdv_##SUFFIX(float* dk, float* dv, const float* dout, const float* lse,     \
                                                       const float* dsum, const float* q, const float* k,            \
-                                                      const float* v, int T, int H, int KVH, int D, float scale) {   \
-        attn_bwd_dkdv<DPL>(dk, dv, dout, lse, dsum, q, k, v, T, H, KVH, D, scale);                                   \
+                                                      const float* v, const u32* ks, int T, int H, int KVH, int D,   \
+                                                      float scale) {                                                 \
+        attn_bwd_dkdv<DPL>(dk, dv, dout, lse, dsum, q, k, v, ks, T, H, KVH, D, scale);                               \
     }
 
 ATTN_VARIANTS(1, d32)

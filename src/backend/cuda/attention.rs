@@ -51,6 +51,35 @@ fn kernel(prefix: &'static str, v: &'static str) -> &'static str {
     }
 }
 
+/// `key_start` must give, for every token t of a row, a first key ≤ t, never decreasing
+/// along the row (the kernels rely on both).
+fn check_key_start(op: &'static str, d: &AttnDims, key_start: Option<&[u32]>) -> Result<()> {
+    let Some(ks) = key_start else { return Ok(()) };
+    if ks.len() != d.batch * d.seq {
+        return Err(err(
+            op,
+            format!(
+                "key_start has {} entries, expected B·T = {}",
+                ks.len(),
+                d.batch * d.seq
+            ),
+        ));
+    }
+    for (r, row) in ks.chunks(d.seq.max(1)).enumerate() {
+        for (t, &s) in row.iter().enumerate() {
+            if s as usize > t || (t > 0 && s < row[t - 1]) {
+                return Err(err(
+                    op,
+                    format!(
+                        "key_start[{r}, {t}] = {s} must be ≤ {t} and not below the previous entry"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_dims(op: &'static str, d: &AttnDims) -> Result<()> {
     if d.n_heads == 0 || d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
         return Err(err(
@@ -69,6 +98,7 @@ fn check_dims(op: &'static str, d: &AttnDims) -> Result<()> {
 }
 
 impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_forward_impl(
         &self,
         out: &mut CudaBuf,
@@ -77,9 +107,11 @@ impl CudaBackend {
         k: &CudaBuf,
         v: &CudaBuf,
         d: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
         let op = "attention_forward";
         check_dims(op, &d)?;
+        check_key_start(op, &d, key_start)?;
         let var = variant(op, d.head_dim)?;
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let po = Self::check_f32(op, "out", out, b * t * h * hd)?;
@@ -90,7 +122,9 @@ impl CudaBackend {
         if b * t == 0 {
             return Ok(());
         }
-        // ks [KT][D+1], vs [KT][D], qs [WARPS][D]
+        let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
+        let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        // kt [KT][D+1], vs [KT][D], qs [WARPS][D]
         let shared = (KT * (hd + 1) + KT * hd + WARPS * hd) * 4;
         self.dev.launch(
             op,
@@ -107,6 +141,7 @@ impl CudaBackend {
                 Arg::Ptr(pq),
                 Arg::Ptr(pk),
                 Arg::Ptr(pv),
+                Arg::Ptr(pks),
                 Arg::I32(t as i32),
                 Arg::I32(h as i32),
                 Arg::I32(kvh as i32),
@@ -129,9 +164,11 @@ impl CudaBackend {
         k: &CudaBuf,
         v: &CudaBuf,
         d: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
         let op = "attention_backward";
         check_dims(op, &d)?;
+        check_key_start(op, &d, key_start)?;
         let var = variant(op, d.head_dim)?;
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let pdq = Self::check_f32(op, "dq", dq, b * t * h * hd)?;
@@ -146,10 +183,13 @@ impl CudaBackend {
         if b * t == 0 {
             return Ok(());
         }
+        let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
+        let pks = ks.as_ref().map_or(0, super::Device::ptr);
         // dsum[b, h, t] = dout · out, written by the dq kernel, read by the dk/dv kernel.
         let dsum = self.dev.alloc(op, b * h * t * 4)?;
         let pds = super::Device::ptr(&dsum);
         let dims = [
+            Arg::Ptr(pks),
             Arg::I32(t as i32),
             Arg::I32(h as i32),
             Arg::I32(kvh as i32),
@@ -180,8 +220,8 @@ impl CudaBackend {
             },
             &args,
         )?;
-        // qs, dos [KT][D+1]; kj, vj [WARPS][D]; lse, dsum [KT]
-        let shared_kv = (2 * KT * (hd + 1) + 2 * WARPS * hd + 2 * KT) * 4;
+        // qs, dos [KT][D+1]; kj, vj [WARPS][D]; lse, dsum, first key [KT]
+        let shared_kv = (2 * KT * (hd + 1) + 2 * WARPS * hd + 3 * KT) * 4;
         let mut args = vec![
             Arg::Ptr(pdk),
             Arg::Ptr(pdv),

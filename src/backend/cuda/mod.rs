@@ -528,8 +528,9 @@ impl Backend for CudaBackend {
         k: &CudaBuf,
         v: &CudaBuf,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
-        self.attention_forward_impl(out, lse, q, k, v, dims)
+        self.attention_forward_impl(out, lse, q, k, v, dims, key_start)
     }
 
     fn attention_backward(
@@ -544,8 +545,9 @@ impl Backend for CudaBackend {
         k: &CudaBuf,
         v: &CudaBuf,
         dims: AttnDims,
+        key_start: Option<&[u32]>,
     ) -> Result<()> {
-        self.attention_backward_impl(dq, dk, dv, dout, out, lse, q, k, v, dims)
+        self.attention_backward_impl(dq, dk, dv, dout, out, lse, q, k, v, dims, key_start)
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
