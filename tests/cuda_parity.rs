@@ -771,6 +771,18 @@ fn async_weight_upload_on_a_copy_stream() {
 
 // ---- whole model: PEFT fixtures and training steps ------------------------------------
 
+/// A fixture folder: `tests/fixtures` under the working directory when there is one (the
+/// GPU machine runs the test binary from a copy of the tree elsewhere than where it was
+/// built), else under the crate that built the test.
+fn fixture(case: &str) -> std::path::PathBuf {
+    let here = std::path::Path::new("tests/fixtures").join(case);
+    if here.join("model.safetensors").exists() {
+        here
+    } else {
+        common::fixture(case)
+    }
+}
+
 fn fixture_batch(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
     let (shape, ids) = &reference["input_ids"];
     let (_, labels) = &reference["labels"];
@@ -784,7 +796,7 @@ fn fixture_batch(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<
 }
 
 fn fixture_config(case: &str, device: Device) -> LemaConfig {
-    let dir = common::fixture(case);
+    let dir = fixture(case);
     let mut cfg = LemaConfig::new(dir.join("model.safetensors"));
     cfg.adapter_path = Some(dir.join("adapter"));
     cfg.device = device;
@@ -792,10 +804,9 @@ fn fixture_config(case: &str, device: Device) -> LemaConfig {
 }
 
 fn adamw_of(case: &str) -> OptimizerConfig {
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture(case).join("meta.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap())
+            .unwrap();
     let o = &meta["optimizers"]["adamw"];
     let betas = o["betas"].as_array().expect("betas");
     OptimizerConfig::AdamW {
@@ -816,7 +827,7 @@ fn peft_fixtures_on_cuda() {
         return;
     }
     for case in ["llama_gqa", "llama_tied", "gpt2"] {
-        let reference = common::read_tensors(&common::fixture(case).join("reference.safetensors"));
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = fixture_batch(&reference);
         let model = LemaModel::new(fixture_config(case, Device::Cuda)).expect("model on CUDA");
         assert_eq!(model.device(), Device::Cuda);
@@ -877,7 +888,7 @@ fn training_steps_cuda_match_cpu() {
         return;
     }
     for case in ["llama_gqa", "gpt2"] {
-        let reference = common::read_tensors(&common::fixture(case).join("reference.safetensors"));
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = fixture_batch(&reference);
         let mut runs = Vec::new();
         for device in [Device::Cpu, Device::Cuda] {
