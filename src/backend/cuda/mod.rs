@@ -626,6 +626,7 @@ fn all_modules() -> [device::Module; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// Every .cu file compiles with NVRTC for Hopper and Ampere. Needs only NVRTC, no GPU;
     /// skipped (with a note) where libnvrtc cannot be loaded.
@@ -643,5 +644,38 @@ mod tests {
                 assert!(img.starts_with(b"\x7fELF"), "{}: not a CUBIN", m.name);
             }
         }
+    }
+
+    /// A compiled module lands in the disk cache; a cache folder that cannot be written
+    /// costs nothing but the write. (Distinct architectures keep the in-memory cache out
+    /// of the way.)
+    #[test]
+    fn kernel_disk_cache_is_written_and_optional() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIP: NVRTC (libnvrtc.so.13) not found");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::Dir(dir.path().join("kernels"));
+        device::module_image(rope::MODULE, "sm_86", &cache).unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("kernels"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1, "one cached module");
+        let name = files[0].file_name().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("rope-sm_86-nvrtc") && name.ends_with(".cubin"),
+            "{name}"
+        );
+        assert!(
+            std::fs::read(files[0].path())
+                .unwrap()
+                .starts_with(b"\x7fELF")
+        );
+        let blocked = KernelCache::Dir(PathBuf::from("/proc/lema-cannot-write-here"));
+        device::module_image(rope::MODULE, "sm_89", &blocked)
+            .expect("an unwritable cache only costs time");
     }
 }
