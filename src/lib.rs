@@ -16,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod stream;
+pub mod tokenizer;
 pub mod trainer;
 
 pub use api::{Device, LemaConfig, LemaModel, Trainer};
