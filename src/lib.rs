@@ -25,3 +25,8 @@ pub use error::{Error, Result};
 pub use optim::OptimizerConfig;
 pub use stream::Strategy;
 pub use trainer::StepOutput;
+
+/// The README's code blocks, compiled as doc tests so its example keeps working.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
