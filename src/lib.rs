@@ -16,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod stream;
+pub mod tokenizer;
 pub mod trainer;
 
 pub use api::{Device, LemaConfig, LemaModel, Trainer};
@@ -24,3 +25,8 @@ pub use error::{Error, Result};
 pub use optim::OptimizerConfig;
 pub use stream::Strategy;
 pub use trainer::StepOutput;
+
+/// The README's code blocks, compiled as doc tests so its example keeps working.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -64,3 +64,29 @@ fn rope_backward_matches_finite_differences_and_inverts_forward() {
     // Exact up to cos² + sin² = 1 in f32-rounded values.
     assert_close("rope backward ∘ forward", &y.0, &x, 1e-6, 1e-6);
 }
+
+#[test]
+fn rope_uses_f32_angles_and_cosines_like_hf() {
+    // HF computes θ = pos·inv_freq, cos θ and sin θ in f32 whatever the model's dtype; the
+    // f64 backend must rotate by exactly those rounded values, not by f64 cos θ.
+    let (freq, pos) = (inv_freq(), [123u32, 4097]);
+    let x: Vec<f64> = (0..2 * D).map(|i| 1.0 + i as f64 / 8.0).collect();
+    let mut got = buf(&x);
+    be64().rope_forward(&mut got, &pos, &freq, 1).unwrap();
+    let mut differs_from_f64_cos = false;
+    for (t, &p) in pos.iter().enumerate() {
+        for j in 0..D / 2 {
+            let theta = p as f32 * freq[j];
+            let (c, s) = (theta.cos() as f64, theta.sin() as f64);
+            let (lo, hi) = (x[t * D + j], x[t * D + j + D / 2]);
+            let want = [lo * c - hi * s, hi * c + lo * s];
+            let have = [got.0[t * D + j], got.0[t * D + j + D / 2]];
+            assert_close("rope f32 cos/sin", &have, &want, 1e-15, 0.0);
+            differs_from_f64_cos |= (c - (theta as f64).cos()).abs() > 1e-12;
+        }
+    }
+    assert!(
+        differs_from_f64_cos,
+        "the inputs do not tell f32 from f64 cosines"
+    );
+}
