@@ -5,5 +5,6 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod import;
 
 pub use error::{Error, Result};
