@@ -782,3 +782,240 @@ impl<'a> Parser<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::import::gguf_write::GgufBuilder;
+
+    fn parse(bytes: &[u8]) -> Result<GgufHeader> {
+        GgufHeader::parse(bytes, Path::new("test.gguf"))
+    }
+
+    fn err_text(bytes: &[u8]) -> String {
+        match parse(bytes) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn sample() -> GgufBuilder {
+        GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("u8", MetaValue::U8(200))
+            .kv("i8", MetaValue::I8(-5))
+            .kv("u16", MetaValue::U16(65_000))
+            .kv("i16", MetaValue::I16(-30_000))
+            .kv("u32", MetaValue::U32(4_000_000_000))
+            .kv("i32", MetaValue::I32(-2_000_000_000))
+            .kv("u64", MetaValue::U64(u64::MAX))
+            .kv("i64", MetaValue::I64(i64::MIN))
+            .kv("f32", MetaValue::F32(1e-5))
+            .kv("f64", MetaValue::F64(-2.5))
+            .kv("bool", MetaValue::Bool(true))
+            .kv(
+                "strs",
+                MetaValue::Array(MetaArray::String(vec![
+                    "a".into(),
+                    "ü €".into(),
+                    String::new(),
+                ])),
+            )
+            .kv("ints", MetaValue::Array(MetaArray::I32(vec![1, -2, 3])))
+            .kv("empty", MetaValue::Array(MetaArray::F32(vec![])))
+            .tensor_f32("a", &[3, 2], &[1., 2., 3., 4., 5., 6.])
+            .tensor("q", &[64], GgmlType::Q4_0, vec![7u8; 36])
+    }
+
+    #[test]
+    fn parses_what_the_writer_wrote() -> Result<()> {
+        let bytes = sample().build();
+        let h = parse(&bytes)?;
+        assert_eq!(h.version, 3);
+        assert_eq!(h.alignment, 32);
+        assert_eq!(h.data_offset % 32, 0);
+        assert_eq!(h.architecture(), Some("llama"));
+        assert_eq!(h.get("u8"), Some(&MetaValue::U8(200)));
+        assert_eq!(h.get("i8"), Some(&MetaValue::I8(-5)));
+        assert_eq!(h.get("u16"), Some(&MetaValue::U16(65_000)));
+        assert_eq!(h.get("i16"), Some(&MetaValue::I16(-30_000)));
+        assert_eq!(h.get("u32"), Some(&MetaValue::U32(4_000_000_000)));
+        assert_eq!(h.get("i32"), Some(&MetaValue::I32(-2_000_000_000)));
+        assert_eq!(h.get("u64"), Some(&MetaValue::U64(u64::MAX)));
+        assert_eq!(h.get("i64"), Some(&MetaValue::I64(i64::MIN)));
+        assert_eq!(h.get("f32"), Some(&MetaValue::F32(1e-5)));
+        assert_eq!(h.get("f64"), Some(&MetaValue::F64(-2.5)));
+        assert_eq!(h.get("bool"), Some(&MetaValue::Bool(true)));
+        assert_eq!(
+            h.get("strs").and_then(MetaValue::as_array),
+            Some(&MetaArray::String(vec![
+                "a".into(),
+                "ü €".into(),
+                String::new()
+            ]))
+        );
+        assert_eq!(
+            h.get("ints")
+                .and_then(MetaValue::as_array)
+                .and_then(MetaArray::to_i64_vec),
+            Some(vec![1, -2, 3])
+        );
+        assert_eq!(
+            h.get("empty")
+                .and_then(MetaValue::as_array)
+                .map(MetaArray::len),
+            Some(0)
+        );
+        let a = h.tensor("a").ok_or_else(|| Error::config("no a"))?;
+        assert_eq!(
+            (a.dims.clone(), a.ty, a.offset, a.n_bytes),
+            (vec![3, 2], GgmlType::F32, 0, 24)
+        );
+        assert_eq!(a.hf_shape(), vec![2, 3]);
+        let q = h.tensor("q").ok_or_else(|| Error::config("no q"))?;
+        assert_eq!(
+            (q.ty, q.offset, q.n_bytes, q.n_elements()),
+            (GgmlType::Q4_0, 32, 36, 64)
+        );
+
+        // Through the file: the data of each tensor is where the header says.
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
+        let f = GgufFile::open(&path)?;
+        let a = f
+            .header
+            .tensor("a")
+            .cloned()
+            .ok_or_else(|| Error::config("no a"))?;
+        let data = f.tensor_data(&a)?;
+        assert_eq!(&data[..4], &1f32.to_le_bytes());
+        assert_eq!(&data[20..24], &6f32.to_le_bytes());
+        let q = f
+            .header
+            .tensor("q")
+            .cloned()
+            .ok_or_else(|| Error::config("no q"))?;
+        assert_eq!(f.tensor_data(&q)?, &[7u8; 36][..]);
+        Ok(())
+    }
+
+    #[test]
+    fn version_2_and_custom_alignment() -> Result<()> {
+        let bytes = sample()
+            .version(2)
+            .kv("general.alignment", MetaValue::U32(64))
+            .tensor_f32("b", &[1], &[9.0])
+            .build();
+        let h = parse(&bytes)?;
+        assert_eq!((h.version, h.alignment), (2, 64));
+        assert_eq!(h.data_offset % 64, 0);
+        assert_eq!(h.tensor("b").map(|t| t.offset), Some(128));
+        let start = (h.data_offset + 128) as usize;
+        assert_eq!(&bytes[start..start + 4], &9f32.to_le_bytes());
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_headers_with_clear_messages() {
+        let good = sample().build();
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        assert!(err_text(&bad_magic).contains("not a GGUF file"));
+        assert!(err_text(&sample().version(1).build()).contains("version 1"));
+        assert!(err_text(&sample().version(4).build()).contains("unknown GGUF version 4"));
+        assert!(err_text(&sample().version(3u32.swap_bytes()).build()).contains("big-endian"));
+        // The last tensor's data ends before the file's final padding.
+        let end = parse(&good)
+            .map(|h| (h.data_offset + 32 + 36) as usize)
+            .unwrap_or(good.len());
+        for cut in [0, 3, 7, 20, good.len() / 2, end - 1] {
+            assert!(parse(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        let dup = GgufBuilder::new()
+            .kv("k", MetaValue::U8(1))
+            .kv("k", MetaValue::U8(2))
+            .build();
+        assert!(err_text(&dup).contains("duplicate metadata key 'k'"));
+        let dup_t = GgufBuilder::new()
+            .tensor_f32("t", &[1], &[0.])
+            .tensor_f32("t", &[1], &[0.])
+            .build();
+        assert!(err_text(&dup_t).contains("duplicate tensor name 't'"));
+        let bad_align = GgufBuilder::new()
+            .kv("general.alignment", MetaValue::U32(3))
+            .build();
+        assert!(err_text(&bad_align).contains("general.alignment"));
+        let unknown_type = GgufBuilder::new()
+            .tensor_raw("t", &[32], 5, vec![0; 32])
+            .build();
+        let msg = err_text(&unknown_type);
+        assert!(
+            msg.contains("'t'") && msg.contains("unknown ggml type id 5"),
+            "{msg}"
+        );
+        let zero_dims = GgufBuilder::new()
+            .tensor("t", &[], GgmlType::F32, vec![])
+            .build();
+        assert!(err_text(&zero_dims).contains("0 dimensions"));
+        let five_dims = GgufBuilder::new()
+            .tensor_f32("t", &[1, 1, 1, 1, 1], &[0.])
+            .build();
+        assert!(err_text(&five_dims).contains("5 dimensions"));
+        let ragged = GgufBuilder::new()
+            .tensor("t", &[16, 2], GgmlType::Q4_0, vec![0; 18])
+            .build();
+        assert!(err_text(&ragged).contains("block size 32"));
+        let overflow = GgufBuilder::new()
+            .tensor("t", &[u64::MAX / 2, 4], GgmlType::F32, vec![])
+            .build();
+        assert!(err_text(&overflow).contains("overflow"));
+    }
+
+    #[test]
+    fn rejects_data_outside_the_file() {
+        let mut bytes = GgufBuilder::new().tensor_f32("t", &[8], &[1.0; 8]).build();
+        bytes.truncate(bytes.len() - 4);
+        let msg = err_text(&bytes);
+        assert!(
+            msg.contains("tensor 't'") && msg.contains("past the end"),
+            "{msg}"
+        );
+    }
+
+    /// Overwrite the little-endian u64 at `at`.
+    fn patch_u64(bytes: &mut [u8], at: usize, v: u64) {
+        bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn lying_counts_are_rejected_before_allocating() {
+        let good = sample().build();
+        // Tensor count at byte 8, metadata count at byte 16.
+        for (at, what) in [(8, "tensor count"), (16, "metadata count")] {
+            let mut b = good.clone();
+            patch_u64(&mut b, at, u64::MAX / 3);
+            let msg = err_text(&b);
+            assert!(msg.contains(what) && msg.contains("cannot fit"), "{msg}");
+        }
+        // The first key's length at byte 24.
+        let mut b = good.clone();
+        patch_u64(&mut b, 24, 1 << 60);
+        assert!(err_text(&b).contains("cannot fit"));
+        // An array length: find the "ints" array (type 5, count 3) and make it huge.
+        let key = b"ints";
+        let pos = good
+            .windows(4)
+            .position(|w| w == key)
+            .map(|p| p + 4 + 4 + 4);
+        let mut b = good.clone();
+        if let Some(p) = pos {
+            patch_u64(&mut b, p, u64::MAX / 4);
+        }
+        let msg = err_text(&b);
+        assert!(
+            msg.contains("metadata array 'ints'") && msg.contains("cannot fit"),
+            "{msg}"
+        );
+    }
+}

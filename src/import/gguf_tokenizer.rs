@@ -546,3 +546,252 @@ pub fn file_map(files: &TokenizerFiles) -> BTreeMap<&'static str, &Value> {
     m.insert("special_tokens_map.json", &files.special_tokens_map);
     m
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::import::gguf_write::GgufBuilder;
+
+    /// A 16-token byte-level BPE vocabulary (ids in comments) with five merges.
+    pub(crate) fn with_tiny_bpe(b: GgufBuilder, pre: &str, add_bos: bool) -> GgufBuilder {
+        let tokens = [
+            "<|endoftext|>", // 0 control
+            "<|im_start|>",  // 1 control
+            "<|im_end|>",    // 2 control
+            "a",             // 3
+            "b",             // 4
+            "c",             // 5
+            "Ġ",             // 6 (space)
+            "Ċ",             // 7 (newline)
+            "1",             // 8
+            "2",             // 9
+            "ab",            // 10
+            "Ġa",            // 11
+            "Ġab",           // 12
+            "12",            // 13
+            "bc",            // 14
+            "<tool>",        // 15 user-defined
+        ];
+        let mut types = vec![token_type::NORMAL as i32; 16];
+        types[0] = token_type::CONTROL as i32;
+        types[1] = token_type::CONTROL as i32;
+        types[2] = token_type::CONTROL as i32;
+        types[15] = token_type::USER_DEFINED as i32;
+        // Rank order matters: with "a b" first, "Ġab" would end as Ġ + ab.
+        let merges = ["Ġ a", "a b", "Ġa b", "1 2", "b c"];
+        b.kv("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+            .kv("tokenizer.ggml.pre", MetaValue::String(pre.into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(tokens.iter().map(|s| s.to_string()).collect())),
+            )
+            .kv("tokenizer.ggml.token_type", MetaValue::Array(MetaArray::I32(types)))
+            .kv(
+                "tokenizer.ggml.merges",
+                MetaValue::Array(MetaArray::String(merges.iter().map(|s| s.to_string()).collect())),
+            )
+            .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+            .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+            .kv("tokenizer.ggml.padding_token_id", MetaValue::U32(0))
+            .kv("tokenizer.ggml.add_bos_token", MetaValue::Bool(add_bos))
+            .kv(
+                "tokenizer.chat_template",
+                MetaValue::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into()),
+            )
+    }
+
+    fn build(b: GgufBuilder) -> Result<(TokenizerFiles, tokenizers::Tokenizer)> {
+        let bytes = b.build();
+        let path = Path::new("tiny.gguf");
+        let h = GgufHeader::parse(&bytes, path)?;
+        let files = from_gguf(&h, path, Some(128))?;
+        let text = to_json_text(&files.tokenizer_json, path)?;
+        let tok = check_loads(&text, path)?;
+        Ok((files, tok))
+    }
+
+    fn ids(tok: &tokenizers::Tokenizer, s: &str) -> Vec<u32> {
+        match tok.encode(s, true) {
+            Ok(e) => e.get_ids().to_vec(),
+            Err(e) => panic!("encode {s:?}: {e}"),
+        }
+    }
+
+    fn decode(tok: &tokenizers::Tokenizer, ids: &[u32]) -> String {
+        match tok.decode(ids, false) {
+            Ok(s) => s,
+            Err(e) => panic!("decode {ids:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn byte_level_bpe_encodes_as_the_merges_say() -> Result<()> {
+        let (files, tok) = build(with_tiny_bpe(GgufBuilder::new(), "gpt2", false))?;
+        // "ab ab" pre-tokenizes to "ab", "Ġab"; Ġ+a (rank 0) then Ġa+b (rank 2).
+        assert_eq!(ids(&tok, "ab ab"), vec![10, 12]);
+        // a+b outranks b+c, so "abc" becomes ab + c, not a + bc.
+        assert_eq!(ids(&tok, "abc"), vec![10, 5]);
+        // GPT-2 pre-tokenization keeps digit runs together: 1+2 merges.
+        assert_eq!(ids(&tok, "12"), vec![13]);
+        // Control and user-defined tokens are never split.
+        assert_eq!(ids(&tok, "<|im_start|>ab\n<|im_end|>"), vec![1, 10, 7, 2]);
+        assert_eq!(ids(&tok, "<tool>c"), vec![15, 5]);
+        assert_eq!(decode(&tok, &[1, 10, 7, 2]), "<|im_start|>ab\n<|im_end|>");
+        assert_eq!(decode(&tok, &[10, 12, 14]), "ab abbc");
+        let cfg = &files.tokenizer_config;
+        assert_eq!(cfg["bos_token"], "<|im_start|>");
+        assert_eq!(cfg["eos_token"], "<|im_end|>");
+        assert_eq!(cfg["pad_token"], "<|endoftext|>");
+        assert_eq!(cfg["add_bos_token"], false);
+        assert_eq!(cfg["model_max_length"], 128);
+        assert!(
+            cfg["chat_template"]
+                .as_str()
+                .is_some_and(|t| t.contains("<|im_start|>"))
+        );
+        assert_eq!(cfg["added_tokens_decoder"]["15"]["special"], false);
+        assert_eq!(cfg["added_tokens_decoder"]["2"]["special"], true);
+        assert_eq!(files.special_tokens_map["eos_token"], "<|im_end|>");
+        Ok(())
+    }
+
+    #[test]
+    fn smollm_pre_tokenizer_splits_digits() -> Result<()> {
+        let (_, tok) = build(with_tiny_bpe(GgufBuilder::new(), "smollm", false))?;
+        assert_eq!(ids(&tok, "12"), vec![8, 9]);
+        assert_eq!(ids(&tok, "ab ab"), vec![10, 12]);
+        Ok(())
+    }
+
+    #[test]
+    fn add_bos_puts_bos_first() -> Result<()> {
+        let (_, tok) = build(with_tiny_bpe(GgufBuilder::new(), "llama-bpe", true))?;
+        assert_eq!(ids(&tok, "ab"), vec![1, 10]);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_models_and_pre_tokenizers_are_refused() {
+        let b = with_tiny_bpe(GgufBuilder::new(), "qwen-something", false);
+        let msg = build(b).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("tokenizer.ggml.pre 'qwen-something'") && msg.contains("smollm"),
+            "{msg}"
+        );
+        let b = GgufBuilder::new()
+            .kv("tokenizer.ggml.model", MetaValue::String("bert".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(vec!["a".into()])),
+            );
+        let msg = build(b).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("'bert' is not supported"), "{msg}");
+        let b = GgufBuilder::new()
+            .kv("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(vec!["a".into(), "b".into()])),
+            )
+            .kv(
+                "tokenizer.ggml.merges",
+                MetaValue::Array(MetaArray::String(vec!["a b".into()])),
+            );
+        let msg = build(b).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("merges[0]") && msg.contains("\"ab\""), "{msg}");
+    }
+
+    /// A small SentencePiece vocabulary: specials, all 256 byte pieces, then pieces whose
+    /// scores make "▁hello" reachable by merges.
+    fn tiny_spm() -> GgufBuilder {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![
+            token_type::UNKNOWN as i32,
+            token_type::CONTROL as i32,
+            token_type::CONTROL as i32,
+        ];
+        let mut scores = vec![0f32; 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(token_type::BYTE as i32);
+            scores.push(0.0);
+        }
+        // Piece and score; merges rank by the score of the merged piece.
+        let pieces = [
+            ("▁", -10.0),
+            ("h", -11.0),
+            ("e", -12.0),
+            ("l", -13.0),
+            ("o", -14.0),
+            ("▁hello", -1.0), // = ▁he + llo
+            ("ll", -3.0),     // = l + l
+            ("llo", -4.0),    // = ll + o
+            ("▁h", -5.0),     // = ▁ + h
+            ("▁he", -6.0),    // = ▁h + e
+        ];
+        for (p, s) in pieces {
+            tokens.push(p.into());
+            types.push(token_type::NORMAL as i32);
+            scores.push(s);
+        }
+        GgufBuilder::new()
+            .kv("tokenizer.ggml.model", MetaValue::String("llama".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(tokens)),
+            )
+            .kv(
+                "tokenizer.ggml.scores",
+                MetaValue::Array(MetaArray::F32(scores)),
+            )
+            .kv(
+                "tokenizer.ggml.token_type",
+                MetaValue::Array(MetaArray::I32(types)),
+            )
+            .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+            .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+            .kv("tokenizer.ggml.unknown_token_id", MetaValue::U32(0))
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_scores() {
+        let tokens: Vec<String> = ["▁", "h", "e", "▁h", "he", "▁he"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let scores = [-1.0, -2.0, -3.0, -5.0, -4.0, -6.0];
+        let types = [token_type::NORMAL; 6];
+        let m = spm_merges(&tokens, &scores, &types);
+        let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        // "he" (-4) first, then "▁h" (-5), then both splits of "▁he" (-6) in id order.
+        assert_eq!(
+            pairs,
+            vec![("h", "e"), ("▁", "h"), ("▁", "he"), ("▁h", "e")]
+        );
+    }
+
+    #[test]
+    fn sentencepiece_tokenizer_encodes_and_falls_back_to_bytes() -> Result<()> {
+        let (files, tok) = build(tiny_spm())?;
+        let id = |p: &str| -> u32 {
+            files.tokenizer_json["model"]["vocab"][p]
+                .as_u64()
+                .map(|x| x as u32)
+                .unwrap_or(u32::MAX)
+        };
+        // BOS is added; "hello" becomes "▁hello" via l+l, ll+o, ▁+h, ▁h+e, ▁he+llo.
+        assert_eq!(ids(&tok, "hello"), vec![1, id("▁hello")]);
+        assert_eq!(ids(&tok, "hell"), vec![1, id("▁he"), id("ll")]);
+        // "é" is not a piece: its two UTF-8 bytes come out as byte pieces.
+        assert_eq!(
+            ids(&tok, "hé"),
+            vec![1, id("▁h"), id("<0xC3>"), id("<0xA9>")]
+        );
+        assert_eq!(
+            tok.decode(&[1, id("▁h"), id("<0xC3>"), id("<0xA9>")], true)
+                .ok()
+                .as_deref(),
+            Some("hé")
+        );
+        Ok(())
+    }
+}

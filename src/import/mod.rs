@@ -13,6 +13,7 @@ pub mod dequant;
 pub mod gguf;
 pub mod gguf_llama;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod hf;
 pub mod st_writer;
 
