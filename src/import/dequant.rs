@@ -58,6 +58,8 @@ impl fmt::Display for DequantError {
     }
 }
 
+impl std::error::Error for DequantError {}
+
 /// The types [`dequantize`] handles.
 pub const SUPPORTED: &[GgmlType] = &[
     GgmlType::F32,

@@ -508,3 +508,287 @@ pub fn inspect(path: &Path) -> Result<ModelSummary> {
         metadata,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+    use serde_json::json;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn ramp(n: usize, start: f32) -> Vec<f32> {
+        (0..n).map(|i| start + i as f32 * 0.25).collect()
+    }
+
+    /// Write a safetensors file of F32 tensors (name, shape, values).
+    fn write_st(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<()> {
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.to_string(), f32_bytes(v), s.clone()))
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(n, b, s)| {
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        let out =
+            safetensors::serialize(views, None).map_err(|e| Error::format(path, e.to_string()))?;
+        std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    }
+
+    fn write_text(path: &Path, text: &str) -> Result<()> {
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+
+    type Read = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+    fn read_st(path: &Path) -> Result<Read> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect())
+    }
+
+    fn tmp() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| Error::io("tempdir", e))
+    }
+
+    #[test]
+    fn gpt2_names_are_prefixed_buffers_dropped_and_head_materialised() -> Result<()> {
+        let dir = tmp()?;
+        let src = dir.path().join("gpt2");
+        std::fs::create_dir(&src).map_err(|e| Error::io(&src, e))?;
+        let wte = ramp(5 * 4, -1.0);
+        write_st(
+            &src.join("model.safetensors"),
+            &[
+                ("wte.weight", vec![5, 4], wte.clone()),
+                ("wpe.weight", vec![3, 4], ramp(12, 2.0)),
+                ("h.0.attn.c_attn.weight", vec![4, 12], ramp(48, 0.5)),
+                ("h.0.attn.c_attn.bias", vec![12], ramp(12, 0.0)),
+                ("h.0.attn.bias", vec![1, 1, 3, 3], ramp(9, 0.0)),
+                ("h.0.attn.masked_bias", vec![1], vec![-1e4]),
+                ("ln_f.weight", vec![4], ramp(4, 1.0)),
+            ],
+        )?;
+        write_text(
+            &src.join("config.json"),
+            r#"{"model_type": "gpt2", "n_embd": 4}"#,
+        )?;
+        write_text(&src.join("tokenizer.json"), r#"{"fake": true}"#)?;
+        let out = dir.path().join("out");
+        let report = super::super::prepare(&src, &out, None, false)?;
+        let t = read_st(&out.join("model.safetensors"))?;
+        let names: Vec<&str> = t.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            vec![
+                "lm_head.weight",
+                "transformer.h.0.attn.c_attn.bias",
+                "transformer.h.0.attn.c_attn.weight",
+                "transformer.ln_f.weight",
+                "transformer.wpe.weight",
+                "transformer.wte.weight",
+            ]
+        );
+        assert_eq!(t["lm_head.weight"], t["transformer.wte.weight"]);
+        assert_eq!(t["lm_head.weight"].2, f32_bytes(&wte));
+        assert_eq!(t["transformer.h.0.attn.c_attn.weight"].1, vec![4, 12]);
+        assert_eq!(
+            report.dropped,
+            vec![
+                "h.0.attn.bias".to_string(),
+                "h.0.attn.masked_bias".to_string()
+            ]
+        );
+        assert_eq!(report.renamed, 5);
+        assert_eq!(
+            report.materialized,
+            vec!["lm_head.weight <- transformer.wte.weight".to_string()]
+        );
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("config.json")).map_err(|e| Error::io(&out, e))?,
+        )
+        .map_err(|e| Error::format(&out, e.to_string()))?;
+        assert_eq!(cfg["tie_word_embeddings"], json!(true));
+        assert_eq!(cfg["n_embd"], json!(4));
+        assert_eq!(
+            std::fs::read_to_string(out.join("tokenizer.json"))
+                .ok()
+                .as_deref(),
+            Some(r#"{"fake": true}"#)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sharded_llama_with_tied_embeddings_and_dtype_conversion() -> Result<()> {
+        let dir = tmp()?;
+        let src = dir.path().join("llama");
+        std::fs::create_dir(&src).map_err(|e| Error::io(&src, e))?;
+        let embed = ramp(6 * 4, -3.0);
+        let q = ramp(16, 0.1);
+        write_st(
+            &src.join("model-00001-of-00002.safetensors"),
+            &[
+                ("model.embed_tokens.weight", vec![6, 4], embed.clone()),
+                (
+                    "model.layers.0.self_attn.rotary_emb.inv_freq",
+                    vec![2],
+                    vec![1.0, 0.01],
+                ),
+            ],
+        )?;
+        write_st(
+            &src.join("model-00002-of-00002.safetensors"),
+            &[
+                (
+                    "model.layers.0.self_attn.q_proj.weight",
+                    vec![4, 4],
+                    q.clone(),
+                ),
+                ("model.norm.weight", vec![4], ramp(4, 1.0)),
+            ],
+        )?;
+        let index = json!({"metadata": {}, "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "model.layers.0.self_attn.rotary_emb.inv_freq": "model-00001-of-00002.safetensors",
+            "model.layers.0.self_attn.q_proj.weight": "model-00002-of-00002.safetensors",
+            "model.norm.weight": "model-00002-of-00002.safetensors",
+        }});
+        write_text(
+            &src.join("model.safetensors.index.json"),
+            &index.to_string(),
+        )?;
+        write_text(
+            &src.join("config.json"),
+            r#"{"model_type": "llama", "tie_word_embeddings": true}"#,
+        )?;
+        let out = dir.path().join("prepared/llama.safetensors");
+        let report = prepare_monolithic_safetensors(&src, &out, Some(DType::BF16), false)?;
+        assert_eq!(report.output, out);
+        let t = read_st(&out)?;
+        assert_eq!(t.len(), 4, "{:?}", t.keys().collect::<Vec<_>>());
+        let bf = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        assert_eq!(
+            t["model.embed_tokens.weight"],
+            (safetensors::Dtype::BF16, vec![6, 4], bf(&embed))
+        );
+        assert_eq!(t["lm_head.weight"], t["model.embed_tokens.weight"]);
+        assert_eq!(t["model.layers.0.self_attn.q_proj.weight"].2, bf(&q));
+        assert_eq!(
+            report.dropped,
+            vec!["model.layers.0.self_attn.rotary_emb.inv_freq".to_string()]
+        );
+        let cfg = read_json(&dir.path().join("prepared/config.json"))?;
+        assert_eq!(cfg["torch_dtype"], json!("bfloat16"));
+
+        // An index naming a tensor that its shard lacks is an error naming both.
+        let mut bad = index.clone();
+        bad["weight_map"]["model.layers.0.mlp.up_proj.weight"] =
+            json!("model-00002-of-00002.safetensors");
+        write_text(&src.join("model.safetensors.index.json"), &bad.to_string())?;
+        let msg = prepare(&src, &dir.path().join("o2"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("model.layers.0.mlp.up_proj.weight") && msg.contains("00002"),
+            "{msg}"
+        );
+        // A shard path that leaves the folder is refused.
+        bad["weight_map"]["x"] = json!("../evil.safetensors");
+        write_text(&src.join("model.safetensors.index.json"), &bad.to_string())?;
+        let msg = prepare(&src, &dir.path().join("o3"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("evil") && msg.contains("not a file in the folder"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
+    fn prepare(src: &Path, out: &Path, dtype: Option<DType>) -> Result<PrepareReport> {
+        prepare_monolithic_safetensors(src, out, dtype, false)
+    }
+
+    #[test]
+    fn refusals_name_the_problem() -> Result<()> {
+        let dir = tmp()?;
+        let src = dir.path().join("m");
+        std::fs::create_dir(&src).map_err(|e| Error::io(&src, e))?;
+        // Pickles only.
+        write_text(&src.join("pytorch_model.bin"), "not really a pickle")?;
+        write_text(&src.join("config.json"), r#"{"model_type": "llama"}"#)?;
+        let msg = prepare(&src, &dir.path().join("o"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("arbitrary code") && msg.contains("safe_serialization=True"),
+            "{msg}"
+        );
+        let msg = super::super::prepare(
+            &src.join("pytorch_model.bin"),
+            &dir.path().join("o"),
+            None,
+            false,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(msg.contains("pickle"), "{msg}");
+        // Untied Llama without lm_head.
+        write_st(
+            &src.join("model.safetensors"),
+            &[("model.embed_tokens.weight", vec![2, 2], ramp(4, 0.0))],
+        )?;
+        let msg = prepare(&src, &dir.path().join("o"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("lm_head.weight") && msg.contains("tie_word_embeddings is false"),
+            "{msg}"
+        );
+        // Unsupported architecture.
+        write_text(&src.join("config.json"), r#"{"model_type": "mistral"}"#)?;
+        let msg = prepare(&src, &dir.path().join("o"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("'mistral'"), "{msg}");
+        // Output on top of the input.
+        write_text(
+            &src.join("config.json"),
+            r#"{"model_type": "llama", "tie_word_embeddings": true}"#,
+        )?;
+        let msg = prepare(&src, &src.join("model.safetensors"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("overwrite an input"), "{msg}");
+        // In place into the same folder under another name is fine.
+        let r = prepare(&src, &src.join("monolithic.safetensors"), None)?;
+        assert_eq!(r.tensors, 2);
+        let info = super::inspect(&src.join("monolithic.safetensors"))?;
+        assert_eq!((info.tensors, info.parameters), (2, 8));
+        assert_eq!(info.architecture.as_deref(), Some("llama"));
+        Ok(())
+    }
+}
