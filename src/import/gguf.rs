@@ -489,6 +489,15 @@ impl GgufFile {
             .and_then(|r| self.mmap.get(r))
             .ok_or_else(|| Error::tensor(&self.path, &info.name, "data lies outside the file"))
     }
+
+    /// Let the kernel drop the resident pages of a tensor's data once it has been used
+    /// (they are read from the file again if needed), so that converting a large file
+    /// does not keep all of it resident.
+    pub fn release(&self, info: &TensorInfo) {
+        if let Ok(data) = self.tensor_data(info) {
+            super::release_pages(&self.mmap, data);
+        }
+    }
 }
 
 /// Minimum encoded size of one metadata value of GGUF type id `ty`, used to bound array

@@ -582,6 +582,7 @@ impl LlamaPlan {
                 progress.inc(chunk.len() as u64);
                 chunk.clear();
             }
+            gguf.release(&p.source);
         }
         Ok(())
     }

@@ -366,8 +366,8 @@ pub fn prepare_monolithic_safetensors(
     let mut f32_buf: Vec<f32> = Vec::new();
     let mut bytes_buf: Vec<u8> = Vec::new();
     for (s, spec) in sources.iter().zip(&specs) {
-        let (st, path) = match (shards.get(s.shard), paths.get(s.shard)) {
-            (Some(st), Some(p)) => (st, p),
+        let (st, path, map) = match (shards.get(s.shard), paths.get(s.shard), maps.get(s.shard)) {
+            (Some(st), Some(p), Some(m)) => (st, p, m),
             _ => return Err(Error::tensor(src, &s.in_name, "shard index out of range")),
         };
         let data = st
@@ -390,6 +390,7 @@ pub fn prepare_monolithic_safetensors(
                 bar.inc(bytes_buf.len() as u64);
             }
         }
+        super::release_pages(map, data);
     }
     let model = writer.finish()?;
     bar.finish();

@@ -174,6 +174,33 @@ impl Progress {
     }
 }
 
+/// Tell the kernel that the pages of `part` (a slice of `map`) are no longer needed, so
+/// that a conversion's resident memory does not grow with the input file: the pages are
+/// clean copies of the file and are simply read again if touched later. Best effort;
+/// does nothing when `part` is not inside `map`.
+pub(crate) fn release_pages(map: &memmap2::Mmap, part: &[u8]) {
+    let base = map.as_ptr() as usize;
+    let start = part.as_ptr() as usize;
+    let Some(offset) = start.checked_sub(base) else {
+        return;
+    };
+    if part.is_empty()
+        || offset
+            .checked_add(part.len())
+            .is_none_or(|end| end > map.len())
+    {
+        return;
+    }
+    // SAFETY: `map` is a read-only mapping of a file that is never written through it, so
+    // every page is a clean page of the file; MADV_DONTNEED only drops those pages, and a
+    // later read of the range (through `part` or any other slice) faults the same bytes
+    // back in from the file. The range was checked to lie inside the mapping.
+    #[cfg(unix)]
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, part.len())
+    };
+}
+
 /// Append `values` to `out` in `dtype`'s little-endian encoding (round to nearest even).
 pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
     out.reserve(values.len() * dtype.size());
