@@ -14,7 +14,7 @@
 //! * `Q5_K` (256 values, 176 B): d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]
 //!
 //!   Eight sub-blocks of 32 values, each with a 6-bit scale and 6-bit min packed in
-//!   `scales` (see [`scale_min_k4`]); value = d·scale·q − dmin·min.
+//!   `scales` (see `scale_min_k4`); value = d·scale·q − dmin·min.
 //! * `Q6_K` (256 values, 210 B): ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16
 //!
 //!   Sixteen sub-blocks of 16 values; value = d·scale·(q − 32), q six bits.

@@ -73,15 +73,25 @@ pub fn gguf_row_of_hf_row(r: usize, rows: usize, n_head: usize) -> usize {
 /// The model dimensions read from `llama.*` metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaDims {
+    /// Length of `tokenizer.ggml.tokens` (else `llama.vocab_size`).
     pub vocab_size: usize,
+    /// `llama.embedding_length`.
     pub hidden_size: usize,
+    /// `llama.feed_forward_length`.
     pub intermediate_size: usize,
+    /// `llama.block_count`.
     pub num_hidden_layers: usize,
+    /// `llama.attention.head_count`.
     pub num_attention_heads: usize,
+    /// `llama.attention.head_count_kv` (default: head_count).
     pub num_key_value_heads: usize,
+    /// `llama.attention.key_length` (default: hidden / heads).
     pub head_dim: usize,
+    /// `llama.context_length`.
     pub max_position_embeddings: usize,
+    /// `llama.attention.layer_norm_rms_epsilon`.
     pub rms_norm_eps: f32,
+    /// `llama.rope.freq_base` (default 10000).
     pub rope_theta: f32,
     /// `rope_scaling` for config.json (`null` when none).
     pub rope_scaling: serde_json::Value,
@@ -202,9 +212,11 @@ impl LlamaDims {
             .get("tokenizer.ggml.tokens")
             .and_then(MetaValue::as_array)
             .map(|a| a.len());
-        let vocab_size = match (meta_usize(h, path, "llama.vocab_size")?, tokens) {
-            (Some(v), _) => v,
-            (None, Some(n)) => n,
+        // The token list decides; llama.vocab_size is the fallback. The embedding's shape
+        // is checked against the result.
+        let vocab_size = match (tokens, meta_usize(h, path, "llama.vocab_size")?) {
+            (Some(n), _) => n,
+            (None, Some(v)) => v,
             (None, None) => {
                 return Err(Error::format(
                     path,
@@ -293,6 +305,7 @@ struct Planned {
 /// What the conversion will do, before any data is touched.
 #[derive(Clone, Debug)]
 pub struct LlamaPlan {
+    /// Dimensions from the metadata.
     pub dims: LlamaDims,
     /// config.json for the converted model.
     pub config: serde_json::Value,

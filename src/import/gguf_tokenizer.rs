@@ -110,6 +110,8 @@ fn string_array<'a>(h: &'a GgufHeader, path: &Path, key: &str) -> Result<Option<
 fn token_id(h: &GgufHeader, path: &Path, key: &str, n: usize) -> Result<Option<usize>> {
     match h.get(key) {
         None => Ok(None),
+        // Some converters write -1 for "no such token".
+        Some(MetaValue::I32(-1) | MetaValue::I64(-1)) => Ok(None),
         Some(v) => match v.as_u64().and_then(|x| usize::try_from(x).ok()) {
             Some(id) if id < n => Ok(Some(id)),
             // llama.cpp writes -1 (as u32::MAX) for "none" in some files.

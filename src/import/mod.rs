@@ -395,11 +395,15 @@ pub fn prepare(
 /// A short description of a model source, for `lema info`.
 #[derive(Clone, Debug)]
 pub struct ModelSummary {
+    /// The file or folder summarised.
     pub path: PathBuf,
+    /// What kind of source it is.
     pub format: SourceFormat,
     /// `general.architecture` (GGUF) or `model_type` (config.json), when known.
     pub architecture: Option<String>,
+    /// Number of tensors.
     pub tensors: usize,
+    /// Number of values in them.
     pub parameters: u64,
     /// Tensor counts by element type.
     pub types: BTreeMap<String, usize>,

@@ -20,8 +20,11 @@ use std::path::{Path, PathBuf};
 /// One tensor to be written: name, element type, shape (row-major).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// Tensor name in the header.
     pub name: String,
+    /// Element type of the data.
     pub dtype: DType,
+    /// Row-major shape.
     pub shape: Vec<usize>,
 }
 
