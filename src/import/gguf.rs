@@ -458,12 +458,7 @@ pub struct GgufFile {
 impl GgufFile {
     /// Open and memory-map `path`, then parse and validate its header.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and private to this process. lema never writes to
-        // a model file while it reads it; if another process truncated or rewrote the file
-        // underneath us, reads could see changed bytes or fault, which is the documented
-        // contract of memory-mapping and the same for every mmap-based model loader.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = super::map_readonly(path)?;
         let header = GgufHeader::parse(&mmap, path)?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -138,14 +138,6 @@ fn shard_files(src: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     ))
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: read-only private map of a model file that lema does not modify while it is
-    // mapped; a concurrent writer from another process is outside the contract (as for
-    // every mmap-based model loader) and could at worst change the bytes we read.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
-}
-
 fn dtype_of(st: safetensors::Dtype) -> Option<DType> {
     match st {
         safetensors::Dtype::F32 => Some(DType::F32),
@@ -221,7 +213,10 @@ pub fn prepare_monolithic_safetensors(
             }
         }
     }
-    let maps: Vec<memmap2::Mmap> = paths.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
+    let maps: Vec<memmap2::Mmap> = paths
+        .iter()
+        .map(|p| super::map_readonly(p))
+        .collect::<Result<_>>()?;
     let shards: Vec<safetensors::SafeTensors> = maps
         .iter()
         .zip(&paths)
@@ -477,7 +472,7 @@ pub fn inspect(path: &Path) -> Result<ModelSummary> {
     let mut tensors = 0usize;
     let mut parameters = 0u64;
     for f in &files {
-        let map = map_file(f)?;
+        let map = super::map_readonly(f)?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| Error::format(f, format!("invalid safetensors file: {e}")))?;
         for info in meta.tensors().values() {

@@ -174,6 +174,16 @@ impl Progress {
     }
 }
 
+/// Memory-map a model file read-only. The import code's only way to map a file.
+pub(crate) fn map_readonly(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: a read-only private map of a model file that lema never writes while it is
+    // mapped. If another process truncated or rewrote the file meanwhile, reads could see
+    // changed bytes or fault: the documented contract of mmap, shared by every mmap-based
+    // model loader, and outside what lema can prevent.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
 /// Tell the kernel that the pages of `part` (a slice of `map`) are no longer needed, so
 /// that a conversion's resident memory does not grow with the input file: the pages are
 /// clean copies of the file and are simply read again if touched later. Best effort;
