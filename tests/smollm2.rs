@@ -142,3 +142,102 @@ fn lora_fine_tune_lowers_the_loss_on_a_small_task() {
     );
     assert!(after < 0.5 * before, "loss {before} -> {after}");
 }
+
+/// Reference numbers from transformers' own GGUF loader (tools/reference/).
+fn reference() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    let dir = need_model!("tokenizer_and_chat_template_match_transformers");
+    let r = reference();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    for (text, want) in r["encodings"].as_object().unwrap() {
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids_of(want),
+            "encoding of {text:?}"
+        );
+    }
+    let passage = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/passage.txt"),
+    )
+    .unwrap();
+    let ids = tok.encode(&passage, false).unwrap();
+    assert_eq!(ids.len() as u64, r["passage_tokens"].as_u64().unwrap());
+    assert_eq!(ids[..32], ids_of(&r["passage_first_ids"])[..]);
+    let msgs = [lema::tokenizer::Message {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let prompt = tok.apply_chat_template(&msgs, true).unwrap();
+    assert_eq!(prompt, r["chat_prompt"].as_str().unwrap());
+    assert_eq!(
+        tok.encode(&prompt, false).unwrap(),
+        ids_of(&r["chat_prompt_ids"])
+    );
+}
+
+#[test]
+fn perplexity_and_greedy_decoding_match_transformers() {
+    let dir = need_model!("perplexity_and_greedy_decoding_match_transformers");
+    let r = reference();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let passage = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/passage.txt"),
+    )
+    .unwrap();
+    let ids = tok.encode(&passage, false).unwrap();
+    let mut m = LemaModel::new(config(&dir)).unwrap();
+    m.initialize_lora().unwrap();
+    let n = ids.len();
+    let (loss, _, _) = m
+        .evaluate(&Batch::language_modeling(ids, 1, n).unwrap(), false)
+        .unwrap();
+    let (ours, theirs) = (loss.exp(), r["passage_perplexity"].as_f64().unwrap());
+    println!(
+        "perplexity: lema (bf16 weights) {ours:.3}, transformers (f32 dequantized) {theirs:.3}"
+    );
+    // our prepared weights are rounded to bf16; transformers keeps f32
+    assert!(
+        (ours - theirs).abs() / theirs < 0.01,
+        "perplexity {ours} vs reference {theirs}"
+    );
+
+    // greedy decoding through full forwards, compared token by token
+    let mut seq = ids_of(&r["chat_prompt_ids"]);
+    let want = ids_of(&r["greedy_new_ids"]);
+    let v = m.model_config().vocab_size;
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let t = seq.len();
+        let (_, _, logits) = m
+            .evaluate(&Batch::language_modeling(seq.clone(), 1, t).unwrap(), true)
+            .unwrap();
+        let last = &logits.unwrap()[(t - 1) * v..t * v];
+        let next = (0..v).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+        got.push(next);
+        seq.push(next);
+        if tok.eos_ids.contains(&next) {
+            break;
+        }
+    }
+    println!("greedy: {:?}", tok.decode(&got, false).unwrap());
+    assert_eq!(
+        got,
+        want,
+        "greedy tokens differ from transformers: {:?} vs {:?}",
+        tok.decode(&got, false),
+        r["greedy_text"]
+    );
+}
