@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod gbi;
+pub mod import;
 pub mod lora;
 pub mod model;
 pub mod optim;
