@@ -84,6 +84,17 @@ pub struct LemaConfig {
     pub seed: u64,
     /// Start from this PEFT adapter folder instead of a fresh initialisation.
     pub adapter_path: Option<PathBuf>,
+    /// CUDA, strategy `budget`: bytes of GPU memory for frozen layers kept resident
+    /// (default: what is free, less 4 GiB for activations).
+    #[serde(default)]
+    pub max_vram: Option<u64>,
+    /// CUDA: layers copied ahead of the one in use (default 2).
+    #[serde(default = "default_prefetch_depth")]
+    pub prefetch_depth: usize,
+}
+
+fn default_prefetch_depth() -> usize {
+    2
 }
 
 impl LemaConfig {
@@ -105,6 +116,8 @@ impl LemaConfig {
             device: Device::Auto,
             seed: 42,
             adapter_path: None,
+            max_vram: None,
+            prefetch_depth: 2,
         }
     }
 
@@ -169,15 +182,36 @@ fn cuda_options(config: &LemaConfig) -> CudaOptions {
     opts
 }
 
-/// An engine on GPU 0.
+/// An engine on GPU 0, its weights streamed by the CUDA ring (copy stream, events,
+/// pinned host memory) unless the weights need converting on upload.
 #[cfg(feature = "cuda")]
 fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    use crate::backend::cuda::ring::{CudaRing, RingOptions};
     let be = CudaBackend::with_options(cuda_options(config))?;
-    Ok(AnyEngine::Cuda(Box::new(Engine::new(
+    let converts =
+        gbi.tensors().any(|t| t.dtype == DType::F32) && be.options().weight_dtype != DType::F32;
+    let stream: Box<dyn crate::stream::WeightStream<CudaBackend>> = if converts {
+        crate::stream::make_stream(config.strategy, gbi.clone(), model.clone())
+    } else {
+        let resident_bytes = match config.strategy {
+            Strategy::Budget => config.max_vram.unwrap_or_else(|| {
+                let free = be.mem_info().map_or(0, |(free, _)| free as u64);
+                free.saturating_sub(4 << 30)
+            }),
+            _ => 0,
+        };
+        let opts = RingOptions {
+            depth: config.prefetch_depth.max(1),
+            resident_bytes,
+            pinned_copy: config.strategy == Strategy::Resident,
+        };
+        Box::new(CudaRing::new(&be, gbi.clone(), model.clone(), opts)?)
+    };
+    Ok(AnyEngine::Cuda(Box::new(Engine::with_stream(
         be,
         model,
         gbi,
-        config.strategy,
+        stream,
         config.gradient_checkpointing,
         config.seed,
     ))))
@@ -294,6 +328,31 @@ impl LemaModel {
     /// The device the model runs on: `Cpu` or `Cuda` (what `Device::Auto` chose).
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The accelerator's name ("cpu" on the CPU).
+    pub fn device_name(&self) -> String {
+        match &self.engine {
+            AnyEngine::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.be.device_name().to_string(),
+        }
+    }
+
+    /// Device memory in use as the driver reports it (all of this process's memory on
+    /// the GPU, context included); None on the CPU.
+    pub fn device_memory_used(&self) -> Option<u64> {
+        match &self.engine {
+            AnyEngine::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.be.mem_info().map(|(free, total)| (total - free) as u64),
+        }
+    }
+
+    /// Bytes of frozen weights the stream has copied to the device so far, and why it
+    /// runs on a slower path, if it does.
+    pub fn stream_stats(&self) -> (u64, Option<String>) {
+        with_engine!(&self.engine, e => (e.stream.bytes_copied(), e.stream.note()))
     }
 
     /// Why `Device::Auto` chose the CPU (no driver, no GPU, no CUDA build), if it did; the

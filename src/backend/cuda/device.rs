@@ -325,6 +325,11 @@ impl Device {
         let stream = ctx.new_stream().map_err(|e| driver_err(op, e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| driver_err(op, e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // Keep freed memory in the pool across synchronisations (as PyTorch's caching
+        // allocator does): a training step frees and re-allocates the same sizes every
+        // step, and the driver then reports the step's real peak. Out of memory trims the
+        // pool before retrying (`alloc`).
+        set_pool_release_threshold(&ctx, u64::MAX);
         Ok(Device {
             ctx,
             stream,
@@ -357,7 +362,9 @@ impl Device {
             Ok(s) => Ok(s),
             Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
                 // Freed buffers go back to the driver at a synchronisation point.
+                set_pool_release_threshold(&self.ctx, 0);
                 self.stream.synchronize().map_err(|e| driver_err(op, e))?;
+                set_pool_release_threshold(&self.ctx, u64::MAX);
                 // SAFETY: as above.
                 match unsafe { self.stream.alloc::<u8>(bytes) } {
                     Ok(s) => Ok(s),
@@ -542,5 +549,24 @@ mod tests {
         let d = KernelCache::Dir(PathBuf::from("/x")).dir();
         assert_eq!(d, Some(PathBuf::from("/x")));
         assert_eq!(KernelCache::Off.dir(), None);
+    }
+}
+
+/// Set how much freed memory the device's default pool keeps at a synchronisation
+/// (best effort: a failure only changes when memory goes back to the driver).
+fn set_pool_release_threshold(ctx: &CudaContext, bytes: u64) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut value = bytes;
+    // SAFETY: out-pointer to a local; the attribute takes a u64 by pointer.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut value as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
     }
 }

@@ -23,6 +23,7 @@ mod gemm;
 mod loss;
 mod norm;
 mod optim;
+pub mod ring;
 mod rope;
 
 pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
@@ -141,6 +142,32 @@ impl CudaBackend {
     /// `(free, total)` device memory in bytes, as the driver reports it (all processes).
     pub fn mem_info(&self) -> Option<(usize, usize)> {
         self.dev.mem_info()
+    }
+
+    /// Peak bytes the default memory pool (where every buffer of this backend comes
+    /// from) has held since the backend was made, as the driver tracks it.
+    pub fn pool_peak_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys;
+        self.dev.bind("pool_peak_bytes").ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: out-pointers to locals of the right types; the device handle is valid.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, self.dev.ctx.cu_device())
+                != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+            if sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            ) != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+        }
+        Some(high)
     }
 
     /// The options this backend was made with.
