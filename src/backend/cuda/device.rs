@@ -534,24 +534,6 @@ pub(crate) fn dtype_code(d: DType) -> i32 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fnv_is_stable_and_separates_parts() {
-        assert_eq!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"ab", b"c"]));
-        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
-    }
-
-    #[test]
-    fn cache_dir_follows_xdg() {
-        let d = KernelCache::Dir(PathBuf::from("/x")).dir();
-        assert_eq!(d, Some(PathBuf::from("/x")));
-        assert_eq!(KernelCache::Off.dir(), None);
-    }
-}
-
 /// Set how much freed memory the device's default pool keeps at a synchronisation
 /// (best effort: a failure only changes when memory goes back to the driver).
 fn set_pool_release_threshold(ctx: &CudaContext, bytes: u64) {
@@ -568,5 +550,23 @@ fn set_pool_release_threshold(ctx: &CudaContext, bytes: u64) {
                 &mut value as *mut u64 as *mut std::ffi::c_void,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_is_stable_and_separates_parts() {
+        assert_eq!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"ab", b"c"]));
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn cache_dir_follows_xdg() {
+        let d = KernelCache::Dir(PathBuf::from("/x")).dir();
+        assert_eq!(d, Some(PathBuf::from("/x")));
+        assert_eq!(KernelCache::Off.dir(), None);
     }
 }
