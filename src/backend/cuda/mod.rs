@@ -61,7 +61,7 @@ impl Default for CudaOptions {
         CudaOptions {
             ordinal: 0,
             weight_dtype: DType::F32,
-            logits_chunk_bytes: 256 << 20,
+            logits_chunk_bytes: 64 << 20,
             kernel_cache: KernelCache::Default,
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
         }
