@@ -29,6 +29,7 @@ pub struct CudaOptions {
     pub logits_chunk_bytes: usize,
     pub kernel_cache: KernelCache,
     pub sync_each_launch: bool,
+    pub exact_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -39,6 +40,7 @@ impl Default for CudaOptions {
             logits_chunk_bytes: 256 << 20,
             kernel_cache: KernelCache::Default,
             sync_each_launch: false,
+            exact_attention: false,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Causal (grouped-query) attention without a T×T matrix: flash-style forward that saves
 //! each row's log-sum-exp, and a backward that recomputes the probabilities from it.
-//! Kernels and their algorithm in `attention.cu`.
+//! Two implementations of the same interface: bf16 tensor-core kernels
+//! (`attention_mma.cu`, FlashAttention-2 style) for head dimensions 64 and 128 on sm_80 and
+//! newer, and f32 CUDA-core kernels (`attention.cu`) for every other case and whenever
+//! [`super::CudaOptions::exact_attention`] asks for exact f32 results.
 
 use super::device::{Arg, Launch, Module, err};
 use super::{CudaBackend, CudaBuf};
@@ -11,6 +14,17 @@ pub(super) const MODULE: Module = Module {
     name: "attention",
     src: include_str!("attention.cu"),
 };
+
+/// The tensor-core kernels (bf16 operands, f32 accumulation).
+pub(super) const MODULE_MMA: Module = Module {
+    name: "attention_mma",
+    src: include_str!("attention_mma.cu"),
+};
+
+/// Rows (queries or keys) per block and per tile of the tensor-core kernels.
+const MMA_TILE: usize = 64;
+/// Threads per block of the tensor-core kernels (4 warps of 16 rows each).
+const MMA_THREADS: u32 = 128;
 
 /// Warps (queries, or keys in the dk/dv kernel) per block.
 const WARPS: usize = 4;
@@ -98,6 +112,183 @@ fn check_dims(op: &'static str, d: &AttnDims) -> Result<()> {
 }
 
 impl CudaBackend {
+    /// Whether attention with this head dimension runs on the bf16 tensor-core kernels
+    /// (head dimension 64 or 128, sm_80 or newer, [`super::CudaOptions::exact_attention`]
+    /// off); otherwise the f32 kernels run.
+    pub fn attention_on_tensor_cores(&self, head_dim: usize) -> bool {
+        let sm: u32 = self
+            .dev
+            .arch
+            .trim_start_matches("sm_")
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .unwrap_or(0);
+        !self.opts.exact_attention && sm >= 80 && matches!(head_dim, 64 | 128)
+    }
+
+    /// `dst` (bf16, `n` elements) = `src` (f32) rounded to nearest even; `n` is a multiple
+    /// of 4.
+    fn attn_cast_bf16(&self, op: &'static str, dst: u64, src: u64, n: usize) -> Result<()> {
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            "amma_cast_bf16",
+            Launch::cover(n / 4, 256, 4096),
+            &[Arg::Ptr(dst), Arg::Ptr(src), Arg::I64(n as i64)],
+        )
+    }
+
+    /// Shared bytes of one 64-row bf16 tile of the tensor-core kernels (row stride D + 8).
+    fn mma_tile_bytes(hd: usize) -> usize {
+        MMA_TILE * (hd + 8) * 2
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward_mma(
+        &self,
+        op: &'static str,
+        po: u64,
+        pl: u64,
+        pq: u64,
+        pk: u64,
+        pv: u64,
+        pks: u64,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
+        // bf16 copies of q, k, v (freed in stream order when `scratch` drops)
+        let scratch = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
+        let pqb = super::Device::ptr(&scratch);
+        let (pkb, pvb) = (pqb + (nq * 2) as u64, pqb + ((nq + nk) * 2) as u64);
+        self.attn_cast_bf16(op, pqb, pq, nq)?;
+        self.attn_cast_bf16(op, pkb, pk, nk)?;
+        self.attn_cast_bf16(op, pvb, pv, nk)?;
+        let name = if hd == 64 {
+            "amma_fwd_d64"
+        } else {
+            "amma_fwd_d128"
+        };
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), h, b),
+                block: MMA_THREADS,
+                // q tile, two stages of k and v tiles
+                shared_bytes: 5 * Self::mma_tile_bytes(hd),
+            },
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pl),
+                Arg::Ptr(pqb),
+                Arg::Ptr(pkb),
+                Arg::Ptr(pvb),
+                Arg::Ptr(pks),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(kvh as i32),
+                Arg::F32(d.scale * std::f32::consts::LOG2_E),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_mma(
+        &self,
+        op: &'static str,
+        (pdq, pdk, pdv): (u64, u64, u64),
+        pdo: u64,
+        po: u64,
+        pl: u64,
+        (pq, pk, pv): (u64, u64, u64),
+        pks: u64,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
+        // bf16 q, k, v, dout, then f32 dsum [b, h, t] = bf16(dout) · out
+        let scratch = self.dev.alloc(op, (2 * nq + 2 * nk) * 2 + b * h * t * 4)?;
+        let pqb = super::Device::ptr(&scratch);
+        let pkb = pqb + (nq * 2) as u64;
+        let pvb = pkb + (nk * 2) as u64;
+        let pdob = pvb + (nk * 2) as u64;
+        let pds = pdob + (nq * 2) as u64;
+        self.attn_cast_bf16(op, pqb, pq, nq)?;
+        self.attn_cast_bf16(op, pkb, pk, nk)?;
+        self.attn_cast_bf16(op, pvb, pv, nk)?;
+        let rows = b * t * h;
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            "amma_bwd_prep",
+            Launch {
+                grid: (rows.div_ceil(8), 1, 1),
+                block: 256,
+                shared_bytes: 0,
+            },
+            &[
+                Arg::Ptr(pdob),
+                Arg::Ptr(pds),
+                Arg::Ptr(pdo),
+                Arg::Ptr(po),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(hd as i32),
+                Arg::I64(rows as i64),
+            ],
+        )?;
+        let common = [
+            Arg::Ptr(pqb),
+            Arg::Ptr(pkb),
+            Arg::Ptr(pvb),
+            Arg::Ptr(pdob),
+            Arg::Ptr(pl),
+            Arg::Ptr(pds),
+            Arg::Ptr(pks),
+            Arg::I32(t as i32),
+            Arg::I32(h as i32),
+            Arg::I32(kvh as i32),
+            Arg::F32(d.scale * std::f32::consts::LOG2_E),
+            Arg::F32(d.scale),
+        ];
+        let tile = Self::mma_tile_bytes(hd);
+        let (dq_name, dkdv_name) = if hd == 64 {
+            ("amma_bwd_dq_d64", "amma_bwd_dkdv_d64")
+        } else {
+            ("amma_bwd_dq_d128", "amma_bwd_dkdv_d128")
+        };
+        let mut args = vec![Arg::Ptr(pdq)];
+        args.extend_from_slice(&common);
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            dq_name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), h, b),
+                block: MMA_THREADS,
+                // q and dout tiles, two stages of k and v tiles
+                shared_bytes: 6 * tile,
+            },
+            &args,
+        )?;
+        let mut args = vec![Arg::Ptr(pdk), Arg::Ptr(pdv)];
+        args.extend_from_slice(&common);
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            dkdv_name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), kvh, b),
+                block: MMA_THREADS,
+                // k and v tiles, two stages of q and dout tiles and of lse, dsum, first key
+                shared_bytes: 6 * tile + 6 * MMA_TILE * 4,
+            },
+            &args,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_forward_impl(
         &self,
@@ -124,6 +315,9 @@ impl CudaBackend {
         }
         let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
         let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        if self.attention_on_tensor_cores(hd) {
+            return self.attention_forward_mma(op, po, pl, pq, pk, pv, pks, &d);
+        }
         // kt [KT][D+1], vs [KT][D], qs [WARPS][D]
         let shared = (KT * (hd + 1) + KT * hd + WARPS * hd) * 4;
         self.dev.launch(
@@ -185,6 +379,18 @@ impl CudaBackend {
         }
         let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
         let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        if self.attention_on_tensor_cores(hd) {
+            return self.attention_backward_mma(
+                op,
+                (pdq, pdk, pdv),
+                pdo,
+                po,
+                pl,
+                (pq, pk, pv),
+                pks,
+                &d,
+            );
+        }
         // dsum[b, h, t] = dout · out, written by the dq kernel, read by the dk/dv kernel.
         let dsum = self.dev.alloc(op, b * h * t * 4)?;
         let pds = super::Device::ptr(&dsum);

@@ -54,6 +54,11 @@ pub struct CudaOptions {
     /// Synchronise after every kernel so that a fault names its kernel (slow; default from
     /// the environment variable `LEMA_CUDA_SYNC=1`).
     pub sync_each_launch: bool,
+    /// Run attention with the f32 CUDA-core kernels (exact to f32 rounding, about ten times
+    /// slower) instead of the bf16 tensor-core kernels used for head dimensions 64 and 128
+    /// on sm_80 and newer (default from the environment variable
+    /// `LEMA_CUDA_EXACT_ATTENTION=1`).
+    pub exact_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -64,6 +69,7 @@ impl Default for CudaOptions {
             logits_chunk_bytes: 64 << 20,
             kernel_cache: KernelCache::Default,
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -639,12 +645,13 @@ impl Backend for CudaBackend {
 
 /// Every kernel module, for ahead-of-time checks.
 #[cfg(test)]
-fn all_modules() -> [device::Module; 6] {
+fn all_modules() -> [device::Module; 7] {
     [
         elementwise::MODULE,
         norm::MODULE,
         rope::MODULE,
         attention::MODULE,
+        attention::MODULE_MMA,
         loss::MODULE,
         optim::MODULE,
     ]
