@@ -1,6 +1,8 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod eval;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +18,10 @@ struct Cli {
 enum Command {
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
+    /// Fine-tune a LoRA adapter: `lema train --config train.toml` (every field is also a flag).
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on a JSONL or text file.
+    Eval(eval::EvalArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -28,10 +34,12 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(a).map(|()| 0),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a).map(|()| 0),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
