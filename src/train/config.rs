@@ -378,10 +378,21 @@ impl TrainConfig {
         for (name, raw) in overrides {
             table.insert(name.clone(), cli_value(name, raw)?);
         }
-        let cfg: TrainConfig = table
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(format!("{origin}: {}", e.message())))?;
-        Ok(cfg)
+        match table.clone().try_into::<TrainConfig>() {
+            Ok(cfg) => Ok(cfg),
+            Err(e) => {
+                // name the field: the first that fails on its own
+                let culprit = table.into_iter().find(|(k, v)| {
+                    let mut one = toml::Table::new();
+                    one.insert(k.clone(), v.clone());
+                    one.try_into::<TrainConfig>().is_err()
+                });
+                Err(Error::config(match culprit {
+                    Some((k, _)) => format!("{origin}: field `{k}`: {}", e.message()),
+                    None => format!("{origin}: {}", e.message()),
+                }))
+            }
+        }
     }
 
     /// Read `path` (if given) and apply command-line overrides.
@@ -586,7 +597,11 @@ mod tests {
             "{e}"
         );
         let e = TrainConfig::from_toml("batch_size = \"four\"", "t.toml", None, &[]).unwrap_err();
-        assert!(e.to_string().contains("t.toml: invalid type"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("t.toml: field `batch_size`: invalid type"),
+            "{e}"
+        );
         let e =
             TrainConfig::from_toml("lr_scheduler = \"cosin\"", "t.toml", None, &[]).unwrap_err();
         assert!(e.to_string().contains("cosine"), "{e}");
