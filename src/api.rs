@@ -18,6 +18,7 @@
 //! ```
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend, CudaOptions};
 use crate::backend::{Backend, DType};
 use crate::checkpoint;
 use crate::config::{Arch, ModelConfig};
@@ -144,14 +145,59 @@ pub fn default_targets(arch: Arch) -> Vec<String> {
 /// An engine on whichever backend was chosen; the dispatch happens here once.
 enum AnyEngine {
     Cpu(Box<Engine<CpuBackend<f32>>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Engine<CudaBackend>>),
 }
 
 macro_rules! with_engine {
     ($self:expr, $e:ident => $body:expr) => {
         match $self {
             AnyEngine::Cpu($e) => $body,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda($e) => $body,
         }
     };
+}
+
+/// The CUDA backend's options for `config`: its `dtype` (when set) is the storage type of
+/// frozen weights that the file stores as F32.
+fn cuda_options(config: &LemaConfig) -> CudaOptions {
+    let mut opts = CudaOptions::default();
+    if let Some(dt) = config.dtype {
+        opts.weight_dtype = dt;
+    }
+    opts
+}
+
+/// An engine on GPU 0.
+#[cfg(feature = "cuda")]
+fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    let be = CudaBackend::with_options(cuda_options(config))?;
+    Ok(AnyEngine::Cuda(Box::new(Engine::new(
+        be,
+        model,
+        gbi,
+        config.strategy,
+        config.gradient_checkpointing,
+        config.seed,
+    ))))
+}
+
+/// Without the `cuda` feature the backend cannot be made (its constructor says why).
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(config: &LemaConfig, _model: Model, _gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    match CudaBackend::with_options(cuda_options(config))? {}
+}
+
+fn cpu_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> AnyEngine {
+    AnyEngine::Cpu(Box::new(Engine::new(
+        CpuBackend::new(),
+        model,
+        gbi,
+        config.strategy,
+        config.gradient_checkpointing,
+        config.seed,
+    )))
 }
 
 /// A model ready for LoRA training: validated weights file, architecture, memory
@@ -159,6 +205,10 @@ macro_rules! with_engine {
 pub struct LemaModel {
     config: LemaConfig,
     engine: AnyEngine,
+    /// The device in use (`Cpu` or `Cuda`, never `Auto`).
+    device: Device,
+    /// Why `Device::Auto` settled on the CPU, when it did.
+    device_note: Option<String>,
 }
 
 /// Open the weights and config of `config` and check every tensor the architecture
@@ -197,22 +247,39 @@ impl LemaModel {
     /// Open and validate the model described by `config` on its device.
     pub fn new(config: LemaConfig) -> Result<Self> {
         let (gbi, model) = open_model(&config)?;
-        let engine = match config.device {
+        let mut device_note = None;
+        let (engine, device) = match config.device {
+            Device::Cpu => (cpu_engine(&config, model, gbi), Device::Cpu),
             Device::Cuda => {
-                return Err(Error::config(
-                    "device 'cuda' was requested but this build has no CUDA backend yet; use --device cpu or auto",
-                ));
+                if let Err(why) = cuda::probe(0) {
+                    return Err(Error::config(format!(
+                        "device 'cuda' was requested, but {why}; use --device cpu, or auto to fall back to the CPU"
+                    )));
+                }
+                (cuda_engine(&config, model, gbi)?, Device::Cuda)
             }
-            Device::Auto | Device::Cpu => AnyEngine::Cpu(Box::new(Engine::new(
-                CpuBackend::new(),
-                model,
-                gbi,
-                config.strategy,
-                config.gradient_checkpointing,
-                config.seed,
-            ))),
+            Device::Auto => match cuda::probe(0) {
+                Ok(()) => match cuda_engine(&config, model.clone(), gbi.clone()) {
+                    Ok(e) => (e, Device::Cuda),
+                    Err(e) => {
+                        device_note = Some(format!(
+                            "CUDA is present but could not be used ({e}); running on the CPU"
+                        ));
+                        (cpu_engine(&config, model, gbi), Device::Cpu)
+                    }
+                },
+                Err(why) => {
+                    device_note = Some(format!("{why}; running on the CPU"));
+                    (cpu_engine(&config, model, gbi), Device::Cpu)
+                }
+            },
         };
-        let mut m = LemaModel { config, engine };
+        let mut m = LemaModel {
+            config,
+            engine,
+            device,
+            device_note,
+        };
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
         }
@@ -222,6 +289,17 @@ impl LemaModel {
     /// The configuration this model was built from.
     pub fn config(&self) -> &LemaConfig {
         &self.config
+    }
+
+    /// The device the model runs on: `Cpu` or `Cuda` (what `Device::Auto` chose).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Why `Device::Auto` chose the CPU (no driver, no GPU, no CUDA build), if it did; the
+    /// library prints nothing itself.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
     }
 
     /// The architecture's configuration.

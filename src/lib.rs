@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod error;
 pub mod fsutil;
 pub mod gbi;
+pub mod import;
 pub mod lora;
 pub mod model;
 pub mod optim;
@@ -28,3 +29,8 @@ pub use error::{Error, Result};
 pub use optim::OptimizerConfig;
 pub use stream::Strategy;
 pub use trainer::StepOutput;
+
+/// The README's code blocks, compiled as doc tests so its example keeps working.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

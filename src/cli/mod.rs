@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod train;
+mod prepare;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Loss and perplexity of a model (+ adapter) on a JSONL or text file.
     Eval(eval::EvalArgs),
+    /// Convert an HF folder or a GGUF file into one monolithic safetensors file.
+    Prepare(prepare::PrepareArgs),
+    /// What is in a model file and what each memory strategy would need.
+    Info(prepare::InfoArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -37,6 +42,8 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(a).map(|()| 0),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a).map(|()| 0),
+        Command::Prepare(a) => prepare::prepare(a).map(|()| 0),
+        Command::Info(a) => prepare::info(a).map(|()| 0),
     };
     match result {
         Ok(code) => code,
