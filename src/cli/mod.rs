@@ -2,8 +2,8 @@
 
 mod bench;
 mod eval;
-mod train;
 mod prepare;
+mod train;
 
 use clap::{Parser, Subcommand};
 
