@@ -266,51 +266,79 @@ fn eval_reads_plain_text_in_windows() {
     assert_eq!(v["tokens"].as_u64(), Some(450 - 8), "{v}");
 }
 
-/// Losses, learning rates and gradient norms of a run, by step.
-fn trajectory(m: &[StepRecord]) -> Vec<(u64, f64, f64, f64)> {
+/// Losses, learning rates, gradient norms and eval losses of a run, by step.
+type Trajectory = Vec<(u64, f64, f64, f64, Option<f64>)>;
+
+fn trajectory(m: &[StepRecord]) -> Trajectory {
     m.iter()
-        .map(|r| (r.step, r.loss, r.lr, r.grad_norm))
+        .map(|r| (r.step, r.loss, r.lr, r.grad_norm, r.eval_loss))
         .collect()
 }
 
 #[test]
 fn resume_continues_bit_identically() {
     let s = Setup::new(None);
-    s.easy_data("train.jsonl", 20);
-    // 20 examples, packed → few rows; accumulation and several epochs so that the resume
-    // point falls inside the schedule, the shuffle and the dropout stream
+    s.easy_data("train.jsonl", 24);
+    for packing in [true, false] {
+        // accumulation, several epochs, dropout, a warm-up and a held-out split, so that
+        // the resume point falls inside the schedule, the shuffle and the dropout stream
+        let a = format!("a-{packing}");
+        s.config(
+            "train.toml",
+            "train.jsonl",
+            &a,
+            &format!("batch_size = 2\ngradient_accumulation_steps = 2\nepochs = 3\nsave_steps = 3\nlora_dropout = 0.1\nlr_scheduler = \"linear\"\nwarmup_ratio = 0.2\nmax_seq_length = 24\neval_fraction = 0.25\neval_steps = 2\npacking = {packing}"),
+        );
+        expect_ok(&s.lema(&["train", "--config", "train.toml"]));
+        let full = trajectory(&metrics(&s.path(&a)));
+        assert!(full.len() >= 6, "need several steps, got {}", full.len());
+        assert!(
+            full.iter().any(|r| r.4.is_some()),
+            "the run should evaluate"
+        );
+
+        // resume from checkpoint-3 into another folder
+        let b = format!("b-{packing}");
+        let ck = format!("{a}/checkpoint-3");
+        let o = s.lema(&[
+            "train",
+            "--config",
+            "train.toml",
+            "--resume",
+            &ck,
+            "--output-dir",
+            &b,
+        ]);
+        expect_ok(&o);
+        let resumed = trajectory(&metrics(&s.path(&b)));
+        assert_eq!(
+            resumed,
+            full[3..].to_vec(),
+            "packing = {packing}: resumed run (left) vs uninterrupted run (right)"
+        );
+
+        // --resume alone takes the checkpoint's config and continues in the same folder
+        expect_ok(&s.lema(&["train", "--resume", &ck]));
+        assert_eq!(trajectory(&metrics(&s.path(&a))), full);
+    }
+}
+
+#[test]
+fn old_checkpoints_are_removed_past_the_limit() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 8);
     s.config(
-        "train.toml",
-        "train.jsonl",
-        "a",
-        "batch_size = 1\ngradient_accumulation_steps = 2\nepochs = 4\nsave_steps = 3\nlora_dropout = 0.1\nlr_scheduler = \"linear\"\nwarmup_ratio = 0.2\nmax_seq_length = 24\n",
+        "t.toml",
+        "d.jsonl",
+        "run",
+        "max_steps = 5\nsave_steps = 1\nsave_total_limit = 2\nbatch_size = 1",
     );
-    expect_ok(&s.lema(&["train", "--config", "train.toml"]));
-    let full = trajectory(&metrics(&s.path("a")));
-    assert!(full.len() >= 6, "need several steps, got {}", full.len());
-
-    // resume from checkpoint-3 into another folder
-    let o = s.lema(&[
-        "train",
-        "--config",
-        "train.toml",
-        "--resume",
-        "a/checkpoint-3",
-        "--output-dir",
-        "b",
-    ]);
-    expect_ok(&o);
-    let resumed = trajectory(&metrics(&s.path("b")));
-    assert_eq!(
-        resumed,
-        full[3..].to_vec(),
-        "resumed run (left) vs uninterrupted run (right)"
-    );
-
-    // --resume alone takes the checkpoint's config and continues in the same folder
-    let o = s.lema(&["train", "--resume", "a/checkpoint-3"]);
-    expect_ok(&o);
-    assert_eq!(trajectory(&metrics(&s.path("a"))), full);
+    expect_ok(&s.lema(&["train", "-c", "t.toml"]));
+    let left: Vec<u64> = train::list_checkpoints(&s.path("run"))
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(left, vec![4, 5]);
 }
 
 #[test]
