@@ -724,3 +724,21 @@ fn a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact() {
         "{r:?}"
     );
 }
+
+#[test]
+fn the_readme_config_example_is_valid() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Training from the command line")
+        .nth(1)
+        .expect("README section 'Training from the command line'");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block in the section");
+    let c = TrainConfig::from_toml(block, "README.md", None, &[]).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.lr_scheduler, lema::schedule::ScheduleKind::Cosine);
+}

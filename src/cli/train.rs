@@ -118,7 +118,6 @@ impl Observer for CliObserver {
             None => r.tokens_per_s,
         };
         self.tokens_per_s = Some(tps);
-        self.bar.set_position(r.step);
         self.bar.set_message(format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s mem {}",
             r.loss,
@@ -126,6 +125,7 @@ impl Observer for CliObserver {
             tps,
             gb(r.peak_rss_bytes)
         ));
+        self.bar.set_position(r.step);
         let eval = match (r.eval_loss, r.eval_ppl) {
             (Some(l), Some(p)) => format!(" | eval loss {l:.4} ppl {p:.2}"),
             _ => String::new(),
