@@ -16,6 +16,7 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::rng::{Rng, mix_seed};
 use crate::tokenizer::{Message, Tokenizer};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -182,13 +183,12 @@ fn parse_record(line: &str) -> std::result::Result<Record, String> {
     }
     let list = match obj.get("messages") {
         Some(serde_json::Value::Array(a)) => a,
-        Some(other) => {
+        other => {
             return Err(format!(
                 "\"messages\" must be a list, found {}",
-                kind_of(other)
+                other.map_or("nothing", kind_of)
             ));
         }
-        None => unreachable!("checked above"),
     };
     if list.is_empty() {
         return Err("\"messages\" is empty".into());
@@ -365,29 +365,37 @@ pub fn load_jsonl(
         path: path.to_path_buf(),
         ..Default::default()
     };
-    let mut out = Vec::new();
-    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-        let line = i + 1;
-        let Ok(s) = std::str::from_utf8(raw) else {
-            let msg = "not valid UTF-8".to_string();
-            skip_or_fail(path, line, msg, false, opts.on_bad_line, &mut report)?;
-            continue;
-        };
-        let s = s.trim();
-        if s.is_empty() {
-            continue;
-        }
+    // tokenizing (and rendering templates) is the slow part: do it on every core, then
+    // apply the policy in line order
+    let lines: Vec<(usize, &[u8])> = text
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, raw)| (i + 1, raw))
+        .filter(|(_, raw)| !raw.trim_ascii().is_empty())
+        .collect();
+    let results: Vec<(usize, std::result::Result<Truncated, RecordError>)> = lines
+        .par_iter()
+        .map(|&(line, raw)| {
+            let r = std::str::from_utf8(raw)
+                .map_err(|_| RecordError::Bad("not valid UTF-8".into()))
+                .and_then(|s| parse_record(s.trim()).map_err(RecordError::Bad))
+                .and_then(|r| tokenize_record(tok, r))
+                .and_then(|(ids, labels)| truncate(ids, labels, opts.max_seq_length));
+            (line, r)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(results.len());
+    for (line, result) in results {
         report.records += 1;
-        let result = parse_record(s)
-            .map_err(RecordError::Bad)
-            .and_then(|r| tokenize_record(tok, r))
-            .and_then(|(ids, labels)| truncate(ids, labels, opts.max_seq_length, &mut report));
         match result {
-            Ok((input_ids, labels)) => out.push(Example {
-                input_ids,
-                labels,
-                line,
-            }),
+            Ok(t) => {
+                report.truncated += t.cut as usize;
+                out.push(Example {
+                    input_ids: t.ids,
+                    labels: t.labels,
+                    line,
+                })
+            }
             Err(RecordError::Fatal(msg)) => return Err(Error::data(path, line, msg)),
             Err(RecordError::Bad(msg)) => {
                 skip_or_fail(path, line, msg, false, opts.on_bad_line, &mut report)?
@@ -424,13 +432,19 @@ fn skip_or_fail(
     }
 }
 
+/// An example after truncation, and whether it was cut.
+struct Truncated {
+    ids: Vec<u32>,
+    labels: Vec<i32>,
+    cut: bool,
+}
+
 /// Cut an example to `max` tokens; refuse one with nothing scored left.
 fn truncate(
     mut ids: Vec<u32>,
     mut labels: Vec<i32>,
     max: usize,
-    report: &mut LoadReport,
-) -> std::result::Result<(Vec<u32>, Vec<i32>), RecordError> {
+) -> std::result::Result<Truncated, RecordError> {
     let first_scored = labels
         .iter()
         .skip(1)
@@ -446,12 +460,12 @@ fn truncate(
             "the prompt alone is {first} tokens, max_seq_length is {max}: nothing of the answer would remain (raise max_seq_length or shorten the prompt)"
         )));
     }
-    if ids.len() > max {
+    let cut = ids.len() > max;
+    if cut {
         ids.truncate(max);
         labels.truncate(max);
-        report.truncated += 1;
     }
-    Ok((ids, labels))
+    Ok(Truncated { ids, labels, cut })
 }
 
 /// Read a plain text file as one token stream cut into windows of `max_seq_length`.
