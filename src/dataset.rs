@@ -44,12 +44,14 @@ pub enum Layout {
 pub struct DataOptions {
     /// Longest example in tokens; longer ones are cut at the end.
     pub max_seq_length: usize,
+    /// Skip (and count) or stop at an unusable record.
     pub on_bad_line: BadLinePolicy,
 }
 
 /// One tokenized example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
+    /// Token ids.
     pub input_ids: Vec<u32>,
     /// Same length as `input_ids`; `-100` where not scored.
     pub labels: Vec<i32>,
@@ -71,6 +73,7 @@ impl Example {
 /// What reading a data file left out, for the user to see.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
+    /// The file read.
     pub path: PathBuf,
     /// Non-blank lines (records) read.
     pub records: usize,

@@ -22,38 +22,54 @@ pub struct TrainConfig {
     pub data: Option<PathBuf>,
     /// Validation data file; alternatively `eval_fraction` of `data` is held out.
     pub eval_data: Option<PathBuf>,
+    /// Fraction of `data` held out for validation (when `eval_data` is not set).
     pub eval_fraction: f64,
     /// Evaluate every N steps (and at the end); 0: only at the end.
     pub eval_steps: u64,
     /// The run folder: config.toml, metrics.jsonl, loss.svg, checkpoints, adapter.
     pub output_dir: PathBuf,
+    /// Longest sequence in tokens; longer examples are cut.
     pub max_seq_length: usize,
     /// Pack several short examples into one sequence (attention stays within each).
     pub packing: bool,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Passes over the training data.
     pub epochs: u64,
     /// Total optimizer steps; overrides `epochs` when set.
     pub max_steps: Option<u64>,
+    /// Peak learning rate.
     pub learning_rate: f64,
+    /// Schedule after warm-up: constant, linear or cosine.
     pub lr_scheduler: ScheduleKind,
+    /// Steps of linear warm-up from 0 to the peak.
     pub warmup_steps: u64,
     /// Warm-up as a fraction of the total steps (used when `warmup_steps` is 0).
     pub warmup_ratio: f64,
+    /// AdamW decoupled weight decay.
     pub weight_decay: f64,
+    /// AdamW β1.
     pub adam_beta1: f64,
+    /// AdamW β2.
     pub adam_beta2: f64,
+    /// AdamW ε.
     pub adam_epsilon: f64,
     /// Global gradient-norm clipping; 0 disables it.
     pub max_grad_norm: f64,
+    /// LoRA rank r.
     pub lora_rank: usize,
+    /// LoRA α (the update is scaled by α/r, or α/√r with rsLoRA).
     pub lora_alpha: f64,
+    /// Dropout on the LoRA input during training.
     pub lora_dropout: f64,
     /// Module names to adapt; default: PEFT's for the architecture.
     pub lora_target_modules: Option<Vec<String>>,
+    /// Scale by α/√r (rsLoRA) instead of α/r.
     pub use_rslora: bool,
+    /// Seed of the LoRA initialisation, the split, the shuffles and dropout.
     pub seed: u64,
+    /// Visit the data in a new random order each epoch.
     pub shuffle: bool,
     /// Save a checkpoint every N steps; 0: only at the end (and on Ctrl-C).
     pub save_steps: u64,
@@ -61,9 +77,13 @@ pub struct TrainConfig {
     pub save_total_limit: usize,
     /// Print a progress line every N steps when stderr is not a terminal.
     pub logging_steps: u64,
+    /// What to do with unusable data records: skip (and count) or error.
     pub on_bad_line: BadLinePolicy,
+    /// How frozen weights are kept: streaming or resident.
     pub strategy: Strategy,
+    /// auto, cpu or cuda.
     pub device: Device,
+    /// Re-run each block's forward in backward instead of keeping activations.
     pub gradient_checkpointing: bool,
 }
 

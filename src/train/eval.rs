@@ -20,10 +20,15 @@ pub struct EvalOptions {
     pub data: PathBuf,
     /// Tokenizer folder; default: the model's folder.
     pub tokenizer: Option<PathBuf>,
+    /// Longest sequence (window for `.txt`) in tokens.
     pub max_seq_length: usize,
+    /// Sequences per forward pass.
     pub batch_size: usize,
+    /// Skip or stop at unusable JSONL records.
     pub on_bad_line: BadLinePolicy,
+    /// Where to compute.
     pub device: Device,
+    /// How frozen weights are kept.
     pub strategy: Strategy,
 }
 

@@ -39,21 +39,30 @@ pub struct EvalResult {
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
+    /// Optimizer steps done, this one included.
     pub step: u64,
+    /// Steps in the whole run.
     pub total_steps: u64,
     /// Fractional epochs done.
     pub epoch: f64,
+    /// Mean training loss of this step's counted tokens.
     pub loss: f64,
+    /// Learning rate of this step's update.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Real (non-padding) input tokens of this step.
     pub tokens: usize,
+    /// `tokens` over this step's wall time.
     pub tokens_per_s: f64,
     /// Seconds of training so far, across resumes.
     pub elapsed_s: f64,
+    /// Peak resident memory of the process so far.
     pub peak_rss_bytes: Option<u64>,
+    /// Validation loss, on the steps that evaluated.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// Validation perplexity, `exp(eval_loss)`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_ppl: Option<f64>,
 }
@@ -61,17 +70,25 @@ pub struct StepRecord {
 /// What the data looked like, for the user.
 #[derive(Clone, Debug)]
 pub struct DataSummary {
+    /// What reading the training file left out.
     pub train: LoadReport,
+    /// The same for `eval_data`, when given.
     pub eval: Option<LoadReport>,
+    /// Examples trained on (after any held-out split).
     pub train_examples: usize,
+    /// Examples evaluated.
     pub eval_examples: usize,
     /// Rows (sequences) per epoch after packing.
     pub rows_per_epoch: usize,
+    /// Optimizer steps per epoch.
     pub steps_per_epoch: u64,
+    /// Optimizer steps in the whole run.
     pub total_steps: u64,
     /// The step the run starts from (non-zero on resume).
     pub start_step: u64,
+    /// LoRA scalars trained.
     pub trainable_parameters: usize,
+    /// The run's `max_seq_length`.
     pub max_seq_length: usize,
 }
 
