@@ -599,6 +599,17 @@ fn resume_from_a_different_model_or_config_is_refused() {
         1,
         &["already holds a run", "--resume"],
     );
+    // folders that are not resumable checkpoints
+    expect_fail(
+        &s.lema(&["train", "--resume", "run/adapter"]),
+        1,
+        &["trainer_state.json: missing: this folder is not a complete lema checkpoint"],
+    );
+    expect_fail(
+        &s.lema(&["train", "--resume", "nowhere/checkpoint-9"]),
+        1,
+        &["nowhere/checkpoint-9/trainer_state.json"],
+    );
 }
 
 /// Overwrite the embedding row of `token` with NaN in a model written by
