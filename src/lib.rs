@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dataset;
 pub mod error;
 pub mod fsutil;
 pub mod gbi;
@@ -16,8 +17,10 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod schedule;
 pub mod stream;
 pub mod tokenizer;
+pub mod train;
 pub mod trainer;
 
 pub use api::{Device, LemaConfig, LemaModel, Trainer};

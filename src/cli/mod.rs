@@ -1,7 +1,9 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod eval;
 mod prepare;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +19,10 @@ struct Cli {
 enum Command {
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
+    /// Fine-tune a LoRA adapter: `lema train --config train.toml` (every field is also a flag).
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on a JSONL or text file.
+    Eval(eval::EvalArgs),
     /// Convert an HF folder or a GGUF file into one monolithic safetensors file.
     Prepare(prepare::PrepareArgs),
     /// What is in a model file and what each memory strategy would need.
@@ -33,12 +39,14 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Bench(a) => bench::run(a),
-        Command::Prepare(a) => prepare::prepare(a),
-        Command::Info(a) => prepare::info(a),
+        Command::Bench(a) => bench::run(a).map(|()| 0),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a).map(|()| 0),
+        Command::Prepare(a) => prepare::prepare(a).map(|()| 0),
+        Command::Info(a) => prepare::info(a).map(|()| 0),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
