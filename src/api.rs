@@ -91,6 +91,11 @@ pub struct LemaConfig {
     /// CUDA: layers copied ahead of the one in use (default 2).
     #[serde(default = "default_prefetch_depth")]
     pub prefetch_depth: usize,
+    /// Keep each block's saved input in (pinned) host memory between the forward and the
+    /// backward instead of on the device: less device memory at long sequences, at the
+    /// cost of a device→host and a host→device copy per layer.
+    #[serde(default)]
+    pub offload_activations: bool,
 }
 
 fn default_prefetch_depth() -> usize {
@@ -118,6 +123,7 @@ impl LemaConfig {
             adapter_path: None,
             max_vram: None,
             prefetch_depth: 2,
+            offload_activations: false,
         }
     }
 
@@ -314,6 +320,8 @@ impl LemaModel {
             device,
             device_note,
         };
+        let offload = m.config.offload_activations;
+        with_engine!(&mut m.engine, e => e.offload_activations = offload);
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
         }

@@ -211,6 +211,8 @@ pub struct BenchOptions {
     /// Also time the same steps with every layer resident on the device, to tell how much
     /// of a streamed step is spent waiting for weights.
     pub compare_resident: bool,
+    /// Keep saved activations in host memory between forward and backward.
+    pub offload_activations: bool,
 }
 
 /// The benchmark's findings.
@@ -324,6 +326,7 @@ fn time_steps(
     cfg.gradient_checkpointing = opts.gradient_checkpointing;
     cfg.prefetch_depth = opts.prefetch_depth;
     cfg.max_vram = max_vram;
+    cfg.offload_activations = opts.offload_activations;
     let mut model = LemaModel::new(cfg)?;
     model.initialize_lora()?;
     let device = model.device_name();

@@ -36,6 +36,8 @@ pub struct Engine<B: Backend> {
     pub lora: Option<LoraParams<B>>,
     pub optimizer: Option<Optimizer<B>>,
     pub gradient_checkpointing: bool,
+    /// Keep the blocks' saved inputs in host memory between forward and backward.
+    pub offload_activations: bool,
     /// Base of the dropout seeds.
     pub seed: u64,
 }
@@ -72,6 +74,7 @@ impl<B: Backend> Engine<B> {
             lora: None,
             optimizer: None,
             gradient_checkpointing,
+            offload_activations: false,
             seed,
         }
     }
@@ -137,7 +140,10 @@ impl<B: Backend> Engine<B> {
         let h0 = self
             .model
             .embed(&self.gbi, &batch.input_ids, &shape.positions)?;
-        let mut hs = vec![be.upload(&h0)?];
+        // the inputs of the blocks, kept for the backward: on the device, or parked in host
+        // memory with activation offloading; none for an evaluation
+        let mut hs: Vec<Checkpoint<B>> = Vec::new();
+        let mut x = be.upload(&h0)?;
         let mut saved = Vec::new();
         for i in 0..layers {
             let next = if i + 1 < layers {
@@ -150,8 +156,15 @@ impl<B: Backend> Engine<B> {
             bl.dropout = dropout;
             let (y, sv) = self
                 .model
-                .block_forward(be, &w, &bl, &hs[i], &shape, keep_all)?;
-            hs.push(y);
+                .block_forward(be, &w, &bl, &x, &shape, keep_all)?;
+            let input = std::mem::replace(&mut x, y);
+            if train {
+                hs.push(if self.offload_activations {
+                    Checkpoint::Parked(be.park(input)?)
+                } else {
+                    Checkpoint::Device(input)
+                });
+            }
             if keep_all {
                 saved.push(sv);
             }
@@ -160,9 +173,7 @@ impl<B: Backend> Engine<B> {
         // head: final norm, LM head and cross-entropy, row-chunked in the backend
         let last = layers.checked_sub(1).map(Part::Block);
         let hw = self.stream.get(be, Part::Head, last)?;
-        let x_last = hs
-            .pop()
-            .ok_or_else(|| Error::config("internal: no hidden state"))?;
+        let x_last = x;
         let (xf, fsv) = self.model.final_norm_forward(be, &hw, &x_last)?;
         let labels = batch.shifted_labels();
         let mut dxf = if train { Some(be.zeros(n * c)?) } else { None };
@@ -192,9 +203,11 @@ impl<B: Backend> Engine<B> {
         for i in (0..layers).rev() {
             let next = i.checked_sub(1).map(Part::Block);
             let w = self.stream.get(be, Part::Block(i), next)?;
-            let x = hs
-                .pop()
-                .ok_or_else(|| Error::config("internal: hidden state stack"))?;
+            let x = match hs.pop() {
+                Some(Checkpoint::Device(b)) => b,
+                Some(Checkpoint::Parked(p)) => be.unpark(p)?,
+                None => return Err(Error::config("internal: hidden state stack")),
+            };
             let mut bl = lora.block(i, block_seed(i));
             bl.dropout = dropout;
             let sv = match saved.pop() {
@@ -306,4 +319,10 @@ fn need_lora<B: Backend>(lora: &mut Option<LoraParams<B>>) -> Result<&mut LoraPa
     lora.as_mut().ok_or_else(|| {
         Error::config("LoRA is not initialised: call initialize_lora() or load an adapter first")
     })
+}
+
+/// A block's saved input between the forward and the backward.
+enum Checkpoint<B: Backend> {
+    Device(B::Buf),
+    Parked(B::Parked),
 }

@@ -26,6 +26,7 @@ fn run(
     strategy: Strategy,
     depth: usize,
     max_vram: Option<u64>,
+    offload: bool,
     steps: usize,
 ) -> (Vec<f64>, Vec<Vec<f32>>) {
     let mut c = LemaConfig::new(path);
@@ -33,6 +34,7 @@ fn run(
     c.strategy = strategy;
     c.prefetch_depth = depth;
     c.max_vram = max_vram;
+    c.offload_activations = offload;
     c.lora_rank = 4;
     c.lora_alpha = 8.0;
     c.lora_dropout = 0.1;
@@ -70,15 +72,16 @@ fn ring_budget_and_pinned_copies_match_exactly() {
         &fixture("gpt2").join("model.safetensors"),
     ] {
         // reference: everything resident on the GPU
-        let reference = run(path, Strategy::Budget, 2, Some(u64::MAX / 2), 3);
-        for (strategy, depth, budget) in [
-            (Strategy::Streaming, 1, None),
-            (Strategy::Streaming, 2, None),
-            (Strategy::Streaming, 4, None),
-            (Strategy::Resident, 2, None),
-            (Strategy::Budget, 1, Some(1)), // budget below one layer: all streamed
+        let reference = run(path, Strategy::Budget, 2, Some(u64::MAX / 2), false, 3);
+        for (strategy, depth, budget, offload) in [
+            (Strategy::Streaming, 1, None, false),
+            (Strategy::Streaming, 2, None, false),
+            (Strategy::Streaming, 4, None, false),
+            (Strategy::Resident, 2, None, false),
+            (Strategy::Budget, 1, Some(1), false), // budget below one layer: all streamed
+            (Strategy::Streaming, 2, None, true),  // saved activations parked in host memory
         ] {
-            let got = run(path, strategy, depth, budget, 3);
+            let got = run(path, strategy, depth, budget, offload, 3);
             assert!(
                 got.0.iter().all(|l| l.is_finite()),
                 "{}: non-finite loss",
@@ -87,12 +90,12 @@ fn ring_budget_and_pinned_copies_match_exactly() {
             assert_eq!(
                 got,
                 reference,
-                "{}: {strategy:?} depth {depth} budget {budget:?} differs",
+                "{}: {strategy:?} depth {depth} budget {budget:?} offload {offload} differs",
                 path.display()
             );
         }
         println!(
-            "PASS {}: streaming (depth 1, 2, 4), resident, budget all equal: losses {:?}",
+            "PASS {}: streaming (depth 1, 2, 4), resident, budget, offloaded activations all equal: losses {:?}",
             path.display(),
             reference.0
         );

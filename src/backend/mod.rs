@@ -198,6 +198,9 @@ pub trait DeviceBuf: Send + Sync {
 pub trait Backend: Send + Sync + 'static {
     /// Device memory holding a contiguous array.
     type Buf: DeviceBuf;
+    /// A saved activation moved off the device between a layer's forward and its backward
+    /// (activation offloading); on the CPU simply the buffer.
+    type Parked: Send;
 
     /// Short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
@@ -217,6 +220,11 @@ pub trait Backend: Send + Sync + 'static {
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// Wait until all queued work is done.
     fn synchronize(&self) -> Result<()>;
+    /// Move `buf` off the device (CUDA: to pinned host memory, asynchronously); its
+    /// device memory is released once the copy is done.
+    fn park(&self, buf: Self::Buf) -> Result<Self::Parked>;
+    /// Bring a parked buffer back to the device, exactly as it was.
+    fn unpark(&self, parked: Self::Parked) -> Result<Self::Buf>;
     /// A new buffer holding `data` at the backend's full precision, so that the f64
     /// reference backend can take finite-difference perturbations that f32 would round
     /// away. Backends that compute in f32 round to f32 (the default).

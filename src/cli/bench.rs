@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// streamed step spent waiting for weights.
     #[arg(long)]
     compare_resident: bool,
+    /// Keep each layer's saved input in host memory between forward and backward.
+    #[arg(long)]
+    offload_activations: bool,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -65,6 +68,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         prefetch_depth: a.prefetch,
         max_vram: a.max_vram,
         compare_resident: a.compare_resident,
+        offload_activations: a.offload_activations,
     };
     let tmp;
     let dir = match &a.workdir {

@@ -200,6 +200,7 @@ impl<T: CpuFloat> CpuBackend<T> {
 
 impl<T: CpuFloat> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
+    type Parked = CpuBuf<T>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -251,6 +252,14 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn park(&self, buf: CpuBuf<T>) -> Result<CpuBuf<T>> {
+        Ok(buf) // host memory already
+    }
+
+    fn unpark(&self, parked: CpuBuf<T>) -> Result<CpuBuf<T>> {
+        Ok(parked)
     }
 
     fn upload_f64(&self, data: &[f64]) -> Result<CpuBuf<T>> {

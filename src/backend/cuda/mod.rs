@@ -22,6 +22,7 @@ mod elementwise;
 mod gemm;
 mod loss;
 mod norm;
+mod offload;
 mod optim;
 pub mod ring;
 mod rope;
@@ -108,6 +109,7 @@ pub struct CudaBackend {
     dev: Device,
     gemm: Mutex<gemm::GemmState>,
     opts: CudaOptions,
+    offload: offload::Offload,
 }
 
 impl CudaBackend {
@@ -132,6 +134,7 @@ impl CudaBackend {
             dev,
             gemm: Mutex::new(gemm),
             opts,
+            offload: offload::Offload::default(),
         })
     }
 
@@ -334,6 +337,15 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
+    type Parked = offload::Parked;
+
+    fn park(&self, buf: CudaBuf) -> Result<offload::Parked> {
+        self.park_buf(buf)
+    }
+
+    fn unpark(&self, parked: offload::Parked) -> Result<CudaBuf> {
+        self.unpark_buf(parked)
+    }
 
     fn name(&self) -> &'static str {
         "cuda"
