@@ -7,13 +7,11 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Accumulate, Backend, DType, Gemm};
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::fsutil::{TensorOut, write_safetensors};
 use crate::optim::OptimizerConfig;
 use crate::rng::Rng;
 use crate::stream::Strategy;
 use crate::trainer::StepOutput;
 use serde::Serialize;
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -100,9 +98,11 @@ impl Shape {
     }
 }
 
-/// Write a random-init model of `shape` (block weights N(0, 0.02), embedding and head
-/// N(0, `embed_std`), norms 1, biases 0) as `dir/model.safetensors` + `dir/config.json`;
-/// returns the weights path.
+/// Write a random-init model of `shape` (block weights with standard deviation 0.02,
+/// embedding and head with `embed_std`, norms 1, biases 0) as `dir/model.safetensors` +
+/// `dir/config.json`; returns the weights path. Values are uniform with the given
+/// standard deviation (cheap to draw for multi-billion-parameter shapes), generated in
+/// parallel chunks and streamed to disk tensor by tensor, so memory stays at one tensor.
 pub fn write_random_model(
     dir: &Path,
     shape: &Shape,
@@ -110,55 +110,72 @@ pub fn write_random_model(
     seed: u64,
     embed_std: f64,
 ) -> Result<PathBuf> {
+    use rayon::prelude::*;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let cfg_json = shape.config_json();
     let cfg_path = dir.join("config.json");
-    crate::checkpoint::write_json(&cfg_path, &cfg_json)?;
+    crate::checkpoint::write_json(&cfg_path, &shape.config_json())?;
     let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
-    let model = crate::model::Model::new(cfg);
-    let mut rng = Rng::new(seed);
-    let mut tensors = Vec::new();
-    for spec in model.tensor_specs() {
-        let n: usize = spec.shape.iter().product();
-        let is_norm_weight = spec.shape.len() == 1
-            && (spec.name.contains("norm") || spec.name.contains("ln_"))
-            && spec.name.ends_with(".weight");
-        let vals: Vec<f32> = if is_norm_weight {
-            vec![1.0; n]
-        } else if spec.shape.len() == 1 {
-            vec![0.0; n]
-        } else {
-            let embed_or_head = spec.name.contains("embed")
-                || spec.name.contains("wte")
-                || spec.name.starts_with("lm_head");
-            let std = if embed_or_head { embed_std } else { 0.02 };
-            (0..n).map(|_| (rng.normal() * std) as f32).collect()
-        };
-        tensors.push(TensorOut {
-            name: spec.name,
-            dtype,
-            shape: spec.shape,
-            data: Cow::Owned(encode(&vals, dtype)),
-        });
-    }
+    let specs = crate::model::Model::new(cfg).tensor_specs();
     let path = dir.join("model.safetensors");
-    write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    let out_specs = specs
+        .iter()
+        .map(|s| crate::import::st_writer::TensorSpec {
+            name: s.name.clone(),
+            dtype,
+            shape: s.shape.clone(),
+        })
+        .collect();
+    let mut w =
+        crate::import::st_writer::SafetensorsWriter::create(&path, out_specs, &BTreeMap::new())?;
+    const CHUNK: usize = 1 << 16;
+    for (ti, spec) in specs.iter().enumerate() {
+        let n: usize = spec.shape.iter().product();
+        let name = &spec.name;
+        let vector = spec.shape.len() == 1;
+        let std = if name.contains("embed") || name.contains("wte") || name.starts_with("lm_head") {
+            embed_std
+        } else {
+            0.02
+        };
+        let mut vals = vec![0.0f32; n];
+        if vector {
+            let is_norm_weight =
+                (name.contains("norm") || name.contains("ln_")) && name.ends_with(".weight");
+            vals.fill(if is_norm_weight { 1.0 } else { 0.0 });
+        } else {
+            let half_width = std * 3f64.sqrt();
+            vals.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(ci, chunk)| {
+                    let mut rng = Rng::new(crate::rng::mix_seed(&[seed, ti as u64, ci as u64]));
+                    for v in chunk {
+                        *v = rng.uniform(-half_width, half_width) as f32;
+                    }
+                });
+        }
+        w.write(name, &encode(&vals, dtype))?;
+    }
+    w.finish()?;
     Ok(path)
 }
 
-/// f32 values as little-endian bytes of `dtype`.
+/// f32 values as little-endian bytes of `dtype` (in parallel: multi-GB tensors).
 pub fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        DType::BF16 => v
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-    }
+    use rayon::prelude::*;
+    let size = dtype.size();
+    let mut out = vec![0u8; v.len() * size];
+    out.par_chunks_mut(size * 4096)
+        .zip(v.par_chunks(4096))
+        .for_each(|(o, x)| {
+            for (b, &f) in o.chunks_exact_mut(size).zip(x) {
+                match dtype {
+                    DType::F32 => b.copy_from_slice(&f.to_le_bytes()),
+                    DType::F16 => b.copy_from_slice(&half::f16::from_f32(f).to_le_bytes()),
+                    DType::BF16 => b.copy_from_slice(&half::bf16::from_f32(f).to_le_bytes()),
+                }
+            }
+        });
+    out
 }
 
 /// What to benchmark.

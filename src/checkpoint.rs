@@ -198,6 +198,14 @@ pub fn load_adapter<B: Backend>(
             [spec.linear.out_features, spec.r],
         )?;
         Ok((a, b))
+    })
+    .map_err(|e| match e {
+        // e.g. target_modules that name no module of this model
+        Error::Config(msg) => Error::format(
+            dir.join(ADAPTER_CONFIG),
+            format!("{msg} (was the adapter trained for another model?)"),
+        ),
+        other => other,
     })?;
     if let Some(extra) = tensors.keys().next() {
         return Err(Error::tensor(

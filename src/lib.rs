@@ -12,6 +12,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gbi;
 pub mod generate;
+pub mod import;
 pub mod lora;
 pub mod model;
 pub mod optim;
@@ -27,3 +28,8 @@ pub use generate::{GenerateOptions, Generated, SamplingParams};
 pub use optim::OptimizerConfig;
 pub use stream::Strategy;
 pub use trainer::StepOutput;
+
+/// The README's code blocks, compiled as doc tests so its example keeps working.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

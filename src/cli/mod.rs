@@ -1,6 +1,7 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod prepare;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,10 @@ struct Cli {
 enum Command {
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
+    /// Convert an HF folder or a GGUF file into one monolithic safetensors file.
+    Prepare(prepare::PrepareArgs),
+    /// What is in a model file and what each memory strategy would need.
+    Info(prepare::InfoArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -29,6 +34,8 @@ pub fn main() -> i32 {
     };
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Prepare(a) => prepare::prepare(a),
+        Command::Info(a) => prepare::info(a),
     };
     match result {
         Ok(()) => 0,

@@ -1,0 +1,78 @@
+//! `lema prepare` and `lema info`.
+
+use anyhow::{Context, Result};
+use lema::backend::DType;
+use lema::gbi::{Gbi, Group};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// A Hugging Face model folder (safetensors, sharded or not) or a .gguf file.
+    src: PathBuf,
+    /// Output folder (gets model.safetensors, config.json, tokenizer files) or a
+    /// path ending in .safetensors.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Convert the weights to bf16, f16 or f32 (default: keep; bf16 for quantized GGUF).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn prepare(a: PrepareArgs) -> Result<()> {
+    let dtype = a.dtype.as_deref().map(str::parse::<DType>).transpose()?;
+    let report = lema::import::prepare(&a.src, &a.out, dtype, !a.quiet)
+        .with_context(|| format!("preparing {}", a.src.display()))?;
+    println!("{report}");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    /// A prepared .safetensors file, an HF folder or a .gguf file.
+    path: PathBuf,
+}
+
+fn gb(bytes: usize) -> String {
+    format!("{:.3} GB", bytes as f64 / 1e9)
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let summary = lema::import::inspect(&a.path)?;
+    print!("{summary}");
+    let is_safetensors = a.path.extension().is_some_and(|e| e == "safetensors");
+    if !is_safetensors {
+        println!("(run `lema prepare` to get the monolithic file that training reads)");
+        return Ok(());
+    }
+    let gbi = Gbi::open(&a.path)?;
+    let layers = gbi.num_layers();
+    let per_layer: Vec<usize> = (0..layers)
+        .map(|i| gbi.group_bytes(Group::Layer(i)))
+        .collect();
+    let (embed, head) = (gbi.group_bytes(Group::Embed), gbi.group_bytes(Group::Head));
+    let total: usize = gbi.tensors().map(|t| t.len).sum();
+    let largest = per_layer.iter().copied().max().unwrap_or(0);
+    println!("layers: {layers}, per layer: {} (largest)", gb(largest));
+    println!(
+        "embedding: {}, head (final norm + lm_head): {}",
+        gb(embed),
+        gb(head)
+    );
+    println!("weights in the file: {}", gb(total));
+    println!(
+        "memory for frozen weights by strategy (activations, LoRA and optimizer state come on top):"
+    );
+    println!(
+        "  streaming: about {} on the device (two layer slots + head); the file stays in the page cache",
+        gb(2 * largest + head)
+    );
+    println!(
+        "  resident:  {} of host RAM as stored ({} on the CPU backend, which decodes to f32)",
+        gb(total - embed),
+        gb((total - embed) / gbi.tensors().next().map_or(4, |t| t.dtype.size()) * 4)
+    );
+    Ok(())
+}
