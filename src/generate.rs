@@ -13,6 +13,7 @@ use crate::model::StepShape;
 use crate::model::kv_cache::KvCache;
 use crate::rng::Rng;
 use crate::stream::Part;
+use crate::tokenizer::{Message, Tokenizer};
 use crate::trainer::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +175,89 @@ pub struct Generated {
     pub tokens: Vec<u32>,
     /// Whether generation ended at a stop token (rather than at `max_new_tokens`).
     pub stopped: bool,
+}
+
+/// How a text prompt becomes token ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptFormat {
+    /// The chat template when the model has one, else the raw text.
+    Auto,
+    /// The model's chat template (a user turn, an optional system turn, and the
+    /// assistant's generation prompt); an error when the model has none.
+    Chat,
+    /// The text as it is, with the tokenizer's own special tokens (e.g. BOS).
+    Raw,
+}
+
+/// Token ids of a text prompt in `format`. Chat prompts are rendered by the model's
+/// template, which already holds its special tokens, so they are encoded without adding
+/// more (as HF's `apply_chat_template(tokenize=True)` does).
+pub fn encode_prompt(
+    tok: &Tokenizer,
+    text: &str,
+    system: Option<&str>,
+    format: PromptFormat,
+) -> Result<Vec<u32>> {
+    let chat = match format {
+        PromptFormat::Auto => tok.has_chat_template(),
+        PromptFormat::Chat => true,
+        PromptFormat::Raw => false,
+    };
+    if !chat {
+        if system.is_some() {
+            return Err(Error::config(
+                "a system prompt needs the chat format; drop --raw or the system prompt",
+            ));
+        }
+        return tok.encode(text, true);
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message {
+            role: "system".into(),
+            content: s.into(),
+        });
+    }
+    messages.push(Message {
+        role: "user".into(),
+        content: text.into(),
+    });
+    let rendered = tok.apply_chat_template(&messages, true)?;
+    tok.encode(&rendered, false)
+}
+
+/// Turns generated tokens into text piece by piece, for streaming output: each push
+/// returns the text that the new token completes. A token that ends inside a multi-byte
+/// character (byte-level BPE) is held back until the character is whole.
+#[derive(Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream {
+    /// An empty stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add `id` and return the newly completed text (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || !text.is_char_boundary(self.emitted.min(text.len())) {
+            return Ok(String::new());
+        }
+        let new = text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = text.len().max(self.emitted);
+        Ok(new)
+    }
+
+    /// All text so far.
+    pub fn text(&self, tok: &Tokenizer) -> Result<String> {
+        tok.decode(&self.ids, true)
+    }
 }
 
 impl<B: Backend> Engine<B> {

@@ -1,6 +1,7 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod generate;
 mod prepare;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     Prepare(prepare::PrepareArgs),
     /// What is in a model file and what each memory strategy would need.
     Info(prepare::InfoArgs),
+    /// Generate text from a prepared model, alone or with a LoRA adapter.
+    Generate(generate::GenerateArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -36,6 +39,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(a),
         Command::Prepare(a) => prepare::prepare(a),
         Command::Info(a) => prepare::info(a),
+        Command::Generate(a) => generate::run(a),
     };
     match result {
         Ok(()) => 0,
