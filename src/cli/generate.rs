@@ -115,7 +115,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout().lock();
-    let out = model.generate(&[ids.clone()], &opts, &mut |_, id| {
+    let out = model.generate(std::slice::from_ref(&ids), &opts, &mut |_, id| {
         let piece = stream.push(&tok, id)?;
         // a closed stdout (e.g. `| head`) ends generation quietly
         if stdout
