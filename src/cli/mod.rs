@@ -1,6 +1,7 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod demo;
 mod generate;
 mod prepare;
 
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The demo: fetch SmolLM2-135M-Instruct, fine-tune it to write dates as YYYY-MM-DD,
+    /// and show held-out accuracy before and after.
+    Demo(demo::DemoArgs),
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
     /// Convert an HF folder or a GGUF file into one monolithic safetensors file.
@@ -36,6 +40,7 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Prepare(a) => prepare::prepare(a),
         Command::Info(a) => prepare::info(a),
