@@ -75,7 +75,7 @@ pub fn format_date(y: u32, m: u32, d: u32, style: usize, abbr: bool) -> String {
     let short = &full[..3];
     // "Sept" is as common as "Sep"; both are unambiguous
     let mon = if abbr {
-        if m == 9 && style % 2 == 0 {
+        if m == 9 && style.is_multiple_of(2) {
             "Sept"
         } else {
             short
