@@ -242,22 +242,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     println!();
     println!("sample answers (held out):");
-    for i in 0..test.len().min(6) {
-        let e = &test[i];
+    for (i, e) in test.iter().enumerate().take(6) {
+        let input = format!("{:?}", e.prompt);
+        let was = format!("{:?}", before_answers[i].trim());
+        let mark = if is_correct(&after_answers[i], &e.completion) {
+            "✓"
+        } else {
+            "✗"
+        };
+        let now = format!("{:?} {mark}", after_answers[i].trim());
         println!(
-            "  {:<28} expected {}  before {:<14} after {}",
-            format!("{:?}", e.prompt),
-            e.completion,
-            format!("{:?}", before_answers[i].trim()),
-            format!(
-                "{:?} {}",
-                after_answers[i].trim(),
-                if is_correct(&after_answers[i], &e.completion) {
-                    "✓"
-                } else {
-                    "✗"
-                }
-            )
+            "  {input:<28} expected {}  before {was:<24} after {now}",
+            e.completion
         );
     }
     println!();
