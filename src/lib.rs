@@ -15,6 +15,7 @@ pub mod gbi;
 pub mod generate;
 pub mod import;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod rng;

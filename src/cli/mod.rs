@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod generate;
+mod merge;
 mod prepare;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Info(prepare::InfoArgs),
     /// Generate text from a prepared model, alone or with a LoRA adapter.
     Generate(generate::GenerateArgs),
+    /// Fold a LoRA adapter into the base weights and write a new model file.
+    Merge(merge::MergeArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -45,6 +48,7 @@ pub fn main() -> i32 {
         Command::Prepare(a) => prepare::prepare(a),
         Command::Info(a) => prepare::info(a),
         Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => 0,
