@@ -105,13 +105,20 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         "lema_merged_adapter".into(),
         adapter_dir.display().to_string(),
     );
+    // our own map of the base file, whose pages are handed back after each tensor so
+    // that resident memory stays near one tensor (the index's ranges were validated)
+    let map = crate::import::map_readonly(model_path)?;
     let mut writer = SafetensorsWriter::create(out, specs, &meta)?;
     let mut merged = Vec::new();
     let mut tensors = 0;
     for t in gbi.tensors() {
         tensors += 1;
+        let bytes = map.get(t.offset..t.offset + t.len).ok_or_else(|| {
+            Error::tensor(gbi.path(), &t.name, "changed on disk during the merge")
+        })?;
         let Some(&(a, b, fin, fout)) = updates.get(&t.name) else {
-            writer.write(&t.name, gbi.bytes(t))?;
+            writer.write(&t.name, bytes)?;
+            crate::import::release_pages(&map, bytes);
             continue;
         };
         let want = if conv1d { [fin, fout] } else { [fout, fin] };
@@ -122,7 +129,8 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
                 format!("has shape {:?}, the adapter expects {want:?}", t.shape),
             ));
         }
-        let mut w: CpuBuf<f32> = be.upload_weight(gbi.bytes(t), t.dtype)?;
+        let mut w: CpuBuf<f32> = be.upload_weight(bytes, t.dtype)?;
+        crate::import::release_pages(&map, bytes);
         let g = |m, n, trans_a, trans_b| Gemm {
             m,
             n,
