@@ -23,7 +23,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = ".cache/demo")]
     out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 20)]
     steps: usize,
     /// Examples per step.
     #[arg(long, default_value_t = 16)]
@@ -32,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     rows: usize,
     /// Peak learning rate (linear warm-up over the first 10% of steps, then linear decay).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 4e-3)]
     lr: f32,
     /// LoRA rank (alpha is twice the rank).
     #[arg(long, default_value_t = 8)]
@@ -41,7 +41,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "all-linear")]
     targets: String,
     /// Held-out examples scored before and after.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     eval: usize,
     /// Prompts decoded together during evaluation.
     #[arg(long, default_value_t = 32)]
@@ -248,6 +248,25 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     print!("held-out accuracy after fine-tuning ");
     let (after, after_answers) = evaluate(&mut trainer.model, &tok, &test, a.eval_batch)?;
+
+    let results: Vec<serde_json::Value> = test
+        .iter()
+        .zip(before_answers.iter().zip(&after_answers))
+        .map(|(e, (b, a))| {
+            serde_json::json!({
+                "prompt": e.prompt, "expected": e.completion,
+                "before": b, "after": a, "correct_after": is_correct(a, &e.completion),
+            })
+        })
+        .collect();
+    let mut text = String::new();
+    for r in &results {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    lema::fsutil::atomic_write(&a.out.join("results.jsonl"), |w| {
+        w.write_all(text.as_bytes())
+    })?;
 
     println!();
     println!("sample answers (held out):");
