@@ -83,6 +83,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty; pass it as an argument or on stdin");
     }
+    if !a.model.is_file() {
+        bail!(
+            "{}: no such model file (a monolithic .safetensors made by `lema prepare`)",
+            a.model.display()
+        );
+    }
+    let mut cfg = LemaConfig::new(&a.model);
+    cfg.adapter_path = a.adapter.clone();
+    cfg.strategy = a.strategy;
+    cfg.device = a.device;
+    let mut model =
+        LemaModel::new(cfg).with_context(|| format!("opening {}", a.model.display()))?;
     let tok_dir = a.tokenizer.unwrap_or_else(|| model_dir(&a.model));
     let tok = Tokenizer::from_dir(&tok_dir)?;
     let format = match (a.chat, a.raw) {
@@ -92,12 +104,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let ids = encode_prompt(&tok, &prompt, a.system.as_deref(), format)?;
 
-    let mut cfg = LemaConfig::new(&a.model);
-    cfg.adapter_path = a.adapter.clone();
-    cfg.strategy = a.strategy;
-    cfg.device = a.device;
-    let mut model =
-        LemaModel::new(cfg).with_context(|| format!("opening {}", a.model.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {

@@ -1,6 +1,6 @@
 //! `lema merge`: fold a LoRA adapter into the base weights.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -18,6 +18,12 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
+    if !a.model.is_file() {
+        bail!(
+            "{}: no such model file (a monolithic .safetensors made by `lema prepare`)",
+            a.model.display()
+        );
+    }
     let start = std::time::Instant::now();
     let report = lema::merge::merge_adapter(&a.model, &a.adapter, &a.out)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
