@@ -18,6 +18,7 @@
 //! ```
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend, CudaOptions};
 use crate::backend::{Backend, DType};
 use crate::checkpoint;
 use crate::config::{Arch, ModelConfig};
@@ -84,6 +85,17 @@ pub struct LemaConfig {
     pub seed: u64,
     /// Start from this PEFT adapter folder instead of a fresh initialisation.
     pub adapter_path: Option<PathBuf>,
+    /// CUDA, strategy `budget`: bytes of GPU memory for frozen layers kept resident
+    /// (default: what is free, less 4 GiB for activations).
+    #[serde(default)]
+    pub max_vram: Option<u64>,
+    /// CUDA: layers copied ahead of the one in use (default 2).
+    #[serde(default = "default_prefetch_depth")]
+    pub prefetch_depth: usize,
+}
+
+fn default_prefetch_depth() -> usize {
+    2
 }
 
 impl LemaConfig {
@@ -105,6 +117,8 @@ impl LemaConfig {
             device: Device::Auto,
             seed: 42,
             adapter_path: None,
+            max_vram: None,
+            prefetch_depth: 2,
         }
     }
 
@@ -145,14 +159,80 @@ pub fn default_targets(arch: Arch) -> Vec<String> {
 /// An engine on whichever backend was chosen; the dispatch happens here once.
 enum AnyEngine {
     Cpu(Box<Engine<CpuBackend<f32>>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Engine<CudaBackend>>),
 }
 
 macro_rules! with_engine {
     ($self:expr, $e:ident => $body:expr) => {
         match $self {
             AnyEngine::Cpu($e) => $body,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda($e) => $body,
         }
     };
+}
+
+/// The CUDA backend's options for `config`: its `dtype` (when set) is the storage type of
+/// frozen weights that the file stores as F32.
+fn cuda_options(config: &LemaConfig) -> CudaOptions {
+    let mut opts = CudaOptions::default();
+    if let Some(dt) = config.dtype {
+        opts.weight_dtype = dt;
+    }
+    opts
+}
+
+/// An engine on GPU 0, its weights streamed by the CUDA ring (copy stream, events,
+/// pinned host memory) unless the weights need converting on upload.
+#[cfg(feature = "cuda")]
+fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    use crate::backend::cuda::ring::{CudaRing, RingOptions};
+    let be = CudaBackend::with_options(cuda_options(config))?;
+    let converts =
+        gbi.tensors().any(|t| t.dtype == DType::F32) && be.options().weight_dtype != DType::F32;
+    let stream: Box<dyn crate::stream::WeightStream<CudaBackend>> = if converts {
+        crate::stream::make_stream(config.strategy, gbi.clone(), model.clone())
+    } else {
+        let resident_bytes = match config.strategy {
+            Strategy::Budget => config.max_vram.unwrap_or_else(|| {
+                let free = be.mem_info().map_or(0, |(free, _)| free as u64);
+                free.saturating_sub(4 << 30)
+            }),
+            _ => 0,
+        };
+        let opts = RingOptions {
+            depth: config.prefetch_depth.max(1),
+            resident_bytes,
+            pinned_copy: config.strategy == Strategy::Resident,
+        };
+        Box::new(CudaRing::new(&be, gbi.clone(), model.clone(), opts)?)
+    };
+    Ok(AnyEngine::Cuda(Box::new(Engine::with_stream(
+        be,
+        model,
+        gbi,
+        stream,
+        config.gradient_checkpointing,
+        config.seed,
+    ))))
+}
+
+/// Without the `cuda` feature the backend cannot be made (its constructor says why).
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(config: &LemaConfig, _model: Model, _gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    match CudaBackend::with_options(cuda_options(config))? {}
+}
+
+fn cpu_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> AnyEngine {
+    AnyEngine::Cpu(Box::new(Engine::new(
+        CpuBackend::new(),
+        model,
+        gbi,
+        config.strategy,
+        config.gradient_checkpointing,
+        config.seed,
+    )))
 }
 
 /// A model ready for LoRA training: validated weights file, architecture, memory
@@ -160,6 +240,10 @@ macro_rules! with_engine {
 pub struct LemaModel {
     config: LemaConfig,
     engine: AnyEngine,
+    /// The device in use (`Cpu` or `Cuda`, never `Auto`).
+    device: Device,
+    /// Why `Device::Auto` settled on the CPU, when it did.
+    device_note: Option<String>,
 }
 
 /// Open the weights and config of `config` and check every tensor the architecture
@@ -198,22 +282,39 @@ impl LemaModel {
     /// Open and validate the model described by `config` on its device.
     pub fn new(config: LemaConfig) -> Result<Self> {
         let (gbi, model) = open_model(&config)?;
-        let engine = match config.device {
+        let mut device_note = None;
+        let (engine, device) = match config.device {
+            Device::Cpu => (cpu_engine(&config, model, gbi), Device::Cpu),
             Device::Cuda => {
-                return Err(Error::config(
-                    "device 'cuda' was requested but this build has no CUDA backend yet; use --device cpu or auto",
-                ));
+                if let Err(why) = cuda::probe(0) {
+                    return Err(Error::config(format!(
+                        "device 'cuda' was requested, but {why}; use --device cpu, or auto to fall back to the CPU"
+                    )));
+                }
+                (cuda_engine(&config, model, gbi)?, Device::Cuda)
             }
-            Device::Auto | Device::Cpu => AnyEngine::Cpu(Box::new(Engine::new(
-                CpuBackend::new(),
-                model,
-                gbi,
-                config.strategy,
-                config.gradient_checkpointing,
-                config.seed,
-            ))),
+            Device::Auto => match cuda::probe(0) {
+                Ok(()) => match cuda_engine(&config, model.clone(), gbi.clone()) {
+                    Ok(e) => (e, Device::Cuda),
+                    Err(e) => {
+                        device_note = Some(format!(
+                            "CUDA is present but could not be used ({e}); running on the CPU"
+                        ));
+                        (cpu_engine(&config, model, gbi), Device::Cpu)
+                    }
+                },
+                Err(why) => {
+                    device_note = Some(format!("{why}; running on the CPU"));
+                    (cpu_engine(&config, model, gbi), Device::Cpu)
+                }
+            },
         };
-        let mut m = LemaModel { config, engine };
+        let mut m = LemaModel {
+            config,
+            engine,
+            device,
+            device_note,
+        };
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
         }
@@ -223,6 +324,42 @@ impl LemaModel {
     /// The configuration this model was built from.
     pub fn config(&self) -> &LemaConfig {
         &self.config
+    }
+
+    /// The device the model runs on: `Cpu` or `Cuda` (what `Device::Auto` chose).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The accelerator's name ("cpu" on the CPU).
+    pub fn device_name(&self) -> String {
+        match &self.engine {
+            AnyEngine::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.be.device_name().to_string(),
+        }
+    }
+
+    /// Device memory in use as the driver reports it (all of this process's memory on
+    /// the GPU, context included); None on the CPU.
+    pub fn device_memory_used(&self) -> Option<u64> {
+        match &self.engine {
+            AnyEngine::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.be.mem_info().map(|(free, total)| (total - free) as u64),
+        }
+    }
+
+    /// Bytes of frozen weights the stream has copied to the device so far, and why it
+    /// runs on a slower path, if it does.
+    pub fn stream_stats(&self) -> (u64, Option<String>) {
+        with_engine!(&self.engine, e => (e.stream.bytes_copied(), e.stream.note()))
+    }
+
+    /// Why `Device::Auto` chose the CPU (no driver, no GPU, no CUDA build), if it did; the
+    /// library prints nothing itself.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
     }
 
     /// The architecture's configuration.

@@ -113,10 +113,24 @@ pub fn write_random_model(
     use rayon::prelude::*;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
+    let path = dir.join("model.safetensors");
+    let stamp = dir.join("random-model.json");
+    let want =
+        serde_json::json!({ "shape": shape, "dtype": dtype, "seed": seed, "embed_std": embed_std });
+    // reuse a model this function wrote before with the same parameters (benchmarks of
+    // multi-GB shapes run several configurations on one file)
+    if path.exists()
+        && std::fs::read_to_string(&stamp)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v == want)
+    {
+        return Ok(path);
+    }
+    let _ = std::fs::remove_file(&stamp);
     crate::checkpoint::write_json(&cfg_path, &shape.config_json())?;
     let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
     let specs = crate::model::Model::new(cfg).tensor_specs();
-    let path = dir.join("model.safetensors");
     let out_specs = specs
         .iter()
         .map(|s| crate::import::st_writer::TensorSpec {
@@ -156,6 +170,7 @@ pub fn write_random_model(
         w.write(name, &encode(&vals, dtype))?;
     }
     w.finish()?;
+    crate::checkpoint::write_json(&stamp, &want)?;
     Ok(path)
 }
 
@@ -190,6 +205,12 @@ pub struct BenchOptions {
     pub dtype: DType,
     pub lora_rank: usize,
     pub device: Device,
+    pub gradient_checkpointing: bool,
+    pub prefetch_depth: usize,
+    pub max_vram: Option<u64>,
+    /// Also time the same steps with every layer resident on the device, to tell how much
+    /// of a streamed step is spent waiting for weights.
+    pub compare_resident: bool,
 }
 
 /// The benchmark's findings.
@@ -203,11 +224,23 @@ pub struct BenchReport {
     pub tokens_per_second: f64,
     /// Model FLOPs of one step (6·P per token with checkpointing, attention and head).
     pub step_flops: f64,
-    pub achieved_gflops: f64,
-    /// The same machine's large-GEMM throughput through the same backend.
-    pub gemm_gflops: f64,
-    pub fraction_of_gemm: f64,
+    pub achieved_tflops: f64,
+    /// CPU only: the same machine's large-GEMM throughput through the same backend.
+    pub gemm_gflops: Option<f64>,
+    pub fraction_of_gemm: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
+    /// GPU only: the most device memory in use after any step, as the driver reports it
+    /// (context included; the allocator keeps a step's peak reserved).
+    pub peak_vram_bytes: Option<u64>,
+    /// Frozen weights copied host → device per step.
+    pub weight_bytes_per_step: f64,
+    /// Those bytes over the median step time.
+    pub h2d_gb_per_s: f64,
+    /// Median step with every layer resident on the device (when compared).
+    pub resident_step_seconds: Option<f64>,
+    /// 1 − resident / streamed step time: the share of a step spent waiting for weights.
+    pub weight_wait_share: Option<f64>,
+    pub stream_note: Option<String>,
     pub model_file_bytes: u64,
     pub final_loss: f64,
 }
@@ -265,20 +298,35 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Run the benchmark in `workdir` (the random model is written there).
-pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
-    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?;
-    let model_file_bytes = std::fs::metadata(&path)
-        .map_err(|e| Error::io(&path, e))?
-        .len();
-    let mut cfg = LemaConfig::new(&path);
-    cfg.strategy = opts.strategy;
+/// Timed steps of one configuration: (step times, bytes copied per step, peak device
+/// memory, last loss, device name, stream note).
+struct Timing {
+    times: Vec<f64>,
+    bytes_per_step: f64,
+    peak_vram: Option<u64>,
+    loss: f64,
+    device: String,
+    note: Option<String>,
+}
+
+fn time_steps(
+    opts: &BenchOptions,
+    path: &Path,
+    strategy: Strategy,
+    max_vram: Option<u64>,
+) -> Result<Timing> {
+    let mut cfg = LemaConfig::new(path);
+    cfg.strategy = strategy;
     cfg.device = opts.device;
     cfg.lora_rank = opts.lora_rank;
     cfg.lora_alpha = 2.0 * opts.lora_rank as f32;
     cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+    cfg.gradient_checkpointing = opts.gradient_checkpointing;
+    cfg.prefetch_depth = opts.prefetch_depth;
+    cfg.max_vram = max_vram;
     let mut model = LemaModel::new(cfg)?;
     model.initialize_lora()?;
+    let device = model.device_name();
     let mut trainer = crate::api::Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
     let mut rng = Rng::new(2);
     let n = opts.batch * opts.seq;
@@ -290,30 +338,69 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     for _ in 0..opts.warmup {
         last = trainer.train_step(&batch)?;
     }
+    let (copied0, _) = trainer.model.stream_stats();
     let mut times = Vec::with_capacity(opts.steps);
+    let mut peak_vram = trainer.model.device_memory_used();
     for _ in 0..opts.steps.max(1) {
         let t = Instant::now();
-        last = trainer.train_step(&batch)?;
+        last = trainer.train_step(&batch)?; // returns after the loss is on the host
         times.push(t.elapsed().as_secs_f64());
+        peak_vram = peak_vram.max(trainer.model.device_memory_used());
     }
-    let all = times.clone();
+    let (copied1, note) = trainer.model.stream_stats();
+    Ok(Timing {
+        bytes_per_step: (copied1 - copied0) as f64 / times.len() as f64,
+        times,
+        peak_vram,
+        loss: last.loss,
+        device,
+        note,
+    })
+}
+
+/// Run the benchmark in `workdir` (the random model is written there).
+pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
+    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?;
+    let model_file_bytes = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    let main = time_steps(opts, &path, opts.strategy, opts.max_vram)?;
+    let mut times = main.times.clone();
     let med = median(&mut times);
+    let resident = if opts.compare_resident {
+        let r = time_steps(opts, &path, Strategy::Budget, Some(u64::MAX / 2))?;
+        let mut t = r.times;
+        Some(median(&mut t))
+    } else {
+        None
+    };
     let flops = step_flops(&opts.shape, opts.batch, opts.seq);
-    let gemm = cpu_gemm_gflops()?;
-    let achieved = flops / med / 1e9;
+    let on_cpu = main.device == "cpu";
+    let gemm = if on_cpu {
+        Some(cpu_gemm_gflops()?)
+    } else {
+        None
+    };
+    let achieved = flops / med / 1e12;
     Ok(BenchReport {
         options: opts.clone(),
-        device: "cpu".into(),
+        device: main.device,
         threads: rayon::current_num_threads(),
         step_seconds_median: med,
-        step_seconds_all: all,
-        tokens_per_second: n as f64 / med,
+        step_seconds_all: main.times,
+        tokens_per_second: (opts.batch * opts.seq) as f64 / med,
         step_flops: flops,
-        achieved_gflops: achieved,
+        achieved_tflops: achieved,
         gemm_gflops: gemm,
-        fraction_of_gemm: achieved / gemm,
+        fraction_of_gemm: gemm.map(|g| achieved * 1e3 / g),
         peak_rss_bytes: peak_rss_bytes(),
+        peak_vram_bytes: main.peak_vram,
+        weight_bytes_per_step: main.bytes_per_step,
+        h2d_gb_per_s: main.bytes_per_step / med / 1e9,
+        resident_step_seconds: resident,
+        weight_wait_share: resident.map(|r| (1.0 - r / med).max(0.0)),
+        stream_note: main.note,
         model_file_bytes,
-        final_loss: last.loss,
+        final_loss: main.loss,
     })
 }

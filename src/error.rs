@@ -36,6 +36,13 @@ pub enum Error {
         op: &'static str,
         msg: String,
     },
+    /// A bad record in a data file, at a 1-based line number.
+    #[error("{}:{line}: {msg}", path.display())]
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     /// Training produced a non-finite value.
     #[error("{0}")]
     NonFinite(String),
@@ -67,6 +74,15 @@ impl Error {
         Error::Tensor {
             path: path.into(),
             tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A bad record at `path:line`.
+    pub fn data(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            line,
             msg: msg.into(),
         }
     }

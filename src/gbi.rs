@@ -147,6 +147,12 @@ impl Gbi {
         self.by_name.get(name).and_then(|&i| self.tensors.get(i))
     }
 
+    /// The whole mapped file (for registering it with a device driver as pinned,
+    /// read-only host memory).
+    pub fn mapped(&self) -> &[u8] {
+        &self.mmap
+    }
+
     /// The tensor's bytes, borrowed from the map. `t` must come from this `Gbi` (its range
     /// was validated at open); a foreign one that lies outside the file yields `&[]`.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dataset;
 pub mod demo;
 pub mod error;
 pub mod fsutil;
@@ -19,8 +20,10 @@ pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod schedule;
 pub mod stream;
 pub mod tokenizer;
+pub mod train;
 pub mod trainer;
 
 pub use api::{Device, LemaConfig, LemaModel, Trainer};

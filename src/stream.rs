@@ -15,8 +15,11 @@ use std::sync::Arc;
 pub enum Strategy {
     /// Read each layer from the mapped file when it is needed; keep nothing else.
     Streaming,
-    /// Decode every layer once and keep it.
+    /// Decode every layer once and keep it (CUDA: in pinned host memory).
     Resident,
+    /// CUDA: keep as many layers on the GPU as `max_vram` allows and stream the rest
+    /// (the CPU has no separate device memory and treats it as RESIDENT).
+    Budget,
 }
 
 impl std::str::FromStr for Strategy {
@@ -25,8 +28,9 @@ impl std::str::FromStr for Strategy {
         match s.to_ascii_lowercase().as_str() {
             "streaming" => Ok(Strategy::Streaming),
             "resident" => Ok(Strategy::Resident),
+            "budget" => Ok(Strategy::Budget),
             _ => Err(Error::config(format!(
-                "unknown strategy '{s}'; supported: streaming, resident"
+                "unknown strategy '{s}'; supported: streaming, resident, budget"
             ))),
         }
     }
@@ -46,6 +50,14 @@ pub trait WeightStream<B: Backend>: Send {
     fn get(&mut self, be: &B, part: Part, next: Option<Part>) -> Result<Arc<LayerWeights<B>>>;
     /// Bytes of weights currently held by the stream on the device.
     fn held_elements(&self) -> usize;
+    /// Bytes of weights copied from the host to the device so far.
+    fn bytes_copied(&self) -> u64 {
+        0
+    }
+    /// Why the stream runs on a slower path than it could, if it does.
+    fn note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Upload the tensors of `part` from the file; names are relative to the block prefix
@@ -164,6 +176,6 @@ pub fn make_stream<B: Backend>(
 ) -> Box<dyn WeightStream<B>> {
     match strategy {
         Strategy::Streaming => Box::new(Streaming::<B>::new(gbi, model)),
-        Strategy::Resident => Box::new(Resident::<B>::new(gbi, model)),
+        Strategy::Resident | Strategy::Budget => Box::new(Resident::<B>::new(gbi, model)),
     }
 }

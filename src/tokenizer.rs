@@ -6,6 +6,9 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// A token's byte range `[start, end)` in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -105,6 +108,29 @@ impl Tokenizer {
             })
     }
 
+    /// Token ids of `text` with each token's byte range in `text` (added special tokens
+    /// such as a BOS get an empty range).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        self.inner
+            .encode(text, add_special)
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
+            .map_err(|e| {
+                Error::format(
+                    self.dir.join("tokenizer.json"),
+                    format!("cannot encode text: {e}"),
+                )
+            })
+    }
+
+    /// Id of the `eos_token` of tokenizer_config.json, if it names one in the vocabulary.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.inner.token_to_id(self.eos_token.as_deref()?)
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| {
@@ -185,6 +211,62 @@ pub fn render_chat_template(
     .map_err(|e| format!("{e:#}"))
 }
 
+/// GPT-2's byte → printable character table (`bytes_to_unicode`).
+fn byte_to_char(b: u8) -> char {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap_or('?')
+}
+
+/// Write a byte-level tokenizer without merges (every byte is one token, ids 0..256,
+/// then `special_tokens`) as `dir/tokenizer.json`, and a `tokenizer_config.json` with
+/// `eos_token` and `chat_template` when given. Small and exact: for tests and examples
+/// that need a real tokenizer without downloading one.
+pub fn write_byte_level_tokenizer(
+    dir: &Path,
+    special_tokens: &[&str],
+    eos_token: Option<&str>,
+    chat_template: Option<&str>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+        .map(|b| (byte_to_char(b).to_string(), serde_json::json!(b as u32)))
+        .collect();
+    let added: Vec<serde_json::Value> = special_tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": true});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []},
+    });
+    crate::checkpoint::write_json(&dir.join("tokenizer.json"), &tok)?;
+    let mut cfg = serde_json::Map::new();
+    if let Some(e) = eos_token {
+        cfg.insert("eos_token".into(), e.into());
+    }
+    if let Some(t) = chat_template {
+        cfg.insert("chat_template".into(), t.into());
+    }
+    crate::checkpoint::write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::Value::Object(cfg),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +288,29 @@ mod tests {
             out,
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn byte_level_tokenizer_round_trips_with_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        write_byte_level_tokenizer(
+            dir.path(),
+            &["<|im_start|>", "<|im_end|>"],
+            Some("<|im_end|>"),
+            None,
+        )
+        .unwrap();
+        let t = Tokenizer::from_dir(dir.path()).unwrap();
+        let text = "héllo <|im_end|> x\n";
+        let (ids, offs) = t.encode_with_offsets(text, false).unwrap();
+        assert_eq!(t.decode(&ids, false).unwrap(), text);
+        // one token per byte, except the special token
+        assert_eq!(ids.len(), text.len() - "<|im_end|>".len() + 1);
+        let special = ids.iter().position(|&i| i == 257).unwrap();
+        assert_eq!(&text[offs[special].0..offs[special].1], "<|im_end|>");
+        assert_eq!(t.eos_token_id(), Some(257));
+        assert_eq!(t.vocab_size(), 258);
+        assert!(!t.has_chat_template());
     }
 
     #[test]

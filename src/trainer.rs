@@ -50,9 +50,23 @@ impl<B: Backend> Engine<B> {
         gradient_checkpointing: bool,
         seed: u64,
     ) -> Self {
+        let stream = crate::stream::make_stream(strategy, gbi.clone(), model.clone());
+        Self::with_stream(be, model, gbi, stream, gradient_checkpointing, seed)
+    }
+
+    /// Check a batch against the model before any work.
+    /// An engine whose weights come from `stream` (a backend-specific strategy).
+    pub fn with_stream(
+        be: B,
+        model: Model,
+        gbi: Arc<Gbi>,
+        stream: Box<dyn WeightStream<B>>,
+        gradient_checkpointing: bool,
+        seed: u64,
+    ) -> Self {
         Engine {
             be,
-            stream: crate::stream::make_stream(strategy, gbi.clone(), model.clone()),
+            stream,
             model,
             gbi,
             lora: None,
@@ -62,7 +76,6 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Check a batch against the model before any work.
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let cfg = self.model.config();
         if matches!(self.model, Model::Gpt2(_)) && b.seq > cfg.max_position_embeddings {

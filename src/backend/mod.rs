@@ -14,6 +14,13 @@
 //!   KVH = key/value heads, D = head dimension, V = vocabulary, R = LoRA rank.
 
 pub mod cpu;
+/// The CUDA backend; without the `cuda` feature a stand-in whose constructors explain how
+/// to get it.
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 
 use crate::error::Result;
 

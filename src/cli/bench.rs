@@ -29,6 +29,19 @@ pub struct BenchArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Recompute each layer in the backward (gradient checkpointing); off keeps activations.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    checkpointing: bool,
+    /// CUDA: layers copied ahead of the one in use.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// CUDA, strategy budget: GPU bytes for resident layers (default: what is free − 4 GiB).
+    #[arg(long)]
+    max_vram: Option<u64>,
+    /// Also time the steps with every layer resident on the GPU, to tell the share of a
+    /// streamed step spent waiting for weights.
+    #[arg(long)]
+    compare_resident: bool,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -48,6 +61,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dtype: a.dtype.parse()?,
         lora_rank: a.rank,
         device: a.device.parse::<Device>()?,
+        gradient_checkpointing: a.checkpointing,
+        prefetch_depth: a.prefetch,
+        max_vram: a.max_vram,
+        compare_resident: a.compare_resident,
     };
     let tmp;
     let dir = match &a.workdir {
@@ -68,15 +85,33 @@ pub fn run(a: BenchArgs) -> Result<()> {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
     println!("{json}");
+    let gb = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
     eprintln!(
-        "median step {:.3} s | {:.1} tokens/s | {:.1} GFLOP/s = {:.0}% of this machine's GEMM ({:.1} GFLOP/s, {} threads) | peak RSS {:.2} GB",
+        "{}: median step {:.3} s | {:.1} tokens/s | {:.2} TFLOP/s | weights {:.2} GB/step at {:.1} GB/s | peak VRAM {} | peak RSS {}",
+        r.device,
         r.step_seconds_median,
         r.tokens_per_second,
-        r.achieved_gflops,
-        100.0 * r.fraction_of_gemm,
-        r.gemm_gflops,
-        r.threads,
-        r.peak_rss_bytes.unwrap_or(0) as f64 / 1e9
+        r.achieved_tflops,
+        r.weight_bytes_per_step / 1e9,
+        r.h2d_gb_per_s,
+        gb(r.peak_vram_bytes),
+        gb(r.peak_rss_bytes),
     );
+    if let (Some(g), Some(f)) = (r.gemm_gflops, r.fraction_of_gemm) {
+        eprintln!(
+            "  {:.0}% of this machine's f32 GEMM ({g:.1} GFLOP/s, {} threads)",
+            100.0 * f,
+            r.threads
+        );
+    }
+    if let (Some(t), Some(w)) = (r.resident_step_seconds, r.weight_wait_share) {
+        eprintln!(
+            "  all layers resident: {t:.3} s/step, so {:.0}% of a streamed step waits for weights",
+            100.0 * w
+        );
+    }
+    if let Some(n) = &r.stream_note {
+        eprintln!("  note: {n}");
+    }
     Ok(())
 }

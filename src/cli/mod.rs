@@ -2,9 +2,11 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod generate;
 mod merge;
 mod prepare;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
+    /// Fine-tune a LoRA adapter: `lema train --config train.toml` (every field is also a flag).
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on a JSONL or text file.
+    Eval(eval::EvalArgs),
     /// Convert an HF folder or a GGUF file into one monolithic safetensors file.
     Prepare(prepare::PrepareArgs),
     /// What is in a model file and what each memory strategy would need.
@@ -43,15 +49,17 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Demo(a) => demo::run(a),
-        Command::Bench(a) => bench::run(a),
-        Command::Prepare(a) => prepare::prepare(a),
-        Command::Info(a) => prepare::info(a),
-        Command::Generate(a) => generate::run(a),
-        Command::Merge(a) => merge::run(a),
+        Command::Demo(a) => demo::run(a).map(|()| 0),
+        Command::Bench(a) => bench::run(a).map(|()| 0),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a).map(|()| 0),
+        Command::Prepare(a) => prepare::prepare(a).map(|()| 0),
+        Command::Info(a) => prepare::info(a).map(|()| 0),
+        Command::Generate(a) => generate::run(a).map(|()| 0),
+        Command::Merge(a) => merge::run(a).map(|()| 0),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             1

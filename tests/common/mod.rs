@@ -4,8 +4,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Folder of a PEFT fixture case.
+/// Folder of a PEFT fixture case. Looked up under the working directory first, so that
+/// test binaries built here also run from a copy of the tree elsewhere (the GPU machine).
 pub fn fixture(case: &str) -> PathBuf {
+    let local = Path::new("tests/fixtures").join(case);
+    if local.exists() {
+        return local;
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(case)

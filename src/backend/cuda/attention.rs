@@ -1,0 +1,454 @@
+//! Causal (grouped-query) attention without a T×T matrix: flash-style forward that saves
+//! each row's log-sum-exp, and a backward that recomputes the probabilities from it.
+//! Two implementations of the same interface: bf16 tensor-core kernels
+//! (`attention_mma.cu`, FlashAttention-2 style) for head dimensions 64 and 128 on sm_80 and
+//! newer, and f32 CUDA-core kernels (`attention.cu`) for every other case and whenever
+//! [`super::CudaOptions::exact_attention`] asks for exact f32 results.
+
+use super::device::{Arg, Launch, Module, err};
+use super::{CudaBackend, CudaBuf};
+use crate::backend::AttnDims;
+use crate::error::Result;
+
+pub(super) const MODULE: Module = Module {
+    name: "attention",
+    src: include_str!("attention.cu"),
+};
+
+/// The tensor-core kernels (bf16 operands, f32 accumulation).
+pub(super) const MODULE_MMA: Module = Module {
+    name: "attention_mma",
+    src: include_str!("attention_mma.cu"),
+};
+
+/// Rows (queries or keys) per block and per tile of the tensor-core kernels.
+const MMA_TILE: usize = 64;
+/// Threads per block of the tensor-core kernels (4 warps of 16 rows each).
+const MMA_THREADS: u32 = 128;
+
+/// Warps (queries, or keys in the dk/dv kernel) per block.
+const WARPS: usize = 4;
+/// Keys (or queries) per shared-memory tile: one per lane.
+const KT: usize = 32;
+
+/// The kernel variant for head dimension `d`: register accumulators hold ⌈d/32⌉ values per
+/// lane, rounded up to 1, 2, 4 or 8.
+fn variant(op: &'static str, d: usize) -> Result<&'static str> {
+    Ok(match d {
+        1..=32 => "d32",
+        33..=64 => "d64",
+        65..=128 => "d128",
+        129..=256 => "d256",
+        _ => {
+            return Err(err(
+                op,
+                format!("head dimension {d} is not supported (1 to 256)"),
+            ));
+        }
+    })
+}
+
+fn kernel(prefix: &'static str, v: &'static str) -> &'static str {
+    match (prefix, v) {
+        ("fwd", "d32") => "attn_fwd_d32",
+        ("fwd", "d64") => "attn_fwd_d64",
+        ("fwd", "d128") => "attn_fwd_d128",
+        ("fwd", _) => "attn_fwd_d256",
+        ("dq", "d32") => "attn_bwd_dq_d32",
+        ("dq", "d64") => "attn_bwd_dq_d64",
+        ("dq", "d128") => "attn_bwd_dq_d128",
+        ("dq", _) => "attn_bwd_dq_d256",
+        (_, "d32") => "attn_bwd_dkdv_d32",
+        (_, "d64") => "attn_bwd_dkdv_d64",
+        (_, "d128") => "attn_bwd_dkdv_d128",
+        _ => "attn_bwd_dkdv_d256",
+    }
+}
+
+/// `key_start` must give, for every token t of a row, a first key ≤ t, never decreasing
+/// along the row (the kernels rely on both).
+fn check_key_start(op: &'static str, d: &AttnDims, key_start: Option<&[u32]>) -> Result<()> {
+    let Some(ks) = key_start else { return Ok(()) };
+    if ks.len() != d.batch * d.seq {
+        return Err(err(
+            op,
+            format!(
+                "key_start has {} entries, expected B·T = {}",
+                ks.len(),
+                d.batch * d.seq
+            ),
+        ));
+    }
+    for (r, row) in ks.chunks(d.seq.max(1)).enumerate() {
+        for (t, &s) in row.iter().enumerate() {
+            if s as usize > t || (t > 0 && s < row[t - 1]) {
+                return Err(err(
+                    op,
+                    format!(
+                        "key_start[{r}, {t}] = {s} must be ≤ {t} and not below the previous entry"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_dims(op: &'static str, d: &AttnDims) -> Result<()> {
+    if d.n_heads == 0 || d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
+        return Err(err(
+            op,
+            format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                d.n_heads, d.n_kv_heads
+            ),
+        ));
+    }
+    let int = |v: usize| v <= i32::MAX as usize;
+    if !int(d.seq) || !int(d.n_heads) || !int(d.head_dim) {
+        return Err(err(op, "dimensions exceed 32-bit range"));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Whether attention with this head dimension runs on the bf16 tensor-core kernels
+    /// (head dimension 64 or 128, sm_80 or newer, [`super::CudaOptions::exact_attention`]
+    /// off); otherwise the f32 kernels run.
+    pub fn attention_on_tensor_cores(&self, head_dim: usize) -> bool {
+        let sm: u32 = self
+            .dev
+            .arch
+            .trim_start_matches("sm_")
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .unwrap_or(0);
+        !self.opts.exact_attention && sm >= 80 && matches!(head_dim, 64 | 128)
+    }
+
+    /// `dst` (bf16, `n` elements) = `src` (f32) rounded to nearest even; `n` is a multiple
+    /// of 4.
+    fn attn_cast_bf16(&self, op: &'static str, dst: u64, src: u64, n: usize) -> Result<()> {
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            "amma_cast_bf16",
+            Launch::cover(n / 4, 256, 4096),
+            &[Arg::Ptr(dst), Arg::Ptr(src), Arg::I64(n as i64)],
+        )
+    }
+
+    /// Shared bytes of one 64-row bf16 tile of the tensor-core kernels (row stride D + 8).
+    fn mma_tile_bytes(hd: usize) -> usize {
+        MMA_TILE * (hd + 8) * 2
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward_mma(
+        &self,
+        op: &'static str,
+        po: u64,
+        pl: u64,
+        pq: u64,
+        pk: u64,
+        pv: u64,
+        pks: u64,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
+        // bf16 copies of q, k, v (freed in stream order when `scratch` drops)
+        let scratch = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
+        let pqb = super::Device::ptr(&scratch);
+        let (pkb, pvb) = (pqb + (nq * 2) as u64, pqb + ((nq + nk) * 2) as u64);
+        self.attn_cast_bf16(op, pqb, pq, nq)?;
+        self.attn_cast_bf16(op, pkb, pk, nk)?;
+        self.attn_cast_bf16(op, pvb, pv, nk)?;
+        let name = if hd == 64 {
+            "amma_fwd_d64"
+        } else {
+            "amma_fwd_d128"
+        };
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), h, b),
+                block: MMA_THREADS,
+                // q tile, two stages of k and v tiles
+                shared_bytes: 5 * Self::mma_tile_bytes(hd),
+            },
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pl),
+                Arg::Ptr(pqb),
+                Arg::Ptr(pkb),
+                Arg::Ptr(pvb),
+                Arg::Ptr(pks),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(kvh as i32),
+                Arg::F32(d.scale * std::f32::consts::LOG2_E),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_mma(
+        &self,
+        op: &'static str,
+        (pdq, pdk, pdv): (u64, u64, u64),
+        pdo: u64,
+        po: u64,
+        pl: u64,
+        (pq, pk, pv): (u64, u64, u64),
+        pks: u64,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
+        // bf16 q, k, v, dout, then f32 dsum [b, h, t] = bf16(dout) · out
+        let scratch = self.dev.alloc(op, (2 * nq + 2 * nk) * 2 + b * h * t * 4)?;
+        let pqb = super::Device::ptr(&scratch);
+        let pkb = pqb + (nq * 2) as u64;
+        let pvb = pkb + (nk * 2) as u64;
+        let pdob = pvb + (nk * 2) as u64;
+        let pds = pdob + (nq * 2) as u64;
+        self.attn_cast_bf16(op, pqb, pq, nq)?;
+        self.attn_cast_bf16(op, pkb, pk, nk)?;
+        self.attn_cast_bf16(op, pvb, pv, nk)?;
+        let rows = b * t * h;
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            "amma_bwd_prep",
+            Launch {
+                grid: (rows.div_ceil(8), 1, 1),
+                block: 256,
+                shared_bytes: 0,
+            },
+            &[
+                Arg::Ptr(pdob),
+                Arg::Ptr(pds),
+                Arg::Ptr(pdo),
+                Arg::Ptr(po),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(hd as i32),
+                Arg::I64(rows as i64),
+            ],
+        )?;
+        let common = [
+            Arg::Ptr(pqb),
+            Arg::Ptr(pkb),
+            Arg::Ptr(pvb),
+            Arg::Ptr(pdob),
+            Arg::Ptr(pl),
+            Arg::Ptr(pds),
+            Arg::Ptr(pks),
+            Arg::I32(t as i32),
+            Arg::I32(h as i32),
+            Arg::I32(kvh as i32),
+            Arg::F32(d.scale * std::f32::consts::LOG2_E),
+            Arg::F32(d.scale),
+        ];
+        let tile = Self::mma_tile_bytes(hd);
+        let (dq_name, dkdv_name) = if hd == 64 {
+            ("amma_bwd_dq_d64", "amma_bwd_dkdv_d64")
+        } else {
+            ("amma_bwd_dq_d128", "amma_bwd_dkdv_d128")
+        };
+        let mut args = vec![Arg::Ptr(pdq)];
+        args.extend_from_slice(&common);
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            dq_name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), h, b),
+                block: MMA_THREADS,
+                // q and dout tiles, two stages of k and v tiles
+                shared_bytes: 6 * tile,
+            },
+            &args,
+        )?;
+        let mut args = vec![Arg::Ptr(pdk), Arg::Ptr(pdv)];
+        args.extend_from_slice(&common);
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            dkdv_name,
+            Launch {
+                grid: (t.div_ceil(MMA_TILE), kvh, b),
+                block: MMA_THREADS,
+                // k and v tiles, two stages of q and dout tiles and of lse, dsum, first key
+                shared_bytes: 6 * tile + 6 * MMA_TILE * 4,
+            },
+            &args,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_forward_impl(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        d: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        check_dims(op, &d)?;
+        check_key_start(op, &d, key_start)?;
+        let var = variant(op, d.head_dim)?;
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let po = Self::check_f32(op, "out", out, b * t * h * hd)?;
+        let pl = Self::check_f32(op, "lse", lse, b * h * t)?;
+        let pq = Self::check_f32(op, "q", q, b * t * h * hd)?;
+        let pk = Self::check_f32(op, "k", k, b * t * kvh * hd)?;
+        let pv = Self::check_f32(op, "v", v, b * t * kvh * hd)?;
+        if b * t == 0 {
+            return Ok(());
+        }
+        let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
+        let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        if self.attention_on_tensor_cores(hd) {
+            return self.attention_forward_mma(op, po, pl, pq, pk, pv, pks, &d);
+        }
+        // kt [KT][D+1], vs [KT][D], qs [WARPS][D]
+        let shared = (KT * (hd + 1) + KT * hd + WARPS * hd) * 4;
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel("fwd", var),
+            Launch {
+                grid: (t.div_ceil(WARPS), h, b),
+                block: (WARPS * 32) as u32,
+                shared_bytes: shared,
+            },
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pl),
+                Arg::Ptr(pq),
+                Arg::Ptr(pk),
+                Arg::Ptr(pv),
+                Arg::Ptr(pks),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(kvh as i32),
+                Arg::I32(hd as i32),
+                Arg::F32(d.scale),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_impl(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        d: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        check_dims(op, &d)?;
+        check_key_start(op, &d, key_start)?;
+        let var = variant(op, d.head_dim)?;
+        let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
+        let pdq = Self::check_f32(op, "dq", dq, b * t * h * hd)?;
+        let pdk = Self::check_f32(op, "dk", dk, b * t * kvh * hd)?;
+        let pdv = Self::check_f32(op, "dv", dv, b * t * kvh * hd)?;
+        let pdo = Self::check_f32(op, "dout", dout, b * t * h * hd)?;
+        let po = Self::check_f32(op, "out", out, b * t * h * hd)?;
+        let pl = Self::check_f32(op, "lse", lse, b * h * t)?;
+        let pq = Self::check_f32(op, "q", q, b * t * h * hd)?;
+        let pk = Self::check_f32(op, "k", k, b * t * kvh * hd)?;
+        let pv = Self::check_f32(op, "v", v, b * t * kvh * hd)?;
+        if b * t == 0 {
+            return Ok(());
+        }
+        let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
+        let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        if self.attention_on_tensor_cores(hd) {
+            return self.attention_backward_mma(
+                op,
+                (pdq, pdk, pdv),
+                pdo,
+                po,
+                pl,
+                (pq, pk, pv),
+                pks,
+                &d,
+            );
+        }
+        // dsum[b, h, t] = dout · out, written by the dq kernel, read by the dk/dv kernel.
+        let dsum = self.dev.alloc(op, b * h * t * 4)?;
+        let pds = super::Device::ptr(&dsum);
+        let dims = [
+            Arg::Ptr(pks),
+            Arg::I32(t as i32),
+            Arg::I32(h as i32),
+            Arg::I32(kvh as i32),
+            Arg::I32(hd as i32),
+            Arg::F32(d.scale),
+        ];
+        // ks, vs [KT][D+1]; qs, dos [WARPS][D]
+        let shared_dq = (2 * KT * (hd + 1) + 2 * WARPS * hd) * 4;
+        let mut args = vec![
+            Arg::Ptr(pdq),
+            Arg::Ptr(pds),
+            Arg::Ptr(pdo),
+            Arg::Ptr(po),
+            Arg::Ptr(pl),
+            Arg::Ptr(pq),
+            Arg::Ptr(pk),
+            Arg::Ptr(pv),
+        ];
+        args.extend_from_slice(&dims);
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel("dq", var),
+            Launch {
+                grid: (t.div_ceil(WARPS), h, b),
+                block: (WARPS * 32) as u32,
+                shared_bytes: shared_dq,
+            },
+            &args,
+        )?;
+        // qs, dos [KT][D+1]; kj, vj [WARPS][D]; lse, dsum, first key [KT]
+        let shared_kv = (2 * KT * (hd + 1) + 2 * WARPS * hd + 3 * KT) * 4;
+        let mut args = vec![
+            Arg::Ptr(pdk),
+            Arg::Ptr(pdv),
+            Arg::Ptr(pdo),
+            Arg::Ptr(pl),
+            Arg::Ptr(pds),
+            Arg::Ptr(pq),
+            Arg::Ptr(pk),
+            Arg::Ptr(pv),
+        ];
+        args.extend_from_slice(&dims);
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel("dkdv", var),
+            Launch {
+                grid: (t.div_ceil(WARPS), kvh, b),
+                block: (WARPS * 32) as u32,
+                shared_bytes: shared_kv,
+            },
+            &args,
+        )
+    }
+}

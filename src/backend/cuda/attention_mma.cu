@@ -1,0 +1,590 @@
+// Causal attention on tensor cores (attention.rs), FlashAttention-2 style: bf16 operands,
+// f32 accumulation, softmax statistics in f32. Head dimensions 64 and 128, sm_80 and newer
+// (mma.sync m16n8k16, ldmatrix, cp.async); other cases use the f32 kernels of attention.cu.
+//
+// Layouts as in attention.cu: q, dout: [B, T, H, D]; k, v: [B, T, KVH, D]; lse, dsum:
+// [B, H, T]. The kernels read bf16 copies of q, k, v (and dout) made by amma_cast_bf16 /
+// amma_bwd_prep, so that tiles move global -> shared memory with cp.async (16 bytes per
+// thread) while the tensor cores work on the previous tile. Outputs (out, lse, dq, dk, dv)
+// are f32. Query t of batch row b sees keys s0 ..= t, s0 = ks[b * T + t] or 0.
+//
+// Block = 4 warps. Shared tiles hold 64 rows of D bf16 with row stride D + 8 elements, so
+// that the 8 rows an ldmatrix phase reads fall in 8 different 16-byte bank groups.
+//
+//  * amma_fwd: a block owns 64 queries of one (batch, head), 16 per warp; key/value tiles
+//    of 64 rows stream through a two-stage cp.async ring. S = Q K^T (Q fragments kept in
+//    registers), online softmax in log2 units, O += P V with P rounded to bf16 straight
+//    from the accumulators. lse = (m + log2 l) ln 2.
+//  * amma_bwd_dq: same tiling; per key tile S = Q K^T, P = exp(S - lse), dP = dO V^T,
+//    dS = P (dP - dsum), dQ += dS K.
+//  * amma_bwd_dkdv: a block owns 64 keys of one (batch, kv head), 16 per warp, and walks
+//    every query tile (and every query head of its group) that sees them: S^T = K Q^T,
+//    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. No atomics: dq and dk/dv come from two
+//    kernels, each output element is written by one thread, in a fixed order.
+//  Blocks with the most work are scheduled first (forward and dq: the last query tiles;
+//  dk/dv: the first key tiles).
+//
+// mma.m16n8k16 fragments (g = lane / 4, c = lane % 4): A (16x16, row-major) a0 = (g, 2c..),
+// a1 = (g + 8, 2c..), a2 = (g, 2c + 8..), a3 = (g + 8, 2c + 8..); B (16x8) b0 = (k = 2c.., n = g),
+// b1 = (k = 2c + 8.., n = g); C (16x8) c0, c1 = (g, 2c..), c2, c3 = (g + 8, 2c..).
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+
+#define AM_BM 64   // queries per block (forward, dq) and per query tile (dk/dv)
+#define AM_BN 64   // keys per tile (forward, dq) and per block (dk/dv)
+#define AM_NT 128  // threads per block
+#define AM_LOG2E 1.4426950408889634f
+#define AM_LN2 0.6931471805599453f
+
+__device__ __forceinline__ int am_first_key(const u32* ks, int b, int t, int T) {
+    return ks ? (int)ks[(i64)b * T + t] : 0;
+}
+
+// ---- PTX primitives (a host emulation of the kernels replaces this section) ----
+
+__device__ __forceinline__ u32 am_smem(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16 bytes global -> shared; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void am_cp16(u32 dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void am_cp4(u32 dst, const void* src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void am_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void am_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void am_ldm(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void am_ldm_t(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a b (16x8x16, bf16 in, f32 accumulate)
+__device__ __forceinline__ void am_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 -> one bf16x2 register (round to nearest even); lo in the low half.
+__device__ __forceinline__ u32 am_pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// ---- end of PTX primitives ----
+
+// Shared-memory byte offset of the ldmatrix row address of this lane for a 16x16 block at
+// (r0, c0) of a tile with row stride LD elements:
+//  * am_off_a: A operand (row-major [m][k]) or, with .trans, B stored [k][n] -> regs are
+//    (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15)
+//  * am_off_b: B stored [n][k] (non-trans) -> regs are b0, b1 of n rows 0-7, then b0, b1 of
+//    n rows 8-15: (rows 0-7, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 0-7), ...
+template <int LD>
+__device__ __forceinline__ u32 am_off_a(int r0, int c0, int lane) {
+    return (u32)(((r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + c0 + (lane >> 4) * 8) * 2);
+}
+template <int LD>
+__device__ __forceinline__ u32 am_off_b(int r0, int c0, int lane) {
+    return (u32)(((r0 + (lane & 7) + (lane >> 4) * 8) * LD + c0 + ((lane >> 3) & 1) * 8) * 2);
+}
+
+// Rows r0 .. r0 + R - 1 of head hd of a bf16 [B, T, NH, D] tensor into a shared tile
+// (row stride D + 8); rows at or past T are zero-filled.
+template <int R, int D>
+__device__ __forceinline__ void am_load_tile(u32 dst, const u16* src, int b, int r0, int hd, int T, int NH) {
+    constexpr int CPR = D / 8;
+#pragma unroll
+    for (int c = threadIdx.x; c < R * CPR; c += AM_NT) {
+        const int r = c / CPR, col = (c % CPR) * 8, t = r0 + r;
+        const bool ok = t < T;
+        const u16* p = src + (((i64)b * T + (ok ? t : 0)) * NH + hd) * D + col;
+        am_cp16(dst + (u32)((r * (D + 8) + col) * 2), p, ok);
+    }
+}
+
+// ---- forward ----------------------------------------------------------------------------
+
+template <int D>
+__device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, const u16* v, const u32* ks,
+                         int T, int H, int KVH, float sl2) {
+    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD;
+    extern __shared__ __align__(16) u16 am_sm[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * AM_BM;
+    const int ilast = min(i0 + AM_BM, T) - 1;
+    const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
+    const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
+    const int s_last = am_first_key(ks, b, ilast, T);
+    const u32 qs = am_smem(am_sm), kst = qs + AM_BM * LD * 2, vst = kst + 2 * TILE * 2;
+
+    am_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
+    am_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
+    am_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
+    am_commit();
+
+    const int ra = i0 + warp * 16 + (lane >> 2), rb = ra + 8;
+    const int sa = ra < T ? am_first_key(ks, b, ra, T) : 0;
+    const int sb = rb < T ? am_first_key(ks, b, rb, T) : 0;
+    u32 qf[KS][4];
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {-INF_F, -INF_F}, l[2] = {0.f, 0.f};
+
+    for (int it = 0; it < ntile; ++it) {
+        const int j0 = jbeg + it * AM_BN, st = it & 1;
+        if (it + 1 < ntile) {
+            am_load_tile<AM_BN, D>(kst + (st ^ 1) * TILE * 2, k, b, j0 + AM_BN, g, T, KVH);
+            am_load_tile<AM_BN, D>(vst + (st ^ 1) * TILE * 2, v, b, j0 + AM_BN, g, T, KVH);
+            am_commit();
+            am_wait<1>();
+        } else {
+            am_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) am_ldm(qf[kk], qs + am_off_a<LD>(warp * 16, kk * 16, lane));
+        }
+        const u32 kt = kst + st * TILE * 2, vt = vst + st * TILE * 2;
+        float s[AM_BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < AM_BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int np = 0; np < AM_BN / 16; ++np) {
+                u32 bf[4];
+                am_ldm(bf, kt + am_off_b<LD>(np * 16, kk * 16, lane));
+                am_mma(s[2 * np], qf[kk], bf[0], bf[1]);
+                am_mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+            }
+        }
+        // scale to log2 units, mask (causal diagonal, segment starts), row maxima
+        const bool need_mask = j0 + AM_BN - 1 > i0 || j0 < s_last;
+        float mx[2] = {-INF_F, -INF_F};
+#pragma unroll
+        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * sl2;
+                if (need_mask) {
+                    const int j = j0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                    const int r = e < 2 ? ra : rb, s0 = e < 2 ? sa : sb;
+                    if (j > r || j < s0) x = -INF_F;
+                }
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float mu[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 2));
+            const float mn = fmaxf(m[i], mx[i]);
+            mu[i] = mn == -INF_F ? 0.f : mn;  // a row with no key yet: keep everything at 0
+            const float corr = exp2f(m[i] - mu[i]);
+            m[i] = mn;
+            l[i] *= corr;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * i] *= corr;
+                o[dt][2 * i + 1] *= corr;
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[nt][e] - mu[e >> 1]);
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+        // O += P V
+#pragma unroll
+        for (int kk = 0; kk < AM_BN / 16; ++kk) {
+            const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
+                               am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 bf[4];
+                am_ldm_t(bf, vt + am_off_a<LD>(kk * 16, dp * 16, lane));
+                am_mma(o[2 * dp], pa, bf[0], bf[1]);
+                am_mma(o[2 * dp + 1], pa, bf[2], bf[3]);
+            }
+        }
+        __syncthreads();  // the next iteration's loads overwrite this stage
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 1);
+        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = i == 0 ? ra : rb;
+        if (r >= T) continue;
+        const float inv = 1.f / l[i];
+        float* dst = out + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const float2 val = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+            *(float2*)(dst + dt * 8) = val;
+        }
+        if ((lane & 3) == 0) lse[((i64)b * H + h) * T + r] = (m[i] + log2f(l[i])) * AM_LN2;
+    }
+}
+
+// ---- backward: dq -----------------------------------------------------------------------
+
+template <int D>
+__device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob,
+                            const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
+                            float scale) {
+    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD;
+    extern __shared__ __align__(16) u16 am_sm[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * AM_BM;
+    const int ilast = min(i0 + AM_BM, T) - 1;
+    const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
+    const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
+    const int s_last = am_first_key(ks, b, ilast, T);
+    const u32 qs = am_smem(am_sm), dos = qs + AM_BM * LD * 2, kst = dos + AM_BM * LD * 2,
+              vst = kst + 2 * TILE * 2;
+
+    am_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
+    am_load_tile<AM_BM, D>(dos, dob, b, i0, h, T, H);
+    am_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
+    am_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
+    am_commit();
+
+    const int ra = i0 + warp * 16 + (lane >> 2), rb = ra + 8;
+    const int sa = ra < T ? am_first_key(ks, b, ra, T) : 0;
+    const int sb = rb < T ? am_first_key(ks, b, rb, T) : 0;
+    const i64 la = ((i64)b * H + h) * T;
+    const float l2[2] = {ra < T ? lse[la + ra] * AM_LOG2E : 0.f, rb < T ? lse[la + rb] * AM_LOG2E : 0.f};
+    const float dl[2] = {ra < T ? dsum[la + ra] : 0.f, rb < T ? dsum[la + rb] : 0.f};
+    u32 qf[KS][4];
+    float acc[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    for (int it = 0; it < ntile; ++it) {
+        const int j0 = jbeg + it * AM_BN, st = it & 1;
+        if (it + 1 < ntile) {
+            am_load_tile<AM_BN, D>(kst + (st ^ 1) * TILE * 2, k, b, j0 + AM_BN, g, T, KVH);
+            am_load_tile<AM_BN, D>(vst + (st ^ 1) * TILE * 2, v, b, j0 + AM_BN, g, T, KVH);
+            am_commit();
+            am_wait<1>();
+        } else {
+            am_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) am_ldm(qf[kk], qs + am_off_a<LD>(warp * 16, kk * 16, lane));
+        }
+        const u32 kt = kst + st * TILE * 2, vt = vst + st * TILE * 2;
+        float s[AM_BN / 8][4], dp[AM_BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < AM_BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            u32 da[4];
+            am_ldm(da, dos + am_off_a<LD>(warp * 16, kk * 16, lane));
+#pragma unroll
+            for (int np = 0; np < AM_BN / 16; ++np) {
+                u32 bf[4];
+                am_ldm(bf, kt + am_off_b<LD>(np * 16, kk * 16, lane));
+                am_mma(s[2 * np], qf[kk], bf[0], bf[1]);
+                am_mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+                am_ldm(bf, vt + am_off_b<LD>(np * 16, kk * 16, lane));
+                am_mma(dp[2 * np], da, bf[0], bf[1]);
+                am_mma(dp[2 * np + 1], da, bf[2], bf[3]);
+            }
+        }
+        const bool need_mask = j0 + AM_BN - 1 > i0 || j0 < s_last;
+#pragma unroll
+        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float p = exp2f(s[nt][e] * sl2 - l2[e >> 1]);
+                if (need_mask) {
+                    const int j = j0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                    const int r = e < 2 ? ra : rb, s0 = e < 2 ? sa : sb;
+                    if (j > r || j < s0) p = 0.f;
+                }
+                s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
+            }
+        }
+        // dQ += dS K
+#pragma unroll
+        for (int kk = 0; kk < AM_BN / 16; ++kk) {
+            const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
+                               am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dd = 0; dd < D / 16; ++dd) {
+                u32 bf[4];
+                am_ldm_t(bf, kt + am_off_a<LD>(kk * 16, dd * 16, lane));
+                am_mma(acc[2 * dd], pa, bf[0], bf[1]);
+                am_mma(acc[2 * dd + 1], pa, bf[2], bf[3]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = i == 0 ? ra : rb;
+        if (r >= T) continue;
+        float* dst = dq + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *(float2*)(dst + dt * 8) = make_float2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
+    }
+}
+
+// ---- backward: dk, dv -------------------------------------------------------------------
+
+// QC: queries per compute step (of the 64 in a shared tile), bounding the registers that
+// hold S^T and dP^T next to the dK and dV accumulators.
+template <int D, int QC>
+__device__ void amma_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob,
+                              const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
+                              float scale) {
+    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BM * LD;
+    extern __shared__ __align__(16) u16 am_sm[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
+    const int b = blockIdx.z, g = blockIdx.y, group = H / KVH;
+    const int j0 = blockIdx.x * AM_BN, jlast = min(j0 + AM_BN, T) - 1;
+    const u32 ksm = am_smem(am_sm), vsm = ksm + AM_BN * LD * 2, qst = vsm + AM_BN * LD * 2,
+              dost = qst + 2 * TILE * 2;
+    float* lse_s = (float*)(am_sm + AM_BN * LD * 2 + 4 * TILE);  // [2][BM]
+    float* dl_s = lse_s + 2 * AM_BM;                             // [2][BM]
+    int* s0_s = (int*)(dl_s + 2 * AM_BM);                        // [2][BM]
+
+    // Query tiles from the one holding key j0 (AM_BM == AM_BN) to the last one whose first
+    // query still sees a key of this block (segment starts never decrease along a row).
+    const int nqt = (T - j0 + AM_BM - 1) / AM_BM;
+    int n = nqt;
+    if (ks) {
+        n = 0;
+        for (int base = 0; base < nqt; base += AM_NT) {
+            const int it = base + tid;
+            n += __syncthreads_count(it < nqt && am_first_key(ks, b, j0 + it * AM_BM, T) <= jlast);
+        }
+    }
+    const int total = group * n;
+
+    auto issue = [&](int step, int stage) {
+        const int h = g * group + step / n, i0 = j0 + (step % n) * AM_BM;
+        am_load_tile<AM_BM, D>(qst + stage * TILE * 2, q, b, i0, h, T, H);
+        am_load_tile<AM_BM, D>(dost + stage * TILE * 2, dob, b, i0, h, T, H);
+        const i64 la = ((i64)b * H + h) * T;
+        if (tid < AM_BM) {
+            const int t = i0 + tid;
+            am_cp4(am_smem(lse_s + stage * AM_BM + tid), lse + la + (t < T ? t : 0), t < T);
+        } else {
+            const int t = i0 + tid - AM_BM;
+            am_cp4(am_smem(dl_s + stage * AM_BM + tid - AM_BM), dsum + la + (t < T ? t : 0), t < T);
+        }
+        if (tid < AM_BM) {
+            const int t = i0 + tid;
+            if (ks)
+                am_cp4(am_smem(s0_s + stage * AM_BM + tid), ks + (i64)b * T + (t < T ? t : 0), t < T);
+            else
+                s0_s[stage * AM_BM + tid] = 0;
+        }
+    };
+
+    am_load_tile<AM_BN, D>(ksm, k, b, j0, g, T, KVH);
+    am_load_tile<AM_BN, D>(vsm, v, b, j0, g, T, KVH);
+    issue(0, 0);
+    am_commit();
+
+    const int ka = j0 + warp * 16 + (lane >> 2), kb = ka + 8;
+    float adk[DT][4], adv[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
+
+    for (int step = 0; step < total; ++step) {
+        const int st = step & 1, i0 = j0 + (step % n) * AM_BM;
+        if (step + 1 < total) {
+            issue(step + 1, st ^ 1);
+            am_commit();
+            am_wait<1>();
+        } else {
+            am_wait<0>();
+        }
+        __syncthreads();
+        const u32 qt = qst + st * TILE * 2, dt_ = dost + st * TILE * 2;
+        const float* ls = lse_s + st * AM_BM;
+        const float* dls = dl_s + st * AM_BM;
+        const int* s0s = s0_s + st * AM_BM;
+        const int nvalid = min(AM_BM, T - i0);
+        const bool need_mask = i0 < j0 + AM_BN || nvalid < AM_BM || s0s[nvalid - 1] > j0;
+#pragma unroll
+        for (int qc = 0; qc < AM_BM / QC; ++qc) {
+            float s[QC / 8][4], dp[QC / 8][4];
+#pragma unroll
+            for (int i = 0; i < QC / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 ka_[4], va_[4];
+                am_ldm(ka_, ksm + am_off_a<LD>(warp * 16, kk * 16, lane));
+                am_ldm(va_, vsm + am_off_a<LD>(warp * 16, kk * 16, lane));
+#pragma unroll
+                for (int np = 0; np < QC / 16; ++np) {
+                    u32 bf[4];
+                    am_ldm(bf, qt + am_off_b<LD>(qc * QC + np * 16, kk * 16, lane));
+                    am_mma(s[2 * np], ka_, bf[0], bf[1]);
+                    am_mma(s[2 * np + 1], ka_, bf[2], bf[3]);
+                    am_ldm(bf, dt_ + am_off_b<LD>(qc * QC + np * 16, kk * 16, lane));
+                    am_mma(dp[2 * np], va_, bf[0], bf[1]);
+                    am_mma(dp[2 * np + 1], va_, bf[2], bf[3]);
+                }
+            }
+            // P^T and dS^T; s holds P^T, dp becomes dS^T
+#pragma unroll
+            for (int nt = 0; nt < QC / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tq = qc * QC + nt * 8 + (lane & 3) * 2 + (e & 1);
+                    float p = exp2f(s[nt][e] * sl2 - ls[tq] * AM_LOG2E);
+                    if (need_mask) {
+                        const int t = i0 + tq, kr = e < 2 ? ka : kb;
+                        if (t < kr || t >= T || s0s[tq] > kr) p = 0.f;
+                    }
+                    s[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - dls[tq]);
+                }
+            }
+            // dV += P^T dO, dK += dS^T Q
+#pragma unroll
+            for (int kk = 0; kk < QC / 16; ++kk) {
+                const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
+                                   am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                const u32 sa[4] = {am_pack(dp[2 * kk][0], dp[2 * kk][1]), am_pack(dp[2 * kk][2], dp[2 * kk][3]),
+                                   am_pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                   am_pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+                for (int dd = 0; dd < D / 16; ++dd) {
+                    u32 bf[4];
+                    am_ldm_t(bf, dt_ + am_off_a<LD>(qc * QC + kk * 16, dd * 16, lane));
+                    am_mma(adv[2 * dd], pa, bf[0], bf[1]);
+                    am_mma(adv[2 * dd + 1], pa, bf[2], bf[3]);
+                    am_ldm_t(bf, qt + am_off_a<LD>(qc * QC + kk * 16, dd * 16, lane));
+                    am_mma(adk[2 * dd], sa, bf[0], bf[1]);
+                    am_mma(adk[2 * dd + 1], sa, bf[2], bf[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    am_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = i == 0 ? ka : kb;
+        if (r >= T) continue;
+        const i64 off = (((i64)b * T + r) * KVH + g) * D + (lane & 3) * 2;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            *(float2*)(dk + off + dt * 8) = make_float2(adk[dt][2 * i] * scale, adk[dt][2 * i + 1] * scale);
+            *(float2*)(dv + off + dt * 8) = make_float2(adv[dt][2 * i], adv[dt][2 * i + 1]);
+        }
+    }
+}
+
+#define AMMA_VARIANTS(D, QC)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(AM_NT) amma_fwd_d##D(float* out, float* lse, const u16* q,         \
+                                                                      const u16* k, const u16* v, const u32* ks,    \
+                                                                      int T, int H, int KVH, float sl2) {           \
+        amma_fwd<D>(out, lse, q, k, v, ks, T, H, KVH, sl2);                                                         \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(AM_NT)                                                             \
+        amma_bwd_dq_d##D(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse,    \
+                         const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {        \
+        amma_bwd_dq<D>(dq, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                                     \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(AM_NT)                                                             \
+        amma_bwd_dkdv_d##D(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob,        \
+                           const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,   \
+                           float scale) {                                                                           \
+        amma_bwd_dkdv<D, QC>(dk, dv, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                           \
+    }
+
+AMMA_VARIANTS(64, 64)
+AMMA_VARIANTS(128, 32)
+
+// ---- conversions ------------------------------------------------------------------------
+
+// dst = bf16(src), n a multiple of 4 (every tensor here is a multiple of D elements).
+extern "C" __global__ void amma_cast_bf16(u16* dst, const float* src, i64 n) {
+    const i64 n4 = n / 4;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
+        const float4 x = ((const float4*)src)[i];
+        ((uint2*)dst)[i] = make_uint2(am_pack(x.x, x.y), am_pack(x.z, x.w));
+    }
+}
+
+// Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out. The
+// rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j dP_j holds
+// as closely as the bf16 products allow (with one key, dS is then ~0, as it must be).
+extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const float* dout, const float* out, int T, int H,
+                                         int D, i64 rows) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* g = dout + row * D;
+    const float* o = out + row * D;
+    float acc = 0.f;
+    for (int d = lane * 2; d < D; d += 64) {
+        const float2 x = *(const float2*)(g + d), y = *(const float2*)(o + d);
+        const u32 p = am_pack(x.x, x.y);
+        *(u32*)(dob + row * D + d) = p;
+        acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const i64 bt = row / H;  // b * T + t
+        const int h = (int)(row % H);
+        const i64 b = bt / T, t = bt % T;
+        dsum[(b * H + h) * T + t] = acc;
+    }
+}
+
+#endif

@@ -1,0 +1,114 @@
+// Elementwise and gather ops (elementwise.rs). Grid-stride loops over i64 indices.
+
+#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+// out[i] = half(x[i]); to_bf16: 1 = bf16, 0 = f16. Scratch operand of the half GEMMs.
+extern "C" __global__ void cast_f32_to_half(u16* out, const float* x, i64 n, int to_bf16) {
+    GRID_STRIDE(i, n) { out[i] = to_bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]); }
+}
+
+// y = alpha * x (acc = 0) or y += alpha * x (acc = 1). y is not read when overwriting.
+extern "C" __global__ void axpy(float* y, const float* x, float alpha, i64 n, int acc) {
+    GRID_STRIDE(i, n) { y[i] = acc ? y[i] + alpha * x[i] : alpha * x[i]; }
+}
+
+// x[r, c] += b[c]; x: [rows, cols], b stored as bdt.
+extern "C" __global__ void add_bias(float* x, const void* b, int bdt, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) { x[i] += load_w(b, i % cols, bdt); }
+}
+
+// dst[r, doff + j] (=|+=) src[r, soff + j] for j < width.
+extern "C" __global__ void copy_cols(float* dst, i64 dcols, i64 doff, const float* src, i64 scols, i64 soff,
+                                     i64 rows, i64 width, int acc) {
+    GRID_STRIDE(i, rows * width) {
+        i64 r = i / width, j = i % width;
+        float v = src[r * scols + soff + j];
+        float* d = dst + r * dcols + doff + j;
+        *d = acc ? *d + v : v;
+    }
+}
+
+// out[i, :] (=|+=) table[ids[i], :]; ids were checked against V on the host.
+extern "C" __global__ void embedding(float* out, const u32* ids, const void* table, int tdt, i64 n, i64 c, int acc) {
+    GRID_STRIDE(i, n * c) {
+        i64 r = i / c, j = i % c;
+        float v = load_w(table, (i64)ids[r] * c + j, tdt);
+        out[i] = acc ? out[i] + v : v;
+    }
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+// out = silu(gate) * up
+extern "C" __global__ void swiglu_fwd(float* out, const float* gate, const float* up, i64 n) {
+    GRID_STRIDE(i, n) {
+        float g = gate[i];
+        out[i] = g * sigmoidf_(g) * up[i];
+    }
+}
+
+// dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * silu(g), s = sigmoid(g)
+extern "C" __global__ void swiglu_bwd(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                                      i64 n) {
+    GRID_STRIDE(i, n) {
+        float g = gate[i], s = sigmoidf_(g), d = dout[i];
+        dgate[i] = d * up[i] * s * (1.f + g * (1.f - s));
+        dup[i] = d * g * s;
+    }
+}
+
+#define GELU_K 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_C 0.044715f
+
+// GPT-2 gelu_new: 0.5 x (1 + tanh(k (x + c x^3)))
+extern "C" __global__ void gelu_fwd(float* out, const float* x, i64 n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        out[i] = 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_C * v * v * v)));
+    }
+}
+
+extern "C" __global__ void gelu_bwd(float* dx, const float* dout, const float* x, i64 n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
+        float dt = GELU_K * (1.f + 3.f * GELU_C * v * v);
+        dx[i] = dout[i] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * dt);
+    }
+}
+
+// Bit-exact port of backend::dropout_keep (splitmix64 of seed ^ i * golden ratio).
+__device__ __forceinline__ bool dropout_keep(u64 seed, u64 i, float p) {
+    u64 z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    return u >= p;
+}
+
+// out = keep(i) ? x * scale : 0, scale = 1 / (1 - p) computed on the host. Forward and
+// backward are the same map (the mask is a function of (seed, i)).
+extern "C" __global__ void dropout(float* out, const float* x, float p, float scale, u64 seed, i64 n) {
+    GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, (u64)i, p) ? x[i] * scale : 0.f; }
+}
+
+// partial[block] = sum of x[i]^2 over the block's grid-stride share, accumulated in f64.
+// The host adds the (at most a few hundred) partials in f64.
+extern "C" __global__ void sum_squares_partial(double* partial, const float* x, i64 n) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        double v = (double)x[i];
+        acc += v * v;
+    }
+    acc = warp_sum_d(acc);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) sh[w] = acc;
+    __syncthreads();
+    if (w == 0) {
+        double s = lane < nw ? sh[lane] : 0.0;
+        s = warp_sum_d(s);
+        if (lane == 0) partial[blockIdx.x] = s;
+    }
+}

@@ -1,0 +1,350 @@
+//! Elementwise and gather ops: axpy, bias, column copies, embedding, SwiGLU, GELU,
+//! dropout and the f64 sum of squares. Kernels in `elementwise.cu`.
+
+use super::device::{Arg, Launch, Module, err};
+use super::{CudaBackend, CudaBuf, rows_of};
+use crate::backend::{Accumulate, DeviceBuf};
+use crate::error::Result;
+
+pub(super) const MODULE: Module = Module {
+    name: "elementwise",
+    src: include_str!("elementwise.cu"),
+};
+
+/// Threads per block of the grid-stride kernels, and the most blocks they use.
+const BLOCK: u32 = 256;
+const MAX_BLOCKS: usize = 65535;
+
+fn acc_flag(acc: Accumulate) -> i32 {
+    matches!(acc, Accumulate::Add) as i32
+}
+
+impl CudaBackend {
+    fn run(&self, op: &'static str, kernel: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel,
+            Launch::cover(n, BLOCK, MAX_BLOCKS),
+            args,
+        )
+    }
+
+    pub(super) fn axpy_impl(
+        &self,
+        y: &mut CudaBuf,
+        alpha: f32,
+        x: &CudaBuf,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "axpy";
+        let n = y.len();
+        let py = Self::check_f32(op, "y", y, n)?;
+        let px = Self::check_f32(op, "x", x, n)?;
+        self.run(
+            op,
+            "axpy",
+            n,
+            &[
+                Arg::Ptr(py),
+                Arg::Ptr(px),
+                Arg::F32(alpha),
+                Arg::I64(n as i64),
+                Arg::I32(acc_flag(acc)),
+            ],
+        )
+    }
+
+    pub(super) fn add_bias_impl(&self, x: &mut CudaBuf, b: &CudaBuf) -> Result<()> {
+        let op = "add_bias";
+        let cols = b.len();
+        let rows = rows_of(op, "x", x.len(), cols)?;
+        let px = Self::check_f32(op, "x", x, rows * cols)?;
+        let (pb, bdt) = Self::check_any(op, "bias", b, cols)?;
+        self.run(
+            op,
+            "add_bias",
+            rows * cols,
+            &[
+                Arg::Ptr(px),
+                Arg::Ptr(pb),
+                Arg::I32(bdt),
+                Arg::I64(rows as i64),
+                Arg::I64(cols as i64),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn copy_cols_impl(
+        &self,
+        dst: &mut CudaBuf,
+        dst_cols: usize,
+        dst_off: usize,
+        src: &CudaBuf,
+        src_cols: usize,
+        src_off: usize,
+        width: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "copy_cols";
+        let rows = rows_of(op, "dst", dst.len(), dst_cols)?;
+        if rows_of(op, "src", src.len(), src_cols)? != rows {
+            return Err(err(
+                op,
+                format!(
+                    "dst has {rows} rows of {dst_cols}, src {} elements in rows of {src_cols}",
+                    src.len()
+                ),
+            ));
+        }
+        if dst_off + width > dst_cols || src_off + width > src_cols {
+            return Err(err(
+                op,
+                format!(
+                    "columns {dst_off}..{} of {dst_cols} (dst) or {src_off}..{} of {src_cols} (src) out of range",
+                    dst_off + width,
+                    src_off + width
+                ),
+            ));
+        }
+        let pd = Self::check_f32(op, "dst", dst, rows * dst_cols)?;
+        let ps = Self::check_f32(op, "src", src, rows * src_cols)?;
+        self.run(
+            op,
+            "copy_cols",
+            rows * width,
+            &[
+                Arg::Ptr(pd),
+                Arg::I64(dst_cols as i64),
+                Arg::I64(dst_off as i64),
+                Arg::Ptr(ps),
+                Arg::I64(src_cols as i64),
+                Arg::I64(src_off as i64),
+                Arg::I64(rows as i64),
+                Arg::I64(width as i64),
+                Arg::I32(acc_flag(acc)),
+            ],
+        )
+    }
+
+    pub(super) fn sum_squares_impl(&self, x: &CudaBuf) -> Result<f64> {
+        let op = "sum_squares";
+        let n = x.len();
+        let px = Self::check_f32(op, "x", x, n)?;
+        if n == 0 {
+            return Ok(0.0);
+        }
+        // A few hundred blocks fill the GPU; each writes one f64 partial sum.
+        let l = Launch::cover(n, BLOCK, 512);
+        let blocks = l.grid.0;
+        let partial = self.dev.alloc(op, blocks * 8)?;
+        self.dev.launch(
+            op,
+            MODULE,
+            "sum_squares_partial",
+            l,
+            &[
+                Arg::Ptr(super::Device::ptr(&partial)),
+                Arg::Ptr(px),
+                Arg::I64(n as i64),
+            ],
+        )?;
+        let bytes = self
+            .dev
+            .stream
+            .clone_dtoh(&partial)
+            .map_err(|e| super::device::driver_err(op, e))?;
+        Ok(bytes[..blocks * 8]
+            .chunks_exact(8)
+            .map(|c| f64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .sum())
+    }
+
+    pub(super) fn embedding_impl(
+        &self,
+        out: &mut CudaBuf,
+        ids: &[u32],
+        table: &CudaBuf,
+        c: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        let v = rows_of(op, "table", table.len(), c)?;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= v) {
+            return Err(err(
+                op,
+                format!("token id {id} at position {i} is outside the vocabulary of {v}"),
+            ));
+        }
+        let n = ids.len();
+        let po = Self::check_f32(op, "out", out, n * c)?;
+        let (pt, tdt) = Self::check_any(op, "table", table, v * c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let idbuf = self.upload_u32(op, ids)?;
+        self.run(
+            op,
+            "embedding",
+            n * c,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(super::Device::ptr(&idbuf)),
+                Arg::Ptr(pt),
+                Arg::I32(tdt),
+                Arg::I64(n as i64),
+                Arg::I64(c as i64),
+                Arg::I32(acc_flag(acc)),
+            ],
+        )
+    }
+
+    /// Small host arrays (ids, positions, labels) to the device, ordered on the stream.
+    pub(super) fn upload_u32(
+        &self,
+        op: &'static str,
+        v: &[u32],
+    ) -> Result<cudarc::driver::CudaSlice<u8>> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        self.upload_bytes(op, &bytes)
+    }
+
+    pub(super) fn upload_bytes(
+        &self,
+        op: &'static str,
+        bytes: &[u8],
+    ) -> Result<cudarc::driver::CudaSlice<u8>> {
+        let mut mem = self.dev.alloc(op, bytes.len())?;
+        if !bytes.is_empty() {
+            self.dev
+                .stream
+                .memcpy_htod(bytes, &mut mem)
+                .map_err(|e| super::device::driver_err(op, e))?;
+        }
+        Ok(mem)
+    }
+
+    pub(super) fn swiglu_forward_impl(
+        &self,
+        out: &mut CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
+        let op = "swiglu_forward";
+        let n = out.len();
+        let po = Self::check_f32(op, "out", out, n)?;
+        let pg = Self::check_f32(op, "gate", gate, n)?;
+        let pu = Self::check_f32(op, "up", up, n)?;
+        self.run(
+            op,
+            "swiglu_fwd",
+            n,
+            &[Arg::Ptr(po), Arg::Ptr(pg), Arg::Ptr(pu), Arg::I64(n as i64)],
+        )
+    }
+
+    pub(super) fn swiglu_backward_impl(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
+        let op = "swiglu_backward";
+        let n = dout.len();
+        let pdg = Self::check_f32(op, "dgate", dgate, n)?;
+        let pdu = Self::check_f32(op, "dup", dup, n)?;
+        let pd = Self::check_f32(op, "dout", dout, n)?;
+        let pg = Self::check_f32(op, "gate", gate, n)?;
+        let pu = Self::check_f32(op, "up", up, n)?;
+        self.run(
+            op,
+            "swiglu_bwd",
+            n,
+            &[
+                Arg::Ptr(pdg),
+                Arg::Ptr(pdu),
+                Arg::Ptr(pd),
+                Arg::Ptr(pg),
+                Arg::Ptr(pu),
+                Arg::I64(n as i64),
+            ],
+        )
+    }
+
+    pub(super) fn gelu_forward_impl(&self, out: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
+        let op = "gelu_forward";
+        let n = out.len();
+        let po = Self::check_f32(op, "out", out, n)?;
+        let px = Self::check_f32(op, "x", x, n)?;
+        self.run(
+            op,
+            "gelu_fwd",
+            n,
+            &[Arg::Ptr(po), Arg::Ptr(px), Arg::I64(n as i64)],
+        )
+    }
+
+    pub(super) fn gelu_backward_impl(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+    ) -> Result<()> {
+        let op = "gelu_backward";
+        let n = dx.len();
+        let pdx = Self::check_f32(op, "dx", dx, n)?;
+        let pd = Self::check_f32(op, "dout", dout, n)?;
+        let px = Self::check_f32(op, "x", x, n)?;
+        self.run(
+            op,
+            "gelu_bwd",
+            n,
+            &[
+                Arg::Ptr(pdx),
+                Arg::Ptr(pd),
+                Arg::Ptr(px),
+                Arg::I64(n as i64),
+            ],
+        )
+    }
+
+    /// Forward and backward of dropout are the same map: `out = keep(i) ? x/(1−p) : 0`.
+    pub(super) fn dropout_impl(
+        &self,
+        op: &'static str,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(err(
+                op,
+                format!("dropout probability {p} is outside [0, 1)"),
+            ));
+        }
+        let n = out.len();
+        let po = Self::check_f32(op, "out", out, n)?;
+        let px = Self::check_f32(op, "x", x, n)?;
+        let scale = 1.0 / (1.0 - p);
+        self.run(
+            op,
+            "dropout",
+            n,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(px),
+                Arg::F32(p),
+                Arg::F32(scale),
+                Arg::U64(seed),
+                Arg::I64(n as i64),
+            ],
+        )
+    }
+}

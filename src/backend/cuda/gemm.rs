@@ -1,0 +1,277 @@
+//! The one cuBLAS wrapper: every GEMM of the backend goes through [`CudaBackend::gemm_raw`].
+
+use super::device::{Arg, Device, Launch, driver_err, err};
+use super::{CudaBackend, CudaBuf, elementwise};
+use crate::backend::{Accumulate, DType, Gemm};
+use crate::error::Result;
+use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::CudaSlice;
+
+/// The cuBLAS handle (bound to the compute stream) and the scratch buffer that holds an f32
+/// operand cast to a half type. Held under one lock for the cast and the GEMM that reads
+/// it, so that two host threads cannot interleave on the scratch.
+pub(super) struct GemmState {
+    blas: CudaBlas,
+    scratch: Option<CudaSlice<u8>>,
+}
+
+impl GemmState {
+    pub fn new(dev: &Device) -> Result<Self> {
+        dev.bind("init")?;
+        let blas =
+            CudaBlas::new(dev.stream.clone()).map_err(|e| err("init", format!("cuBLAS: {e:?}")))?;
+        Ok(GemmState {
+            blas,
+            scratch: None,
+        })
+    }
+}
+
+/// One GEMM operand: device address, storage type, element count.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Operand {
+    pub ptr: u64,
+    pub dtype: DType,
+}
+
+fn cuda_type(d: DType) -> cudaDataType {
+    match d {
+        DType::F32 => cudaDataType::CUDA_R_32F,
+        DType::F16 => cudaDataType::CUDA_R_16F,
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+    }
+}
+
+impl CudaBackend {
+    /// [`crate::backend::Backend::matmul`] with its shape checks.
+    pub(super) fn gemm_checked(
+        &self,
+        c: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        g: Gemm,
+    ) -> Result<()> {
+        let op = "matmul";
+        let shape = format!(
+            "m={} n={} k={} trans_a={} trans_b={}",
+            g.m, g.n, g.k, g.trans_a, g.trans_b
+        );
+        if a.len != g.m * g.k || b.len != g.k * g.n || c.len != g.m * g.n {
+            return Err(err(
+                op,
+                format!(
+                    "{shape}: a has {} elements, b {}, c {}",
+                    a.len, b.len, c.len
+                ),
+            ));
+        }
+        if c.dtype != DType::F32 {
+            return Err(err(
+                op,
+                format!("{shape}: the output must be f32, it is {}", c.dtype),
+            ));
+        }
+        let oa = Operand {
+            ptr: a.ptr(),
+            dtype: a.dtype,
+        };
+        let ob = Operand {
+            ptr: b.ptr(),
+            dtype: b.dtype,
+        };
+        self.gemm_raw(op, c.ptr(), oa, ob, g)
+    }
+
+    /// `C[m×n] (=|+=) alpha · op(A) · op(B)`, all row-major, C f32.
+    ///
+    /// Row-major ↔ column-major: cuBLAS is column-major, and a row-major `[r, c]` matrix is
+    /// the column-major `[c, r]` matrix with leading dimension c, i.e. its transpose. So we
+    /// ask cuBLAS for `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its "A" is our B, its "B" is our A, its
+    /// (m, n) are our (n, m), and each operand keeps its own transpose flag with the
+    /// leading dimension of its storage (B stored `[k, n]` → ld n, `[n, k]` → ld k; A
+    /// stored `[m, k]` → ld k, `[k, m]` → ld m); `Cᵀ` has leading dimension n.
+    ///
+    /// Types: f32 × f32 runs SGEMM. When one operand is a bf16/f16 weight, the f32 operand
+    /// is cast to that type in a scratch buffer and `cublasGemmEx` runs with f32 output and
+    /// CUBLAS_COMPUTE_32F (f32 accumulation).
+    pub(super) fn gemm_raw(
+        &self,
+        op: &'static str,
+        c: u64,
+        a: Operand,
+        b: Operand,
+        g: Gemm,
+    ) -> Result<()> {
+        let shape = || {
+            format!(
+                "m={} n={} k={} trans_a={} trans_b={}",
+                g.m, g.n, g.k, g.trans_a, g.trans_b
+            )
+        };
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                err(
+                    op,
+                    format!("{}: dimension {v} exceeds cuBLAS's 32-bit range", shape()),
+                )
+            })
+        };
+        let (m, n, k) = (int(g.m)?, int(g.n)?, int(g.k)?);
+        let lda = if g.trans_a { m } else { k };
+        let ldb = if g.trans_b { k } else { n };
+        let op_a = if g.trans_a {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        };
+        let op_b = if g.trans_b {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        };
+        let alpha: f32 = g.alpha;
+        let beta: f32 = match g.accumulate {
+            Accumulate::Overwrite => 0.0,
+            Accumulate::Add => 1.0,
+        };
+        self.dev.bind(op)?;
+        if g.k == 0 {
+            // op(A)·op(B) is the zero matrix: C = beta·C.
+            if g.accumulate == Accumulate::Overwrite {
+                // SAFETY: c addresses m·n f32 values on the compute stream's device.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(
+                        c,
+                        0,
+                        g.m * g.n * 4,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver_err(op, e))?;
+            }
+            return Ok(());
+        }
+        let mut st = self
+            .gemm
+            .lock()
+            .map_err(|_| err(op, "cuBLAS lock poisoned"))?;
+        // Bring both operands to one storage type.
+        let half = match (a.dtype, b.dtype) {
+            (DType::F32, DType::F32) => None,
+            (DType::F32, h) | (h, DType::F32) => Some(h),
+            (x, y) if x == y => Some(x),
+            (x, y) => {
+                return Err(err(
+                    op,
+                    format!(
+                        "{}: operands are {x} and {y}; mixed half types are not supported",
+                        shape()
+                    ),
+                ));
+            }
+        };
+        let (a, b) = match half {
+            None => (a, b),
+            Some(h) => {
+                // Which operand is f32 (if any) and how many elements it has.
+                let (f32_side, count) = if a.dtype == DType::F32 {
+                    (Some(0), g.m * g.k)
+                } else if b.dtype == DType::F32 {
+                    (Some(1), g.k * g.n)
+                } else {
+                    (None, 0)
+                };
+                match f32_side {
+                    None => (a, b),
+                    Some(side) => {
+                        let need = count * 2;
+                        let fits = st.scratch.as_ref().is_some_and(|s| s.len() >= need);
+                        if !fits {
+                            st.scratch = None; // free first, then allocate the larger one
+                            st.scratch = Some(self.dev.alloc(op, need.max(1 << 20))?);
+                        }
+                        let scratch = st.scratch.as_ref().map(Device::ptr).unwrap_or(0);
+                        let src = if side == 0 { a.ptr } else { b.ptr };
+                        self.dev.launch(
+                            op,
+                            elementwise::MODULE,
+                            "cast_f32_to_half",
+                            Launch::cover(count, 256, 4096),
+                            &[
+                                Arg::Ptr(scratch),
+                                Arg::Ptr(src),
+                                Arg::I64(count as i64),
+                                Arg::I32((h == DType::BF16) as i32),
+                            ],
+                        )?;
+                        let cast = Operand {
+                            ptr: scratch,
+                            dtype: h,
+                        };
+                        if side == 0 { (cast, b) } else { (a, cast) }
+                    }
+                }
+            }
+        };
+        let handle = *st.blas.handle();
+        // SAFETY: the pointers address device buffers of at least m·k (A), k·n (B) and m·n
+        // (C) elements of their types (checked by the callers), alive for this call, which
+        // only enqueues work on the compute stream that owns them; alpha and beta are host
+        // f32 values, as CUBLAS_COMPUTE_32F expects.
+        let r = unsafe {
+            if half.is_none() {
+                cudarc::cublas::result::sgemm(
+                    handle,
+                    op_b,
+                    op_a,
+                    n,
+                    m,
+                    k,
+                    &alpha,
+                    b.ptr as *const f32,
+                    ldb,
+                    a.ptr as *const f32,
+                    lda,
+                    &beta,
+                    c as *mut f32,
+                    n,
+                )
+            } else {
+                cudarc::cublas::result::gemm_ex(
+                    handle,
+                    op_b,
+                    op_a,
+                    n,
+                    m,
+                    k,
+                    &alpha as *const f32 as *const _,
+                    b.ptr as *const _,
+                    cuda_type(b.dtype),
+                    ldb,
+                    a.ptr as *const _,
+                    cuda_type(a.dtype),
+                    lda,
+                    &beta as *const f32 as *const _,
+                    c as *mut _,
+                    cudaDataType::CUDA_R_32F,
+                    n,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        };
+        r.map_err(|e| err(op, format!("{}: cuBLAS GEMM failed: {e:?}", shape())))?;
+        drop(st);
+        if self.dev.sync_each_launch {
+            self.dev
+                .stream
+                .synchronize()
+                .map_err(|e| driver_err(op, e))?;
+        }
+        Ok(())
+    }
+}

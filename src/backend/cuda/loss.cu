@@ -1,0 +1,27 @@
+// Fused softmax / cross-entropy / dlogits over one row chunk of logits (loss.rs).
+// x: [rows, V] logits, overwritten with dlogits = scale * (softmax - onehot(label)) when
+// want_grad (rows whose label is IGNORE_INDEX get zeros); row_loss[r] = lse - x[label]
+// (0 for ignored rows). One block per row; max, sum and lse in f32.
+extern "C" __global__ void ce_fwd_bwd(float* x, float* row_loss, const int* labels, i64 v, float scale,
+                                      int want_grad) {
+    __shared__ float sh[32];
+    const i64 r = blockIdx.x;
+    float* xr = x + r * v;
+    const int label = labels[r];
+    float mx = -INF_F;
+    for (i64 j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+    mx = block_max(mx, sh);
+    float s = 0.f;
+    for (i64 j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - mx);
+    s = block_sum(s, sh);
+    const float lse = mx + logf(s);
+    const bool counted = label != IGNORE_INDEX;
+    if (threadIdx.x == 0) row_loss[r] = counted ? lse - xr[label] : 0.f;
+    if (!want_grad) return;
+    __syncthreads();  // everyone has read xr[label] (thread 0) before it is overwritten
+    for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+        float g = 0.f;
+        if (counted) g = scale * (expf(xr[j] - lse) - (j == label ? 1.f : 0.f));
+        xr[j] = g;
+    }
+}

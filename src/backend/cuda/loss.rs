@@ -1,0 +1,154 @@
+//! Fused LM head and cross-entropy over row chunks: at most one chunk of `[rows, V]` f32
+//! logits exists at a time. Per chunk: logits = h·wᵀ (cuBLAS, half weight), the fused
+//! softmax / cross-entropy / dlogits kernel of `loss.cu`, then dh = dlogits·w.
+
+use super::device::{Arg, Device, Launch, Module, driver_err, err};
+use super::gemm::Operand;
+use super::{CudaBackend, CudaBuf, rows_of};
+use crate::backend::{Accumulate, DType, DeviceBuf, Gemm, IGNORE_INDEX, LossSum};
+use crate::error::Result;
+
+pub(super) const MODULE: Module = Module {
+    name: "loss",
+    src: include_str!("loss.cu"),
+};
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lm_head_loss_impl(
+        &self,
+        h: &CudaBuf,
+        w: &CudaBuf,
+        labels: &[i32],
+        c: usize,
+        loss_scale: f32,
+        dh: Option<&mut CudaBuf>,
+        logits: Option<&mut CudaBuf>,
+    ) -> Result<LossSum> {
+        let op = "lm_head_loss";
+        let v = rows_of(op, "lm_head weight", w.len(), c)?;
+        let n = labels.len();
+        let ph = Self::check_f32(op, "h", h, n * c)?;
+        let (pw, _) = Self::check_any(op, "lm_head weight", w, v * c)?;
+        if let Some((i, &l)) = labels
+            .iter()
+            .enumerate()
+            .find(|&(_, &l)| l != IGNORE_INDEX && (l < 0 || l as usize >= v))
+        {
+            return Err(err(
+                op,
+                format!(
+                    "label {l} at position {i} is outside the vocabulary of {v} (and is not the ignore index {IGNORE_INDEX})"
+                ),
+            ));
+        }
+        let pdh = match &dh {
+            Some(d) => Some(Self::check_f32(op, "dh", d, n * c)?),
+            None => None,
+        };
+        let plog = match &logits {
+            Some(l) => Some(Self::check_f32(op, "logits", l, n * v)?),
+            None => None,
+        };
+        let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        if n == 0 {
+            return Ok(LossSum { sum: 0.0, count });
+        }
+        let chunk = (self.opts.logits_chunk_bytes / (4 * v)).clamp(1, n);
+        let buf = self.dev.alloc(op, chunk * v * 4)?;
+        let pbuf = Device::ptr(&buf);
+        let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_ne_bytes()).collect();
+        let lab = self.upload_bytes(op, &label_bytes)?;
+        let plab = Device::ptr(&lab);
+        let row_loss = self.dev.alloc(op, n * 4)?;
+        let ploss = Device::ptr(&row_loss);
+        let block = (v.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let weight = Operand {
+            ptr: pw,
+            dtype: w.dtype(),
+        };
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            // logits[rows, V] = h[r0.., C] · wᵀ, w [V, C]
+            self.gemm_raw(
+                op,
+                pbuf,
+                Operand {
+                    ptr: ph + (r0 * c * 4) as u64,
+                    dtype: DType::F32,
+                },
+                weight,
+                Gemm {
+                    m: rows,
+                    n: v,
+                    k: c,
+                    trans_a: false,
+                    trans_b: true,
+                    alpha: 1.0,
+                    accumulate: Accumulate::Overwrite,
+                },
+            )?;
+            if let Some(pl) = plog {
+                // SAFETY: both ranges lie inside their buffers (rows·V f32 at row r0).
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        pl + (r0 * v * 4) as u64,
+                        pbuf,
+                        rows * v * 4,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver_err(op, e))?;
+            }
+            self.dev.launch(
+                op,
+                MODULE,
+                "ce_fwd_bwd",
+                Launch {
+                    grid: (rows, 1, 1),
+                    block,
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(pbuf),
+                    Arg::Ptr(ploss + (r0 * 4) as u64),
+                    Arg::Ptr(plab + (r0 * 4) as u64),
+                    Arg::I64(v as i64),
+                    Arg::F32(loss_scale),
+                    Arg::I32(pdh.is_some() as i32),
+                ],
+            )?;
+            if let Some(pd) = pdh {
+                // dh[r0.., C] = dlogits[rows, V] · w[V, C]
+                self.gemm_raw(
+                    op,
+                    pd + (r0 * c * 4) as u64,
+                    Operand {
+                        ptr: pbuf,
+                        dtype: DType::F32,
+                    },
+                    weight,
+                    Gemm {
+                        m: rows,
+                        n: c,
+                        k: v,
+                        trans_a: false,
+                        trans_b: false,
+                        alpha: 1.0,
+                        accumulate: Accumulate::Overwrite,
+                    },
+                )?;
+            }
+        }
+        let bytes = self
+            .dev
+            .stream
+            .clone_dtoh(&row_loss)
+            .map_err(|e| driver_err(op, e))?;
+        let sum: f64 = bytes[..n * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .sum();
+        Ok(LossSum { sum, count })
+    }
+}

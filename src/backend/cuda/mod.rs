@@ -1,0 +1,715 @@
+//! CUDA backend (DESIGN.md §1, §2; issue 4): the [`Backend`] ops as cuBLAS GEMMs and our
+//! own CUDA C kernels, compiled at run time with NVRTC for the device's architecture and
+//! cached in memory and on disk. cudarc loads CUDA at run time, so a build with the `cuda`
+//! feature runs on machines without a GPU (where [`CudaBackend::new`] returns an error).
+//!
+//! Layout: `device.rs` (context, stream, memory, compilation, the launch door), `gemm.rs`
+//! (the one cuBLAS wrapper), and one pair `<op>.rs` + `<op>.cu` per op family.
+//!
+//! Numerics: activations, LoRA parameters, gradients and optimizer state are f32. Frozen
+//! weights keep their stored type (bf16/f16; f32 as f32 unless [`CudaOptions::weight_dtype`]
+//! converts it). A GEMM with a half weight casts the f32 operand to the same half type and
+//! accumulates in f32; norms, softmax, RoPE angles, loss and reductions run in f32
+//! (`sum_squares` in f64).
+//!
+//! All work runs in order on one compute stream. For the streaming engine, weights can
+//! also be uploaded from pinned host memory on a separate copy stream, ordered with
+//! events ([`CudaBackend::upload_weight_async`]).
+
+mod attention;
+mod device;
+mod elementwise;
+mod gemm;
+mod loss;
+mod norm;
+mod optim;
+pub mod ring;
+mod rope;
+
+pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+pub use device::{KernelCache, probe};
+
+use crate::backend::{
+    Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
+};
+use crate::error::Result;
+use cudarc::driver::CudaSlice;
+use device::{Device, err};
+use std::sync::{Arc, Mutex};
+
+/// How a [`CudaBackend`] is set up.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Which GPU (0-based, as the driver numbers them).
+    pub ordinal: usize,
+    /// Storage type of frozen weights stored as F32 in the file: F32 keeps them (exact
+    /// GEMMs, twice the memory), BF16 or F16 converts them once at upload. Weights stored
+    /// as BF16 or F16 always keep their type.
+    pub weight_dtype: DType,
+    /// Upper bound on the f32 logits of one row chunk in `lm_head_loss`, in bytes; a chunk
+    /// has at least one row.
+    pub logits_chunk_bytes: usize,
+    /// Where compiled kernels are cached between runs.
+    pub kernel_cache: KernelCache,
+    /// Synchronise after every kernel so that a fault names its kernel (slow; default from
+    /// the environment variable `LEMA_CUDA_SYNC=1`).
+    pub sync_each_launch: bool,
+    /// Run attention with the f32 CUDA-core kernels (exact to f32 rounding, about ten times
+    /// slower) instead of the bf16 tensor-core kernels used for head dimensions 64 and 128
+    /// on sm_80 and newer (default from the environment variable
+    /// `LEMA_CUDA_EXACT_ATTENTION=1`).
+    pub exact_attention: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            weight_dtype: DType::F32,
+            logits_chunk_bytes: 64 << 20,
+            kernel_cache: KernelCache::Default,
+            sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// A buffer in GPU memory: f32, or a frozen weight kept as bf16/f16.
+pub struct CudaBuf {
+    mem: CudaSlice<u8>,
+    len: usize,
+    dtype: DType,
+}
+
+impl CudaBuf {
+    /// Storage type of the elements.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of device memory the elements occupy.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        Device::ptr(&self.mem)
+    }
+}
+
+impl DeviceBuf for CudaBuf {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// The CUDA backend: one GPU, one compute stream, one cuBLAS handle bound to it.
+pub struct CudaBackend {
+    dev: Device,
+    gemm: Mutex<gemm::GemmState>,
+    opts: CudaOptions,
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal` with default options.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_options(CudaOptions {
+            ordinal,
+            ..CudaOptions::default()
+        })
+    }
+
+    /// The backend with explicit options. Fails with a sentence saying what is missing
+    /// when there is no driver, no CUDA 13 libraries or no GPU.
+    pub fn with_options(opts: CudaOptions) -> Result<Self> {
+        let dev = Device::new(
+            opts.ordinal,
+            opts.kernel_cache.clone(),
+            opts.sync_each_launch,
+        )?;
+        let gemm = gemm::GemmState::new(&dev)?;
+        Ok(CudaBackend {
+            dev,
+            gemm: Mutex::new(gemm),
+            opts,
+        })
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.dev.name
+    }
+
+    /// The architecture kernels are compiled for, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.dev.arch
+    }
+
+    /// `(free, total)` device memory in bytes, as the driver reports it (all processes).
+    pub fn mem_info(&self) -> Option<(usize, usize)> {
+        self.dev.mem_info()
+    }
+
+    /// Peak bytes the default memory pool (where every buffer of this backend comes
+    /// from) has held since the backend was made, as the driver tracks it.
+    pub fn pool_peak_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys;
+        self.dev.bind("pool_peak_bytes").ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: out-pointers to locals of the right types; the device handle is valid.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, self.dev.ctx.cu_device())
+                != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+            if sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            ) != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+        }
+        Some(high)
+    }
+
+    /// The options this backend was made with.
+    pub fn options(&self) -> &CudaOptions {
+        &self.opts
+    }
+
+    /// The stream all ops run on.
+    pub fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+
+    fn new_buf(&self, op: &'static str, len: usize, dtype: DType) -> Result<CudaBuf> {
+        let mem = self.dev.alloc(op, len * dtype.size())?;
+        Ok(CudaBuf { mem, len, dtype })
+    }
+
+    /// An uninitialised buffer of `len` elements of `dtype` (a slot for
+    /// [`CudaBackend::upload_weight_async`]).
+    pub fn alloc_weight(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        self.dev.bind("alloc_weight")?;
+        self.new_buf("alloc_weight", len, dtype)
+    }
+
+    // ---- hooks for the streaming engine -------------------------------------------------
+
+    /// `bytes` of page-locked host memory (write-combined: fast to fill and to copy to the
+    /// device, slow for the CPU to read), the source of asynchronous weight uploads.
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedHostSlice<u8>> {
+        let op = "alloc_pinned";
+        self.dev.bind(op)?;
+        // SAFETY: plain host allocation of `bytes` u8, which any bit pattern is valid for.
+        unsafe { self.dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| {
+            err(
+                op,
+                format!(
+                    "could not page-lock {:.1} MiB of host memory ({e:?}); use fewer or smaller staging buffers",
+                    bytes as f64 / (1024.0 * 1024.0)
+                ),
+            )
+        })
+    }
+
+    /// A new stream for host→device weight copies, running beside the compute stream.
+    pub fn new_copy_stream(&self) -> Result<Arc<CudaStream>> {
+        self.dev.bind("new_copy_stream")?;
+        self.dev
+            .ctx
+            .new_stream()
+            .map_err(|e| device::driver_err("new_copy_stream", e))
+    }
+
+    /// An event recorded on the compute stream now: it completes when every op queued so
+    /// far has run (e.g. the last reader of a weight slot, before the slot is refilled).
+    pub fn record_compute_event(&self) -> Result<CudaEvent> {
+        self.dev.bind("record_compute_event")?;
+        self.dev
+            .stream
+            .record_event(None)
+            .map_err(|e| device::driver_err("record_compute_event", e))
+    }
+
+    /// Make the compute stream wait (on the device, the host does not block) for `event`,
+    /// e.g. the completion of a weight upload on the copy stream.
+    pub fn compute_wait(&self, event: &CudaEvent) -> Result<()> {
+        self.dev.bind("compute_wait")?;
+        self.dev
+            .stream
+            .wait(event)
+            .map_err(|e| device::driver_err("compute_wait", e))
+    }
+
+    /// Copy a weight's stored bytes from host memory into `dst` on `copy`, after `copy`
+    /// has waited for `slot_free` (when given), and return an event that completes when
+    /// the data is on the device: pass it to [`CudaBackend::compute_wait`] before the first
+    /// op that reads `dst`. The bytes are copied as they are (no dtype conversion), so
+    /// `dst` must have the stored type and `bytes.len() == dst.bytes()`.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and unchanged until the returned event completes; for the
+    /// copy to be asynchronous it must be page-locked (pinned) memory, e.g. from
+    /// `CudaContext::alloc_pinned`. `dst` must not be freed or read by the compute stream
+    /// before the event completes.
+    pub unsafe fn upload_weight_async(
+        &self,
+        dst: &mut CudaBuf,
+        bytes: &[u8],
+        copy: &CudaStream,
+        slot_free: Option<&CudaEvent>,
+    ) -> Result<CudaEvent> {
+        let op = "upload_weight_async";
+        if bytes.len() != dst.bytes() {
+            return Err(err(
+                op,
+                format!(
+                    "{} bytes given for a slot of {} bytes ({} × {})",
+                    bytes.len(),
+                    dst.bytes(),
+                    dst.len,
+                    dst.dtype
+                ),
+            ));
+        }
+        self.dev.bind(op)?;
+        if let Some(ev) = slot_free {
+            copy.wait(ev).map_err(|e| device::driver_err(op, e))?;
+        }
+        // SAFETY: dst holds exactly bytes.len() bytes (checked); the caller keeps the host
+        // memory alive and unchanged until the returned event completes.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.ptr(), bytes, copy.cu_stream())
+                .map_err(|e| device::driver_err(op, e))?;
+        }
+        copy.record_event(None)
+            .map_err(|e| device::driver_err(op, e))
+    }
+
+    fn check_f32(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<u64> {
+        if b.dtype != DType::F32 {
+            return Err(err(op, format!("{what} must be f32, it is {}", b.dtype)));
+        }
+        if b.len != len {
+            return Err(err(
+                op,
+                format!("{what} has {} elements, expected {len}", b.len),
+            ));
+        }
+        Ok(b.ptr())
+    }
+
+    fn check_any(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<(u64, i32)> {
+        if b.len != len {
+            return Err(err(
+                op,
+                format!("{what} has {} elements, expected {len}", b.len),
+            ));
+        }
+        Ok((b.ptr(), device::dtype_code(b.dtype)))
+    }
+}
+
+/// Rows of a `[rows, cols]` buffer, or an error naming the op when it is not a whole number.
+fn rows_of(op: &'static str, what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return Err(err(
+            op,
+            format!("{what} has {len} elements, not a multiple of {cols} columns"),
+        ));
+    }
+    Ok(len / cols)
+}
+
+/// View f32 values as their bytes (native order, which CUDA shares on every host we run on).
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: u8 has alignment 1 and every byte of an f32 is initialised.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaBuf> {
+        let op = "zeros";
+        self.dev.bind(op)?;
+        let mut b = self.new_buf(op, n, DType::F32)?;
+        self.dev
+            .stream
+            .memset_zeros(&mut b.mem)
+            .map_err(|e| device::driver_err(op, e))?;
+        Ok(b)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        let op = "upload";
+        self.dev.bind(op)?;
+        let mut b = self.new_buf(op, data.len(), DType::F32)?;
+        if !data.is_empty() {
+            self.dev
+                .stream
+                .memcpy_htod(f32_bytes(data), &mut b.mem)
+                .map_err(|e| device::driver_err(op, e))?;
+        }
+        Ok(b)
+    }
+
+    fn upload_weight(&self, bytes: &[u8], dtype: DType) -> Result<CudaBuf> {
+        let op = "upload_weight";
+        self.dev.bind(op)?;
+        if !bytes.len().is_multiple_of(dtype.size()) {
+            return Err(err(
+                op,
+                format!(
+                    "{} bytes is not a whole number of {dtype} elements",
+                    bytes.len()
+                ),
+            ));
+        }
+        let n = bytes.len() / dtype.size();
+        let target = if dtype == DType::F32 {
+            self.opts.weight_dtype
+        } else {
+            dtype
+        };
+        let converted;
+        let src: &[u8] = if target == dtype {
+            bytes
+        } else {
+            // f32 → half once on the host (round to nearest even, as PyTorch's .to()).
+            let mut out = Vec::with_capacity(n * 2);
+            for c in bytes.chunks_exact(4) {
+                let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                let h = match target {
+                    DType::BF16 => half::bf16::from_f32(x).to_bits(),
+                    _ => half::f16::from_f32(x).to_bits(),
+                };
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+            converted = out;
+            &converted
+        };
+        let mut b = self.new_buf(op, n, target)?;
+        if !src.is_empty() {
+            self.dev
+                .stream
+                .memcpy_htod(src, &mut b.mem)
+                .map_err(|e| device::driver_err(op, e))?;
+        }
+        Ok(b)
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let op = "download";
+        self.dev.bind(op)?;
+        let bytes = self
+            .dev
+            .stream
+            .clone_dtoh(&buf.mem)
+            .map_err(|e| device::driver_err(op, e))?;
+        let mut out = vec![0f32; buf.len];
+        buf.dtype.decode_into(&bytes[..buf.bytes()], &mut out);
+        Ok(out)
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
+        let op = "fill_zero";
+        self.dev.bind(op)?;
+        self.dev
+            .stream
+            .memset_zeros(&mut buf.mem)
+            .map_err(|e| device::driver_err(op, e))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        let op = "synchronize";
+        self.dev.bind(op)?;
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| device::driver_err(op, e))?;
+        self.dev
+            .ctx
+            .check_err()
+            .map_err(|e| device::driver_err(op, e))
+    }
+
+    fn matmul(&self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
+        self.gemm_checked(c, a, b, g)
+    }
+
+    fn axpy(&self, y: &mut CudaBuf, alpha: f32, x: &CudaBuf, acc: Accumulate) -> Result<()> {
+        self.axpy_impl(y, alpha, x, acc)
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, b: &CudaBuf) -> Result<()> {
+        self.add_bias_impl(x, b)
+    }
+
+    fn copy_cols(
+        &self,
+        dst: &mut CudaBuf,
+        dst_cols: usize,
+        dst_off: usize,
+        src: &CudaBuf,
+        src_cols: usize,
+        src_off: usize,
+        width: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.copy_cols_impl(dst, dst_cols, dst_off, src, src_cols, src_off, width, acc)
+    }
+
+    fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
+        self.sum_squares_impl(x)
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        ids: &[u32],
+        table: &CudaBuf,
+        c: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.embedding_impl(out, ids, table, c, acc)
+    }
+
+    fn rms_norm_forward(
+        &self,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+    ) -> Result<()> {
+        self.rms_norm_forward_impl(out, rstd, x, w, eps)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.rms_norm_backward_impl(dx, dout, x, w, rstd, acc)
+    }
+
+    fn layer_norm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        b: &CudaBuf,
+        eps: f32,
+    ) -> Result<()> {
+        self.layer_norm_forward_impl(out, mean, rstd, x, w, b, eps)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.layer_norm_backward_impl(dx, dout, x, w, mean, rstd, acc)
+    }
+
+    fn rope_forward(
+        &self,
+        x: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
+        self.rope_impl("rope_forward", x, positions, inv_freq, heads, 1.0)
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+    ) -> Result<()> {
+        self.rope_impl("rope_backward", dx, positions, inv_freq, heads, -1.0)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        dims: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        self.attention_forward_impl(out, lse, q, k, v, dims, key_start)
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        dims: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        self.attention_backward_impl(dq, dk, dv, dout, out, lse, q, k, v, dims, key_start)
+    }
+
+    fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
+        self.swiglu_forward_impl(out, gate, up)
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
+        self.swiglu_backward_impl(dgate, dup, dout, gate, up)
+    }
+
+    fn gelu_forward(&self, out: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
+        self.gelu_forward_impl(out, x)
+    }
+
+    fn gelu_backward(&self, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf) -> Result<()> {
+        self.gelu_backward_impl(dx, dout, x)
+    }
+
+    fn dropout_forward(&self, out: &mut CudaBuf, x: &CudaBuf, p: f32, seed: u64) -> Result<()> {
+        self.dropout_impl("dropout_forward", out, x, p, seed)
+    }
+
+    fn dropout_backward(&self, dx: &mut CudaBuf, dout: &CudaBuf, p: f32, seed: u64) -> Result<()> {
+        self.dropout_impl("dropout_backward", dx, dout, p, seed)
+    }
+
+    fn lm_head_loss(
+        &self,
+        h: &CudaBuf,
+        w: &CudaBuf,
+        labels: &[i32],
+        c: usize,
+        loss_scale: f32,
+        dh: Option<&mut CudaBuf>,
+        logits: Option<&mut CudaBuf>,
+    ) -> Result<LossSum> {
+        self.lm_head_loss_impl(h, w, labels, c, loss_scale, dh, logits)
+    }
+
+    fn adamw_step(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        h: AdamWStep,
+    ) -> Result<()> {
+        self.adamw_impl(p, g, m, v, h)
+    }
+
+    fn sgd_step(&self, p: &mut CudaBuf, g: &CudaBuf, buf: &mut CudaBuf, h: SgdStep) -> Result<()> {
+        self.sgd_impl(p, g, buf, h)
+    }
+}
+
+/// Every kernel module, for ahead-of-time checks.
+#[cfg(test)]
+fn all_modules() -> [device::Module; 7] {
+    [
+        elementwise::MODULE,
+        norm::MODULE,
+        rope::MODULE,
+        attention::MODULE,
+        attention::MODULE_MMA,
+        loss::MODULE,
+        optim::MODULE,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Every .cu file compiles with NVRTC for Hopper and Ampere. Needs only NVRTC, no GPU;
+    /// skipped (with a note) where libnvrtc cannot be loaded.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIP: NVRTC (libnvrtc.so.13) not found");
+            return;
+        }
+        for arch in ["sm_90", "sm_80"] {
+            for m in all_modules() {
+                let img = device::module_image(m, arch, &KernelCache::Off)
+                    .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+                assert!(img.starts_with(b"\x7fELF"), "{}: not a CUBIN", m.name);
+            }
+        }
+    }
+
+    /// A compiled module lands in the disk cache; a cache folder that cannot be written
+    /// costs nothing but the write. (Distinct architectures keep the in-memory cache out
+    /// of the way.)
+    #[test]
+    fn kernel_disk_cache_is_written_and_optional() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIP: NVRTC (libnvrtc.so.13) not found");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::Dir(dir.path().join("kernels"));
+        device::module_image(rope::MODULE, "sm_86", &cache).unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("kernels"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1, "one cached module");
+        let name = files[0].file_name().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("rope-sm_86-nvrtc") && name.ends_with(".cubin"),
+            "{name}"
+        );
+        assert!(
+            std::fs::read(files[0].path())
+                .unwrap()
+                .starts_with(b"\x7fELF")
+        );
+        let blocked = KernelCache::Dir(PathBuf::from("/proc/lema-cannot-write-here"));
+        device::module_image(rope::MODULE, "sm_89", &blocked)
+            .expect("an unwritable cache only costs time");
+    }
+}

@@ -1,0 +1,243 @@
+//! `lema train`: a config file plus one flag per config field, a progress bar, Ctrl-C
+//! handling (finish the step, save, exit 130) and `--resume`.
+
+use anyhow::{Context, Result};
+use clap::{Arg, ArgMatches, Command};
+use indicatif::{ProgressBar, ProgressStyle};
+use lema::train::config::FIELDS;
+use lema::train::{self, DataSummary, Observer, Outcome, StepRecord, TrainConfig};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Exit code of a run stopped by Ctrl-C (after saving), as shells report SIGINT.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// `lema train` arguments: `--config`, `--resume`, and every config field as a flag.
+pub struct TrainArgs {
+    config: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    overrides: Vec<(String, String)>,
+}
+
+impl clap::FromArgMatches for TrainArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let overrides = FIELDS
+            .iter()
+            .filter_map(|f| Some((f.0.to_string(), m.get_one::<String>(f.0)?.clone())))
+            .collect();
+        Ok(TrainArgs {
+            config: m.get_one::<PathBuf>("config").cloned(),
+            resume: m.get_one::<PathBuf>("resume").cloned(),
+            overrides,
+        })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for TrainArgs {
+    fn augment_args(cmd: Command) -> Command {
+        let mut cmd = cmd
+            .arg(
+                Arg::new("config")
+                    .long("config")
+                    .short('c')
+                    .value_name("FILE")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("TOML config file; the flags below override its fields"),
+            )
+            .arg(
+                Arg::new("resume")
+                    .long("resume")
+                    .value_name("CHECKPOINT")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("continue exactly from a checkpoint folder (its config is used when --config is not given)"),
+            );
+        for (name, _, value, help) in FIELDS {
+            cmd = cmd.arg(
+                Arg::new(*name)
+                    .long(name.replace('_', "-"))
+                    .value_name(*value)
+                    .help(*help)
+                    .help_heading("Config fields (train.toml)"),
+            );
+        }
+        cmd
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// The progress bar, log lines and the Ctrl-C flag.
+struct CliObserver {
+    bar: ProgressBar,
+    tty: bool,
+    logging_steps: u64,
+    stop: Arc<AtomicBool>,
+    tokens_per_s: Option<f64>,
+}
+
+fn gb(bytes: Option<u64>) -> String {
+    bytes.map_or("?".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
+}
+
+impl Observer for CliObserver {
+    fn on_start(&mut self, s: &DataSummary) {
+        let say = |m: String| eprintln!("{m}");
+        say(s.train.summary(s.max_seq_length));
+        if let Some(e) = &s.eval {
+            say(e.summary(s.max_seq_length));
+        }
+        say(format!(
+            "{} training examples in {} sequences per epoch, {} held out for evaluation; {} steps per epoch, {} steps in all{}; {} trainable parameters",
+            s.train_examples,
+            s.rows_per_epoch,
+            s.eval_examples,
+            s.steps_per_epoch,
+            s.total_steps,
+            if s.start_step > 0 {
+                format!(" (resuming after step {})", s.start_step)
+            } else {
+                String::new()
+            },
+            s.trainable_parameters
+        ));
+        self.bar.set_length(s.total_steps);
+        self.bar.set_position(s.start_step);
+        self.bar.reset_eta();
+    }
+
+    fn on_step(&mut self, r: &StepRecord) {
+        let tps = match self.tokens_per_s {
+            Some(prev) => 0.8 * prev + 0.2 * r.tokens_per_s,
+            None => r.tokens_per_s,
+        };
+        self.tokens_per_s = Some(tps);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s mem {}",
+            r.loss,
+            r.lr,
+            tps,
+            gb(r.peak_rss_bytes)
+        ));
+        self.bar.set_position(r.step);
+        let eval = match (r.eval_loss, r.eval_ppl) {
+            (Some(l), Some(p)) => format!(" | eval loss {l:.4} ppl {p:.2}"),
+            _ => String::new(),
+        };
+        if self.tty {
+            if !eval.is_empty() {
+                self.bar.println(format!("step {}{eval}", r.step));
+            }
+        } else if r.step.is_multiple_of(self.logging_steps.max(1))
+            || r.step == r.total_steps
+            || !eval.is_empty()
+        {
+            eprintln!(
+                "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s elapsed {:.1}s mem {}{eval}",
+                r.step,
+                r.total_steps,
+                r.loss,
+                r.lr,
+                r.grad_norm,
+                tps,
+                r.elapsed_s,
+                gb(r.peak_rss_bytes)
+            );
+        }
+    }
+
+    fn on_checkpoint(&mut self, dir: &Path) {
+        let m = format!("saved {}", dir.display());
+        if self.tty {
+            self.bar.println(m);
+        } else {
+            eprintln!("{m}");
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Build the effective config from the file, the checkpoint and the flags.
+fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
+    Ok(match (&a.config, &a.resume) {
+        (Some(p), _) => TrainConfig::load(Some(p), &a.overrides)?,
+        (None, Some(r)) => {
+            let saved = train::checkpoint_config(r)?;
+            TrainConfig::from_toml(
+                &saved.to_toml()?,
+                &format!("the config saved in {}", r.display()),
+                None,
+                &a.overrides,
+            )?
+        }
+        (None, None) => TrainConfig::load(None, &a.overrides)?,
+    })
+}
+
+/// Run `lema train`; returns the exit code (0, or 130 after Ctrl-C).
+pub fn run(a: TrainArgs) -> Result<i32> {
+    let cfg = effective_config(&a)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without saving");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing this step and saving a checkpoint (press again to quit at once)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
+        )
+        .context("progress bar template")?,
+    );
+    let mut obs = CliObserver {
+        bar: bar.clone(),
+        tty,
+        logging_steps: cfg.logging_steps,
+        stop,
+        tokens_per_s: None,
+    };
+    let outcome = train::run(&cfg, a.resume.as_deref(), &mut obs);
+    bar.finish_and_clear();
+    let out = &cfg.output_dir;
+    match outcome? {
+        Outcome::Finished {
+            steps,
+            adapter,
+            checkpoint,
+        } => {
+            eprintln!(
+                "done: {steps} steps. Adapter (PEFT format): {}; checkpoint: {}; metrics: {}; loss curve: {}",
+                adapter.display(),
+                checkpoint.display(),
+                out.join("metrics.jsonl").display(),
+                out.join("loss.svg").display()
+            );
+            Ok(0)
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "interrupted after step {step}; saved {}. Continue with: lema train --resume {}",
+                checkpoint.display(),
+                checkpoint.display()
+            );
+            Ok(EXIT_INTERRUPTED)
+        }
+    }
+}

@@ -1,0 +1,338 @@
+use super::*;
+use crate::tokenizer::write_byte_level_tokenizer;
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    tok: Tokenizer,
+}
+
+fn fixture(template: Option<&str>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    write_byte_level_tokenizer(
+        dir.path(),
+        &["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        Some("<|endoftext|>"),
+        template,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    Fixture { dir, tok }
+}
+
+impl Fixture {
+    fn file(&self, name: &str, lines: &[&str]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p
+    }
+}
+
+fn opts(max: usize, on_bad_line: BadLinePolicy) -> DataOptions {
+    DataOptions {
+        max_seq_length: max,
+        on_bad_line,
+    }
+}
+
+/// The text of the scored tokens of an example.
+fn scored_text(tok: &Tokenizer, e: &Example) -> String {
+    let ids: Vec<u32> = e
+        .labels
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .map(|&l| l as u32)
+        .collect();
+    tok.decode(&ids, false).unwrap()
+}
+
+#[test]
+fn three_formats_label_what_they_should() {
+    let f = fixture(Some(CHATML));
+    let path = f.file(
+        "d.jsonl",
+        &[
+            r#"{"text": "plain words"}"#,
+            r#"{"prompt": "Q: 2+2? A:", "completion": " four"}"#,
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}"#,
+            "",
+        ],
+    );
+    let (ex, rep) = load_file(&path, &f.tok, &opts(512, BadLinePolicy::Error)).unwrap();
+    assert_eq!((ex.len(), rep.records, rep.skipped.len()), (3, 3, 0));
+    assert_eq!(scored_text(&f.tok, &ex[0]), "plain words<|endoftext|>");
+    assert_eq!(
+        f.tok.decode(&ex[0].input_ids, false).unwrap(),
+        "plain words<|endoftext|>"
+    );
+    assert_eq!(scored_text(&f.tok, &ex[1]), " four<|endoftext|>");
+    assert_eq!(
+        f.tok.decode(&ex[1].input_ids, false).unwrap(),
+        "Q: 2+2? A: four<|endoftext|>"
+    );
+    assert_eq!(
+        scored_text(&f.tok, &ex[2]),
+        "hello<|im_end|>\nciao<|im_end|>\n"
+    );
+    assert_eq!(
+        f.tok.decode(&ex[2].input_ids, false).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\nciao<|im_end|>\n"
+    );
+    assert_eq!(ex.iter().map(|e| e.line).collect::<Vec<_>>(), vec![1, 2, 3]);
+}
+
+#[test]
+fn malformed_lines_are_reported_with_file_and_line() {
+    let f = fixture(Some(CHATML));
+    let lines = [
+        r#"{"text": "good"}"#,
+        r#"{"text": "unterminated"#,
+        r#"{"txt": "typo"}"#,
+        r#"[1, 2]"#,
+        r#"{"prompt": "p", "completion": 5}"#,
+        r#"{"messages": [{"role": "user", "content": "no answer"}]}"#,
+        r#"{"text": "also good"}"#,
+    ];
+    let path = f.file("bad.jsonl", &lines);
+    let (ex, rep) = load_file(&path, &f.tok, &opts(64, BadLinePolicy::Skip)).unwrap();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(rep.skipped.len(), 5, "{:?}", rep.skipped);
+    let p = path.display().to_string();
+    let expect = [
+        (2, "not valid JSON"),
+        (
+            3,
+            "no \"text\", \"prompt\"/\"completion\" or \"messages\" field (found: txt)",
+        ),
+        (4, "expected a JSON object, found a list"),
+        (5, "\"completion\" must be a string, found a number"),
+        (6, "no \"assistant\" message"),
+    ];
+    for (got, (line, what)) in rep.skipped.iter().zip(expect) {
+        assert!(
+            got.starts_with(&format!("{p}:{line}: {what}")),
+            "expected {p}:{line}: {what}…, got {got}"
+        );
+    }
+    assert!(rep.summary(64).contains("5 skipped"), "{}", rep.summary(64));
+
+    let e = load_file(&path, &f.tok, &opts(64, BadLinePolicy::Error)).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with(&format!("{p}:2: not valid JSON")), "{msg}");
+    assert!(msg.contains("on_bad_line = \"skip\""), "{msg}");
+}
+
+#[test]
+fn long_examples_are_truncated_and_prompt_only_ones_skipped() {
+    let f = fixture(None);
+    let long_prompt = "p".repeat(40);
+    let lines = [
+        format!(r#"{{"text": "{}"}}"#, "x".repeat(100)),
+        format!(r#"{{"prompt": "{long_prompt}", "completion": "answer"}}"#),
+        r#"{"prompt": "short", "completion": "answer that is long enough to be cut"}"#.to_string(),
+    ];
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let path = f.file("long.jsonl", &refs);
+    let (ex, rep) = load_file(&path, &f.tok, &opts(16, BadLinePolicy::Skip)).unwrap();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(rep.truncated, 2);
+    assert_eq!(rep.prompt_too_long, 1);
+    assert!(
+        ex.iter()
+            .all(|e| e.input_ids.len() == 16 && e.labels.len() == 16)
+    );
+    assert!(
+        rep.skipped[0].contains(":2: the prompt alone is 40 tokens, max_seq_length is 16"),
+        "{:?}",
+        rep.skipped
+    );
+    // the cut prompt/completion example keeps its prompt unscored
+    assert_eq!(scored_text(&f.tok, &ex[1]), "answer that");
+    let e = load_file(&path, &f.tok, &opts(16, BadLinePolicy::Error)).unwrap_err();
+    assert!(
+        e.to_string().contains(":2: the prompt alone is 40 tokens"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_data_sets_are_errors() {
+    let f = fixture(None);
+    let empty = f.file("empty.jsonl", &["", "  "]);
+    let e = load_file(&empty, &f.tok, &opts(16, BadLinePolicy::Skip)).unwrap_err();
+    assert!(
+        e.to_string().contains("empty data set: it has no records"),
+        "{e}"
+    );
+    let all_bad = f.file("allbad.jsonl", &["{", "{}"]);
+    let e = load_file(&all_bad, &f.tok, &opts(16, BadLinePolicy::Skip)).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("none of its 2 records could be used"), "{msg}");
+    assert!(msg.contains("allbad.jsonl:2: no \"text\""), "{msg}");
+}
+
+#[test]
+fn chat_data_needs_a_template_that_renders() {
+    let chat = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+    let f = fixture(None);
+    let path = f.file("chat.jsonl", &[r#"{"text": "ok"}"#, chat]);
+    // fatal even when skipping: every chat record would fail the same way
+    let e = load_file(&path, &f.tok, &opts(64, BadLinePolicy::Skip)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("chat.jsonl:2: chat-format record, but the model has no chat_template"),
+        "{msg}"
+    );
+
+    let raising = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}";
+    let f = fixture(Some(raising));
+    let sys = r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+    let path = f.file("chat.jsonl", &[chat, sys]);
+    let (ex, rep) = load_file(&path, &f.tok, &opts(64, BadLinePolicy::Skip)).unwrap();
+    assert_eq!(ex.len(), 1);
+    assert!(
+        rep.skipped[0]
+            .contains("chat.jsonl:2: the chat template failed to render this conversation")
+            && rep.skipped[0].contains("System role not supported"),
+        "{:?}",
+        rep.skipped
+    );
+}
+
+#[test]
+fn templates_that_rewrite_history_are_detected() {
+    // drops every assistant turn but the last, as reasoning templates do with thoughts
+    let t = "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ':' + m['content'] + ';' }}{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+    let f = fixture(Some(t));
+    let path = f.file(
+        "c.jsonl",
+        &[r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}"#],
+    );
+    let e = load_file(&path, &f.tok, &opts(64, BadLinePolicy::Error)).unwrap_err();
+    assert!(
+        e.to_string().contains(":1: cannot locate assistant turn 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn text_files_are_cut_into_windows() {
+    let f = fixture(None);
+    let p = f.dir.path().join("corpus.txt");
+    std::fs::write(&p, "abcdefghij").unwrap();
+    let (ex, _) = load_file(&p, &f.tok, &opts(4, BadLinePolicy::Error)).unwrap();
+    let lens: Vec<usize> = ex.iter().map(|e| e.input_ids.len()).collect();
+    assert_eq!(lens, vec![4, 4, 2]);
+    let all: Vec<u32> = ex.iter().flat_map(|e| e.input_ids.clone()).collect();
+    assert_eq!(f.tok.decode(&all, false).unwrap(), "abcdefghij");
+}
+
+fn examples(lens: &[usize]) -> Vec<Example> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| Example {
+            input_ids: vec![i as u32; n],
+            labels: vec![i as i32; n],
+            line: i + 1,
+        })
+        .collect()
+}
+
+#[test]
+fn split_is_disjoint_and_seeded() {
+    let ex = examples(&[3; 20]);
+    let (tr, ev) = split_validation(ex.clone(), 0.25, 1).unwrap();
+    assert_eq!((tr.len(), ev.len()), (15, 5));
+    let mut lines: Vec<usize> = tr.iter().chain(&ev).map(|e| e.line).collect();
+    lines.sort();
+    assert_eq!(lines, (1..=20).collect::<Vec<_>>());
+    let (_, ev2) = split_validation(ex.clone(), 0.25, 1).unwrap();
+    assert_eq!(ev, ev2);
+    let (_, ev3) = split_validation(ex.clone(), 0.25, 2).unwrap();
+    assert_ne!(ev, ev3);
+    assert!(split_validation(ex.clone(), 1.0, 1).is_err());
+    assert!(split_validation(examples(&[3]), 0.5, 1).is_err());
+}
+
+/// (row, segment) → example id, checking each segment holds one example's tokens.
+fn examples_in(b: &Batch) -> Vec<u32> {
+    let mut out = Vec::new();
+    let segs = b
+        .segment_ids
+        .clone()
+        .unwrap_or_else(|| vec![0; b.input_ids.len()]);
+    for r in 0..b.batch {
+        let row = r * b.seq..(r + 1) * b.seq;
+        let mut prev = None;
+        for t in row {
+            if b.labels[t] == IGNORE_INDEX {
+                continue; // padding
+            }
+            if prev != Some(segs[t]) {
+                out.push(b.input_ids[t]);
+                prev = Some(segs[t]);
+            } else {
+                assert_eq!(Some(&b.input_ids[t]), out.last(), "segment mixes examples");
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn packed_epochs_cover_every_example_once_and_reshuffle() {
+    let lens = [5, 3, 7, 2, 8, 1, 4, 6, 3, 5, 2, 2];
+    let ex = examples(&lens);
+    let mut plan = BatchPlan::new(&ex, Layout::Packed, 8, 2, 99, 7, true).unwrap();
+    assert!(plan.rows() < ex.len(), "packing should share rows");
+    let epoch = |plan: &mut BatchPlan, e: u64| -> Vec<u32> {
+        (0..plan.batches_per_epoch())
+            .flat_map(|i| {
+                let (b, real) = plan.batch(e, i).unwrap();
+                assert!(b.seq <= 8);
+                let non_pad = b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+                assert_eq!(real, non_pad);
+                examples_in(&b)
+            })
+            .collect()
+    };
+    let e0 = epoch(&mut plan, 0);
+    let e1 = epoch(&mut plan, 1);
+    for e in [&e0, &e1] {
+        let mut s = e.clone();
+        s.sort();
+        assert_eq!(s, (0..lens.len() as u32).collect::<Vec<_>>());
+    }
+    assert_ne!(e0, e1, "epochs should be shuffled differently");
+    // the order depends on (seed, epoch) alone, not on what was asked before
+    let mut fresh = BatchPlan::new(&ex, Layout::Packed, 8, 2, 99, 7, true).unwrap();
+    assert_eq!(epoch(&mut fresh, 1), e1);
+    let (b, _) = fresh.batch(1, 1).unwrap();
+    assert_eq!(b, plan.batch(1, 1).unwrap().0);
+}
+
+#[test]
+fn padded_batches_hold_one_example_per_row() {
+    let ex = examples(&[5, 3, 7]);
+    let mut plan = BatchPlan::new(&ex, Layout::Padded, 8, 2, 99, 7, false).unwrap();
+    assert_eq!((plan.rows(), plan.batches_per_epoch()), (3, 2));
+    let (b, real) = plan.batch(0, 0).unwrap();
+    assert_eq!((b.batch, b.seq, real), (2, 5, 8));
+    assert!(b.segment_ids.is_none());
+    assert_eq!(&b.input_ids[5..], &[1, 1, 1, 99, 99]);
+    assert_eq!(&b.labels[5..], &[1, 1, 1, IGNORE_INDEX, IGNORE_INDEX]);
+    let (b, _) = plan.batch(0, 1).unwrap();
+    assert_eq!((b.batch, b.seq), (1, 7));
+    assert!(plan.batch(0, 2).is_err());
+}
+
+#[test]
+fn permutations_are_permutations() {
+    for n in [0, 1, 2, 10, 101] {
+        let mut p = permutation(n, n as u64);
+        p.sort();
+        assert_eq!(p, (0..n).collect::<Vec<_>>());
+    }
+    assert_ne!(permutation(50, 1), permutation(50, 2));
+}

@@ -1,0 +1,1347 @@
+//! The CUDA backend against the CPU backend (`CpuBackend<f32>`) op by op on fresh random
+//! inputs, then against the transformers + PEFT fixtures and in a few training steps.
+//! Runs only where a GPU and the CUDA 13 libraries are present; elsewhere each test prints
+//! `SKIP: no CUDA device` and returns. Each comparison prints a `PARITY` line (run with
+//! `--nocapture` to see the table).
+//!
+//! Metrics: `rel` = ‖cuda − cpu‖₂ / ‖cpu‖₂ and `max` = max|cuda − cpu| / max|cpu|; both must
+//! stay under the tolerance written next to each check. The reasons, in short:
+//! * f32 paths (SGEMM, norms, softmax, RoPE, attention, loss, optimizers): both sides round
+//!   in f32 but sum in different orders (cuBLAS tiles, warp trees vs. the CPU's 8-lane
+//!   dot), so results agree to a few f32 ulps times √(terms): ~1e-6; checked at 1e-5
+//!   (2e-5 for sums over hundreds of terms, such as attention gradients).
+//! * bf16/f16 weights: CUDA casts the f32 activation to the weight's half type before the
+//!   GEMM (2⁻⁹ relative rounding for bf16, 2⁻¹² for f16), the CPU multiplies in f32: ~3e-3
+//!   for bf16; checked at 1e-2.
+//! * f64 reductions (sum of squares): only the summation order differs: 1e-12.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use lema::backend::cpu::CpuBackend;
+use lema::backend::cuda::{self, CudaBackend, CudaOptions};
+use lema::backend::{
+    Accumulate, AdamWStep, AttnDims, Backend, DType, Gemm, IGNORE_INDEX, SgdStep, dropout_keep,
+};
+use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
+
+// ---- harness ----------------------------------------------------------------------------
+
+/// The GPU backend (with a synchronisation after each kernel, so that a fault names its
+/// kernel), or None after printing why the test is skipped.
+fn gpu_with(f: impl FnOnce(&mut CudaOptions)) -> Option<CudaBackend> {
+    if let Err(why) = cuda::probe(0) {
+        println!("SKIP: no CUDA device ({why})");
+        return None;
+    }
+    let mut opts = CudaOptions {
+        sync_each_launch: true,
+        ..CudaOptions::default()
+    };
+    f(&mut opts);
+    Some(CudaBackend::with_options(opts).expect("a GPU is present, so the backend must start"))
+}
+
+fn gpu() -> Option<CudaBackend> {
+    gpu_with(|_| {})
+}
+
+fn cpu() -> CpuBackend<f32> {
+    CpuBackend::<f32>::new()
+}
+
+/// splitmix64 seeded from the clock: fresh inputs on every run, the seed printed so that a
+/// failure can be replayed with `LEMA_TEST_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn fresh(test: &str) -> Self {
+        let seed = std::env::var("LEMA_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("{test}: seed {seed}");
+        Rng(seed)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// n values uniform in [−scale, scale).
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Compare, print a PARITY line, and fail above `tol` (NaN never passes).
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    if let Some(e) = check_soft(what, got, want, tol) {
+        panic!("{e}");
+    }
+}
+
+/// [`check`] that returns the failure instead of panicking, so that a test can report
+/// every case before it fails.
+fn check_soft(what: &str, got: &[f32], want: &[f32], tol: f64) -> Option<String> {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    assert!(!want.is_empty(), "{what}: nothing to compare");
+    let (mut num, mut den, mut maxd, mut maxw) = (0f64, 0f64, 0f64, 0f64);
+    let mut finite = true;
+    for (&g, &w) in got.iter().zip(want) {
+        let (g, w) = (g as f64, w as f64);
+        finite &= g.is_finite() && w.is_finite();
+        num += (g - w) * (g - w);
+        den += w * w;
+        maxd = maxd.max((g - w).abs());
+        maxw = maxw.max(w.abs());
+    }
+    let rel = if finite {
+        (num / den.max(1e-300)).sqrt()
+    } else {
+        f64::INFINITY
+    };
+    let max = if finite {
+        maxd / maxw.max(1e-300)
+    } else {
+        f64::INFINITY
+    };
+    println!("PARITY {what:<44} rel={rel:.2e} max={max:.2e} tol={tol:.0e}");
+    (rel > tol || max > tol || rel.is_nan() || max.is_nan())
+        .then(|| format!("{what}: rel {rel:.3e}, max {max:.3e} > tol {tol:.1e}"))
+}
+
+fn check_scalar(what: &str, got: f64, want: f64, tol: f64) {
+    check(what, &[got as f32], &[want as f32], tol);
+}
+
+/// Bytes of `v` stored as `dt` (what a safetensors file holds).
+fn weight_bytes(v: &[f32], dt: DType) -> Vec<u8> {
+    match dt {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// The same f32 data on both backends.
+struct Pair<'a> {
+    c: &'a CpuBackend<f32>,
+    g: &'a CudaBackend,
+}
+
+impl Pair<'_> {
+    fn up(&self, v: &[f32]) -> (<CpuBackend<f32> as Backend>::Buf, cuda::CudaBuf) {
+        (self.c.upload(v).unwrap(), self.g.upload(v).unwrap())
+    }
+    fn weight(&self, v: &[f32], dt: DType) -> (<CpuBackend<f32> as Backend>::Buf, cuda::CudaBuf) {
+        let b = weight_bytes(v, dt);
+        (
+            self.c.upload_weight(&b, dt).unwrap(),
+            self.g.upload_weight(&b, dt).unwrap(),
+        )
+    }
+    fn cmp(&self, what: &str, c: &<CpuBackend<f32> as Backend>::Buf, g: &cuda::CudaBuf, tol: f64) {
+        check(
+            what,
+            &self.g.download(g).unwrap(),
+            &self.c.download(c).unwrap(),
+            tol,
+        );
+    }
+}
+
+fn gemm(m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, acc: Accumulate) -> Gemm {
+    Gemm {
+        m,
+        n,
+        k,
+        trans_a: ta,
+        trans_b: tb,
+        alpha,
+        accumulate: acc,
+    }
+}
+
+// ---- linear algebra ------------------------------------------------------------------
+
+#[test]
+fn matmul_f32_all_transposes_and_accumulate() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("matmul_f32");
+    let (m, n, k) = (37, 53, 300);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for acc in [Accumulate::Overwrite, Accumulate::Add] {
+            let (a, b, c0) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0), r.vec(m * n, 1.0));
+            let (ca, ga) = p.up(&a);
+            let (cb, gb) = p.up(&b);
+            let (mut cc, mut gc) = p.up(&c0);
+            let gm = gemm(m, n, k, ta, tb, 0.7, acc);
+            c.matmul(&mut cc, &ca, &cb, gm).unwrap();
+            g.matmul(&mut gc, &ga, &gb, gm).unwrap();
+            // f32 SGEMM, 300-term sums in different orders: ~1e-6.
+            p.cmp(
+                &format!("matmul f32 ta={ta} tb={tb} {acc:?}"),
+                &cc,
+                &gc,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_half_weights() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("matmul_half");
+    let (n_tok, fin, fout) = (45, 256, 96);
+    for dt in [DType::BF16, DType::F16] {
+        let w = r.vec(fout * fin, 0.1);
+        let (cw, gw) = p.weight(&w, dt);
+        assert_eq!(
+            gw.dtype(),
+            dt,
+            "half weights keep their stored type on the GPU"
+        );
+        // y[N, out] = x · Wᵀ (the Linear forward)
+        let x = r.vec(n_tok * fin, 1.0);
+        let (cx, gx) = p.up(&x);
+        let (mut cy, mut gy) = p.up(&vec![0.0; n_tok * fout]);
+        let gm = gemm(n_tok, fout, fin, false, true, 1.0, Accumulate::Overwrite);
+        c.matmul(&mut cy, &cx, &cw, gm).unwrap();
+        g.matmul(&mut gy, &gx, &gw, gm).unwrap();
+        // x rounded to the weight's half type before the GEMM: ~3e-3 for bf16.
+        p.cmp(&format!("matmul {dt} weight, x·Wᵀ"), &cy, &gy, 1e-2);
+        // dx[N, in] += dy · W (the Linear backward, accumulating)
+        let dy = r.vec(n_tok * fout, 1.0);
+        let (cdy, gdy) = p.up(&dy);
+        let d0 = r.vec(n_tok * fin, 1.0);
+        let (mut cdx, mut gdx) = p.up(&d0);
+        let gm = gemm(n_tok, fin, fout, false, false, 1.0, Accumulate::Add);
+        c.matmul(&mut cdx, &cdy, &cw, gm).unwrap();
+        g.matmul(&mut gdx, &gdy, &gw, gm).unwrap();
+        p.cmp(&format!("matmul {dt} weight, dx += dy·W"), &cdx, &gdx, 1e-2);
+        // the weight as the left operand, transposed: c[in, N] = Wᵀ · dyᵀ-like product
+        let e = r.vec(fout * n_tok, 1.0);
+        let (ce, ge) = p.up(&e);
+        let (mut co, mut go) = p.up(&vec![0.0; fin * n_tok]);
+        let gm = gemm(fin, n_tok, fout, true, false, 0.5, Accumulate::Overwrite);
+        c.matmul(&mut co, &cw, &ce, gm).unwrap();
+        g.matmul(&mut go, &gw, &ge, gm).unwrap();
+        p.cmp(
+            &format!("matmul {dt} weight as left operand"),
+            &co,
+            &go,
+            1e-2,
+        );
+    }
+    // F32 weights converted to bf16 at upload (CudaOptions::weight_dtype).
+    let Some(gb) = gpu_with(|o| o.weight_dtype = DType::BF16) else {
+        return;
+    };
+    let w = r.vec(fout * fin, 0.1);
+    let bytes = weight_bytes(&w, DType::F32);
+    let gw = gb.upload_weight(&bytes, DType::F32).unwrap();
+    assert_eq!(gw.dtype(), DType::BF16);
+    let cw = c.upload_weight(&bytes, DType::F32).unwrap();
+    let x = r.vec(n_tok * fin, 1.0);
+    let (cx, gx) = (c.upload(&x).unwrap(), gb.upload(&x).unwrap());
+    let (mut cy, mut gy) = (
+        c.zeros(n_tok * fout).unwrap(),
+        gb.zeros(n_tok * fout).unwrap(),
+    );
+    let gm = gemm(n_tok, fout, fin, false, true, 1.0, Accumulate::Overwrite);
+    c.matmul(&mut cy, &cx, &cw, gm).unwrap();
+    gb.matmul(&mut gy, &gx, &gw, gm).unwrap();
+    // weight and activation both rounded to bf16: ~4e-3.
+    check(
+        "matmul f32 weight stored as bf16",
+        &gb.download(&gy).unwrap(),
+        &c.download(&cy).unwrap(),
+        1e-2,
+    );
+}
+
+#[test]
+fn elementwise_ops() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("elementwise");
+    let (rows, cols) = (33, 200);
+    let n = rows * cols;
+    // axpy, both modes: one multiply-add per element, exact up to FMA contraction.
+    for acc in [Accumulate::Overwrite, Accumulate::Add] {
+        let (x, y) = (r.vec(n, 1.0), r.vec(n, 1.0));
+        let (cx, gx) = p.up(&x);
+        let (mut cy, mut gy) = p.up(&y);
+        c.axpy(&mut cy, -0.3, &cx, acc).unwrap();
+        g.axpy(&mut gy, -0.3, &gx, acc).unwrap();
+        p.cmp(&format!("axpy {acc:?}"), &cy, &gy, 1e-6);
+    }
+    // bias from an f32 and a bf16 weight: one addition, exact.
+    for dt in [DType::F32, DType::BF16] {
+        let (x, b) = (r.vec(n, 1.0), r.vec(cols, 1.0));
+        let (mut cx, mut gx) = p.up(&x);
+        let (cb, gb) = p.weight(&b, dt);
+        c.add_bias(&mut cx, &cb).unwrap();
+        g.add_bias(&mut gx, &gb).unwrap();
+        p.cmp(&format!("add_bias {dt} bias"), &cx, &gx, 1e-7);
+    }
+    // copy_cols into the middle of a wider matrix, both modes: exact.
+    for acc in [Accumulate::Overwrite, Accumulate::Add] {
+        let (dst, src) = (r.vec(rows * 3 * 64, 1.0), r.vec(rows * 64, 1.0));
+        let (mut cd, mut gd) = p.up(&dst);
+        let (cs, gs) = p.up(&src);
+        c.copy_cols(&mut cd, 192, 64, &cs, 64, 0, 64, acc).unwrap();
+        g.copy_cols(&mut gd, 192, 64, &gs, 64, 0, 64, acc).unwrap();
+        p.cmp(&format!("copy_cols {acc:?}"), &cd, &gd, 1e-7);
+    }
+    // sum of squares in f64 on both sides: only the order differs.
+    let x = r.vec(1_000_003, 2.0);
+    let (cx, gx) = p.up(&x);
+    let (sc, sg) = (c.sum_squares(&cx).unwrap(), g.sum_squares(&gx).unwrap());
+    let rel = (sg - sc).abs() / sc;
+    println!("PARITY {:<44} rel={rel:.2e} tol=1e-12", "sum_squares (f64)");
+    assert!(rel <= 1e-12, "sum_squares: {sg} vs {sc}");
+    // embedding gather from a bf16 table, accumulate: exact.
+    let (v, ch) = (97, 48);
+    let table = r.vec(v * ch, 1.0);
+    let (ct, gt) = p.weight(&table, DType::BF16);
+    let ids: Vec<u32> = (0..29).map(|_| r.below(v) as u32).collect();
+    let base = r.vec(ids.len() * ch, 1.0);
+    let (mut co, mut go) = p.up(&base);
+    c.embedding_forward(&mut co, &ids, &ct, ch, Accumulate::Add)
+        .unwrap();
+    g.embedding_forward(&mut go, &ids, &gt, ch, Accumulate::Add)
+        .unwrap();
+    p.cmp("embedding_forward bf16 table", &co, &go, 1e-7);
+    let bad = g.embedding_forward(&mut go, &[3, v as u32], &gt, ch, Accumulate::Overwrite);
+    let msg = bad
+        .expect_err("an id past the vocabulary must be rejected")
+        .to_string();
+    assert!(msg.contains(&v.to_string()), "{msg}");
+}
+
+#[test]
+fn activations_and_dropout() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("activations");
+    let n = 10_007;
+    let (a, b, d) = (r.vec(n, 4.0), r.vec(n, 2.0), r.vec(n, 1.0));
+    let (ca, ga) = p.up(&a);
+    let (cb, gb) = p.up(&b);
+    let (cd, gd) = p.up(&d);
+    // exp/tanh of CUDA's libdevice vs Rust's libm: a few ulps: 1e-6.
+    let (mut co, mut go) = p.up(&vec![0.0; n]);
+    c.swiglu_forward(&mut co, &ca, &cb).unwrap();
+    g.swiglu_forward(&mut go, &ga, &gb).unwrap();
+    p.cmp("swiglu_forward", &co, &go, 1e-6);
+    let (mut cg, mut gg) = p.up(&vec![0.0; n]);
+    let (mut cu, mut gu) = p.up(&vec![0.0; n]);
+    c.swiglu_backward(&mut cg, &mut cu, &cd, &ca, &cb).unwrap();
+    g.swiglu_backward(&mut gg, &mut gu, &gd, &ga, &gb).unwrap();
+    p.cmp("swiglu_backward dgate", &cg, &gg, 1e-6);
+    p.cmp("swiglu_backward dup", &cu, &gu, 1e-6);
+    c.gelu_forward(&mut co, &ca).unwrap();
+    g.gelu_forward(&mut go, &ga).unwrap();
+    p.cmp("gelu_forward", &co, &go, 1e-6);
+    c.gelu_backward(&mut cg, &cd, &ca).unwrap();
+    g.gelu_backward(&mut gg, &gd, &ga).unwrap();
+    p.cmp("gelu_backward", &cg, &gg, 1e-6);
+    // dropout: the very same mask (zeros in the same places), values to one rounding.
+    for p_drop in [0.0f32, 0.1, 0.5] {
+        let seed = r.next_u64();
+        c.dropout_forward(&mut co, &ca, p_drop, seed).unwrap();
+        g.dropout_forward(&mut go, &ga, p_drop, seed).unwrap();
+        let (hc, hg) = (c.download(&co).unwrap(), g.download(&go).unwrap());
+        let zeros_c: Vec<bool> = hc.iter().map(|&x| x == 0.0).collect();
+        let zeros_g: Vec<bool> = hg.iter().map(|&x| x == 0.0).collect();
+        assert_eq!(zeros_c, zeros_g, "dropout p={p_drop}: masks differ");
+        let kept = (0..n)
+            .filter(|&i| dropout_keep(seed, i as u64, p_drop))
+            .count();
+        assert_eq!(
+            zeros_g.iter().filter(|&&z| !z).count(),
+            kept,
+            "mask is dropout_keep's"
+        );
+        check(&format!("dropout_forward p={p_drop}"), &hg, &hc, 1e-7);
+        c.dropout_backward(&mut cg, &cd, p_drop, seed).unwrap();
+        g.dropout_backward(&mut gg, &gd, p_drop, seed).unwrap();
+        p.cmp(&format!("dropout_backward p={p_drop}"), &cg, &gg, 1e-7);
+    }
+}
+
+#[test]
+fn norms_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("norms");
+    for (rows, cols) in [(1, 64), (37, 576), (8, 4096)] {
+        for wdt in [DType::F32, DType::BF16] {
+            let tag = format!("[{rows}x{cols}] {wdt} weight");
+            let x = r.vec(rows * cols, 3.0);
+            let (cx, gx) = p.up(&x);
+            let w: Vec<f32> = r.vec(cols, 0.5).iter().map(|v| v + 1.0).collect();
+            let (cw, gw) = p.weight(&w, wdt);
+            let bias = r.vec(cols, 0.5);
+            let (cbias, gbias) = p.weight(&bias, wdt);
+            let dout = r.vec(rows * cols, 1.0);
+            let (cdo, gdo) = p.up(&dout);
+            // RMSNorm: a C-term f32 sum of squares, then elementwise: 1e-5.
+            let (mut co, mut go) = p.up(&vec![0.0; rows * cols]);
+            let (mut cr, mut gr) = p.up(&vec![0.0; rows]);
+            c.rms_norm_forward(&mut co, &mut cr, &cx, &cw, 1e-5)
+                .unwrap();
+            g.rms_norm_forward(&mut go, &mut gr, &gx, &gw, 1e-5)
+                .unwrap();
+            p.cmp(&format!("rms_norm_forward out {tag}"), &co, &go, 1e-5);
+            p.cmp(&format!("rms_norm_forward rstd {tag}"), &cr, &gr, 1e-5);
+            for acc in [Accumulate::Overwrite, Accumulate::Add] {
+                let d0 = r.vec(rows * cols, 1.0);
+                let (mut cdx, mut gdx) = p.up(&d0);
+                c.rms_norm_backward(&mut cdx, &cdo, &cx, &cw, &cr, acc)
+                    .unwrap();
+                g.rms_norm_backward(&mut gdx, &gdo, &gx, &gw, &gr, acc)
+                    .unwrap();
+                p.cmp(
+                    &format!("rms_norm_backward {acc:?} {tag}"),
+                    &cdx,
+                    &gdx,
+                    1e-5,
+                );
+            }
+            // LayerNorm: two f32 reductions per row: 1e-5.
+            let (mut cm, mut gm) = p.up(&vec![0.0; rows]);
+            c.layer_norm_forward(&mut co, &mut cm, &mut cr, &cx, &cw, &cbias, 1e-5)
+                .unwrap();
+            g.layer_norm_forward(&mut go, &mut gm, &mut gr, &gx, &gw, &gbias, 1e-5)
+                .unwrap();
+            p.cmp(&format!("layer_norm_forward out {tag}"), &co, &go, 1e-5);
+            p.cmp(&format!("layer_norm_forward mean {tag}"), &cm, &gm, 1e-5);
+            p.cmp(&format!("layer_norm_forward rstd {tag}"), &cr, &gr, 1e-5);
+            for acc in [Accumulate::Overwrite, Accumulate::Add] {
+                let d0 = r.vec(rows * cols, 1.0);
+                let (mut cdx, mut gdx) = p.up(&d0);
+                c.layer_norm_backward(&mut cdx, &cdo, &cx, &cw, &cm, &cr, acc)
+                    .unwrap();
+                g.layer_norm_backward(&mut gdx, &gdo, &gx, &gw, &gm, &gr, acc)
+                    .unwrap();
+                p.cmp(
+                    &format!("layer_norm_backward {acc:?} {tag}"),
+                    &cdx,
+                    &gdx,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("rope");
+    let (n, heads, d) = (50, 3, 64);
+    // positions up to 4096 (long contexts), Llama's frequencies
+    let positions: Vec<u32> = (0..n).map(|_| r.below(4096) as u32).collect();
+    let inv_freq: Vec<f32> = (0..d / 2)
+        .map(|j| 10000f32.powf(-(2.0 * j as f32) / d as f32))
+        .collect();
+    let x = r.vec(n * heads * d, 1.0);
+    let (mut cx, mut gx) = p.up(&x);
+    // the f32 angle is the same on both sides; cosf/sinf differ by ≤ 2 ulp: 1e-6.
+    c.rope_forward(&mut cx, &positions, &inv_freq, heads)
+        .unwrap();
+    g.rope_forward(&mut gx, &positions, &inv_freq, heads)
+        .unwrap();
+    p.cmp("rope_forward", &cx, &gx, 1e-5);
+    c.rope_backward(&mut cx, &positions, &inv_freq, heads)
+        .unwrap();
+    g.rope_backward(&mut gx, &positions, &inv_freq, heads)
+        .unwrap();
+    p.cmp("rope_backward", &cx, &gx, 1e-5);
+    // and the backward undoes the forward
+    check(
+        "rope backward∘forward = identity",
+        &g.download(&gx).unwrap(),
+        &x,
+        1e-5,
+    );
+}
+
+// ---- attention -----------------------------------------------------------------------
+
+/// Packed rows: each batch row cut into segments at random places (`key_start`).
+fn packed_starts(r: &mut Rng, b: usize, t: usize) -> Vec<u32> {
+    let mut ks = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        let mut start = 0u32;
+        for i in 0..t {
+            if i > 0 && r.below(9) == 0 {
+                start = i as u32;
+            }
+            ks.push(start);
+        }
+    }
+    ks
+}
+
+/// Tolerances of one attention check: forward (out, lse), gradients (dq, dk, dv).
+#[derive(Clone, Copy)]
+struct AttnTol {
+    fwd: f64,
+    grad: f64,
+}
+
+/// The f32 kernels: D-term dots and T-term softmax sums in f32, in different orders than
+/// the CPU: ~1e-6, checked at 1e-5; gradients sum over up to T·H/KVH terms of differences
+/// p·(dp − Δ): 2e-5.
+const ATTN_F32: AttnTol = AttnTol {
+    fwd: 1e-5,
+    grad: 2e-5,
+};
+
+/// The tensor-core kernels: q, k, v, dout and the probabilities P (and dS in the
+/// backward) are rounded to bf16 (relative 2⁻⁹ each) before the f32-accumulated products,
+/// so every output carries a few bf16 roundings. Measured on H100 (and predicted by a
+/// bf16 model of the algorithm) with these inputs (q ~ U(−2, 2) makes the softmax peaked):
+/// at most 4.3e-3 for out, 2.5e-3 for lse, 4.4e-3 for dq and dk, 2.6e-3 for dv. Checked
+/// at 1e-2 for the forward and 1.5e-2 for the gradients (dS = P·(dP − Δ) cancels, and
+/// the `max` metric grows slowly with the number of elements).
+const ATTN_BF16: AttnTol = AttnTol {
+    fwd: 1e-2,
+    grad: 1.5e-2,
+};
+
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    g: &CudaBackend,
+    r: &mut Rng,
+    b: usize,
+    t: usize,
+    h: usize,
+    kvh: usize,
+    d: usize,
+    key_start: Option<&[u32]>,
+) -> Vec<String> {
+    let c = cpu();
+    let p = Pair { c: &c, g };
+    let dims = AttnDims {
+        batch: b,
+        seq: t,
+        n_heads: h,
+        n_kv_heads: kvh,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let (tol, path) = if g.attention_on_tensor_cores(d) {
+        (ATTN_BF16, "bf16")
+    } else {
+        (ATTN_F32, "f32")
+    };
+    let packed = if key_start.is_some() { " packed" } else { "" };
+    let tag = format!("B={b} T={t} H={h} KVH={kvh} D={d}{packed} {path}");
+    let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+    // q scaled up so that the softmax is peaked in places, not uniform.
+    let (q, k, v) = (r.vec(nq, 2.0), r.vec(nk, 1.0), r.vec(nk, 1.0));
+    let (cq, gq) = p.up(&q);
+    let (ck, gk) = p.up(&k);
+    let (cv, gv) = p.up(&v);
+    // outputs start poisoned, so an unwritten element fails
+    let (mut co, mut go) = p.up(&vec![f32::NAN; nq]);
+    let (mut cl, mut gl) = p.up(&vec![f32::NAN; b * h * t]);
+    c.attention_forward(&mut co, &mut cl, &cq, &ck, &cv, dims, key_start)
+        .unwrap();
+    g.attention_forward(&mut go, &mut gl, &gq, &gk, &gv, dims, key_start)
+        .unwrap();
+    let mut fails = Vec::new();
+    let cmp =
+        |what: String, cb: &<CpuBackend<f32> as Backend>::Buf, gb: &cuda::CudaBuf, tol: f64| {
+            check_soft(
+                &what,
+                &g.download(gb).unwrap(),
+                &c.download(cb).unwrap(),
+                tol,
+            )
+        };
+    fails.extend(cmp(
+        format!("attention_forward out {tag}"),
+        &co,
+        &go,
+        tol.fwd,
+    ));
+    fails.extend(cmp(
+        format!("attention_forward lse {tag}"),
+        &cl,
+        &gl,
+        tol.fwd,
+    ));
+    let dout = r.vec(nq, 1.0);
+    let (cdo, gdo) = p.up(&dout);
+    let (mut cdq, mut gdq) = p.up(&vec![f32::NAN; nq]);
+    let (mut cdk, mut gdk) = p.up(&vec![f32::NAN; nk]);
+    let (mut cdv, mut gdv) = p.up(&vec![f32::NAN; nk]);
+    c.attention_backward(
+        &mut cdq, &mut cdk, &mut cdv, &cdo, &co, &cl, &cq, &ck, &cv, dims, key_start,
+    )
+    .unwrap();
+    g.attention_backward(
+        &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, dims, key_start,
+    )
+    .unwrap();
+    if t == 1 {
+        // One key: p = 1 and dp = Δ, so ds = 0 and dq, dk vanish up to rounding (the CPU
+        // forms dp and Δ with the same dot and gets exactly 0, the GPU in two orders, so
+        // a relative error means nothing): an absolute bound. The bf16 kernels form Δ from
+        // the same bf16-rounded dout as dp, so they meet it too.
+        for (name, buf) in [("dq", &gdq), ("dk", &gdk)] {
+            let worst = g.download(buf).unwrap().iter().fold(0f32, |m, &x| {
+                if x.is_nan() {
+                    f32::INFINITY
+                } else {
+                    m.max(x.abs())
+                }
+            });
+            let what = format!("attention_backward {name} {tag} (= 0)");
+            println!("PARITY {what:<44} abs={worst:.2e} tol=1e-5");
+            if worst > 1e-5 {
+                fails.push(format!("{what}: |{name}| reaches {worst:e}"));
+            }
+        }
+    } else {
+        fails.extend(cmp(
+            format!("attention_backward dq {tag}"),
+            &cdq,
+            &gdq,
+            tol.grad,
+        ));
+        fails.extend(cmp(
+            format!("attention_backward dk {tag}"),
+            &cdk,
+            &gdk,
+            tol.grad,
+        ));
+    }
+    fails.extend(cmp(
+        format!("attention_backward dv {tag}"),
+        &cdv,
+        &gdv,
+        tol.grad,
+    ));
+    fails
+}
+
+/// The cases every attention path must pass: T = 1 and tile edges, every f32 kernel
+/// variant (D ≤ 32, 64, 128, 256, odd D masked; D = 256 needs > 48 KB of shared memory),
+/// GQA and multi-query, packed segments.
+fn attention_cases(g: &CudaBackend, r: &mut Rng) -> Vec<String> {
+    let mut fails = Vec::new();
+    for t in [1, 7, 64, 300] {
+        fails.extend(attention_case(g, r, 2, t, 4, 2, 64, None));
+    }
+    fails.extend(attention_case(g, r, 1, 37, 2, 1, 16, None));
+    fails.extend(attention_case(g, r, 1, 45, 6, 2, 80, None));
+    fails.extend(attention_case(g, r, 2, 64, 4, 4, 128, None));
+    fails.extend(attention_case(g, r, 1, 70, 2, 1, 256, None));
+    // packed sequences: attention confined to segments
+    for t in [7, 64, 300] {
+        let ks = packed_starts(r, 2, t);
+        fails.extend(attention_case(g, r, 2, t, 4, 2, 64, Some(&ks)));
+    }
+    fails
+}
+
+/// Default options: head dimensions 64 and 128 run on the bf16 tensor-core kernels (on
+/// sm_80 and newer), the others on the f32 kernels; longer rows and D = 128 with GQA and
+/// packing for the tensor-core tiles (64 queries × 64 keys, partial last tiles).
+#[test]
+fn attention_gqa_forward_backward() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("attention");
+    let mut fails = attention_cases(&g, &mut r);
+    fails.extend(attention_case(&g, &mut r, 1, 1, 4, 2, 128, None));
+    fails.extend(attention_case(&g, &mut r, 1, 1000, 4, 1, 128, None));
+    fails.extend(attention_case(&g, &mut r, 2, 513, 8, 2, 64, None));
+    let ks = packed_starts(&mut r, 2, 450);
+    fails.extend(attention_case(&g, &mut r, 2, 450, 4, 2, 128, Some(&ks)));
+    // long segments: whole tiles before a segment start are skipped
+    let mut ks = Vec::new();
+    for _ in 0..2 {
+        ks.extend((0..700u32).map(|i| {
+            [0, 130, 200, 555][(i >= 130) as usize + (i >= 200) as usize + (i >= 555) as usize]
+        }));
+    }
+    fails.extend(attention_case(&g, &mut r, 2, 700, 4, 2, 64, Some(&ks)));
+    assert!(
+        fails.is_empty(),
+        "attention mismatches:\n{}",
+        fails.join("\n")
+    );
+}
+
+/// `exact_attention`: every case on the f32 kernels, at the f32 tolerances.
+#[test]
+fn attention_exact_f32_kernels() {
+    let Some(g) = gpu_with(|o| o.exact_attention = true) else {
+        return;
+    };
+    assert!(!g.attention_on_tensor_cores(64) && !g.attention_on_tensor_cores(128));
+    let mut r = Rng::fresh("attention exact");
+    let fails = attention_cases(&g, &mut r);
+    assert!(
+        fails.is_empty(),
+        "attention mismatches:\n{}",
+        fails.join("\n")
+    );
+}
+
+/// Attention gives bit-identical results when run again (no atomics, fixed reduction
+/// order), on both paths, with GQA and packing.
+#[test]
+fn attention_is_deterministic() {
+    for exact in [false, true] {
+        let Some(g) = gpu_with(|o| o.exact_attention = exact) else {
+            return;
+        };
+        let mut r = Rng::fresh("attention determinism");
+        let (b, t, h, kvh, d) = (2usize, 333usize, 8usize, 2usize, 128usize);
+        let dims = AttnDims {
+            batch: b,
+            seq: t,
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+        let ks = packed_starts(&mut r, b, t);
+        let q = g.upload(&r.vec(nq, 2.0)).unwrap();
+        let k = g.upload(&r.vec(nk, 1.0)).unwrap();
+        let v = g.upload(&r.vec(nk, 1.0)).unwrap();
+        let dout = g.upload(&r.vec(nq, 1.0)).unwrap();
+        let run = || {
+            let mut o = g.zeros(nq).unwrap();
+            let mut l = g.zeros(b * h * t).unwrap();
+            let (mut dq, mut dk, mut dv) = (
+                g.zeros(nq).unwrap(),
+                g.zeros(nk).unwrap(),
+                g.zeros(nk).unwrap(),
+            );
+            g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, Some(&ks))
+                .unwrap();
+            g.attention_backward(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &dout,
+                &o,
+                &l,
+                &q,
+                &k,
+                &v,
+                dims,
+                Some(&ks),
+            )
+            .unwrap();
+            [o, l, dq, dk, dv].map(|x| {
+                g.download(&x)
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect::<Vec<u32>>()
+            })
+        };
+        let (first, second) = (run(), run());
+        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
+            assert!(
+                first[i] == second[i],
+                "attention {name} differs between two runs (exact = {exact})"
+            );
+        }
+        println!("PARITY attention run twice (exact = {exact}): bit-identical");
+    }
+}
+
+// ---- LM head + loss ------------------------------------------------------------------
+
+#[test]
+fn lm_head_loss_chunked_with_ignored_labels() {
+    let c = cpu();
+    let mut r = Rng::fresh("lm_head_loss");
+    let (n, ch, v) = (37, 64, 1009);
+    // chunks of 5 rows: 37 = 7·5 + 2, and V is prime
+    let Some(g) = gpu_with(|o| o.logits_chunk_bytes = 5 * v * 4) else {
+        return;
+    };
+    let Some(g_one) = gpu() else { return };
+    let labels: Vec<i32> = (0..n)
+        .map(|i| {
+            if i % 5 == 3 {
+                IGNORE_INDEX
+            } else {
+                r.below(v) as i32
+            }
+        })
+        .collect();
+    let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let h = r.vec(n * ch, 1.0);
+    let w = r.vec(v * ch, 0.5);
+    for dt in [DType::F32, DType::BF16] {
+        // f32: logits are 64-term dots, the loss a 1009-term softmax: 1e-5.
+        // bf16: h rounded to bf16 for both GEMMs, dlogits too: 1e-2.
+        let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+        let ch_ = c.upload(&h).unwrap();
+        let cw = c.upload_weight(&weight_bytes(&w, dt), dt).unwrap();
+        let scale = 1.0 / count as f32;
+        let (mut cdh, mut cl) = (c.zeros(n * ch).unwrap(), c.zeros(n * v).unwrap());
+        let lc = c
+            .lm_head_loss(&ch_, &cw, &labels, ch, scale, Some(&mut cdh), Some(&mut cl))
+            .unwrap();
+        let (cdh, cl) = (c.download(&cdh).unwrap(), c.download(&cl).unwrap());
+        for (name, be) in [("5-row chunks", &g), ("one chunk", &g_one)] {
+            let gh = be.upload(&h).unwrap();
+            let gw = be.upload_weight(&weight_bytes(&w, dt), dt).unwrap();
+            // outputs start poisoned, so an unwritten element fails
+            let mut gdh = be.upload(&vec![f32::NAN; n * ch]).unwrap();
+            let mut gl = be.upload(&vec![f32::NAN; n * v]).unwrap();
+            let lg = be
+                .lm_head_loss(&gh, &gw, &labels, ch, scale, Some(&mut gdh), Some(&mut gl))
+                .unwrap();
+            assert_eq!(lg.count, lc.count, "counted tokens");
+            assert_eq!(lg.count, count);
+            let tag = format!("{dt} weight, {name}");
+            check_scalar(&format!("lm_head_loss loss sum {tag}"), lg.sum, lc.sum, tol);
+            check(
+                &format!("lm_head_loss logits {tag}"),
+                &be.download(&gl).unwrap(),
+                &cl,
+                tol,
+            );
+            check(
+                &format!("lm_head_loss dh {tag}"),
+                &be.download(&gdh).unwrap(),
+                &cdh,
+                tol,
+            );
+            // evaluation only: no dh, no logits
+            let le = be
+                .lm_head_loss(&gh, &gw, &labels, ch, scale, None, None)
+                .unwrap();
+            check_scalar(
+                &format!("lm_head_loss eval-only loss {tag}"),
+                le.sum,
+                lc.sum,
+                tol,
+            );
+        }
+    }
+    let bad: Vec<i32> = vec![0, v as i32];
+    let (gh, gw) = (
+        g.upload(&r.vec(2 * ch, 1.0)).unwrap(),
+        g.upload(&w).unwrap(),
+    );
+    let e = g
+        .lm_head_loss(&gh, &gw, &bad, ch, 1.0, None, None)
+        .expect_err("label past V");
+    assert!(e.to_string().contains(&v.to_string()), "{e}");
+}
+
+// ---- optimizers ----------------------------------------------------------------------
+
+#[test]
+fn optimizers_adamw_and_sgd() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("optimizers");
+    let n = 5000;
+    let (mut cp, mut gp) = p.up(&r.vec(n, 1.0));
+    let (mut cm, mut gm) = p.up(&vec![0.0; n]);
+    let (mut cv, mut gv) = p.up(&vec![0.0; n]);
+    for step in 1..=3 {
+        let (cg, gg) = p.up(&r.vec(n, 0.01));
+        let h = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        };
+        c.adamw_step(&mut cp, &cg, &mut cm, &mut cv, h).unwrap();
+        g.adamw_step(&mut gp, &gg, &mut gm, &mut gv, h).unwrap();
+    }
+    // elementwise f32 arithmetic; the CPU's lerp and f64 bias corrections differ by ulps.
+    p.cmp("adamw_step param (3 steps)", &cp, &gp, 1e-6);
+    p.cmp("adamw_step exp_avg", &cm, &gm, 1e-6);
+    p.cmp("adamw_step exp_avg_sq", &cv, &gv, 1e-6);
+    let (mut cb, mut gb) = p.up(&vec![0.0; n]);
+    for step in 0..3 {
+        let (cg, gg) = p.up(&r.vec(n, 0.1));
+        let h = SgdStep {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.01,
+            first: step == 0,
+        };
+        c.sgd_step(&mut cp, &cg, &mut cb, h).unwrap();
+        g.sgd_step(&mut gp, &gg, &mut gb, h).unwrap();
+    }
+    p.cmp("sgd_step param (3 steps)", &cp, &gp, 1e-6);
+    p.cmp("sgd_step momentum", &cb, &gb, 1e-6);
+}
+
+// ---- faults and the streaming hooks --------------------------------------------------
+
+#[test]
+fn out_of_memory_says_what_to_change() {
+    let Some(g) = gpu() else { return };
+    let e = match g.zeros(1 << 40) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("4 TiB allocation succeeded"),
+    };
+    println!("OOM message: {e}");
+    assert!(
+        e.contains("out of GPU memory") && e.contains("free") && e.contains("batch"),
+        "{e}"
+    );
+    // the backend still works afterwards
+    let b = g.upload(&[1.0, 2.0]).unwrap();
+    assert_eq!(g.download(&b).unwrap(), vec![1.0, 2.0]);
+}
+
+#[test]
+fn async_weight_upload_on_a_copy_stream() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("async_upload");
+    let (n_tok, fin, fout) = (16, 128, 64);
+    let w = r.vec(fout * fin, 0.1);
+    let bytes = weight_bytes(&w, DType::BF16);
+    let mut pinned = g.alloc_pinned(bytes.len()).unwrap();
+    pinned.as_mut_slice().unwrap().copy_from_slice(&bytes);
+    let copy = g.new_copy_stream().unwrap();
+    let mut slot = g.alloc_weight(fout * fin, DType::BF16).unwrap();
+    let free = g.record_compute_event().unwrap();
+    // SAFETY: `pinned` outlives the wait below and is not changed meanwhile.
+    let done =
+        unsafe { g.upload_weight_async(&mut slot, pinned.as_slice().unwrap(), &copy, Some(&free)) }
+            .unwrap();
+    g.compute_wait(&done).unwrap();
+    let x = g.upload(&r.vec(n_tok * fin, 1.0)).unwrap();
+    let gm = gemm(n_tok, fout, fin, false, true, 1.0, Accumulate::Overwrite);
+    let mut y_async = g.zeros(n_tok * fout).unwrap();
+    g.matmul(&mut y_async, &x, &slot, gm).unwrap();
+    let sync_w = g.upload_weight(&bytes, DType::BF16).unwrap();
+    let mut y_sync = g.zeros(n_tok * fout).unwrap();
+    g.matmul(&mut y_sync, &x, &sync_w, gm).unwrap();
+    // the same bytes and the same GEMM: identical.
+    check(
+        "upload_weight_async then matmul",
+        &g.download(&y_async).unwrap(),
+        &g.download(&y_sync).unwrap(),
+        0.0,
+    );
+    g.synchronize().unwrap();
+}
+
+// ---- whole model: PEFT fixtures and training steps ------------------------------------
+
+/// A fixture folder: `tests/fixtures` under the working directory when there is one (the
+/// GPU machine runs the test binary from a copy of the tree elsewhere than where it was
+/// built), else under the crate that built the test.
+fn fixture(case: &str) -> std::path::PathBuf {
+    let here = std::path::Path::new("tests/fixtures").join(case);
+    if here.join("model.safetensors").exists() {
+        here
+    } else {
+        common::fixture(case)
+    }
+}
+
+fn fixture_batch(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
+    let (shape, ids) = &reference["input_ids"];
+    let (_, labels) = &reference["labels"];
+    Batch::new(
+        ids.iter().map(|&x| x as u32).collect(),
+        labels.iter().map(|&x| x as i32).collect(),
+        shape[0],
+        shape[1],
+    )
+    .expect("fixture batch")
+}
+
+fn fixture_config(case: &str, device: Device) -> LemaConfig {
+    let dir = fixture(case);
+    let mut cfg = LemaConfig::new(dir.join("model.safetensors"));
+    cfg.adapter_path = Some(dir.join("adapter"));
+    cfg.device = device;
+    cfg
+}
+
+fn adamw_of(case: &str) -> OptimizerConfig {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap())
+            .unwrap();
+    let o = &meta["optimizers"]["adamw"];
+    let betas = o["betas"].as_array().expect("betas");
+    OptimizerConfig::AdamW {
+        lr: o["lr"].as_f64().unwrap() as f32,
+        beta1: betas[0].as_f64().unwrap() as f32,
+        beta2: betas[1].as_f64().unwrap() as f32,
+        eps: o["eps"].as_f64().unwrap() as f32,
+        weight_decay: o["weight_decay"].as_f64().unwrap() as f32,
+    }
+}
+
+/// The fixtures' weights are f32 and stay f32 on the GPU (SGEMM), so CUDA meets PEFT as
+/// the CPU does, up to summation order through a few layers: 1e-4.
+#[test]
+fn peft_fixtures_on_cuda() {
+    if let Err(why) = cuda::probe(0) {
+        println!("SKIP: no CUDA device ({why})");
+        return;
+    }
+    for case in ["llama_gqa", "llama_tied", "gpt2"] {
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = fixture_batch(&reference);
+        let model = LemaModel::new(fixture_config(case, Device::Cuda)).expect("model on CUDA");
+        assert_eq!(model.device(), Device::Cuda);
+        let mut trainer = Trainer::new(model, adamw_of(case)).expect("trainer");
+        let out = trainer.train_step_with_logits(&batch).expect("step");
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        check(
+            &format!("PEFT {case} logits"),
+            out.logits.as_ref().unwrap(),
+            &f32s(&reference["logits"].1),
+            1e-4,
+        );
+        check_scalar(
+            &format!("PEFT {case} loss"),
+            out.loss,
+            reference["loss"].1[0],
+            1e-4,
+        );
+        check_scalar(
+            &format!("PEFT {case} grad norm"),
+            out.grad_norm,
+            reference["grad_norm"].1[0],
+            1e-4,
+        );
+        for (key, gr) in trainer.model.lora_grads().unwrap() {
+            let want = &reference[&format!("grad.{key}")].1;
+            check(
+                &format!("PEFT {case} grad {}", short(&key)),
+                &gr,
+                &f32s(want),
+                1e-4,
+            );
+        }
+        let mut losses = vec![out.loss as f32];
+        for _ in 1..5 {
+            losses.push(trainer.train_step(&batch).expect("step").loss as f32);
+        }
+        check(
+            &format!("PEFT {case} 5 AdamW losses"),
+            &losses,
+            &f32s(&reference["losses_adamw"].1),
+            1e-4,
+        );
+    }
+}
+
+fn short(key: &str) -> String {
+    key.trim_start_matches("base_model.model.")
+        .replace(".weight", "")
+}
+
+/// Training from a fresh adapter with LoRA dropout on every linear: CPU and CUDA draw the
+/// same masks, so the losses of a few AdamW steps agree (f32 weights: 1e-4).
+#[test]
+fn training_steps_cuda_match_cpu() {
+    if let Err(why) = cuda::probe(0) {
+        println!("SKIP: no CUDA device ({why})");
+        return;
+    }
+    for case in ["llama_gqa", "gpt2"] {
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = fixture_batch(&reference);
+        let mut runs = Vec::new();
+        for device in [Device::Cpu, Device::Cuda] {
+            let mut cfg = fixture_config(case, device);
+            cfg.adapter_path = None;
+            cfg.lora_dropout = 0.1;
+            cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+            let mut model = LemaModel::new(cfg).expect("model");
+            assert_eq!(model.device(), device);
+            model.initialize_lora().unwrap();
+            let mut t = Trainer::new(model, OptimizerConfig::adamw(1e-2)).unwrap();
+            t.max_grad_norm = Some(1.0);
+            let losses: Vec<f32> = (0..4)
+                .map(|_| t.train_step(&batch).unwrap().loss as f32)
+                .collect();
+            let weights: Vec<f32> = t
+                .model
+                .lora_tensors()
+                .unwrap()
+                .into_iter()
+                .flat_map(|(_, _, w)| w)
+                .collect();
+            runs.push((losses, weights));
+        }
+        println!(
+            "{case}: CPU losses {:?}, CUDA losses {:?}",
+            runs[0].0, runs[1].0
+        );
+        check(
+            &format!("train {case} 4 AdamW losses, dropout 0.1"),
+            &runs[1].0,
+            &runs[0].0,
+            1e-4,
+        );
+        check(
+            &format!("train {case} LoRA weights after 4 steps"),
+            &runs[1].1,
+            &runs[0].1,
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn auto_device_picks_cuda_when_present() {
+    let available = cuda::probe(0).is_ok();
+    let mut cfg = fixture_config("llama_gqa", Device::Auto);
+    cfg.adapter_path = None;
+    let model = LemaModel::new(cfg).expect("auto always builds a model");
+    if available {
+        assert_eq!(model.device(), Device::Cuda);
+        assert!(model.device_note().is_none());
+    } else {
+        println!("SKIP: no CUDA device");
+        assert_eq!(model.device(), Device::Cpu);
+        assert!(model.device_note().is_some());
+    }
+}
+
+// ---- timings (not a test of speed: numbers for the notes; run with --ignored) ----------
+
+fn median_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up (module load, allocations)
+    be.synchronize().unwrap();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            be.synchronize().unwrap();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[reps / 2]
+}
+
+#[test]
+#[ignore = "timings for the notes, GPU only"]
+fn op_timings_llama7b_shapes() {
+    let Some(g) = gpu_with(|o| o.sync_each_launch = false) else {
+        return;
+    };
+    let mut r = Rng::fresh("timings");
+    let (n, c, f, v) = (4096usize, 4096usize, 11008usize, 32000usize);
+    println!("device {} ({})", g.device_name(), g.arch());
+    // bf16 GEMM x·Wᵀ (the MLP up projection of one 4096-token step)
+    let w = g
+        .upload_weight(&weight_bytes(&r.vec(f * c, 0.02), DType::BF16), DType::BF16)
+        .unwrap();
+    let x = g.upload(&r.vec(n * c, 1.0)).unwrap();
+    let mut y = g.zeros(n * f).unwrap();
+    let gm = gemm(n, f, c, false, true, 1.0, Accumulate::Overwrite);
+    let ms = median_ms(&g, 10, || g.matmul(&mut y, &x, &w, gm).unwrap());
+    println!(
+        "TIMING matmul bf16 [{n}x{c}]·[{f}x{c}]ᵀ incl. cast: {ms:.3} ms, {:.0} TFLOP/s",
+        2.0 * (n * c * f) as f64 / ms / 1e9
+    );
+    let wf = g.upload(&r.vec(f * c, 0.02)).unwrap();
+    let ms = median_ms(&g, 5, || g.matmul(&mut y, &x, &wf, gm).unwrap());
+    println!(
+        "TIMING matmul f32 SGEMM same shape: {ms:.3} ms, {:.1} TFLOP/s",
+        2.0 * (n * c * f) as f64 / ms / 1e9
+    );
+    drop((w, wf, y));
+    // attention, Llama-2-7B heads, T = 4096
+    let (h, d, t) = (32usize, 128usize, 4096usize);
+    let dims = AttnDims {
+        batch: 1,
+        seq: t,
+        n_heads: h,
+        n_kv_heads: h,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let q = g.upload(&r.vec(t * h * d, 1.0)).unwrap();
+    let k = g.upload(&r.vec(t * h * d, 1.0)).unwrap();
+    let vv = g.upload(&r.vec(t * h * d, 1.0)).unwrap();
+    let mut o = g.zeros(t * h * d).unwrap();
+    let mut l = g.zeros(h * t).unwrap();
+    let flops = 4.0 * (t * t) as f64 / 2.0 * (d * h) as f64;
+    let ms = median_ms(&g, 5, || {
+        g.attention_forward(&mut o, &mut l, &q, &k, &vv, dims, None)
+            .unwrap()
+    });
+    println!(
+        "TIMING attention_forward T={t} H={h} D={d}: {ms:.2} ms, {:.1} TFLOP/s",
+        flops / ms / 1e9
+    );
+    let (mut dq, mut dk, mut dv) = (
+        g.zeros(t * h * d).unwrap(),
+        g.zeros(t * h * d).unwrap(),
+        g.zeros(t * h * d).unwrap(),
+    );
+    let ms = median_ms(&g, 3, || {
+        g.attention_backward(
+            &mut dq, &mut dk, &mut dv, &x, &o, &l, &q, &k, &vv, dims, None,
+        )
+        .unwrap()
+    });
+    println!(
+        "TIMING attention_backward T={t} H={h} D={d}: {ms:.2} ms, {:.1} TFLOP/s",
+        2.5 * flops / ms / 1e9
+    );
+    drop((q, k, vv, o, dq, dk, dv));
+    // LM head + loss, bf16 head, 4096 tokens
+    let hw = g
+        .upload_weight(&weight_bytes(&r.vec(v * c, 0.02), DType::BF16), DType::BF16)
+        .unwrap();
+    let labels: Vec<i32> = (0..n).map(|_| r.below(v) as i32).collect();
+    let mut dh = g.zeros(n * c).unwrap();
+    let ms = median_ms(&g, 5, || {
+        g.lm_head_loss(&x, &hw, &labels, c, 1.0 / n as f32, Some(&mut dh), None)
+            .unwrap();
+    });
+    println!(
+        "TIMING lm_head_loss N={n} C={c} V={v} bf16 with dh: {ms:.2} ms, {:.0} TFLOP/s",
+        4.0 * (n * c * v) as f64 / ms / 1e9
+    );
+    // RMSNorm forward over [4096, 4096]
+    let nw = g.upload(&r.vec(c, 1.0)).unwrap();
+    let mut out = g.zeros(n * c).unwrap();
+    let mut rs = g.zeros(n).unwrap();
+    let ms = median_ms(&g, 10, || {
+        g.rms_norm_forward(&mut out, &mut rs, &x, &nw, 1e-5)
+            .unwrap()
+    });
+    println!(
+        "TIMING rms_norm_forward [{n}x{c}]: {ms:.3} ms, {:.0} GB/s",
+        (2 * n * c * 4) as f64 / ms / 1e6
+    );
+}
+
+/// Median over `reps` of the mean time of `inner` back-to-back calls (one synchronisation
+/// per batch, so launch latency hides behind the GPU work as it does in training).
+fn median_batched_ms(be: &CudaBackend, reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    be.synchronize().unwrap();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            for _ in 0..inner {
+                f();
+            }
+            be.synchronize().unwrap();
+            s.elapsed().as_secs_f64() * 1e3 / inner as f64
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[reps / 2]
+}
+
+/// Attention forward and backward at Llama-2-7B heads (H = 32, D = 128), f32 kernels
+/// (`exact_attention`) against the bf16 tensor-core kernels on the same card; times
+/// include the bf16 conversions and scratch allocations of the fast path.
+#[test]
+#[ignore = "timings for the notes, GPU only"]
+fn attention_timings() {
+    let Some(fast) = gpu_with(|o| o.sync_each_launch = false) else {
+        return;
+    };
+    let exact = gpu_with(|o| {
+        o.sync_each_launch = false;
+        o.exact_attention = true;
+    })
+    .unwrap();
+    println!("device {} ({})", fast.device_name(), fast.arch());
+    let mut r = Rng::fresh("attention timings");
+    let (h, d) = (32usize, 128usize);
+    for (b, t) in [(1usize, 512usize), (1, 2048), (1, 4096), (8, 512)] {
+        let dims = AttnDims {
+            batch: b,
+            seq: t,
+            n_heads: h,
+            n_kv_heads: h,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let n = b * t * h * d;
+        // causal: half the T×T scores; forward 2 GEMMs, backward 5 (FlashAttention count)
+        let flops = 4.0 * (b * t * t) as f64 / 2.0 * (d * h) as f64;
+        for (name, g) in [("f32 ", &exact), ("bf16", &fast)] {
+            let q = g.upload(&r.vec(n, 1.0)).unwrap();
+            let k = g.upload(&r.vec(n, 1.0)).unwrap();
+            let v = g.upload(&r.vec(n, 1.0)).unwrap();
+            let dout = g.upload(&r.vec(n, 1.0)).unwrap();
+            let mut o = g.zeros(n).unwrap();
+            let mut l = g.zeros(b * h * t).unwrap();
+            let (mut dq, mut dk, mut dv) = (
+                g.zeros(n).unwrap(),
+                g.zeros(n).unwrap(),
+                g.zeros(n).unwrap(),
+            );
+            let slow = name.starts_with("f32") && t >= 2048;
+            let (reps, inner) = if slow { (3, 1) } else { (7, 5) };
+            let fwd = median_batched_ms(g, reps, inner, || {
+                g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, None)
+                    .unwrap()
+            });
+            let bwd = median_batched_ms(g, reps, inner, || {
+                g.attention_backward(
+                    &mut dq, &mut dk, &mut dv, &dout, &o, &l, &q, &k, &v, dims, None,
+                )
+                .unwrap()
+            });
+            println!(
+                "TIMING attention {name} B={b} T={t} H={h} D={d}: forward {fwd:.3} ms ({:.0} TFLOP/s), backward {bwd:.3} ms ({:.0} TFLOP/s)",
+                flops / fwd / 1e9,
+                2.5 * flops / bwd / 1e9
+            );
+        }
+    }
+}
