@@ -25,6 +25,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::gbi::Gbi;
+use crate::generate::{GenerateOptions, Generated, LogitsOf};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::optim::OptimizerConfig;
@@ -430,6 +431,54 @@ impl LemaModel {
         with_engine!(&mut self.engine, e => {
             let (l, logits) = e.eval(batch, want_logits)?;
             Ok((l.sum / l.count.max(1) as f64, l.count, logits))
+        })
+    }
+
+    /// Generate continuations of the token-id `prompts` in one batch, with the KV cache;
+    /// the adapter, when one is loaded, applies. `on_token(row, id)` sees each new token
+    /// as it is chosen.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Vec<Generated>> {
+        with_engine!(&mut self.engine, e => e.generate(prompts, opts, on_token))
+    }
+
+    /// Logits `[B, T, V]` of `ids` (`[B, T]`) fed through the KV cache in pieces of
+    /// `pieces[j]` tokens per row (summing to T): the incremental path generation uses,
+    /// which must agree with [`LemaModel::evaluate`].
+    pub fn logits_through_cache(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        pieces: &[usize],
+    ) -> Result<Vec<f32>> {
+        let t: usize = pieces.iter().sum();
+        if batch == 0 || ids.len() != batch * t || pieces.contains(&0) {
+            return Err(Error::config(format!(
+                "{} ids cannot be fed as {batch} rows in pieces {pieces:?}",
+                ids.len()
+            )));
+        }
+        with_engine!(&mut self.engine, e => {
+            let v = e.model.config().vocab_size;
+            let mut cache = e.new_cache(batch, t, None)?;
+            let mut out = vec![0f32; batch * t * v];
+            let mut t0 = 0;
+            for &p in pieces {
+                let piece: Vec<u32> = ids
+                    .chunks(t)
+                    .flat_map(|row| row[t0..t0 + p].iter().copied())
+                    .collect();
+                let lg = e.forward_cached(&mut cache, &piece, LogitsOf::All)?;
+                for (r, rows) in lg.chunks(p * v).enumerate() {
+                    out[(r * t + t0) * v..(r * t + t0 + p) * v].copy_from_slice(rows);
+                }
+                t0 += p;
+            }
+            Ok(out)
         })
     }
 

@@ -105,6 +105,17 @@ pub struct BlockLora<'a, B: Backend> {
 }
 
 impl<B: Backend> BlockLora<'_, B> {
+    /// No adapter: the block runs as the base model.
+    pub fn none() -> BlockLora<'static, B> {
+        BlockLora {
+            modules: &mut [],
+            r: 0,
+            scale: 0.0,
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
     /// The adapter of `linear`, if that linear is adapted, with its position (for seeds).
     pub fn find(&self, linear: &str) -> Option<(usize, &LoraModule<B>)> {
         self.modules
@@ -204,6 +215,24 @@ impl<B: Backend> LoraParams<B> {
             dropout: self.cfg.dropout,
             seed,
             modules: &mut self.modules[range],
+        }
+    }
+
+    /// The adapters of block `layer` when there are adapters, else none (the base
+    /// model), with dropout probability `dropout`.
+    pub fn block_or_none(
+        lora: Option<&mut Self>,
+        layer: usize,
+        seed: u64,
+        dropout: f32,
+    ) -> BlockLora<'_, B> {
+        match lora {
+            Some(l) => {
+                let mut bl = l.block(layer, seed);
+                bl.dropout = dropout;
+                bl
+            }
+            None => BlockLora::none(),
         }
     }
 

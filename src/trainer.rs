@@ -132,8 +132,16 @@ impl<B: Backend> Engine<B> {
         let layers = self.model.config().num_hidden_layers;
         let keep_all = train && !self.gradient_checkpointing;
         let be = &self.be;
-        let lora = need_lora(&mut self.lora)?;
-        let dropout = if train { lora.cfg.dropout } else { 0.0 };
+        // training needs adapters; evaluation runs the base model when there are none
+        let mut lora = if train {
+            Some(need_lora(&mut self.lora)?)
+        } else {
+            self.lora.as_mut()
+        };
+        let dropout = match &lora {
+            Some(l) if train => l.cfg.dropout,
+            _ => 0.0,
+        };
         let block_seed = |i: usize| mix_seed(&[dropout_seed, i as u64]);
 
         // h[0][N, C] = embedding (gathered on the host from the mapped file)
@@ -152,8 +160,7 @@ impl<B: Backend> Engine<B> {
                 Part::Head
             };
             let w = self.stream.get(be, Part::Block(i), Some(next))?;
-            let mut bl = lora.block(i, block_seed(i));
-            bl.dropout = dropout;
+            let bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let (y, sv) = self
                 .model
                 .block_forward(be, &w, &bl, &x, &shape, keep_all)?;
@@ -208,8 +215,7 @@ impl<B: Backend> Engine<B> {
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
                 None => return Err(Error::config("internal: hidden state stack")),
             };
-            let mut bl = lora.block(i, block_seed(i));
-            bl.dropout = dropout;
+            let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let sv = match saved.pop() {
                 Some(sv) => sv,
                 // gradient checkpointing: re-run this block's forward from its input

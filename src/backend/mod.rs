@@ -134,6 +134,130 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
+/// Shapes of attention of new queries against a key/value cache (inference with a KV
+/// cache). q, out: `[B, Tq, H, D]`; k_cache, v_cache: `[B, cap, KVH, D]`, of which the
+/// first `kv_len` positions of each row hold keys and values, the last `Tq` of them those
+/// of the new tokens. Query i of a row sits at position `p = kv_len − Tq + i` and attends
+/// (causally) to keys `key_start[b] ..= p`, where `key_start` (`[B]`, optional, default 0)
+/// skips a row's left padding; a query before `key_start[b]` (a padding token itself)
+/// attends to itself only, so its (unused) output stays finite.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeDims {
+    pub batch: usize,
+    /// New queries per row, Tq ≥ 1.
+    pub q_len: usize,
+    /// Positions the cache holds per row (its capacity).
+    pub cap: usize,
+    /// Positions filled, the new ones included: Tq ≤ kv_len ≤ cap.
+    pub kv_len: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k, usually 1/√D.
+    pub scale: f32,
+}
+
+impl DecodeDims {
+    /// Check the dimensions and the buffer lengths (q/out, cache) of
+    /// [`Backend::attention_decode`]; errors name the backend and the op.
+    pub fn check(
+        &self,
+        backend: &'static str,
+        lens: [(&str, usize); 4],
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        let op = "attention_decode";
+        let fail = |msg: String| crate::error::Error::Backend { backend, op, msg };
+        let d = self;
+        if d.head_dim == 0 || d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
+            return Err(fail(format!(
+                "head_dim {} must be positive and n_heads {} a multiple of n_kv_heads {}",
+                d.head_dim, d.n_heads, d.n_kv_heads
+            )));
+        }
+        if d.q_len == 0 || d.q_len > d.kv_len || d.kv_len > d.cap {
+            return Err(fail(format!(
+                "need 1 ≤ q_len ≤ kv_len ≤ cap, got q_len {}, kv_len {}, cap {}",
+                d.q_len, d.kv_len, d.cap
+            )));
+        }
+        let mul = |a: &[usize]| {
+            a.iter()
+                .try_fold(1usize, |x, &y| x.checked_mul(y))
+                .ok_or_else(|| fail(format!("shape {a:?} overflows")))
+        };
+        let nq = mul(&[d.batch, d.q_len, d.n_heads, d.head_dim])?;
+        let nkv = mul(&[d.batch, d.cap, d.n_kv_heads, d.head_dim])?;
+        for (i, (what, len)) in lens.into_iter().enumerate() {
+            let (want, shape) = if i < 2 {
+                (
+                    nq,
+                    format!(
+                        "[B={}, Tq={}, H={}, D={}]",
+                        d.batch, d.q_len, d.n_heads, d.head_dim
+                    ),
+                )
+            } else {
+                (
+                    nkv,
+                    format!(
+                        "[B={}, cap={}, KVH={}, D={}]",
+                        d.batch, d.cap, d.n_kv_heads, d.head_dim
+                    ),
+                )
+            };
+            if len != want {
+                return Err(fail(format!(
+                    "{what} has {len} elements, expected {want} = {shape}"
+                )));
+            }
+        }
+        if let Some(ks) = key_start
+            && ks.len() != d.batch
+        {
+            return Err(fail(format!(
+                "key_start has {} entries, expected one per row (B = {})",
+                ks.len(),
+                d.batch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// [`Backend::attention_decode`] on the host, for any backend: check, download q and the
+/// caches, compute in f32 (the CPU kernel), upload the result into `out`. The trait's
+/// default body; public so that tests can compare a backend's own kernel with it.
+pub fn attention_decode_on_host<B: Backend + ?Sized>(
+    be: &B,
+    out: &mut B::Buf,
+    q: &B::Buf,
+    k_cache: &B::Buf,
+    v_cache: &B::Buf,
+    dims: DecodeDims,
+    key_start: Option<&[u32]>,
+) -> Result<()> {
+    dims.check(
+        be.name(),
+        [
+            ("out", out.len()),
+            ("q", q.len()),
+            ("k_cache", k_cache.len()),
+            ("v_cache", v_cache.len()),
+        ],
+        key_start,
+    )?;
+    let (qh, kh, vh) = (
+        be.download(q)?,
+        be.download(k_cache)?,
+        be.download(v_cache)?,
+    );
+    let mut oh = vec![0f32; qh.len()];
+    cpu::attention::attention_decode(&mut oh, &qh, &kh, &vh, &dims, key_start);
+    *out = be.upload(&oh)?;
+    Ok(())
+}
+
 /// Hyper-parameters of one AdamW update (PyTorch semantics: decoupled weight decay,
 /// bias correction, eps outside the square root). `step` counts from 1.
 #[derive(Clone, Copy, Debug)]
@@ -379,6 +503,24 @@ pub trait Backend: Send + Sync + 'static {
         dims: AttnDims,
         key_start: Option<&[u32]>,
     ) -> Result<()>;
+
+    /// Attention of `Tq` new queries against a key/value cache (inference; no lse, no
+    /// backward). Shapes and the causal rule in [`DecodeDims`]; out is overwritten.
+    ///
+    /// The default runs on the host (download, compute in f32, upload), so every backend
+    /// has it; backends override it with a device kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        dims: DecodeDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        attention_decode_on_host(self, out, q, k_cache, v_cache, dims, key_start)
+    }
 
     // ---- MLP activations -------------------------------------------------------------
 

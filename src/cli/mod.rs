@@ -1,7 +1,10 @@
 //! Argument parsing and the subcommands.
 
 mod bench;
+mod demo;
 mod eval;
+mod generate;
+mod merge;
 mod prepare;
 mod train;
 
@@ -17,6 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The demo: fetch SmolLM2-135M-Instruct, fine-tune it to write dates as YYYY-MM-DD,
+    /// and show held-out accuracy before and after.
+    Demo(demo::DemoArgs),
     /// Benchmark a training step on a random-init model of a named shape.
     Bench(bench::BenchArgs),
     /// Fine-tune a LoRA adapter: `lema train --config train.toml` (every field is also a flag).
@@ -27,6 +33,10 @@ enum Command {
     Prepare(prepare::PrepareArgs),
     /// What is in a model file and what each memory strategy would need.
     Info(prepare::InfoArgs),
+    /// Generate text from a prepared model, alone or with a LoRA adapter.
+    Generate(generate::GenerateArgs),
+    /// Fold a LoRA adapter into the base weights and write a new model file.
+    Merge(merge::MergeArgs),
 }
 
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
@@ -39,11 +49,14 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
+        Command::Demo(a) => demo::run(a).map(|()| 0),
         Command::Bench(a) => bench::run(a).map(|()| 0),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a).map(|()| 0),
         Command::Prepare(a) => prepare::prepare(a).map(|()| 0),
         Command::Info(a) => prepare::info(a).map(|()| 0),
+        Command::Generate(a) => generate::run(a).map(|()| 0),
+        Command::Merge(a) => merge::run(a).map(|()| 0),
     };
     match result {
         Ok(code) => code,

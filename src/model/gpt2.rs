@@ -3,6 +3,7 @@
 //!
 //! Shapes: N = B·T tokens, C hidden, H heads, D head dim, I MLP width, V vocabulary.
 
+use super::kv_cache::KvCache;
 use super::linear::{Layout, Linear};
 use super::{LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend, DeviceBuf};
@@ -186,6 +187,40 @@ impl Gpt2 {
         s: &StepShape,
         keep: bool,
     ) -> Result<(B::Buf, Saved<B>)> {
+        self.block_forward_with(be, w, lora, x, s, keep, None)
+    }
+
+    /// The block forward over new tokens whose keys and values join `cache` (block
+    /// `layer`); attention reads every cached position.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_forward_cached<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        cache: &mut KvCache<B>,
+        layer: usize,
+    ) -> Result<B::Buf> {
+        Ok(self
+            .block_forward_with(be, w, lora, x, s, false, Some((cache, layer)))?
+            .0)
+    }
+
+    /// The block forward, attention over this call's tokens (training, evaluation) or,
+    /// with a cache, over the cache they are appended to (generation).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward_with<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        keep: bool,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Result<(B::Buf, Saved<B>)> {
         let (c, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let n = s.tokens();
         let mut sv = Saved::default();
@@ -203,18 +238,24 @@ impl Gpt2 {
         }
         drop(qkv);
         let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
-        // att[N, C] = causal_attention(q, k, v)
-        let mut att = be.zeros(n * c)?;
-        let mut lse = be.zeros(s.batch * self.cfg.num_attention_heads * s.seq)?;
-        be.attention_forward(
-            &mut att,
-            &mut lse,
-            q,
-            k,
-            v,
-            self.attn_dims(s),
-            s.key_start(),
-        )?;
+        // att[N, C] = causal_attention(q, k, v), or over the cache that k, v join
+        let (att, lse) = match cache {
+            Some((cache, layer)) => (cache.attend(be, layer, q, k, v, s.seq)?, None),
+            None => {
+                let mut att = be.zeros(n * c)?;
+                let mut lse = be.zeros(s.batch * self.cfg.num_attention_heads * s.seq)?;
+                be.attention_forward(
+                    &mut att,
+                    &mut lse,
+                    q,
+                    k,
+                    v,
+                    self.attn_dims(s),
+                    s.key_start(),
+                )?;
+                (att, Some(lse))
+            }
+        };
         // h = x + att · W_proj + b
         let mut h = self
             .linear(w, APROJ)?
@@ -233,6 +274,9 @@ impl Gpt2 {
             .forward(be, &a, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
         if keep {
+            let lse = lse.ok_or_else(|| {
+                crate::error::Error::config("internal: a cached forward keeps nothing")
+            })?;
             let [q, k, v]: [B::Buf; 3] = parts
                 .try_into()
                 .map_err(|_| crate::error::Error::config("internal: qkv split"))?;

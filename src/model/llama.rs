@@ -4,11 +4,12 @@
 //! Shapes: N = B·T tokens, C hidden, H query heads, KVH key/value heads, D head dim,
 //! I MLP width, V vocabulary.
 
+use super::kv_cache::KvCache;
 use super::linear::{Layout, Linear};
 use super::{LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gbi::Gbi;
 use crate::lora::BlockLora;
 
@@ -140,6 +141,40 @@ impl Llama {
         s: &StepShape,
         keep: bool,
     ) -> Result<(B::Buf, Saved<B>)> {
+        self.block_forward_with(be, w, lora, x, s, keep, None)
+    }
+
+    /// The block forward over new tokens whose keys and values join `cache` (block
+    /// `layer`); attention reads every cached position.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_forward_cached<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        cache: &mut KvCache<B>,
+        layer: usize,
+    ) -> Result<B::Buf> {
+        Ok(self
+            .block_forward_with(be, w, lora, x, s, false, Some((cache, layer)))?
+            .0)
+    }
+
+    /// The block forward, attention over this call's tokens (training, evaluation) or,
+    /// with a cache, over the cache they are appended to (generation).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward_with<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        keep: bool,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Result<(B::Buf, Saved<B>)> {
         let (c, qd, _, i, _) = self.dims();
         let n = s.tokens();
         let eps = self.cfg.norm_eps;
@@ -169,18 +204,24 @@ impl Llama {
             .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
         be.rope_forward(&mut q, &s.positions, &inv_freq, h_)?;
         be.rope_forward(&mut k, &s.positions, &inv_freq, kvh)?;
-        // att[N, H·D] = causal_attention(q, k, v)
-        let mut att = be.zeros(n * qd)?;
-        let mut lse = be.zeros(s.batch * h_ * s.seq)?;
-        be.attention_forward(
-            &mut att,
-            &mut lse,
-            &q,
-            &k,
-            &v,
-            self.attn_dims(s),
-            s.key_start(),
-        )?;
+        // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
+        let (att, lse) = match cache {
+            Some((cache, layer)) => (cache.attend(be, layer, &q, &k, &v, s.seq)?, None),
+            None => {
+                let mut att = be.zeros(n * qd)?;
+                let mut lse = be.zeros(s.batch * h_ * s.seq)?;
+                be.attention_forward(
+                    &mut att,
+                    &mut lse,
+                    &q,
+                    &k,
+                    &v,
+                    self.attn_dims(s),
+                    s.key_start(),
+                )?;
+                (att, Some(lse))
+            }
+        };
         // h[N, C] = x + att · Woᵀ
         let mut h = self
             .linear(w, O)?
@@ -211,6 +252,8 @@ impl Llama {
             .forward(be, &act, n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
         if keep {
+            let lse =
+                lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?;
             for (name, buf) in [
                 ("ln1", ln1),
                 ("rstd1", rstd1),

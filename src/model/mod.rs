@@ -3,6 +3,7 @@
 //! arm to [`Model`]; the trainer never looks inside.
 
 pub mod gpt2;
+pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 
@@ -214,6 +215,23 @@ impl Model {
         keep: bool,
     ) -> Result<(B::Buf, Saved<B>)> {
         dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep))
+    }
+
+    /// Block forward of new tokens against a KV cache (generation): their keys and values
+    /// join block `layer` of `cache`, and attention reads every cached position. The
+    /// caller advances the cache once all blocks are done.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_forward_cached<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        shape: &StepShape,
+        cache: &mut kv_cache::KvCache<B>,
+        layer: usize,
+    ) -> Result<B::Buf> {
+        dispatch!(self, m => m.block_forward_cached(be, w, lora, x, shape, cache, layer))
     }
 
     /// Block backward: from `dy` and the saved activations of the forward on `x`, returns

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::CpuFloat;
 use super::elementwise::{add_scaled, dot};
-use crate::backend::AttnDims;
+use crate::backend::{AttnDims, DecodeDims};
 
 /// Index helper for the row-major layouts above.
 #[derive(Clone, Copy)]
@@ -110,6 +110,57 @@ pub(crate) fn attention_forward<T: CpuFloat>(
                 *x = lse_bth[(b * l.t + t) * l.h + h];
             }
         });
+}
+
+/// Attention of new queries against a key/value cache (see [`DecodeDims`]): out
+/// `[B, Tq, H, D]` from q `[B, Tq, H, D]` and the caches `[B, cap, KVH, D]`. Query i of row
+/// b, at position `kv_len − Tq + i`, attends to keys `key_start[b] ..= kv_len − Tq + i`.
+/// One task per query token; the same arithmetic as [`attention_forward`].
+pub(crate) fn attention_decode<T: CpuFloat>(
+    out: &mut [T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: &DecodeDims,
+    key_start: Option<&[u32]>,
+) {
+    let (h_, kvh, d) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
+    let (tq, cap) = (dims.q_len, dims.cap);
+    let group = h_ / kvh.max(1);
+    let past = dims.kv_len - tq;
+    if out.is_empty() {
+        return;
+    }
+    let scale = T::from_f32(dims.scale);
+    let kv = |b: usize, s: usize, g: usize| ((b * cap + s) * kvh + g) * d;
+    out.par_chunks_mut(h_ * d).enumerate().for_each_init(
+        Vec::new,
+        |p: &mut Vec<T>, (bt, out_bt)| {
+            let (b, i) = (bt / tq, bt % tq);
+            let t = past + i;
+            let s0 = key_start.map_or(0, |ks| (ks[b] as usize).min(t));
+            for h in 0..h_ {
+                let g = h / group;
+                let qv = &q[(bt * h_ + h) * d..][..d];
+                p.clear();
+                p.extend((s0..=t).map(|s| scale * dot(qv, &k[kv(b, s, g)..][..d])));
+                let max = p.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                let mut sum = T::zero();
+                for x in p.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum = sum + *x;
+                }
+                let o = &mut out_bt[h * d..][..d];
+                o.fill(T::zero());
+                for (s, &ps) in (s0..).zip(p.iter()) {
+                    add_scaled(o, ps, &v[kv(b, s, g)..][..d]);
+                }
+                for x in o.iter_mut() {
+                    *x = *x / sum;
+                }
+            }
+        },
+    );
 }
 
 /// Gradients of [`attention_forward`]; dq `[B, T, H, D]`, dk, dv `[B, T, KVH, D]` are

@@ -8,7 +8,7 @@
 //! sequentially, so no result depends on the thread count or on scheduling.
 
 mod activation;
-mod attention;
+pub(crate) mod attention;
 mod check;
 mod elementwise;
 mod loss;
@@ -23,8 +23,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::{
-    Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, IGNORE_INDEX, LossSum,
-    SgdStep,
+    Accumulate, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Gemm, IGNORE_INDEX,
+    LossSum, SgdStep,
 };
 use crate::error::Result;
 use check::{
@@ -590,6 +590,31 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
                 &mut dq.0, &mut dk.0, &mut dv.0, &dout.0, &out.0, &lse.0, &q.0, &k.0, &v.0, &dims,
                 key_start,
             )
+        });
+        Ok(())
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut CpuBuf<T>,
+        q: &CpuBuf<T>,
+        k_cache: &CpuBuf<T>,
+        v_cache: &CpuBuf<T>,
+        dims: DecodeDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        dims.check(
+            "cpu",
+            [
+                ("out", out.len()),
+                ("q", q.len()),
+                ("k_cache", k_cache.len()),
+                ("v_cache", v_cache.len()),
+            ],
+            key_start,
+        )?;
+        self.install(|| {
+            attention::attention_decode(&mut out.0, &q.0, &k_cache.0, &v_cache.0, &dims, key_start)
         });
         Ok(())
     }

@@ -5,6 +5,7 @@
 mod activation;
 mod agreement;
 mod attention;
+mod decode;
 mod elementwise;
 mod errors;
 mod loss;

@@ -1,0 +1,174 @@
+//! `lema merge`: the merged model alone gives the logits of base + adapter, on the tiny
+//! fixtures (Llama with GQA, tied and untied; GPT-2 with Conv1D weights), in f32 (to
+//! ~1e-6: only summation order differs) and in bf16 (where each merged weight is rounded
+//! once to bf16, so we check the stored values exactly against W + scale·B·A rounded,
+//! and the logits to bf16's precision).
+
+mod common;
+use common::*;
+use lema::backend::DType;
+use lema::merge::{encode, merge_adapter};
+use lema::{Batch, Device, LemaConfig, LemaModel};
+use std::path::Path;
+
+fn logits(model: &Path, adapter: Option<&Path>, batch: &Batch) -> Vec<f64> {
+    let mut c = LemaConfig::new(model);
+    c.adapter_path = adapter.map(Path::to_path_buf);
+    c.device = Device::Cpu;
+    let mut m = LemaModel::new(c).expect("model");
+    f64s(&m.evaluate(batch, true).unwrap().2.unwrap())
+}
+
+fn random_batch(vocab: usize, seed: u64) -> Batch {
+    let mut r = lema::rng::Rng::new(seed);
+    let ids: Vec<u32> = (0..2 * 9).map(|_| r.below(vocab as u64) as u32).collect();
+    Batch::language_modeling(ids, 2, 9).unwrap()
+}
+
+fn vocab(case: &str) -> usize {
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap())
+            .unwrap();
+    c["vocab_size"].as_u64().unwrap() as usize
+}
+
+#[test]
+fn merged_f32_model_equals_base_plus_adapter() {
+    for case in ["llama_gqa", "llama_tied", "gpt2"] {
+        let dir = fixture(case);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged/model.safetensors");
+        let report = merge_adapter(&dir.join("model.safetensors"), &dir.join("adapter"), &out)
+            .expect("merge");
+        assert!(!report.merged.is_empty());
+        assert!(tmp.path().join("merged/config.json").is_file());
+        let batch = random_batch(vocab(case), 4);
+        let want = logits(
+            &dir.join("model.safetensors"),
+            Some(&dir.join("adapter")),
+            &batch,
+        );
+        let got = logits(&out, None, &batch);
+        assert_close(&format!("{case} merged vs base+adapter"), &got, &want, 1e-5);
+        // the adapter matters here, so the comparison above can fail
+        let base = logits(&dir.join("model.safetensors"), None, &batch);
+        assert!(
+            rel_err(&base, &want) > 1e-3,
+            "{case}: adapter has no effect"
+        );
+    }
+}
+
+/// A bf16 copy of a fixture model (config.json beside it).
+fn bf16_copy(case: &str, dir: &Path) -> std::path::PathBuf {
+    let src = fixture(case);
+    let t = read_tensors(&src.join("model.safetensors"));
+    let mut names: Vec<_> = t.keys().cloned().collect();
+    names.sort();
+    let tensors: Vec<lema::fsutil::TensorOut> = names
+        .iter()
+        .map(|n| {
+            let (shape, v) = &t[n];
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            lema::fsutil::TensorOut {
+                name: n.clone(),
+                dtype: DType::BF16,
+                shape: shape.clone(),
+                data: std::borrow::Cow::Owned(encode(&v, DType::BF16)),
+            }
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    lema::fsutil::write_safetensors(&path, &tensors, &Default::default()).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    path
+}
+
+#[test]
+fn merged_bf16_weights_are_the_rounded_sums() {
+    for case in ["llama_gqa", "gpt2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = bf16_copy(case, tmp.path());
+        let adapter = fixture(case).join("adapter");
+        let out = tmp.path().join("out/merged.safetensors");
+        let report = merge_adapter(&base, &adapter, &out).expect("merge");
+        let merged = lema::checkpoint::read_f32_tensors(&out).unwrap();
+        let before = lema::checkpoint::read_f32_tensors(&base).unwrap();
+        let ad =
+            lema::checkpoint::read_f32_tensors(&adapter.join("adapter_model.safetensors")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let scale = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+        assert_eq!(merged.len(), before.len());
+        for name in &report.merged {
+            let path = name.trim_end_matches(".weight");
+            let (sa, a) = &ad[&format!("base_model.model.{path}.lora_A.weight")];
+            let (sb, b) = &ad[&format!("base_model.model.{path}.lora_B.weight")];
+            let (r, fin, fout) = (sa[0], sa[1], sb[0]);
+            let (shape, w) = &before[name];
+            let mut want = Vec::with_capacity(w.len());
+            for (i, &x) in w.iter().enumerate() {
+                // Llama [out, in]; GPT-2 Conv1D [in, out]
+                let (o, j) = if case == "gpt2" {
+                    (i % fout, i / fout)
+                } else {
+                    (i / fin, i % fin)
+                };
+                let d: f64 = (0..r)
+                    .map(|k| b[o * r + k] as f64 * a[k * fin + j] as f64)
+                    .sum();
+                want.push(half::bf16::from_f64(x as f64 + scale * d).to_f32());
+            }
+            let (gshape, got) = &merged[name];
+            assert_eq!(gshape, shape);
+            // one bf16 ulp at most: our f32 sum may round to the other neighbour
+            for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                let ulp = (w.abs() * 2f32.powi(-7)).max(1e-30);
+                assert!((g - w).abs() <= ulp, "{case} {name}[{k}]: {g} vs {w}");
+            }
+        }
+        // tensors without an adapter are copied bit for bit
+        for (name, (_, v)) in &before {
+            if !report.merged.contains(name) {
+                assert_eq!(&merged[name].1, v, "{name}");
+            }
+        }
+        let batch = random_batch(vocab(case), 6);
+        let want = logits(&base, Some(&adapter), &batch);
+        let got = logits(&out, None, &batch);
+        assert_close(&format!("{case} bf16 merged"), &got, &want, 1e-2);
+    }
+}
+
+#[test]
+fn bad_merges_are_refused() {
+    let dir = fixture("llama_gqa");
+    let model = dir.join("model.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    // an adapter made for another model
+    let e = merge_adapter(
+        &model,
+        &fixture("gpt2").join("adapter"),
+        &tmp.path().join("m.safetensors"),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("missing from the adapter")
+            || e.to_string().contains("match no module"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("m.safetensors").exists());
+    let e = merge_adapter(&model, &dir.join("adapter"), &model).unwrap_err();
+    assert!(e.to_string().contains("base model itself"), "{e}");
+    let e = merge_adapter(&model, &dir.join("adapter"), &tmp.path().join("m.bin")).unwrap_err();
+    assert!(e.to_string().contains(".safetensors"), "{e}");
+    let e = merge_adapter(
+        &model,
+        &tmp.path().join("nope"),
+        &tmp.path().join("m.safetensors"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
