@@ -367,22 +367,7 @@ impl Gpt2 {
             Accumulate::Overwrite,
         )?;
         // att = attention(q, k, v)
-        let mut dq = be.zeros(n * c)?;
-        let mut dk = be.zeros(n * c)?;
-        let mut dv = be.zeros(n * c)?;
-        be.attention_backward(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &datt,
-            sv.get("att")?,
-            sv.get("lse")?,
-            sv.get("q")?,
-            sv.get("k")?,
-            sv.get("v")?,
-            self.attn_dims(s),
-            s.key_start(),
-        )?;
+        let (dq, dk, dv) = super::attention_backward_saved(be, sv, &datt, self.attn_dims(s), s)?;
         drop(datt);
         // q, k, v = column blocks of qkv
         let mut dqkv = be.zeros(n * 3 * c)?;

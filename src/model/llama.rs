@@ -286,7 +286,7 @@ impl Llama {
         dy: &B::Buf,
         s: &StepShape,
     ) -> Result<B::Buf> {
-        let (c, qd, kvd, i, _) = self.dims();
+        let (c, qd, _, i, _) = self.dims();
         let n = s.tokens();
         let inv_freq = self.cfg.rope_inv_freq();
         let (h_, kvh) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
@@ -350,22 +350,8 @@ impl Llama {
             Accumulate::Overwrite,
         )?;
         // att = attention(q, k, v)
-        let mut dq = be.zeros(n * qd)?;
-        let mut dk = be.zeros(n * kvd)?;
-        let mut dv = be.zeros(n * kvd)?;
-        be.attention_backward(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &datt,
-            sv.get("att")?,
-            sv.get("lse")?,
-            sv.get("q")?,
-            sv.get("k")?,
-            sv.get("v")?,
-            self.attn_dims(s),
-            s.key_start(),
-        )?;
+        let (mut dq, mut dk, dv) =
+            super::attention_backward_saved(be, sv, &datt, self.attn_dims(s), s)?;
         drop(datt);
         // q, k were rotated in place after their projections
         be.rope_backward(&mut dq, &s.positions, &inv_freq, h_)?;

@@ -304,3 +304,32 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
     }
     Ok(out)
 }
+
+/// Backward of the causal attention a block ran on its saved `q`, `k`, `v` (after RoPE),
+/// with saved output `att` and `lse`: returns (dq, dk, dv).
+pub(crate) fn attention_backward_saved<B: Backend>(
+    be: &B,
+    sv: &Saved<B>,
+    datt: &B::Buf,
+    dims: crate::backend::AttnDims,
+    s: &StepShape,
+) -> Result<(B::Buf, B::Buf, B::Buf)> {
+    let (q, k, v) = (sv.get("q")?, sv.get("k")?, sv.get("v")?);
+    let mut dq = be.zeros(q.len())?;
+    let mut dk = be.zeros(k.len())?;
+    let mut dv = be.zeros(v.len())?;
+    be.attention_backward(
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        datt,
+        sv.get("att")?,
+        sv.get("lse")?,
+        q,
+        k,
+        v,
+        dims,
+        s.key_start(),
+    )?;
+    Ok((dq, dk, dv))
+}
