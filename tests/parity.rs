@@ -142,3 +142,39 @@ fn resident_and_no_checkpointing_match_peft() {
     check_case("llama_gqa", Strategy::Resident, false);
     check_case("gpt2", Strategy::Resident, false);
 }
+
+/// Writes lema-trained adapters and their logits for `tools/fixtures/check_peft_loads_lema.py`,
+/// which loads them with `peft.PeftModel.from_pretrained` and compares (needs torch and
+/// peft, so it is not part of the default run):
+/// `LEMA_EXPORT_DIR=/tmp/x cargo test --release --test parity -- --ignored export`.
+#[test]
+#[ignore]
+fn export_adapters_for_peft() {
+    let out =
+        std::path::PathBuf::from(std::env::var("LEMA_EXPORT_DIR").expect("set LEMA_EXPORT_DIR"));
+    for case in ["llama_gqa", "llama_tied", "gpt2"] {
+        let reference = read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = batch_of(&reference);
+        let model = LemaModel::new(case_config(case)).unwrap();
+        let mut t = Trainer::new(model, OptimizerConfig::adamw(1e-2)).unwrap();
+        for _ in 0..3 {
+            t.train_step(&batch).unwrap();
+        }
+        let dir = out.join(case);
+        t.model.save_adapter(&dir.join("adapter")).unwrap();
+        let (_, _, logits) = t.model.evaluate(&batch, true).unwrap();
+        let logits = logits.unwrap();
+        let v = logits.len() / (batch.batch * batch.seq);
+        lema::fsutil::write_safetensors(
+            &dir.join("lema_logits.safetensors"),
+            &[lema::fsutil::TensorOut {
+                name: "logits".into(),
+                dtype: lema::backend::DType::F32,
+                shape: vec![batch.batch, batch.seq, v],
+                data: std::borrow::Cow::Owned(lema::fsutil::f32_bytes(&logits)),
+            }],
+            &Default::default(),
+        )
+        .unwrap();
+    }
+}
