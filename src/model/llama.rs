@@ -17,6 +17,8 @@ use crate::lora::BlockLora;
 #[derive(Clone, Debug)]
 pub struct Llama {
     pub cfg: ModelConfig,
+    /// RoPE inverse frequencies (`[D/2]`, scaling applied), computed once from `cfg`.
+    pub inv_freq: Vec<f32>,
 }
 
 const Q: &str = "self_attn.q_proj";
@@ -178,7 +180,7 @@ impl Llama {
         let (c, qd, _, i, _) = self.dims();
         let n = s.tokens();
         let eps = self.cfg.norm_eps;
-        let inv_freq = self.cfg.rope_inv_freq();
+        let inv_freq = &self.inv_freq;
         let (h_, kvh) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let mut sv = Saved::default();
 
@@ -202,8 +204,8 @@ impl Llama {
         let v = self
             .linear(w, V)?
             .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
-        be.rope_forward(&mut q, &s.positions, &inv_freq, h_)?;
-        be.rope_forward(&mut k, &s.positions, &inv_freq, kvh)?;
+        be.rope_forward(&mut q, &s.positions, inv_freq, h_)?;
+        be.rope_forward(&mut k, &s.positions, inv_freq, kvh)?;
         // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
         let (att, lse) = match cache {
             Some((cache, layer)) => (cache.attend(be, layer, &q, &k, &v, s.seq)?, None),
@@ -288,7 +290,7 @@ impl Llama {
     ) -> Result<B::Buf> {
         let (c, qd, _, i, _) = self.dims();
         let n = s.tokens();
-        let inv_freq = self.cfg.rope_inv_freq();
+        let inv_freq = &self.inv_freq;
         let (h_, kvh) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
 
         // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
@@ -354,8 +356,8 @@ impl Llama {
             super::attention_backward_saved(be, sv, &datt, self.attn_dims(s), s)?;
         drop(datt);
         // q, k were rotated in place after their projections
-        be.rope_backward(&mut dq, &s.positions, &inv_freq, h_)?;
-        be.rope_backward(&mut dk, &s.positions, &inv_freq, kvh)?;
+        be.rope_backward(&mut dq, &s.positions, inv_freq, h_)?;
+        be.rope_backward(&mut dk, &s.positions, inv_freq, kvh)?;
         let ln1 = sv.get("ln1")?;
         let mut dln1 = be.zeros(n * c)?;
         self.linear(w, Q)?

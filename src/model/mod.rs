@@ -167,7 +167,10 @@ impl Model {
     /// The architecture described by `cfg`.
     pub fn new(cfg: ModelConfig) -> Self {
         match cfg.arch {
-            Arch::Llama => Model::Llama(llama::Llama { cfg }),
+            Arch::Llama => Model::Llama(llama::Llama {
+                inv_freq: cfg.rope_inv_freq(),
+                cfg,
+            }),
             Arch::Gpt2 => Model::Gpt2(gpt2::Gpt2 { cfg }),
         }
     }
