@@ -143,15 +143,16 @@ fn resident_and_no_checkpointing_match_peft() {
     check_case("gpt2", Strategy::Resident, false);
 }
 
-/// Writes lema-trained adapters and their logits for `tools/fixtures/check_peft_loads_lema.py`,
-/// which loads them with `peft.PeftModel.from_pretrained` and compares (needs torch and
-/// peft, so it is not part of the default run):
-/// `LEMA_EXPORT_DIR=/tmp/x cargo test --release --test parity -- --ignored export`.
+/// Adapters trained and saved by lema load back with the same logits. With
+/// `LEMA_EXPORT_DIR` set, the adapters and logits are kept there for
+/// `tools/fixtures/check_peft_loads_lema.py`, which loads them with
+/// `peft.PeftModel.from_pretrained` and compares (needs torch and peft):
+/// `LEMA_EXPORT_DIR=/tmp/x cargo test --release --test parity -- export`.
 #[test]
-#[ignore]
 fn export_adapters_for_peft() {
-    let out =
-        std::path::PathBuf::from(std::env::var("LEMA_EXPORT_DIR").expect("set LEMA_EXPORT_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::env::var("LEMA_EXPORT_DIR")
+        .map_or_else(|_| tmp.path().to_path_buf(), std::path::PathBuf::from);
     for case in ["llama_gqa", "llama_tied", "gpt2"] {
         let reference = read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = batch_of(&reference);
@@ -164,6 +165,15 @@ fn export_adapters_for_peft() {
         t.model.save_adapter(&dir.join("adapter")).unwrap();
         let (_, _, logits) = t.model.evaluate(&batch, true).unwrap();
         let logits = logits.unwrap();
+        // the saved adapter, loaded into a fresh model, gives the same logits
+        let mut c = case_config(case);
+        c.adapter_path = Some(dir.join("adapter"));
+        let (_, _, reloaded) = LemaModel::new(c).unwrap().evaluate(&batch, true).unwrap();
+        assert_eq!(
+            reloaded.unwrap(),
+            logits,
+            "{case}: reloaded adapter gives other logits"
+        );
         let v = logits.len() / (batch.batch * batch.seq);
         lema::fsutil::write_safetensors(
             &dir.join("lema_logits.safetensors"),
