@@ -97,6 +97,10 @@ pub struct LemaConfig {
     /// cost of a device→host and a host→device copy per layer.
     #[serde(default)]
     pub offload_activations: bool,
+    /// CUDA: time every kernel, GEMM and compute-stream copy, for
+    /// [`LemaModel::profile_take`] (also on with `LEMA_CUDA_PROFILE=1`).
+    #[serde(default)]
+    pub profile: bool,
 }
 
 fn default_prefetch_depth() -> usize {
@@ -125,6 +129,7 @@ impl LemaConfig {
             max_vram: None,
             prefetch_depth: 2,
             offload_activations: false,
+            profile: false,
         }
     }
 
@@ -186,6 +191,7 @@ fn cuda_options(config: &LemaConfig) -> CudaOptions {
     if let Some(dt) = config.dtype {
         opts.weight_dtype = dt;
     }
+    opts.profile |= config.profile;
     opts
 }
 
@@ -355,6 +361,16 @@ impl LemaModel {
             AnyEngine::Cpu(_) => None,
             #[cfg(feature = "cuda")]
             AnyEngine::Cuda(e) => e.be.mem_info().map(|(free, total)| (total - free) as u64),
+        }
+    }
+
+    /// GPU time per kernel since the last call (waits for queued work), when the model
+    /// runs on CUDA with [`LemaConfig::profile`]; `None` otherwise.
+    pub fn profile_take(&self) -> Result<Option<Vec<crate::backend::ProfileLine>>> {
+        match &self.engine {
+            AnyEngine::Cpu(_) => Ok(None),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.be.profile_take(),
         }
     }
 

@@ -213,6 +213,9 @@ pub struct BenchOptions {
     pub compare_resident: bool,
     /// Keep saved activations in host memory between forward and backward.
     pub offload_activations: bool,
+    /// CUDA: time every kernel of the timed steps and report where the step's GPU time
+    /// goes (adds a little host time per launch).
+    pub profile: bool,
 }
 
 /// The benchmark's findings.
@@ -245,6 +248,9 @@ pub struct BenchReport {
     pub stream_note: Option<String>,
     pub model_file_bytes: u64,
     pub final_loss: f64,
+    /// With `profile`: GPU milliseconds per timed step by kernel, largest first, `idle`
+    /// being the compute stream waiting (for weights, offloaded activations or the host).
+    pub profile: Option<Vec<crate::backend::ProfileLine>>,
 }
 
 /// FLOPs of one training step with gradient checkpointing: forward twice and the input
@@ -309,6 +315,7 @@ struct Timing {
     loss: f64,
     device: String,
     note: Option<String>,
+    profile: Option<Vec<crate::backend::ProfileLine>>,
 }
 
 fn time_steps(
@@ -327,6 +334,7 @@ fn time_steps(
     cfg.prefetch_depth = opts.prefetch_depth;
     cfg.max_vram = max_vram;
     cfg.offload_activations = opts.offload_activations;
+    cfg.profile = opts.profile;
     let mut model = LemaModel::new(cfg)?;
     model.initialize_lora()?;
     let device = model.device_name();
@@ -344,13 +352,33 @@ fn time_steps(
     let (copied0, _) = trainer.model.stream_stats();
     let mut times = Vec::with_capacity(opts.steps);
     let mut peak_vram = trainer.model.device_memory_used();
+    trainer.model.profile_take()?; // drop the warm-up's regions
+    let mut profile: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     for _ in 0..opts.steps.max(1) {
         let t = Instant::now();
         last = trainer.train_step(&batch)?; // returns after the loss is on the host
         times.push(t.elapsed().as_secs_f64());
         peak_vram = peak_vram.max(trainer.model.device_memory_used());
+        for l in trainer.model.profile_take()?.unwrap_or_default() {
+            let e = profile.entry(l.label).or_default();
+            e.0 += l.calls;
+            e.1 += l.ms;
+        }
     }
     let (copied1, note) = trainer.model.stream_stats();
+    let steps = times.len() as f64;
+    let profile = (!profile.is_empty()).then(|| {
+        let mut lines: Vec<_> = profile
+            .into_iter()
+            .map(|(label, (calls, ms))| crate::backend::ProfileLine {
+                label,
+                calls: (calls as f64 / steps).round() as u64,
+                ms: ms / steps,
+            })
+            .collect();
+        lines.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        lines
+    });
     Ok(Timing {
         bytes_per_step: (copied1 - copied0) as f64 / times.len() as f64,
         times,
@@ -358,6 +386,7 @@ fn time_steps(
         loss: last.loss,
         device,
         note,
+        profile,
     })
 }
 
@@ -405,5 +434,6 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         stream_note: main.note,
         model_file_bytes,
         final_loss: main.loss,
+        profile: main.profile,
     })
 }

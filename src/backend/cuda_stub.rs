@@ -30,6 +30,7 @@ pub struct CudaOptions {
     pub kernel_cache: KernelCache,
     pub sync_each_launch: bool,
     pub exact_attention: bool,
+    pub profile: bool,
 }
 
 impl Default for CudaOptions {
@@ -41,9 +42,12 @@ impl Default for CudaOptions {
             kernel_cache: KernelCache::Default,
             sync_each_launch: false,
             exact_attention: false,
+            profile: false,
         }
     }
 }
+
+pub use crate::backend::ProfileLine;
 
 /// The CUDA backend, which cannot exist in this build (no value of this type is ever made).
 pub enum CudaBackend {}

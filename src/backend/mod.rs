@@ -97,6 +97,18 @@ impl std::str::FromStr for DType {
     }
 }
 
+/// GPU time spent in one kind of work over a profiled interval (see
+/// `CudaOptions::profile`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ProfileLine {
+    /// The kernel name, or `gemm half` / `gemm f32` (cuBLAS), `memset`, a copy, or `idle`
+    /// (the compute stream waiting between timed regions: for a weight copy, an offloaded
+    /// activation or the host).
+    pub label: String,
+    pub calls: u64,
+    pub ms: f64,
+}
+
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accumulate {

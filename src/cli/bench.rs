@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Keep each layer's saved input in host memory between forward and backward.
     #[arg(long)]
     offload_activations: bool,
+    /// CUDA: time every kernel of the timed steps and print where the GPU time goes.
+    #[arg(long)]
+    profile: bool,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -69,6 +72,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         max_vram: a.max_vram,
         compare_resident: a.compare_resident,
         offload_activations: a.offload_activations,
+        profile: a.profile,
     };
     let tmp;
     let dir = match &a.workdir {
@@ -116,6 +120,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if let Some(n) = &r.stream_note {
         eprintln!("  note: {n}");
+    }
+    if let Some(p) = &r.profile {
+        let total: f64 = p.iter().map(|l| l.ms).sum();
+        eprintln!("  GPU time per step by kernel ({total:.1} ms profiled, idle included):");
+        for l in p.iter().take(30) {
+            eprintln!(
+                "  {:>9.2} ms {:>5.1}% {:>7} calls  {}",
+                l.ms,
+                100.0 * l.ms / total.max(1e-9),
+                l.calls,
+                l.label
+            );
+        }
     }
     Ok(())
 }

@@ -310,10 +310,17 @@ pub(crate) struct Device {
     /// Synchronise after every launch, so that an asynchronous fault names its kernel
     /// (tests, `LEMA_CUDA_SYNC=1`); costs speed.
     pub sync_each_launch: bool,
+    /// Times every region of the compute stream when profiling is on.
+    pub profiler: Option<super::profile::Profiler>,
 }
 
 impl Device {
-    pub fn new(ordinal: usize, cache: KernelCache, sync_each_launch: bool) -> Result<Self> {
+    pub fn new(
+        ordinal: usize,
+        cache: KernelCache,
+        sync_each_launch: bool,
+        profile: bool,
+    ) -> Result<Self> {
         let op = "init";
         probe(ordinal).map_err(|m| err(op, m))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(op, e))?;
@@ -330,9 +337,11 @@ impl Device {
         // step, and the driver then reports the step's real peak. Out of memory trims the
         // pool before retrying (`alloc`).
         set_pool_release_threshold(&ctx, u64::MAX);
+        let profiler = profile.then(|| super::profile::Profiler::new(ctx.clone()));
         Ok(Device {
             ctx,
             stream,
+            profiler,
             arch: format!("sm_{major}{minor}"),
             name,
             cache,
@@ -340,6 +349,15 @@ impl Device {
             functions: Mutex::new(HashMap::new()),
             sync_each_launch,
         })
+    }
+
+    /// Run `f`, which enqueues work on the compute stream, timed under `label` when
+    /// profiling is on.
+    pub fn timed<T>(&self, label: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        match &self.profiler {
+            None => f(),
+            Some(p) => p.time(&self.stream, label, f),
+        }
     }
 
     /// Make this backend's context current on the calling thread.
@@ -505,17 +523,19 @@ impl Device {
         // SAFETY: the parameter list matches the kernel's signature in its .cu file (each
         // call site passes the arguments in the kernel's order, pointers to buffers whose
         // lengths the op checked); the slots outlive the call.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (gx as u32, gy as u32, gz as u32),
-                (l.block, 1, 1),
-                l.shared_bytes as u32,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| err(op, format!("launch of kernel '{kernel}' failed: {e:?}")))?;
+        self.timed(kernel, || {
+            unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f.cu_function(),
+                    (gx as u32, gy as u32, gz as u32),
+                    (l.block, 1, 1),
+                    l.shared_bytes as u32,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(|e| err(op, format!("launch of kernel '{kernel}' failed: {e:?}")))
+        })?;
         if self.sync_each_launch {
             self.stream
                 .synchronize()

@@ -222,48 +222,57 @@ impl CudaBackend {
         // (C) elements of their types (checked by the callers), alive for this call, which
         // only enqueues work on the compute stream that owns them; alpha and beta are host
         // f32 values, as CUBLAS_COMPUTE_32F expects.
-        let r = unsafe {
-            if half.is_none() {
-                cudarc::cublas::result::sgemm(
-                    handle,
-                    op_b,
-                    op_a,
-                    n,
-                    m,
-                    k,
-                    &alpha,
-                    b.ptr as *const f32,
-                    ldb,
-                    a.ptr as *const f32,
-                    lda,
-                    &beta,
-                    c as *mut f32,
-                    n,
-                )
-            } else {
-                cudarc::cublas::result::gemm_ex(
-                    handle,
-                    op_b,
-                    op_a,
-                    n,
-                    m,
-                    k,
-                    &alpha as *const f32 as *const _,
-                    b.ptr as *const _,
-                    cuda_type(b.dtype),
-                    ldb,
-                    a.ptr as *const _,
-                    cuda_type(a.dtype),
-                    lda,
-                    &beta as *const f32 as *const _,
-                    c as *mut _,
-                    cudaDataType::CUDA_R_32F,
-                    n,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
+        let label = match (half.is_some(), g.m.min(g.n).min(g.k)) {
+            (true, _) => "gemm half",
+            (false, t) if t > 64 => "gemm f32",
+            (false, _) if g.k <= 64 => "gemm f32 (thin k)",
+            (false, _) if g.n <= 64 => "gemm f32 (thin n)",
+            _ => "gemm f32 (thin m)",
         };
+        let r = self.dev.timed(label, || {
+            Ok(unsafe {
+                if half.is_none() {
+                    cudarc::cublas::result::sgemm(
+                        handle,
+                        op_b,
+                        op_a,
+                        n,
+                        m,
+                        k,
+                        &alpha,
+                        b.ptr as *const f32,
+                        ldb,
+                        a.ptr as *const f32,
+                        lda,
+                        &beta,
+                        c as *mut f32,
+                        n,
+                    )
+                } else {
+                    cudarc::cublas::result::gemm_ex(
+                        handle,
+                        op_b,
+                        op_a,
+                        n,
+                        m,
+                        k,
+                        &alpha as *const f32 as *const _,
+                        b.ptr as *const _,
+                        cuda_type(b.dtype),
+                        ldb,
+                        a.ptr as *const _,
+                        cuda_type(a.dtype),
+                        lda,
+                        &beta as *const f32 as *const _,
+                        c as *mut _,
+                        cudaDataType::CUDA_R_32F,
+                        n,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+            })
+        })?;
         r.map_err(|e| err(op, format!("{}: cuBLAS GEMM failed: {e:?}", shape())))?;
         drop(st);
         if self.dev.sync_each_launch {

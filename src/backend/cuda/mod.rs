@@ -24,9 +24,11 @@ mod loss;
 mod norm;
 mod offload;
 mod optim;
+mod profile;
 pub mod ring;
 mod rope;
 
+pub use crate::backend::ProfileLine;
 pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::{KernelCache, probe};
 
@@ -60,6 +62,10 @@ pub struct CudaOptions {
     /// on sm_80 and newer (default from the environment variable
     /// `LEMA_CUDA_EXACT_ATTENTION=1`).
     pub exact_attention: bool,
+    /// Time every kernel, GEMM and copy of the compute stream, for
+    /// [`CudaBackend::profile_take`] (default from the environment variable
+    /// `LEMA_CUDA_PROFILE=1`).
+    pub profile: bool,
 }
 
 impl Default for CudaOptions {
@@ -71,6 +77,7 @@ impl Default for CudaOptions {
             kernel_cache: KernelCache::Default,
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
             exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
+            profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -128,6 +135,7 @@ impl CudaBackend {
             opts.ordinal,
             opts.kernel_cache.clone(),
             opts.sync_each_launch,
+            opts.profile,
         )?;
         let gemm = gemm::GemmState::new(&dev)?;
         Ok(CudaBackend {
@@ -136,6 +144,12 @@ impl CudaBackend {
             opts,
             offload: offload::Offload::default(),
         })
+    }
+
+    /// GPU time per kernel (and `idle` time) since the last call, when the backend was
+    /// made with [`CudaOptions::profile`]; waits for the queued work. `None` otherwise.
+    pub fn profile_take(&self) -> Result<Option<Vec<ProfileLine>>> {
+        self.dev.profiler.as_ref().map(|p| p.take()).transpose()
     }
 
     /// The GPU's name as the driver reports it.
@@ -355,10 +369,12 @@ impl Backend for CudaBackend {
         let op = "zeros";
         self.dev.bind(op)?;
         let mut b = self.new_buf(op, n, DType::F32)?;
-        self.dev
-            .stream
-            .memset_zeros(&mut b.mem)
-            .map_err(|e| device::driver_err(op, e))?;
+        self.dev.timed("memset", || {
+            self.dev
+                .stream
+                .memset_zeros(&mut b.mem)
+                .map_err(|e| device::driver_err(op, e))
+        })?;
         Ok(b)
     }
 
@@ -436,10 +452,12 @@ impl Backend for CudaBackend {
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
         let op = "fill_zero";
         self.dev.bind(op)?;
-        self.dev
-            .stream
-            .memset_zeros(&mut buf.mem)
-            .map_err(|e| device::driver_err(op, e))
+        self.dev.timed("memset", || {
+            self.dev
+                .stream
+                .memset_zeros(&mut buf.mem)
+                .map_err(|e| device::driver_err(op, e))
+        })
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -119,14 +119,16 @@ impl CudaBackend {
         // SAFETY: `src` holds the parked bytes; the copy is on the compute stream, so any
         // later reuse of the pinned buffer (a park, ordered after a compute event) and any
         // reader of `buf` come after it.
-        let r = unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                buf.ptr(),
-                src as *const _,
-                bytes,
-                self.compute_stream().cu_stream(),
-            )
-        };
+        let r = self.dev.timed("copy h2d (unpark)", || {
+            Ok(unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    buf.ptr(),
+                    src as *const _,
+                    bytes,
+                    self.compute_stream().cu_stream(),
+                )
+            })
+        })?;
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(device::err(
                 op,
