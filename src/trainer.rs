@@ -215,6 +215,10 @@ impl<B: Backend> Engine<B> {
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
                 None => return Err(Error::config("internal: hidden state stack")),
             };
+            // the input of the next block down comes back while this one computes
+            if let Some(Checkpoint::Parked(p)) = hs.last_mut() {
+                be.prefetch(p)?;
+            }
             let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let sv = match saved.pop() {
                 Some(sv) => sv,

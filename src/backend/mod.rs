@@ -345,6 +345,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A new buffer of `n` elements whose contents are unspecified: every element must be
+    /// written before it is read.
+    fn uninit(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+    /// `x` rounded to the type in which GEMMs with the weight `w` read their activations,
+    /// when that is narrower than `x` (CUDA: f32 → bf16/f16 for a half weight), so that
+    /// several GEMMs can share one rounded copy; `None` when GEMMs read `x` as it is. A
+    /// GEMM given the copy computes exactly what it computes given `x`.
+    fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
+        Ok(None)
+    }
     /// A new buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A frozen weight from its stored little-endian bytes; the backend chooses its storage
@@ -361,6 +373,12 @@ pub trait Backend: Send + Sync + 'static {
     fn park(&self, buf: Self::Buf) -> Result<Self::Parked>;
     /// Bring a parked buffer back to the device, exactly as it was.
     fn unpark(&self, parked: Self::Parked) -> Result<Self::Buf>;
+    /// Start bringing a parked buffer back now, so that a later [`Backend::unpark`] finds
+    /// it on the device (CUDA: the copy runs on its own stream, overlapped with the work
+    /// queued before that unpark). Optional: unpark works without it.
+    fn prefetch(&self, _parked: &mut Self::Parked) -> Result<()> {
+        Ok(())
+    }
     /// A new buffer holding `data` at the backend's full precision, so that the f64
     /// reference backend can take finite-difference perturbations that f32 would round
     /// away. Backends that compute in f32 round to f32 (the default).

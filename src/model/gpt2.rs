@@ -227,9 +227,13 @@ impl Gpt2 {
         // ln1[N, C] = layer_norm(x)
         let ln1 = self.layer_norm(be, w, "ln_1", x, n, &mut sv, keep)?;
         // qkv[N, 3C] = ln1 · W_attn + b; q, k, v = its three column blocks
-        let qkv = self
-            .linear(w, ATTN)?
-            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+        let qkv = self.linear(w, ATTN)?.forward(
+            be,
+            &self.linear(w, ATTN)?.input(&ln1),
+            n,
+            lora,
+            keep_in(keep, &mut sv),
+        )?;
         let mut parts = Vec::with_capacity(3);
         for j in 0..3 {
             let mut p = be.zeros(n * c)?;
@@ -257,21 +261,33 @@ impl Gpt2 {
             }
         };
         // h = x + att · W_proj + b
-        let mut h = self
-            .linear(w, APROJ)?
-            .forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
+        let mut h = self.linear(w, APROJ)?.forward(
+            be,
+            &self.linear(w, APROJ)?.input(&att),
+            n,
+            lora,
+            keep_in(keep, &mut sv),
+        )?;
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // f[N, I] = layer_norm(h) · W_fc + b; a = gelu(f)
         let ln2 = self.layer_norm(be, w, "ln_2", &h, n, &mut sv, keep)?;
-        let f = self
-            .linear(w, FC)?
-            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+        let f = self.linear(w, FC)?.forward(
+            be,
+            &self.linear(w, FC)?.input(&ln2),
+            n,
+            lora,
+            keep_in(keep, &mut sv),
+        )?;
         let mut a = be.zeros(n * i)?;
         be.gelu_forward(&mut a, &f)?;
         // y = h + a · W_mproj + b
-        let mut y = self
-            .linear(w, MPROJ)?
-            .forward(be, &a, n, lora, keep_in(keep, &mut sv))?;
+        let mut y = self.linear(w, MPROJ)?.forward(
+            be,
+            &self.linear(w, MPROJ)?.input(&a),
+            n,
+            lora,
+            keep_in(keep, &mut sv),
+        )?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
         if keep {
             let lse = lse.ok_or_else(|| {
@@ -317,7 +333,7 @@ impl Gpt2 {
             be,
             &mut da,
             dy,
-            sv.get("a")?,
+            &self.linear(w, MPROJ)?.input(sv.get("a")?),
             n,
             lora,
             sv,
@@ -333,7 +349,7 @@ impl Gpt2 {
             be,
             &mut dln2,
             &df,
-            sv.get("ln2")?,
+            &self.linear(w, FC)?.input(sv.get("ln2")?),
             n,
             lora,
             sv,
@@ -360,7 +376,7 @@ impl Gpt2 {
             be,
             &mut datt,
             &dh,
-            sv.get("att")?,
+            &self.linear(w, APROJ)?.input(sv.get("att")?),
             n,
             lora,
             sv,
@@ -381,7 +397,7 @@ impl Gpt2 {
             be,
             &mut dln1,
             &dqkv,
-            sv.get("ln1")?,
+            &self.linear(w, ATTN)?.input(sv.get("ln1")?),
             n,
             lora,
             sv,

@@ -46,149 +46,189 @@ fn gemm(
     }
 }
 
-impl<B: Backend> Linear<'_, B> {
+/// The input of one or more linears that read the same activation: the f32 values and,
+/// when the backend's GEMMs read activations rounded to the weights' half type, that
+/// rounded copy, made on first use and shared (q, k and v read one input; so do gate and
+/// up).
+pub struct LinearInput<'x, B: Backend> {
+    pub x: &'x B::Buf,
+    /// A weight of the linears that read this input (its type decides the rounding).
+    w: &'x B::Buf,
+    half: std::cell::OnceCell<Option<B::Buf>>,
+}
+
+impl<'x, B: Backend> LinearInput<'x, B> {
+    /// The input `x` of linears whose weight is (of the type of) `w`.
+    pub fn new(x: &'x B::Buf, w: &'x B::Buf) -> Self {
+        LinearInput {
+            x,
+            w,
+            half: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// What the GEMMs read: the rounded copy if the backend makes one, else the f32 values.
+    fn gemm(&self, be: &B) -> Result<&B::Buf> {
+        if self.half.get().is_none() {
+            let h = be.gemm_input(self.x, self.w)?;
+            let _ = self.half.set(h);
+        }
+        Ok(self.half.get().and_then(Option::as_ref).unwrap_or(self.x))
+    }
+}
+
+impl<'a, B: Backend> Linear<'a, B> {
+    /// The input `x` of this linear, to share with linears that read the same input
+    /// (see [`LinearInput`]).
+    pub fn input<'x>(&self, x: &'x B::Buf) -> LinearInput<'x, B>
+    where
+        'a: 'x,
+    {
+        LinearInput::new(x, self.w)
+    }
+
     /// y `[N, out]` = x `[N, in]`·Wᵀ + bias + LoRA. When `saved` is given, keeps the LoRA
     /// intermediate `t = drop(x)·Aᵀ` `[N, R]` for the backward.
+    ///
+    /// Order: the LoRA term is written first and the frozen GEMM adds into it (its
+    /// epilogue reads the output once), which saves a pass over `y`. Without dropout the
+    /// LoRA GEMMs read the same (possibly half-precision) copy of x as the frozen GEMM,
+    /// as autocast does; they accumulate and write in f32.
     pub fn forward(
         &self,
         be: &B,
-        x: &B::Buf,
+        x: &LinearInput<B>,
         n: usize,
         lora: &BlockLora<B>,
         saved: Option<&mut Saved<B>>,
     ) -> Result<B::Buf> {
         let (fi, fo) = (self.in_features, self.out_features);
-        let mut y = be.zeros(n * fo)?;
-        // y[N, out] = x[N, in] · op(W), W [out, in] (transposed) or [in, out]
-        be.matmul(
-            &mut y,
-            x,
-            self.w,
-            gemm(
-                n,
-                fo,
-                fi,
-                false,
-                self.layout == Layout::OutIn,
-                1.0,
-                Accumulate::Overwrite,
-            ),
-        )?;
-        if let Some(b) = self.bias {
-            be.add_bias(&mut y, b)?;
-        }
+        let mut y = be.uninit(n * fo)?;
+        let mut acc = Accumulate::Overwrite;
         if let Some((idx, m)) = lora.find(self.name) {
             let r = lora.r;
             let dropped;
             let xd = if lora.dropout > 0.0 {
-                let mut d = be.zeros(n * fi)?;
-                be.dropout_forward(&mut d, x, lora.dropout, lora.module_seed(idx))?;
+                let mut d = be.uninit(n * fi)?;
+                be.dropout_forward(&mut d, x.x, lora.dropout, lora.module_seed(idx))?;
                 dropped = d;
                 &dropped
             } else {
-                x
+                x.gemm(be)?
             };
             // t[N, R] = xd[N, in] · Aᵀ, A [R, in]
-            let mut t = be.zeros(n * r)?;
+            let mut t = be.uninit(n * r)?;
             be.matmul(
                 &mut t,
                 xd,
                 &m.a,
                 gemm(n, r, fi, false, true, 1.0, Accumulate::Overwrite),
             )?;
-            // y[N, out] += scale · t · Bᵀ, B [out, R]
+            // y[N, out] = scale · t · Bᵀ, B [out, R]
             be.matmul(
                 &mut y,
                 &t,
                 &m.b,
-                gemm(n, fo, r, false, true, lora.scale, Accumulate::Add),
+                gemm(n, fo, r, false, true, lora.scale, Accumulate::Overwrite),
             )?;
+            acc = Accumulate::Add;
             if let Some(s) = saved {
                 s.put(format!("{}.lora_t", self.name), t);
             }
+        }
+        // y[N, out] (+)= x[N, in] · op(W), W [out, in] (transposed) or [in, out]
+        be.matmul(
+            &mut y,
+            x.gemm(be)?,
+            self.w,
+            gemm(n, fo, fi, false, self.layout == Layout::OutIn, 1.0, acc),
+        )?;
+        if let Some(b) = self.bias {
+            be.add_bias(&mut y, b)?;
         }
         Ok(y)
     }
 
     /// Backward of [`Linear::forward`]: `dx (=|+=) dy·W` plus the LoRA branch's input
     /// gradient; adds dA and dB into the adapter's gradients. The weight and bias are
-    /// frozen and get none.
+    /// frozen and get none. The LoRA GEMMs read the GEMM copy of dy (and of x) as the
+    /// forward's did; the frozen GEMM adds into the LoRA branch's dx.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &B,
         dx: &mut B::Buf,
         dy: &B::Buf,
-        x: &B::Buf,
+        x: &LinearInput<B>,
         n: usize,
         lora: &mut BlockLora<B>,
         saved: &Saved<B>,
         acc: Accumulate,
     ) -> Result<()> {
         let (fi, fo) = (self.in_features, self.out_features);
-        // forward: y = x · op(W)  ⇒  dx = dy · op(W)ᵀ; W [out, in] is used as stored.
-        be.matmul(
-            dx,
-            dy,
-            self.w,
-            gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc),
-        )?;
+        let dy = LinearInput::new(dy, self.w);
+        let mut acc = acc;
         let (r, scale, p) = (lora.r, lora.scale, lora.dropout);
         let seed = lora.find(self.name).map(|(idx, _)| lora.module_seed(idx));
-        let Some((_, m)) = lora.find_mut(self.name) else {
-            return Ok(());
-        };
-        let t = saved.get(&format!("{}.lora_t", self.name))?;
-        // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
-        be.matmul(
-            &mut m.db,
-            dy,
-            t,
-            gemm(fo, r, n, true, false, scale, Accumulate::Add),
-        )?;
-        //                              dt[N, R] = scale · dy · B
-        let mut dt = be.zeros(n * r)?;
-        be.matmul(
-            &mut dt,
-            dy,
-            &m.b,
-            gemm(n, r, fo, false, false, scale, Accumulate::Overwrite),
-        )?;
-        // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
-        if p > 0.0 {
-            let seed = seed.unwrap_or_default();
-            let mut xd = be.zeros(n * fi)?;
-            be.dropout_forward(&mut xd, x, p, seed)?;
+        if let Some((_, m)) = lora.find_mut(self.name) {
+            let t = saved.get(&format!("{}.lora_t", self.name))?;
+            // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
             be.matmul(
-                &mut m.da,
-                &dt,
-                &xd,
-                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+                &mut m.db,
+                dy.gemm(be)?,
+                t,
+                gemm(fo, r, n, true, false, scale, Accumulate::Add),
             )?;
-            let mut dxd = be.zeros(n * fi)?;
+            //                              dt[N, R] = scale · dy · B
+            let mut dt = be.uninit(n * r)?;
             be.matmul(
-                &mut dxd,
-                &dt,
-                &m.a,
-                gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
+                &mut dt,
+                dy.gemm(be)?,
+                &m.b,
+                gemm(n, r, fo, false, false, scale, Accumulate::Overwrite),
             )?;
-            // forward: xd = dropout(x)  ⇒  dx += dropout_backward(dxd)
-            be.dropout_backward(&mut xd, &dxd, p, seed)?;
-            be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
-        } else {
-            be.matmul(
-                &mut m.da,
-                &dt,
-                x,
-                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
-            )?;
-            be.matmul(
-                dx,
-                &dt,
-                &m.a,
-                gemm(n, fi, r, false, false, 1.0, Accumulate::Add),
-            )?;
+            // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
+            if p > 0.0 {
+                let seed = seed.unwrap_or_default();
+                let mut xd = be.uninit(n * fi)?;
+                be.dropout_forward(&mut xd, x.x, p, seed)?;
+                be.matmul(
+                    &mut m.da,
+                    &dt,
+                    &xd,
+                    gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+                )?;
+                let mut dxd = be.uninit(n * fi)?;
+                be.matmul(
+                    &mut dxd,
+                    &dt,
+                    &m.a,
+                    gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
+                )?;
+                // forward: xd = dropout(x)  ⇒  dx (+)= dropout_backward(dxd)
+                if acc == Accumulate::Overwrite {
+                    be.dropout_backward(dx, &dxd, p, seed)?;
+                } else {
+                    be.dropout_backward(&mut xd, &dxd, p, seed)?;
+                    be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
+                }
+            } else {
+                be.matmul(
+                    &mut m.da,
+                    &dt,
+                    x.gemm(be)?,
+                    gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+                )?;
+                be.matmul(dx, &dt, &m.a, gemm(n, fi, r, false, false, 1.0, acc))?;
+            }
+            acc = Accumulate::Add;
         }
-        Ok(())
+        // forward: y = x · op(W)  ⇒  dx (+)= dy · op(W)ᵀ; W [out, in] is used as stored.
+        be.matmul(
+            dx,
+            dy.gemm(be)?,
+            self.w,
+            gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc),
+        )
     }
 }

@@ -195,15 +195,16 @@ impl Llama {
             eps,
         )?;
         // q[N, H·D], k, v[N, KVH·D]; RoPE on q and k
+        let in1 = self.linear(w, Q)?.input(&ln1);
         let mut q = self
             .linear(w, Q)?
-            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+            .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
         let mut k = self
             .linear(w, K)?
-            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+            .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
         let v = self
             .linear(w, V)?
-            .forward(be, &ln1, n, lora, keep_in(keep, &mut sv))?;
+            .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
         be.rope_forward(&mut q, &s.positions, inv_freq, h_)?;
         be.rope_forward(&mut k, &s.positions, inv_freq, kvh)?;
         // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
@@ -225,9 +226,8 @@ impl Llama {
             }
         };
         // h[N, C] = x + att · Woᵀ
-        let mut h = self
-            .linear(w, O)?
-            .forward(be, &att, n, lora, keep_in(keep, &mut sv))?;
+        let wo = self.linear(w, O)?;
+        let mut h = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // ln2 = rms_norm(h) · post_attention_layernorm
         let mut ln2 = be.zeros(n * c)?;
@@ -240,19 +240,20 @@ impl Llama {
             eps,
         )?;
         // act[N, I] = silu(ln2·Wgᵀ) · (ln2·Wuᵀ)
+        let in2 = self.linear(w, GATE)?.input(&ln2);
         let g = self
             .linear(w, GATE)?
-            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+            .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
         let u = self
             .linear(w, UP)?
-            .forward(be, &ln2, n, lora, keep_in(keep, &mut sv))?;
+            .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
         let mut act = be.zeros(n * i)?;
         be.swiglu_forward(&mut act, &g, &u)?;
         // y[N, C] = h + act · Wdᵀ
-        let mut y = self
-            .linear(w, DOWN)?
-            .forward(be, &act, n, lora, keep_in(keep, &mut sv))?;
+        let wd = self.linear(w, DOWN)?;
+        let mut y = wd.forward(be, &wd.input(&act), n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
+        drop((in1, in2));
         if keep {
             let lse =
                 lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?;
@@ -295,11 +296,12 @@ impl Llama {
 
         // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
         let mut dact = be.zeros(n * i)?;
-        self.linear(w, DOWN)?.backward(
+        let wd = self.linear(w, DOWN)?;
+        wd.backward(
             be,
             &mut dact,
             dy,
-            sv.get("act")?,
+            &wd.input(sv.get("act")?),
             n,
             lora,
             sv,
@@ -311,21 +313,21 @@ impl Llama {
         be.swiglu_backward(&mut dg, &mut du, &dact, sv.get("g")?, sv.get("u")?)?;
         drop(dact);
         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
-        let ln2 = sv.get("ln2")?;
+        let in2 = self.linear(w, GATE)?.input(sv.get("ln2")?);
         let mut dln2 = be.zeros(n * c)?;
         self.linear(w, GATE)?.backward(
             be,
             &mut dln2,
             &dg,
-            ln2,
+            &in2,
             n,
             lora,
             sv,
             Accumulate::Overwrite,
         )?;
         self.linear(w, UP)?
-            .backward(be, &mut dln2, &du, ln2, n, lora, sv, Accumulate::Add)?;
-        drop((dg, du));
+            .backward(be, &mut dln2, &du, &in2, n, lora, sv, Accumulate::Add)?;
+        drop((dg, du, in2));
         // ln2 = rms_norm(h)  ⇒  dh = dy + rms_norm_backward(dln2)
         let mut dh = be.zeros(n * c)?;
         be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
@@ -341,11 +343,12 @@ impl Llama {
         drop(dln2);
         // h = x + att·Woᵀ  ⇒  datt = dh·Wo
         let mut datt = be.zeros(n * qd)?;
-        self.linear(w, O)?.backward(
+        let wo = self.linear(w, O)?;
+        wo.backward(
             be,
             &mut datt,
             &dh,
-            sv.get("att")?,
+            &wo.input(sv.get("att")?),
             n,
             lora,
             sv,
@@ -358,14 +361,22 @@ impl Llama {
         // q, k were rotated in place after their projections
         be.rope_backward(&mut dq, &s.positions, inv_freq, h_)?;
         be.rope_backward(&mut dk, &s.positions, inv_freq, kvh)?;
-        let ln1 = sv.get("ln1")?;
+        let in1 = self.linear(w, Q)?.input(sv.get("ln1")?);
         let mut dln1 = be.zeros(n * c)?;
-        self.linear(w, Q)?
-            .backward(be, &mut dln1, &dq, ln1, n, lora, sv, Accumulate::Overwrite)?;
+        self.linear(w, Q)?.backward(
+            be,
+            &mut dln1,
+            &dq,
+            &in1,
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
         self.linear(w, K)?
-            .backward(be, &mut dln1, &dk, ln1, n, lora, sv, Accumulate::Add)?;
+            .backward(be, &mut dln1, &dk, &in1, n, lora, sv, Accumulate::Add)?;
         self.linear(w, V)?
-            .backward(be, &mut dln1, &dv, ln1, n, lora, sv, Accumulate::Add)?;
+            .backward(be, &mut dln1, &dv, &in1, n, lora, sv, Accumulate::Add)?;
         // ln1 = rms_norm(x)  ⇒  dx = dh + rms_norm_backward(dln1)
         be.rms_norm_backward(
             &mut dh,

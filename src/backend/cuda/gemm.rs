@@ -83,6 +83,41 @@ impl CudaBackend {
         self.gemm_raw(op, c.ptr(), oa, ob, g)
     }
 
+    /// [`crate::backend::Backend::gemm_input`]: an f32 activation cast to the half type of
+    /// `w` (the cast a GEMM would do on its scratch), or `None`.
+    pub(super) fn gemm_input_impl(&self, x: &CudaBuf, w: &CudaBuf) -> Result<Option<CudaBuf>> {
+        let op = "gemm_input";
+        if x.dtype != DType::F32 || w.dtype == DType::F32 {
+            return Ok(None);
+        }
+        let out = self.new_buf(op, x.len, w.dtype)?;
+        self.cast_to_half(op, out.ptr(), x.ptr(), x.len, w.dtype)?;
+        Ok(Some(out))
+    }
+
+    /// `dst[i] = half(src[i])` for `count` f32 values, round to nearest even.
+    fn cast_to_half(
+        &self,
+        op: &'static str,
+        dst: u64,
+        src: u64,
+        count: usize,
+        h: DType,
+    ) -> Result<()> {
+        self.dev.launch(
+            op,
+            elementwise::MODULE,
+            "cast_f32_to_half",
+            Launch::cover(count, 256, 4096),
+            &[
+                Arg::Ptr(dst),
+                Arg::Ptr(src),
+                Arg::I64(count as i64),
+                Arg::I32((h == DType::BF16) as i32),
+            ],
+        )
+    }
+
     /// `C[m×n] (=|+=) alpha · op(A) · op(B)`, all row-major, C f32.
     ///
     /// Row-major ↔ column-major: cuBLAS is column-major, and a row-major `[r, c]` matrix is
@@ -196,18 +231,7 @@ impl CudaBackend {
                         }
                         let scratch = st.scratch.as_ref().map(Device::ptr).unwrap_or(0);
                         let src = if side == 0 { a.ptr } else { b.ptr };
-                        self.dev.launch(
-                            op,
-                            elementwise::MODULE,
-                            "cast_f32_to_half",
-                            Launch::cover(count, 256, 4096),
-                            &[
-                                Arg::Ptr(scratch),
-                                Arg::Ptr(src),
-                                Arg::I64(count as i64),
-                                Arg::I32((h == DType::BF16) as i32),
-                            ],
-                        )?;
+                        self.cast_to_half(op, scratch, src, count, h)?;
                         let cast = Operand {
                             ptr: scratch,
                             dtype: h,

@@ -361,6 +361,10 @@ impl Backend for CudaBackend {
         self.unpark_buf(parked)
     }
 
+    fn prefetch(&self, parked: &mut offload::Parked) -> Result<()> {
+        self.prefetch_buf(parked)
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -376,6 +380,10 @@ impl Backend for CudaBackend {
                 .map_err(|e| device::driver_err(op, e))
         })?;
         Ok(b)
+    }
+
+    fn gemm_input(&self, x: &CudaBuf, w: &CudaBuf) -> Result<Option<CudaBuf>> {
+        self.gemm_input_impl(x, w)
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {

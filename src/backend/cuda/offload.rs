@@ -19,13 +19,30 @@ pub struct Offload {
     pending: Mutex<Vec<(CudaBuf, CudaEvent)>>,
 }
 
-/// A hidden state in pinned host memory.
+/// A hidden state in pinned host memory, and once prefetched, its device copy on the way.
 pub struct Parked {
-    host: PinnedHostSlice<u8>,
+    /// `None` only after [`CudaBackend::unpark_buf`] returned it to the pool.
+    host: Option<PinnedHostSlice<u8>>,
     len: usize,
     dtype: DType,
     /// Completes when the device → host copy has landed.
     done: CudaEvent,
+    /// The device buffer of a prefetch and the event that completes its copy.
+    device: Option<(CudaBuf, CudaEvent)>,
+}
+
+impl Drop for Parked {
+    /// Dropped without an unpark (a failed step): let the copies in flight land before
+    /// their memory is freed.
+    fn drop(&mut self) {
+        if let Some((buf, ready)) = self.device.take() {
+            let _ = ready.synchronize();
+            drop(buf);
+        }
+        if self.host.is_some() {
+            let _ = self.done.synchronize();
+        }
+    }
 }
 
 // SAFETY: the pinned buffer is plain host memory owned by this value; the event handle
@@ -101,45 +118,71 @@ impl CudaBackend {
             .unwrap_or_else(|e| e.into_inner())
             .push((buf, keep));
         Ok(Parked {
-            host,
+            host: Some(host),
             len,
             dtype,
             done,
+            device: None,
         })
     }
 
-    pub(super) fn unpark_buf(&self, p: Parked) -> Result<CudaBuf> {
+    /// Start the host → device copy of `p` on the offload stream, into a buffer allocated
+    /// at the current point of the compute stream (the copy waits for that point, so
+    /// memory the pool hands back is no longer in use).
+    pub(super) fn prefetch_buf(&self, p: &mut Parked) -> Result<()> {
         let op = "unpark";
+        if p.device.is_some() {
+            return Ok(());
+        }
         self.release_pending()?;
+        let stream = self.offload_stream()?;
         self.dev.bind(op)?;
-        self.compute_wait(&p.done)?;
         let buf = self.alloc_weight(p.len, p.dtype)?;
+        let allocated = self.record_compute_event()?;
+        stream
+            .wait(&allocated)
+            .map_err(|e| device::driver_err(op, e))?;
         let bytes = buf.bytes();
-        let src = p.host.as_ptr().map_err(|e| device::driver_err(op, e))?;
-        // SAFETY: `src` holds the parked bytes; the copy is on the compute stream, so any
-        // later reuse of the pinned buffer (a park, ordered after a compute event) and any
-        // reader of `buf` come after it.
-        let r = self.dev.timed("copy h2d (unpark)", || {
-            Ok(unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    buf.ptr(),
-                    src as *const _,
-                    bytes,
-                    self.compute_stream().cu_stream(),
-                )
-            })
-        })?;
+        let host = p
+            .host
+            .as_ref()
+            .ok_or_else(|| device::err(op, "internal: parked buffer already returned"))?;
+        let src = host.as_ptr().map_err(|e| device::driver_err(op, e))?;
+        // SAFETY: `src` holds the parked bytes (its device → host copy was queued earlier
+        // on this same stream); `buf` has `bytes` bytes and is kept, with the event that
+        // completes the copy, in `p` until the compute stream has waited for it.
+        let r = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(buf.ptr(), src as *const _, bytes, stream.cu_stream())
+        };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(device::err(
                 op,
                 format!("host → device copy of {bytes} bytes failed: {r:?}"),
             ));
         }
-        self.offload
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(p.host);
+        let ready = stream
+            .record_event(None)
+            .map_err(|e| device::driver_err(op, e))?;
+        p.device = Some((buf, ready));
+        Ok(())
+    }
+
+    pub(super) fn unpark_buf(&self, mut p: Parked) -> Result<CudaBuf> {
+        self.prefetch_buf(&mut p)?;
+        let (buf, ready) = p
+            .device
+            .take()
+            .ok_or_else(|| device::err("unpark", "internal: no prefetched buffer"))?;
+        self.compute_wait(&ready)?;
+        // later users of the pinned buffer are parks, whose copies queue on the same
+        // stream behind this one
+        if let Some(host) = p.host.take() {
+            self.offload
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(host);
+        }
         Ok(buf)
     }
 }
