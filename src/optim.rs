@@ -210,11 +210,12 @@ pub fn clip_grad_norm<B: Backend>(
     params: &mut LoraParams<B>,
     max_norm: Option<f32>,
 ) -> Result<f64> {
-    let mut sq = 0.0f64;
-    for (_, _, g) in params.named_params_mut() {
-        sq += be.sum_squares(g)?;
-    }
-    let norm = sq.sqrt();
+    let grads: Vec<&B::Buf> = params
+        .named_params()
+        .into_iter()
+        .map(|(_, _, _, g)| g)
+        .collect();
+    let norm = be.sum_squares_all(&grads)?.sqrt();
     if let Some(max) = max_norm {
         let coef = max as f64 / (norm + 1e-6);
         if coef < 1.0 {

@@ -220,14 +220,14 @@ impl<B: Backend> Engine<B> {
                 be.prefetch(p)?;
             }
             let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
-            let sv = match saved.pop() {
+            let mut sv = match saved.pop() {
                 Some(sv) => sv,
                 // gradient checkpointing: re-run this block's forward from its input
                 None => self.model.block_forward(be, &w, &bl, &x, &shape, true)?.1,
             };
             dh = self
                 .model
-                .block_backward(be, &w, &mut bl, &x, &sv, &dh, &shape)?;
+                .block_backward(be, &w, &mut bl, &x, &mut sv, &dh, &shape)?;
         }
         Ok((loss, logits))
     }

@@ -416,6 +416,12 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
     /// Sum of squares of all elements, accumulated in f64 (for gradient clipping).
     fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+    /// The sum over `xs` of [`Backend::sum_squares`], added in order (a backend may read
+    /// all of them back at once).
+    fn sum_squares_all(&self, xs: &[&Self::Buf]) -> Result<f64> {
+        xs.iter()
+            .try_fold(0.0, |acc, x| Ok(acc + self.sum_squares(x)?))
+    }
 
     // ---- embedding -------------------------------------------------------------------
 

@@ -321,7 +321,7 @@ impl Gpt2 {
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        sv: &Saved<B>,
+        sv: &mut Saved<B>,
         dy: &B::Buf,
         s: &StepShape,
     ) -> Result<B::Buf> {
@@ -339,10 +339,12 @@ impl Gpt2 {
             sv,
             Accumulate::Overwrite,
         )?;
+        sv.release(&["a"]);
         // a = gelu(f)
         let mut df = be.zeros(n * i)?;
         be.gelu_backward(&mut df, &da, sv.get("f")?)?;
         drop(da);
+        sv.release(&["f"]);
         // f = ln2·W_fc
         let mut dln2 = be.zeros(n * c)?;
         self.linear(w, FC)?.backward(

@@ -285,7 +285,7 @@ impl Llama {
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        sv: &Saved<B>,
+        sv: &mut Saved<B>,
         dy: &B::Buf,
         s: &StepShape,
     ) -> Result<B::Buf> {
@@ -307,11 +307,13 @@ impl Llama {
             sv,
             Accumulate::Overwrite,
         )?;
+        sv.release(&["act"]);
         // act = silu(g)·u
         let mut dg = be.zeros(n * i)?;
         let mut du = be.zeros(n * i)?;
         be.swiglu_backward(&mut dg, &mut du, &dact, sv.get("g")?, sv.get("u")?)?;
         drop(dact);
+        sv.release(&["g", "u"]);
         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
         let in2 = self.linear(w, GATE)?.input(sv.get("ln2")?);
         let mut dln2 = be.zeros(n * c)?;

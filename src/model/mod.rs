@@ -63,6 +63,12 @@ impl<B: Backend> Saved<B> {
             .get(name)
             .ok_or_else(|| Error::config(format!("internal: activation '{name}' was not saved")))
     }
+    /// Free saved buffers the rest of the backward no longer reads (lower peak memory).
+    pub fn release(&mut self, names: &[&str]) {
+        for n in names {
+            self.bufs.remove(*n);
+        }
+    }
     /// Elements held, for memory accounting.
     pub fn numel(&self) -> usize {
         self.bufs.values().map(|b| b.len()).sum()
@@ -246,7 +252,7 @@ impl Model {
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        saved: &Saved<B>,
+        saved: &mut Saved<B>,
         dy: &B::Buf,
         shape: &StepShape,
     ) -> Result<B::Buf> {
@@ -312,7 +318,7 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
 /// with saved output `att` and `lse`: returns (dq, dk, dv).
 pub(crate) fn attention_backward_saved<B: Backend>(
     be: &B,
-    sv: &Saved<B>,
+    sv: &mut Saved<B>,
     datt: &B::Buf,
     dims: crate::backend::AttnDims,
     s: &StepShape,
@@ -334,5 +340,7 @@ pub(crate) fn attention_backward_saved<B: Backend>(
         dims,
         s.key_start(),
     )?;
+    // nothing after the attention backward reads these
+    sv.release(&["q", "k", "v", "att", "lse"]);
     Ok((dq, dk, dv))
 }

@@ -132,36 +132,56 @@ impl CudaBackend {
     }
 
     pub(super) fn sum_squares_impl(&self, x: &CudaBuf) -> Result<f64> {
+        self.sum_squares_all_impl(&[x])
+    }
+
+    /// Each buffer's f64 partial sums go to one device array that is read back once
+    /// (one synchronisation for all the gradients of a step); summed per buffer, in order.
+    pub(super) fn sum_squares_all_impl(&self, xs: &[&CudaBuf]) -> Result<f64> {
         let op = "sum_squares";
-        let n = x.len();
-        let px = Self::check_f32(op, "x", x, n)?;
-        if n == 0 {
+        // A few hundred blocks fill the GPU; each writes one f64 partial sum.
+        let mut plan = Vec::with_capacity(xs.len());
+        let mut total = 0usize;
+        for x in xs {
+            let n = x.len();
+            let px = Self::check_f32(op, "x", x, n)?;
+            let l = Launch::cover(n, BLOCK, 512);
+            let blocks = if n == 0 { 0 } else { l.grid.0 };
+            plan.push((px, n, l, total, blocks));
+            total += blocks;
+        }
+        if total == 0 {
             return Ok(0.0);
         }
-        // A few hundred blocks fill the GPU; each writes one f64 partial sum.
-        let l = Launch::cover(n, BLOCK, 512);
-        let blocks = l.grid.0;
-        let partial = self.dev.alloc(op, blocks * 8)?;
-        self.dev.launch(
-            op,
-            MODULE,
-            "sum_squares_partial",
-            l,
-            &[
-                Arg::Ptr(super::Device::ptr(&partial)),
-                Arg::Ptr(px),
-                Arg::I64(n as i64),
-            ],
-        )?;
+        let partial = self.dev.alloc(op, total * 8)?;
+        let base = super::Device::ptr(&partial);
+        for &(px, n, l, offset, blocks) in &plan {
+            if blocks > 0 {
+                self.dev.launch(
+                    op,
+                    MODULE,
+                    "sum_squares_partial",
+                    l,
+                    &[
+                        Arg::Ptr(base + 8 * offset as u64),
+                        Arg::Ptr(px),
+                        Arg::I64(n as i64),
+                    ],
+                )?;
+            }
+        }
         let bytes = self
             .dev
             .stream
             .clone_dtoh(&partial)
             .map_err(|e| super::device::driver_err(op, e))?;
-        Ok(bytes[..blocks * 8]
-            .chunks_exact(8)
-            .map(|c| f64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .sum())
+        let value = |i: usize| {
+            let c = &bytes[8 * i..8 * i + 8];
+            f64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+        };
+        Ok(plan.iter().fold(0.0, |acc, &(_, _, _, offset, blocks)| {
+            acc + (offset..offset + blocks).map(value).sum::<f64>()
+        }))
     }
 
     pub(super) fn embedding_impl(

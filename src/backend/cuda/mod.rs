@@ -511,6 +511,10 @@ impl Backend for CudaBackend {
         self.sum_squares_impl(x)
     }
 
+    fn sum_squares_all(&self, xs: &[&CudaBuf]) -> Result<f64> {
+        self.sum_squares_all_impl(xs)
+    }
+
     fn embedding_forward(
         &self,
         out: &mut CudaBuf,
