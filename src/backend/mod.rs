@@ -345,6 +345,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A new buffer of `n` elements whose contents are unspecified: every element must be
+    /// written before it is read. For outputs that the next op overwrites completely — a
+    /// GEMM with [`Accumulate::Overwrite`], an elementwise or per-row kernel, an op whose
+    /// output is documented as overwritten — it saves the memset of [`Backend::zeros`].
+    /// Never for a buffer that is accumulated into (`Accumulate::Add`, parameter
+    /// gradients) or only partly written. The CPU returns zeros; CUDA returns memory as
+    /// allocated, or NaN everywhere with `CudaOptions::poison_uninit`, so that a read
+    /// before a write shows up in tests.
+    fn uninit(&self, n: usize) -> Result<Self::Buf>;
     /// A new buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A frozen weight from its stored little-endian bytes; the backend chooses its storage
