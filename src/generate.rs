@@ -318,7 +318,7 @@ impl<B: Backend> Engine<B> {
         let (x, rows) = match which {
             LogitsOf::All => (h, b * tq),
             LogitsOf::Last => {
-                let mut last = be.zeros(b * c)?;
+                let mut last = be.uninit(b * c)?;
                 // last[b, :] = h[b, Tq−1, :], seeing h as [B, Tq·C]
                 be.copy_cols(
                     &mut last,
@@ -335,7 +335,7 @@ impl<B: Backend> Engine<B> {
         };
         let (xf, _) = self.model.final_norm_forward(be, &hw, &x)?;
         // logits[rows, V] = xf[rows, C] · Wᵀ, W [V, C]
-        let mut logits = be.zeros(rows * v)?;
+        let mut logits = be.uninit(rows * v)?;
         be.matmul(
             &mut logits,
             &xf,

@@ -220,7 +220,7 @@ pub fn clip_grad_norm<B: Backend>(
         let coef = max as f64 / (norm + 1e-6);
         if coef < 1.0 {
             for (_, _, g) in params.named_params_mut() {
-                let mut scaled = be.zeros(crate::backend::DeviceBuf::len(g))?;
+                let mut scaled = be.uninit(crate::backend::DeviceBuf::len(g))?;
                 be.axpy(
                     &mut scaled,
                     coef as f32,

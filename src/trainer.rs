@@ -183,9 +183,11 @@ impl<B: Backend> Engine<B> {
         let x_last = x;
         let (xf, fsv) = self.model.final_norm_forward(be, &hw, &x_last)?;
         let labels = batch.shifted_labels();
-        let mut dxf = if train { Some(be.zeros(n * c)?) } else { None };
+        // both overwritten in full by lm_head_loss (dh by an `Overwrite` GEMM per row chunk,
+        // ignored rows included; logits copied chunk by chunk)
+        let mut dxf = if train { Some(be.uninit(n * c)?) } else { None };
         let mut logits = if want_logits {
-            Some(be.zeros(n * self.model.config().vocab_size)?)
+            Some(be.uninit(n * self.model.config().vocab_size)?)
         } else {
             None
         };

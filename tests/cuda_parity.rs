@@ -27,15 +27,32 @@ use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
 // ---- harness ----------------------------------------------------------------------------
 
+/// Turn on `LEMA_CUDA_POISON=1` for this test process, so that the backends `LemaModel`
+/// builds from the environment also fill `Backend::uninit` buffers with NaN and a read
+/// before a write fails the comparisons. Every test that touches CUDA calls this first:
+/// the `Once` holds them all until the variable is set, so no thread is inside the CUDA
+/// libraries (which read the environment through libc) while it changes.
+fn poison_uninit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: see above: no other thread of this process reads the environment outside
+        // std's lock (which `set_var` takes) until every caller has passed the `Once`.
+        unsafe { std::env::set_var("LEMA_CUDA_POISON", "1") };
+    });
+}
+
 /// The GPU backend (with a synchronisation after each kernel, so that a fault names its
-/// kernel), or None after printing why the test is skipped.
+/// kernel, and NaN-filled `uninit` buffers), or None after printing why the test is
+/// skipped.
 fn gpu_with(f: impl FnOnce(&mut CudaOptions)) -> Option<CudaBackend> {
+    poison_uninit();
     if let Err(why) = cuda::probe(0) {
         println!("SKIP: no CUDA device ({why})");
         return None;
     }
     let mut opts = CudaOptions {
         sync_each_launch: true,
+        poison_uninit: true,
         ..CudaOptions::default()
     };
     f(&mut opts);
@@ -875,6 +892,157 @@ fn lm_head_loss_chunked_with_ignored_labels() {
     assert!(e.to_string().contains(&v.to_string()), "{e}");
 }
 
+// ---- uninitialised buffers -----------------------------------------------------------
+
+/// Buffers from `Backend::uninit` read as NaN here (`poison_uninit`), and every op whose
+/// output the model code takes from `uninit` fills such a buffer completely: the result
+/// equals the CPU's, no NaN left. (Attention and the LM head loss write into NaN-filled
+/// outputs in their own tests.)
+#[test]
+fn uninit_outputs_are_fully_written() {
+    let Some(g) = gpu() else { return };
+    assert!(
+        g.poisons_uninit(),
+        "the tests run with poisoned uninit buffers"
+    );
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("uninit");
+    let poisoned = g.download(&g.uninit(1001).unwrap()).unwrap();
+    assert!(
+        poisoned.iter().all(|x| x.is_nan()),
+        "a poisoned uninit buffer reads as NaN"
+    );
+    assert!(lema::backend::DeviceBuf::is_empty(&g.uninit(0).unwrap()));
+    // an output pair: zeros on the CPU, NaN on the GPU
+    let un = |n: usize| (c.uninit(n).unwrap(), g.uninit(n).unwrap());
+    let (rows, cols, k) = (37, 96, 200);
+    let n = rows * cols;
+    // GEMM with Overwrite (the Linear forward x·Wᵀ), f32 and bf16 weights; k = 0 is a
+    // memset of the output
+    let (cx, gx) = p.up(&r.vec(rows * k, 1.0));
+    let w = r.vec(cols * k, 0.1);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        let (cw, gw) = p.weight(&w, dt);
+        let (mut cy, mut gy) = un(n);
+        let gm = gemm(rows, cols, k, false, true, 1.0, Accumulate::Overwrite);
+        c.matmul(&mut cy, &cx, &cw, gm).unwrap();
+        g.matmul(&mut gy, &gx, &gw, gm).unwrap();
+        p.cmp(
+            &format!("uninit: matmul {dt} weight Overwrite"),
+            &cy,
+            &gy,
+            tol,
+        );
+    }
+    let (ce, ge) = p.up(&[]);
+    let (mut cy, mut gy) = un(n);
+    let gm = gemm(rows, cols, 0, false, false, 1.0, Accumulate::Overwrite);
+    c.matmul(&mut cy, &ce, &ce, gm).unwrap();
+    g.matmul(&mut gy, &ge, &ge, gm).unwrap();
+    p.cmp("uninit: matmul k=0 Overwrite (zeros)", &cy, &gy, 0.0);
+    // axpy Overwrite (the residual gradient dh = dy)
+    let (cs, gs) = p.up(&r.vec(n, 1.0));
+    let (mut cy, mut gy) = un(n);
+    c.axpy(&mut cy, 0.5, &cs, Accumulate::Overwrite).unwrap();
+    g.axpy(&mut gy, 0.5, &gs, Accumulate::Overwrite).unwrap();
+    p.cmp("uninit: axpy Overwrite", &cy, &gy, 1e-6);
+    // copy_cols: three column blocks fill [rows, 3·cols] (GPT-2's q, k, v and dqkv)
+    let parts: Vec<_> = (0..3).map(|_| p.up(&r.vec(n, 1.0))).collect();
+    let (mut cd, mut gd) = un(3 * n);
+    for (j, (cs, gs)) in parts.iter().enumerate() {
+        c.copy_cols(
+            &mut cd,
+            3 * cols,
+            j * cols,
+            cs,
+            cols,
+            0,
+            cols,
+            Accumulate::Overwrite,
+        )
+        .unwrap();
+        g.copy_cols(
+            &mut gd,
+            3 * cols,
+            j * cols,
+            gs,
+            cols,
+            0,
+            cols,
+            Accumulate::Overwrite,
+        )
+        .unwrap();
+    }
+    p.cmp("uninit: copy_cols, all columns", &cd, &gd, 1e-7);
+    // norms, forward and backward (Overwrite)
+    let nw: Vec<f32> = r.vec(cols, 0.5).iter().map(|v| v + 1.0).collect();
+    let (cnw, gnw) = p.weight(&nw, DType::BF16);
+    let (cnb, gnb) = p.weight(&r.vec(cols, 0.5), DType::BF16);
+    let (cx, gx) = p.up(&r.vec(n, 3.0));
+    let (cdo, gdo) = p.up(&r.vec(n, 1.0));
+    let (mut co, mut go) = un(n);
+    let (mut cr, mut gr) = un(rows);
+    c.rms_norm_forward(&mut co, &mut cr, &cx, &cnw, 1e-5)
+        .unwrap();
+    g.rms_norm_forward(&mut go, &mut gr, &gx, &gnw, 1e-5)
+        .unwrap();
+    p.cmp("uninit: rms_norm_forward out", &co, &go, 1e-5);
+    p.cmp("uninit: rms_norm_forward rstd", &cr, &gr, 1e-5);
+    let (mut cdx, mut gdx) = un(n);
+    c.rms_norm_backward(&mut cdx, &cdo, &cx, &cnw, &cr, Accumulate::Overwrite)
+        .unwrap();
+    g.rms_norm_backward(&mut gdx, &gdo, &gx, &gnw, &gr, Accumulate::Overwrite)
+        .unwrap();
+    p.cmp("uninit: rms_norm_backward Overwrite", &cdx, &gdx, 1e-5);
+    let (mut co, mut go) = un(n);
+    let (mut cm, mut gm) = un(rows);
+    let (mut cr, mut gr) = un(rows);
+    c.layer_norm_forward(&mut co, &mut cm, &mut cr, &cx, &cnw, &cnb, 1e-5)
+        .unwrap();
+    g.layer_norm_forward(&mut go, &mut gm, &mut gr, &gx, &gnw, &gnb, 1e-5)
+        .unwrap();
+    p.cmp("uninit: layer_norm_forward out", &co, &go, 1e-5);
+    p.cmp("uninit: layer_norm_forward mean", &cm, &gm, 1e-5);
+    p.cmp("uninit: layer_norm_forward rstd", &cr, &gr, 1e-5);
+    let (mut cdx, mut gdx) = un(n);
+    c.layer_norm_backward(&mut cdx, &cdo, &cx, &cnw, &cm, &cr, Accumulate::Overwrite)
+        .unwrap();
+    g.layer_norm_backward(&mut gdx, &gdo, &gx, &gnw, &gm, &gr, Accumulate::Overwrite)
+        .unwrap();
+    p.cmp("uninit: layer_norm_backward Overwrite", &cdx, &gdx, 1e-5);
+    // activations and dropout: elementwise over the whole buffer
+    let (ca, ga) = p.up(&r.vec(n, 4.0));
+    let (cb, gb) = p.up(&r.vec(n, 2.0));
+    let (mut co, mut go) = un(n);
+    c.swiglu_forward(&mut co, &ca, &cb).unwrap();
+    g.swiglu_forward(&mut go, &ga, &gb).unwrap();
+    p.cmp("uninit: swiglu_forward", &co, &go, 1e-6);
+    let (mut cg, mut gg) = un(n);
+    let (mut cu, mut gu) = un(n);
+    c.swiglu_backward(&mut cg, &mut cu, &cdo, &ca, &cb).unwrap();
+    g.swiglu_backward(&mut gg, &mut gu, &gdo, &ga, &gb).unwrap();
+    p.cmp("uninit: swiglu_backward dgate", &cg, &gg, 1e-6);
+    p.cmp("uninit: swiglu_backward dup", &cu, &gu, 1e-6);
+    let (mut co, mut go) = un(n);
+    c.gelu_forward(&mut co, &ca).unwrap();
+    g.gelu_forward(&mut go, &ga).unwrap();
+    p.cmp("uninit: gelu_forward", &co, &go, 1e-6);
+    let (mut cdx, mut gdx) = un(n);
+    c.gelu_backward(&mut cdx, &cdo, &ca).unwrap();
+    g.gelu_backward(&mut gdx, &gdo, &ga).unwrap();
+    p.cmp("uninit: gelu_backward", &cdx, &gdx, 1e-6);
+    let seed = r.next_u64();
+    let (mut co, mut go) = un(n);
+    c.dropout_forward(&mut co, &ca, 0.1, seed).unwrap();
+    g.dropout_forward(&mut go, &ga, 0.1, seed).unwrap();
+    p.cmp("uninit: dropout_forward", &co, &go, 1e-7);
+    let (mut cdx, mut gdx) = un(n);
+    c.dropout_backward(&mut cdx, &cdo, 0.1, seed).unwrap();
+    g.dropout_backward(&mut gdx, &gdo, 0.1, seed).unwrap();
+    p.cmp("uninit: dropout_backward", &cdx, &gdx, 1e-7);
+}
+
 // ---- optimizers ----------------------------------------------------------------------
 
 #[test]
@@ -1026,6 +1194,7 @@ fn adamw_of(case: &str) -> OptimizerConfig {
 /// the CPU does, up to summation order through a few layers: 1e-4.
 #[test]
 fn peft_fixtures_on_cuda() {
+    poison_uninit();
     if let Err(why) = cuda::probe(0) {
         println!("SKIP: no CUDA device ({why})");
         return;
@@ -1087,6 +1256,7 @@ fn short(key: &str) -> String {
 /// same masks, so the losses of a few AdamW steps agree (f32 weights: 1e-4).
 #[test]
 fn training_steps_cuda_match_cpu() {
+    poison_uninit();
     if let Err(why) = cuda::probe(0) {
         println!("SKIP: no CUDA device ({why})");
         return;
@@ -1138,6 +1308,7 @@ fn training_steps_cuda_match_cpu() {
 
 #[test]
 fn auto_device_picks_cuda_when_present() {
+    poison_uninit();
     let available = cuda::probe(0).is_ok();
     let mut cfg = fixture_config("llama_gqa", Device::Auto);
     cfg.adapter_path = None;
@@ -1172,7 +1343,10 @@ fn median_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
 #[test]
 #[ignore = "timings for the notes, GPU only"]
 fn op_timings_llama7b_shapes() {
-    let Some(g) = gpu_with(|o| o.sync_each_launch = false) else {
+    let Some(g) = gpu_with(|o| {
+        o.sync_each_launch = false;
+        o.poison_uninit = false;
+    }) else {
         return;
     };
     let mut r = Rng::fresh("timings");
@@ -1290,11 +1464,15 @@ fn median_batched_ms(be: &CudaBackend, reps: usize, inner: usize, mut f: impl Fn
 #[test]
 #[ignore = "timings for the notes, GPU only"]
 fn attention_timings() {
-    let Some(fast) = gpu_with(|o| o.sync_each_launch = false) else {
+    let Some(fast) = gpu_with(|o| {
+        o.sync_each_launch = false;
+        o.poison_uninit = false;
+    }) else {
         return;
     };
     let exact = gpu_with(|o| {
         o.sync_each_launch = false;
+        o.poison_uninit = false;
         o.exact_attention = true;
     })
     .unwrap();

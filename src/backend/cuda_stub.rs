@@ -31,6 +31,7 @@ pub struct CudaOptions {
     pub sync_each_launch: bool,
     pub exact_attention: bool,
     pub profile: bool,
+    pub poison_uninit: bool,
 }
 
 impl Default for CudaOptions {
@@ -43,6 +44,7 @@ impl Default for CudaOptions {
             sync_each_launch: false,
             exact_attention: false,
             profile: false,
+            poison_uninit: false,
         }
     }
 }

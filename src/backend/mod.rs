@@ -346,10 +346,14 @@ pub trait Backend: Send + Sync + 'static {
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// A new buffer of `n` elements whose contents are unspecified: every element must be
-    /// written before it is read.
-    fn uninit(&self, n: usize) -> Result<Self::Buf> {
-        self.zeros(n)
-    }
+    /// written before it is read. For outputs that the next op overwrites completely — a
+    /// GEMM with [`Accumulate::Overwrite`], an elementwise or per-row kernel, an op whose
+    /// output is documented as overwritten — it saves the memset of [`Backend::zeros`].
+    /// Never for a buffer that is accumulated into (`Accumulate::Add`, parameter
+    /// gradients) or only partly written. The CPU returns zeros; CUDA returns memory as
+    /// allocated, or NaN everywhere with `CudaOptions::poison_uninit`, so that a read
+    /// before a write shows up in tests.
+    fn uninit(&self, n: usize) -> Result<Self::Buf>;
     /// `x` rounded to the type in which GEMMs with the weight `w` read their activations,
     /// when that is narrower than `x` (CUDA: f32 → bf16/f16 for a half weight), so that
     /// several GEMMs can share one rounded copy; `None` when GEMMs read `x` as it is. A

@@ -136,9 +136,10 @@ impl Gpt2 {
         keep: bool,
     ) -> Result<B::Buf> {
         let c = self.cfg.hidden_size;
-        let mut out = be.zeros(n * c)?;
-        let mut mean = be.zeros(n)?;
-        let mut rstd = be.zeros(n)?;
+        // the kernel writes every row of out, mean and rstd
+        let mut out = be.uninit(n * c)?;
+        let mut mean = be.uninit(n)?;
+        let mut rstd = be.uninit(n)?;
         be.layer_norm_forward(
             &mut out,
             &mut mean,
@@ -236,7 +237,8 @@ impl Gpt2 {
         )?;
         let mut parts = Vec::with_capacity(3);
         for j in 0..3 {
-            let mut p = be.zeros(n * c)?;
+            // all c columns of every row copied
+            let mut p = be.uninit(n * c)?;
             be.copy_cols(&mut p, c, 0, &qkv, 3 * c, j * c, c, Accumulate::Overwrite)?;
             parts.push(p);
         }
@@ -246,8 +248,9 @@ impl Gpt2 {
         let (att, lse) = match cache {
             Some((cache, layer)) => (cache.attend(be, layer, q, k, v, s.seq)?, None),
             None => {
-                let mut att = be.zeros(n * c)?;
-                let mut lse = be.zeros(s.batch * self.cfg.num_attention_heads * s.seq)?;
+                // every query attends at least to itself: out and lse of every row written
+                let mut att = be.uninit(n * c)?;
+                let mut lse = be.uninit(s.batch * self.cfg.num_attention_heads * s.seq)?;
                 be.attention_forward(
                     &mut att,
                     &mut lse,
@@ -278,7 +281,7 @@ impl Gpt2 {
             lora,
             keep_in(keep, &mut sv),
         )?;
-        let mut a = be.zeros(n * i)?;
+        let mut a = be.uninit(n * i)?;
         be.gelu_forward(&mut a, &f)?;
         // y = h + a · W_mproj + b
         let mut y = self.linear(w, MPROJ)?.forward(
@@ -328,7 +331,8 @@ impl Gpt2 {
         let (c, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let n = s.tokens();
         // y = h + a·W_mproj  ⇒  da = dy·W_mprojᵀ
-        let mut da = be.zeros(n * i)?;
+        // (outputs of an `Overwrite` backward or of an elementwise kernel start uninit)
+        let mut da = be.uninit(n * i)?;
         self.linear(w, MPROJ)?.backward(
             be,
             &mut da,
@@ -341,12 +345,12 @@ impl Gpt2 {
         )?;
         sv.release(&["a"]);
         // a = gelu(f)
-        let mut df = be.zeros(n * i)?;
+        let mut df = be.uninit(n * i)?;
         be.gelu_backward(&mut df, &da, sv.get("f")?)?;
         drop(da);
         sv.release(&["f"]);
         // f = ln2·W_fc
-        let mut dln2 = be.zeros(n * c)?;
+        let mut dln2 = be.uninit(n * c)?;
         self.linear(w, FC)?.backward(
             be,
             &mut dln2,
@@ -359,7 +363,7 @@ impl Gpt2 {
         )?;
         drop(df);
         // ln2 = layer_norm(h)  ⇒  dh = dy + layer_norm_backward(dln2)
-        let mut dh = be.zeros(n * c)?;
+        let mut dh = be.uninit(n * c)?;
         be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
         self.layer_norm_backward(
             be,
@@ -373,7 +377,7 @@ impl Gpt2 {
         )?;
         drop(dln2);
         // h = x + att·W_proj  ⇒  datt = dh·W_projᵀ
-        let mut datt = be.zeros(n * c)?;
+        let mut datt = be.uninit(n * c)?;
         self.linear(w, APROJ)?.backward(
             be,
             &mut datt,
@@ -388,13 +392,14 @@ impl Gpt2 {
         let (dq, dk, dv) = super::attention_backward_saved(be, sv, &datt, self.attn_dims(s), s)?;
         drop(datt);
         // q, k, v = column blocks of qkv
-        let mut dqkv = be.zeros(n * 3 * c)?;
+        // the three copies cover all 3c columns
+        let mut dqkv = be.uninit(n * 3 * c)?;
         for (j, d) in [&dq, &dk, &dv].into_iter().enumerate() {
             be.copy_cols(&mut dqkv, 3 * c, j * c, d, c, 0, c, Accumulate::Overwrite)?;
         }
         drop((dq, dk, dv));
         // qkv = ln1·W_attn
-        let mut dln1 = be.zeros(n * c)?;
+        let mut dln1 = be.uninit(n * c)?;
         self.linear(w, ATTN)?.backward(
             be,
             &mut dln1,
@@ -430,7 +435,7 @@ impl Gpt2 {
         sv: &Saved<B>,
         dout: &B::Buf,
     ) -> Result<B::Buf> {
-        let mut dx = be.zeros(x.len())?;
+        let mut dx = be.uninit(x.len())?;
         self.layer_norm_backward(
             be,
             w,

@@ -70,6 +70,9 @@ impl<B: Backend> KvCache<B> {
             .checked_mul(cap)
             .and_then(|x| x.checked_mul(kvh * d))
             .ok_or_else(|| Error::config("KV cache size overflows"))?;
+        // zeros, not uninit: positions past `len` are never attended to, but a kernel that
+        // loads whole tiles multiplies them by a zero probability (0 · NaN = NaN); one
+        // memset per generation is cheap
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| Ok((be.zeros(n)?, be.zeros(n)?)))
             .collect::<Result<Vec<_>>>()?;
@@ -171,7 +174,8 @@ impl<B: Backend> KvCache<B> {
             head_dim: self.head_dim,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         };
-        let mut out = be.zeros(self.batch * q_len * self.n_heads * self.head_dim)?;
+        // overwritten (attention_decode writes every query row)
+        let mut out = be.uninit(self.batch * q_len * self.n_heads * self.head_dim)?;
         be.attention_decode(&mut out, q, kc, vc, dims, Some(&self.key_start))?;
         Ok(out)
     }

@@ -184,9 +184,9 @@ impl Llama {
         let (h_, kvh) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let mut sv = Saved::default();
 
-        // ln1[N, C] = rms_norm(x) · input_layernorm
-        let mut ln1 = be.zeros(n * c)?;
-        let mut rstd1 = be.zeros(n)?;
+        // ln1[N, C] = rms_norm(x) · input_layernorm (the kernel writes every row and rstd)
+        let mut ln1 = be.uninit(n * c)?;
+        let mut rstd1 = be.uninit(n)?;
         be.rms_norm_forward(
             &mut ln1,
             &mut rstd1,
@@ -211,8 +211,9 @@ impl Llama {
         let (att, lse) = match cache {
             Some((cache, layer)) => (cache.attend(be, layer, &q, &k, &v, s.seq)?, None),
             None => {
-                let mut att = be.zeros(n * qd)?;
-                let mut lse = be.zeros(s.batch * h_ * s.seq)?;
+                // every query attends at least to itself: out and lse of every row written
+                let mut att = be.uninit(n * qd)?;
+                let mut lse = be.uninit(s.batch * h_ * s.seq)?;
                 be.attention_forward(
                     &mut att,
                     &mut lse,
@@ -230,8 +231,8 @@ impl Llama {
         let mut h = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // ln2 = rms_norm(h) · post_attention_layernorm
-        let mut ln2 = be.zeros(n * c)?;
-        let mut rstd2 = be.zeros(n)?;
+        let mut ln2 = be.uninit(n * c)?;
+        let mut rstd2 = be.uninit(n)?;
         be.rms_norm_forward(
             &mut ln2,
             &mut rstd2,
@@ -247,7 +248,7 @@ impl Llama {
         let u = self
             .linear(w, UP)?
             .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
-        let mut act = be.zeros(n * i)?;
+        let mut act = be.uninit(n * i)?;
         be.swiglu_forward(&mut act, &g, &u)?;
         // y[N, C] = h + act · Wdᵀ
         let wd = self.linear(w, DOWN)?;
@@ -295,7 +296,8 @@ impl Llama {
         let (h_, kvh) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
 
         // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
-        let mut dact = be.zeros(n * i)?;
+        // (outputs of an `Overwrite` backward or of an elementwise kernel start uninit)
+        let mut dact = be.uninit(n * i)?;
         let wd = self.linear(w, DOWN)?;
         wd.backward(
             be,
@@ -309,14 +311,14 @@ impl Llama {
         )?;
         sv.release(&["act"]);
         // act = silu(g)·u
-        let mut dg = be.zeros(n * i)?;
-        let mut du = be.zeros(n * i)?;
+        let mut dg = be.uninit(n * i)?;
+        let mut du = be.uninit(n * i)?;
         be.swiglu_backward(&mut dg, &mut du, &dact, sv.get("g")?, sv.get("u")?)?;
         drop(dact);
         sv.release(&["g", "u"]);
         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
         let in2 = self.linear(w, GATE)?.input(sv.get("ln2")?);
-        let mut dln2 = be.zeros(n * c)?;
+        let mut dln2 = be.uninit(n * c)?;
         self.linear(w, GATE)?.backward(
             be,
             &mut dln2,
@@ -331,7 +333,7 @@ impl Llama {
             .backward(be, &mut dln2, &du, &in2, n, lora, sv, Accumulate::Add)?;
         drop((dg, du, in2));
         // ln2 = rms_norm(h)  ⇒  dh = dy + rms_norm_backward(dln2)
-        let mut dh = be.zeros(n * c)?;
+        let mut dh = be.uninit(n * c)?;
         be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
         let h = sv.get("h")?;
         be.rms_norm_backward(
@@ -344,7 +346,7 @@ impl Llama {
         )?;
         drop(dln2);
         // h = x + att·Woᵀ  ⇒  datt = dh·Wo
-        let mut datt = be.zeros(n * qd)?;
+        let mut datt = be.uninit(n * qd)?;
         let wo = self.linear(w, O)?;
         wo.backward(
             be,
@@ -364,7 +366,7 @@ impl Llama {
         be.rope_backward(&mut dq, &s.positions, inv_freq, h_)?;
         be.rope_backward(&mut dk, &s.positions, inv_freq, kvh)?;
         let in1 = self.linear(w, Q)?.input(sv.get("ln1")?);
-        let mut dln1 = be.zeros(n * c)?;
+        let mut dln1 = be.uninit(n * c)?;
         self.linear(w, Q)?.backward(
             be,
             &mut dln1,
@@ -399,8 +401,8 @@ impl Llama {
     ) -> Result<(B::Buf, Saved<B>)> {
         let c = self.cfg.hidden_size;
         let n = super::rows(x, c);
-        let mut out = be.zeros(n * c)?;
-        let mut rstd = be.zeros(n)?;
+        let mut out = be.uninit(n * c)?;
+        let mut rstd = be.uninit(n)?;
         be.rms_norm_forward(
             &mut out,
             &mut rstd,
@@ -421,7 +423,7 @@ impl Llama {
         sv: &Saved<B>,
         dout: &B::Buf,
     ) -> Result<B::Buf> {
-        let mut dx = be.zeros(super::rows(x, self.cfg.hidden_size) * self.cfg.hidden_size)?;
+        let mut dx = be.uninit(super::rows(x, self.cfg.hidden_size) * self.cfg.hidden_size)?;
         be.rms_norm_backward(
             &mut dx,
             dout,

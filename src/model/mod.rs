@@ -324,9 +324,10 @@ pub(crate) fn attention_backward_saved<B: Backend>(
     s: &StepShape,
 ) -> Result<(B::Buf, B::Buf, B::Buf)> {
     let (q, k, v) = (sv.get("q")?, sv.get("k")?, sv.get("v")?);
-    let mut dq = be.zeros(q.len())?;
-    let mut dk = be.zeros(k.len())?;
-    let mut dv = be.zeros(v.len())?;
+    // overwritten by the kernels (no atomics, every row written)
+    let mut dq = be.uninit(q.len())?;
+    let mut dk = be.uninit(k.len())?;
+    let mut dv = be.uninit(v.len())?;
     be.attention_backward(
         &mut dq,
         &mut dk,

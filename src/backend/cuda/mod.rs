@@ -66,6 +66,11 @@ pub struct CudaOptions {
     /// [`CudaBackend::profile_take`] (default from the environment variable
     /// `LEMA_CUDA_PROFILE=1`).
     pub profile: bool,
+    /// Fill every buffer from [`Backend::uninit`] with 0xFF bytes (NaN as f32), so that an
+    /// element read before it is written shows up as NaN instead of as a stale value
+    /// (tests; costs a memset per buffer). Also on whenever `sync_each_launch` is. Default
+    /// from the environment variable `LEMA_CUDA_POISON=1`.
+    pub poison_uninit: bool,
 }
 
 impl Default for CudaOptions {
@@ -78,6 +83,7 @@ impl Default for CudaOptions {
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
             exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
+            poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -196,6 +202,12 @@ impl CudaBackend {
     /// The options this backend was made with.
     pub fn options(&self) -> &CudaOptions {
         &self.opts
+    }
+
+    /// Whether [`Backend::uninit`] fills its buffers with NaN
+    /// ([`CudaOptions::poison_uninit`], or `sync_each_launch`).
+    pub fn poisons_uninit(&self) -> bool {
+        self.opts.poison_uninit || self.opts.sync_each_launch
     }
 
     /// The stream all ops run on.
@@ -379,6 +391,28 @@ impl Backend for CudaBackend {
                 .memset_zeros(&mut b.mem)
                 .map_err(|e| device::driver_err(op, e))
         })?;
+        Ok(b)
+    }
+
+    fn uninit(&self, n: usize) -> Result<CudaBuf> {
+        let op = "uninit";
+        self.dev.bind(op)?;
+        let b = self.new_buf(op, n, DType::F32)?;
+        if self.poisons_uninit() && n > 0 {
+            self.dev.timed("memset (poison)", || {
+                // SAFETY: b owns b.bytes() bytes of device memory, allocated on the compute
+                // stream, on which the memset is ordered.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(
+                        b.ptr(),
+                        0xFF,
+                        b.bytes(),
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| device::driver_err(op, e))
+            })?;
+        }
         Ok(b)
     }
 
