@@ -97,6 +97,13 @@ pub struct LemaConfig {
     /// cost of a device→host and a host→device copy per layer.
     #[serde(default)]
     pub offload_activations: bool,
+    /// Keep the optimizer state (AdamW's two moments, SGD's momentum: two f32 per LoRA
+    /// parameter for AdamW) in page-locked host memory that the update kernels read and
+    /// write over the bus instead of in device memory: saves their device memory (0.32 GB
+    /// for 40 M LoRA parameters) at the cost of one pass over PCIe per optimizer step. The
+    /// numbers are the same. The CPU backend ignores it.
+    #[serde(default)]
+    pub offload_optimizer: bool,
     /// CUDA: time every kernel, GEMM and compute-stream copy, for
     /// [`LemaModel::profile_take`] (also on with `LEMA_CUDA_PROFILE=1`).
     #[serde(default)]
@@ -129,6 +136,7 @@ impl LemaConfig {
             max_vram: None,
             prefetch_depth: 2,
             offload_activations: false,
+            offload_optimizer: false,
             profile: false,
         }
     }
@@ -327,8 +335,11 @@ impl LemaModel {
             device,
             device_note,
         };
-        let offload = m.config.offload_activations;
-        with_engine!(&mut m.engine, e => e.offload_activations = offload);
+        let (offload, offload_opt) = (m.config.offload_activations, m.config.offload_optimizer);
+        with_engine!(&mut m.engine, e => {
+            e.offload_activations = offload;
+            e.offload_optimizer = offload_opt;
+        });
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
         }

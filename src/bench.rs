@@ -213,6 +213,8 @@ pub struct BenchOptions {
     pub compare_resident: bool,
     /// Keep saved activations in host memory between forward and backward.
     pub offload_activations: bool,
+    /// Keep the optimizer state in host memory the GPU reads over the bus.
+    pub offload_optimizer: bool,
     /// CUDA: time every kernel of the timed steps and report where the step's GPU time
     /// goes (adds a little host time per launch).
     pub profile: bool,
@@ -334,6 +336,7 @@ fn time_steps(
     cfg.prefetch_depth = opts.prefetch_depth;
     cfg.max_vram = max_vram;
     cfg.offload_activations = opts.offload_activations;
+    cfg.offload_optimizer = opts.offload_optimizer;
     cfg.profile = opts.profile;
     let mut model = LemaModel::new(cfg)?;
     model.initialize_lora()?;

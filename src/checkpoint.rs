@@ -276,8 +276,16 @@ pub fn read_optimizer<B: Backend>(
     let path = dir.join(OPTIMIZER_STATE);
     let mut tensors = read_f32_tensors(&path)?;
     let names = opt.cfg.state_names();
-    for ((key, shape, _, _), st) in lora.named_params().into_iter().zip(opt.state.iter_mut()) {
-        for (name, buf) in names.iter().zip(st.iter_mut()) {
+    let params = lora.named_params();
+    if params.len() != opt.state.len() {
+        return Err(Error::config(
+            "internal: the optimizer state does not match the adapters",
+        ));
+    }
+    // One tensor at a time, so that old and new state never coexist in full; each new
+    // buffer is placed where the optimizer keeps its state (device or host memory).
+    for (i, (key, shape, _, _)) in params.into_iter().enumerate() {
+        for (j, name) in names.iter().enumerate() {
             let k = format!("{key}.{name}");
             let (s, v) = tensors
                 .remove(&k)
@@ -289,7 +297,15 @@ pub fn read_optimizer<B: Backend>(
                     format!("has shape {s:?}, expected {shape:?}"),
                 ));
             }
-            *buf = be.upload(&v)?;
+            let buf = opt.state_buf(be, &v)?;
+            let slot = opt
+                .state
+                .get_mut(i)
+                .and_then(|st| st.get_mut(j))
+                .ok_or_else(|| {
+                    Error::config("internal: the optimizer state does not match its kind")
+                })?;
+            *slot = buf;
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! Optimizers over the LoRA parameters (PyTorch semantics), global-norm gradient
 //! clipping, and their state for checkpoints.
 
-use crate::backend::{AdamWStep, Backend, SgdStep};
+use crate::backend::{Accumulate, AdamWStep, Backend, SgdStep};
 use crate::error::{Error, Result};
 use crate::lora::LoraParams;
 use serde::{Deserialize, Serialize};
@@ -121,27 +121,57 @@ pub struct Optimizer<B: Backend> {
     pub step: u64,
     /// `state[i][j]`: state tensor j (see [`OptimizerConfig::state_names`]) of parameter i.
     pub state: Vec<Vec<B::Buf>>,
+    /// The state lives in host memory the device reads over the bus
+    /// ([`Backend::zeros_host`]) instead of in device memory.
+    pub offload: bool,
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// Fresh state (zeros) for every parameter of `params`.
-    pub fn new(be: &B, cfg: OptimizerConfig, params: &LoraParams<B>) -> Result<Self> {
+    /// Fresh state (zeros) for every parameter of `params`, in device memory, or with
+    /// `offload` in host memory that the update kernels read and write over the bus
+    /// ([`Backend::zeros_host`]; same numbers, no device memory for the state).
+    pub fn new(
+        be: &B,
+        cfg: OptimizerConfig,
+        params: &LoraParams<B>,
+        offload: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let n_state = cfg.state_names().len();
+        let zeros = |n: usize| {
+            if offload {
+                be.zeros_host(n)
+            } else {
+                be.zeros(n)
+            }
+        };
         let state = params
             .named_params()
             .iter()
-            .map(|(_, shape, _, _)| {
-                (0..n_state)
-                    .map(|_| be.zeros(shape[0] * shape[1]))
-                    .collect()
-            })
+            .map(|(_, shape, _, _)| (0..n_state).map(|_| zeros(shape[0] * shape[1])).collect())
             .collect::<Result<Vec<_>>>()?;
         Ok(Optimizer {
             cfg,
             step: 0,
             state,
+            offload,
         })
+    }
+
+    /// A state buffer holding `data`, placed where this optimizer keeps its state (for
+    /// loading a checkpoint). With offloading the values pass through a temporary device
+    /// buffer of one tensor and are copied exactly.
+    pub fn state_buf(&self, be: &B, data: &[f32]) -> Result<B::Buf> {
+        if !self.offload {
+            return be.upload(data);
+        }
+        let n = data.len();
+        let mut buf = be.zeros_host(n)?;
+        if n > 0 {
+            let src = be.upload(data)?;
+            be.copy_cols(&mut buf, n, 0, &src, n, 0, n, Accumulate::Overwrite)?;
+        }
+        Ok(buf)
     }
 
     /// One update of every parameter with learning rate `lr` (the schedule's value).

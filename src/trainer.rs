@@ -38,6 +38,9 @@ pub struct Engine<B: Backend> {
     pub gradient_checkpointing: bool,
     /// Keep the blocks' saved inputs in host memory between forward and backward.
     pub offload_activations: bool,
+    /// Keep the optimizer state in host memory that the device reads over the bus
+    /// (applies to optimizers created after it is set).
+    pub offload_optimizer: bool,
     /// Base of the dropout seeds.
     pub seed: u64,
 }
@@ -75,6 +78,7 @@ impl<B: Backend> Engine<B> {
             optimizer: None,
             gradient_checkpointing,
             offload_activations: false,
+            offload_optimizer: false,
             seed,
         }
     }
@@ -315,14 +319,15 @@ impl<B: Backend> Engine<B> {
         self.forward_backward(batch, 1.0, false, want_logits, 0)
     }
 
-    /// Attach a fresh optimizer to the current adapters.
+    /// Attach a fresh optimizer to the current adapters (its state in host memory when
+    /// [`Engine::offload_optimizer`] is set).
     pub fn set_optimizer(&mut self, cfg: OptimizerConfig) -> Result<()> {
         let be = &self.be;
         let lora = self
             .lora
             .as_ref()
             .ok_or_else(|| Error::config("initialise LoRA before creating the optimizer"))?;
-        self.optimizer = Some(Optimizer::new(be, cfg, lora)?);
+        self.optimizer = Some(Optimizer::new(be, cfg, lora, self.offload_optimizer)?);
         Ok(())
     }
 }

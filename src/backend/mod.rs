@@ -361,6 +361,13 @@ pub trait Backend: Send + Sync + 'static {
     fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
         Ok(None)
     }
+    /// A new buffer of `n` f32 zeros that ops use like any other but that lives in host
+    /// memory the device reads and writes over the bus (CUDA: page-locked host memory
+    /// mapped into the device's address space): no device memory, but every access crosses
+    /// PCIe, so it is meant for state touched once per step (optimizer moments, see
+    /// `LemaConfig::offload_optimizer`). Backends without a separate device memory (the
+    /// CPU) return an ordinary buffer, as [`Backend::zeros`].
+    fn zeros_host(&self, n: usize) -> Result<Self::Buf>;
     /// A new buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A frozen weight from its stored little-endian bytes; the backend chooses its storage

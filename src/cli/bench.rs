@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Keep each layer's saved input in host memory between forward and backward.
     #[arg(long)]
     offload_activations: bool,
+    /// Keep the AdamW moments in page-locked host memory that the GPU reads and writes
+    /// over PCIe (once per step) instead of in GPU memory.
+    #[arg(long)]
+    offload_optimizer: bool,
     /// CUDA: time every kernel of the timed steps and print where the GPU time goes.
     #[arg(long)]
     profile: bool,
@@ -72,6 +76,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         max_vram: a.max_vram,
         compare_resident: a.compare_resident,
         offload_activations: a.offload_activations,
+        offload_optimizer: a.offload_optimizer,
         profile: a.profile,
     };
     let tmp;

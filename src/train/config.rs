@@ -85,6 +85,9 @@ pub struct TrainConfig {
     pub device: Device,
     /// Re-run each block's forward in backward instead of keeping activations.
     pub gradient_checkpointing: bool,
+    /// Keep the optimizer state in host memory that the GPU reads over the bus (saves
+    /// GPU memory; same numbers).
+    pub offload_optimizer: bool,
 }
 
 impl Default for TrainConfig {
@@ -126,6 +129,7 @@ impl Default for TrainConfig {
             strategy: Strategy::Streaming,
             device: Device::Auto,
             gradient_checkpointing: true,
+            offload_optimizer: false,
         }
     }
 }
@@ -286,6 +290,12 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "BOOL",
             "re-run each block's forward in backward [true]",
         ),
+        (
+            "offload_optimizer",
+            Scalar,
+            "BOOL",
+            "keep the optimizer state in host memory, read over PCIe [false]",
+        ),
     ]
 };
 
@@ -304,6 +314,7 @@ const RESUMABLE: &[&str] = &[
     "strategy",
     "device",
     "gradient_checkpointing",
+    "offload_optimizer",
 ];
 
 /// Levenshtein distance between two strings.

@@ -170,6 +170,7 @@ fn lema_config(cfg: &TrainConfig, model: &Path) -> LemaConfig {
     l.use_rslora = cfg.use_rslora;
     l.strategy = cfg.strategy;
     l.gradient_checkpointing = cfg.gradient_checkpointing;
+    l.offload_optimizer = cfg.offload_optimizer;
     l.device = cfg.device;
     l.seed = cfg.seed;
     l

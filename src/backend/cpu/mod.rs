@@ -217,6 +217,11 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         self.zeros(n)
     }
 
+    /// Host memory is the CPU's only memory: the same as [`Backend::zeros`].
+    fn zeros_host(&self, n: usize) -> Result<CpuBuf<T>> {
+        self.zeros(n)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<CpuBuf<T>> {
         Ok(CpuBuf(data.iter().map(|&x| T::from_f32(x)).collect()))
     }

@@ -396,6 +396,62 @@ impl Device {
         }
     }
 
+    /// `bytes` of zeroed, page-locked host memory mapped into the device's address space
+    /// (`cuMemHostAlloc` with `DEVICEMAP | PORTABLE`): kernels read and write it through
+    /// its device pointer, over the bus. Fails with a sentence naming the size and what to
+    /// change when the host cannot lock that much memory or the device cannot map it.
+    pub fn alloc_mapped_host(&self, op: &'static str, bytes: usize) -> Result<HostMem> {
+        use cudarc::driver::sys;
+        let bytes = bytes.max(4);
+        self.bind(op)?;
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the flags are valid for cuMemHostAlloc.
+        let r = unsafe {
+            sys::cuMemHostAlloc(
+                &mut host,
+                bytes,
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+        };
+        if r != CUresult::CUDA_SUCCESS || host.is_null() {
+            return Err(err(
+                op,
+                format!(
+                    "cuMemHostAlloc could not give {mib:.1} MiB of page-locked, device-mapped \
+                     host memory ({r:?}); free host memory or raise the locked-memory limit \
+                     (ulimit -l), or turn offload_optimizer off to keep the optimizer state \
+                     in GPU memory"
+                ),
+            ));
+        }
+        // From here on the guard frees the allocation on every path.
+        let mut mem = HostMem {
+            host,
+            dptr: 0,
+            bytes,
+            ctx: self.ctx.clone(),
+        };
+        let mut dptr: CUdeviceptr = 0;
+        // SAFETY: `host` was returned by cuMemHostAlloc with DEVICEMAP; flags must be 0.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, host, 0) };
+        if r != CUresult::CUDA_SUCCESS || dptr == 0 {
+            return Err(err(
+                op,
+                format!(
+                    "cuMemHostGetDevicePointer found no device address for {mib:.1} MiB of \
+                     mapped host memory ({r:?}): {} cannot map host memory; turn \
+                     offload_optimizer off",
+                    self.name
+                ),
+            ));
+        }
+        mem.dptr = dptr;
+        // SAFETY: `bytes` bytes of fresh host memory that no queued device work refers to.
+        unsafe { std::ptr::write_bytes(host as *mut u8, 0, bytes) };
+        Ok(mem)
+    }
+
     fn oom(&self, op: &'static str, bytes: usize) -> Error {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         let (free, total) = self.mem_info().unwrap_or((0, 0));
@@ -542,6 +598,57 @@ impl Device {
                 .map_err(|e| err(op, format!("kernel '{kernel}' failed while running: {e:?}")))?;
         }
         Ok(())
+    }
+}
+
+/// Page-locked host memory mapped into the device's address space (see
+/// [`Device::alloc_mapped_host`]), freed with `cuMemFreeHost` once all queued work of the
+/// context is done.
+pub(crate) struct HostMem {
+    host: *mut std::ffi::c_void,
+    /// The address kernels use (with unified addressing equal to `host`).
+    dptr: CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: plain host memory owned by this value (no thread affinity); device work that
+// touches it is ordered by the streams, and the free waits for all of it.
+unsafe impl Send for HostMem {}
+// SAFETY: shared references only hand out the addresses; reads and writes go through the
+// backend's stream-ordered ops (or happen after a synchronisation).
+unsafe impl Sync for HostMem {}
+
+impl HostMem {
+    /// The device address of the memory.
+    pub fn device_ptr(&self) -> CUdeviceptr {
+        self.dptr
+    }
+
+    /// The host view of the memory. Only meaningful once the device work writing it is
+    /// done (after a stream synchronisation).
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host as *mut u8
+    }
+
+    /// Size of the allocation in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // Kernels may still read or write the memory: wait for every stream of the context
+        // (binds the context too). Errors cannot be returned from a drop; they are recorded
+        // in the context and reported by its next checked call (as cudarc does).
+        self.ctx.record_err(self.ctx.synchronize());
+        // SAFETY: `host` came from cuMemHostAlloc and is freed once, here, after the device
+        // is done with it.
+        let r = unsafe { cudarc::driver::sys::cuMemFreeHost(self.host) };
+        if r != CUresult::CUDA_SUCCESS {
+            self.ctx.record_err::<()>(Err(DriverError(r)));
+        }
     }
 }
 

@@ -88,11 +88,21 @@ impl Default for CudaOptions {
     }
 }
 
-/// A buffer in GPU memory: f32, or a frozen weight kept as bf16/f16.
+/// A buffer the GPU computes on: f32, or a frozen weight kept as bf16/f16. It lives in
+/// device memory, or (from [`Backend::zeros_host`]) in mapped host memory that kernels
+/// reach over the bus.
 pub struct CudaBuf {
-    mem: CudaSlice<u8>,
+    mem: Mem,
     len: usize,
     dtype: DType,
+}
+
+/// Where a [`CudaBuf`]'s elements live.
+enum Mem {
+    /// Device memory from the compute stream's pool.
+    Device(CudaSlice<u8>),
+    /// Page-locked host memory mapped into the device's address space.
+    Host(device::HostMem),
 }
 
 impl CudaBuf {
@@ -101,13 +111,23 @@ impl CudaBuf {
         self.dtype
     }
 
-    /// Bytes of device memory the elements occupy.
+    /// Bytes the elements occupy (in device memory, or in host memory when host-mapped).
     pub fn bytes(&self) -> usize {
         self.len * self.dtype.size()
     }
 
+    /// True when the elements live in mapped host memory ([`Backend::zeros_host`]), not
+    /// in device memory.
+    pub fn is_host_mapped(&self) -> bool {
+        matches!(self.mem, Mem::Host(_))
+    }
+
+    /// The address kernels, copies and cuBLAS use (a device address either way).
     pub(crate) fn ptr(&self) -> u64 {
-        Device::ptr(&self.mem)
+        match &self.mem {
+            Mem::Device(s) => Device::ptr(s),
+            Mem::Host(h) => h.device_ptr(),
+        }
     }
 }
 
@@ -216,8 +236,104 @@ impl CudaBackend {
     }
 
     fn new_buf(&self, op: &'static str, len: usize, dtype: DType) -> Result<CudaBuf> {
-        let mem = self.dev.alloc(op, len * dtype.size())?;
+        let mem = Mem::Device(self.dev.alloc(op, len * dtype.size())?);
         Ok(CudaBuf { mem, len, dtype })
+    }
+
+    /// Set every byte of `b` to zero, stream-ordered on the compute stream.
+    fn memset_zero(&self, op: &'static str, b: &mut CudaBuf) -> Result<()> {
+        self.dev.timed("memset", || match &mut b.mem {
+            Mem::Device(s) => self
+                .dev
+                .stream
+                .memset_zeros(s)
+                .map_err(|e| device::driver_err(op, e)),
+            Mem::Host(h) => {
+                use cudarc::driver::sys;
+                // SAFETY: the device address covers `h.bytes()` bytes, alive while `b` is.
+                let r = unsafe {
+                    sys::cuMemsetD8Async(h.device_ptr(), 0, h.bytes(), self.dev.stream.cu_stream())
+                };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return Err(err(
+                        op,
+                        format!(
+                            "memset of {} bytes of mapped host memory failed: {r:?}",
+                            h.bytes()
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        })
+    }
+
+    /// Copy `src` (exactly `b.bytes()` long) into `b`, in order with the compute stream.
+    fn copy_in(&self, op: &'static str, b: &mut CudaBuf, src: &[u8]) -> Result<()> {
+        if src.len() != b.bytes() {
+            return Err(err(
+                op,
+                format!(
+                    "{} bytes given for a buffer of {} bytes",
+                    src.len(),
+                    b.bytes()
+                ),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        match &mut b.mem {
+            Mem::Device(s) => self
+                .dev
+                .stream
+                .memcpy_htod(src, s)
+                .map_err(|e| device::driver_err(op, e)),
+            Mem::Host(h) => {
+                // Queued kernels may still use the memory: let them finish, then write it
+                // from the host.
+                self.dev
+                    .stream
+                    .synchronize()
+                    .map_err(|e| device::driver_err(op, e))?;
+                // SAFETY: the allocation holds at least `src.len()` bytes (checked above)
+                // and no device work is queued on it any more.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), h.host_ptr(), src.len());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The stored bytes of `b` (`b.bytes()` of them), after the work queued so far.
+    fn copy_out(&self, op: &'static str, b: &CudaBuf) -> Result<Vec<u8>> {
+        match &b.mem {
+            Mem::Device(s) => {
+                let mut bytes = self
+                    .dev
+                    .stream
+                    .clone_dtoh(s)
+                    .map_err(|e| device::driver_err(op, e))?;
+                bytes.truncate(b.bytes());
+                Ok(bytes)
+            }
+            Mem::Host(h) => {
+                // The writers are kernels on the compute stream: once it is idle their
+                // writes over the bus have landed in host memory.
+                self.dev
+                    .stream
+                    .synchronize()
+                    .map_err(|e| device::driver_err(op, e))?;
+                let mut bytes = vec![0u8; b.bytes()];
+                // SAFETY: the allocation holds at least `b.bytes()` bytes and no device
+                // work is queued on it any more.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(h.host_ptr(), bytes.as_mut_ptr(), bytes.len());
+                }
+                Ok(bytes)
+            }
+        }
     }
 
     /// An uninitialised buffer of `len` elements of `dtype` (a slot for
@@ -385,12 +501,7 @@ impl Backend for CudaBackend {
         let op = "zeros";
         self.dev.bind(op)?;
         let mut b = self.new_buf(op, n, DType::F32)?;
-        self.dev.timed("memset", || {
-            self.dev
-                .stream
-                .memset_zeros(&mut b.mem)
-                .map_err(|e| device::driver_err(op, e))
-        })?;
+        self.memset_zero(op, &mut b)?;
         Ok(b)
     }
 
@@ -420,16 +531,26 @@ impl Backend for CudaBackend {
         self.gemm_input_impl(x, w)
     }
 
+    /// Page-locked host memory mapped into the device's address space, zero-filled on the
+    /// host (it is new, so no device work can refer to it yet).
+    fn zeros_host(&self, n: usize) -> Result<CudaBuf> {
+        let op = "zeros_host";
+        let bytes = n
+            .checked_mul(DType::F32.size())
+            .ok_or_else(|| err(op, format!("{n} f32 elements overflow the address space")))?;
+        let mem = Mem::Host(self.dev.alloc_mapped_host(op, bytes)?);
+        Ok(CudaBuf {
+            mem,
+            len: n,
+            dtype: DType::F32,
+        })
+    }
+
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         let op = "upload";
         self.dev.bind(op)?;
         let mut b = self.new_buf(op, data.len(), DType::F32)?;
-        if !data.is_empty() {
-            self.dev
-                .stream
-                .memcpy_htod(f32_bytes(data), &mut b.mem)
-                .map_err(|e| device::driver_err(op, e))?;
-        }
+        self.copy_in(op, &mut b, f32_bytes(data))?;
         Ok(b)
     }
 
@@ -469,23 +590,14 @@ impl Backend for CudaBackend {
             &converted
         };
         let mut b = self.new_buf(op, n, target)?;
-        if !src.is_empty() {
-            self.dev
-                .stream
-                .memcpy_htod(src, &mut b.mem)
-                .map_err(|e| device::driver_err(op, e))?;
-        }
+        self.copy_in(op, &mut b, src)?;
         Ok(b)
     }
 
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         let op = "download";
         self.dev.bind(op)?;
-        let bytes = self
-            .dev
-            .stream
-            .clone_dtoh(&buf.mem)
-            .map_err(|e| device::driver_err(op, e))?;
+        let bytes = self.copy_out(op, buf)?;
         let mut out = vec![0f32; buf.len];
         buf.dtype.decode_into(&bytes[..buf.bytes()], &mut out);
         Ok(out)
@@ -494,12 +606,7 @@ impl Backend for CudaBackend {
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
         let op = "fill_zero";
         self.dev.bind(op)?;
-        self.dev.timed("memset", || {
-            self.dev
-                .stream
-                .memset_zeros(&mut buf.mem)
-                .map_err(|e| device::driver_err(op, e))
-        })
+        self.memset_zero(op, buf)
     }
 
     fn synchronize(&self) -> Result<()> {
