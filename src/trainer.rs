@@ -229,7 +229,7 @@ impl<B: Backend> Engine<B> {
             let mut sv = match saved.pop() {
                 Some(sv) => sv,
                 // gradient checkpointing: re-run this block's forward from its input
-                None => self.model.block_forward(be, &w, &bl, &x, &shape, true)?.1,
+                None => self.model.block_recompute(be, &w, &bl, &x, &shape)?,
             };
             dh = self
                 .model

@@ -5,7 +5,7 @@
 
 use super::kv_cache::KvCache;
 use super::linear::{Layout, Linear};
-use super::{LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
+use super::{Keep, LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend, DeviceBuf};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -133,7 +133,7 @@ impl Gpt2 {
         x: &B::Buf,
         n: usize,
         sv: &mut Saved<B>,
-        keep: bool,
+        keep: Keep,
     ) -> Result<B::Buf> {
         let c = self.cfg.hidden_size;
         // the kernel writes every row of out, mean and rstd
@@ -149,7 +149,7 @@ impl Gpt2 {
             w.get(&format!("{ln}.bias"))?,
             self.cfg.norm_eps,
         )?;
-        if keep {
+        if keep.saved() {
             sv.put(format!("{ln}.mean"), mean);
             sv.put(format!("{ln}.rstd"), rstd);
         }
@@ -186,8 +186,8 @@ impl Gpt2 {
         lora: &BlockLora<B>,
         x: &B::Buf,
         s: &StepShape,
-        keep: bool,
-    ) -> Result<(B::Buf, Saved<B>)> {
+        keep: Keep,
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
         self.block_forward_with(be, w, lora, x, s, keep, None)
     }
 
@@ -204,9 +204,9 @@ impl Gpt2 {
         cache: &mut KvCache<B>,
         layer: usize,
     ) -> Result<B::Buf> {
-        Ok(self
-            .block_forward_with(be, w, lora, x, s, false, Some((cache, layer)))?
-            .0)
+        self.block_forward_with(be, w, lora, x, s, Keep::Output, Some((cache, layer)))?
+            .0
+            .ok_or_else(|| crate::error::Error::config("internal: block output"))
     }
 
     /// The block forward, attention over this call's tokens (training, evaluation) or,
@@ -219,9 +219,9 @@ impl Gpt2 {
         lora: &BlockLora<B>,
         x: &B::Buf,
         s: &StepShape,
-        keep: bool,
+        keep: Keep,
         cache: Option<(&mut KvCache<B>, usize)>,
-    ) -> Result<(B::Buf, Saved<B>)> {
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
         let (c, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let n = s.tokens();
         let mut sv = Saved::default();
@@ -284,15 +284,16 @@ impl Gpt2 {
         let mut a = be.uninit(n * i)?;
         be.gelu_forward(&mut a, &f)?;
         // y = h + a · W_mproj + b
-        let mut y = self.linear(w, MPROJ)?.forward(
-            be,
-            &self.linear(w, MPROJ)?.input(&a),
-            n,
-            lora,
-            keep_in(keep, &mut sv),
-        )?;
-        be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
-        if keep {
+        let wm = self.linear(w, MPROJ)?;
+        let y = if keep.output() {
+            let mut y = wm.forward(be, &wm.input(&a), n, lora, keep_in(keep, &mut sv))?;
+            be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
+            Some(y)
+        } else {
+            wm.forward_saved_only(be, &wm.input(&a), n, lora, &mut sv)?;
+            None
+        };
+        if keep.saved() {
             let lse = lse.ok_or_else(|| {
                 crate::error::Error::config("internal: a cached forward keeps nothing")
             })?;
@@ -423,7 +424,15 @@ impl Gpt2 {
     ) -> Result<(B::Buf, Saved<B>)> {
         let n = super::rows(x, self.cfg.hidden_size);
         let mut sv = Saved::default();
-        let out = self.layer_norm(be, w, "transformer.ln_f", x, n, &mut sv, true)?;
+        let out = self.layer_norm(
+            be,
+            w,
+            "transformer.ln_f",
+            x,
+            n,
+            &mut sv,
+            Keep::OutputAndSaved,
+        )?;
         Ok((out, sv))
     }
 

@@ -105,31 +105,21 @@ impl<'a, B: Backend> Linear<'a, B> {
         let (fi, fo) = (self.in_features, self.out_features);
         let mut y = be.uninit(n * fo)?;
         let mut acc = Accumulate::Overwrite;
-        if let Some((idx, m)) = lora.find(self.name) {
-            let r = lora.r;
-            let dropped;
-            let xd = if lora.dropout > 0.0 {
-                let mut d = be.uninit(n * fi)?;
-                be.dropout_forward(&mut d, x.x, lora.dropout, lora.module_seed(idx))?;
-                dropped = d;
-                &dropped
-            } else {
-                x.gemm(be)?
-            };
-            // t[N, R] = xd[N, in] · Aᵀ, A [R, in]
-            let mut t = be.uninit(n * r)?;
-            be.matmul(
-                &mut t,
-                xd,
-                &m.a,
-                gemm(n, r, fi, false, true, 1.0, Accumulate::Overwrite),
-            )?;
+        if let Some((t, m)) = self.lora_t(be, x, n, lora)? {
             // y[N, out] = scale · t · Bᵀ, B [out, R]
             be.matmul(
                 &mut y,
                 &t,
                 &m.b,
-                gemm(n, fo, r, false, true, lora.scale, Accumulate::Overwrite),
+                gemm(
+                    n,
+                    fo,
+                    lora.r,
+                    false,
+                    true,
+                    lora.scale,
+                    Accumulate::Overwrite,
+                ),
             )?;
             acc = Accumulate::Add;
             if let Some(s) = saved {
@@ -147,6 +137,55 @@ impl<'a, B: Backend> Linear<'a, B> {
             be.add_bias(&mut y, b)?;
         }
         Ok(y)
+    }
+
+    /// What a re-run forward must keep when its output is not needed (the last linear of
+    /// a recomputed block, whose output the first forward already produced): only the
+    /// LoRA intermediate `t`, exactly as [`Linear::forward`] computes it.
+    pub fn forward_saved_only(
+        &self,
+        be: &B,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &BlockLora<B>,
+        saved: &mut Saved<B>,
+    ) -> Result<()> {
+        if let Some((t, _)) = self.lora_t(be, x, n, lora)? {
+            saved.put(format!("{}.lora_t", self.name), t);
+        }
+        Ok(())
+    }
+
+    /// `t[N, R] = drop(x)[N, in] · Aᵀ` and the adapter, when this linear is adapted.
+    fn lora_t<'l>(
+        &self,
+        be: &B,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &'l BlockLora<B>,
+    ) -> Result<Option<(B::Buf, &'l crate::lora::LoraModule<B>)>> {
+        let Some((idx, m)) = lora.find(self.name) else {
+            return Ok(None);
+        };
+        let fi = self.in_features;
+        let dropped;
+        let xd = if lora.dropout > 0.0 {
+            let mut d = be.uninit(n * fi)?;
+            be.dropout_forward(&mut d, x.x, lora.dropout, lora.module_seed(idx))?;
+            dropped = d;
+            &dropped
+        } else {
+            x.gemm(be)?
+        };
+        // t[N, R] = xd[N, in] · Aᵀ, A [R, in]
+        let mut t = be.uninit(n * lora.r)?;
+        be.matmul(
+            &mut t,
+            xd,
+            &m.a,
+            gemm(n, lora.r, fi, false, true, 1.0, Accumulate::Overwrite),
+        )?;
+        Ok(Some((t, m)))
     }
 
     /// Backward of [`Linear::forward`]: `dx (=|+=) dy·W` plus the LoRA branch's input

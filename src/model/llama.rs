@@ -6,7 +6,7 @@
 
 use super::kv_cache::KvCache;
 use super::linear::{Layout, Linear};
-use super::{LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
+use super::{Keep, LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -141,8 +141,8 @@ impl Llama {
         lora: &BlockLora<B>,
         x: &B::Buf,
         s: &StepShape,
-        keep: bool,
-    ) -> Result<(B::Buf, Saved<B>)> {
+        keep: Keep,
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
         self.block_forward_with(be, w, lora, x, s, keep, None)
     }
 
@@ -159,9 +159,9 @@ impl Llama {
         cache: &mut KvCache<B>,
         layer: usize,
     ) -> Result<B::Buf> {
-        Ok(self
-            .block_forward_with(be, w, lora, x, s, false, Some((cache, layer)))?
-            .0)
+        self.block_forward_with(be, w, lora, x, s, Keep::Output, Some((cache, layer)))?
+            .0
+            .ok_or_else(|| crate::error::Error::config("internal: block output"))
     }
 
     /// The block forward, attention over this call's tokens (training, evaluation) or,
@@ -174,9 +174,9 @@ impl Llama {
         lora: &BlockLora<B>,
         x: &B::Buf,
         s: &StepShape,
-        keep: bool,
+        keep: Keep,
         cache: Option<(&mut KvCache<B>, usize)>,
-    ) -> Result<(B::Buf, Saved<B>)> {
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
         let (c, qd, _, i, _) = self.dims();
         let n = s.tokens();
         let eps = self.cfg.norm_eps;
@@ -252,10 +252,16 @@ impl Llama {
         be.swiglu_forward(&mut act, &g, &u)?;
         // y[N, C] = h + act · Wdᵀ
         let wd = self.linear(w, DOWN)?;
-        let mut y = wd.forward(be, &wd.input(&act), n, lora, keep_in(keep, &mut sv))?;
-        be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
+        let y = if keep.output() {
+            let mut y = wd.forward(be, &wd.input(&act), n, lora, keep_in(keep, &mut sv))?;
+            be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
+            Some(y)
+        } else {
+            wd.forward_saved_only(be, &wd.input(&act), n, lora, &mut sv)?;
+            None
+        };
         drop((in1, in2));
-        if keep {
+        if keep.saved() {
             let lse =
                 lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?;
             for (name, buf) in [

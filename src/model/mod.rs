@@ -223,7 +223,27 @@ impl Model {
         shape: &StepShape,
         keep: bool,
     ) -> Result<(B::Buf, Saved<B>)> {
-        dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep))
+        let keep = if keep {
+            Keep::OutputAndSaved
+        } else {
+            Keep::Output
+        };
+        let (y, saved) = dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep))?;
+        let y = y.ok_or_else(|| Error::config("internal: block output"))?;
+        Ok((y, saved))
+    }
+
+    /// The re-run of a checkpointed block's forward for its backward: the activations the
+    /// backward reads, without the block's output (which the first forward produced).
+    pub fn block_recompute<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        shape: &StepShape,
+    ) -> Result<Saved<B>> {
+        Ok(dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::SavedOnly))?.1)
     }
 
     /// Block forward of new tokens against a KV cache (generation): their keys and values
@@ -283,8 +303,30 @@ impl Model {
 }
 
 /// `Some(saved)` when activations are to be kept, for [`linear::Linear::forward`].
-pub(crate) fn keep_in<B: Backend>(keep: bool, saved: &mut Saved<B>) -> Option<&mut Saved<B>> {
-    if keep { Some(saved) } else { None }
+pub(crate) fn keep_in<B: Backend>(keep: Keep, saved: &mut Saved<B>) -> Option<&mut Saved<B>> {
+    if keep.saved() { Some(saved) } else { None }
+}
+
+/// What a block forward produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// The output only (the forward of a checkpointed step, evaluation, generation).
+    Output,
+    /// The output and the activations its backward reads (no checkpointing).
+    OutputAndSaved,
+    /// Only the activations its backward reads: the re-run of a checkpointed block,
+    /// whose output the first forward already produced, so the last linear's frozen GEMM
+    /// and the residual add are skipped.
+    SavedOnly,
+}
+
+impl Keep {
+    pub fn saved(self) -> bool {
+        self != Keep::Output
+    }
+    pub fn output(self) -> bool {
+        self != Keep::SavedOnly
+    }
 }
 
 /// Rows of a `[N, c]` buffer.
