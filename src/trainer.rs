@@ -154,6 +154,7 @@ impl<B: Backend> Engine<B> {
             .embed(&self.gbi, &batch.input_ids, &shape.positions)?;
         // the inputs of the blocks, kept for the backward: on the device, or parked in host
         // memory with activation offloading; none for an evaluation
+        be.profile_phase("forward");
         let mut hs: Vec<Checkpoint<B>> = Vec::new();
         let mut x = be.upload(&h0)?;
         let mut saved = Vec::new();
@@ -183,6 +184,7 @@ impl<B: Backend> Engine<B> {
 
         // head: final norm, LM head and cross-entropy, row-chunked in the backend
         let last = layers.checked_sub(1).map(Part::Block);
+        be.profile_phase("head");
         let hw = self.stream.get(be, Part::Head, last)?;
         let x_last = x;
         let (xf, fsv) = self.model.final_norm_forward(be, &hw, &x_last)?;
@@ -212,6 +214,7 @@ impl<B: Backend> Engine<B> {
             .model
             .final_norm_backward(be, &hw, &x_last, &fsv, &dxf)?;
         drop((xf, dxf, x_last, hw));
+        be.profile_phase("backward");
 
         for i in (0..layers).rev() {
             let next = i.checked_sub(1).map(Part::Block);
@@ -289,6 +292,7 @@ impl<B: Backend> Engine<B> {
             .lora
             .as_mut()
             .ok_or_else(|| Error::config("internal: lora"))?;
+        self.be.profile_phase("optimizer");
         let grad_norm = clip_grad_norm(&self.be, lora, max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!(

@@ -101,8 +101,9 @@ impl std::str::FromStr for DType {
 /// `CudaOptions::profile`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ProfileLine {
-    /// The kernel name, or `gemm half` / `gemm f32` (cuBLAS), `memset`, a copy, or `idle`
-    /// (the compute stream waiting between timed regions: for a weight copy, an offloaded
+    /// The kernel name, or `gemm half` / `gemm f32 …` (cuBLAS), `memset`; or per phase
+    /// of the step, `busy: <phase>` (the sum of its timed regions) and `idle: <phase>`
+    /// (the compute stream waiting between them: for a weight copy, an offloaded
     /// activation or the host).
     pub label: String,
     pub calls: u64,
@@ -340,6 +341,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
+
+    /// Profiling hint: the work queued from now on belongs to `phase` of a step
+    /// ("forward", "backward", …). Backends that do not profile ignore it.
+    fn profile_phase(&self, _phase: &'static str) {}
 
     // ---- memory ----------------------------------------------------------------------
 

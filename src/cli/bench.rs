@@ -127,17 +127,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!("  note: {n}");
     }
     if let Some(p) = &r.profile {
-        let total: f64 = p.iter().map(|l| l.ms).sum();
-        eprintln!("  GPU time per step by kernel ({total:.1} ms profiled, idle included):");
-        for l in p.iter().take(30) {
+        let phase = |l: &&lema::backend::ProfileLine| {
+            l.label.starts_with("busy: ") || l.label.starts_with("idle: ")
+        };
+        let total: f64 = p.iter().filter(phase).map(|l| l.ms).sum();
+        let line = |l: &lema::backend::ProfileLine| {
             eprintln!(
                 "  {:>9.2} ms {:>5.1}% {:>7} calls  {}",
                 l.ms,
                 100.0 * l.ms / total.max(1e-9),
                 l.calls,
                 l.label
-            );
-        }
+            )
+        };
+        eprintln!(
+            "  GPU time per step ({total:.1} ms profiled), by phase (idle: the compute stream waiting):"
+        );
+        p.iter().filter(phase).for_each(line);
+        eprintln!("  by kernel:");
+        p.iter().filter(|l| !phase(l)).take(24).for_each(line);
     }
     Ok(())
 }

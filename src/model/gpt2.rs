@@ -4,7 +4,7 @@
 //! Shapes: N = B·T tokens, C hidden, H heads, D head dim, I MLP width, V vocabulary.
 
 use super::kv_cache::KvCache;
-use super::linear::{Layout, Linear};
+use super::linear::{Layout, Linear, keep_for_backward};
 use super::{Keep, LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend, DeviceBuf};
 use crate::config::ModelConfig;
@@ -228,13 +228,9 @@ impl Gpt2 {
         // ln1[N, C] = layer_norm(x)
         let ln1 = self.layer_norm(be, w, "ln_1", x, n, &mut sv, keep)?;
         // qkv[N, 3C] = ln1 · W_attn + b; q, k, v = its three column blocks
-        let qkv = self.linear(w, ATTN)?.forward(
-            be,
-            &self.linear(w, ATTN)?.input(&ln1),
-            n,
-            lora,
-            keep_in(keep, &mut sv),
-        )?;
+        let wa = self.linear(w, ATTN)?;
+        let in1 = wa.input(&ln1);
+        let qkv = wa.forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
         let mut parts = Vec::with_capacity(3);
         for j in 0..3 {
             // all c columns of every row copied
@@ -274,26 +270,28 @@ impl Gpt2 {
         be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
         // f[N, I] = layer_norm(h) · W_fc + b; a = gelu(f)
         let ln2 = self.layer_norm(be, w, "ln_2", &h, n, &mut sv, keep)?;
-        let f = self.linear(w, FC)?.forward(
-            be,
-            &self.linear(w, FC)?.input(&ln2),
-            n,
-            lora,
-            keep_in(keep, &mut sv),
-        )?;
+        let wf = self.linear(w, FC)?;
+        let in2 = wf.input(&ln2);
+        let f = wf.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
         let mut a = be.uninit(n * i)?;
         be.gelu_forward(&mut a, &f)?;
         // y = h + a · W_mproj + b
         let wm = self.linear(w, MPROJ)?;
+        let ia = wm.input(&a);
         let y = if keep.output() {
-            let mut y = wm.forward(be, &wm.input(&a), n, lora, keep_in(keep, &mut sv))?;
+            let mut y = wm.forward(be, &ia, n, lora, keep_in(keep, &mut sv))?;
             be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
             Some(y)
         } else {
-            wm.forward_saved_only(be, &wm.input(&a), n, lora, &mut sv)?;
+            wm.forward_saved_only(be, &ia, n, lora, &mut sv)?;
             None
         };
         if keep.saved() {
+            // ln1, ln2 and a are read by the backward only as linear inputs
+            let p = lora.dropout;
+            let ln1 = keep_for_backward(in1.into_gemm_copy(), ln1, p);
+            let ln2 = keep_for_backward(in2.into_gemm_copy(), ln2, p);
+            let a = keep_for_backward(ia.into_gemm_copy(), a, p);
             let lse = lse.ok_or_else(|| {
                 crate::error::Error::config("internal: a cached forward keeps nothing")
             })?;

@@ -51,6 +51,8 @@ fn gemm(
 /// rounded copy, made on first use and shared (q, k and v read one input; so do gate and
 /// up).
 pub struct LinearInput<'x, B: Backend> {
+    /// The activation: f32, or only its GEMM copy when a block kept just that for the
+    /// backward ([`keep_for_backward`]).
     pub x: &'x B::Buf,
     /// A weight of the linears that read this input (its type decides the rounding).
     w: &'x B::Buf,
@@ -74,6 +76,23 @@ impl<'x, B: Backend> LinearInput<'x, B> {
             let _ = self.half.set(h);
         }
         Ok(self.half.get().and_then(Option::as_ref).unwrap_or(self.x))
+    }
+}
+
+impl<B: Backend> LinearInput<'_, B> {
+    /// The GEMM copy made so far, if any, giving up the input.
+    pub fn into_gemm_copy(self) -> Option<B::Buf> {
+        self.half.into_inner().flatten()
+    }
+}
+
+/// What a block keeps of a linear input `x` for the backward when nothing else reads it:
+/// without LoRA dropout the backward reads x only through its GEMM copy, so when there
+/// is one (half weights) it alone is kept — half the memory, and no second cast.
+pub fn keep_for_backward<T>(gemm_copy: Option<T>, x: T, dropout: f32) -> T {
+    match gemm_copy {
+        Some(h) if dropout == 0.0 => h,
+        _ => x,
     }
 }
 

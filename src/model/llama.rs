@@ -5,7 +5,7 @@
 //! I MLP width, V vocabulary.
 
 use super::kv_cache::KvCache;
-use super::linear::{Layout, Linear};
+use super::linear::{Layout, Linear, keep_for_backward};
 use super::{Keep, LayerWeights, LinearSpec, Saved, StepShape, TensorSpec, gather_rows, keep_in};
 use crate::backend::{Accumulate, AttnDims, Backend};
 use crate::config::ModelConfig;
@@ -252,16 +252,21 @@ impl Llama {
         be.swiglu_forward(&mut act, &g, &u)?;
         // y[N, C] = h + act · Wdᵀ
         let wd = self.linear(w, DOWN)?;
+        let ia = wd.input(&act);
         let y = if keep.output() {
-            let mut y = wd.forward(be, &wd.input(&act), n, lora, keep_in(keep, &mut sv))?;
+            let mut y = wd.forward(be, &ia, n, lora, keep_in(keep, &mut sv))?;
             be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
             Some(y)
         } else {
-            wd.forward_saved_only(be, &wd.input(&act), n, lora, &mut sv)?;
+            wd.forward_saved_only(be, &ia, n, lora, &mut sv)?;
             None
         };
-        drop((in1, in2));
         if keep.saved() {
+            // ln1, ln2 and act are read by the backward only as linear inputs
+            let p = lora.dropout;
+            let ln1 = keep_for_backward(in1.into_gemm_copy(), ln1, p);
+            let ln2 = keep_for_backward(in2.into_gemm_copy(), ln2, p);
+            let act = keep_for_backward(ia.into_gemm_copy(), act, p);
             let lse =
                 lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?;
             for (name, buf) in [

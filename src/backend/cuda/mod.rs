@@ -497,6 +497,12 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn profile_phase(&self, phase: &'static str) {
+        if let Some(p) = &self.dev.profiler {
+            p.set_phase(phase);
+        }
+    }
+
     fn zeros(&self, n: usize) -> Result<CudaBuf> {
         let op = "zeros";
         self.dev.bind(op)?;

@@ -16,10 +16,12 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-#[derive(Default)]
 struct State {
     pool: Vec<CudaEvent>,
-    regions: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    /// (label, phase, start, end)
+    regions: Vec<(&'static str, &'static str, CudaEvent, CudaEvent)>,
+    /// The part of the step being queued (set by the trainer).
+    phase: &'static str,
 }
 
 /// The recorded regions of the compute stream since the last [`Profiler::take`].
@@ -32,7 +34,11 @@ impl Profiler {
     pub fn new(ctx: Arc<CudaContext>) -> Self {
         Profiler {
             ctx,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pool: Vec::new(),
+                regions: Vec::new(),
+                phase: "step",
+            }),
         }
     }
 
@@ -46,6 +52,13 @@ impl Profiler {
         };
         ev.record(stream).map_err(|e| driver_err(op, e))?;
         Ok(ev)
+    }
+
+    /// Attribute the regions queued from now on to `phase` (forward, backward, …).
+    pub fn set_phase(&self, phase: &'static str) {
+        if let Ok(mut st) = self.state.lock() {
+            st.phase = phase;
+        }
     }
 
     /// Run `f` (which enqueues work on `stream`) between two recorded events.
@@ -67,12 +80,14 @@ impl Profiler {
         let out = f();
         let mut st = lock(label)?;
         let end = self.mark(&mut st, stream, label)?;
-        st.regions.push((label, start, end));
+        let phase = st.phase;
+        st.regions.push((label, phase, start, end));
         out
     }
 
     /// Wait for the recorded work, then the time per label (largest first) since the last
-    /// call, with the idle time between regions as `idle`.
+    /// call, plus per phase its busy time (`busy: forward`) and the idle time before its
+    /// regions (`idle: forward`).
     pub fn take(&self) -> Result<Vec<ProfileLine>> {
         let op = "profile";
         let mut st = self
@@ -80,40 +95,33 @@ impl Profiler {
             .lock()
             .map_err(|_| err(op, "profiler lock poisoned"))?;
         let regions = std::mem::take(&mut st.regions);
-        let mut by: BTreeMap<&'static str, (u64, f64)> = BTreeMap::new();
-        let mut idle = (0u64, 0.0f64);
-        let mut prev_end: Option<&CudaEvent> = None;
-        for (label, start, end) in &regions {
-            let ms = start.elapsed_ms(end).map_err(|e| driver_err(op, e))? as f64;
-            let e = by.entry(label).or_default();
+        let mut by: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        let mut add = |key: String, ms: f64| {
+            let e = by.entry(key).or_default();
             e.0 += 1;
             e.1 += ms;
+        };
+        let mut prev_end: Option<&CudaEvent> = None;
+        for (label, phase, start, end) in &regions {
+            let ms = start.elapsed_ms(end).map_err(|e| driver_err(op, e))? as f64;
+            add(label.to_string(), ms);
+            add(format!("busy: {phase}"), ms);
             if let Some(p) = prev_end {
                 let gap = p.elapsed_ms(start).map_err(|e| driver_err(op, e))? as f64;
                 if gap > 0.0 {
-                    idle.0 += 1;
-                    idle.1 += gap;
+                    add(format!("idle: {phase}"), gap);
                 }
             }
             prev_end = Some(end);
         }
-        for (_, s, e) in regions {
+        for (_, _, s, e) in regions {
             st.pool.push(s);
             st.pool.push(e);
         }
         let mut lines: Vec<ProfileLine> = by
             .into_iter()
-            .map(|(label, (calls, ms))| ProfileLine {
-                label: label.to_string(),
-                calls,
-                ms,
-            })
+            .map(|(label, (calls, ms))| ProfileLine { label, calls, ms })
             .collect();
-        lines.push(ProfileLine {
-            label: "idle".into(),
-            calls: idle.0,
-            ms: idle.1,
-        });
         lines.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         Ok(lines)
     }
