@@ -336,8 +336,10 @@ impl LemaModel {
             device_note,
         };
         let (offload, offload_opt) = (m.config.offload_activations, m.config.offload_optimizer);
+        let ahead = m.config.prefetch_depth.max(1);
         with_engine!(&mut m.engine, e => {
             e.offload_activations = offload;
+            e.activation_prefetch = ahead;
             e.offload_optimizer = offload_opt;
         });
         if let Some(dir) = m.config.adapter_path.clone() {

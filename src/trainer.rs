@@ -38,6 +38,12 @@ pub struct Engine<B: Backend> {
     pub gradient_checkpointing: bool,
     /// Keep the blocks' saved inputs in host memory between forward and backward.
     pub offload_activations: bool,
+    /// With offloading: how many blocks ahead the backward starts bringing saved inputs
+    /// back: the weight stream's prefetch depth, so that an input's copy is queued with
+    /// its block's weights and not behind those of the blocks after it (copies to the
+    /// device run in the order they were queued). One block more was measured slower at
+    /// 8 × 512 with prefetch 1 (0.631 against 0.585 s on an H100).
+    pub activation_prefetch: usize,
     /// Keep the optimizer state in host memory that the device reads over the bus
     /// (applies to optimizers created after it is set).
     pub offload_optimizer: bool,
@@ -78,6 +84,7 @@ impl<B: Backend> Engine<B> {
             optimizer: None,
             gradient_checkpointing,
             offload_activations: false,
+            activation_prefetch: 1,
             offload_optimizer: false,
             seed,
         }
@@ -224,9 +231,12 @@ impl<B: Backend> Engine<B> {
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
                 None => return Err(Error::config("internal: hidden state stack")),
             };
-            // the input of the next block down comes back while this one computes
-            if let Some(Checkpoint::Parked(p)) = hs.last_mut() {
-                be.prefetch(p)?;
+            // the inputs of the next blocks down come back while this one computes
+            let ahead = hs.len().saturating_sub(self.activation_prefetch.max(1));
+            for c in hs[ahead..].iter_mut().rev() {
+                if let Checkpoint::Parked(p) = c {
+                    be.prefetch(p)?;
+                }
             }
             let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let mut sv = match saved.pop() {
