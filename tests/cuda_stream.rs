@@ -38,12 +38,14 @@ fn gpu() -> bool {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     path: &Path,
     strategy: Strategy,
     depth: usize,
     max_vram: Option<u64>,
     offload: bool,
+    dropout: f32,
     steps: usize,
 ) -> (Vec<f64>, Vec<Vec<f32>>) {
     let mut c = LemaConfig::new(path);
@@ -54,7 +56,7 @@ fn run(
     c.offload_activations = offload;
     c.lora_rank = 4;
     c.lora_alpha = 8.0;
-    c.lora_dropout = 0.1;
+    c.lora_dropout = dropout;
     c.lora_target_modules = Some(vec!["all-linear".into()]);
     let mut m = LemaModel::new(c).unwrap();
     m.initialize_lora().unwrap();
@@ -88,35 +90,98 @@ fn ring_budget_and_pinned_copies_match_exactly() {
         &fixture("llama_gqa").join("model.safetensors"),
         &fixture("gpt2").join("model.safetensors"),
     ] {
-        // reference: everything resident on the GPU
-        let reference = run(path, Strategy::Budget, 2, Some(u64::MAX / 2), false, 3);
-        for (strategy, depth, budget, offload) in [
-            (Strategy::Streaming, 1, None, false),
-            (Strategy::Streaming, 2, None, false),
-            (Strategy::Streaming, 4, None, false),
-            (Strategy::Resident, 2, None, false),
-            (Strategy::Budget, 1, Some(1), false), // budget below one layer: all streamed
-            (Strategy::Streaming, 2, None, true),  // saved activations parked in host memory
-        ] {
-            let got = run(path, strategy, depth, budget, offload, 3);
-            assert!(
-                got.0.iter().all(|l| l.is_finite()),
-                "{}: non-finite loss",
-                path.display()
+        // with dropout the blocks keep f32 linear inputs; without, only their bf16 copies
+        for dropout in [0.1, 0.0] {
+            // reference: everything resident on the GPU
+            let reference = run(
+                path,
+                Strategy::Budget,
+                2,
+                Some(u64::MAX / 2),
+                false,
+                dropout,
+                3,
             );
-            assert_eq!(
-                got,
-                reference,
-                "{}: {strategy:?} depth {depth} budget {budget:?} offload {offload} differs",
-                path.display()
+            for (strategy, depth, budget, offload) in [
+                (Strategy::Streaming, 1, None, false),
+                (Strategy::Streaming, 2, None, false),
+                (Strategy::Streaming, 4, None, false),
+                (Strategy::Resident, 2, None, false),
+                (Strategy::Budget, 1, Some(1), false), // budget below one layer: all streamed
+                // saved activations parked in host memory, brought back 1, 2 or 4 blocks ahead
+                (Strategy::Streaming, 1, None, true),
+                (Strategy::Streaming, 2, None, true),
+                (Strategy::Streaming, 4, None, true),
+            ] {
+                let got = run(path, strategy, depth, budget, offload, dropout, 3);
+                assert!(
+                    got.0.iter().all(|l| l.is_finite()),
+                    "{}: non-finite loss",
+                    path.display()
+                );
+                assert_eq!(
+                    got,
+                    reference,
+                    "{}: {strategy:?} depth {depth} budget {budget:?} offload {offload} differs",
+                    path.display()
+                );
+            }
+            println!(
+                "PASS {} (dropout {dropout}): streaming (depth 1, 2, 4), resident, budget, offloaded activations all equal: losses {:?}",
+                path.display(),
+                reference.0
             );
         }
-        println!(
-            "PASS {}: streaming (depth 1, 2, 4), resident, budget, offloaded activations all equal: losses {:?}",
-            path.display(),
-            reference.0
-        );
     }
+}
+
+/// With `profile` on, a step's GPU time comes back by kernel and by phase, every phase of
+/// a training step present and the times plausible (positive, within the step).
+#[test]
+fn profile_reports_kernels_and_phases() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shape = lema::bench::preset("tiny").unwrap();
+    let path = lema::bench::write_random_model(dir.path(), &shape, DType::BF16, 4, 0.5).unwrap();
+    let mut c = LemaConfig::new(&path);
+    c.device = Device::Cuda;
+    c.profile = true;
+    c.lora_target_modules = Some(vec!["all-linear".into()]);
+    let mut m = LemaModel::new(c).unwrap();
+    m.initialize_lora().unwrap();
+    let mut t = Trainer::new(m, OptimizerConfig::adamw(1e-3)).unwrap();
+    let ids: Vec<u32> = (0..2 * 16).map(|i| i % 200).collect();
+    let b = Batch::language_modeling(ids, 2, 16).unwrap();
+    t.train_step(&b).unwrap();
+    t.model.profile_take().unwrap();
+    let start = std::time::Instant::now();
+    t.train_step(&b).unwrap();
+    let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+    let lines = t.model.profile_take().unwrap().expect("profiling is on");
+    let get = |label: &str| lines.iter().find(|l| l.label == label);
+    for phase in ["forward", "head", "backward", "optimizer"] {
+        let busy =
+            get(&format!("busy: {phase}")).unwrap_or_else(|| panic!("no {phase}: {lines:?}"));
+        assert!(busy.ms > 0.0 && busy.calls > 0, "{busy:?}");
+    }
+    let gemm = get("gemm half").expect("bf16 GEMMs are timed");
+    assert!(gemm.calls > 0 && gemm.ms > 0.0);
+    let busy: f64 = lines
+        .iter()
+        .filter(|l| l.label.starts_with("busy: "))
+        .map(|l| l.ms)
+        .sum();
+    assert!(
+        busy < wall_ms,
+        "{busy} ms of GPU work in a {wall_ms} ms step"
+    );
+    assert!(lines.iter().all(|l| l.ms >= 0.0));
+    // nothing left over for the next call
+    let again = t.model.profile_take().unwrap().unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    println!("PASS profile: {busy:.2} ms busy of a {wall_ms:.2} ms step");
 }
 
 /// `zeros_host` buffers (mapped host memory) behave like device buffers in every op that
