@@ -88,6 +88,13 @@ pub struct TrainConfig {
     /// Keep the optimizer state in host memory that the GPU reads over the bus (saves
     /// GPU memory; same numbers).
     pub offload_optimizer: bool,
+    /// CUDA: keep each block's saved input in host memory between the forward and the
+    /// backward (saves GPU memory at long sequences; same numbers).
+    pub offload_activations: bool,
+    /// CUDA: blocks copied ahead of the one in use (1 saves a layer's worth of GPU memory).
+    pub prefetch_depth: usize,
+    /// CUDA, strategy budget: bytes of GPU memory for blocks kept resident.
+    pub max_vram: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -130,6 +137,9 @@ impl Default for TrainConfig {
             device: Device::Auto,
             gradient_checkpointing: true,
             offload_optimizer: false,
+            offload_activations: false,
+            prefetch_depth: 2,
+            max_vram: None,
         }
     }
 }
@@ -281,7 +291,7 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "strategy",
             Text,
             "NAME",
-            "frozen weights: streaming or resident [streaming]",
+            "frozen weights: streaming, resident or budget [streaming]",
         ),
         ("device", Text, "NAME", "auto, cpu or cuda [auto]"),
         (
@@ -295,6 +305,24 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             Scalar,
             "BOOL",
             "keep the optimizer state in host memory, read over PCIe [false]",
+        ),
+        (
+            "offload_activations",
+            Scalar,
+            "BOOL",
+            "CUDA: keep saved block inputs in host memory [false]",
+        ),
+        (
+            "prefetch_depth",
+            Scalar,
+            "N",
+            "CUDA: blocks copied ahead of the one in use [2]",
+        ),
+        (
+            "max_vram",
+            Scalar,
+            "BYTES",
+            "CUDA, strategy budget: GPU bytes for resident blocks [free − 4 GiB]",
         ),
     ]
 };
@@ -315,6 +343,9 @@ const RESUMABLE: &[&str] = &[
     "device",
     "gradient_checkpointing",
     "offload_optimizer",
+    "offload_activations",
+    "prefetch_depth",
+    "max_vram",
 ];
 
 /// Levenshtein distance between two strings.
@@ -458,6 +489,12 @@ impl TrainConfig {
                 "required (set it in the config file or pass --data)".into(),
             );
         }
+        if self.prefetch_depth == 0 {
+            return bad(
+                "prefetch_depth",
+                "0 would leave no block to compute on (at least 1)".into(),
+            );
+        }
         if self.max_seq_length < 2 {
             return bad(
                 "max_seq_length",
@@ -592,6 +629,9 @@ mod tests {
             ),
             ("max_steps".to_string(), "7".to_string()),
             ("output_dir".to_string(), "123".to_string()),
+            ("offload_activations".to_string(), "true".to_string()),
+            ("prefetch_depth".to_string(), "1".to_string()),
+            ("max_vram".to_string(), "3000000000".to_string()),
         ];
         let c = TrainConfig::from_toml(text, "t.toml", Some(Path::new("/base")), &over).unwrap();
         assert_eq!(
@@ -609,6 +649,8 @@ mod tests {
             Some(vec!["q_proj".into(), "v_proj".into(), "o_proj".into()])
         );
         assert_eq!(c.batch_size, TrainConfig::default().batch_size);
+        assert!(c.offload_activations && !c.offload_optimizer);
+        assert_eq!((c.prefetch_depth, c.max_vram), (1, Some(3_000_000_000)));
         c.validate().unwrap();
         // the echo reads back to the same config
         let back = TrainConfig::from_toml(&c.to_toml().unwrap(), "echo", None, &[]).unwrap();

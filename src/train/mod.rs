@@ -171,6 +171,9 @@ fn lema_config(cfg: &TrainConfig, model: &Path) -> LemaConfig {
     l.strategy = cfg.strategy;
     l.gradient_checkpointing = cfg.gradient_checkpointing;
     l.offload_optimizer = cfg.offload_optimizer;
+    l.offload_activations = cfg.offload_activations;
+    l.prefetch_depth = cfg.prefetch_depth;
+    l.max_vram = cfg.max_vram;
     l.device = cfg.device;
     l.seed = cfg.seed;
     l
