@@ -278,14 +278,7 @@ impl Gpt2 {
         // y = h + a · W_mproj + b
         let wm = self.linear(w, MPROJ)?;
         let ia = wm.input(&a);
-        let y = if keep.output() {
-            let mut y = wm.forward(be, &ia, n, lora, keep_in(keep, &mut sv))?;
-            be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
-            Some(y)
-        } else {
-            wm.forward_saved_only(be, &ia, n, lora, &mut sv)?;
-            None
-        };
+        let y = wm.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?;
         if keep.saved() {
             // ln1, ln2 and a are read by the backward only as linear inputs
             let p = lora.dropout;

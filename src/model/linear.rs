@@ -1,7 +1,7 @@
 //! A frozen linear layer with an optional LoRA branch — the one place where the
 //! `x·Wᵀ + scale·(drop(x)·Aᵀ)·Bᵀ` forward and its backward are written.
 
-use super::Saved;
+use super::{Keep, Saved, keep_in};
 use crate::backend::{Accumulate, Backend, Gemm};
 use crate::error::Result;
 use crate::lora::BlockLora;
@@ -158,10 +158,33 @@ impl<'a, B: Backend> Linear<'a, B> {
         Ok(y)
     }
 
+    /// A block's last linear with the residual stream added: `residual + forward(x)`;
+    /// with [`Keep::SavedOnly`] (a recompute, whose output the first forward made) only
+    /// what the backward reads ([`Linear::forward_saved_only`]) and no output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_residual(
+        &self,
+        be: &B,
+        x: &LinearInput<B>,
+        residual: &B::Buf,
+        n: usize,
+        lora: &BlockLora<B>,
+        keep: Keep,
+        saved: &mut Saved<B>,
+    ) -> Result<Option<B::Buf>> {
+        if !keep.output() {
+            self.forward_saved_only(be, x, n, lora, saved)?;
+            return Ok(None);
+        }
+        let mut y = self.forward(be, x, n, lora, keep_in(keep, saved))?;
+        be.axpy(&mut y, 1.0, residual, Accumulate::Add)?;
+        Ok(Some(y))
+    }
+
     /// What a re-run forward must keep when its output is not needed (the last linear of
     /// a recomputed block, whose output the first forward already produced): only the
     /// LoRA intermediate `t`, exactly as [`Linear::forward`] computes it.
-    pub fn forward_saved_only(
+    fn forward_saved_only(
         &self,
         be: &B,
         x: &LinearInput<B>,

@@ -253,14 +253,7 @@ impl Llama {
         // y[N, C] = h + act · Wdᵀ
         let wd = self.linear(w, DOWN)?;
         let ia = wd.input(&act);
-        let y = if keep.output() {
-            let mut y = wd.forward(be, &ia, n, lora, keep_in(keep, &mut sv))?;
-            be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
-            Some(y)
-        } else {
-            wd.forward_saved_only(be, &ia, n, lora, &mut sv)?;
-            None
-        };
+        let y = wd.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?;
         if keep.saved() {
             // ln1, ln2 and act are read by the backward only as linear inputs
             let p = lora.dropout;
