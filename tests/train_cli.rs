@@ -266,6 +266,49 @@ fn eval_reads_plain_text_in_windows() {
     assert_eq!(v["tokens"].as_u64(), Some(450 - 8), "{v}");
 }
 
+/// `generate` and `merge` take the model as its folder too, as `train` and `eval` do,
+/// and a wrong path says what a model is.
+#[test]
+fn generate_and_merge_take_the_model_folder() {
+    let s = Setup::new(None);
+    for model in ["model", "model/model.safetensors"] {
+        let o = s.lema(&[
+            "generate", "--model", model, "--raw", "-n", "3", "--device", "cpu", "hello",
+        ]);
+        expect_ok(&o);
+        assert!(!o.stdout.is_empty(), "{model}: nothing generated");
+    }
+    let o = s.lema(&[
+        "generate", "--model", "nope", "--raw", "--device", "cpu", "hi",
+    ]);
+    expect_fail(&o, 1, &["nope: no such model", "lema prepare"]);
+    // an adapter trained here, folded into the base given as its folder
+    let cfg = s.config("t.toml", "d.jsonl", "run", "max_steps = 2");
+    s.easy_data("d.jsonl", 8);
+    expect_ok(&s.lema(&["train", "--config", cfg.to_str().unwrap()]));
+    let o = s.lema(&[
+        "merge",
+        "--model",
+        "model",
+        "--adapter",
+        "run/adapter",
+        "--out",
+        "merged/model.safetensors",
+    ]);
+    expect_ok(&o);
+    assert!(s.path("merged/model.safetensors").is_file());
+    let o = s.lema(&[
+        "merge",
+        "--model",
+        "nope",
+        "--adapter",
+        "run/adapter",
+        "--out",
+        "m.safetensors",
+    ]);
+    expect_fail(&o, 1, &["nope: no such model"]);
+}
+
 /// Losses, learning rates, gradient norms and eval losses of a run, by step.
 type Trajectory = Vec<(u64, f64, f64, f64, Option<f64>)>;
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The prepared model: a monolithic .safetensors with config.json and the tokenizer
-    /// files beside it (see `lema prepare`).
+    /// files beside it (see `lema prepare`), or the folder that holds them.
     #[arg(short, long)]
     model: PathBuf,
     /// A PEFT adapter folder to apply (adapter_config.json + adapter_model.safetensors).
@@ -83,19 +83,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty; pass it as an argument or on stdin");
     }
-    if !a.model.is_file() {
-        bail!(
-            "{}: no such model file (a monolithic .safetensors made by `lema prepare`)",
-            a.model.display()
-        );
-    }
-    let mut cfg = LemaConfig::new(&a.model);
+    let model_path = super::model_file(&a.model)?;
+    let mut cfg = LemaConfig::new(&model_path);
     cfg.adapter_path = a.adapter.clone();
     cfg.strategy = a.strategy;
     cfg.device = a.device;
     let mut model =
-        LemaModel::new(cfg).with_context(|| format!("opening {}", a.model.display()))?;
-    let tok_dir = a.tokenizer.unwrap_or_else(|| model_dir(&a.model));
+        LemaModel::new(cfg).with_context(|| format!("opening {}", model_path.display()))?;
+    let tok_dir = a.tokenizer.unwrap_or_else(|| model_dir(&model_path));
     let tok = Tokenizer::from_dir(&tok_dir)?;
     let format = match (a.chat, a.raw) {
         (true, _) => PromptFormat::Chat,

@@ -1,11 +1,12 @@
 //! `lema merge`: fold a LoRA adapter into the base weights.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
-    /// The base model: a monolithic .safetensors with config.json beside it.
+    /// The base model: a monolithic .safetensors with config.json beside it, or the
+    /// folder that holds them.
     #[arg(short, long)]
     model: PathBuf,
     /// The PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -18,15 +19,10 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    if !a.model.is_file() {
-        bail!(
-            "{}: no such model file (a monolithic .safetensors made by `lema prepare`)",
-            a.model.display()
-        );
-    }
+    let model = super::model_file(&a.model)?;
     let start = std::time::Instant::now();
-    let report = lema::merge::merge_adapter(&a.model, &a.adapter, &a.out)
-        .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
+    let report = lema::merge::merge_adapter(&model, &a.adapter, &a.out)
+        .with_context(|| format!("merging {} into {}", a.adapter.display(), model.display()))?;
     println!(
         "wrote {} ({} tensors, {} with the adapter folded in) in {:.1} s",
         report.output.display(),
