@@ -133,14 +133,13 @@ pub fn write_random_model(
     let specs = crate::model::Model::new(cfg).tensor_specs();
     let out_specs = specs
         .iter()
-        .map(|s| crate::import::st_writer::TensorSpec {
+        .map(|s| crate::fsutil::TensorSpec {
             name: s.name.clone(),
             dtype,
             shape: s.shape.clone(),
         })
         .collect();
-    let mut w =
-        crate::import::st_writer::SafetensorsWriter::create(&path, out_specs, &BTreeMap::new())?;
+    let mut w = crate::fsutil::SafetensorsWriter::create(&path, out_specs, &BTreeMap::new())?;
     const CHUNK: usize = 1 << 16;
     for (ti, spec) in specs.iter().enumerate() {
         let n: usize = spec.shape.iter().product();

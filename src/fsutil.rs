@@ -1,6 +1,12 @@
 //! File-system helpers: atomic writes (DESIGN.md §3: temporary name in the same folder,
-//! fsync, rename) and a safetensors writer built on them, so that a crash never leaves a
-//! half-written checkpoint or prepared model under its final name.
+//! fsync, rename) and the one safetensors writer built on them, so that a crash or Ctrl-C
+//! never leaves a half-written checkpoint or prepared model under its final name.
+//!
+//! [`AtomicFile`] is the single atomic write path; [`atomic_write`] wraps it for a
+//! closure. [`SafetensorsWriter`] streams a safetensors file tensor by tensor into an
+//! `AtomicFile` (`lema prepare`, `merge`, `bench`); [`write_safetensors`] is the
+//! in-memory convenience on top of it (adapters, checkpoints), laying the tensors out in
+//! the safetensors crate's order so its files match that crate's byte for byte.
 
 use crate::backend::DType;
 use crate::error::{Error, Result};
@@ -10,9 +16,13 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest safetensors header lema writes or reads, as the safetensors crate allows.
 pub const MAX_HEADER_SIZE: usize = 100_000_000;
+
+/// Buffer size of an [`AtomicFile`]; large tensors are passed through unbuffered anyway.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// Removes the temporary file on drop unless disarmed (errors and panics alike).
 struct TempGuard {
@@ -28,46 +38,102 @@ impl Drop for TempGuard {
     }
 }
 
-/// Write `path` atomically: `write` fills `.<file>.tmp-<pid>` in the same folder, which is
-/// flushed, synced and renamed over `path`; then the folder is synced (Unix only). On any
-/// error before the rename, the temporary file is removed and `path` is untouched; an
-/// error after it (syncing the folder) means the new file is in place but may not yet
-/// survive a power loss. Two concurrent writers of one path in one process would share
-/// the temporary name; callers serialise such writes.
+/// A file written under a temporary name beside its destination and renamed into place
+/// by [`AtomicFile::commit`]. Dropped without a commit (an error, a panic), it removes
+/// its temporary file and leaves the destination untouched; a process killed meanwhile
+/// (Ctrl-C, a crash) leaves at most a `.<file>.tmp-*` file, never a partial destination.
+pub struct AtomicFile {
+    path: PathBuf,
+    dir: PathBuf,
+    // Declared before `guard` so that the file is closed before it is removed.
+    out: BufWriter<File>,
+    guard: TempGuard,
+}
+
+impl AtomicFile {
+    /// Create `.<file>.tmp-<pid>-<n>` in the folder of `path` (`n` counts the files this
+    /// process has created, so concurrent writers never share a temporary file).
+    pub fn create(path: &Path) -> Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let Some(file_name) = path.file_name() else {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+            ));
+        };
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp = dir.join(tmp_name);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            out: BufWriter::with_capacity(WRITE_BUFFER, file),
+            guard: TempGuard {
+                path: tmp,
+                armed: true,
+            },
+        })
+    }
+
+    /// The destination path (what error messages name).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append `bytes`; an error names the destination path.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Flush, fsync, rename over the destination, then sync the folder (Unix only). An
+    /// error before the rename removes the temporary file and leaves the destination
+    /// untouched; an error after it (syncing the folder) means the new file is in place
+    /// but may not yet survive a power loss.
+    pub fn commit(self) -> Result<()> {
+        let Self {
+            path,
+            dir,
+            out,
+            mut guard,
+        } = self;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        drop(file);
+        std::fs::rename(&guard.path, &path).map_err(|e| Error::io(&path, e))?;
+        guard.armed = false;
+        sync_dir(&dir).map_err(|e| Error::io(&dir, e))
+    }
+}
+
+/// Write `path` atomically through an [`AtomicFile`]: `write` fills the temporary file,
+/// which is then committed. On any error (or panic) in `write` the temporary file is
+/// removed and `path` is untouched.
 pub fn atomic_write(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let Some(file_name) = path.file_name() else {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-        ));
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    let mut file = AtomicFile::create(path)?;
+    write(&mut file.out).map_err(|e| Error::io(path, e))?;
+    file.commit()
+}
 
-    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut guard = TempGuard {
-        path: tmp,
-        armed: true,
-    };
-    let mut w = BufWriter::new(file);
-    write(&mut w).map_err(|e| Error::io(path, e))?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    drop(file);
-    std::fs::rename(&guard.path, path).map_err(|e| Error::io(path, e))?;
-    guard.armed = false;
-    sync_dir(dir).map_err(|e| Error::io(dir, e))
+/// Write `bytes` to `path` atomically (see [`atomic_write`]).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write(path, |w| w.write_all(bytes))
 }
 
 /// Make a rename in `dir` durable. Filesystems that cannot sync a folder say so with
@@ -93,6 +159,213 @@ fn sync_dir(_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One tensor to be written by a [`SafetensorsWriter`]: name, element type, shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Header name (unique in the file; `__metadata__` is reserved).
+    pub name: String,
+    /// Element type of the data.
+    pub dtype: DType,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Size of the tensor's data in bytes, or `None` on overflow.
+    pub fn n_bytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+    }
+}
+
+/// The padded header JSON of a safetensors file whose data holds `specs` in this order,
+/// and each tensor's size in bytes. `__metadata__` (omitted when empty) comes first, then
+/// the tensors in data order; spaces pad the header to a multiple of 8 bytes so that the
+/// data section starts 8-byte aligned.
+fn safetensors_header(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<u8>, Vec<u64>)> {
+    let json_str = |s: &str| serde_json::Value::from(s).to_string();
+
+    let mut entries = Vec::with_capacity(specs.len() + 1);
+    if !metadata.is_empty() {
+        let items: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+            .collect();
+        entries.push(format!("\"__metadata__\":{{{}}}", items.join(",")));
+    }
+    let mut sizes = Vec::with_capacity(specs.len());
+    let mut offset = 0u64;
+    let mut seen = std::collections::HashSet::with_capacity(specs.len());
+    for s in specs {
+        if s.name == "__metadata__" {
+            return Err(Error::tensor(
+                path,
+                &s.name,
+                "this name is reserved by safetensors",
+            ));
+        }
+        if !seen.insert(s.name.as_str()) {
+            return Err(Error::tensor(path, &s.name, "appears more than once"));
+        }
+        let n = s.n_bytes().ok_or_else(|| {
+            Error::tensor(path, &s.name, format!("shape {:?} is too large", s.shape))
+        })?;
+        let end = offset.checked_add(n).ok_or_else(|| {
+            Error::tensor(
+                path,
+                &s.name,
+                "the file would be too large (size overflows)",
+            )
+        })?;
+        let shape: Vec<String> = s.shape.iter().map(usize::to_string).collect();
+        entries.push(format!(
+            "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
+            json_str(&s.name),
+            s.dtype.safetensors_name(),
+            shape.join(",")
+        ));
+        sizes.push(n);
+        offset = end;
+    }
+    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() > MAX_HEADER_SIZE {
+        return Err(Error::format(
+            path,
+            format!(
+                "safetensors header would be {} bytes, more than the {MAX_HEADER_SIZE} allowed",
+                header.len()
+            ),
+        ));
+    }
+    Ok((header, sizes))
+}
+
+/// Writes a safetensors file tensor by tensor, atomically.
+///
+/// The caller declares every tensor (name, dtype, shape) up front, so the header can be
+/// written first; the data then follows one tensor at a time, in declaration order, and
+/// never has to be held in memory all at once. The file goes through an [`AtomicFile`]:
+/// [`finish`](Self::finish) checks that every tensor was written in full and renames it
+/// into place; a writer dropped before that removes its temporary file.
+pub struct SafetensorsWriter {
+    file: AtomicFile,
+    specs: Vec<TensorSpec>,
+    sizes: Vec<u64>,
+    /// Index of the tensor being written and bytes of it written so far.
+    current: usize,
+    written_in_current: u64,
+    total_bytes: u64,
+}
+
+impl SafetensorsWriter {
+    /// Create the temporary file and write the header for `specs` (data follows in this
+    /// order). `metadata` goes into the header's `__metadata__` entry (omitted when empty).
+    pub fn create(
+        path: &Path,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let (header, sizes) = safetensors_header(path, &specs, metadata)?;
+        let total_bytes = sizes.iter().sum();
+        let mut file = AtomicFile::create(path)?;
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        let mut writer = Self {
+            file,
+            specs,
+            sizes,
+            current: 0,
+            written_in_current: 0,
+            total_bytes,
+        };
+        writer.skip_empty();
+        Ok(writer)
+    }
+
+    /// The declared tensors, in write order.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// Total size of the data section in bytes.
+    pub fn data_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// The tensor whose bytes are expected next, if any.
+    pub fn next_tensor(&self) -> Option<&TensorSpec> {
+        self.specs.get(self.current)
+    }
+
+    fn skip_empty(&mut self) {
+        while self.sizes.get(self.current) == Some(&0) {
+            self.current += 1;
+        }
+    }
+
+    /// Append bytes of the current tensor. A tensor may be written in any number of
+    /// pieces; a piece may not run past the end of the current tensor.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.file.path();
+        let (spec, size) = match (self.specs.get(self.current), self.sizes.get(self.current)) {
+            (Some(s), Some(&n)) => (s, n),
+            _ => {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    "all declared tensors are already written",
+                ));
+            }
+        };
+        if spec.name != name {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!("written out of order; expected '{}' next", spec.name),
+            ));
+        }
+        let after = self.written_in_current + bytes.len() as u64;
+        if after > size {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!("{after} bytes written, but the tensor has {size}"),
+            ));
+        }
+        self.file.write_all(bytes)?;
+        self.written_in_current = after;
+        if after == size {
+            self.current += 1;
+            self.written_in_current = 0;
+            self.skip_empty();
+        }
+        Ok(())
+    }
+
+    /// Check that every tensor was written in full, then commit the file (fsync, rename
+    /// into place). Returns the final path.
+    pub fn finish(self) -> Result<PathBuf> {
+        if let Some(spec) = self.specs.get(self.current) {
+            return Err(Error::tensor(
+                self.file.path(),
+                &spec.name,
+                "not written (the file would be incomplete)",
+            ));
+        }
+        let path = self.file.path().to_path_buf();
+        self.file.commit()?;
+        Ok(path)
+    }
+}
+
 /// One tensor to write: its name, element type, shape and little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct TensorOut<'a> {
@@ -115,51 +388,29 @@ fn align_rank(d: DType) -> u8 {
     }
 }
 
-/// The padded header JSON and the order in which the tensors' data follow it. Laid out as
-/// the safetensors crate does (descending dtype alignment, then name; spaces pad the
-/// header to a multiple of 8), so that every tensor stays aligned to its element size.
-fn safetensors_header(
+/// Write `tensors` and `metadata` (the `__metadata__` map, omitted when empty) as one
+/// safetensors file, atomically, through a [`SafetensorsWriter`]. Each tensor's data
+/// length must match its shape and dtype. The tensors are laid out as the safetensors
+/// crate does (descending dtype alignment, then name), so that every tensor stays aligned
+/// to its element size and the file matches that crate's output byte for byte.
+pub fn write_safetensors(
     path: &Path,
     tensors: &[TensorOut],
     metadata: &BTreeMap<String, String>,
-) -> Result<(Vec<u8>, Vec<usize>)> {
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (&tensors[a], &tensors[b]);
-        (align_rank(a.dtype), &a.name).cmp(&(align_rank(b.dtype), &b.name))
-    });
-    let json_str = |s: &str| serde_json::Value::from(s).to_string();
-
-    let mut entries = Vec::with_capacity(tensors.len() + 1);
-    if !metadata.is_empty() {
-        let items: Vec<String> = metadata
-            .iter()
-            .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
-            .collect();
-        entries.push(format!("\"__metadata__\":{{{}}}", items.join(",")));
-    }
-    let mut offset = 0usize;
-    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
-    for &i in &order {
-        let t = &tensors[i];
-        if t.name == "__metadata__" {
-            return Err(Error::tensor(
-                path,
-                &t.name,
-                "this name is reserved by safetensors",
-            ));
-        }
-        if !seen.insert(t.name.as_str()) {
-            return Err(Error::tensor(path, &t.name, "appears more than once"));
-        }
-        let want = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| {
-                Error::tensor(path, &t.name, format!("shape {:?} is too large", t.shape))
-            })?;
-        if t.data.len() != want {
+) -> Result<()> {
+    let mut order: Vec<&TensorOut> = tensors.iter().collect();
+    order.sort_by(|a, b| (align_rank(a.dtype), &a.name).cmp(&(align_rank(b.dtype), &b.name)));
+    let mut specs = Vec::with_capacity(order.len());
+    for t in &order {
+        let spec = TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        };
+        // An overflowing shape is reported by the header builder.
+        if let Some(want) = spec.n_bytes()
+            && t.data.len() as u64 != want
+        {
             return Err(Error::tensor(
                 path,
                 &t.name,
@@ -171,46 +422,14 @@ fn safetensors_header(
                 ),
             ));
         }
-        let end = offset + want;
-        let shape: Vec<String> = t.shape.iter().map(usize::to_string).collect();
-        entries.push(format!(
-            "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
-            json_str(&t.name),
-            t.dtype.safetensors_name(),
-            shape.join(",")
-        ));
-        offset = end;
+        specs.push(spec);
     }
-    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
-    if header.len() > MAX_HEADER_SIZE {
-        return Err(Error::format(
-            path,
-            format!(
-                "safetensors header would be {} bytes, more than the {MAX_HEADER_SIZE} allowed",
-                header.len()
-            ),
-        ));
+    let mut w = SafetensorsWriter::create(path, specs, metadata)?;
+    // Empty tensors have no bytes to write; the writer skips them by itself.
+    for t in order.iter().filter(|t| !t.data.is_empty()) {
+        w.write(&t.name, &t.data)?;
     }
-    Ok((header, order))
-}
-
-/// Write `tensors` and `metadata` (the `__metadata__` map, omitted when empty) as one
-/// safetensors file, atomically. Each tensor's data length must match its shape and dtype.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[TensorOut],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let (header, order) = safetensors_header(path, tensors, metadata)?;
-    atomic_write(path, |w| {
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for &i in &order {
-            w.write_all(&tensors[i].data)?;
-        }
-        Ok(())
-    })
+    w.finish().map(drop)
 }
 
 /// Little-endian bytes of f32 values, for [`TensorOut::data`].
@@ -463,6 +682,143 @@ mod tests {
 
         assert_eq!(std::fs::read(&p).unwrap(), b"untouched");
         assert_eq!(listing(dir.path()), vec!["bad.safetensors"]);
+    }
+
+    /// The specs of `tensors` in the order `write_safetensors` lays them out.
+    fn crate_order<'a>(tensors: &'a [TensorOut<'a>]) -> Vec<&'a TensorOut<'a>> {
+        let mut order: Vec<&TensorOut> = tensors.iter().collect();
+        order.sort_by(|a, b| (align_rank(a.dtype), &a.name).cmp(&(align_rank(b.dtype), &b.name)));
+        order
+    }
+
+    #[test]
+    fn streaming_and_in_memory_writers_are_byte_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = sample_tensors();
+        for meta in [
+            BTreeMap::new(),
+            BTreeMap::from([
+                ("format".to_string(), "pt".to_string()),
+                ("note".to_string(), "\"quoted\" ü\n".to_string()),
+            ]),
+        ] {
+            let a = dir.path().join("in_memory.safetensors");
+            write_safetensors(&a, &tensors, &meta).unwrap();
+
+            let b = dir.path().join("streamed.safetensors");
+            let order = crate_order(&tensors);
+            let specs = order
+                .iter()
+                .map(|t| TensorSpec {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                })
+                .collect();
+            let mut w = SafetensorsWriter::create(&b, specs, &meta).unwrap();
+            assert_eq!(
+                w.data_bytes(),
+                tensors.iter().map(|t| t.data.len() as u64).sum::<u64>()
+            );
+            for t in &order {
+                // In uneven pieces, as the importers write.
+                for piece in t.data.chunks(3) {
+                    w.write(&t.name, piece).unwrap();
+                }
+            }
+            assert!(w.next_tensor().is_none());
+            assert_eq!(w.finish().unwrap(), b);
+
+            let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+            assert_eq!(a, b, "metadata {meta:?}");
+        }
+        assert_eq!(
+            listing(dir.path()),
+            vec!["in_memory.safetensors", "streamed.safetensors"]
+        );
+    }
+
+    #[test]
+    fn streamed_file_loads_with_the_safetensors_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        // Declaration order is data order, whatever the names and dtypes.
+        let specs = vec![
+            TensorSpec {
+                name: "b".into(),
+                dtype: DType::F32,
+                shape: vec![2, 3],
+            },
+            TensorSpec {
+                name: "a".into(),
+                dtype: DType::BF16,
+                shape: vec![3],
+            },
+            TensorSpec {
+                name: "empty".into(),
+                dtype: DType::F16,
+                shape: vec![0, 4],
+            },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut w = SafetensorsWriter::create(&path, specs, &meta).unwrap();
+        let b = f32_bytes(&[0.0, 1.5, 3.0, 4.5, 6.0, 7.5]);
+        w.write("b", &b[..10]).unwrap();
+        let msg = w.write("a", &[0; 2]).unwrap_err().to_string();
+        assert!(msg.contains("out of order") && msg.contains("'b'"), "{msg}");
+        w.write("b", &b[10..]).unwrap();
+        let a: Vec<u8> = [1.0f32, -2.0, 0.5]
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let msg = w.write("a", &[0; 8]).unwrap_err().to_string();
+        assert!(
+            msg.contains("8 bytes written") && msg.contains("has 6"),
+            "{msg}"
+        );
+        w.write("a", &a).unwrap();
+        let msg = w.write("b", &a).unwrap_err().to_string();
+        assert!(msg.contains("already written"), "{msg}");
+        w.finish().unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, md) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(md.metadata().as_ref().unwrap().get("format").unwrap(), "pt");
+        let tb = st.tensor("b").unwrap();
+        assert_eq!(tb.shape(), &[2, 3]);
+        assert_eq!(tb.data(), &b[..]);
+        let ta = st.tensor("a").unwrap();
+        assert_eq!(ta.dtype(), Dtype::BF16);
+        assert_eq!(ta.data(), &a[..]);
+        assert_eq!(st.tensor("empty").unwrap().shape(), &[0, 4]);
+        assert_eq!(listing(dir.path()), vec!["m.safetensors"]);
+    }
+
+    #[test]
+    fn unfinished_or_dropped_writer_leaves_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, b"original").unwrap();
+        let specs = vec![TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![4],
+        }];
+        let mut w = SafetensorsWriter::create(&path, specs.clone(), &BTreeMap::new()).unwrap();
+        w.write("x", &[0u8; 8]).unwrap();
+        let msg = w.finish().unwrap_err().to_string();
+        assert!(
+            msg.contains("m.safetensors") && msg.contains("incomplete"),
+            "{msg}"
+        );
+        assert_eq!(listing(dir.path()), vec!["m.safetensors"]);
+
+        let mut w = SafetensorsWriter::create(&path, specs, &BTreeMap::new()).unwrap();
+        w.write("x", &[0u8; 16]).unwrap();
+        drop(w); // never finished: as if an error had unwound past it
+        assert_eq!(std::fs::read(&path).unwrap(), b"original");
+        assert_eq!(listing(dir.path()), vec!["m.safetensors"]);
     }
 
     #[test]

@@ -15,10 +15,10 @@
 
 use super::dequant;
 use super::gguf::{GgmlType, GgufFile, GgufHeader, MetaValue, TensorInfo};
-use super::st_writer::{SafetensorsWriter, TensorSpec};
 use super::{Progress, encode_f32, layer_sort_key};
 use crate::backend::DType;
 use crate::error::{Error, Result};
+use crate::fsutil::{SafetensorsWriter, TensorSpec};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;

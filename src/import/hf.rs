@@ -12,13 +12,13 @@
 //! 1 MiB, so memory stays small whatever the model size. PyTorch pickle checkpoints are
 //! refused: loading a pickle runs arbitrary code.
 
-use super::st_writer::{SafetensorsWriter, TensorSpec, write_file_atomic};
 use super::{
     ModelSummary, OutputPaths, PrepareReport, Progress, SourceFormat, dtype_counts, encode_f32,
     file_size, layer_sort_key, parameter_count,
 };
 use crate::backend::DType;
 use crate::error::{Error, Result};
+use crate::fsutil::{SafetensorsWriter, TensorSpec, write_file_atomic};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

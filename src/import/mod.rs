@@ -15,7 +15,6 @@ pub mod gguf_llama;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hf;
-pub mod st_writer;
 
 pub use hf::prepare_monolithic_safetensors;
 
@@ -251,7 +250,7 @@ pub(crate) fn layer_sort_key(name: &str) -> (u8, usize, String) {
     (group, 0, name.to_string())
 }
 
-fn dtype_counts(specs: &[st_writer::TensorSpec]) -> BTreeMap<String, usize> {
+fn dtype_counts(specs: &[crate::fsutil::TensorSpec]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for s in specs {
         *m.entry(s.dtype.to_string()).or_insert(0) += 1;
@@ -259,7 +258,7 @@ fn dtype_counts(specs: &[st_writer::TensorSpec]) -> BTreeMap<String, usize> {
     m
 }
 
-fn parameter_count(specs: &[st_writer::TensorSpec]) -> u64 {
+fn parameter_count(specs: &[crate::fsutil::TensorSpec]) -> u64 {
     specs
         .iter()
         .map(|s| s.shape.iter().map(|&d| d as u64).product::<u64>())
@@ -270,7 +269,7 @@ fn parameter_count(specs: &[st_writer::TensorSpec]) -> u64 {
 fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<PathBuf> {
     let path = dir.join(name);
     let text = gguf_tokenizer::to_json_text(value, &path)?;
-    st_writer::write_file_atomic(&path, text.as_bytes())?;
+    crate::fsutil::write_file_atomic(&path, text.as_bytes())?;
     Ok(path)
 }
 
@@ -308,7 +307,7 @@ pub fn prepare_gguf(
             name.to_string_lossy().into_owned(),
         );
     }
-    let mut writer = st_writer::SafetensorsWriter::create(&paths.model, specs.clone(), &meta)?;
+    let mut writer = crate::fsutil::SafetensorsWriter::create(&paths.model, specs.clone(), &meta)?;
     let bar = Progress::new(progress, writer.data_bytes(), "gguf → safetensors");
     plan.write_tensors(&file, &mut writer, &bar)?;
     let model = writer.finish()?;
@@ -316,7 +315,7 @@ pub fn prepare_gguf(
 
     let mut side_files = vec![write_json(&paths.dir, "config.json", &plan.config)?];
     let tok_path = paths.dir.join("tokenizer.json");
-    st_writer::write_file_atomic(&tok_path, tok_text.as_bytes())?;
+    crate::fsutil::write_file_atomic(&tok_path, tok_text.as_bytes())?;
     side_files.push(tok_path);
     side_files.push(write_json(
         &paths.dir,
