@@ -21,7 +21,8 @@ mod common;
 use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
 use lema::backend::{
-    Accumulate, AdamWStep, AttnDims, Backend, DType, Gemm, IGNORE_INDEX, SgdStep, dropout_keep,
+    Accumulate, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX, SgdStep,
+    dropout_keep,
 };
 use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
@@ -695,6 +696,85 @@ fn attention_cases(g: &CudaBackend, r: &mut Rng) -> Vec<String> {
         fails.extend(attention_case(g, r, 2, t, 4, 2, 64, Some(&ks)));
     }
     fails
+}
+
+/// KV-cache decoding on the device (f32 kernel) against the CPU: one and several new
+/// queries, GQA and MQA, a cache longer than what is filled, left padding (`key_start`,
+/// including a row whose first key lies after some of its queries, which attend to
+/// themselves only), head dimensions 16 to 256. The output starts as NaN.
+#[test]
+fn attention_decode_against_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("attention_decode");
+    // (batch, q_len, cap, kv_len, heads, kv heads, head dim, key_start)
+    #[allow(clippy::type_complexity)]
+    let cases: [(
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<Vec<u32>>,
+    ); 7] = [
+        (1, 1, 8, 1, 2, 1, 16, None),
+        (2, 1, 50, 37, 8, 2, 64, Some(vec![0, 5])),
+        (1, 5, 20, 20, 4, 4, 32, None),
+        (3, 3, 300, 290, 9, 3, 64, Some(vec![0, 100, 289])),
+        (2, 1, 1030, 1029, 32, 8, 128, Some(vec![3, 0])),
+        (1, 7, 64, 40, 4, 1, 80, None),
+        (2, 2, 40, 33, 4, 2, 256, Some(vec![1, 32])),
+    ];
+    for (b, tq, cap, kv_len, h, kvh, d, ks) in cases {
+        let dims = DecodeDims {
+            batch: b,
+            q_len: tq,
+            cap,
+            kv_len,
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let (nq, nkv) = (b * tq * h * d, b * cap * kvh * d);
+        let (cq, gq) = p.up(&r.vec(nq, 2.0));
+        let (ck, gk) = p.up(&r.vec(nkv, 1.0));
+        let (cv, gv) = p.up(&r.vec(nkv, 1.0));
+        let (mut co, mut go) = p.up(&vec![f32::NAN; nq]);
+        let ks = ks.as_deref();
+        c.attention_decode(&mut co, &cq, &ck, &cv, dims, ks)
+            .unwrap();
+        g.attention_decode(&mut go, &gq, &gk, &gv, dims, ks)
+            .unwrap();
+        p.cmp(
+            &format!("attention_decode B={b} Tq={tq} cap={cap} kv_len={kv_len} H={h} KVH={kvh} D={d} key_start={ks:?}"),
+            &co,
+            &go,
+            1e-5,
+        );
+    }
+    // a bad shape is refused with the op's name, not launched
+    let dims = DecodeDims {
+        batch: 1,
+        q_len: 2,
+        cap: 4,
+        kv_len: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+        scale: 1.0,
+    };
+    let (_, gq) = p.up(&[0.0; 32]);
+    let (_, gk) = p.up(&[0.0; 32]);
+    let (_, mut go) = p.up(&[0.0; 32]);
+    let e = g
+        .attention_decode(&mut go, &gq, &gk, &gk, dims, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("attention_decode") && e.contains("q_len"), "{e}");
 }
 
 /// Default options: head dimensions 64 and 128 run on the bf16 tensor-core kernels (on

@@ -279,6 +279,64 @@ __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const flo
     }
 }
 
+// Decode (attention_decode): new queries against a key/value cache. q, out: [B, Tq, H, D];
+// kc, vc: [B, cap, KVH, D]. Query i of row b sits at position p = kv_len - Tq + i and
+// attends to keys s0 ..= p, s0 = min(ks[b], p) (ks: [B], or null for 0), so a padding
+// query before its row's first key attends to itself only. One warp per (b, i, h): q in
+// shared memory, one key per lane per step of 32 (its whole dot product), online softmax,
+// then each lane adds p_j v_j into its DPL output dimensions.
+template <int DPL>
+__device__ void attn_decode(float* out, const float* q, const float* kc, const float* vc, const u32* ks,
+                            int Tq, int cap, int kv_len, int H, int KVH, int D, float scale) {
+    extern __shared__ float sm[];
+    const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h = blockIdx.x * nw + warp, i = blockIdx.y, b = blockIdx.z;
+    if (h >= H) return;  // whole warps only: no block-wide barrier below
+    const int g = h / (H / KVH);
+    const int p = kv_len - Tq + i;
+    const int s0 = ks ? min((int)ks[b], p) : 0;
+    const i64 qo = (((i64)b * Tq + i) * H + h) * D;
+    float* qs = sm + warp * D;
+    for (int d = lane; d < D; d += 32) qs[d] = q[qo + d];
+    __syncwarp();
+    float m = -INF_F, l = 0.f, o[DPL];
+#pragma unroll
+    for (int k = 0; k < DPL; ++k) o[k] = 0.f;
+    for (int j0 = s0; j0 <= p; j0 += 32) {
+        const int j = j0 + lane;
+        float s = -INF_F;
+        if (j <= p) {
+            const float* kr = kc + (((i64)b * cap + j) * KVH + g) * D;
+            float acc = 0.f;
+            for (int d = 0; d < D; ++d) acc += qs[d] * kr[d];
+            s = acc * scale;
+        }
+        const float mn = fmaxf(m, warp_max(s));  // finite: key j0 <= p is in this step
+        const float pj = j <= p ? expf(s - mn) : 0.f;
+        const float corr = expf(m - mn);         // 0 on the first step (m = -inf)
+        l = l * corr + warp_sum(pj);
+#pragma unroll
+        for (int k = 0; k < DPL; ++k) o[k] *= corr;
+        const int n = min(32, p - j0 + 1);
+        for (int jj = 0; jj < n; ++jj) {
+            const float pw = __shfl_sync(0xffffffffu, pj, jj);
+            const float* vr = vc + (((i64)b * cap + j0 + jj) * KVH + g) * D;
+#pragma unroll
+            for (int k = 0; k < DPL; ++k) {
+                const int d = lane + 32 * k;
+                if (d < D) o[k] += pw * vr[d];
+            }
+        }
+        m = mn;
+    }
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int k = 0; k < DPL; ++k) {
+        const int d = lane + 32 * k;
+        if (d < D) out[qo + d] = o[k] * inv;
+    }
+}
+
 #define ATTN_VARIANTS(DPL, SUFFIX)                                                                                   \
     extern "C" __global__ void attn_fwd_##SUFFIX(float* out, float* lse, const float* q, const float* k,            \
                                                  const float* v, const u32* ks, int T, int H, int KVH, int D,        \
@@ -296,6 +354,11 @@ __device__ void attn_bwd_dkdv(float* dk, float* dv, const float* dout, const flo
                                                       const float* v, const u32* ks, int T, int H, int KVH, int D,   \
                                                       float scale) {                                                 \
         attn_bwd_dkdv<DPL>(dk, dv, dout, lse, dsum, q, k, v, ks, T, H, KVH, D, scale);                               \
+    }                                                                                                                \
+    extern "C" __global__ void attn_decode_##SUFFIX(float* out, const float* q, const float* kc, const float* vc,   \
+                                                    const u32* ks, int Tq, int cap, int kv_len, int H, int KVH,     \
+                                                    int D, float scale) {                                            \
+        attn_decode<DPL>(out, q, kc, vc, ks, Tq, cap, kv_len, H, KVH, D, scale);                                     \
     }
 
 ATTN_VARIANTS(1, d32)

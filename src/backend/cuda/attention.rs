@@ -7,7 +7,7 @@
 
 use super::device::{Arg, Launch, Module, err};
 use super::{CudaBackend, CudaBuf};
-use crate::backend::AttnDims;
+use crate::backend::{AttnDims, DecodeDims};
 use crate::error::Result;
 
 pub(super) const MODULE: Module = Module {
@@ -58,6 +58,10 @@ fn kernel(prefix: &'static str, v: &'static str) -> &'static str {
         ("dq", "d64") => "attn_bwd_dq_d64",
         ("dq", "d128") => "attn_bwd_dq_d128",
         ("dq", _) => "attn_bwd_dq_d256",
+        ("decode", "d32") => "attn_decode_d32",
+        ("decode", "d64") => "attn_decode_d64",
+        ("decode", "d128") => "attn_decode_d128",
+        ("decode", _) => "attn_decode_d256",
         (_, "d32") => "attn_bwd_dkdv_d32",
         (_, "d64") => "attn_bwd_dkdv_d64",
         (_, "d128") => "attn_bwd_dkdv_d128",
@@ -340,6 +344,69 @@ impl CudaBackend {
                 Arg::I32(h as i32),
                 Arg::I32(kvh as i32),
                 Arg::I32(hd as i32),
+                Arg::F32(d.scale),
+            ],
+        )
+    }
+
+    /// [`crate::backend::Backend::attention_decode`] on the device: f32 CUDA cores, one
+    /// warp per query head (decoding reads each cached key once per query; no tiles).
+    pub(super) fn attention_decode_impl(
+        &self,
+        out: &mut CudaBuf,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        d: DecodeDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        let op = "attention_decode";
+        d.check(
+            super::device::BACKEND,
+            [
+                ("out", out.len),
+                ("q", q.len),
+                ("k_cache", k_cache.len),
+                ("v_cache", v_cache.len),
+            ],
+            key_start,
+        )?;
+        let var = variant(op, d.head_dim)?;
+        let nq = d.batch * d.q_len * d.n_heads * d.head_dim;
+        let nkv = d.batch * d.cap * d.n_kv_heads * d.head_dim;
+        let po = Self::check_f32(op, "out", out, nq)?;
+        let pq = Self::check_f32(op, "q", q, nq)?;
+        let pk = Self::check_f32(op, "k_cache", k_cache, nkv)?;
+        let pv = Self::check_f32(op, "v_cache", v_cache, nkv)?;
+        if nq == 0 {
+            return Ok(());
+        }
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| err(op, format!("{what} {v} exceeds 32 bits")))
+        };
+        let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
+        let pks = ks.as_ref().map_or(0, super::Device::ptr);
+        self.dev.launch(
+            op,
+            MODULE,
+            kernel("decode", var),
+            Launch {
+                grid: (d.n_heads.div_ceil(WARPS), d.q_len, d.batch),
+                block: (WARPS * 32) as u32,
+                shared_bytes: WARPS * d.head_dim * 4,
+            },
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pq),
+                Arg::Ptr(pk),
+                Arg::Ptr(pv),
+                Arg::Ptr(pks),
+                Arg::I32(int(d.q_len, "q_len")?),
+                Arg::I32(int(d.cap, "cap")?),
+                Arg::I32(int(d.kv_len, "kv_len")?),
+                Arg::I32(int(d.n_heads, "n_heads")?),
+                Arg::I32(int(d.n_kv_heads, "n_kv_heads")?),
+                Arg::I32(int(d.head_dim, "head_dim")?),
                 Arg::F32(d.scale),
             ],
         )

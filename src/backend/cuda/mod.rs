@@ -755,6 +755,18 @@ impl Backend for CudaBackend {
         self.attention_forward_impl(out, lse, q, k, v, dims, key_start)
     }
 
+    fn attention_decode(
+        &self,
+        out: &mut CudaBuf,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        dims: crate::backend::DecodeDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<()> {
+        self.attention_decode_impl(out, q, k_cache, v_cache, dims, key_start)
+    }
+
     fn attention_backward(
         &self,
         dq: &mut CudaBuf,
