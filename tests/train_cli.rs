@@ -282,6 +282,13 @@ fn generate_and_merge_take_the_model_folder() {
         "generate", "--model", "nope", "--raw", "--device", "cpu", "hi",
     ]);
     expect_fail(&o, 1, &["nope: no such model", "lema prepare"]);
+    // eval and train say the same, not that a tokenizer is missing
+    let o = s.lema(&["eval", "--model", "nope", "--data", "x.jsonl"]);
+    expect_fail(&o, 1, &["nope: no such model"]);
+    let o = s.lema(&[
+        "train", "--model", "nope", "--data", "x.jsonl", "--device", "cpu",
+    ]);
+    expect_fail(&o, 1, &["nope: no such model"]);
     // an adapter trained here, folded into the base given as its folder
     let cfg = s.config("t.toml", "d.jsonl", "run", "max_steps = 2");
     s.easy_data("d.jsonl", 8);
@@ -316,6 +323,35 @@ fn trajectory(m: &[StepRecord]) -> Trajectory {
     m.iter()
         .map(|r| (r.step, r.loss, r.lr, r.grad_norm, r.eval_loss))
         .collect()
+}
+
+/// `--resume` alone from another working folder: the checkpoint's configuration holds
+/// the run's paths as they were resolved, so the run goes on as if uninterrupted.
+#[test]
+fn resume_from_another_working_folder() {
+    let s = Setup::new(None);
+    s.easy_data("train.jsonl", 16);
+    s.config(
+        "train.toml",
+        "train.jsonl",
+        "run",
+        "batch_size = 2\nmax_steps = 6\nsave_steps = 3\neval_fraction = 0.25\neval_steps = 3",
+    );
+    expect_ok(&s.lema(&["train", "--config", "train.toml"]));
+    let full = trajectory(&metrics(&s.path("run")));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let ck = s.path("run/checkpoint-3");
+    let out = elsewhere.path().join("resumed");
+    let o = Command::new(env!("CARGO_BIN_EXE_lema"))
+        .args(["train", "--resume", ck.to_str().unwrap()])
+        .args(["--output-dir", out.to_str().unwrap()])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    expect_ok(&o);
+    let resumed = trajectory(&metrics(&out));
+    assert_eq!(full.len(), 6);
+    assert_eq!(&resumed[..], &full[3..], "resumed elsewhere: {}", text(&o));
 }
 
 #[test]
@@ -692,7 +728,8 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         1,
         &[
             "training stopped: loss is NaN at step 7; the parameters were not updated",
-            "the last good checkpoint is run/checkpoint-6",
+            "the last good checkpoint is ",
+            "/run/checkpoint-6",
         ],
     );
     let st = lema::Trainer::read_state(&s.path("run/checkpoint-6")).unwrap();

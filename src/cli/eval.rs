@@ -44,6 +44,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "error" => BadLinePolicy::Error,
         other => anyhow::bail!("--on-bad-line '{other}': use skip or error"),
     };
+    super::model_file(&a.model)?;
     let opts = EvalOptions {
         model: a.model,
         adapter: a.adapter,

@@ -475,6 +475,33 @@ impl TrainConfig {
     }
 
     /// Reject missing or out-of-range values, naming the field.
+    /// Make every path absolute (relative ones are taken from the working folder), so
+    /// that the configuration saved with a run's checkpoints still names the same files
+    /// when the run is resumed from another folder.
+    pub fn make_paths_absolute(&mut self) -> Result<()> {
+        let abs = |p: &Path| {
+            std::path::absolute(p).map_err(|e| {
+                Error::config(format!(
+                    "cannot make the path {} absolute: {e}",
+                    p.display()
+                ))
+            })
+        };
+        for p in [
+            &mut self.model,
+            &mut self.tokenizer,
+            &mut self.data,
+            &mut self.eval_data,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = abs(p)?;
+        }
+        self.output_dir = abs(&self.output_dir)?;
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| Err(Error::config(format!("{field}: {why}")));
         if self.model.is_none() {

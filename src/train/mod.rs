@@ -382,12 +382,22 @@ pub fn write_loss_curve(out: &Path) -> Result<()> {
 /// Train as `cfg` says, from scratch or from the checkpoint `resume`.
 pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Outcome> {
     cfg.validate()?;
+    // the configuration saved with the checkpoints must not depend on the working folder
+    let mut cfg = cfg.clone();
+    cfg.make_paths_absolute()?;
+    let cfg = &cfg;
     let (Some(model), Some(data_path)) = (cfg.model.as_deref(), cfg.data.as_deref()) else {
         return Err(Error::config(
             "internal: validated config lacks model or data",
         ));
     };
     let out = cfg.output_dir.clone();
+    if !model_file(model).is_file() {
+        return Err(Error::config(format!(
+            "model: {}: no such model (a .safetensors file made by `lema prepare`, or the folder that holds its model.safetensors)",
+            model.display()
+        )));
+    }
 
     // a resume must continue the same computation
     let resumed = match resume {
