@@ -1334,6 +1334,65 @@ fn short(key: &str) -> String {
 
 /// Training from a fresh adapter with LoRA dropout on every linear: CPU and CUDA draw the
 /// same masks, so the losses of a few AdamW steps agree (f32 weights: 1e-4).
+/// With bf16 weights the CUDA path differs most from the CPU's: activations rounded to
+/// bf16 for the frozen GEMMs and for the LoRA GEMMs that share their input copies, the
+/// blocks keeping only those copies, the recompute that skips the block output. One SGD
+/// step from the fixtures' adapters (non-zero B, no dropout) on a bf16 copy of each model:
+/// the loss, the gradient norm and every LoRA update against the CPU on the same bf16
+/// weights, and with both offloads on, bit for bit against CUDA without them.
+#[test]
+fn bf16_training_step_matches_cpu() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        println!("SKIP: no CUDA device ({why})");
+        return;
+    }
+    for case in ["llama_gqa", "gpt2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::bf16_copy(case, dir.path());
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = fixture_batch(&reference);
+        let mut runs = Vec::new();
+        for (device, offload) in [
+            (Device::Cpu, false),
+            (Device::Cuda, false),
+            (Device::Cuda, true),
+        ] {
+            let mut cfg = LemaConfig::new(&model);
+            cfg.adapter_path = Some(fixture(case).join("adapter"));
+            cfg.device = device;
+            cfg.offload_activations = offload;
+            cfg.offload_optimizer = offload;
+            let m = LemaModel::new(cfg).expect("model");
+            let weights = |m: &LemaModel| -> Vec<f32> {
+                m.lora_tensors()
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|(_, _, w)| w)
+                    .collect()
+            };
+            let before = weights(&m);
+            let mut t = Trainer::new(m, OptimizerConfig::sgd(0.1, 0.0)).unwrap();
+            let out = t.train_step(&batch).unwrap();
+            let delta: Vec<f32> = weights(&t.model)
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a - b)
+                .collect();
+            runs.push((out.loss as f32, out.grad_norm as f32, delta));
+        }
+        let (cpu, gpu, off) = (&runs[0], &runs[1], &runs[2]);
+        check(&format!("bf16 {case} loss"), &[gpu.0], &[cpu.0], 5e-3);
+        check(&format!("bf16 {case} grad norm"), &[gpu.1], &[cpu.1], 2e-2);
+        check(&format!("bf16 {case} LoRA updates"), &gpu.2, &cpu.2, 3e-2);
+        assert!(
+            cpu.2.iter().any(|&d| d != 0.0),
+            "{case}: the step changed nothing"
+        );
+        assert_eq!(gpu, off, "{case}: offloading changed the step");
+    }
+}
+
 #[test]
 fn training_steps_cuda_match_cpu() {
     poison_uninit();

@@ -6,8 +6,7 @@
 
 mod common;
 use common::*;
-use lema::backend::DType;
-use lema::merge::{encode, merge_adapter};
+use lema::merge::merge_adapter;
 use lema::{Batch, Device, LemaConfig, LemaModel};
 use std::path::Path;
 
@@ -57,31 +56,6 @@ fn merged_f32_model_equals_base_plus_adapter() {
             "{case}: adapter has no effect"
         );
     }
-}
-
-/// A bf16 copy of a fixture model (config.json beside it).
-fn bf16_copy(case: &str, dir: &Path) -> std::path::PathBuf {
-    let src = fixture(case);
-    let t = read_tensors(&src.join("model.safetensors"));
-    let mut names: Vec<_> = t.keys().cloned().collect();
-    names.sort();
-    let tensors: Vec<lema::fsutil::TensorOut> = names
-        .iter()
-        .map(|n| {
-            let (shape, v) = &t[n];
-            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            lema::fsutil::TensorOut {
-                name: n.clone(),
-                dtype: DType::BF16,
-                shape: shape.clone(),
-                data: std::borrow::Cow::Owned(encode(&v, DType::BF16)),
-            }
-        })
-        .collect();
-    let path = dir.join("model.safetensors");
-    lema::fsutil::write_safetensors(&path, &tensors, &Default::default()).unwrap();
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    path
 }
 
 #[test]

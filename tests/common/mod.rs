@@ -66,3 +66,28 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
 pub fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
+
+/// A bf16 copy of a fixture model (config.json beside it).
+pub fn bf16_copy(case: &str, dir: &Path) -> PathBuf {
+    let src = fixture(case);
+    let t = read_tensors(&src.join("model.safetensors"));
+    let mut names: Vec<_> = t.keys().cloned().collect();
+    names.sort();
+    let tensors: Vec<lema::fsutil::TensorOut> = names
+        .iter()
+        .map(|n| {
+            let (shape, v) = &t[n];
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            lema::fsutil::TensorOut {
+                name: n.clone(),
+                dtype: lema::backend::DType::BF16,
+                shape: shape.clone(),
+                data: std::borrow::Cow::Owned(lema::bench::encode(&v, lema::backend::DType::BF16)),
+            }
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    lema::fsutil::write_safetensors(&path, &tensors, &Default::default()).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    path
+}
