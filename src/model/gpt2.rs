@@ -179,40 +179,10 @@ impl Gpt2 {
         )
     }
 
-    pub(crate) fn block_forward<B: Backend>(
-        &self,
-        be: &B,
-        w: &LayerWeights<B>,
-        lora: &BlockLora<B>,
-        x: &B::Buf,
-        s: &StepShape,
-        keep: Keep,
-    ) -> Result<(Option<B::Buf>, Saved<B>)> {
-        self.block_forward_with(be, w, lora, x, s, keep, None)
-    }
-
-    /// The block forward over new tokens whose keys and values join `cache` (block
-    /// `layer`); attention reads every cached position.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn block_forward_cached<B: Backend>(
-        &self,
-        be: &B,
-        w: &LayerWeights<B>,
-        lora: &BlockLora<B>,
-        x: &B::Buf,
-        s: &StepShape,
-        cache: &mut KvCache<B>,
-        layer: usize,
-    ) -> Result<B::Buf> {
-        self.block_forward_with(be, w, lora, x, s, Keep::Output, Some((cache, layer)))?
-            .0
-            .ok_or_else(|| crate::error::Error::config("internal: block output"))
-    }
-
     /// The block forward, attention over this call's tokens (training, evaluation) or,
     /// with a cache, over the cache they are appended to (generation).
     #[allow(clippy::too_many_arguments)]
-    fn block_forward_with<B: Backend>(
+    pub(crate) fn block_forward<B: Backend>(
         &self,
         be: &B,
         w: &LayerWeights<B>,

@@ -77,9 +77,7 @@ impl<'x, B: Backend> LinearInput<'x, B> {
         }
         Ok(self.half.get().and_then(Option::as_ref).unwrap_or(self.x))
     }
-}
 
-impl<B: Backend> LinearInput<'_, B> {
     /// The GEMM copy made so far, if any, giving up the input.
     pub fn into_gemm_copy(self) -> Option<B::Buf> {
         self.half.into_inner().flatten()

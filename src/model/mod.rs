@@ -228,7 +228,7 @@ impl Model {
         } else {
             Keep::Output
         };
-        let (y, saved) = dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep))?;
+        let (y, saved) = dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep, None))?;
         let y = y.ok_or_else(|| Error::config("internal: block output"))?;
         Ok((y, saved))
     }
@@ -243,7 +243,7 @@ impl Model {
         x: &B::Buf,
         shape: &StepShape,
     ) -> Result<Saved<B>> {
-        Ok(dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::SavedOnly))?.1)
+        Ok(dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::SavedOnly, None))?.1)
     }
 
     /// Block forward of new tokens against a KV cache (generation): their keys and values
@@ -260,7 +260,10 @@ impl Model {
         cache: &mut kv_cache::KvCache<B>,
         layer: usize,
     ) -> Result<B::Buf> {
-        dispatch!(self, m => m.block_forward_cached(be, w, lora, x, shape, cache, layer))
+        let cache = Some((cache, layer));
+        dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::Output, cache))?
+            .0
+            .ok_or_else(|| Error::config("internal: block output"))
     }
 
     /// Block backward: from `dy` and the saved activations of the forward on `x`, returns
