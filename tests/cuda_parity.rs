@@ -17,6 +17,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+use common::poison_uninit;
 
 use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
@@ -27,20 +28,6 @@ use lema::backend::{
 use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
 // ---- harness ----------------------------------------------------------------------------
-
-/// Turn on `LEMA_CUDA_POISON=1` for this test process, so that the backends `LemaModel`
-/// builds from the environment also fill `Backend::uninit` buffers with NaN and a read
-/// before a write fails the comparisons. Every test that touches CUDA calls this first:
-/// the `Once` holds them all until the variable is set, so no thread is inside the CUDA
-/// libraries (which read the environment through libc) while it changes.
-fn poison_uninit() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: see above: no other thread of this process reads the environment outside
-        // std's lock (which `set_var` takes) until every caller has passed the `Once`.
-        unsafe { std::env::set_var("LEMA_CUDA_POISON", "1") };
-    });
-}
 
 /// The GPU backend (with a synchronisation after each kernel, so that a fault names its
 /// kernel, and NaN-filled `uninit` buffers), or None after printing why the test is

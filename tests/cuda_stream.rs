@@ -11,20 +11,6 @@ use lema::rng::Rng;
 use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Strategy, Trainer};
 use std::path::Path;
 
-/// Turn on `LEMA_CUDA_POISON=1` for this test process, so that the backends `LemaModel`
-/// builds from the environment also fill `Backend::uninit` buffers with NaN and a read
-/// before a write fails the comparisons. Every test that touches CUDA calls this first:
-/// the `Once` holds them all until the variable is set, so no thread is inside the CUDA
-/// libraries (which read the environment through libc) while it changes.
-fn poison_uninit() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: see above: no other thread of this process reads the environment outside
-        // std's lock (which `set_var` takes) until every caller has passed the `Once`.
-        unsafe { std::env::set_var("LEMA_CUDA_POISON", "1") };
-    });
-}
-
 /// Whether a GPU is here; first turns on NaN-filled `uninit` buffers for every backend
 /// this process builds.
 fn gpu() -> bool {
