@@ -1,8 +1,8 @@
 //! The CUDA backend against the CPU backend (`CpuBackend<f32>`) op by op on fresh random
 //! inputs, then against the transformers + PEFT fixtures and in a few training steps.
-//! Runs only where a GPU and the CUDA 13 libraries are present; elsewhere each test prints
-//! `SKIP: no CUDA device` and returns. Each comparison prints a `PARITY` line (run with
-//! `--nocapture` to see the table).
+//! Runs only where a GPU and the CUDA 13 libraries are present; elsewhere each test skips
+//! visibly (`common::skip_without_gpu`: a `SKIP:` line on stderr) and returns. Each
+//! comparison prints a `PARITY` line (run with `--nocapture` to see the table).
 //!
 //! Metrics: `rel` = ‖cuda − cpu‖₂ / ‖cpu‖₂ and `max` = max|cuda − cpu| / max|cpu|; both must
 //! stay under the tolerance written next to each check. The reasons, in short:
@@ -17,7 +17,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::poison_uninit;
+use common::{poison_uninit, skip_without_gpu};
 
 use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
@@ -35,7 +35,7 @@ use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 fn gpu_with(f: impl FnOnce(&mut CudaOptions)) -> Option<CudaBackend> {
     poison_uninit();
     if let Err(why) = cuda::probe(0) {
-        println!("SKIP: no CUDA device ({why})");
+        skip_without_gpu(&why.to_string());
         return None;
     }
     let mut opts = CudaOptions {
@@ -1263,7 +1263,7 @@ fn adamw_of(case: &str) -> OptimizerConfig {
 fn peft_fixtures_on_cuda() {
     poison_uninit();
     if let Err(why) = cuda::probe(0) {
-        println!("SKIP: no CUDA device ({why})");
+        skip_without_gpu(&why.to_string());
         return;
     }
     for case in ["llama_gqa", "llama_tied", "gpt2"] {
@@ -1331,7 +1331,7 @@ fn short(key: &str) -> String {
 fn bf16_training_step_matches_cpu() {
     poison_uninit();
     if let Err(why) = cuda::probe(0) {
-        println!("SKIP: no CUDA device ({why})");
+        skip_without_gpu(&why.to_string());
         return;
     }
     for case in ["llama_gqa", "gpt2"] {
@@ -1384,7 +1384,7 @@ fn bf16_training_step_matches_cpu() {
 fn training_steps_cuda_match_cpu() {
     poison_uninit();
     if let Err(why) = cuda::probe(0) {
-        println!("SKIP: no CUDA device ({why})");
+        skip_without_gpu(&why.to_string());
         return;
     }
     for case in ["llama_gqa", "gpt2"] {
@@ -1443,7 +1443,6 @@ fn auto_device_picks_cuda_when_present() {
         assert_eq!(model.device(), Device::Cuda);
         assert!(model.device_note().is_none());
     } else {
-        println!("SKIP: no CUDA device");
         assert_eq!(model.device(), Device::Cpu);
         assert!(model.device_note().is_some());
     }

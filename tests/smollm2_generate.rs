@@ -1,5 +1,5 @@
-//! Generation with the KV cache on the real model, SmolLM2-135M-Instruct (prepared from
-//! the cached GGUF; a SKIP line when it is absent): greedy decoding of the reference
+//! Generation with the KV cache on the real model, SmolLM2-135M-Instruct (prepared afresh
+//! from the cached GGUF by `common::smollm2`; a visible skip when it is absent): greedy decoding of the reference
 //! chat prompt gives transformers' tokens (tests/data/smollm2_reference.json), alone and
 //! batched with a longer prompt (left padding), and the cached logits agree with the
 //! full forward on bf16 weights.
@@ -9,24 +9,7 @@ use common::*;
 use lema::generate::{PromptFormat, encode_prompt};
 use lema::tokenizer::Tokenizer;
 use lema::{Device, GenerateOptions, LemaConfig, LemaModel, SamplingParams, Strategy};
-use std::path::{Path, PathBuf};
-
-fn prepared(test: &str) -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models");
-    let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let out = root.join("smollm2-135m");
-    if out.join("model.safetensors").exists() && out.join("tokenizer.json").exists() {
-        return Some(out);
-    }
-    if !gguf.exists() {
-        println!("SKIP: {test}: SmolLM2 GGUF absent (run scripts/fetch-smollm2.sh)");
-        return None;
-    }
-    // another test binary may be preparing the same folder: prepare into our own
-    let own = std::env::temp_dir().join(format!("lema-smollm2-gen-{}", std::process::id()));
-    lema::import::prepare(&gguf, &own, None, false).expect("prepare SmolLM2");
-    Some(own)
-}
+use std::path::Path;
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
@@ -38,7 +21,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn kv_cache_greedy_decoding_matches_transformers() {
-    let Some(dir) = prepared("kv_cache_greedy_decoding_matches_transformers") else {
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
         return;
     };
     let r: serde_json::Value = serde_json::from_str(

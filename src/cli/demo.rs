@@ -60,14 +60,11 @@ pub struct DemoArgs {
 const MODEL_DIR: &str = "smollm2-135m";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The prepared model file, fetching and preparing it first when absent.
+/// The prepared model file: the GGUF fetched when absent, then prepared by this build
+/// every time (about 2 s), so that a folder an older `prepare` wrote is never used.
 fn ensure_model(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join(MODEL_DIR);
     let model = dir.join("model.safetensors");
-    if model.exists() && dir.join("tokenizer.json").exists() {
-        println!("model: {} (cached)", model.display());
-        return Ok(model);
-    }
     let mut gguf = cache.join(GGUF);
     if !gguf.exists() {
         let script = Path::new("scripts/fetch-smollm2.sh");

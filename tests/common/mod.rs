@@ -1,5 +1,11 @@
-//! Shared helpers for integration tests: fixture loading and comparisons that fail on NaN.
+//! Shared helpers for integration tests: fixture loading, comparisons that fail on NaN,
+//! visible skips ([`skip`]) and the real test model ([`smollm2`]).
 #![allow(dead_code)]
+
+pub mod skip;
+pub mod smollm2;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use skip::{running_in_ci, skip, skip_without_gpu};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
