@@ -3,9 +3,10 @@
 //! non-zero B, a batch, and the reference logits, loss, every LoRA gradient, the gradient
 //! norm, and the losses and final weights of 5 AdamW and 5 SGD steps.
 //!
-//! Tolerances: both sides compute in f32 with different summation orders, so logits and
-//! loss agree to ~1e-6 relative; gradients, being differences of similar terms, to ~1e-5;
-//! after 5 optimizer steps (AdamW normalises tiny gradients, amplifying rounding) ~1e-4.
+//! Tolerances: both sides compute in f32 with different summation orders. Each check is
+//! set about 5–10× above the largest relative error measured over the three fixtures and
+//! both strategies (`LEMA_TEST_VERBOSE=1 cargo test --release --test parity -- --nocapture`
+//! prints every one), written next to it as "measured ≤ …".
 
 mod common;
 use common::*;
@@ -75,19 +76,19 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
                 &format!("{tag} logits"),
                 &f64s(out.logits.as_ref().unwrap()),
                 &reference["logits"].1,
-                2e-6,
+                2e-6, // measured ≤ 3.3e-7 // measured ≤ 3.3e-7
             );
             assert_close(
                 &format!("{tag} loss"),
                 &[out.loss],
                 &reference["loss"].1,
-                1e-6,
+                5e-7, // measured ≤ 8.3e-8
             );
             assert_close(
                 &format!("{tag} grad norm"),
                 &[out.grad_norm],
                 &reference["grad_norm"].1,
-                1e-5,
+                1e-6, // measured ≤ 1.7e-7
             );
             let grads = trainer.model.lora_grads().unwrap();
             let n_ref = reference.keys().filter(|k| k.starts_with("grad.")).count();
@@ -97,7 +98,8 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
                     .get(&format!("grad.{key}"))
                     .unwrap_or_else(|| panic!("{tag}: no reference for {key}"))
                     .1;
-                assert_close(&format!("{tag} grad {key}"), &f64s(g), r, 2e-5);
+                // per tensor, some of them small: measured ≤ 1.4e-6
+                assert_close(&format!("{tag} grad {key}"), &f64s(g), r, 1e-5);
             }
         }
         let mut losses = vec![out.loss];
@@ -108,15 +110,18 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
             &format!("{tag} losses"),
             &losses,
             &reference[&format!("losses_{which}")].1,
-            1e-5,
+            5e-7, // measured ≤ 8.8e-8 (AdamW), 8.3e-8 (SGD)
         );
+        // AdamW normalises each gradient, so rounding in small ones moves the weights more
+        // than SGD does: measured ≤ 6.6e-7 (AdamW), 1.5e-7 (SGD)
+        let tol = if which == "adamw" { 5e-6 } else { 1e-6 };
         for (key, _, w) in trainer.model.lora_tensors().unwrap() {
             let r = &reference[&format!("after_{which}.{key}")].1;
             assert_close(
                 &format!("{tag} weights after 5 steps {key}"),
                 &f64s(&w),
                 r,
-                1e-4,
+                tol,
             );
         }
     }

@@ -40,7 +40,7 @@ ref = {
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     "passage_tokens": len(ids),
     "passage_perplexity": ppl,
-    "passage_first_ids": ids[:32],
+    "passage_ids": ids,
     "encodings": {s: tok(s, add_special_tokens=False)["input_ids"] for s in samples},
     "chat_prompt": prompt,
     "chat_prompt_ids": prompt_ids,
