@@ -89,16 +89,23 @@ impl KernelCache {
             KernelCache::Off => None,
             KernelCache::Dir(d) => Some(d.clone()),
             KernelCache::Default => {
-                let base = std::env::var_os("XDG_CACHE_HOME")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-                    .or_else(|| {
-                        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
-                    })?;
-                Some(base.join("lema").join("kernels"))
+                default_cache_dir(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
             }
         }
     }
+}
+
+/// `$XDG_CACHE_HOME/lema/kernels` when that is set and not empty, else
+/// `$HOME/.cache/lema/kernels`; None without either.
+fn default_cache_dir(
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    let base = xdg_cache_home
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| home.map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("lema").join("kernels"))
 }
 
 /// One CUDA C source file compiled as a unit (`.cu` beside its Rust caller).
@@ -684,14 +691,39 @@ fn set_pool_release_threshold(ctx: &CudaContext, bytes: u64) {
 mod tests {
     use super::*;
 
+    /// FNV-1a 64 as specified (cache file names must not change between builds), with a
+    /// 0xff byte after each part so that moving a boundary changes the key.
     #[test]
-    fn fnv_is_stable_and_separates_parts() {
-        assert_eq!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"ab", b"c"]));
+    fn fnv_is_fnv1a_and_separates_parts() {
+        const PRIME: u64 = 0x0100_0000_01b3;
+        // the FNV offset basis, and FNV-1a 64 of "a", from the FNV reference test vectors
+        assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
+        let a_then_ff = (0xaf63_dc4c_8601_ec8c_u64 ^ 0xff).wrapping_mul(PRIME);
+        assert_eq!(fnv1a(&[b"a"]), a_then_ff);
+        assert_eq!(fnv1a(&[b"a", b""]), (a_then_ff ^ 0xff).wrapping_mul(PRIME));
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+        assert_ne!(fnv1a(&[b"ab"]), fnv1a(&[b"ab", b""]));
     }
 
     #[test]
-    fn cache_dir_follows_xdg() {
+    fn cache_dir_follows_xdg_then_home() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        let kernels = |base: &str| Some(PathBuf::from(base).join("lema").join("kernels"));
+        assert_eq!(
+            default_cache_dir(os("/xdg"), os("/home/u")),
+            kernels("/xdg")
+        );
+        // an empty XDG_CACHE_HOME counts as unset (XDG Base Directory spec)
+        assert_eq!(
+            default_cache_dir(os(""), os("/home/u")),
+            kernels("/home/u/.cache")
+        );
+        assert_eq!(
+            default_cache_dir(None, os("/home/u")),
+            kernels("/home/u/.cache")
+        );
+        assert_eq!(default_cache_dir(None, None), None);
+        assert_eq!(default_cache_dir(os("/xdg"), None), kernels("/xdg"));
         let d = KernelCache::Dir(PathBuf::from("/x")).dir();
         assert_eq!(d, Some(PathBuf::from("/x")));
         assert_eq!(KernelCache::Off.dir(), None);
