@@ -41,7 +41,9 @@ fn truncated_model_file_names_the_file() {
     for cut in [4, 100, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&c.model_path, &bytes[..cut]).unwrap();
         let msg = err_of(LemaModel::new(c.clone()));
-        assert_mentions(&msg, &["model.safetensors"]);
+        // the whole path (not just a name the fixture shares) and what is wrong with it
+        let path = c.model_path.display().to_string();
+        assert_mentions(&msg, &[&path, "truncated"]);
     }
 }
 
@@ -82,9 +84,17 @@ fn unknown_architecture_lists_supported_ones() {
 fn missing_config_json_says_where_it_looked() {
     let d = tempfile::tempdir().unwrap();
     let c = copy_case("gpt2", d.path());
-    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    let cfg = d.path().join("config.json");
+    std::fs::remove_file(&cfg).unwrap();
     let msg = err_of(LemaModel::new(c));
-    assert_mentions(&msg, &["config.json"]);
+    assert_mentions(
+        &msg,
+        &[
+            &cfg.display().to_string(),
+            "missing",
+            "`lema prepare` writes it",
+        ],
+    );
 }
 
 #[test]
@@ -139,7 +149,19 @@ fn adapter_for_another_model_is_refused_with_the_tensor() {
     c.device = Device::Cpu;
     c.adapter_path = Some(fixture("gpt2").join("adapter"));
     let msg = err_of(LemaModel::new(c.clone()));
-    assert_mentions(&msg, &["adapter"]);
+    // names the adapter's config, the modules it wants, what this model has, and the
+    // likely cause (the path alone already contains "adapter")
+    let gpt2_cfg = fixture("gpt2").join("adapter").join("adapter_config.json");
+    assert_mentions(
+        &msg,
+        &[
+            &gpt2_cfg.display().to_string(),
+            "c_attn",
+            "match no module of this model",
+            "self_attn.q_proj",
+            "trained for another model",
+        ],
+    );
     // an adapter whose matrices have the wrong shape
     let d = tempfile::tempdir().unwrap();
     let src = fixture("llama_gqa").join("adapter");
@@ -219,12 +241,16 @@ fn a_failed_save_leaves_the_previous_checkpoint_intact() {
         .lora_tensors()
         .unwrap();
     t.train_step(&b).unwrap();
-    // the save fails midway (the fill writes a file, then errors)
+    // the save fails midway: a file is written, then a real write fails
+    let mut failed = std::path::PathBuf::new();
     let r = lema::checkpoint::write_dir_atomically(&ck, |tmp| {
         std::fs::write(tmp.join("adapter_model.safetensors"), b"partial").unwrap();
-        Err(lema::Error::config("disk full (simulated)"))
+        failed = tmp.join("no-such-folder").join("optimizer.safetensors");
+        lema::checkpoint::write_json(&failed, &serde_json::json!({}))
     });
-    assert_mentions(&err_of(r), &["disk full"]);
+    // the error that stopped the save comes back naming where it could not write, and why
+    let folder = failed.parent().unwrap().display().to_string();
+    assert_mentions(&err_of(r), &[&folder, "No such file or directory"]);
     let after = Trainer::from_checkpoint(&ck, None).unwrap();
     assert_eq!(after.step(), 1);
     assert_eq!(after.model.lora_tensors().unwrap(), saved);

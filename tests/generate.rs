@@ -186,14 +186,26 @@ fn bad_generation_requests_are_errors() {
     let e = m
         .generate(&[vec![]], &opts, &mut |_, _| Ok(()))
         .unwrap_err();
-    assert!(e.to_string().contains("empty"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("prompt 0 is empty; generation needs at least one token"),
+        "{e}"
+    );
     let e = m
         .generate(&[vec![1_000_000]], &opts, &mut |_, _| Ok(()))
         .unwrap_err();
-    assert!(e.to_string().contains("1000000"), "{e}");
+    for part in [
+        "token id 1000000",
+        "of 96 rows",
+        "tokenized for another model",
+    ] {
+        assert!(e.to_string().contains(part), "{part:?} not in: {e}");
+    }
     // GPT-2's learned positions bound prompt + new tokens
     let max = m.model_config().max_position_embeddings;
     let long = vec![vec![1u32; max]];
     let e = m.generate(&long, &opts, &mut |_, _| Ok(())).unwrap_err();
-    assert!(e.to_string().contains("learned positions"), "{e}");
+    for part in ["learned positions", "shorten the prompt or max_new_tokens"] {
+        assert!(e.to_string().contains(part), "{part:?} not in: {e}");
+    }
 }

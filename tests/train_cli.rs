@@ -611,7 +611,7 @@ fn unknown_config_fields_get_a_suggestion() {
     expect_fail(
         &s.lema(&["train", "-c", "t.toml", "--batch-size", "four"]),
         1,
-        &["batch_size"],
+        &["field `batch_size`", "\"four\""],
     );
 }
 
@@ -654,7 +654,15 @@ fn resume_from_a_different_model_or_config_is_refused() {
         "--output-dir",
         "r3",
     ]);
-    expect_fail(&o, 1, &["data (", "checkpoint "]);
+    expect_fail(
+        &o,
+        1,
+        &[
+            "cannot resume from run/checkpoint-1",
+            "d.jsonl): checkpoint ",
+            ", now ",
+        ],
+    );
     s.easy_data("d.jsonl", 8);
     // another base model (3 layers instead of 2)
     let other = Setup::with_layers(None, 3);
@@ -687,7 +695,10 @@ fn resume_from_a_different_model_or_config_is_refused() {
     expect_fail(
         &s.lema(&["train", "--resume", "nowhere/checkpoint-9"]),
         1,
-        &["nowhere/checkpoint-9/trainer_state.json"],
+        &[
+            "nowhere/checkpoint-9/trainer_state.json",
+            "missing: this folder is not a complete lema checkpoint",
+        ],
     );
 }
 
