@@ -548,7 +548,7 @@ fn fingerprint(config: &LemaConfig) -> Result<serde_json::Value> {
         .map_err(|e| Error::io(&config.model_path, e))?
         .len();
     let cfg_path = config.config_json();
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::fsutil::read_text(&cfg_path)?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
     Ok(serde_json::json!({ "model_file_bytes": size, "config": cfg }))

@@ -57,7 +57,7 @@ pub fn adapter_config_json(
 /// implement (DoRA, per-module ranks, regex targets, bias training).
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::fsutil::read_text(&path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
     let bad = |msg: String| Error::format(&path, msg);

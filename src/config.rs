@@ -64,13 +64,22 @@ pub struct ModelConfig {
 
 /// The `model_type` values lema understands, for messages.
 const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, gpt2";
+/// Most weights a config.json may imply: 2^48 (2.8e14), over a hundred times the largest
+/// models, half a petabyte in bf16.
+const MAX_PARAMETERS: u64 = 1 << 48;
 /// The `rope_scaling` types lema understands, for messages.
 const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3";
 
 impl ModelConfig {
     /// Read and validate a config.json file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        if !path.exists() {
+            return Err(Error::format(
+                path,
+                "missing: a model's config.json sits beside its weights (`lema prepare` writes it)",
+            ));
+        }
+        let text = crate::fsutil::read_text(path)?;
         Self::from_json_str(&text, path)
     }
 
@@ -115,7 +124,78 @@ impl ModelConfig {
             }
         };
         cfg.raw = raw;
+        cfg.check_size(path)?;
         Ok(cfg)
+    }
+
+    /// The number of weights these sizes imply (embedding, blocks, an untied head, GPT-2's
+    /// position table), or None when the count overflows 64 bits.
+    pub fn implied_parameters(&self) -> Option<u64> {
+        let n = |x: usize| x as u64;
+        let h = n(self.hidden_size);
+        let q = n(self.num_attention_heads).checked_mul(n(self.head_dim))?;
+        let kv = n(self.num_key_value_heads).checked_mul(n(self.head_dim))?;
+        // q and o, k and v
+        let attention = h.checked_mul(q.checked_add(kv)?.checked_mul(2)?)?;
+        let mlp_matrices = if self.arch == Arch::Gpt2 { 2 } else { 3 };
+        let mlp = h
+            .checked_mul(n(self.intermediate_size))?
+            .checked_mul(mlp_matrices)?;
+        let blocks = n(self.num_hidden_layers).checked_mul(attention.checked_add(mlp)?)?;
+        let embedding = n(self.vocab_size).checked_mul(h)?;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embedding
+        };
+        let positions = if self.arch == Arch::Gpt2 {
+            n(self.max_position_embeddings).checked_mul(h)?
+        } else {
+            0
+        };
+        blocks
+            .checked_add(embedding)?
+            .checked_add(head)?
+            .checked_add(positions)
+    }
+
+    /// Refuse sizes that no model has (a typo, or a file made to exhaust memory): every
+    /// buffer lema sizes from them is then far from overflowing.
+    fn check_size(&self, path: &Path) -> Result<()> {
+        let count = self.implied_parameters();
+        if count.is_some_and(|c| c <= MAX_PARAMETERS) {
+            return Ok(());
+        }
+        let sizes = match self.arch {
+            Arch::Gpt2 => format!(
+                "vocab_size = {}, n_embd = {}, n_inner = {}, n_layer = {}, n_head = {}, \
+                 n_positions = {}",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.num_attention_heads,
+                self.max_position_embeddings
+            ),
+            _ => format!(
+                "vocab_size = {}, hidden_size = {}, intermediate_size = {}, \
+                 num_hidden_layers = {}, num_attention_heads = {}, num_key_value_heads = {}, \
+                 head_dim = {}",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.num_attention_heads,
+                self.num_key_value_heads,
+                self.head_dim
+            ),
+        };
+        let count = count.map_or_else(|| "more than 2^64".to_string(), |c| c.to_string());
+        Err(Error::config(format!(
+            "{}: {sizes} imply {count} weights, more than the 2^48 lema accepts (the largest \
+             models have about 2^41); check these sizes",
+            path.display()
+        )))
     }
 
     /// RoPE inverse frequencies, `head_dim / 2` of them: HF's default `1/θ^(2i/D)`, then the
@@ -966,6 +1046,40 @@ mod tests {
         assert_contains(&msg, &["bos_token_id", "5000000000"]);
         let msg = err_of(&llama_with(r#"{"rms_norm_eps": -1e-5}"#));
         assert_contains(&msg, &["rms_norm_eps", "positive"]);
+    }
+
+    /// The published parameter counts, less the norms and biases that the count leaves
+    /// out: TinyLlama-1.1B has 1,100,048,384 (norms: 45 × 2048), GPT-2 124,439,808
+    /// (norms and biases: 121,344).
+    #[test]
+    fn implied_parameters_match_published_counts() {
+        let tiny = parse(TINYLLAMA).unwrap();
+        assert_eq!(tiny.implied_parameters(), Some(1_100_048_384 - 45 * 2048));
+        let gpt2 = parse(GPT2).unwrap();
+        assert_eq!(gpt2.implied_parameters(), Some(124_439_808 - 121_344));
+    }
+
+    #[test]
+    fn sizes_no_model_has_are_refused() {
+        let msg = err_of(&llama_with(r#"{"hidden_size": 4611686018427387904}"#));
+        assert_contains(
+            &msg,
+            &[
+                "hidden_size = 4611686018427387904",
+                "imply more than 2^64 weights",
+                "check these sizes",
+            ],
+        );
+        // 2^47 · 2048 · 2 (untied head): far over 2^48, no overflow
+        let msg = err_of(&llama_with(r#"{"vocab_size": 140737488355328}"#));
+        assert_contains(
+            &msg,
+            &["vocab_size = 140737488355328", "more than the 2^48"],
+        );
+        let msg = err_of(&gpt2_with(r#"{"n_layer": 1000000000}"#));
+        assert_contains(&msg, &["n_layer = 1000000000", "more than the 2^48"]);
+        // a model far larger than any real one is still a model
+        assert!(parse(&llama_with(r#"{"num_hidden_layers": 6000}"#)).is_ok());
     }
 
     #[test]

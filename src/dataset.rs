@@ -370,7 +370,7 @@ pub fn load_jsonl(
     };
     // tokenizing (and rendering templates) is the slow part: do it on every core, then
     // apply the policy in line order
-    let lines: Vec<(usize, &[u8])> = text
+    let lines: Vec<(usize, &[u8])> = crate::fsutil::strip_bom(&text)
         .split(|&b| b == b'\n')
         .enumerate()
         .map(|(i, raw)| (i + 1, raw))
@@ -482,7 +482,7 @@ pub fn load_text(
             "max_seq_length = {max_seq_length} is too short: a window needs at least 2 tokens"
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsutil::read_text(path)?;
     let ids = tok.encode(&text, true)?;
     let examples: Vec<Example> = ids
         .chunks(max_seq_length)

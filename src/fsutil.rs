@@ -131,6 +131,22 @@ pub fn atomic_write(
     file.commit()
 }
 
+/// `bytes` without a leading UTF-8 byte order mark (some Windows editors start every
+/// text file with one; JSON, TOML and JSONL parsers refuse it).
+pub fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// A text file's contents, without a leading UTF-8 byte order mark; the error names the
+/// file.
+pub fn read_text(path: &Path) -> Result<String> {
+    let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
 /// Write `bytes` to `path` atomically (see [`atomic_write`]).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     atomic_write(path, |w| w.write_all(bytes))

@@ -46,11 +46,11 @@ impl Tokenizer {
                 "missing; `lema prepare` writes it beside the model (for a GGUF source it is rebuilt from the GGUF metadata)",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let inner = tokenizers::Tokenizer::from_bytes(crate::fsutil::read_text(&path)?)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t)
+        let cfg: serde_json::Value = match std::fs::read(&cfg_path) {
+            Ok(t) => serde_json::from_slice(crate::fsutil::strip_bom(&t))
                 .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(e) => return Err(Error::io(&cfg_path, e)),

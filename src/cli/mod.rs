@@ -53,8 +53,40 @@ fn model_file(model: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(file)
 }
 
+/// Let every numeric argument take a value that starts with '-' (`--temperature -1e-3`,
+/// which clap would otherwise read as an unknown flag): the value then reaches the
+/// parser or the validation that names what is wrong with it. (`lema train`'s config
+/// fields, plain strings to clap, do the same in train.rs.)
+fn negative_numbers_allowed(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f32>(),
+        TypeId::of::<f64>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<usize>(),
+    ];
+    cmd.mut_subcommands(|sub| {
+        sub.mut_args(|a| {
+            let t = a.get_value_parser().type_id();
+            let is_number = a.get_action().takes_values() && numeric.iter().any(|n| t == *n);
+            if is_number {
+                a.allow_hyphen_values(true)
+            } else {
+                a
+            }
+        })
+    })
+}
+
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = negative_numbers_allowed(Cli::command())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

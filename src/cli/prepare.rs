@@ -35,6 +35,25 @@ pub struct InfoArgs {
     path: PathBuf,
 }
 
+/// The config.json beside a safetensors file or in an HF folder, validated as training
+/// reads it: what the file holds is shown above, and a config no model can have ends the
+/// command with an error, so that scripts see a non-zero exit.
+fn check_config(path: &std::path::Path) -> Result<()> {
+    let cfg = if path.is_dir() {
+        path.join("config.json")
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
+        path.with_file_name("config.json")
+    } else {
+        return Ok(()); // a GGUF carries its sizes in its header, checked by prepare
+    };
+    if !cfg.is_file() {
+        return Ok(());
+    }
+    lema::config::ModelConfig::from_file(&cfg)
+        .map(drop)
+        .context("train, eval and generate will refuse this model")
+}
+
 fn gb(bytes: usize) -> String {
     format!("{:.3} GB", bytes as f64 / 1e9)
 }
@@ -42,6 +61,7 @@ fn gb(bytes: usize) -> String {
 pub fn info(a: InfoArgs) -> Result<()> {
     let summary = lema::import::inspect(&a.path)?;
     print!("{summary}");
+    check_config(&a.path)?;
     let is_safetensors = a.path.extension().is_some_and(|e| e == "safetensors");
     if !is_safetensors {
         println!("(run `lema prepare` to get the monolithic file that training reads)");

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Arg, ArgMatches, Command};
 use indicatif::{ProgressBar, ProgressStyle};
-use lema::train::config::FIELDS;
+use lema::train::config::{FIELDS, FieldKind};
 use lema::train::{self, DataSummary, Observer, Outcome, StepRecord, TrainConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -57,10 +57,12 @@ impl clap::Args for TrainArgs {
                     .value_parser(clap::value_parser!(PathBuf))
                     .help("continue exactly from a checkpoint folder (its config is used when --config is not given)"),
             );
-        for (name, _, value, help) in FIELDS {
+        for (name, kind, value, help) in FIELDS {
             cmd = cmd.arg(
                 Arg::new(*name)
                     .long(name.replace('_', "-"))
+                    // `--learning-rate -1e-3`: the value, refused by name in validation
+                    .allow_hyphen_values(matches!(kind, FieldKind::Scalar))
                     .value_name(*value)
                     .help(*help)
                     .help_heading("Config fields (train.toml)"),

@@ -461,7 +461,7 @@ impl TrainConfig {
     pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                let text = crate::fsutil::read_text(p)?;
                 let base = p.parent().filter(|b| !b.as_os_str().is_empty());
                 Self::from_toml(&text, &p.display().to_string(), base, overrides)
             }
