@@ -1265,3 +1265,23 @@ fn output_dir_must_be_a_folder_and_a_users_config_toml_is_kept() {
     );
     assert!(s.path("run/config.lema.toml").exists());
 }
+
+/// A partial model file left by a killed `lema prepare` is removed by the next one into
+/// that folder.
+#[test]
+fn prepare_removes_what_a_killed_prepare_left() {
+    let s = Setup::new(None);
+    std::fs::create_dir(s.path("prepared")).unwrap();
+    let name = format!("prepared/.model.safetensors.tmp-{}-0", dead_pid());
+    let partial = s.path(&name);
+    std::fs::write(&partial, vec![0u8; 4096]).unwrap();
+    let o = s.lema(&["prepare", "model", "--out", "prepared", "--quiet"]);
+    expect_ok(&o);
+    assert!(!partial.exists(), "{}", text(&o));
+    assert!(
+        stderr(&o).contains(&format!("note: removed {name}, left by process")),
+        "{}",
+        text(&o)
+    );
+    assert!(s.path("prepared/model.safetensors").is_file());
+}
