@@ -1285,3 +1285,75 @@ fn prepare_removes_what_a_killed_prepare_left() {
     );
     assert!(s.path("prepared/model.safetensors").is_file());
 }
+
+/// The temporary names in `dir` (what a writer killed mid-write leaves).
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| lema::fsutil::parse_temporary(n).is_some())
+        .collect()
+}
+
+/// `kill -9` while a checkpoint is saved at every step: the folder still resumes from its
+/// last checkpoint, and the resumed run removes (and reports) every temporary left.
+#[test]
+fn kill_9_while_saving_leaves_a_folder_the_next_run_cleans_and_resumes() {
+    let s = Setup::new(None);
+    s.easy_data("train.jsonl", 20);
+    s.config(
+        "train.toml",
+        "train.jsonl",
+        "run",
+        "max_steps = 1000000\nsave_steps = 1\nlearning_rate = 1e-4\nlogging_steps = 1000000",
+    );
+    let first = start_training(&s, &["train", "--config", "train.toml"], "run", 3);
+    signal(&first, "-KILL");
+    let o = wait_with_timeout(first, 60, "lema train after kill -9");
+    assert_eq!(o.status.code(), None, "killed by the signal: {}", text(&o));
+    let left = temporaries(&s.path("run"));
+    eprintln!("left by the kill: {left:?}");
+    let (step, last) = train::list_checkpoints(&s.path("run")).pop().unwrap();
+
+    let ck = last.to_str().unwrap().to_string();
+    let mut resumed = Command::new(env!("CARGO_BIN_EXE_lema"))
+        .args(["train", "--resume", &ck])
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let next = s.path(&format!("run/checkpoint-{}", step + 1));
+    let t0 = std::time::Instant::now();
+    while !next.exists() {
+        if let Some(st) = resumed.try_wait().unwrap() {
+            panic!(
+                "resume ended early ({st}):\n{}",
+                text(&resumed.wait_with_output().unwrap())
+            );
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal(&resumed, "-TERM");
+    let o = wait_with_timeout(resumed, 120, "the resumed lema train after SIGTERM");
+    expect_fail(&o, 143, &["interrupted after step"]);
+    for name in &left {
+        assert!(
+            stderr(&o).contains(&format!(
+                "note: removed {}",
+                s.path("run").join(name).display()
+            )),
+            "{name} not reported removed:\n{}",
+            text(&o)
+        );
+    }
+    assert_eq!(temporaries(&s.path("run")), Vec::<String>::new());
+    let m = metrics(&s.path("run"));
+    assert_eq!(
+        m.iter().map(|r| r.step).collect::<Vec<_>>(),
+        (1..=m.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(m.len() as u64 > step);
+}
