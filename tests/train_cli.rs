@@ -1357,3 +1357,31 @@ fn kill_9_while_saving_leaves_a_folder_the_next_run_cleans_and_resumes() {
     );
     assert!(m.len() as u64 > step);
 }
+
+/// A run folder from before run ids (no `.lema-run`, checkpoints without an id) resumes in
+/// place, from its old checkpoints as often as asked and from the new ones.
+#[test]
+fn checkpoints_without_a_run_id_resume_in_their_folder() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 8);
+    s.config("t.toml", "d.jsonl", "run", "max_steps = 3\nsave_steps = 1");
+    expect_ok(&s.lema(&["train", "-c", "t.toml"]));
+    let full = trajectory(&metrics(&s.path("run")));
+    std::fs::remove_file(s.path("run/.lema-run")).unwrap();
+    for (step, _) in train::list_checkpoints(&s.path("run")) {
+        let p = s.path(&format!("run/checkpoint-{step}/trainer_state.json"));
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let run = v["extra"]["lema_train"].as_object_mut().unwrap();
+        assert!(
+            run.remove("run_id").is_some(),
+            "the checkpoint records its run"
+        );
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    }
+    for ck in ["run/checkpoint-1", "run/checkpoint-1", "run/checkpoint-2"] {
+        let o = s.lema(&["train", "--resume", ck]);
+        expect_ok(&o);
+        assert_eq!(trajectory(&metrics(&s.path("run"))), full, "{ck}");
+    }
+}

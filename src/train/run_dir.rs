@@ -59,7 +59,7 @@ pub fn check_output_path(out: &Path) -> Result<()> {
 /// A locked run folder; the lock lasts as long as this value (or the process).
 pub struct RunDir {
     path: PathBuf,
-    run_id: String,
+    owner: Owner,
     config_file: PathBuf,
     /// Whether this process created the folder (it is removed again if left empty).
     created: bool,
@@ -91,20 +91,20 @@ impl RunDir {
             Some((ckpt, _)) => same_folder(ckpt.parent(), out),
             None => false,
         };
-        let run_id = match resume {
-            Some((ckpt, id)) if in_place => {
-                check_owned_by(out, ckpt, id)?;
-                id.map_or_else(new_run_id, str::to_string)
-            }
+        let owner = match resume {
+            Some((ckpt, id)) if in_place => check_owned_by(out, ckpt, id)?,
             _ => {
                 check_holds_no_run(out, resume.map(|r| r.0))?;
-                new_run_id()
+                Owner {
+                    run_id: new_run_id(),
+                    adopts_unnamed: false,
+                }
             }
         };
         let config_file = config_file(out, obs)?;
         Ok(Self {
             path: out.to_path_buf(),
-            run_id,
+            owner,
             config_file,
             created,
             _lock: lock,
@@ -113,13 +113,14 @@ impl RunDir {
 
     /// The run's id, recorded in its checkpoints.
     pub fn run_id(&self) -> &str {
-        &self.run_id
+        &self.owner.run_id
     }
 
     /// Record the run as the folder's owner; call before writing the first output.
     pub fn claim(&self) -> Result<()> {
         let v = serde_json::json!({
-            "run_id": self.run_id,
+            "run_id": self.owner.run_id,
+            "adopts_checkpoints_without_id": self.owner.adopts_unnamed,
             "written_by": format!("lema {}", env!("CARGO_PKG_VERSION")),
         });
         let text = v.to_string() + "\n";
@@ -229,8 +230,16 @@ fn new_run_id() -> String {
     format!("{:016x}", h.finish())
 }
 
-/// The id in the folder's `.lema-run`, if it has one.
-fn folder_run_id(out: &Path) -> Result<Option<String>> {
+/// The run that owns a folder, as `.lema-run` records it.
+struct Owner {
+    run_id: String,
+    /// Checkpoints without a run id (older lema) count as this run's: the run was resumed
+    /// from one of them in this folder.
+    adopts_unnamed: bool,
+}
+
+/// The folder's `.lema-run`, if it has one.
+fn folder_owner(out: &Path) -> Result<Option<Owner>> {
     let path = out.join(RUN_ID_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -239,7 +248,15 @@ fn folder_run_id(out: &Path) -> Result<Option<String>> {
     };
     serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|v| v.get("run_id")?.as_str().map(str::to_string))
+        .and_then(|v| {
+            Some(Owner {
+                run_id: v.get("run_id")?.as_str()?.to_string(),
+                adopts_unnamed: v
+                    .get("adopts_checkpoints_without_id")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false),
+            })
+        })
         .map(Some)
         .ok_or_else(|| {
             Error::format(
@@ -250,23 +267,28 @@ fn folder_run_id(out: &Path) -> Result<Option<String>> {
 }
 
 /// A run resumed in place: the folder, and every other checkpoint in it, belong to the
-/// checkpoint's run.
-fn check_owned_by(out: &Path, ckpt: &Path, id: CheckpointRunId) -> Result<()> {
+/// checkpoint's run. Returns the folder's owner from now on.
+fn check_owned_by(out: &Path, ckpt: &Path, id: CheckpointRunId) -> Result<Owner> {
     let refuse = |whose: String| {
         Error::config(format!(
             "cannot resume from {} in its folder: {whose}, not to this checkpoint's run, and resuming would overwrite it; continue this checkpoint elsewhere with --output-dir NEW_FOLDER",
             ckpt.display()
         ))
     };
-    if let Some(owner) = folder_run_id(out)? {
-        if Some(owner.as_str()) != id {
+    if let Some(owner) = folder_owner(out)? {
+        let ours = match id {
+            Some(id) => id == owner.run_id,
+            None => owner.adopts_unnamed,
+        };
+        if !ours {
             return Err(refuse(format!(
-                "{} belongs to run {owner} ({})",
+                "{} belongs to run {} ({})",
                 out.display(),
+                owner.run_id,
                 out.join(RUN_ID_FILE).display()
             )));
         }
-        return Ok(());
+        return Ok(owner);
     }
     // a folder without a marker (a checkpoint copied in, or an older lema)
     let me = ckpt.canonicalize().ok();
@@ -283,7 +305,10 @@ fn check_owned_by(out: &Path, ckpt: &Path, id: CheckpointRunId) -> Result<()> {
             foreign.join(", ")
         )));
     }
-    Ok(())
+    Ok(Owner {
+        run_id: id.map_or_else(new_run_id, str::to_string),
+        adopts_unnamed: id.is_none(),
+    })
 }
 
 /// A fresh run, or a resume into another folder: `out` holds no run's results.
