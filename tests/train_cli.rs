@@ -1219,6 +1219,19 @@ fn output_dir_must_be_a_folder_and_a_users_config_toml_is_kept() {
         &["output_dir d.jsonl/run is inside d.jsonl, which is a file"],
     );
     assert!(!s.path("run").exists());
+    // a folder with a run's final adapter (or metrics) but no checkpoint is not fresh
+    for name in ["adapter", "metrics.jsonl"] {
+        let dir = s.path(&format!("has-{name}"));
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        let out = dir.to_str().unwrap();
+        expect_fail(
+            &s.lema(&["train", "-c", "t.toml", "--output-dir", out]),
+            1,
+            &[&format!(
+                "output_dir {out} already holds a run's {name}; choose another output_dir, or remove it"
+            )],
+        );
+    }
 
     // the user's own config file in the run folder (output_dir "." is that folder)
     std::fs::create_dir(s.path("mine")).unwrap();
