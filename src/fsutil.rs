@@ -461,6 +461,125 @@ pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// FNV-1a, 64 bits: a cheap hash to tell whether bytes changed (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// What a temporary name left in a folder was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemporaryKind {
+    /// `.<name>.tmp-<pid>[-<n>]`: a file ([`AtomicFile`]) or folder
+    /// ([`write_dir_atomically`](crate::checkpoint::write_dir_atomically)) being written.
+    Partial,
+    /// `.<name>.old-<pid>`: the previous version of a folder being replaced.
+    Previous,
+}
+
+/// Parse a temporary name made by [`AtomicFile`] or `write_dir_atomically`: the final
+/// name, the kind and the writing process's id. Other names give `None`.
+pub fn parse_temporary(file_name: &str) -> Option<(&str, TemporaryKind, u32)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (name, kind, suffix) = [
+        (".tmp-", TemporaryKind::Partial),
+        (".old-", TemporaryKind::Previous),
+    ]
+    .into_iter()
+    .find_map(|(mark, kind)| {
+        let (name, suffix) = rest.rsplit_once(mark)?;
+        Some((name, kind, suffix))
+    })?;
+    let mut parts = suffix.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    let counter_ok = match (kind, parts.next(), parts.next()) {
+        (_, None, None) => true,
+        (TemporaryKind::Partial, Some(n), None) => {
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
+    };
+    (!name.is_empty() && counter_ok).then_some((name, kind, pid))
+}
+
+/// Whether a process with this id exists (on Unix; elsewhere every process is assumed
+/// alive, so that nothing of a running writer is ever removed).
+pub fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // signal 0 checks that the process exists without signalling it
+        // SAFETY: kill with signal 0 has no effect beyond the check.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Remove the temporary files and folders that writers killed mid-write (`kill -9`, a
+/// power loss) left in `dir`: those of processes that no longer run. A `.<name>.old-<pid>`
+/// folder whose `<name>` is missing (a kill between the two renames of a folder
+/// replacement) is renamed back, so the previous complete version is kept. Temporaries
+/// of this process and of running ones are left alone. Returns one line per entry, for
+/// the user.
+pub fn clean_stale_temporaries(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let me = std::process::id();
+    let mut report = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let file_name = entry.file_name();
+        let Some((name, kind, pid)) = file_name.to_str().and_then(parse_temporary) else {
+            continue;
+        };
+        let path = entry.path();
+        if pid == me {
+            continue;
+        }
+        if process_alive(pid) {
+            report.push(format!(
+                "left {} alone: process {pid}, which wrote it, is still running",
+                path.display()
+            ));
+            continue;
+        }
+        let target = dir.join(name);
+        if kind == TemporaryKind::Previous && !target.exists() {
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
+            report.push(format!(
+                "restored {} from {} (process {pid} was killed while replacing it)",
+                target.display(),
+                path.display()
+            ));
+            continue;
+        }
+        let is_dir = entry.file_type().map_err(|e| Error::io(&path, e))?.is_dir();
+        if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .map_err(|e| Error::io(&path, e))?;
+        report.push(format!(
+            "removed {}, left by process {pid} (no longer running) while writing {name}",
+            path.display()
+        ));
+    }
+    report.sort();
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,6 +954,73 @@ mod tests {
         drop(w); // never finished: as if an error had unwound past it
         assert_eq!(std::fs::read(&path).unwrap(), b"original");
         assert_eq!(listing(dir.path()), vec!["m.safetensors"]);
+    }
+
+    #[test]
+    fn temporary_names_are_recognised() {
+        use TemporaryKind::*;
+        assert_eq!(
+            parse_temporary(".checkpoint-4.tmp-123"),
+            Some(("checkpoint-4", Partial, 123))
+        );
+        assert_eq!(
+            parse_temporary(".model.safetensors.tmp-77-3"),
+            Some(("model.safetensors", Partial, 77))
+        );
+        assert_eq!(
+            parse_temporary(".adapter.old-9"),
+            Some(("adapter", Previous, 9))
+        );
+        for not_ours in [
+            "checkpoint-4.tmp-1",
+            ".tmp-1",
+            ".x.tmp-",
+            ".x.tmp-12a",
+            ".x.tmp-1-",
+            ".x.old-1-2",
+            ".x.tmp-1-2-3",
+            ".lema.lock",
+        ] {
+            assert_eq!(parse_temporary(not_ours), None, "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_or_restored_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = dead_pid();
+        let me = std::process::id();
+        std::fs::create_dir(d.path().join(format!(".checkpoint-2.tmp-{dead}"))).unwrap();
+        std::fs::write(d.path().join(format!(".config.toml.tmp-{dead}-0")), b"x").unwrap();
+        std::fs::create_dir(d.path().join(format!(".adapter.old-{dead}"))).unwrap();
+        std::fs::write(d.path().join(format!(".adapter.old-{dead}/a")), b"old").unwrap();
+        std::fs::write(d.path().join(format!(".metrics.jsonl.tmp-{me}-5")), b"mine").unwrap();
+        std::fs::write(d.path().join("user.txt"), b"keep").unwrap();
+        let report = clean_stale_temporaries(d.path()).unwrap();
+        assert_eq!(report.len(), 3, "{report:?}");
+        assert!(
+            report
+                .iter()
+                .any(|l| l.starts_with("restored") && l.contains("adapter"))
+        );
+        assert_eq!(
+            listing(d.path()),
+            vec![
+                format!(".metrics.jsonl.tmp-{me}-5"),
+                "adapter".into(),
+                "user.txt".into()
+            ]
+        );
+        assert_eq!(std::fs::read(d.path().join("adapter/a")).unwrap(), b"old");
+    }
+
+    /// The id of a process that has exited.
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        assert!(!process_alive(pid));
+        pid
     }
 
     #[test]

@@ -811,7 +811,7 @@ fn a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact() {
     let leftovers: Vec<_> = std::fs::read_dir(s.path("run"))
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| lema::fsutil::parse_temporary(&e.file_name().to_string_lossy()).is_some())
         .collect();
     assert!(
         leftovers.is_empty(),
@@ -843,4 +843,569 @@ fn the_readme_config_example_is_valid() {
     let c = TrainConfig::from_toml(block, "README.md", None, &[]).unwrap();
     c.validate().unwrap();
     assert_eq!(c.lr_scheduler, lema::schedule::ScheduleKind::Cosine);
+}
+
+// ---- The run folder: where a run writes, one run per folder, signals, leftovers ----
+
+/// Every file under `dir` (relative path → bytes), to show a folder was not touched.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `cp -r from to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Fail, naming the files that differ, unless `dir` holds exactly `before`; the lock
+/// file is not compared (a refused run takes the lock, writing its PID, before it checks).
+fn assert_unchanged(dir: &Path, before: &std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+    let now = snapshot(dir);
+    let changed: Vec<_> = before
+        .keys()
+        .chain(now.keys())
+        .filter(|k| k.as_os_str() != ".lema.lock" && before.get(*k) != now.get(*k))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "{} was written: {changed:?}",
+        dir.display()
+    );
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The id of a process that has exited.
+fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// `cp -r runs/base runs/copy; lema train --resume runs/copy/checkpoint-2` continues in
+/// runs/copy: neither the output_dir saved in the checkpoint (even edited), nor a config
+/// file's, sends the writes elsewhere, and a folder holding another run is never written.
+#[test]
+fn resume_writes_next_to_the_checkpoint_it_was_given() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 16);
+    s.config(
+        "t.toml",
+        "d.jsonl",
+        "base",
+        "max_steps = 4\nsave_steps = 2\nbatch_size = 2",
+    );
+    expect_ok(&s.lema(&["train", "-c", "t.toml"]));
+    let full = trajectory(&metrics(&s.path("base")));
+    let base = snapshot(&s.path("base"));
+    copy_dir(&s.path("base"), &s.path("copy"));
+
+    // the checkpoint's own output_dir, pointed elsewhere by hand, is not where it writes
+    let state_path = s.path("copy/checkpoint-2/trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let saved_out = &mut state["extra"]["lema_train"]["config"]["output_dir"];
+    assert!(
+        saved_out.as_str().is_some_and(|p| p.ends_with("base")),
+        "the checkpoint records where it was written: {saved_out}"
+    );
+    *saved_out = s.path("elsewhere").to_str().unwrap().into();
+    std::fs::write(&state_path, serde_json::to_string(&state).unwrap()).unwrap();
+
+    let o = s.lema(&["train", "--resume", "copy/checkpoint-2"]);
+    expect_ok(&o);
+    assert_eq!(trajectory(&metrics(&s.path("copy"))), full);
+    assert!(
+        !s.path("elsewhere").exists(),
+        "wrote where the checkpoint said"
+    );
+    assert_unchanged(&s.path("base"), &base);
+
+    // a config file naming base: the resume still goes next to its checkpoint, and says so
+    let o = s.lema(&["train", "-c", "t.toml", "--resume", "copy/checkpoint-2"]);
+    expect_ok(&o);
+    assert!(
+        stderr(&o).contains("is not used on resume (pass --output-dir to write elsewhere)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(trajectory(&metrics(&s.path("copy"))), full);
+    assert_unchanged(&s.path("base"), &base);
+
+    // asking for a folder that holds another run is refused before anything is written
+    let o = s.lema(&[
+        "train",
+        "--resume",
+        "copy/checkpoint-2",
+        "--output-dir",
+        "base",
+    ]);
+    expect_fail(
+        &o,
+        1,
+        &[
+            "already holds a run (last checkpoint",
+            "base/checkpoint-4",
+            "would overwrite it; choose another output_dir",
+        ],
+    );
+    assert_unchanged(&s.path("base"), &base);
+
+    // a checkpoint of another run put into this run's folder does not resume there...
+    s.config(
+        "other.toml",
+        "d.jsonl",
+        "other",
+        "max_steps = 4\nsave_steps = 2\nbatch_size = 2\nseed = 7",
+    );
+    expect_ok(&s.lema(&["train", "-c", "other.toml"]));
+    copy_dir(&s.path("other/checkpoint-2"), &s.path("copy/checkpoint-1"));
+    let copy = snapshot(&s.path("copy"));
+    let o = s.lema(&["train", "--resume", "copy/checkpoint-1"]);
+    expect_fail(
+        &o,
+        1,
+        &[
+            "cannot resume from",
+            "copy/checkpoint-1 in its folder",
+            "belongs to run",
+            "not to this checkpoint's run",
+            "--output-dir",
+        ],
+    );
+    assert_unchanged(&s.path("copy"), &copy);
+    // ...but does in a folder of its own, and elsewhere with --output-dir
+    copy_dir(&s.path("other/checkpoint-2"), &s.path("alone/checkpoint-2"));
+    expect_ok(&s.lema(&["train", "--resume", "alone/checkpoint-2"]));
+    assert_eq!(
+        trajectory(&metrics(&s.path("alone"))),
+        trajectory(&metrics(&s.path("other")))[2..]
+    );
+    let o = s.lema(&[
+        "train",
+        "--resume",
+        "copy/checkpoint-1",
+        "--output-dir",
+        "forked",
+    ]);
+    expect_ok(&o);
+    assert_eq!(
+        trajectory(&metrics(&s.path("forked"))),
+        trajectory(&metrics(&s.path("other")))[2..]
+    );
+}
+
+/// Wait for a child up to `secs` seconds; kill it (and fail) past that.
+fn wait_with_timeout(mut child: std::process::Child, secs: u64, what: &str) -> Output {
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            panic!(
+                "{what}: still running after {secs} s:\n{}",
+                text(&child.wait_with_output().unwrap())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Start `lema train` with `args` and wait until metrics.jsonl in `run` has more than
+/// `lines` lines.
+fn start_training(s: &Setup, args: &[&str], run: &str, lines: usize) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lema"))
+        .args(args)
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mpath = s.path(run).join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&mpath).map_or(0, |t| t.lines().count()) <= lines {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "lema train ended early ({st}):\n{}",
+                text(&child.wait_with_output().unwrap())
+            );
+        }
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no new training steps after 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Two `lema train` into one folder: the second stops at once and names the first's PID.
+/// SIGTERM then saves a checkpoint and exits 143, and the run resumes from it.
+#[test]
+fn one_run_per_folder_and_sigterm_saves_and_exits_143() {
+    let s = Setup::new(None);
+    s.easy_data("train.jsonl", 20);
+    s.config(
+        "train.toml",
+        "train.jsonl",
+        "run",
+        "max_steps = 1000000\nlearning_rate = 1e-4\nlogging_steps = 1000000",
+    );
+    let first = start_training(&s, &["train", "--config", "train.toml"], "run", 1);
+    let pid = first.id();
+
+    // the second, fresh or resuming, is refused while the first runs
+    for args in [
+        vec!["train", "--config", "train.toml"],
+        vec![
+            "train",
+            "--config",
+            "train.toml",
+            "--output-dir",
+            "./run/../run",
+        ],
+    ] {
+        let second = Command::new(env!("CARGO_BIN_EXE_lema"))
+            .args(&args)
+            .current_dir(s.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o = wait_with_timeout(second, 60, "the second lema train");
+        expect_fail(
+            &o,
+            1,
+            &[
+                "is in use",
+                &format!("lema process {pid} is running there"),
+                ".lema.lock",
+                "wait for it to finish or stop it, or choose another output_dir",
+            ],
+        );
+    }
+
+    signal(&first, "-TERM");
+    let o = wait_with_timeout(first, 120, "lema train after SIGTERM");
+    let m = metrics(&s.path("run"));
+    let last = m.last().unwrap().step;
+    let ck = format!("run/checkpoint-{last}");
+    expect_fail(
+        &o,
+        143,
+        &[
+            "SIGTERM: finishing this step",
+            "interrupted after step",
+            &ck,
+        ],
+    );
+    assert!(s.path(&ck).join("adapter_model.safetensors").exists());
+    assert_eq!(lema::Trainer::read_state(&s.path(&ck)).unwrap().step, last);
+    // steps are numbered 1.. without a gap or a repeat: nobody else wrote these metrics
+    assert_eq!(
+        m.iter().map(|r| r.step).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+
+    // the lock went with the process: the run resumes from its checkpoint, in place
+    let resumed = start_training(&s, &["train", "--resume", &ck], "run", last as usize);
+    signal(&resumed, "-INT");
+    let o = wait_with_timeout(resumed, 120, "the resumed lema train after SIGINT");
+    expect_fail(
+        &o,
+        130,
+        &["Ctrl-C: finishing this step", "interrupted after step"],
+    );
+    assert!(
+        stderr(&o).contains(&format!("(resuming after step {last})")),
+        "{}",
+        text(&o)
+    );
+    let m = metrics(&s.path("run"));
+    assert!(m.len() > last as usize);
+    assert_eq!(
+        m.iter().map(|r| r.step).collect::<Vec<_>>(),
+        (1..=m.len() as u64).collect::<Vec<_>>()
+    );
+}
+
+/// What a `kill -9` mid-save leaves (temporary folders and files named with the dead
+/// writer's PID) is removed by the next run in the folder, which says so; a temporary of
+/// a process that still runs is left alone.
+#[test]
+fn the_next_run_removes_what_a_killed_run_left() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 8);
+    s.config("t.toml", "d.jsonl", "run", "max_steps = 3\nsave_steps = 1");
+    expect_ok(&s.lema(&["train", "-c", "t.toml"]));
+    let dead = dead_pid();
+    let live = std::process::id();
+    let partial = s.path(&format!("run/.checkpoint-3.tmp-{dead}"));
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("adapter_model.safetensors"), b"partial").unwrap();
+    let tmp_file = s.path(&format!("run/.metrics.jsonl.tmp-{dead}-0"));
+    std::fs::write(&tmp_file, b"partial").unwrap();
+    let running = s.path(&format!("run/.loss.svg.tmp-{live}-0"));
+    std::fs::write(&running, b"being written").unwrap();
+
+    let o = s.lema(&["train", "--resume", "run/checkpoint-1"]);
+    expect_ok(&o);
+    let err = stderr(&o);
+    for (path, what) in [
+        (&partial, "removed"),
+        (&tmp_file, "removed"),
+        (&running, "left"),
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(path.file_name().unwrap().to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} not reported:\n{}", path.display(), text(&o)));
+        assert!(line.starts_with(&format!("note: {what} ")), "{line}");
+    }
+    assert!(
+        err.contains(&format!("left by process {dead} (no longer running)")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("process {live}, which wrote it, is still running")),
+        "{err}"
+    );
+    assert!(!partial.exists() && !tmp_file.exists());
+    assert!(running.exists());
+    assert_eq!(metrics(&s.path("run")).len(), 3);
+}
+
+/// An `output_dir` that cannot be a folder is refused by name, and a `config.toml` of the
+/// user's in the run folder is never overwritten: the effective configuration goes beside.
+#[test]
+fn output_dir_must_be_a_folder_and_a_users_config_toml_is_kept() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 8);
+    s.config("t.toml", "d.jsonl", "run", "max_steps = 2");
+    expect_fail(
+        &s.lema(&["train", "-c", "t.toml", "--output-dir", ""]),
+        1,
+        &["output_dir is empty; name the run folder"],
+    );
+    expect_fail(
+        &s.lema(&["train", "-c", "t.toml", "--output-dir", "d.jsonl"]),
+        1,
+        &["output_dir d.jsonl is a file, not a folder; choose a folder"],
+    );
+    expect_fail(
+        &s.lema(&["train", "-c", "t.toml", "--output-dir", "d.jsonl/run"]),
+        1,
+        &["output_dir d.jsonl/run is inside d.jsonl, which is a file"],
+    );
+    assert!(!s.path("run").exists());
+    // a folder with a run's final adapter (or metrics) but no checkpoint is not fresh
+    for name in ["adapter", "metrics.jsonl"] {
+        let dir = s.path(&format!("has-{name}"));
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        let out = dir.to_str().unwrap();
+        expect_fail(
+            &s.lema(&["train", "-c", "t.toml", "--output-dir", out]),
+            1,
+            &[&format!(
+                "output_dir {out} already holds a run's {name}; choose another output_dir, or remove it"
+            )],
+        );
+    }
+
+    // the user's own config file in the run folder (output_dir "." is that folder)
+    std::fs::create_dir(s.path("mine")).unwrap();
+    let mine = s.write(
+        "mine/config.toml",
+        "# my run\nmodel = \"../model\"\ndata = \"../d.jsonl\"\noutput_dir = \".\"\nmax_seq_length = 32\nbatch_size = 4\nlora_rank = 4\ndevice = \"cpu\"\nmax_steps = 2\n",
+    );
+    let before = std::fs::read(&mine).unwrap();
+    let o = s.lema(&[
+        "train",
+        "-c",
+        "mine/config.toml",
+        "--learning-rate",
+        "0.003",
+    ]);
+    expect_ok(&o);
+    assert_eq!(
+        std::fs::read(&mine).unwrap(),
+        before,
+        "the user's config.toml was overwritten"
+    );
+    assert!(
+        stderr(&o).contains(
+            "config.toml was not written by lema (or was edited since): it is left as it is"
+        ),
+        "{}",
+        text(&o)
+    );
+    let effective = TrainConfig::load(Some(&s.path("mine/config.lema.toml")), &[]).unwrap();
+    assert_eq!(effective.learning_rate, 0.003);
+    assert_eq!(effective.max_steps, Some(2));
+
+    // lema's own config.toml is rewritten on resume; once edited by hand, it is the user's
+    expect_ok(&s.lema(&["train", "-c", "t.toml", "--save-steps", "1"]));
+    expect_ok(&s.lema(&["train", "--resume", "run/checkpoint-1"]));
+    assert!(!s.path("run/config.lema.toml").exists());
+    let mut edited = std::fs::read_to_string(s.path("run/config.toml")).unwrap();
+    edited.push_str("# my note\n");
+    std::fs::write(s.path("run/config.toml"), &edited).unwrap();
+    expect_ok(&s.lema(&["train", "--resume", "run/checkpoint-1"]));
+    assert_eq!(
+        std::fs::read_to_string(s.path("run/config.toml")).unwrap(),
+        edited
+    );
+    assert!(s.path("run/config.lema.toml").exists());
+}
+
+/// A partial model file left by a killed `lema prepare` is removed by the next one into
+/// that folder.
+#[test]
+fn prepare_removes_what_a_killed_prepare_left() {
+    let s = Setup::new(None);
+    std::fs::create_dir(s.path("prepared")).unwrap();
+    let name = format!("prepared/.model.safetensors.tmp-{}-0", dead_pid());
+    let partial = s.path(&name);
+    std::fs::write(&partial, vec![0u8; 4096]).unwrap();
+    let o = s.lema(&["prepare", "model", "--out", "prepared", "--quiet"]);
+    expect_ok(&o);
+    assert!(!partial.exists(), "{}", text(&o));
+    assert!(
+        stderr(&o).contains(&format!("note: removed {name}, left by process")),
+        "{}",
+        text(&o)
+    );
+    assert!(s.path("prepared/model.safetensors").is_file());
+}
+
+/// The temporary names in `dir` (what a writer killed mid-write leaves).
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| lema::fsutil::parse_temporary(n).is_some())
+        .collect()
+}
+
+/// `kill -9` while a checkpoint is saved at every step: the folder still resumes from its
+/// last checkpoint, and the resumed run removes (and reports) every temporary left.
+#[test]
+fn kill_9_while_saving_leaves_a_folder_the_next_run_cleans_and_resumes() {
+    let s = Setup::new(None);
+    s.easy_data("train.jsonl", 20);
+    s.config(
+        "train.toml",
+        "train.jsonl",
+        "run",
+        "max_steps = 1000000\nsave_steps = 1\nlearning_rate = 1e-4\nlogging_steps = 1000000",
+    );
+    let first = start_training(&s, &["train", "--config", "train.toml"], "run", 3);
+    signal(&first, "-KILL");
+    let o = wait_with_timeout(first, 60, "lema train after kill -9");
+    assert_eq!(o.status.code(), None, "killed by the signal: {}", text(&o));
+    let left = temporaries(&s.path("run"));
+    eprintln!("left by the kill: {left:?}");
+    let (step, last) = train::list_checkpoints(&s.path("run")).pop().unwrap();
+
+    let ck = last.to_str().unwrap().to_string();
+    let mut resumed = Command::new(env!("CARGO_BIN_EXE_lema"))
+        .args(["train", "--resume", &ck])
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let next = s.path(&format!("run/checkpoint-{}", step + 1));
+    let t0 = std::time::Instant::now();
+    while !next.exists() {
+        if let Some(st) = resumed.try_wait().unwrap() {
+            panic!(
+                "resume ended early ({st}):\n{}",
+                text(&resumed.wait_with_output().unwrap())
+            );
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal(&resumed, "-TERM");
+    let o = wait_with_timeout(resumed, 120, "the resumed lema train after SIGTERM");
+    expect_fail(&o, 143, &["interrupted after step"]);
+    for name in &left {
+        assert!(
+            stderr(&o).contains(&format!(
+                "note: removed {}",
+                s.path("run").join(name).display()
+            )),
+            "{name} not reported removed:\n{}",
+            text(&o)
+        );
+    }
+    assert_eq!(temporaries(&s.path("run")), Vec::<String>::new());
+    let m = metrics(&s.path("run"));
+    assert_eq!(
+        m.iter().map(|r| r.step).collect::<Vec<_>>(),
+        (1..=m.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(m.len() as u64 > step);
+}
+
+/// A run folder from before run ids (no `.lema-run`, checkpoints without an id) resumes in
+/// place, from its old checkpoints as often as asked and from the new ones.
+#[test]
+fn checkpoints_without_a_run_id_resume_in_their_folder() {
+    let s = Setup::new(None);
+    s.easy_data("d.jsonl", 8);
+    s.config("t.toml", "d.jsonl", "run", "max_steps = 3\nsave_steps = 1");
+    expect_ok(&s.lema(&["train", "-c", "t.toml"]));
+    let full = trajectory(&metrics(&s.path("run")));
+    std::fs::remove_file(s.path("run/.lema-run")).unwrap();
+    for (step, _) in train::list_checkpoints(&s.path("run")) {
+        let p = s.path(&format!("run/checkpoint-{step}/trainer_state.json"));
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let run = v["extra"]["lema_train"].as_object_mut().unwrap();
+        assert!(
+            run.remove("run_id").is_some(),
+            "the checkpoint records its run"
+        );
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    }
+    for ck in ["run/checkpoint-1", "run/checkpoint-1", "run/checkpoint-2"] {
+        let o = s.lema(&["train", "--resume", ck]);
+        expect_ok(&o);
+        assert_eq!(trajectory(&metrics(&s.path("run"))), full, "{ck}");
+    }
 }

@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod merge;
 mod prepare;
+mod signals;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -23,6 +23,11 @@ pub struct PrepareArgs {
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(str::parse::<DType>).transpose()?;
+    // what an earlier `lema prepare` killed mid-write left there (a multi-GB partial file)
+    let dir = lema::import::OutputPaths::of(&a.out).dir;
+    for line in lema::fsutil::clean_stale_temporaries(&dir)? {
+        eprintln!("note: {line}");
+    }
     let report = lema::import::prepare(&a.src, &a.out, dtype, !a.quiet)
         .with_context(|| format!("preparing {}", a.src.display()))?;
     println!("{report}");

@@ -1,6 +1,8 @@
 //! `lema train`: a config file plus one flag per config field, a progress bar, Ctrl-C
-//! handling (finish the step, save, exit 130) and `--resume`.
+//! and SIGTERM handling (finish the step, save, exit 130 or 143) and `--resume` (into
+//! the checkpoint's own folder unless `--output-dir` says otherwise).
 
+use super::signals;
 use anyhow::{Context, Result};
 use clap::{Arg, ArgMatches, Command};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -8,11 +10,6 @@ use lema::train::config::{FIELDS, FieldKind};
 use lema::train::{self, DataSummary, Observer, Outcome, StepRecord, TrainConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Exit code of a run stopped by Ctrl-C (after saving), as shells report SIGINT.
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// `lema train` arguments: `--config`, `--resume`, and every config field as a flag.
 pub struct TrainArgs {
@@ -75,13 +72,23 @@ impl clap::Args for TrainArgs {
     }
 }
 
-/// The progress bar, log lines and the Ctrl-C flag.
+/// The progress bar and log lines.
 struct CliObserver {
     bar: ProgressBar,
     tty: bool,
     logging_steps: u64,
-    stop: Arc<AtomicBool>,
     tokens_per_s: Option<f64>,
+}
+
+impl CliObserver {
+    /// A line for the user, above the progress bar on a terminal.
+    fn say(&self, m: String) {
+        if self.tty {
+            self.bar.println(m);
+        } else {
+            eprintln!("{m}");
+        }
+    }
 }
 
 fn gb(bytes: Option<u64>) -> String {
@@ -155,21 +162,60 @@ impl Observer for CliObserver {
     }
 
     fn on_checkpoint(&mut self, dir: &Path) {
-        let m = format!("saved {}", dir.display());
-        if self.tty {
-            self.bar.println(m);
-        } else {
-            eprintln!("{m}");
-        }
+        self.say(format!("saved {}", dir.display()));
+    }
+
+    fn on_notice(&mut self, message: &str) {
+        self.say(format!("note: {message}"));
     }
 
     fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        signals::received().is_some()
     }
 }
 
-/// Build the effective config from the file, the checkpoint and the flags.
+/// Build the effective config from the file, the checkpoint and the flags. A resumed run
+/// writes next to its checkpoint unless `--output-dir` is given: the `output_dir` saved
+/// in the checkpoint (or set in a config file) never chooses where it writes.
 fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg = config_from_sources(a)?;
+    let flag = a.overrides.iter().any(|(name, _)| name == "output_dir");
+    if let Some(ckpt) = &a.resume
+        && !flag
+    {
+        let here = ckpt
+            .canonicalize()
+            .or_else(|_| std::path::absolute(ckpt))
+            .with_context(|| format!("--resume {}", ckpt.display()))?;
+        let folder = here
+            .parent()
+            .map_or_else(|| here.clone(), Path::to_path_buf);
+        if let Some(file) = &a.config
+            && config_sets_output_dir(file)
+            && std::path::absolute(&cfg.output_dir).ok().as_ref() != Some(&folder)
+        {
+            eprintln!(
+                "note: resuming in the checkpoint's folder {}; the output_dir of {} ({}) is not used on resume (pass --output-dir to write elsewhere)",
+                folder.display(),
+                file.display(),
+                cfg.output_dir.display()
+            );
+        }
+        cfg.output_dir = folder;
+    }
+    Ok(cfg)
+}
+
+/// Whether a config file (already read without error) sets `output_dir` itself.
+fn config_sets_output_dir(file: &Path) -> bool {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .is_some_and(|t| t.contains_key("output_dir"))
+}
+
+/// The config from the file, or the checkpoint, and the flags.
+fn config_from_sources(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(match (&a.config, &a.resume) {
         (Some(p), _) => TrainConfig::load(Some(p), &a.overrides)?,
         (None, Some(r)) => {
@@ -185,21 +231,11 @@ fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     })
 }
 
-/// Run `lema train`; returns the exit code (0, or 130 after Ctrl-C).
+/// Run `lema train`; returns the exit code (0, or 128 + the signal's number after a
+/// Ctrl-C or SIGTERM stopped the run and its checkpoint was saved).
 pub fn run(a: TrainArgs) -> Result<i32> {
     let cfg = effective_config(&a)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without saving");
-            std::process::exit(EXIT_INTERRUPTED);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing this step and saving a checkpoint (press again to quit at once)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
+    signals::install()?;
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -212,7 +248,6 @@ pub fn run(a: TrainArgs) -> Result<i32> {
         bar: bar.clone(),
         tty,
         logging_steps: cfg.logging_steps,
-        stop,
         tokens_per_s: None,
     };
     let outcome = train::run(&cfg, a.resume.as_deref(), &mut obs);
@@ -239,7 +274,7 @@ pub fn run(a: TrainArgs) -> Result<i32> {
                 checkpoint.display(),
                 checkpoint.display()
             );
-            Ok(EXIT_INTERRUPTED)
+            Ok(signals::stop_status())
         }
     }
 }

@@ -126,8 +126,8 @@ pub struct OutputPaths {
 
 impl OutputPaths {
     /// `out` ending in `.safetensors` names the model file itself; anything else is a
-    /// folder that receives `model.safetensors`. The folder is created when missing.
-    pub fn resolve(out: &Path) -> Result<Self> {
+    /// folder that receives `model.safetensors`.
+    pub fn of(out: &Path) -> Self {
         let is_file = out.extension().is_some_and(|e| e == "safetensors");
         let (dir, model) = if is_file {
             let dir = match out.parent() {
@@ -138,8 +138,14 @@ impl OutputPaths {
         } else {
             (out.to_path_buf(), out.join("model.safetensors"))
         };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(Self { dir, model })
+        Self { dir, model }
+    }
+
+    /// [`OutputPaths::of`], creating the folder when missing.
+    pub fn resolve(out: &Path) -> Result<Self> {
+        let paths = Self::of(out);
+        std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
+        Ok(paths)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod eval;
 pub mod plot;
+pub mod run_dir;
 
 pub use config::TrainConfig;
 
@@ -100,6 +101,9 @@ pub trait Observer {
     fn on_step(&mut self, _record: &StepRecord) {}
     /// A checkpoint folder was written.
     fn on_checkpoint(&mut self, _dir: &Path) {}
+    /// Something the user should know that is not an error (a stale temporary file
+    /// removed, a file left alone).
+    fn on_notice(&mut self, _message: &str) {}
     /// Whether the user asked to stop (checked after each step).
     fn stop_requested(&self) -> bool {
         false
@@ -138,6 +142,9 @@ struct RunState {
     batch_in_epoch: usize,
     schedule: Schedule,
     elapsed_s: f64,
+    /// The run that wrote the checkpoint (see [`run_dir`]); absent in older checkpoints.
+    #[serde(default)]
+    run_id: Option<String>,
 }
 
 const EXTRA_KEY: &str = "lema_train";
@@ -145,10 +152,7 @@ const EXTRA_KEY: &str = "lema_train";
 /// Size and FNV-1a hash of a file, to tell whether the data changed.
 pub fn file_fingerprint(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in &bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = crate::fsutil::fnv1a(&bytes);
     Ok(format!("{} bytes, fnv1a {h:016x}", bytes.len()))
 }
 
@@ -322,27 +326,6 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
     })
 }
 
-/// Check that a fresh run does not write over another run's results.
-fn check_output_dir(out: &Path) -> Result<()> {
-    let ckpts = list_checkpoints(out);
-    let metrics = out.join("metrics.jsonl");
-    if let Some((_, last)) = ckpts.last() {
-        return Err(Error::config(format!(
-            "output_dir {} already holds a run (last checkpoint {}); continue it with --resume {} or choose another output_dir",
-            out.display(),
-            last.display(),
-            last.display()
-        )));
-    }
-    if metrics.exists() {
-        return Err(Error::config(format!(
-            "output_dir {} already holds a run's metrics.jsonl; choose another output_dir or remove it",
-            out.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Keep the metrics of steps ≤ `step` (a resumed run rewrites what came after).
 fn trim_metrics(path: &Path, step: u64) -> Result<Vec<String>> {
     let text = match std::fs::read_to_string(path) {
@@ -382,6 +365,7 @@ pub fn write_loss_curve(out: &Path) -> Result<()> {
 /// Train as `cfg` says, from scratch or from the checkpoint `resume`.
 pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Outcome> {
     cfg.validate()?;
+    run_dir::check_output_path(&cfg.output_dir)?;
     // the configuration saved with the checkpoints must not depend on the working folder
     let mut cfg = cfg.clone();
     cfg.make_paths_absolute()?;
@@ -429,11 +413,14 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
             }
             Some(rs)
         }
-        None => {
-            check_output_dir(&out)?;
-            None
-        }
+        None => None,
     };
+    // the folder this run writes: locked for the run's lifetime
+    let run_dir = run_dir::RunDir::open(
+        &out,
+        resume.map(|d| (d, resumed.as_ref().and_then(|r| r.run_id.as_deref()))),
+        obs,
+    )?;
 
     let tok = Tokenizer::from_dir(&tokenizer_dir(cfg.tokenizer.as_deref(), model))?;
     let mut data = load_data(cfg, &tok, data_path)?;
@@ -476,15 +463,8 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     }
     let mut elapsed_base = resumed.as_ref().map_or(0.0, |r| r.elapsed_s);
 
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let cfg_text = format!(
-        "# effective configuration of this run, written by lema {}\n{}",
-        env!("CARGO_PKG_VERSION"),
-        cfg.to_toml()?
-    );
-    crate::fsutil::atomic_write(&out.join("config.toml"), |w| {
-        w.write_all(cfg_text.as_bytes())
-    })?;
+    run_dir.claim()?;
+    run_dir.write_config(&cfg.to_toml()?)?;
     let metrics_path = out.join("metrics.jsonl");
     let kept = if resumed.is_some() {
         trim_metrics(&metrics_path, start)?
@@ -527,6 +507,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
             batch_in_epoch,
             schedule: schedule.clone(),
             elapsed_s,
+            run_id: Some(run_dir.run_id().to_string()),
         };
         trainer.extra_state = serde_json::json!({
             EXTRA_KEY: serde_json::to_value(&rs).map_err(|e| Error::config(e.to_string()))?
