@@ -161,6 +161,15 @@ impl Observer for CliObserver {
         }
     }
 
+    fn on_warning(&mut self, message: &str) {
+        let m = format!("warning: {message}");
+        if self.tty {
+            self.bar.println(m);
+        } else {
+            eprintln!("{m}");
+        }
+    }
+
     fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
