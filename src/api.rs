@@ -600,7 +600,8 @@ pub fn base_model_differences(state: &TrainerState, config: &LemaConfig) -> Resu
     let then = &state.model_fingerprint;
     let path = config.model_path.display();
     let mut diffs = Vec::new();
-    if now["model_file_bytes"] != then["model_file_bytes"] {
+    let resized = now["model_file_bytes"] != then["model_file_bytes"];
+    if resized {
         diffs.push(format!(
             "model ({path}): the file is {} bytes, the checkpoint was made on one of {} bytes",
             now["model_file_bytes"], then["model_file_bytes"]
@@ -612,7 +613,9 @@ pub fn base_model_differences(state: &TrainerState, config: &LemaConfig) -> Resu
             config.config_json().display()
         ));
     }
+    // (a file of another size has other contents: that line says enough)
     if let Some(saved) = then.get(CONTENT_KEY)
+        && !resized
         && *saved != now[CONTENT_KEY]
     {
         let show = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);

@@ -285,10 +285,31 @@ fn steps_done(out: &Path) -> usize {
 
 #[test]
 fn truncating_the_model_under_a_running_train_names_the_file() {
+    truncate_under_train("cpu");
+}
+
+/// The same on the GPU, where the stream copies layers from the mapped file registered as
+/// pinned memory (prints SKIP without one).
+#[cfg(feature = "cuda")]
+#[test]
+fn truncating_the_model_under_a_running_cuda_train_names_the_file() {
+    if let Err(e) = lema::backend::cuda::CudaBackend::new(0) {
+        println!("SKIP: no CUDA device ({e})");
+        return;
+    }
+    truncate_under_train("cuda");
+}
+
+/// Start `lema train` on `device`, truncate the model file after two steps: exit 1 with a
+/// message naming the file, not a signal.
+fn truncate_under_train(device: &str) {
     use std::os::unix::process::ExitStatusExt;
     let s = Setup::new();
     let out = s.path("run");
-    let mut r = Running::start(&s, &s.train_args("run", &["--max-steps", "1000000"]));
+    let mut args = s.train_args("run", &["--max-steps", "1000000"]);
+    let at = args.iter().position(|a| *a == "cpu").unwrap();
+    args[at] = device;
+    let mut r = Running::start(&s, &args);
     let t0 = Instant::now();
     while steps_done(&out) < 2 {
         assert!(

@@ -57,15 +57,19 @@ pub fn pickle_refusal(src: &Path, zip: Option<bool>) -> Error {
             _ => PathBuf::from("."),
         }
     };
+    let converted = match folder.file_name() {
+        Some(_) => format!("{}-safetensors", folder.display()),
+        None => "model-safetensors".to_string(),
+    };
     Error::format(
         src,
         format!(
             "this is a PyTorch pickle checkpoint{form}; lema does not load pickles, because \
              unpickling runs arbitrary code from the file. Convert its model folder to \
              safetensors once with transformers, e.g.\n  python -c \"from transformers import \
-             AutoModelForCausalLM as M; M.from_pretrained('{0}').save_pretrained('{0}-safetensors', \
+             AutoModelForCausalLM as M; M.from_pretrained('{0}').save_pretrained('{converted}', \
              safe_serialization=True)\"\nand prepare the new folder with `lema prepare \
-             {0}-safetensors --out DIR`",
+             {converted} --out DIR`",
             folder.display()
         ),
     )
