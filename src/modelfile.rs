@@ -25,8 +25,10 @@ pub enum Kind {
     Safetensors,
     /// A llama.cpp GGUF file.
     Gguf,
-    /// A PyTorch pickle checkpoint: the zip archive of `torch.save`, or the legacy pickle.
-    Pickle { zip: bool },
+    /// A PyTorch pickle checkpoint: `zip` is Some(true) for the zip archive of
+    /// `torch.save`, Some(false) for the legacy pickle, None for a file of unknown
+    /// contents named like a pickle (`.bin`, `.pt`, `.pth`, `.ckpt`).
+    Pickle { zip: Option<bool> },
     /// Not a regular file: what it is (a FIFO, a socket, a device).
     NotRegular(&'static str),
     /// A regular file of another kind (or a damaged safetensors file: its parser says
@@ -55,7 +57,17 @@ pub fn classify(path: &Path) -> Result<Kind> {
     }
     let mut head = [0u8; MAGIC_BYTES];
     let n = read_prefix(path, &mut head)?;
-    Ok(kind_of_prefix(&head[..n]))
+    Ok(match kind_of_prefix(&head[..n]) {
+        Kind::Other
+            if path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| crate::import::hf::PICKLE_EXTENSIONS.contains(&e)) =>
+        {
+            Kind::Pickle { zip: None }
+        }
+        kind => kind,
+    })
 }
 
 /// Classify a regular file from its first bytes.
@@ -70,11 +82,11 @@ fn kind_of_prefix(head: &[u8]) -> Kind {
         }
     }
     if head.starts_with(b"PK\x03\x04") {
-        return Kind::Pickle { zip: true };
+        return Kind::Pickle { zip: Some(true) };
     }
     // pickle protocol 2..5 opens with PROTO (0x80) and its number
     if let [0x80, 2..=5, ..] = head {
-        return Kind::Pickle { zip: false };
+        return Kind::Pickle { zip: Some(false) };
     }
     Kind::Other
 }
@@ -138,7 +150,7 @@ pub fn refusal(path: &Path, kind: Kind) -> Option<Error> {
              prepare` makes from it (with config.json and the tokenizer beside it): run `lema \
              prepare {p} --out DIR` once and give DIR as the model"
         ),
-        Kind::Pickle { zip } => return Some(crate::import::hf::pickle_refusal(path, Some(zip))),
+        Kind::Pickle { zip } => return Some(crate::import::hf::pickle_refusal(path, zip)),
         Kind::NotRegular(what) => {
             format!("is {what}, not a model file; give {WHAT_A_MODEL_IS}")
         }
@@ -563,11 +575,11 @@ mod tests {
         assert_eq!(kind_of_prefix(b"GGUF\x03\0\0\0\0"), Kind::Gguf);
         assert_eq!(
             kind_of_prefix(b"PK\x03\x04\0\0\0\0\0"),
-            Kind::Pickle { zip: true }
+            Kind::Pickle { zip: Some(true) }
         );
         assert_eq!(
             kind_of_prefix(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9"),
-            Kind::Pickle { zip: false }
+            Kind::Pickle { zip: Some(false) }
         );
         // a safetensors header size whose first byte is 0x80 is still safetensors
         let mut st80 = 0x0280u64.to_le_bytes().to_vec();

@@ -505,18 +505,25 @@ fn a_pytorch_pickle_given_as_the_model_is_named_as_one() {
         b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.",
     )
     .unwrap();
+    // and a file of no known form, named like a pickle
+    std::fs::write(
+        s.path("model/weights.pth"),
+        b"\x01\x02\x03\x04 weights of some kind",
+    )
+    .unwrap();
     for (file, form) in [
         (
             "model/pytorch_model.bin",
-            "a zip archive written by torch.save",
+            " (a zip archive written by torch.save)",
         ),
-        ("model/model.pt", "a legacy torch.save pickle"),
+        ("model/model.pt", " (a legacy torch.save pickle)"),
+        ("model/weights.pth", ";"),
     ] {
         refused_by_every_command(
             &s,
             file,
             &[
-                &format!("{file}: this is a PyTorch pickle checkpoint ({form})"),
+                &format!("{file}: this is a PyTorch pickle checkpoint{form}"),
                 "lema does not load pickles",
                 "save_pretrained",
                 "safe_serialization=True",

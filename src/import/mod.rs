@@ -390,21 +390,13 @@ fn classify_source(src: &Path) -> Result<Kind> {
     let kind = crate::modelfile::classify(src)?;
     match kind {
         Kind::Missing => Err(Error::format(src, "no such file or folder")),
-        Kind::Pickle { zip } => Err(hf::pickle_refusal(src, Some(zip))),
+        Kind::Pickle { zip } => Err(hf::pickle_refusal(src, zip)),
         Kind::NotRegular(what) => Err(Error::format(
             src,
             format!(
                 "is {what}, not a model: give a Hugging Face folder, a .gguf file or a .safetensors file"
             ),
         )),
-        Kind::Other
-            if src
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| hf::PICKLE_EXTENSIONS.contains(&e)) =>
-        {
-            Err(hf::pickle_refusal(src, None))
-        }
         _ => Ok(kind),
     }
 }
