@@ -511,6 +511,21 @@ impl LemaModel {
         })
     }
 
+    /// What identifies this model's base in a checkpoint: the size and content
+    /// fingerprint of the weights file it maps, and its config.json.
+    pub fn base_fingerprint(&self) -> Result<serde_json::Value> {
+        let (bytes, content) = with_engine!(&self.engine, e => {
+            (e.gbi.mapped().len() as u64, e.gbi.content_fingerprint()?)
+        });
+        fingerprint_json(&self.config, bytes, content)
+    }
+
+    /// How the weights file this model maps stands now: unchanged, replaced (the path
+    /// names another file; the model keeps the one it opened) or modified in place.
+    pub fn model_file_state(&self) -> Result<crate::modelfile::FileState> {
+        with_engine!(&self.engine, e => e.gbi.file_state())
+    }
+
     /// Write the adapter alone (PEFT format) into `dir`, atomically.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let base = self.config.model_path.to_string_lossy().to_string();
@@ -535,7 +550,8 @@ pub struct TrainerState {
     pub optimizer: OptimizerConfig,
     pub max_grad_norm: Option<f32>,
     pub config: LemaConfig,
-    /// What identifies the base model: file size and config.json contents.
+    /// What identifies the base model: file size, config.json contents and the content
+    /// fingerprint of the weights file (`content`; absent in checkpoints of older lema).
     pub model_fingerprint: serde_json::Value,
     /// State of the caller's data pipeline and schedule (opaque to the trainer).
     pub extra: serde_json::Value,
@@ -543,15 +559,74 @@ pub struct TrainerState {
 
 const STATE_FORMAT: &str = "lema-trainer-state-1";
 
-fn fingerprint(config: &LemaConfig) -> Result<serde_json::Value> {
-    let size = std::fs::metadata(&config.model_path)
-        .map_err(|e| Error::io(&config.model_path, e))?
-        .len();
+/// Key of the content fingerprint in [`TrainerState::model_fingerprint`].
+const CONTENT_KEY: &str = "content";
+
+/// What identifies a base model: the size and content fingerprint
+/// ([`crate::modelfile::content_fingerprint`]) of its weights file, and its config.json.
+fn fingerprint_json(config: &LemaConfig, bytes: u64, content: String) -> Result<serde_json::Value> {
     let cfg_path = config.config_json();
     let text = crate::fsutil::read_text(&cfg_path)?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
-    Ok(serde_json::json!({ "model_file_bytes": size, "config": cfg }))
+    Ok(serde_json::json!({ "model_file_bytes": bytes, "config": cfg, CONTENT_KEY: content }))
+}
+
+/// The fingerprint of the base model that `config` names, read from the path.
+fn fingerprint(config: &LemaConfig) -> Result<serde_json::Value> {
+    let path = &config.model_path;
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    fingerprint_json(
+        config,
+        bytes,
+        crate::modelfile::content_fingerprint_of(path)?,
+    )
+}
+
+/// Whether a checkpoint predates content fingerprints (lema before they were recorded):
+/// its base model was identified by file size and config.json alone.
+pub fn predates_content_fingerprint(state: &TrainerState) -> bool {
+    state.model_fingerprint.get(CONTENT_KEY).is_none()
+}
+
+/// How the base model that `config` names differs from the one the checkpoint of `state`
+/// was made with, one line per difference (none: the same base). A checkpoint without a
+/// content fingerprint ([`predates_content_fingerprint`]) is compared on size and
+/// config.json alone.
+pub fn base_model_differences(state: &TrainerState, config: &LemaConfig) -> Result<Vec<String>> {
+    let now = fingerprint(config)?;
+    let then = &state.model_fingerprint;
+    let path = config.model_path.display();
+    let mut diffs = Vec::new();
+    let resized = now["model_file_bytes"] != then["model_file_bytes"];
+    if resized {
+        diffs.push(format!(
+            "model ({path}): the file is {} bytes, the checkpoint was made on one of {} bytes",
+            now["model_file_bytes"], then["model_file_bytes"]
+        ));
+    }
+    if now["config"] != then["config"] {
+        diffs.push(format!(
+            "model config ({}): its config.json differs from the one the checkpoint was made with",
+            config.config_json().display()
+        ));
+    }
+    // (a file of another size has other contents: that line says enough)
+    if let Some(saved) = then.get(CONTENT_KEY)
+        && !resized
+        && *saved != now[CONTENT_KEY]
+    {
+        let show = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        diffs.push(format!(
+            "model ({path}): its weights are not those the checkpoint was trained on (content \
+             fingerprint: checkpoint {}, now {})",
+            show(saved),
+            show(&now[CONTENT_KEY])
+        ));
+    }
+    Ok(diffs)
 }
 
 /// A model plus optimizer: the seed's trainer.
@@ -602,10 +677,12 @@ impl Trainer {
         with_engine!(&self.model.engine, e => e.optimizer.as_ref().map_or(0, |o| o.step))
     }
 
-    /// Save adapter, optimizer state and trainer state into `dir` atomically.
+    /// Save adapter, optimizer state and trainer state into `dir` atomically. The base
+    /// model is identified by the file this model maps (its size, content fingerprint
+    /// and config.json), even if the path names another file now.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let config = self.model.config.clone();
-        let fp = fingerprint(&config)?;
+        let fp = self.model.base_fingerprint()?;
         let base = config.model_path.to_string_lossy().to_string();
         let max_grad_norm = self.max_grad_norm;
         let extra = self.extra_state.clone();
@@ -656,23 +733,19 @@ impl Trainer {
     }
 
     /// Resume from a checkpoint folder. `config` overrides the saved configuration (e.g.
-    /// to move the model file); the base model must be the one the run started with.
+    /// to move the model file); the base model must be the one the run started with: the
+    /// same file size, config.json and content fingerprint (a checkpoint that predates
+    /// content fingerprints is compared on the first two alone; see
+    /// [`predates_content_fingerprint`]).
     pub fn from_checkpoint(dir: &Path, config: Option<LemaConfig>) -> Result<Self> {
         let st = Self::read_state(dir)?;
         let mut config = config.unwrap_or(st.config.clone());
-        let fp = fingerprint(&config)?;
-        if fp != st.model_fingerprint {
-            let what = if fp["model_file_bytes"] != st.model_fingerprint["model_file_bytes"] {
-                format!(
-                    "the model file is {} bytes, the checkpoint was made on one of {} bytes",
-                    fp["model_file_bytes"], st.model_fingerprint["model_file_bytes"]
-                )
-            } else {
-                "its config.json differs from the one the checkpoint was made with".to_string()
-            };
+        let diffs = base_model_differences(&st, &config)?;
+        if !diffs.is_empty() {
             return Err(Error::config(format!(
-                "checkpoint {} was made with a different base model: {what}",
-                dir.display()
+                "checkpoint {} was made with a different base model:\n  {}",
+                dir.display(),
+                diffs.join("\n  ")
             )));
         }
         config.adapter_path = Some(dir.to_path_buf());

@@ -10,6 +10,7 @@
 use crate::backend::DType;
 use crate::error::{Error, Result};
 use crate::fsutil::MAX_HEADER_SIZE;
+use crate::modelfile::{FileState, Kind, Stamp};
 use memmap2::Mmap;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
@@ -63,10 +64,20 @@ const HEAD_PREFIXES: [&str; 4] = ["model.norm.", "lm_head.", "transformer.ln_f."
 /// An open, validated `.safetensors` file: its memory map and an index of its tensors.
 ///
 /// The file is memory-mapped: it must not be modified or truncated (by this or any other
-/// process) while the `Gbi` is alive, or reads may see changed bytes or fault.
+/// process) while the `Gbi` is alive, or reads may see changed bytes or fault. The weight
+/// streams call [`Gbi::check_unchanged`] before each layer they read, which turns such a
+/// change into an error naming the file; a truncation in the moment between that check
+/// and the read faults (SIGBUS), which [`crate::modelfile::install_fault_handler`] turns
+/// into a message naming the file. Replacing the file by a rename is safe: the mapping
+/// keeps the old file.
 pub struct Gbi {
     path: PathBuf,
     mmap: Mmap,
+    /// The open file behind the map, and what it was when opened.
+    file: File,
+    stamp: Stamp,
+    /// Slot of the map in the SIGBUS handler's table.
+    fault_slot: Option<usize>,
     /// In file order (ascending offset, then name).
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
@@ -94,8 +105,16 @@ struct Parsed {
 impl Gbi {
     /// Map `path`, parse its safetensors header and validate every entry against the file.
     pub fn open(path: &Path) -> Result<Gbi> {
+        // a GGUF, a pickle or a FIFO gets its own message (and a FIFO is never opened)
+        if let kind @ (Kind::Gguf | Kind::Pickle { .. } | Kind::NotRegular(_)) =
+            crate::modelfile::classify(path)?
+            && let Some(e) = crate::modelfile::refusal(path, kind)
+        {
+            return Err(e);
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let stamp = Stamp::of(&file, path)?;
+        let file_len = stamp.len();
         if file_len < 8 {
             return Err(too_short(path, file_len as usize));
         }
@@ -111,9 +130,14 @@ impl Gbi {
             by_name.insert(t.name.clone(), i);
             groups.entry(Self::group_of(&t.name)).or_default().push(i);
         }
+        let fault_slot =
+            crate::modelfile::register_mapping(mmap.as_ptr() as usize, mmap.len(), path);
         Ok(Gbi {
             path: path.to_path_buf(),
             mmap,
+            file,
+            stamp,
+            fault_slot,
             tensors,
             by_name,
             groups,
@@ -124,6 +148,29 @@ impl Gbi {
     /// The file this index maps.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How the mapped file stands now against what it was when opened (two `stat` calls).
+    pub fn file_state(&self) -> Result<FileState> {
+        self.stamp.check(&self.file, &self.path)
+    }
+
+    /// An error naming the file when it was modified in place (truncated, extended or
+    /// rewritten) since it was opened: what the weight streams call before reading a
+    /// layer. A file replaced by a rename passes: the map keeps the old bytes.
+    pub fn check_unchanged(&self) -> Result<()> {
+        match self.file_state()? {
+            FileState::Modified(what) => Err(crate::modelfile::modified_error(&self.path, &what)),
+            FileState::Unchanged | FileState::Replaced => Ok(()),
+        }
+    }
+
+    /// The content fingerprint of the mapped file
+    /// ([`crate::modelfile::content_fingerprint`]), read from the open file: the bytes
+    /// this index serves, even when the path names another file now.
+    pub fn content_fingerprint(&self) -> Result<String> {
+        self.check_unchanged()?;
+        crate::modelfile::content_fingerprint(&self.file, &self.path)
     }
 
     /// Number of tensors in the file.
@@ -323,6 +370,15 @@ impl Gbi {
             .filter(|&(d, _)| d <= bound)
             .min()
             .map(|(_, n)| n)
+    }
+}
+
+impl Drop for Gbi {
+    fn drop(&mut self) {
+        // before the map goes (the fields drop after this)
+        if let Some(slot) = self.fault_slot {
+            crate::modelfile::unregister_mapping(slot);
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod import;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod modelfile;
 pub mod optim;
 pub mod rng;
 pub mod schedule;

@@ -61,13 +61,15 @@ pub trait WeightStream<B: Backend>: Send {
 }
 
 /// Upload the tensors of `part` from the file; names are relative to the block prefix
-/// (blocks) or full (head).
+/// (blocks) or full (head). A file modified since it was opened is an error naming it,
+/// not a read of changed (or vanished) bytes.
 pub fn load_part<B: Backend>(
     be: &B,
     gbi: &Gbi,
     model: &Model,
     part: Part,
 ) -> Result<LayerWeights<B>> {
+    gbi.check_unchanged()?;
     let mut tensors = HashMap::new();
     match part {
         Part::Block(i) => {

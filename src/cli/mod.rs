@@ -43,15 +43,9 @@ enum Command {
 /// Parse arguments, run, print any error chain on one line; returns the exit code.
 /// The prepared model file that `--model` names: the path itself, or `model.safetensors`
 /// in the folder it names (as `lema train` and `lema eval` take it).
+/// A GGUF, a pickle, a folder still to prepare or a FIFO is refused with what to do.
 fn model_file(model: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    let file = lema::train::model_file(model);
-    if !file.is_file() {
-        anyhow::bail!(
-            "{}: no such model (a .safetensors file made by `lema prepare`, or the folder that holds its model.safetensors)",
-            model.display()
-        );
-    }
-    Ok(file)
+    Ok(lema::modelfile::weights_file(model)?)
 }
 
 /// Let every numeric argument take a value that starts with '-' (`--temperature -1e-3`,
@@ -83,6 +77,9 @@ fn negative_numbers_allowed(cmd: clap::Command) -> clap::Command {
 }
 
 pub fn main() -> i32 {
+    // a model file truncated under a running command: a message naming it, not a bare
+    // "Bus error"
+    lema::modelfile::install_fault_handler();
     use clap::{CommandFactory, FromArgMatches};
     let parsed = negative_numbers_allowed(Cli::command())
         .try_get_matches()

@@ -169,6 +169,15 @@ impl Observer for CliObserver {
         self.say(format!("note: {message}"));
     }
 
+    fn on_warning(&mut self, message: &str) {
+        let m = format!("warning: {message}");
+        if self.tty {
+            self.bar.println(m);
+        } else {
+            eprintln!("{m}");
+        }
+    }
+
     fn stop_requested(&self) -> bool {
         signals::received().is_some()
     }

@@ -39,17 +39,38 @@ pub const SIDE_FILES: &[&str] = &[
 /// Name suffixes of buffers that HF checkpoints may contain but that are not parameters.
 const DROPPED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"];
 
-/// The error for a pickle checkpoint: why it is refused and how to convert it.
-pub fn pickle_refusal(src: &Path) -> Error {
+/// The error for a pickle checkpoint (a folder of them, or one file): why it is refused
+/// and how to convert it. `zip` says which form its first bytes showed, when they were
+/// read: the zip archive of `torch.save` or the legacy pickle.
+pub fn pickle_refusal(src: &Path, zip: Option<bool>) -> Error {
+    let form = match zip {
+        Some(true) => " (a zip archive written by torch.save)",
+        Some(false) => " (a legacy torch.save pickle)",
+        None => "",
+    };
+    // transformers loads a folder: the file's own, when given a file
+    let folder = if src.is_dir() {
+        src.to_path_buf()
+    } else {
+        match src.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let converted = match folder.file_name() {
+        Some(_) => format!("{}-safetensors", folder.display()),
+        None => "model-safetensors".to_string(),
+    };
     Error::format(
         src,
         format!(
-            "this is a PyTorch pickle checkpoint; lema does not load pickles, because unpickling \
-             runs arbitrary code from the file. Convert it to safetensors once with \
-             transformers, e.g.\n  python -c \"from transformers import AutoModelForCausalLM as M; \
-             M.from_pretrained('{0}').save_pretrained('{0}-safetensors', safe_serialization=True)\"\n\
-             and prepare the new folder",
-            src.display()
+            "this is a PyTorch pickle checkpoint{form}; lema does not load pickles, because \
+             unpickling runs arbitrary code from the file. Convert its model folder to \
+             safetensors once with transformers, e.g.\n  python -c \"from transformers import \
+             AutoModelForCausalLM as M; M.from_pretrained('{0}').save_pretrained('{converted}', \
+             safe_serialization=True)\"\nand prepare the new folder with `lema prepare \
+             {converted} --out DIR`",
+            folder.display()
         ),
     )
 }
@@ -115,7 +136,7 @@ fn shard_files(src: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
         })
         .collect();
     if !pickles.is_empty() {
-        return Err(pickle_refusal(src));
+        return Err(pickle_refusal(src, None));
     }
     let others: Vec<&String> = entries
         .iter()
@@ -461,7 +482,7 @@ pub fn inspect(path: &Path) -> Result<ModelSummary> {
         if let Some(ext) = path.extension().and_then(|e| e.to_str())
             && PICKLE_EXTENSIONS.contains(&ext)
         {
-            return Err(pickle_refusal(path));
+            return Err(pickle_refusal(path, None));
         }
         return Err(Error::format(
             path,

@@ -20,6 +20,7 @@ pub use hf::prepare_monolithic_safetensors;
 
 use crate::backend::DType;
 use crate::error::{Error, Result};
+use crate::modelfile::Kind;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -370,16 +371,6 @@ pub fn prepare_gguf(
     })
 }
 
-/// Whether `path` is a file that starts with the GGUF magic.
-fn looks_like_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == gguf::GGUF_MAGIC
-}
-
 /// Prepare any supported source: an HF folder ([`prepare_monolithic_safetensors`]) or a
 /// GGUF file ([`prepare_gguf`]). `dtype` converts the weights (default: keep them, or
 /// bf16 for quantized GGUF); `progress` shows a bar on stderr.
@@ -389,22 +380,31 @@ pub fn prepare(
     dtype: Option<DType>,
     progress: bool,
 ) -> Result<PrepareReport> {
-    let meta = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
-    if meta.is_dir() {
-        return prepare_monolithic_safetensors(src, out, dtype, progress);
+    match classify_source(src)? {
+        Kind::Folder { .. } => prepare_monolithic_safetensors(src, out, dtype, progress),
+        Kind::Gguf => prepare_gguf(src, out, dtype, progress),
+        _ => Err(Error::format(
+            src,
+            "not a model source lema can prepare: give a Hugging Face folder (config.json + safetensors) or a .gguf file",
+        )),
     }
-    if looks_like_gguf(src) {
-        return prepare_gguf(src, out, dtype, progress);
+}
+
+/// The kind of a source given to `prepare` or `info`, with the ones neither reads (missing,
+/// a pickle, a FIFO) refused by name; a FIFO is never opened.
+fn classify_source(src: &Path) -> Result<Kind> {
+    let kind = crate::modelfile::classify(src)?;
+    match kind {
+        Kind::Missing => Err(Error::format(src, "no such file or folder")),
+        Kind::Pickle { zip } => Err(hf::pickle_refusal(src, zip)),
+        Kind::NotRegular(what) => Err(Error::format(
+            src,
+            format!(
+                "is {what}, not a model: give a Hugging Face folder, a .gguf file or a .safetensors file"
+            ),
+        )),
+        _ => Ok(kind),
     }
-    if let Some(ext) = src.extension().and_then(|e| e.to_str())
-        && hf::PICKLE_EXTENSIONS.contains(&ext)
-    {
-        return Err(hf::pickle_refusal(src));
-    }
-    Err(Error::format(
-        src,
-        "not a model source lema can prepare: give a Hugging Face folder (config.json + safetensors) or a .gguf file",
-    ))
 }
 
 /// A short description of a model source, for `lema info`.
@@ -448,8 +448,7 @@ impl fmt::Display for ModelSummary {
 
 /// Summarise a GGUF file, an HF folder or a safetensors file without converting it.
 pub fn inspect(path: &Path) -> Result<ModelSummary> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() || !looks_like_gguf(path) {
+    if classify_source(path)? != Kind::Gguf {
         return hf::inspect(path);
     }
     let file = gguf::GgufFile::open(path)?;

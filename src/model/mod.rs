@@ -340,6 +340,7 @@ pub(crate) fn rows<D: DeviceBuf>(x: &D, c: usize) -> usize {
 /// Rows `ids` of the `[V, c]` table `name`, decoded to f32 on the host: `[N, c]`. An id
 /// outside the table is an error that quotes it.
 pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> Result<Vec<f32>> {
+    gbi.check_unchanged()?;
     let t = gbi.tensor(name)?;
     let rows = t.shape.first().copied().unwrap_or(0);
     let row_bytes = c * t.dtype.size();

@@ -34,6 +34,8 @@ pub struct EvalOptions {
 
 /// Loss and perplexity over the whole file, and what reading it left out.
 pub fn evaluate_file(o: &EvalOptions) -> Result<(EvalResult, LoadReport, usize)> {
+    // a GGUF, a pickle, a folder to prepare: say so before the tokenizer is looked for
+    crate::modelfile::weights_file(&o.model)?;
     let tok = Tokenizer::from_dir(&tokenizer_dir(o.tokenizer.as_deref(), &o.model))?;
     let opts = DataOptions {
         max_seq_length: o.max_seq_length,

@@ -104,6 +104,9 @@ pub trait Observer {
     /// Something the user should know that is not an error (a stale temporary file
     /// removed, a file left alone).
     fn on_notice(&mut self, _message: &str) {}
+    /// Something that may be wrong but does not stop the run (an old checkpoint without
+    /// a model fingerprint, the model file replaced under the run).
+    fn on_warning(&mut self, _message: &str) {}
     /// Whether the user asked to stop (checked after each step).
     fn stop_requested(&self) -> bool {
         false
@@ -376,18 +379,24 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         ));
     };
     let out = cfg.output_dir.clone();
-    if !model_file(model).is_file() {
-        return Err(Error::config(format!(
-            "model: {}: no such model (a .safetensors file made by `lema prepare`, or the folder that holds its model.safetensors)",
-            model.display()
-        )));
-    }
+    // a GGUF, a pickle, a folder to prepare: say so before the tokenizer is looked for
+    crate::modelfile::weights_file(model)?;
 
     // a resume must continue the same computation
     let resumed = match resume {
         Some(dir) => {
-            let (_, rs) = read_run_state(dir)?;
+            let (st, rs) = read_run_state(dir)?;
             let mut diffs = cfg.resume_differences(&rs.config)?;
+            diffs.extend(crate::api::base_model_differences(
+                &st,
+                &lema_config(cfg, model),
+            )?);
+            if crate::api::predates_content_fingerprint(&st) {
+                obs.on_warning(&format!(
+                    "checkpoint {} predates model content fingerprints: its base model is checked on file size and config.json only; the checkpoints this run writes record the fingerprint",
+                    dir.display()
+                ));
+            }
             let fp = file_fingerprint(data_path)?;
             if fp != rs.data_fingerprint {
                 diffs.push(format!(
@@ -490,6 +499,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     let mut last_ckpt: Option<PathBuf> = resume.map(Path::to_path_buf);
     let mut last_saved_step = if resume.is_some() { Some(start) } else { None };
     let t_start = Instant::now();
+    let mut replaced_warned = false;
 
     let save = |trainer: &mut Trainer,
                 obs: &mut dyn Observer,
@@ -560,6 +570,12 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
             }
             Err(e) => return Err(e),
         };
+        if !replaced_warned
+            && trainer.model.model_file_state()? == crate::modelfile::FileState::Replaced
+        {
+            replaced_warned = true;
+            obs.on_warning(&crate::modelfile::replaced_warning(&model_file(model)));
+        }
         let done = step + 1;
         let dt = t0.elapsed().as_secs_f64();
         let elapsed = elapsed_base + t_start.elapsed().as_secs_f64();

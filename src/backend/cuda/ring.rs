@@ -162,6 +162,7 @@ impl CudaRing {
                     msg: format!("{e:?}"),
                 })?;
                 for i in 0..layers {
+                    gbi.check_unchanged()?;
                     for (_, t) in part_tensors(&gbi, &model, Part::Block(i))? {
                         dst[off..off + t.len].copy_from_slice(gbi.bytes(t));
                         ranges.insert(t.name.clone(), off..off + t.len);
@@ -259,6 +260,9 @@ impl CudaRing {
         part: Part,
         free: Option<&CudaEvent>,
     ) -> Result<CudaEvent> {
+        // a file modified since it was opened is an error naming it, not a copy of
+        // changed (or vanished) bytes
+        self.gbi.check_unchanged()?;
         let tensors = part_tensors(&self.gbi, &self.model, part)?;
         let mut last = None;
         for (k, (name, t)) in tensors.iter().enumerate() {
