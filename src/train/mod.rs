@@ -195,6 +195,9 @@ pub fn evaluate_plan(model: &mut LemaModel, plan: &mut BatchPlan) -> Result<Eval
     for i in 0..plan.batches_per_epoch() {
         let (b, _) = plan.batch(0, i)?;
         let (mean, n, _) = model.evaluate(&b, false)?;
+        if !mean.is_finite() {
+            return Err(non_finite_eval(mean, i, plan.batches_per_epoch()));
+        }
         sum += mean * n as f64;
         count += n;
     }
@@ -207,6 +210,16 @@ pub fn evaluate_plan(model: &mut LemaModel, plan: &mut BatchPlan) -> Result<Eval
         perplexity: loss.exp(),
         tokens: count,
     })
+}
+
+/// A non-finite evaluation loss is never a result: what it means and where to look.
+fn non_finite_eval(loss: f64, batch: usize, batches: usize) -> Error {
+    Error::NonFinite(format!(
+        "the loss is {loss} on evaluation batch {} of {batches}: the model computes non-finite values. \
+         An adapter is checked for them when it loads, so the base model's weights likely hold NaN or \
+         infinity (re-run `lema prepare` from the original files), or the forward pass overflows",
+        batch + 1
+    ))
 }
 
 /// Read the run state of a checkpoint written by [`run`].

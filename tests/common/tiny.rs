@@ -111,3 +111,32 @@ pub fn expect_error(o: &Output, needles: &[&str]) -> String {
     }
     err
 }
+
+/// Overwrite value `index` of the F32 tensor `tensor` in the safetensors file `path`.
+pub fn poke_f32(path: &std::path::Path, tensor: &str, index: usize, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header[tensor];
+    assert_eq!(t["dtype"], "F32", "{tensor} in {}", path.display());
+    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize + 4 * index;
+    assert!(at + 4 <= 8 + n + t["data_offsets"][1].as_u64().unwrap() as usize);
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Names of the tensors of the safetensors file `path`, sorted.
+pub fn tensor_names(path: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut names: Vec<String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    names.sort();
+    names
+}
