@@ -268,3 +268,48 @@ fn a_run_that_diverges_in_its_update_saves_no_checkpoint() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn a_non_finite_evaluation_stops_training_at_the_last_good_checkpoint() {
+    let s = Tiny::new(None);
+    // the '~' embedding row is NaN: training data never reads it, evaluation data does
+    let tilde = b'~' as usize;
+    let file = s.path("model/model.safetensors");
+    let hidden = lema::bench::preset("tiny").unwrap().hidden;
+    for i in 0..hidden {
+        poke_f32(
+            &file,
+            "model.embed_tokens.weight",
+            tilde * hidden + i,
+            f32::NAN,
+        );
+    }
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"prompt": "Q{i} is? ", "completion": "yes"}}"#))
+        .collect();
+    s.write("d.jsonl", &lines.join("\n"));
+    s.write("e.jsonl", r#"{"text": "a ~ b"}"#);
+    let o = s.train(
+        "d.jsonl",
+        &[
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "1",
+            "--eval-data",
+            "e.jsonl",
+            "--eval-steps",
+            "2",
+        ],
+    );
+    expect_error(
+        &o,
+        &[
+            "training stopped: evaluating after step 2, the loss is NaN on evaluation batch 1 of 1",
+            "the evaluation data meets values the training data does not",
+            "the last good checkpoint is ",
+            "run/checkpoint-1",
+        ],
+    );
+    assert!(!s.path("run/checkpoint-2").exists());
+}

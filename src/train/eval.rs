@@ -66,7 +66,7 @@ pub fn evaluate_file(o: &EvalOptions) -> Result<(EvalResult, LoadReport, usize)>
                 .as_ref()
                 .map_or(String::new(), |a| format!(" with adapter {}", a.display()));
             Error::NonFinite(format!(
-                "{}{with} on {}: {msg}",
+                "{}{with} on {}: {msg}. An adapter is checked for them when it loads, so the base model's weights likely hold NaN or infinity (re-run `lema prepare` from the original files), or the forward pass overflows",
                 model_file(&o.model).display(),
                 o.data.display()
             ))

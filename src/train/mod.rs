@@ -212,14 +212,21 @@ pub fn evaluate_plan(model: &mut LemaModel, plan: &mut BatchPlan) -> Result<Eval
     })
 }
 
-/// A non-finite evaluation loss is never a result: what it means and where to look.
+/// A non-finite evaluation loss is never a result; callers say where to look.
 fn non_finite_eval(loss: f64, batch: usize, batches: usize) -> Error {
     Error::NonFinite(format!(
-        "the loss is {loss} on evaluation batch {} of {batches}: the model computes non-finite values. \
-         An adapter is checked for them when it loads, so the base model's weights likely hold NaN or \
-         infinity (re-run `lema prepare` from the original files), or the forward pass overflows",
+        "the loss is {loss} on evaluation batch {} of {batches}: the model computes non-finite values",
         batch + 1
     ))
+}
+
+/// The checkpoint a run stopped by a non-finite value can go back to: the one it resumed
+/// from or last saved, each checked for non-finite values when it was loaded or written.
+fn last_good(last: &Option<PathBuf>) -> String {
+    match last {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint had been saved yet (set save_steps to keep some)".into(),
+    }
 }
 
 /// Read the run state of a checkpoint written by [`run`].
@@ -581,10 +588,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         let res = match trainer.train_step_accumulated(&micro, Some(lr as f32), false) {
             Ok(r) => r,
             Err(Error::NonFinite(msg)) => {
-                let keep = match &last_ckpt {
-                    Some(p) => format!("the last good checkpoint is {}", p.display()),
-                    None => "no checkpoint had been saved yet (set save_steps to keep some)".into(),
-                };
+                let keep = last_good(&last_ckpt);
                 let _ = write_loss_curve(&out);
                 return Err(Error::NonFinite(format!(
                     "training stopped: {msg}; {keep}. Try a lower learning_rate or max_grad_norm."
@@ -614,7 +618,13 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         if let Some(plan) = data.eval.as_mut()
             && eval_due
         {
-            let r = evaluate_plan(&mut trainer.model, plan)?;
+            let r = evaluate_plan(&mut trainer.model, plan).map_err(|e| match e {
+                Error::NonFinite(msg) => Error::NonFinite(format!(
+                    "training stopped: evaluating after step {done}, {msg}; the training loss was finite, so the evaluation data meets values the training data does not, or this step's update overflowed; {}",
+                    last_good(&last_ckpt)
+                )),
+                other => other,
+            })?;
             rec.eval_loss = Some(r.loss);
             rec.eval_ppl = Some(r.perplexity);
         }
