@@ -1,8 +1,8 @@
 //! Chat templates run under a budget of work and output scaled by the conversation
 //! (`TemplateBudget`): the templates of real models (SmolLM2, Llama-3.1, Qwen2.5, in
 //! tests/fixtures/chat_templates) render as HF does and use a small part of it, and a
-//! template that loops or writes without end stops `train`, `eval` and `generate` at once
-//! with a message that names the template's file, not a data line.
+//! template that loops, writes without end or does not parse stops `train`, `eval` and
+//! `generate` at once with a message that names the template's file, not a data line.
 
 mod common;
 use common::tiny::{Tiny, expect_error};
@@ -93,9 +93,9 @@ fn real_templates_use_under_an_eighth_of_their_work_and_a_quarter_of_their_outpu
     }
 }
 
-/// Templates that never end or write without end, as a user's tokenizer_config.json may
-/// hold them; each with what its error must say.
-const RUNAWAY: [(&str, &str); 4] = [
+/// Templates that never end, write without end or do not parse, as a user's
+/// tokenizer_config.json may hold them; each with what its error must say.
+const BROKEN: [(&str, &str); 5] = [
     (
         "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
         "exceeded its work budget",
@@ -109,11 +109,15 @@ const RUNAWAY: [(&str, &str); 4] = [
         "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
         "exceeded its work budget",
     ),
+    (
+        "{% for m in messages %}{{ m.content }}",
+        "does not parse: syntax error",
+    ),
 ];
 
 #[test]
-fn runaway_templates_stop_at_their_budget() {
-    for (src, why) in RUNAWAY {
+fn broken_templates_stop_at_their_budget_or_parse() {
+    for (src, why) in BROKEN {
         let t = ChatTemplate::new(src);
         let start = Instant::now();
         let e = t
@@ -144,9 +148,9 @@ fn runaway_templates_stop_at_their_budget() {
 }
 
 #[test]
-fn train_and_eval_stop_at_a_runaway_template_and_name_it() {
+fn train_and_eval_stop_at_a_broken_template_and_name_it() {
     let line = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
-    for (src, why) in RUNAWAY {
+    for (src, why) in BROKEN {
         let s = Tiny::new(Some(src));
         s.write("chat.jsonl", &vec![line; 200].join("\n"));
         let start = Instant::now();
@@ -188,8 +192,8 @@ fn train_and_eval_stop_at_a_runaway_template_and_name_it() {
 }
 
 #[test]
-fn generate_stops_at_a_runaway_template_and_names_it() {
-    for (src, why) in RUNAWAY {
+fn generate_stops_at_a_broken_template_and_names_it() {
+    for (src, why) in BROKEN {
         let s = Tiny::new(Some(src));
         let start = Instant::now();
         let o = s.lema(&[
