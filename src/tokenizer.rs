@@ -188,7 +188,7 @@ impl Tokenizer {
 }
 
 /// What one rendering of a chat template may spend, scaled by the conversation: real
-/// templates (SmolLM2's, Llama-3's, Qwen's with tools) do a few hundred template
+/// templates (SmolLM2's, Llama-3's, Qwen's with tools) do a few dozen template
 /// instructions per message and write their input once plus a few hundred bytes a turn,
 /// far inside this; one that loops or writes without end is stopped at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -386,7 +386,7 @@ impl ChatTemplate {
                 budget.output_bytes
             ))),
             Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(fail(format!(
-                "exceeded its work budget of {} fuel (about one unit per template instruction, one per 64 bytes it makes) rendering {size}; a chat template needs a few hundred units a message, so this one loops far more than it should",
+                "exceeded its work budget of {} fuel (about one unit per template instruction, one per 64 bytes it makes) rendering {size}; a chat template needs a few dozen units a message, so this one loops far more than it should",
                 budget.fuel
             ))),
             Err(e) => Err(TemplateError::Conversation(format!("{e:#}"))),

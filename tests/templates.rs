@@ -24,29 +24,43 @@ fn real_template(name: &str) -> ChatTemplate {
 const BOS: &str = "<|begin_of_text|>";
 const EOS: &str = "<|eot_id|>";
 
+/// `(template, one user message, a four-message conversation)`: each conversation
+/// rendered with `add_generation_prompt` by Jinja2 3.1.6 set up as HF transformers'
+/// `apply_chat_template` sets it up (sandboxed, `trim_blocks`, `lstrip_blocks`,
+/// `loopcontrols`), with bos `<|begin_of_text|>` and eos `<|eot_id|>`.
+const HF_RENDERINGS: [(&str, &str, &str); 3] = [
+    (
+        "smollm2",
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        "llama3.1",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+    (
+        "qwen2.5",
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    ),
+];
+
 #[test]
 fn real_templates_render_as_hf_does() {
-    // HF transformers' apply_chat_template(tokenize=False, add_generation_prompt=True) on
-    // [{"role": "user", "content": "Hi"}] with each model's tokenizer_config.json
-    let want = [
-        (
-            "smollm2",
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-        ),
-        (
-            "llama3.1",
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-        ),
-        (
-            "qwen2.5",
-            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-        ),
+    let one = [msg("user", "Hi")];
+    let four = [
+        msg("system", "Be brief."),
+        msg("user", "Hi"),
+        msg("assistant", "Hello!"),
+        msg("user", "Bye"),
     ];
-    for (name, want) in want {
-        let got = real_template(name)
-            .render(&[msg("user", "Hi")], true, Some(BOS), Some(EOS))
-            .unwrap();
-        assert_eq!(got, want, "{name}");
+    for (name, want_one, want_four) in HF_RENDERINGS {
+        let t = real_template(name);
+        let got = t.render(&one, true, Some(BOS), Some(EOS)).unwrap();
+        assert_eq!(got, want_one, "{name}, one message");
+        let got = t.render(&four, true, Some(BOS), Some(EOS)).unwrap();
+        assert_eq!(got, want_four, "{name}, four messages");
     }
 }
 
