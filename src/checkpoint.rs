@@ -186,6 +186,15 @@ pub fn load_adapter<B: Backend>(
                 ),
             ));
         }
+        check_values(&v, false).map_err(|bad| {
+            Error::tensor(
+                &path,
+                &key,
+                format!(
+                    "{bad}; the adapter is corrupt or was saved by a run that diverged: use an earlier checkpoint"
+                ),
+            )
+        })?;
         Ok(v)
     };
     let params = LoraParams::build(be, model, &cfg, |spec| {
@@ -230,11 +239,13 @@ pub fn write_adapter<B: Backend>(
 ) -> Result<()> {
     let mut tensors = Vec::new();
     for (key, shape, p, _) in lora.named_params() {
+        let v = be.download(p)?;
+        refuse_to_save("the LoRA parameter", &key, &v, false)?;
         tensors.push(TensorOut {
             name: key,
             dtype: DType::F32,
             shape: shape.to_vec(),
-            data: Cow::Owned(f32_bytes(&be.download(p)?)),
+            data: Cow::Owned(f32_bytes(&v)),
         });
     }
     let mut meta = BTreeMap::new();
@@ -255,11 +266,14 @@ pub fn write_optimizer<B: Backend>(
     let mut tensors = Vec::new();
     for ((key, shape, _, _), st) in lora.named_params().into_iter().zip(&opt.state) {
         for (name, buf) in names.iter().zip(st) {
+            let k = format!("{key}.{name}");
+            let v = be.download(buf)?;
+            refuse_to_save("the optimizer state", &k, &v, is_second_moment(name))?;
             tensors.push(TensorOut {
-                name: format!("{key}.{name}"),
+                name: k,
                 dtype: DType::F32,
                 shape: shape.to_vec(),
-                data: Cow::Owned(f32_bytes(&be.download(buf)?)),
+                data: Cow::Owned(f32_bytes(&v)),
             });
         }
     }
@@ -297,6 +311,15 @@ pub fn read_optimizer<B: Backend>(
                     format!("has shape {s:?}, expected {shape:?}"),
                 ));
             }
+            check_values(&v, is_second_moment(name)).map_err(|bad| {
+                Error::tensor(
+                    &path,
+                    &k,
+                    format!(
+                        "{bad}; the optimizer state is corrupt: resume from an earlier checkpoint"
+                    ),
+                )
+            })?;
             let buf = opt.state_buf(be, &v)?;
             let slot = opt
                 .state
@@ -309,6 +332,42 @@ pub fn read_optimizer<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// Whether an optimizer state tensor holds AdamW's second moments, which are never negative.
+fn is_second_moment(state_name: &str) -> bool {
+    state_name == "exp_avg_sq"
+}
+
+/// `Err` with what is wrong when `values` hold a non-finite value (or, with
+/// `non_negative`, a negative one): the first such value, where, and how many in all.
+pub fn check_values(values: &[f32], non_negative: bool) -> std::result::Result<(), String> {
+    let bad = |x: f32| !x.is_finite() || (non_negative && x < 0.0);
+    let Some(first) = values.iter().position(|&x| bad(x)) else {
+        return Ok(());
+    };
+    let x = values[first];
+    let count = values[first..].iter().filter(|&&x| bad(x)).count();
+    let (what, why) = if x.is_finite() {
+        ("the negative second moment ", ", which AdamW never makes")
+    } else {
+        ("", "")
+    };
+    let plural = if count == 1 { "" } else { "s" };
+    Err(format!(
+        "holds {what}{x} at value {first} of {} ({count} bad value{plural} in all){why}",
+        values.len()
+    ))
+}
+
+/// Refuse to write a parameter or optimizer tensor that fails [`check_values`]: a
+/// checkpoint that is saved is one that can be resumed.
+fn refuse_to_save(what: &str, key: &str, values: &[f32], non_negative: bool) -> Result<()> {
+    check_values(values, non_negative).map_err(|bad| {
+        Error::NonFinite(format!(
+            "{what} '{key}' {bad}; non-finite values are never saved (the run diverged: try a lower learning_rate or max_grad_norm)"
+        ))
+    })
 }
 
 /// Write pretty JSON atomically.

@@ -119,11 +119,13 @@ impl LoadReport {
     }
 }
 
-/// A record's problem: `Bad` lines follow the policy, `Fatal` ones stop the run.
+/// A record's problem: `Bad` lines follow the policy, `Fatal` ones stop the run, and
+/// `Template` is the model's chat template at fault (reported as such, not as the line's).
 enum RecordError {
     Bad(String),
     PromptTooLong(String),
     Fatal(String),
+    Template(Error),
 }
 
 /// One record of a JSONL file.
@@ -281,14 +283,14 @@ fn tokenize_record(
                 ));
             }
             let render = |m: &[Message], prompt: bool| {
-                tok.apply_chat_template(m, prompt).map_err(|e| {
-                    RecordError::Bad(format!(
-                        "the chat template failed to render this conversation: {}",
-                        match e {
-                            Error::Format { msg, .. } => msg,
-                            other => other.to_string(),
-                        }
-                    ))
+                tok.apply_chat_template(m, prompt).map_err(|e| match e {
+                    Error::Template { .. } => RecordError::Template(e),
+                    Error::Format { msg, .. } => RecordError::Bad(format!(
+                        "the chat template failed to render this conversation: {msg}"
+                    )),
+                    other => RecordError::Bad(format!(
+                        "the chat template failed to render this conversation: {other}"
+                    )),
                 })
             };
             let full = render(&msgs, false)?;
@@ -400,6 +402,7 @@ pub fn load_jsonl(
                 })
             }
             Err(RecordError::Fatal(msg)) => return Err(Error::data(path, line, msg)),
+            Err(RecordError::Template(e)) => return Err(template_error_at(e, path, line)),
             Err(RecordError::Bad(msg)) => {
                 skip_or_fail(path, line, msg, false, opts.on_bad_line, &mut report)?
             }
@@ -409,6 +412,20 @@ pub fn load_jsonl(
         }
     }
     Ok((out, report))
+}
+
+/// A chat-template error, with the record that first met it as context.
+fn template_error_at(e: Error, data: &Path, line: usize) -> Error {
+    match e {
+        Error::Template { path, msg } => Error::Template {
+            path,
+            msg: format!(
+                "{msg} (rendering the conversation at {}:{line})",
+                data.display()
+            ),
+        },
+        other => other,
+    }
 }
 
 fn skip_or_fail(

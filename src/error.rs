@@ -43,6 +43,10 @@ pub enum Error {
         line: usize,
         msg: String,
     },
+    /// A model's chat template is at fault (it does not parse, or it exceeded its budget
+    /// of work or output), whatever it renders; `path` is the file that holds it.
+    #[error("{}: chat_template {msg}", path.display())]
+    Template { path: PathBuf, msg: String },
     /// Training produced a non-finite value.
     #[error("{0}")]
     NonFinite(String),

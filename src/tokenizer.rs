@@ -20,7 +20,7 @@ pub struct Message {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     dir: PathBuf,
-    chat_template: Option<String>,
+    chat_template: Option<ChatTemplate>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     /// Ids that end generation (the eos token and, for chat models, the end-of-turn token).
@@ -65,7 +65,8 @@ impl Tokenizer {
                 .and_then(|t| t.as_str())
                 .map(str::to_string),
             _ => None,
-        };
+        }
+        .map(|t| ChatTemplate::new(&t));
         let bos_token = token_string(cfg.get("bos_token"));
         let eos_token = token_string(cfg.get("eos_token"));
         let mut eos_ids = Vec::new();
@@ -152,63 +153,256 @@ impl Tokenizer {
     }
 
     /// Render `messages` with the model's chat template, as HF's
-    /// `apply_chat_template(..., tokenize=False)` does.
+    /// `apply_chat_template(..., tokenize=False)` does. A template at fault (it does not
+    /// parse, or it exceeded its [`TemplateBudget`]) is an [`Error::Template`]; one that
+    /// refuses this conversation is an [`Error::Format`] on tokenizer_config.json.
     pub fn apply_chat_template(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
         let cfg_path = self.dir.join("tokenizer_config.json");
-        let template = self.chat_template.as_deref().ok_or_else(|| {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::format(
                 &cfg_path,
                 "this model has no chat_template, so chat-format data cannot be rendered; use {\"prompt\", \"completion\"} or {\"text\"} records",
             )
         })?;
-        render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
-            self.bos_token.as_deref(),
-            self.eos_token.as_deref(),
-        )
-        .map_err(|e| Error::format(&cfg_path, format!("chat template failed to render: {e}")))
+        template
+            .render(
+                messages,
+                add_generation_prompt,
+                self.bos_token.as_deref(),
+                self.eos_token.as_deref(),
+            )
+            .map_err(|e| match e {
+                TemplateError::Template(msg) => Error::Template {
+                    path: cfg_path,
+                    msg: format!("{msg}; fix or replace the chat_template in this file"),
+                },
+                TemplateError::Conversation(msg) => {
+                    Error::format(&cfg_path, format!("chat template failed to render: {msg}"))
+                }
+            })
     }
 }
 
-/// Render a HF chat template (Jinja) with minijinja and Python-compatible string methods.
+/// What one rendering of a chat template may spend, scaled by the conversation: real
+/// templates (SmolLM2's, Llama-3's, Qwen's with tools) do a few dozen template
+/// instructions per message and write their input once plus a few hundred bytes a turn,
+/// far inside this; one that loops or writes without end is stopped at it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateBudget {
+    /// minijinja fuel: about one unit per instruction and one per 64 bytes of data the
+    /// template makes or walks (so it also bounds the memory a rendering can allocate,
+    /// about 64 bytes a unit).
+    pub fuel: u64,
+    /// Longest output, in bytes.
+    pub output_bytes: usize,
+}
+
+impl TemplateBudget {
+    /// Fuel any conversation gets.
+    pub const BASE_FUEL: u64 = 1_000_000;
+    /// Fuel added per message.
+    pub const FUEL_PER_MESSAGE: u64 = 1_000;
+    /// Fuel added per byte of the conversation (one unit a byte: each byte may be copied
+    /// 64 times).
+    pub const FUEL_PER_BYTE: u64 = 1;
+    /// Output any conversation may have.
+    pub const BASE_OUTPUT: usize = 1 << 20;
+    /// Output added per message.
+    pub const OUTPUT_PER_MESSAGE: usize = 1024;
+    /// Output added per byte of the conversation.
+    pub const OUTPUT_PER_BYTE: usize = 8;
+
+    /// The budget of rendering `messages` (with `extra_bytes` of other input, such as
+    /// the special tokens).
+    pub fn for_conversation(messages: &[Message], extra_bytes: usize) -> Self {
+        let bytes = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .fold(extra_bytes, usize::saturating_add);
+        let n = messages.len();
+        TemplateBudget {
+            fuel: Self::BASE_FUEL
+                .saturating_add(Self::FUEL_PER_MESSAGE.saturating_mul(n as u64))
+                .saturating_add(Self::FUEL_PER_BYTE.saturating_mul(bytes as u64)),
+            output_bytes: Self::BASE_OUTPUT
+                .saturating_add(Self::OUTPUT_PER_MESSAGE.saturating_mul(n))
+                .saturating_add(Self::OUTPUT_PER_BYTE.saturating_mul(bytes)),
+        }
+    }
+}
+
+/// Why a chat template gave no text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateError {
+    /// The template itself is at fault: it does not parse, or it exceeded its
+    /// [`TemplateBudget`]. No conversation should be blamed for it.
+    Template(String),
+    /// This conversation cannot be rendered: the template raised an exception on it
+    /// (e.g. roles that do not alternate) or failed on its contents.
+    Conversation(String),
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateError::Template(m) | TemplateError::Conversation(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A compiled HF chat template (Jinja, rendered with minijinja and Python-compatible
+/// string methods), run under a [`TemplateBudget`].
+pub struct ChatTemplate {
+    /// The environment holding the compiled template, or why it does not compile.
+    env: std::result::Result<minijinja::Environment<'static>, String>,
+    /// The first failure that was the template's own fault: every later rendering
+    /// returns it at once, so a broken template costs one budget, not one per record.
+    failed: std::sync::OnceLock<String>,
+}
+
+/// The template's name inside its environment.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// A writer that keeps at most `cap` bytes and fails past them.
+struct CappedOutput {
+    buf: Vec<u8>,
+    cap: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.cap {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output budget exceeded"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ChatTemplate {
+    /// Compile `source`; a template that does not parse fails when it is rendered.
+    pub fn new(source: &str) -> Self {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        let env = env
+            .add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map(|()| env)
+            .map_err(|e| format!("does not parse: {e:#}"));
+        ChatTemplate {
+            env,
+            failed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Render `messages` as HF's `apply_chat_template(..., tokenize=False)` does, within
+    /// [`TemplateBudget::for_conversation`].
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> std::result::Result<String, TemplateError> {
+        let extra = bos_token.map_or(0, str::len) + eos_token.map_or(0, str::len);
+        let budget = TemplateBudget::for_conversation(messages, extra);
+        self.render_within(
+            messages,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+            budget,
+        )
+    }
+
+    /// [`render`](Self::render) with an explicit budget.
+    pub fn render_within(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+        budget: TemplateBudget,
+    ) -> std::result::Result<String, TemplateError> {
+        if let Some(why) = self.failed.get() {
+            return Err(TemplateError::Template(why.clone()));
+        }
+        let fail = |why: String| {
+            let why = self.failed.get_or_init(|| why);
+            TemplateError::Template(why.clone())
+        };
+        let env = self.env.as_ref().map_err(|e| fail(e.clone()))?;
+        let mut env = env.clone();
+        env.set_fuel(Some(budget.fuel));
+        let tmpl = env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| fail(format!("{e:#}")))?;
+        let ctx = minijinja::context! {
+            messages => messages
+                .iter()
+                .map(|m| minijinja::Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+                .collect::<Vec<_>>(),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token.unwrap_or(""),
+            eos_token => eos_token.unwrap_or(""),
+        };
+        let mut out = CappedOutput {
+            buf: Vec::new(),
+            cap: budget.output_bytes,
+            exceeded: false,
+        };
+        let size = format!(
+            "a conversation of {} messages ({} bytes)",
+            messages.len(),
+            messages
+                .iter()
+                .map(|m| m.content.len())
+                .fold(0usize, usize::saturating_add)
+        );
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| fail("wrote output that is not UTF-8".into())),
+            Err(_) if out.exceeded => Err(fail(format!(
+                "exceeded its output budget of {} bytes rendering {size}; a chat template writes the conversation once plus a few hundred bytes a turn, so this one writes far more text than it should",
+                budget.output_bytes
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(fail(format!(
+                "exceeded its work budget of {} fuel (about one unit per template instruction, one per 64 bytes it makes) rendering {size}; a chat template needs a few dozen units a message, so this one loops far more than it should",
+                budget.fuel
+            ))),
+            Err(e) => Err(TemplateError::Conversation(format!("{e:#}"))),
+        }
+    }
+}
+
+/// Render a HF chat template (Jinja) once, within its [`TemplateBudget`].
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
-) -> std::result::Result<String, String> {
-    let mut env = minijinja::Environment::new();
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-    env.add_template("chat", template)
-        .map_err(|e| format!("{e:#}"))?;
-    let tmpl = env.get_template("chat").map_err(|e| format!("{e:#}"))?;
-    tmpl.render(minijinja::context! {
-        messages => messages
-            .iter()
-            .map(|m| minijinja::Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
-            .collect::<Vec<_>>(),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token.unwrap_or(""),
-        eos_token => eos_token.unwrap_or(""),
-    })
-    .map_err(|e| format!("{e:#}"))
+) -> std::result::Result<String, TemplateError> {
+    ChatTemplate::new(template).render(messages, add_generation_prompt, bos_token, eos_token)
 }
 
 /// GPT-2's byte → printable character table (`bytes_to_unicode`).
@@ -317,8 +511,14 @@ mod tests {
     fn template_errors_are_reported() {
         let t = "{{ raise_exception('only user messages') }}";
         let e = render_chat_template(t, &[msg("user", "x")], false, None, None).unwrap_err();
-        assert!(e.contains("only user messages"), "{e}");
+        assert!(
+            matches!(&e, TemplateError::Conversation(m) if m.contains("only user messages")),
+            "{e:?}"
+        );
         let e = render_chat_template("{% for %}", &[], false, None, None).unwrap_err();
-        assert!(!e.is_empty());
+        assert!(
+            matches!(&e, TemplateError::Template(m) if m.starts_with("does not parse")),
+            "{e:?}"
+        );
     }
 }

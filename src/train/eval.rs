@@ -4,7 +4,7 @@
 use super::{EvalResult, evaluate_plan, model_file, tokenizer_dir};
 use crate::api::{Device, LemaConfig, LemaModel};
 use crate::dataset::{self, BadLinePolicy, BatchPlan, DataOptions, Layout, LoadReport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stream::Strategy;
 use crate::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -61,6 +61,19 @@ pub fn evaluate_file(o: &EvalOptions) -> Result<(EvalResult, LoadReport, usize)>
         0,
         false,
     )?;
-    let r = evaluate_plan(&mut model, &mut plan)?;
+    let r = evaluate_plan(&mut model, &mut plan).map_err(|e| match e {
+        Error::NonFinite(msg) => {
+            let with = o
+                .adapter
+                .as_ref()
+                .map_or(String::new(), |a| format!(" with adapter {}", a.display()));
+            Error::NonFinite(format!(
+                "{}{with} on {}: {msg}. An adapter is checked for them when it loads, so the base model's weights likely hold NaN or infinity (re-run `lema prepare` from the original files), or the forward pass overflows",
+                model_file(&o.model).display(),
+                o.data.display()
+            ))
+        }
+        other => other,
+    })?;
     Ok((r, report, examples.len()))
 }

@@ -202,6 +202,9 @@ pub fn evaluate_plan(model: &mut LemaModel, plan: &mut BatchPlan) -> Result<Eval
     for i in 0..plan.batches_per_epoch() {
         let (b, _) = plan.batch(0, i)?;
         let (mean, n, _) = model.evaluate(&b, false)?;
+        if !mean.is_finite() {
+            return Err(non_finite_eval(mean, i, plan.batches_per_epoch()));
+        }
         sum += mean * n as f64;
         count += n;
     }
@@ -214,6 +217,23 @@ pub fn evaluate_plan(model: &mut LemaModel, plan: &mut BatchPlan) -> Result<Eval
         perplexity: loss.exp(),
         tokens: count,
     })
+}
+
+/// A non-finite evaluation loss is never a result; callers say where to look.
+fn non_finite_eval(loss: f64, batch: usize, batches: usize) -> Error {
+    Error::NonFinite(format!(
+        "the loss is {loss} on evaluation batch {} of {batches}: the model computes non-finite values",
+        batch + 1
+    ))
+}
+
+/// The checkpoint a run stopped by a non-finite value can go back to: the one it resumed
+/// from or last saved, each checked for non-finite values when it was loaded or written.
+fn last_good(last: &Option<PathBuf>) -> String {
+    match last {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint had been saved yet (set save_steps to keep some)".into(),
+    }
 }
 
 /// Read the run state of a checkpoint written by [`run`].
@@ -559,10 +579,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         let res = match trainer.train_step_accumulated(&micro, Some(lr as f32), false) {
             Ok(r) => r,
             Err(Error::NonFinite(msg)) => {
-                let keep = match &last_ckpt {
-                    Some(p) => format!("the last good checkpoint is {}", p.display()),
-                    None => "no checkpoint had been saved yet (set save_steps to keep some)".into(),
-                };
+                let keep = last_good(&last_ckpt);
                 let _ = write_loss_curve(&out);
                 return Err(Error::NonFinite(format!(
                     "training stopped: {msg}; {keep}. Try a lower learning_rate or max_grad_norm."
@@ -598,7 +615,13 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         if let Some(plan) = data.eval.as_mut()
             && eval_due
         {
-            let r = evaluate_plan(&mut trainer.model, plan)?;
+            let r = evaluate_plan(&mut trainer.model, plan).map_err(|e| match e {
+                Error::NonFinite(msg) => Error::NonFinite(format!(
+                    "training stopped: evaluating after step {done}, {msg}; the training loss was finite, so the evaluation data meets values the training data does not, or this step's update overflowed; {}",
+                    last_good(&last_ckpt)
+                )),
+                other => other,
+            })?;
             rec.eval_loss = Some(r.loss);
             rec.eval_ppl = Some(r.perplexity);
         }

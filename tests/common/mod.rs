@@ -111,3 +111,5 @@ pub fn poison_uninit() {
         unsafe { std::env::set_var("LEMA_CUDA_POISON", "1") };
     });
 }
+
+pub mod tiny;
