@@ -105,3 +105,36 @@ pub fn poison_uninit() {
         unsafe { std::env::set_var("LEMA_CUDA_POISON", "1") };
     });
 }
+
+/// What a test needs is absent: under CI (`CI=true`) that fails the test, naming what is
+/// missing and how to provide it; elsewhere the test is skipped with a `SKIP:` line on
+/// stderr (which the harness shows). Returns only when skipping.
+pub fn absent_or_fail(test: &str, missing: &str, fix: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{test}: {missing} (CI=true, so this fails instead of skipping): {fix}"
+    );
+    eprintln!("SKIP: {test}: {missing} ({fix})");
+}
+
+/// The Python of the project's environment (torch, transformers, peft: scripts/python-env.sh),
+/// from `LEMA_TEST_PYTHON` (scripts/test sets it), or None after `absent_or_fail`.
+pub fn python_or_skip(test: &str) -> Option<PathBuf> {
+    let fix = "run scripts/test, or set LEMA_TEST_PYTHON=$(scripts/python-env.sh)";
+    match std::env::var_os("LEMA_TEST_PYTHON").map(PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        Some(p) => {
+            absent_or_fail(
+                test,
+                &format!("LEMA_TEST_PYTHON={} is not a file", p.display()),
+                fix,
+            );
+            None
+        }
+        None => {
+            absent_or_fail(test, "LEMA_TEST_PYTHON is not set", fix);
+            None
+        }
+    }
+}
