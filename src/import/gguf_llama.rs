@@ -524,7 +524,7 @@ impl LlamaPlan {
             // transformers' `_name_or_path`: the Hub id the GGUF says it was converted
             // from, when it records one (adapters trained on this folder name it as their
             // base, checkpoint::base_model_id); `general.name` is a display name, not an id
-            if let Some(id) = hub_source_id(&h) {
+            if let Some(id) = hub_source_id(h) {
                 obj.insert("_name_or_path".into(), json!(id));
             }
         }
