@@ -25,7 +25,6 @@ if [ ! -f "$venv/.complete" ]; then
     echo "python-env: building $venv from tools/python/requirements.txt (torch brings several GB of CUDA wheels; minutes)" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$py" -m pip install --quiet --upgrade pip >&2
     "$py" -m pip install --quiet -r "$req" >&2
     "$py" -c "import torch, transformers, peft, safetensors, numpy" >&2
     cp "$req" "$venv/requirements.txt"
