@@ -528,7 +528,7 @@ impl LemaModel {
 
     /// Write the adapter alone (PEFT format) into `dir`, atomically.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let base = self.config.model_path.to_string_lossy().to_string();
+        let base = checkpoint::base_model_id(&self.config.model_path, &self.config.config_json());
         with_engine!(&self.engine, e => {
             let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
             let arch = e.model.config().arch;
@@ -683,7 +683,7 @@ impl Trainer {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let config = self.model.config.clone();
         let fp = self.model.base_fingerprint()?;
-        let base = config.model_path.to_string_lossy().to_string();
+        let base = checkpoint::base_model_id(&config.model_path, &config.config_json());
         let max_grad_norm = self.max_grad_norm;
         let extra = self.extra_state.clone();
         with_engine!(&self.model.engine, e => {

@@ -23,9 +23,12 @@ pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 /// Step, RNG, data position and configuration of a run; written last.
 pub const TRAINER_STATE: &str = "trainer_state.json";
 
-/// PEFT's `adapter_config.json` for `lora` on a model of `arch`.
+/// PEFT's `adapter_config.json` for `lora` on a model of `arch`, adapting
+/// `target_modules` (resolved as PEFT saves them: [`LoraParams::peft_target_modules`]) of
+/// the base `base_model` ([`base_model_id`]).
 pub fn adapter_config_json(
     lora: &LoraConfig,
+    target_modules: &[String],
     arch: Arch,
     base_model: Option<&str>,
 ) -> serde_json::Value {
@@ -36,7 +39,7 @@ pub fn adapter_config_json(
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": lora.target_modules,
+        "target_modules": target_modules,
         "use_rslora": lora.use_rslora,
         // GPT-2's Conv1D stores weights [in, out]; PEFT needs to know to transpose.
         "fan_in_fan_out": arch == Arch::Gpt2,
@@ -51,6 +54,43 @@ pub fn adapter_config_json(
         "use_dora": false,
         "revision": null,
     })
+}
+
+/// What an adapter names as its base (`base_model_name_or_path`) for the model file
+/// `model_path` described by `config_json`: the Hugging Face Hub id in its `_name_or_path`
+/// when that is one (`owner/name`; `lema prepare` writes it when the GGUF records its
+/// source repository), else the model's folder as an absolute path (what PEFT writes for a
+/// model loaded from a folder, and where `AutoPeftModel` finds config.json and weights).
+pub fn base_model_id(model_path: &Path, config_json: &Path) -> String {
+    let folder = model_path.parent().filter(|p| !p.as_os_str().is_empty());
+    let folder = folder.unwrap_or(Path::new("."));
+    let hub_id = std::fs::read_to_string(config_json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("_name_or_path")?.as_str().map(str::to_string))
+        .filter(|n| is_hub_repo_id(n));
+    hub_id.unwrap_or_else(|| {
+        std::path::absolute(folder)
+            .map(|p| p.canonicalize().unwrap_or(p))
+            .unwrap_or_else(|_| folder.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// Whether `s` has the form of a Hub repository id, `owner/name` (letters, digits, `-`, `_`,
+/// `.`; neither part starts with `.` or `-`, no `..`; at most 96 characters each), and so
+/// cannot be mistaken for a file path or a display name such as GGUF's `general.name`.
+pub fn is_hub_repo_id(s: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with(['.', '-'])
+            && !p.contains("..")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!(s.split_once('/'), Some((owner, name)) if part(owner) && part(name))
 }
 
 /// Read the LoRA settings from a PEFT `adapter_config.json`, refusing what lema does not
@@ -251,7 +291,7 @@ pub fn write_adapter<B: Backend>(
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, &meta)?;
-    let cfg = adapter_config_json(&lora.cfg, arch, base_model);
+    let cfg = adapter_config_json(&lora.cfg, &lora.peft_target_modules(), arch, base_model);
     write_json(&dir.join(ADAPTER_CONFIG), &cfg)
 }
 
@@ -416,4 +456,62 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         let _ = f.sync_all();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_repo_ids_are_told_from_paths_and_display_names() {
+        for id in [
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "openai-community/gpt2",
+            "a/b.c_d",
+        ] {
+            assert!(is_hub_repo_id(id), "{id}");
+        }
+        for not in [
+            "",
+            "gpt2",
+            "Smollm2 135M 8k Lc100K Mix1 Ep2",
+            "/abs/model",
+            "./runs/merged",
+            "../x/y",
+            "a/b/c",
+            "a/..b",
+            "-a/b",
+            "a/",
+        ] {
+            assert!(!is_hub_repo_id(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn base_model_is_the_hub_id_else_the_absolute_folder() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let model = dir.path().join("model.safetensors");
+        let config = dir.path().join("config.json");
+        let folder = dir
+            .path()
+            .canonicalize()
+            .map_err(|e| Error::io(dir.path(), e))?;
+        let write = |text: &str| std::fs::write(&config, text).map_err(|e| Error::io(&config, e));
+        write(r#"{"_name_or_path": "HuggingFaceTB/SmolLM2-135M"}"#)?;
+        assert_eq!(base_model_id(&model, &config), "HuggingFaceTB/SmolLM2-135M");
+        for other in [
+            r#"{"_name_or_path": "Smollm2 135M 8k"}"#,
+            r#"{"_name_or_path": ""}"#,
+            r#"{}"#,
+            "not json",
+        ] {
+            write(other)?;
+            assert_eq!(
+                base_model_id(&model, &config),
+                folder.to_string_lossy(),
+                "{other}"
+            );
+        }
+        Ok(())
+    }
 }

@@ -236,6 +236,20 @@ impl<B: Backend> LoraParams<B> {
         }
     }
 
+    /// `target_modules` as PEFT itself saves them: `all-linear` resolved to the full paths
+    /// of the modules it adapted (`model.layers.0.self_attn.q_proj`, ...; PEFT 0.21 writes
+    /// exactly these, as an unordered set, and refuses `all-linear` when loading a saved
+    /// adapter), sorted; any other list as given. Both select the same modules under
+    /// PEFT's (and lema's) matching: equal to an entry or ending with `.` + entry.
+    pub fn peft_target_modules(&self) -> Vec<String> {
+        if !self.cfg.target_modules.iter().any(|t| t == "all-linear") {
+            return self.cfg.target_modules.clone();
+        }
+        let mut paths: Vec<String> = self.modules.iter().map(|m| m.path.clone()).collect();
+        paths.sort();
+        paths
+    }
+
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
         self.modules.iter().map(|m| m.a.len() + m.b.len()).sum()

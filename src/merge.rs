@@ -178,7 +178,10 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         let to = out_dir.join(name);
         let same = matches!((from.canonicalize(), to.canonicalize()), (Ok(a), Ok(b)) if a == b);
         if !same {
-            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            let mut bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            if name == "config.json" {
+                bytes = without_hub_id(&from, &bytes)?;
+            }
             write_file_atomic(&to, &bytes)?;
         }
         side_files.push(to);
@@ -189,4 +192,22 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         tensors,
         side_files,
     })
+}
+
+/// config.json without `_name_or_path`: the merged weights are no longer the Hub model it
+/// may name, and adapters trained on them name their base by that field
+/// (checkpoint::base_model_id).
+fn without_hub_id(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let removed = v
+        .as_object_mut()
+        .and_then(|obj| obj.remove("_name_or_path"))
+        .is_some();
+    if !removed {
+        return Ok(bytes.to_vec());
+    }
+    let text = serde_json::to_string_pretty(&v)
+        .map_err(|e| Error::format(path, format!("cannot re-encode: {e}")))?;
+    Ok(text.into_bytes())
 }

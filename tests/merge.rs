@@ -156,3 +156,30 @@ fn bad_merges_are_refused() {
     let wanted = tmp.path().join("nope").join("adapter_config.json");
     assert!(e.to_string().contains(&wanted.display().to_string()), "{e}");
 }
+
+/// The merged model is another model: its config.json keeps every field of the base's but
+/// the Hub id (`_name_or_path`), which adapters trained on it would otherwise name as
+/// their base (`base_model_name_or_path`).
+#[test]
+fn merged_config_drops_the_hub_id_and_keeps_the_rest() {
+    let dir = fixture("llama_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .unwrap();
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let mut config = read(&dir.join("config.json"));
+    config["_name_or_path"] = "org/base-model".into();
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+    let out = tmp.path().join("merged/model.safetensors");
+    merge_adapter(&base.join("model.safetensors"), &dir.join("adapter"), &out).expect("merge");
+    let merged = read(&tmp.path().join("merged/config.json"));
+    config.as_object_mut().unwrap().remove("_name_or_path");
+    assert_eq!(merged, config);
+}

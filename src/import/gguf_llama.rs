@@ -97,6 +97,31 @@ pub struct LlamaDims {
     pub rope_scaling: serde_json::Value,
 }
 
+/// The Hugging Face Hub id (`owner/name`) of the model a GGUF was converted from, when its
+/// metadata records one: `general.source.huggingface.repository` (older llama.cpp
+/// converters), or a `https://huggingface.co/owner/name` URL in `general.source.repo_url`
+/// or `general.repo_url`. Not `general.base_model.*`, which names the parent model.
+fn hub_source_id(h: &GgufHeader) -> Option<String> {
+    let text = |key: &str| h.get(key).and_then(MetaValue::as_str).map(str::trim);
+    let from_url = |key: &str| {
+        let url = text(key)?;
+        let rest = [
+            "https://huggingface.co/",
+            "http://huggingface.co/",
+            "huggingface.co/",
+        ]
+        .iter()
+        .find_map(|p| url.strip_prefix(p))?;
+        let mut parts = rest.trim_end_matches('/').splitn(3, '/');
+        Some(format!("{}/{}", parts.next()?, parts.next()?))
+    };
+    text("general.source.huggingface.repository")
+        .map(str::to_string)
+        .or_else(|| from_url("general.source.repo_url"))
+        .or_else(|| from_url("general.repo_url"))
+        .filter(|id| crate::checkpoint::is_hub_repo_id(id))
+}
+
 fn meta_usize(h: &GgufHeader, path: &Path, key: &str) -> Result<Option<usize>> {
     match h.get(key) {
         None => Ok(None),
@@ -496,8 +521,11 @@ impl LlamaPlan {
                     obj.insert(k.into(), json!(id));
                 }
             }
-            if let Some(name) = h.get("general.name").and_then(MetaValue::as_str) {
-                obj.insert("_name_or_path".into(), json!(name));
+            // transformers' `_name_or_path`: the Hub id the GGUF says it was converted
+            // from, when it records one (adapters trained on this folder name it as their
+            // base, checkpoint::base_model_id); `general.name` is a display name, not an id
+            if let Some(id) = hub_source_id(h) {
+                obj.insert("_name_or_path".into(), json!(id));
             }
         }
         Ok(Self {
@@ -1169,6 +1197,54 @@ mod tests {
                 && m.contains("Q2_K")
                 && m.contains("cannot be dequantized"),
             "{m}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_hub_id_comes_from_the_source_repository_only() -> Result<()> {
+        let id_of = |pairs: &[(&str, &str)]| -> Result<Option<String>> {
+            let mut b = GgufBuilder::new().kv("general.name", MetaValue::String("Tiny 1B".into()));
+            for (k, v) in pairs {
+                b = b.kv(k, MetaValue::String(v.to_string()));
+            }
+            Ok(hub_source_id(&header_of(b)?))
+        };
+        assert_eq!(
+            id_of(&[])?,
+            None,
+            "general.name is a display name, not an id"
+        );
+        assert_eq!(
+            id_of(&[("general.source.huggingface.repository", "org/Model-1B")])?,
+            Some("org/Model-1B".into())
+        );
+        assert_eq!(
+            id_of(&[(
+                "general.source.repo_url",
+                "https://huggingface.co/org/m.v2/tree/main"
+            )])?,
+            Some("org/m.v2".into())
+        );
+        assert_eq!(
+            id_of(&[("general.repo_url", "https://huggingface.co/org/m/")])?,
+            Some("org/m".into())
+        );
+        assert_eq!(
+            id_of(&[("general.repo_url", "https://github.com/org/m")])?,
+            None
+        );
+        assert_eq!(
+            id_of(&[(
+                "general.base_model.0.repo_url",
+                "https://huggingface.co/org/parent"
+            )])?,
+            None,
+            "the parent model is not this model"
+        );
+        assert_eq!(
+            id_of(&[("general.source.huggingface.repository", "../x")])?,
+            None
         );
         Ok(())
     }

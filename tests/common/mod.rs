@@ -113,3 +113,21 @@ pub fn poison_uninit() {
 }
 
 pub mod tiny;
+
+/// The Python of the project's environment (torch, transformers, peft: scripts/python-env.sh),
+/// from `LEMA_TEST_PYTHON` (scripts/test sets it), or `None` after [`skip`] (which fails
+/// under CI).
+pub fn python_or_skip() -> Option<PathBuf> {
+    let fix = "run scripts/test, or set LEMA_TEST_PYTHON=$(scripts/python-env.sh)";
+    match std::env::var_os("LEMA_TEST_PYTHON").map(PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        Some(p) => {
+            skip(&format!("LEMA_TEST_PYTHON={} is not a file ({fix})", p.display()));
+            None
+        }
+        None => {
+            skip(&format!("LEMA_TEST_PYTHON is not set ({fix})"));
+            None
+        }
+    }
+}
