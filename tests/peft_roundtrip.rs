@@ -134,7 +134,6 @@ fn canonical(p: &Path) -> String {
 
 #[test]
 fn smollm2_adapters_of_every_shape_load_in_peft_with_lemas_perplexity() {
-    let test = "smollm2_adapters_of_every_shape_load_in_peft_with_lemas_perplexity";
     let Some(gguf) = common::smollm2::gguf_or_skip() else {
         return;
     };
@@ -366,7 +365,6 @@ fn loss_with(cfg: &LemaConfig, adapter: Option<&Path>, batch: &Batch) -> f64 {
 
 #[test]
 fn gpt2_conv1d_adapters_load_in_peft_with_lemas_perplexity() {
-    let test = "gpt2_conv1d_adapters_load_in_peft_with_lemas_perplexity";
     let Some(python) = python_or_skip() else {
         return;
     };

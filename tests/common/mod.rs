@@ -122,7 +122,10 @@ pub fn python_or_skip() -> Option<PathBuf> {
     match std::env::var_os("LEMA_TEST_PYTHON").map(PathBuf::from) {
         Some(p) if p.is_file() => Some(p),
         Some(p) => {
-            skip(&format!("LEMA_TEST_PYTHON={} is not a file ({fix})", p.display()));
+            skip(&format!(
+                "LEMA_TEST_PYTHON={} is not a file ({fix})",
+                p.display()
+            ));
             None
         }
         None => {
