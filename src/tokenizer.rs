@@ -293,6 +293,11 @@ impl ChatTemplate {
     /// Compile `source`; a template that does not parse fails when it is rendered.
     pub fn new(source: &str) -> Self {
         let mut env = minijinja::Environment::new();
+        // as transformers compiles chat templates: a block tag's newline is dropped and
+        // the spaces before it on its line too, so templates written one tag a line
+        // render as they do in HF
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",

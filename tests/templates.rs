@@ -1,8 +1,9 @@
 //! Chat templates run under a budget of work and output scaled by the conversation
-//! (`TemplateBudget`): the templates of real models (SmolLM2, Llama-3.1, Qwen2.5, in
-//! tests/fixtures/chat_templates) render as HF does and use a small part of it, and a
-//! template that loops, writes without end or does not parse stops `train`, `eval` and
-//! `generate` at once with a message that names the template's file, not a data line.
+//! (`TemplateBudget`): the templates of real models (SmolLM2, Llama-3.1, Qwen2.5) and one
+//! written a block tag a line, in tests/fixtures/chat_templates, render as HF does and use
+//! a small part of it, and a template that loops, writes without end or does not parse
+//! stops `train`, `eval` and `generate` at once with a message that names the template's
+//! file, not a data line.
 
 mod common;
 use common::tiny::{Tiny, expect_error};
@@ -28,7 +29,7 @@ const EOS: &str = "<|eot_id|>";
 /// rendered with `add_generation_prompt` by Jinja2 3.1.6 set up as HF transformers'
 /// `apply_chat_template` sets it up (sandboxed, `trim_blocks`, `lstrip_blocks`,
 /// `loopcontrols`), with bos `<|begin_of_text|>` and eos `<|eot_id|>`.
-const HF_RENDERINGS: [(&str, &str, &str); 3] = [
+const HF_RENDERINGS: [(&str, &str, &str); 4] = [
     (
         "smollm2",
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
@@ -43,6 +44,13 @@ const HF_RENDERINGS: [(&str, &str, &str); 3] = [
         "qwen2.5",
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    // one block tag a line, as many templates are written: HF's trim_blocks and
+    // lstrip_blocks decide every newline (plain Jinja2 gives "\n\n<|user|>\nHi…")
+    (
+        "zephyr-style",
+        "<|user|>\nHi<|eot_id|>\n<|assistant|>\n",
+        "<|system|>\nBe brief.<|eot_id|>\n<|user|>\nHi<|eot_id|>\n<|assistant|>\nHello!<|eot_id|>\n<|user|>\nBye<|eot_id|>\n<|assistant|>\n",
     ),
 ];
 
