@@ -401,35 +401,40 @@ pub fn load_jsonl(
     let mut out = Vec::new();
     let mut line_no = 0;
     let mut eof = false;
+    // one buffer for every batch's lines, reused: many short-lived line buffers between
+    // the long-lived examples would fragment the heap into memory that is never reused
+    let mut batch: Vec<u8> = Vec::new();
     while !eof {
-        let mut lines: Vec<(usize, Vec<u8>)> = Vec::new();
-        let mut bytes = 0;
-        while bytes < LINE_BATCH_BYTES {
-            let mut raw = Vec::new();
-            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut raw)
+        batch.clear();
+        let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        while batch.len() < LINE_BATCH_BYTES {
+            let start = batch.len();
+            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut batch)
                 .map_err(|e| Error::io(path, e))?;
             if n == 0 {
                 eof = true;
                 break;
             }
             line_no += 1;
-            if !raw.trim_ascii().is_empty() {
-                bytes += raw.len();
-                lines.push((line_no, raw));
+            if batch[start..].trim_ascii().is_empty() {
+                batch.truncate(start);
+            } else {
+                ranges.push((line_no, start..batch.len()));
             }
         }
+        let lines: Vec<(usize, &[u8])> = ranges
+            .into_iter()
+            .map(|(line, r)| (line, &batch[r]))
+            .collect();
         // tokenizing (and rendering templates) is the slow part: do it on every core, then
         // apply the policy in line order
         let results: Vec<(usize, std::result::Result<Truncated, RecordError>)> = lines
             .into_par_iter()
             .map(|(line, raw)| {
-                let r = std::str::from_utf8(&raw)
+                let r = std::str::from_utf8(raw)
                     .map_err(|_| RecordError::Bad("not valid UTF-8".into()))
                     .and_then(|s| parse_record(s.trim()).map_err(RecordError::Bad))
-                    .and_then(|r| {
-                        drop(raw);
-                        tokenize_record(tok, r, opts.max_seq_length)
-                    })
+                    .and_then(|r| tokenize_record(tok, r, opts.max_seq_length))
                     .and_then(|t| truncate(t, opts.max_seq_length));
                 (line, r)
             })
@@ -439,9 +444,12 @@ pub fn load_jsonl(
             match result {
                 Ok(t) => {
                     report.truncated += t.cut as usize;
+                    // copied here, so that the kept examples are allocated apart from
+                    // the workers' short-lived encoding buffers (which would otherwise
+                    // be pinned by them and never reused)
                     out.push(Example {
-                        input_ids: t.ids,
-                        labels: t.labels,
+                        input_ids: t.ids.as_slice().to_vec(),
+                        labels: t.labels.as_slice().to_vec(),
                         line,
                     })
                 }
@@ -591,7 +599,8 @@ impl Windows {
     }
 
     fn emit(&mut self) {
-        let ids = std::mem::take(&mut self.pending);
+        // capacity bounded: max_seq_length is the user's number
+        let ids = std::mem::replace(&mut self.pending, Vec::with_capacity(self.max.min(1 << 16)));
         self.out.push(Example {
             labels: ids.iter().map(|&t| t as i32).collect(),
             input_ids: ids,
