@@ -188,16 +188,86 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 /// Tensors by name: shape and f32 values.
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// The tensors of a safetensors file as f32, by name, with shapes.
+/// The tensors of a safetensors file as f32, by name, with shapes. Every header entry's
+/// size was checked against the file when it was opened; memory for the f32 values is
+/// reserved fallibly, so a file too large for memory is an error, not an abort.
 pub fn read_f32_tensors(path: &Path) -> Result<TensorMap> {
     let gbi = Gbi::open(path)?;
     let mut out = HashMap::new();
     for t in gbi.tensors() {
-        let mut v = vec![0.0f32; t.shape.iter().product()];
-        t.dtype.decode_into(gbi.bytes(t), &mut v);
-        out.insert(t.name.clone(), (t.shape.clone(), v));
+        out.insert(t.name.clone(), (t.shape.clone(), decode_f32(&gbi, t)?));
     }
     Ok(out)
+}
+
+/// A tensor's values as f32, in memory reserved fallibly.
+fn decode_f32(gbi: &Gbi, t: &crate::gbi::TensorInfo) -> Result<Vec<f32>> {
+    let n = t.len / t.dtype.size().max(1);
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::tensor(
+            gbi.path(),
+            &t.name,
+            format!("{n} values ({:?}) do not fit in memory", t.shape),
+        )
+    })?;
+    v.resize(n, 0.0f32);
+    t.dtype.decode_into(gbi.bytes(t), &mut v);
+    Ok(v)
+}
+
+/// The tensors of a safetensors file handed out one by one as f32, each decoded only
+/// after its shape is found to be the one expected: a header's claim never sizes an
+/// allocation.
+struct ExpectedTensors {
+    gbi: Gbi,
+    /// Names not yet taken.
+    left: std::collections::BTreeSet<String>,
+}
+
+impl ExpectedTensors {
+    fn open(path: &Path) -> Result<Self> {
+        let gbi = Gbi::open(path)?;
+        let left = gbi.tensors().map(|t| t.name.clone()).collect();
+        Ok(ExpectedTensors { gbi, left })
+    }
+
+    fn path(&self) -> &Path {
+        self.gbi.path()
+    }
+
+    /// The first of `keys` present, which must have `shape`; `missing` and `wrong` say
+    /// what is wrong otherwise.
+    fn take(
+        &mut self,
+        keys: &[String],
+        shape: &[usize],
+        missing: &str,
+        wrong: impl Fn(&[usize]) -> String,
+    ) -> Result<Vec<f32>> {
+        let key = keys
+            .iter()
+            .find(|k| self.left.contains(k.as_str()))
+            .ok_or_else(|| Error::tensor(self.path(), &keys[0], missing))?;
+        self.left.remove(key.as_str());
+        let t = self.gbi.tensor(key)?;
+        if t.shape != shape {
+            return Err(Error::tensor(self.path(), key, wrong(&t.shape)));
+        }
+        decode_f32(&self.gbi, t)
+    }
+
+    /// An error for the first tensor no one took, if any.
+    fn check_all_taken(&self, what: &str) -> Result<()> {
+        match self.left.iter().next() {
+            Some(extra) => Err(Error::tensor(
+                self.path(),
+                extra,
+                format!("{what} ({} unexpected keys)", self.left.len()),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Load an adapter's A and B matrices from a PEFT folder into fresh parameters for
@@ -210,22 +280,20 @@ pub fn load_adapter<B: Backend>(
 ) -> Result<LoraParams<B>> {
     let cfg = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS);
-    let mut tensors = read_f32_tensors(&path)?;
+    let mut tensors = ExpectedTensors::open(&path)?;
     let mut take = |key: String, shape: [usize; 2]| -> Result<Vec<f32>> {
         // PEFT also writes keys with the adapter name when saving non-default adapters
-        let (s, v) = tensors
-            .remove(&key)
-            .or_else(|| tensors.remove(&key.replace(".weight", ".default.weight")))
-            .ok_or_else(|| Error::tensor(&path, &key, "missing from the adapter (was it trained for another model or target_modules?)"))?;
-        if s != shape {
-            return Err(Error::tensor(
-                &path,
-                &key,
+        let alt = key.replace(".weight", ".default.weight");
+        let v = tensors.take(
+            &[key.clone(), alt],
+            &shape,
+            "missing from the adapter (was it trained for another model or target_modules?)",
+            |s| {
                 format!(
                     "has shape {s:?}, the model needs {shape:?} (different base model or rank?)"
-                ),
-            ));
-        }
+                )
+            },
+        )?;
         check_values(&v, false).map_err(|bad| {
             Error::tensor(
                 &path,
@@ -256,16 +324,7 @@ pub fn load_adapter<B: Backend>(
         ),
         other => other,
     })?;
-    if let Some(extra) = tensors.keys().next() {
-        return Err(Error::tensor(
-            &path,
-            extra,
-            format!(
-                "is not a LoRA matrix of this model ({} unexpected keys)",
-                tensors.len()
-            ),
-        ));
-    }
+    tensors.check_all_taken("is not a LoRA matrix of this model")?;
     Ok(params)
 }
 
@@ -328,7 +387,7 @@ pub fn read_optimizer<B: Backend>(
     dir: &Path,
 ) -> Result<()> {
     let path = dir.join(OPTIMIZER_STATE);
-    let mut tensors = read_f32_tensors(&path)?;
+    let mut tensors = ExpectedTensors::open(&path)?;
     let names = opt.cfg.state_names();
     let params = lora.named_params();
     if params.len() != opt.state.len() {
@@ -341,16 +400,12 @@ pub fn read_optimizer<B: Backend>(
     for (i, (key, shape, _, _)) in params.into_iter().enumerate() {
         for (j, name) in names.iter().enumerate() {
             let k = format!("{key}.{name}");
-            let (s, v) = tensors
-                .remove(&k)
-                .ok_or_else(|| Error::tensor(&path, &k, "missing from the optimizer state"))?;
-            if s != shape {
-                return Err(Error::tensor(
-                    &path,
-                    &k,
-                    format!("has shape {s:?}, expected {shape:?}"),
-                ));
-            }
+            let v = tensors.take(
+                std::slice::from_ref(&k),
+                &shape,
+                "missing from the optimizer state",
+                |s| format!("has shape {s:?}, expected {shape:?}"),
+            )?;
             check_values(&v, is_second_moment(name)).map_err(|bad| {
                 Error::tensor(
                     &path,

@@ -138,24 +138,14 @@ enum Record {
 fn parse_record(line: &str) -> std::result::Result<Record, String> {
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| format!("expected a JSON object, found {}", kind_of(&v)))?;
-    let string = |key: &str| -> std::result::Result<String, String> {
-        match obj.get(key) {
-            Some(serde_json::Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(format!(
-                "\"{key}\" must be a string, found {}",
-                kind_of(other)
-            )),
-            None => Err(format!("missing \"{key}\"")),
-        }
+    let serde_json::Value::Object(mut obj) = v else {
+        return Err(format!("expected a JSON object, found {}", kind_of(&v)));
     };
-    let has = |k: &str| obj.contains_key(k);
+    let has = |obj: &serde_json::Map<String, serde_json::Value>, k: &str| obj.contains_key(k);
     let formats = [
-        has("text"),
-        has("prompt") || has("completion"),
-        has("messages"),
+        has(&obj, "text"),
+        has(&obj, "prompt") || has(&obj, "completion"),
+        has(&obj, "messages"),
     ];
     match formats.iter().filter(|&&f| f).count() {
         0 => {
@@ -177,21 +167,30 @@ fn parse_record(line: &str) -> std::result::Result<Record, String> {
             );
         }
     }
+    // the strings are moved out of the parsed record, not copied: a record may be large
+    let mut string = |key: &str| -> std::result::Result<String, String> {
+        match obj.remove(key) {
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(other) => Err(format!(
+                "\"{key}\" must be a string, found {}",
+                kind_of(&other)
+            )),
+            None => Err(format!("missing \"{key}\"")),
+        }
+    };
     if formats[0] {
         return Ok(Record::Text(string("text")?));
     }
     if formats[1] {
-        return Ok(Record::PromptCompletion(
-            string("prompt")?,
-            string("completion")?,
-        ));
+        let prompt = string("prompt")?;
+        return Ok(Record::PromptCompletion(prompt, string("completion")?));
     }
-    let list = match obj.get("messages") {
+    let list = match obj.remove("messages") {
         Some(serde_json::Value::Array(a)) => a,
         other => {
             return Err(format!(
                 "\"messages\" must be a list, found {}",
-                other.map_or("nothing", kind_of)
+                other.as_ref().map_or("nothing", kind_of)
             ));
         }
     };
@@ -199,17 +198,18 @@ fn parse_record(line: &str) -> std::result::Result<Record, String> {
         return Err("\"messages\" is empty".into());
     }
     let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let get = |k: &str| match m.get(k) {
-            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+    for (i, mut m) in list.into_iter().enumerate() {
+        let mut get = |k: &str| match m.get_mut(k).map(serde_json::Value::take) {
+            Some(serde_json::Value::String(s)) => Ok(s),
             Some(other) => Err(format!(
                 "messages[{i}].{k} must be a string, found {}",
-                kind_of(other)
+                kind_of(&other)
             )),
             None => Err(format!("messages[{i}] has no \"{k}\"")),
         };
+        let role = get("role")?;
         out.push(Message {
-            role: get("role")?,
+            role,
             content: get("content")?,
         });
     }
@@ -227,16 +227,20 @@ fn kind_of(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Ids and labels of `text`, scoring the tokens whose first byte lies in one of `spans`.
+/// Ids and labels of `text`, scoring the tokens whose first byte lies in one of `spans`;
+/// encoding stops once more than `limit` tokens are known (see
+/// [`Tokenizer::encode_bounded`]).
 fn label_spans(
     tok: &Tokenizer,
     text: &str,
     add_special: bool,
     spans: &[(usize, usize)],
-) -> std::result::Result<(Vec<u32>, Vec<i32>), String> {
-    let (ids, offsets) = tok
-        .encode_with_offsets(text, add_special)
+    limit: usize,
+) -> std::result::Result<Tokens, String> {
+    let enc = tok
+        .encode_bounded(text, add_special, Some(limit))
         .map_err(|e| e.to_string())?;
+    let (ids, offsets) = (enc.ids, enc.offsets);
     let labels = ids
         .iter()
         .zip(&offsets)
@@ -245,36 +249,54 @@ fn label_spans(
             if inside { id as i32 } else { IGNORE_INDEX }
         })
         .collect();
-    Ok((ids, labels))
+    Ok(Tokens {
+        ids,
+        labels,
+        complete: enc.complete,
+    })
 }
 
-/// Append the EOS token (scored) unless the sequence already ends with it.
-fn push_eos(tok: &Tokenizer, ids: &mut Vec<u32>, labels: &mut Vec<i32>) {
+/// A record's tokens (or their beginning, when `complete` is false: then more than
+/// `max_seq_length` of them, of which only the first are kept).
+struct Tokens {
+    ids: Vec<u32>,
+    labels: Vec<i32>,
+    complete: bool,
+}
+
+/// Append the EOS token (scored) unless the sequence already ends with it (or is only
+/// the beginning of the text: then its end is cut off anyway).
+fn push_eos(tok: &Tokenizer, t: &mut Tokens) {
     if let Some(eos) = tok.eos_token_id()
-        && ids.last() != Some(&eos)
+        && t.complete
+        && t.ids.last() != Some(&eos)
     {
-        ids.push(eos);
-        labels.push(eos as i32);
+        t.ids.push(eos);
+        t.labels.push(eos as i32);
     }
 }
 
 fn tokenize_record(
     tok: &Tokenizer,
     rec: Record,
-) -> std::result::Result<(Vec<u32>, Vec<i32>), RecordError> {
+    max: usize,
+) -> std::result::Result<Tokens, RecordError> {
     let bad = RecordError::Bad;
     match rec {
         Record::Text(t) => {
-            let (mut ids, mut labels) = label_spans(tok, &t, true, &[(0, t.len())]).map_err(bad)?;
-            push_eos(tok, &mut ids, &mut labels);
-            Ok((ids, labels))
+            let mut out = label_spans(tok, &t, true, &[(0, t.len())], max).map_err(bad)?;
+            push_eos(tok, &mut out);
+            Ok(out)
         }
         Record::PromptCompletion(p, c) => {
-            let full = format!("{p}{c}");
-            let (mut ids, mut labels) =
-                label_spans(tok, &full, true, &[(p.len(), full.len())]).map_err(bad)?;
-            push_eos(tok, &mut ids, &mut labels);
-            Ok((ids, labels))
+            let prompt_len = p.len();
+            let mut full = p;
+            full.push_str(&c);
+            drop(c);
+            let mut out =
+                label_spans(tok, &full, true, &[(prompt_len, full.len())], max).map_err(bad)?;
+            push_eos(tok, &mut out);
+            Ok(out)
         }
         Record::Messages(msgs) => {
             if !tok.has_chat_template() {
@@ -313,7 +335,7 @@ fn tokenize_record(
                     "no \"assistant\" message, so nothing to learn from".into(),
                 ));
             }
-            label_spans(tok, &full, false, &spans).map_err(bad)
+            label_spans(tok, &full, false, &spans, max).map_err(bad)
         }
     }
 }
@@ -353,7 +375,14 @@ pub fn load_file(
     Ok((examples, report))
 }
 
-/// Read JSONL records into examples, applying the bad-line policy and truncation.
+/// Bytes of JSONL lines read (and tokenized in parallel) at a time: with the pieces of
+/// [`crate::tokenizer::PIECE_BYTES`] that bounds the memory of reading a file of any
+/// size by what it keeps.
+const LINE_BATCH_BYTES: usize = 8 << 20;
+
+/// Read JSONL records into examples, applying the bad-line policy and truncation. The
+/// file is streamed: memory holds the examples kept, a batch of lines and each record
+/// being read, not the file.
 pub fn load_jsonl(
     path: &Path,
     tok: &Tokenizer,
@@ -365,52 +394,83 @@ pub fn load_jsonl(
             opts.max_seq_length
         )));
     }
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut report = LoadReport {
         path: path.to_path_buf(),
         ..Default::default()
     };
-    // tokenizing (and rendering templates) is the slow part: do it on every core, then
-    // apply the policy in line order
-    let lines: Vec<(usize, &[u8])> = crate::fsutil::strip_bom(&text)
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, raw)| (i + 1, raw))
-        .filter(|(_, raw)| !raw.trim_ascii().is_empty())
-        .collect();
-    let results: Vec<(usize, std::result::Result<Truncated, RecordError>)> = lines
-        .par_iter()
-        .map(|&(line, raw)| {
-            let r = std::str::from_utf8(raw)
-                .map_err(|_| RecordError::Bad("not valid UTF-8".into()))
-                .and_then(|s| parse_record(s.trim()).map_err(RecordError::Bad))
-                .and_then(|r| tokenize_record(tok, r))
-                .and_then(|(ids, labels)| truncate(ids, labels, opts.max_seq_length));
-            (line, r)
-        })
-        .collect();
-    let mut out = Vec::with_capacity(results.len());
-    for (line, result) in results {
-        report.records += 1;
-        match result {
-            Ok(t) => {
-                report.truncated += t.cut as usize;
-                out.push(Example {
-                    input_ids: t.ids,
-                    labels: t.labels,
-                    line,
-                })
+    let mut out = Vec::new();
+    let mut line_no = 0;
+    let mut eof = false;
+    // one buffer for every batch's lines, reused: many short-lived line buffers between
+    // the long-lived examples would fragment the heap into memory that is never reused
+    let mut batch: Vec<u8> = Vec::new();
+    while !eof {
+        batch.clear();
+        let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        while batch.len() < LINE_BATCH_BYTES {
+            let start = batch.len();
+            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut batch)
+                .map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                eof = true;
+                break;
             }
-            Err(RecordError::Fatal(msg)) => return Err(Error::data(path, line, msg)),
-            Err(RecordError::Template(e)) => return Err(template_error_at(e, path, line)),
-            Err(RecordError::Bad(msg)) => {
-                skip_or_fail(path, line, msg, false, opts.on_bad_line, &mut report)?
+            line_no += 1;
+            // a UTF-8 byte order mark (as some editors write) is not part of the record
+            if line_no == 1 && batch[start..].starts_with(crate::fsutil::UTF8_BOM) {
+                batch.drain(start..start + crate::fsutil::UTF8_BOM.len());
             }
-            Err(RecordError::PromptTooLong(msg)) => {
-                skip_or_fail(path, line, msg, true, opts.on_bad_line, &mut report)?
+            if batch[start..].trim_ascii().is_empty() {
+                batch.truncate(start);
+            } else {
+                ranges.push((line_no, start..batch.len()));
+            }
+        }
+        let lines: Vec<(usize, &[u8])> = ranges
+            .into_iter()
+            .map(|(line, r)| (line, &batch[r]))
+            .collect();
+        // tokenizing (and rendering templates) is the slow part: do it on every core, then
+        // apply the policy in line order
+        let results: Vec<(usize, std::result::Result<Truncated, RecordError>)> = lines
+            .into_par_iter()
+            .map(|(line, raw)| {
+                let r = std::str::from_utf8(raw)
+                    .map_err(|_| RecordError::Bad("not valid UTF-8".into()))
+                    .and_then(|s| parse_record(s.trim()).map_err(RecordError::Bad))
+                    .and_then(|r| tokenize_record(tok, r, opts.max_seq_length))
+                    .and_then(|t| truncate(t, opts.max_seq_length));
+                (line, r)
+            })
+            .collect();
+        for (line, result) in results {
+            report.records += 1;
+            match result {
+                Ok(t) => {
+                    report.truncated += t.cut as usize;
+                    // copied here, so that the kept examples are allocated apart from
+                    // the workers' short-lived encoding buffers (which would otherwise
+                    // be pinned by them and never reused)
+                    out.push(Example {
+                        input_ids: t.ids.as_slice().to_vec(),
+                        labels: t.labels.as_slice().to_vec(),
+                        line,
+                    })
+                }
+                Err(RecordError::Fatal(msg)) => return Err(Error::data(path, line, msg)),
+                Err(RecordError::Template(e)) => return Err(template_error_at(e, path, line)),
+                Err(RecordError::Bad(msg)) => {
+                    skip_or_fail(path, line, msg, false, opts.on_bad_line, &mut report)?
+                }
+                Err(RecordError::PromptTooLong(msg)) => {
+                    skip_or_fail(path, line, msg, true, opts.on_bad_line, &mut report)?
+                }
             }
         }
     }
+    out.shrink_to_fit();
     Ok((out, report))
 }
 
@@ -459,21 +519,33 @@ struct Truncated {
     cut: bool,
 }
 
-/// Cut an example to `max` tokens; refuse one with nothing scored left.
-fn truncate(
-    mut ids: Vec<u32>,
-    mut labels: Vec<i32>,
-    max: usize,
-) -> std::result::Result<Truncated, RecordError> {
+/// Cut an example to `max` tokens; refuse one with nothing scored left. The kept ids
+/// and labels are stored without spare capacity.
+fn truncate(t: Tokens, max: usize) -> std::result::Result<Truncated, RecordError> {
+    let Tokens {
+        mut ids,
+        mut labels,
+        complete,
+    } = t;
     let first_scored = labels
         .iter()
         .skip(1)
         .position(|&l| l != IGNORE_INDEX)
         .map(|p| p + 1);
-    let Some(first) = first_scored else {
-        return Err(RecordError::Bad(
-            "no tokens to learn from (empty text or completion)".into(),
-        ));
+    let first = match first_scored {
+        Some(first) => first,
+        // only the beginning was encoded, and all of it is prompt
+        None if !complete => {
+            return Err(RecordError::PromptTooLong(format!(
+                "the prompt alone is more than {} tokens, max_seq_length is {max}: nothing of the answer would remain (raise max_seq_length or shorten the prompt)",
+                ids.len()
+            )));
+        }
+        None => {
+            return Err(RecordError::Bad(
+                "no tokens to learn from (empty text or completion)".into(),
+            ));
+        }
     };
     if first >= max {
         return Err(RecordError::PromptTooLong(format!(
@@ -485,10 +557,14 @@ fn truncate(
         ids.truncate(max);
         labels.truncate(max);
     }
+    ids.shrink_to_fit();
+    labels.shrink_to_fit();
     Ok(Truncated { ids, labels, cut })
 }
 
-/// Read a plain text file as one token stream cut into windows of `max_seq_length`.
+/// Read a plain text file as one token stream cut into windows of `max_seq_length`. The
+/// file is streamed and encoded in pieces (in parallel) when the tokenizer allows it
+/// ([`Tokenizer::encodes_in_pieces`]), so memory holds the windows, not the text.
 pub fn load_text(
     path: &Path,
     tok: &Tokenizer,
@@ -499,24 +575,147 @@ pub fn load_text(
             "max_seq_length = {max_seq_length} is too short: a window needs at least 2 tokens"
         )));
     }
-    let text = crate::fsutil::read_text(path)?;
-    let ids = tok.encode(&text, true)?;
-    let examples: Vec<Example> = ids
-        .chunks(max_seq_length)
-        .filter(|w| w.len() >= 2)
-        .enumerate()
-        .map(|(i, w)| Example {
-            input_ids: w.to_vec(),
-            labels: w.iter().map(|&t| t as i32).collect(),
-            line: i + 1,
-        })
-        .collect();
+    let mut windows = Windows {
+        max: max_seq_length,
+        pending: Vec::new(),
+        out: Vec::new(),
+    };
+    let (prefix, suffix) = tok.special_affixes(true);
+    if tok.encodes_in_pieces() {
+        windows.push(prefix);
+        stream_text(path, tok, &mut windows)?;
+        windows.push(suffix);
+    } else {
+        let text = crate::fsutil::read_text(path)?;
+        windows.push(&tok.encode(&text, true)?);
+    }
+    let examples = windows.finish();
     let report = LoadReport {
         path: path.to_path_buf(),
         records: examples.len(),
         ..Default::default()
     };
     Ok((examples, report))
+}
+
+/// A token stream cut into examples of `max` tokens as it arrives.
+struct Windows {
+    max: usize,
+    /// Tokens of the window being filled.
+    pending: Vec<u32>,
+    out: Vec<Example>,
+}
+
+impl Windows {
+    fn push(&mut self, ids: &[u32]) {
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let take = (self.max - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() == self.max {
+                self.emit();
+            }
+        }
+    }
+
+    fn emit(&mut self) {
+        // capacity bounded: max_seq_length is the user's number
+        let ids = std::mem::replace(&mut self.pending, Vec::with_capacity(self.max.min(1 << 16)));
+        self.out.push(Example {
+            labels: ids.iter().map(|&t| t as i32).collect(),
+            input_ids: ids,
+            line: self.out.len() + 1,
+        });
+    }
+
+    /// The examples, with a last shorter window when it has at least 2 tokens.
+    fn finish(mut self) -> Vec<Example> {
+        if self.pending.len() >= 2 {
+            self.emit();
+        }
+        self.out.shrink_to_fit();
+        self.out
+    }
+}
+
+/// Read `path` in blocks, encode it in pieces cut at [`crate::tokenizer::piece_end`]
+/// (several at once, on every core) and feed the tokens to `windows`. The bytes after a
+/// block's last cut point are carried into the next block.
+fn stream_text(path: &Path, tok: &Tokenizer, windows: &mut Windows) -> Result<()> {
+    use crate::tokenizer::{PIECE_BYTES, last_cut, piece_end};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let block = PIECE_BYTES * rayon::current_num_threads().max(1);
+    let mut buf: Vec<u8> = Vec::new();
+    // bytes of the file before `buf`, for messages
+    let mut base = 0u64;
+    let mut eof = false;
+    while !eof || !buf.is_empty() {
+        let mut chunk = vec![0u8; block];
+        let mut got = 0;
+        while !eof && got < block {
+            match file.read(&mut chunk[got..]) {
+                Ok(0) => eof = true,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        buf.extend_from_slice(&chunk[..got]);
+        drop(chunk);
+        // a UTF-8 byte order mark at the start of the file is not text
+        if base == 0 && buf.starts_with(crate::fsutil::UTF8_BOM) {
+            buf.drain(..crate::fsutil::UTF8_BOM.len());
+            base = crate::fsutil::UTF8_BOM.len() as u64;
+        }
+        let valid = match std::str::from_utf8(&buf) {
+            Ok(s) => s,
+            // a character cut by the block's end is completed by the next read
+            Err(e) if e.error_len().is_none() && !eof => {
+                std::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(e) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "not UTF-8 text (invalid byte at offset {}); a .txt data file must be UTF-8",
+                        base + e.valid_up_to() as u64
+                    ),
+                ));
+            }
+        };
+        // what may be encoded now: up to the last cut point, or everything at the end
+        let end = if eof {
+            valid.len()
+        } else {
+            match last_cut(valid, 0) {
+                Some(c) => c,
+                None => continue, // no cut point yet: read more
+            }
+        };
+        let text = &valid[..end];
+        let mut pieces = Vec::new();
+        let mut pos = 0;
+        while pos < text.len() {
+            let e = piece_end(text, pos);
+            pieces.push(&text[pos..e]);
+            pos = e;
+        }
+        let ids: Vec<Vec<u32>> = pieces
+            .par_iter()
+            .map(|p| tok.encode(p, false))
+            .collect::<Result<_>>()?;
+        for i in &ids {
+            windows.push(i);
+        }
+        buf.drain(..end);
+        base += end as u64;
+        if eof && buf.is_empty() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A uniformly random permutation of `0..n` drawn from `seed`.
@@ -567,12 +766,13 @@ pub fn split_validation(
     Ok((train, eval))
 }
 
-/// One row of a batch: one example, or several packed ones with their segment ids.
+/// One row of a batch: one example, or several packed ones, with their lengths.
 #[derive(Clone, Debug)]
 struct Row {
     ids: Vec<u32>,
     labels: Vec<i32>,
-    segments: Vec<u32>,
+    /// Tokens of each example in the row (segment i is the i-th example).
+    lens: Vec<u32>,
 }
 
 /// The batches of a data set: rows are built once (packing in an order drawn from the
@@ -600,6 +800,28 @@ impl BatchPlan {
         seed: u64,
         shuffle: bool,
     ) -> Result<Self> {
+        Self::from_examples(
+            examples.to_vec(),
+            layout,
+            max_seq_length,
+            batch_size,
+            pad_id,
+            seed,
+            shuffle,
+        )
+    }
+
+    /// [`new`](Self::new), taking the examples: each one's memory is released as it is
+    /// laid out, so that the data is held once.
+    pub fn from_examples(
+        mut examples: Vec<Example>,
+        layout: Layout,
+        max_seq_length: usize,
+        batch_size: usize,
+        pad_id: u32,
+        seed: u64,
+        shuffle: bool,
+    ) -> Result<Self> {
         if batch_size == 0 {
             return Err(Error::config("batch_size must be at least 1"));
         }
@@ -613,25 +835,38 @@ impl BatchPlan {
         };
         let mut rows: Vec<Row> = Vec::new();
         for &i in &order {
-            let e = &examples[i];
+            let e = std::mem::replace(
+                &mut examples[i],
+                Example {
+                    input_ids: Vec::new(),
+                    labels: Vec::new(),
+                    line: 0,
+                },
+            );
             let fits = rows.last().is_some_and(|r| {
                 layout == Layout::Packed && r.ids.len() + e.input_ids.len() <= max_seq_length
             });
             if !fits {
+                // a row of one example takes its vectors as they are
                 rows.push(Row {
-                    ids: Vec::new(),
-                    labels: Vec::new(),
-                    segments: Vec::new(),
+                    lens: vec![e.input_ids.len() as u32],
+                    ids: e.input_ids,
+                    labels: e.labels,
                 });
+                continue;
             }
             let row = rows
                 .last_mut()
                 .ok_or_else(|| Error::config("internal: rows"))?;
-            let seg = row.segments.last().map_or(0, |&s| s + 1);
+            row.lens.push(e.input_ids.len() as u32);
             row.ids.extend_from_slice(&e.input_ids);
             row.labels.extend_from_slice(&e.labels);
-            row.segments
-                .extend(std::iter::repeat_n(seg, e.input_ids.len()));
+        }
+        drop(examples);
+        for r in &mut rows {
+            r.ids.shrink_to_fit();
+            r.labels.shrink_to_fit();
+            r.lens.shrink_to_fit();
         }
         Ok(BatchPlan {
             rows,
@@ -695,9 +930,10 @@ impl BatchPlan {
             ids.extend(std::iter::repeat_n(self.pad_id, pad));
             labels.extend_from_slice(&r.labels);
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
-            let pad_seg = r.segments.last().map_or(0, |&s| s + 1);
-            segs.extend_from_slice(&r.segments);
-            segs.extend(std::iter::repeat_n(pad_seg, pad));
+            for (seg, &len) in r.lens.iter().enumerate() {
+                segs.extend(std::iter::repeat_n(seg as u32, len as usize));
+            }
+            segs.extend(std::iter::repeat_n(r.lens.len() as u32, pad));
         }
         let b = Batch::new(ids, labels, rows.len(), seq)?;
         let b = match self.layout {

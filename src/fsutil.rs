@@ -134,8 +134,11 @@ pub fn atomic_write(
 /// `bytes` without a leading UTF-8 byte order mark (some Windows editors start every
 /// text file with one; JSON, TOML and JSONL parsers refuse it).
 pub fn strip_bom(bytes: &[u8]) -> &[u8] {
-    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+    bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes)
 }
+
+/// The UTF-8 byte order mark, which some editors write at the start of a text file.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// A text file's contents, without a leading UTF-8 byte order mark; the error names the
 /// file.
@@ -461,11 +464,40 @@ pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// FNV-1a, 64 bits: a cheap hash to tell whether bytes changed (not for security).
+/// FNV-1a, 64 bits, fed in pieces: a cheap hash, stable across platforms and versions,
+/// to tell whether bytes changed (not for security). What the data and model
+/// fingerprints and the kernel cache names use.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fnv1a {
+    /// The FNV offset basis.
+    pub fn new() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+    /// Hash `bytes` in after what came before.
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// FNV-1a, 64 bits, of `bytes` at once.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    let mut h = Fnv1a::new();
+    h.update(bytes);
+    h.finish()
 }
 
 /// What a temporary name left in a folder was for.

@@ -373,7 +373,7 @@ impl<B: Backend> Engine<B> {
         }
         let b = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let cap = longest + opts.max_new_tokens.max(1);
+        let cap = longest.saturating_add(opts.max_new_tokens.max(1));
         let pad = |p: &Vec<u32>| longest - p.len();
         let key_start: Vec<u32> = prompts.iter().map(|p| pad(p) as u32).collect();
         let mut cache = self.new_cache(b, cap, Some(key_start))?;

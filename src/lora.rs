@@ -162,6 +162,22 @@ impl<B: Backend> LoraParams<B> {
         cfg.validate()?;
         let linears = model.linears();
         let n_layers = model.config().num_hidden_layers;
+        // checked before anything is allocated: A and B hold r × (in + out) scalars
+        if let Some(lin) = linears
+            .iter()
+            .filter(|l| {
+                (0..n_layers).any(|i| cfg.targets(&format!("{}{}", model.block_prefix(i), l.name)))
+            })
+            .min_by_key(|l| l.in_features.min(l.out_features))
+        {
+            let most = lin.in_features.min(lin.out_features);
+            if cfg.r > most {
+                return Err(Error::config(format!(
+                    "lora_rank = {} is more than {most}, the smaller side of the adapted linear {} ([{}, {}]): an update of that linear has rank at most {most}; set lora_rank to at most {most}",
+                    cfg.r, lin.name, lin.out_features, lin.in_features
+                )));
+            }
+        }
         let mut modules = Vec::new();
         let mut layer_range = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {

@@ -9,7 +9,7 @@
 //! nothing is opened before its kind is known (opening a FIFO for reading blocks).
 
 use crate::error::{Error, Result};
-use crate::fsutil::MAX_HEADER_SIZE;
+use crate::fsutil::{Fnv1a, MAX_HEADER_SIZE};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -184,21 +184,6 @@ pub const FINGERPRINT_PAGE: u64 = 4096;
 /// The scheme's name, the first word of every fingerprint.
 const FINGERPRINT_SCHEME: &str = "sampled-fnv1a-v1";
 
-/// FNV-1a, 64 bits: stable across platforms and versions (what the fingerprints of data
-/// files use too).
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-    fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
 /// A fingerprint of the contents of the safetensors file open as `file` (at `path`, for
 /// messages): FNV-1a over its length, its whole header (the 8-byte size and the JSON:
 /// every tensor's name, dtype, shape and offsets, and the metadata) and
@@ -243,7 +228,7 @@ pub fn content_fingerprint(file: &File, path: &Path) -> Result<String> {
             h.update(&page);
         }
     }
-    Ok(format!("{FINGERPRINT_SCHEME} {:016x}", h.0))
+    Ok(format!("{FINGERPRINT_SCHEME} {:016x}", h.finish()))
 }
 
 /// [`content_fingerprint`] of the file at `path`.

@@ -16,9 +16,58 @@ pub struct Message {
     pub content: String,
 }
 
+/// Text longer than this is encoded in pieces of about this many bytes, cut where
+/// [`piece_end`] says: encoding costs about a hundred bytes of memory per byte of text,
+/// so whole-text encoding of a 50 MB record would need gigabytes.
+pub const PIECE_BYTES: usize = 64 << 10;
+
+/// Token ids of a text (or of its beginning) with each token's byte range in the text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<ByteRange>,
+    /// False when encoding stopped early: `ids` are then more than the limit asked for,
+    /// and exactly the first tokens of the whole text's encoding.
+    pub complete: bool,
+}
+
+/// Whether `text` may be cut at byte `p`: before an ASCII space that follows a printable
+/// ASCII character. Pre-tokenizers split there (GPT-2's byte-level regex starts a word
+/// with its space, Metaspace splits before `▁`), so encoding the two sides apart gives
+/// the tokens of the whole; [`Tokenizer::from_dir`] checks this of each tokenizer.
+fn is_cut(bytes: &[u8], p: usize) -> bool {
+    p > 0 && p < bytes.len() && bytes[p] == b' ' && bytes[p - 1].is_ascii_graphic()
+}
+
+/// The end of the piece of `text` that starts at `start`: the last cut point within
+/// [`PIECE_BYTES`] of it, else the next one after, else the end of the text.
+pub fn piece_end(text: &str, start: usize) -> usize {
+    let b = text.as_bytes();
+    if b.len() - start <= PIECE_BYTES {
+        return b.len();
+    }
+    let target = start + PIECE_BYTES;
+    (start + 1..=target)
+        .rev()
+        .find(|&p| is_cut(b, p))
+        .or_else(|| (target + 1..b.len()).find(|&p| is_cut(b, p)))
+        .unwrap_or(b.len())
+}
+
+/// The last cut point of `text` after `start`, if any (for cutting off a streamed
+/// buffer's tail, which may continue in the next read).
+pub fn last_cut(text: &str, start: usize) -> Option<usize> {
+    let b = text.as_bytes();
+    (start + 1..b.len()).rev().find(|&p| is_cut(b, p))
+}
+
 /// A tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Whether text cut at [`is_cut`] points encodes to the tokens of the whole.
+    piecewise: bool,
+    /// What the post-processor adds before and after a text (e.g. a BOS token).
+    affixes: (Vec<u32>, Vec<u32>),
     dir: PathBuf,
     chat_template: Option<ChatTemplate>,
     bos_token: Option<String>,
@@ -46,8 +95,15 @@ impl Tokenizer {
                 "missing; `lema prepare` writes it beside the model (for a GGUF source it is rebuilt from the GGUF metadata)",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(crate::fsutil::read_text(&path)?)
+        let mut inner = tokenizers::Tokenizer::from_bytes(crate::fsutil::read_text(&path)?)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        // lema cuts examples to max_seq_length itself; a truncation or padding saved in
+        // tokenizer.json would silently cut or pad the text (transformers disables them
+        // too unless asked)
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        inner.with_padding(None);
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read(&cfg_path) {
             Ok(t) => serde_json::from_slice(crate::fsutil::strip_bom(&t))
@@ -85,8 +141,12 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
+        let affixes = special_affixes(&inner);
+        let piecewise = affixes.is_some() && cuts_are_exact(&inner);
         Ok(Tokenizer {
             inner,
+            piecewise,
+            affixes: affixes.unwrap_or_default(),
             dir: dir.to_path_buf(),
             chat_template,
             bos_token,
@@ -125,6 +185,68 @@ impl Tokenizer {
                     format!("cannot encode text: {e}"),
                 )
             })
+    }
+
+    /// The tokens of `text` as [`encode_with_offsets`](Self::encode_with_offsets) gives
+    /// them, encoded in pieces of about [`PIECE_BYTES`] so that memory stays bounded, and
+    /// stopping once more than `limit` tokens are known (the caller keeps at most
+    /// `limit`). The tokens returned are exactly the first ones of the whole text's
+    /// encoding; a tokenizer for which cutting text changes its tokens is run on the
+    /// whole text instead.
+    pub fn encode_bounded(
+        &self,
+        text: &str,
+        add_special: bool,
+        limit: Option<usize>,
+    ) -> Result<Encoded> {
+        if !self.piecewise || text.len() <= PIECE_BYTES {
+            let (ids, offsets) = self.encode_with_offsets(text, add_special)?;
+            return Ok(Encoded {
+                ids,
+                offsets,
+                complete: true,
+            });
+        }
+        let (prefix, suffix) = self.special_affixes(add_special);
+        let mut ids = prefix.to_vec();
+        let mut offsets = vec![(0, 0); ids.len()];
+        let mut pos = 0;
+        while pos < text.len() {
+            if limit.is_some_and(|l| ids.len() > l) {
+                return Ok(Encoded {
+                    ids,
+                    offsets,
+                    complete: false,
+                });
+            }
+            let end = piece_end(text, pos);
+            let (i, o) = self.encode_with_offsets(&text[pos..end], false)?;
+            ids.extend_from_slice(&i);
+            offsets.extend(o.iter().map(|&(a, b)| (a + pos, b + pos)));
+            pos = end;
+        }
+        ids.extend_from_slice(suffix);
+        offsets.resize(ids.len(), (0, 0));
+        Ok(Encoded {
+            ids,
+            offsets,
+            complete: true,
+        })
+    }
+
+    /// Whether text may be encoded piece by piece (cut where [`piece_end`] cuts) with the
+    /// tokens of the whole: checked when the tokenizer is loaded.
+    pub fn encodes_in_pieces(&self) -> bool {
+        self.piecewise
+    }
+
+    /// The special tokens that encoding with `add_special` puts before and after a text.
+    pub fn special_affixes(&self, add_special: bool) -> (&[u32], &[u32]) {
+        if add_special {
+            (&self.affixes.0, &self.affixes.1)
+        } else {
+            (&[], &[])
+        }
     }
 
     /// Id of the `eos_token` of tokenizer_config.json, if it names one in the vocabulary.
@@ -296,8 +418,13 @@ impl ChatTemplate {
         // as transformers compiles chat templates: a block tag's newline is dropped and
         // the spaces before it on its line too, so templates written one tag a line
         // render as they do in HF
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+        {
+            env.set_syntax(syntax);
+        }
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -397,6 +524,58 @@ impl ChatTemplate {
             Err(e) => Err(TemplateError::Conversation(format!("{e:#}"))),
         }
     }
+}
+
+/// What the post-processor adds around a text: the tokens before and after those of a
+/// one-letter text. None when they cannot be told apart from it.
+fn special_affixes(inner: &tokenizers::Tokenizer) -> Option<(Vec<u32>, Vec<u32>)> {
+    let plain = inner.encode("a", false).ok()?;
+    let body = plain.get_ids().to_vec();
+    let full = inner.post_process(plain, None, true).ok()?;
+    let full = full.get_ids();
+    if body.is_empty() || full.len() < body.len() {
+        return None;
+    }
+    let k = (0..=full.len() - body.len()).find(|&k| full[k..k + body.len()] == body[..])?;
+    Some((full[..k].to_vec(), full[k + body.len()..].to_vec()))
+}
+
+/// Whether encoding text cut at every cut point gives the tokens (and offsets) of the
+/// whole, on a probe of words, numbers, punctuation, runs of spaces, newlines, non-ASCII
+/// letters and each added token (whose stripping of neighbouring spaces could differ).
+fn cuts_are_exact(inner: &tokenizers::Tokenizer) -> bool {
+    let mut probes = vec![
+        "Hello world, it's 2024: 3.14 apples cost $5.99!\nNew  line\t tab   three   spaces. café naïve über 日本語 end".to_string(),
+        " lead space, trailing space ".to_string(),
+        "a.b c!d e-f (g) [h] {i} \"j\" 'k' x1 y22 z333 -- ... ?? ok".to_string(),
+    ];
+    let mut added: Vec<String> = inner
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|t| t.content)
+        .collect();
+    added.sort();
+    for t in added.iter().take(256) {
+        probes.push(format!("x{t} y {t}z. {t} w {t}"));
+    }
+    let encode = |s: &str| -> Option<(Vec<u32>, Vec<ByteRange>)> {
+        let e = inner.encode(s, false).ok()?;
+        Some((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    };
+    probes.iter().all(|p| {
+        let Some(whole) = encode(p) else {
+            return false;
+        };
+        (0..p.len()).filter(|&c| is_cut(p.as_bytes(), c)).all(|c| {
+            let (Some((mut ids, mut offs)), Some((i2, o2))) = (encode(&p[..c]), encode(&p[c..]))
+            else {
+                return false;
+            };
+            ids.extend(i2);
+            offs.extend(o2.into_iter().map(|(a, b)| (a + c, b + c)));
+            (ids, offs) == whole
+        })
+    })
 }
 
 /// Render a HF chat template (Jinja) once, within its [`TemplateBudget`].

@@ -336,3 +336,162 @@ fn permutations_are_permutations() {
     }
     assert_ne!(permutation(50, 1), permutation(50, 2));
 }
+
+/// Text of many pieces with what pre-tokenizers treat specially: runs of spaces, tabs,
+/// newlines, digits, punctuation, non-ASCII letters and special tokens.
+pub(crate) fn mixed_text(bytes: usize, seed: u64) -> String {
+    let words = [
+        "the",
+        "of",
+        "and",
+        "2024",
+        "3.14",
+        "café",
+        "naïve",
+        "日本語",
+        "don't",
+        "it's",
+        "x1",
+        "(a)",
+        "--",
+        "...",
+        "<|im_end|>",
+        "$5.99",
+        "ZZZ",
+        "über",
+        "\t",
+        "a.b",
+    ];
+    let seps = [
+        " ", " ", " ", " ", "  ", "   ", "\n", "\n\n", " \n", "\t", "",
+    ];
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut s = String::new();
+    while s.len() < bytes {
+        s += words[rng.below(words.len() as u64) as usize];
+        s += seps[rng.below(seps.len() as u64) as usize];
+    }
+    s
+}
+
+#[test]
+fn bounded_encoding_is_the_whole_texts_encoding() {
+    use crate::tokenizer::PIECE_BYTES;
+    let f = fixture(None);
+    assert!(f.tok.encodes_in_pieces());
+    let text = mixed_text(5 * PIECE_BYTES + 1234, 3);
+    let (ids, offsets) = f.tok.encode_with_offsets(&text, true).unwrap();
+    let all = f.tok.encode_bounded(&text, true, None).unwrap();
+    assert!(all.complete);
+    assert_eq!((&all.ids, &all.offsets), (&ids, &offsets));
+    for limit in [64, PIECE_BYTES, 3 * PIECE_BYTES] {
+        let b = f.tok.encode_bounded(&text, true, Some(limit)).unwrap();
+        assert!(!b.complete && b.ids.len() > limit, "limit {limit}");
+        // at most one piece more than needed was encoded
+        assert!(b.ids.len() <= limit + 2 * PIECE_BYTES, "limit {limit}");
+        assert_eq!(b.ids[..], ids[..b.ids.len()]);
+        assert_eq!(b.offsets[..], offsets[..b.ids.len()]);
+    }
+}
+
+#[test]
+fn a_tokenizer_that_cutting_would_change_is_run_on_the_whole_text() {
+    // a normalizer that prepends to each text it sees (old Llama tokenizers do): a piece
+    // would get its own prefix, so pieces are not used
+    let f = fixture(None);
+    let path = f.dir.path().join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["normalizer"] = serde_json::json!({"type": "Prepend", "prepend": "_"});
+    std::fs::write(&path, json.to_string()).unwrap();
+    let tok = Tokenizer::from_dir(f.dir.path()).unwrap();
+    assert!(!tok.encodes_in_pieces());
+    let text = mixed_text(3 * crate::tokenizer::PIECE_BYTES, 5);
+    let (ids, _) = tok.encode_with_offsets(&text, true).unwrap();
+    let b = tok.encode_bounded(&text, true, Some(64)).unwrap();
+    assert!(b.complete);
+    assert_eq!(b.ids, ids);
+    let p = f.dir.path().join("t.txt");
+    std::fs::write(&p, &text).unwrap();
+    let (ex, _) = load_file(&p, &tok, &opts(64, BadLinePolicy::Error)).unwrap();
+    let got: Vec<u32> = ex.iter().flat_map(|e| e.input_ids.clone()).collect();
+    assert_eq!(got, ids);
+}
+
+#[test]
+fn long_records_keep_what_whole_text_tokenization_keeps() {
+    use crate::tokenizer::PIECE_BYTES;
+    let f = fixture(None);
+    let long = mixed_text(4 * PIECE_BYTES, 7);
+    let prompt = "Q: what follows? A:";
+    let lines = [
+        serde_json::json!({ "text": long }).to_string(),
+        serde_json::json!({ "prompt": prompt, "completion": long }).to_string(),
+        serde_json::json!({ "prompt": long, "completion": "x" }).to_string(),
+    ];
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let path = f.file("long.jsonl", &refs);
+    let max = 100;
+    let (ex, rep) = load_file(&path, &f.tok, &opts(max, BadLinePolicy::Skip)).unwrap();
+    assert_eq!((ex.len(), rep.truncated, rep.prompt_too_long), (2, 2, 1));
+    let whole = |t: &str| f.tok.encode_with_offsets(t, true).unwrap();
+    let (ids, _) = whole(&long);
+    assert_eq!(ex[0].input_ids, ids[..max]);
+    assert_eq!(
+        ex[0].labels,
+        ids[..max].iter().map(|&i| i as i32).collect::<Vec<_>>()
+    );
+    let full = format!("{prompt}{long}");
+    let (ids, offs) = whole(&full);
+    assert_eq!(ex[1].input_ids, ids[..max]);
+    let labels: Vec<i32> = ids[..max]
+        .iter()
+        .zip(&offs)
+        .map(|(&i, &(s, _))| {
+            if s >= prompt.len() {
+                i as i32
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    assert_eq!(ex[1].labels, labels);
+    assert!(
+        rep.skipped[0].contains(":3: the prompt alone is more than ")
+            && rep.skipped[0].contains(" tokens, max_seq_length is 100: nothing of the answer"),
+        "{:?}",
+        rep.skipped
+    );
+    // the kept examples hold no spare capacity
+    assert!(ex.iter().all(|e| e.input_ids.capacity() == max));
+}
+
+#[test]
+fn streamed_text_files_are_the_whole_texts_windows() {
+    use crate::tokenizer::PIECE_BYTES;
+    let f = fixture(None);
+    // more than one read block, ending in a partial window
+    let text = mixed_text(2 * PIECE_BYTES * rayon::current_num_threads() + 777, 11);
+    let p = f.dir.path().join("big.txt");
+    std::fs::write(&p, &text).unwrap();
+    let (ex, rep) = load_file(&p, &f.tok, &opts(50, BadLinePolicy::Error)).unwrap();
+    let ids = f.tok.encode(&text, true).unwrap();
+    let want: Vec<&[u32]> = ids.chunks(50).filter(|w| w.len() >= 2).collect();
+    assert_eq!(ex.len(), want.len());
+    assert_eq!(rep.records, want.len());
+    for (i, (e, w)) in ex.iter().zip(&want).enumerate() {
+        assert_eq!((e.input_ids.as_slice(), e.line), (*w, i + 1));
+        assert_eq!(e.labels, w.iter().map(|&t| t as i32).collect::<Vec<_>>());
+    }
+    // a file that is not UTF-8 is named with the offset of the bad byte
+    let mut bad = text.clone().into_bytes();
+    let at = (PIECE_BYTES..).find(|&i| bad[i].is_ascii()).unwrap();
+    bad[at] = 0xff;
+    std::fs::write(&p, &bad).unwrap();
+    let e = load_file(&p, &f.tok, &opts(50, BadLinePolicy::Error)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("not UTF-8 text (invalid byte at offset {at})")),
+        "{e}"
+    );
+}

@@ -152,11 +152,24 @@ struct RunState {
 
 const EXTRA_KEY: &str = "lema_train";
 
-/// Size and FNV-1a hash of a file, to tell whether the data changed.
+/// Size and FNV-1a hash of a file, to tell whether the data changed (read in blocks:
+/// the file may be larger than memory).
 pub fn file_fingerprint(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let h = crate::fsutil::fnv1a(&bytes);
-    Ok(format!("{} bytes, fnv1a {h:016x}", bytes.len()))
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut h, mut len) = (crate::fsutil::Fnv1a::new(), 0u64);
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok(format!("{len} bytes, fnv1a {:016x}", h.finish()))
 }
 
 /// The weights file named by `model` (a file, or a folder holding model.safetensors).
@@ -305,8 +318,10 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
         Layout::Padded
     };
     let pad = tok.eos_token_id().unwrap_or(0);
-    let train = BatchPlan::new(
-        &train_ex,
+    let (train_examples, eval_examples) = (train_ex.len(), eval_ex.len());
+    // the plans take the examples over, so that the data is held once
+    let train = BatchPlan::from_examples(
+        train_ex,
         layout,
         cfg.max_seq_length,
         cfg.batch_size,
@@ -317,8 +332,8 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
     let eval = if eval_ex.is_empty() {
         None
     } else {
-        Some(BatchPlan::new(
-            &eval_ex,
+        Some(BatchPlan::from_examples(
+            eval_ex,
             layout,
             cfg.max_seq_length,
             cfg.batch_size,
@@ -327,16 +342,32 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
             false,
         )?)
     };
-    let steps_per_epoch = train
-        .batches_per_epoch()
-        .div_ceil(cfg.gradient_accumulation_steps) as u64;
-    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+    let batches = train.batches_per_epoch();
+    if cfg.gradient_accumulation_steps > batches {
+        return Err(Error::config(format!(
+            "gradient_accumulation_steps = {} is more than the {batches} micro-batches of an epoch ({} rows of batch_size {}); set it to at most {batches}",
+            cfg.gradient_accumulation_steps,
+            train.rows(),
+            cfg.batch_size
+        )));
+    }
+    let steps_per_epoch = batches.div_ceil(cfg.gradient_accumulation_steps) as u64;
+    let total_steps = match cfg.max_steps {
+        Some(n) => n,
+        None => cfg.epochs.checked_mul(steps_per_epoch).ok_or_else(|| {
+            Error::config(format!(
+                "epochs = {} × {steps_per_epoch} steps per epoch is more steps than can be counted (at most {}); lower epochs or set max_steps",
+                cfg.epochs,
+                u64::MAX
+            ))
+        })?,
+    };
     Ok(Data {
         summary: DataSummary {
             train: train_report,
             eval: eval_report,
-            train_examples: train_ex.len(),
-            eval_examples: eval_ex.len(),
+            train_examples,
+            eval_examples,
             rows_per_epoch: train.rows(),
             steps_per_epoch,
             total_steps,

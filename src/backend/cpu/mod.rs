@@ -208,8 +208,21 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
 
     // ---- memory ----------------------------------------------------------------------
 
+    /// Reserved fallibly: a buffer sized by a wrong number (a huge max_new_tokens, say) is
+    /// an error that names its size, not an abort.
     fn zeros(&self, n: usize) -> Result<CpuBuf<T>> {
-        Ok(CpuBuf(vec![T::zero(); n]))
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| {
+            fail(
+                "zeros",
+                format!(
+                    "cannot allocate {n} elements ({} bytes) of host memory",
+                    n.saturating_mul(std::mem::size_of::<T>())
+                ),
+            )
+        })?;
+        v.resize(n, T::zero());
+        Ok(CpuBuf(v))
     }
 
     /// Zeros, as [`Backend::zeros`]: safe, and host memory is cheap to clear.
