@@ -3,6 +3,8 @@
 //! tokenizer), and numbers that would size an allocation (a flag, a file's header) are
 //! refused with a message before anything is allocated, through the real binary.
 
+mod common;
+
 use lema::backend::DType;
 use lema::bench::{preset, write_random_model};
 use lema::dataset::{BadLinePolicy, DataOptions, load_file};
@@ -11,19 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// SmolLM2's tokenizer from the prepared model folder; None (with a SKIP line) when it
-/// is absent, except under CI, where it must be there.
-fn smollm2_tokenizer(test: &str) -> Option<Tokenizer> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/smollm2-135m");
-    if !dir.join("tokenizer.json").exists() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "{test}: {} is missing (run scripts/prepare-smollm2.sh)",
-            dir.display()
-        );
-        eprintln!("SKIP: {test}: SmolLM2 not prepared (run scripts/prepare-smollm2.sh)");
-        return None;
-    }
+/// SmolLM2's tokenizer, from the folder this test binary prepares from the cached GGUF;
+/// None after a visible SKIP when the GGUF is absent (under CI that fails instead).
+fn smollm2_tokenizer() -> Option<Tokenizer> {
+    let dir = common::smollm2::prepared_or_skip()?;
     Some(Tokenizer::from_dir(&dir).unwrap())
 }
 
@@ -76,7 +69,7 @@ fn mixed_text(bytes: usize, mut seed: u64) -> String {
 
 #[test]
 fn smollm2_pieces_give_the_tokens_of_the_whole_text() {
-    let Some(tok) = smollm2_tokenizer("smollm2_pieces_give_the_tokens_of_the_whole_text") else {
+    let Some(tok) = smollm2_tokenizer() else {
         return;
     };
     assert!(
@@ -108,8 +101,7 @@ fn smollm2_pieces_give_the_tokens_of_the_whole_text() {
 
 #[test]
 fn smollm2_data_files_keep_what_whole_text_tokenization_keeps() {
-    let Some(tok) = smollm2_tokenizer("smollm2_data_files_keep_what_whole_text_tokenization_keeps")
-    else {
+    let Some(tok) = smollm2_tokenizer() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
