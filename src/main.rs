@@ -6,6 +6,12 @@
 
 mod cli;
 
+/// mimalloc instead of glibc's allocator: data loading tokenizes on every core, and
+/// glibc's per-thread arenas kept the freed pages of every batch (peak RSS grew by about
+/// 0.4 GB per GB of records read while the live heap stayed under 40 MB).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     std::process::exit(cli::main());
 }
