@@ -168,11 +168,11 @@ impl LemaConfig {
 
 /// PEFT's default LoRA targets for each architecture.
 pub fn default_targets(arch: Arch) -> Vec<String> {
-    let t: &[&str] = match arch {
-        Arch::Llama => &["q_proj", "v_proj"],
-        Arch::Gpt2 => &["c_attn"],
-    };
-    t.iter().map(|s| s.to_string()).collect()
+    crate::model::family::family(arch)
+        .default_lora_targets
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// An engine on whichever backend was chosen; the dispatch happens here once.

@@ -41,8 +41,8 @@ pub fn adapter_config_json(
         "lora_dropout": lora.dropout,
         "target_modules": target_modules,
         "use_rslora": lora.use_rslora,
-        // GPT-2's Conv1D stores weights [in, out]; PEFT needs to know to transpose.
-        "fan_in_fan_out": arch == Arch::Gpt2,
+        // Conv1D weights are stored [in, out]; PEFT needs to know to transpose.
+        "fan_in_fan_out": crate::model::family::family(arch).conv1d_weights,
         "bias": "none",
         "inference_mode": true,
         "init_lora_weights": true,

@@ -137,10 +137,10 @@ impl ModelConfig {
         let kv = n(self.num_key_value_heads).checked_mul(n(self.head_dim))?;
         // q and o, k and v
         let attention = h.checked_mul(q.checked_add(kv)?.checked_mul(2)?)?;
-        let mlp_matrices = if self.arch == Arch::Gpt2 { 2 } else { 3 };
+        let family = crate::model::family::family(self.arch);
         let mlp = h
             .checked_mul(n(self.intermediate_size))?
-            .checked_mul(mlp_matrices)?;
+            .checked_mul(family.mlp_matrices)?;
         let blocks = n(self.num_hidden_layers).checked_mul(attention.checked_add(mlp)?)?;
         let embedding = n(self.vocab_size).checked_mul(h)?;
         let head = if self.tie_word_embeddings {
@@ -148,7 +148,7 @@ impl ModelConfig {
         } else {
             embedding
         };
-        let positions = if self.arch == Arch::Gpt2 {
+        let positions = if family.learned_positions {
             n(self.max_position_embeddings).checked_mul(h)?
         } else {
             0
@@ -166,30 +166,7 @@ impl ModelConfig {
         if count.is_some_and(|c| c <= MAX_PARAMETERS) {
             return Ok(());
         }
-        let sizes = match self.arch {
-            Arch::Gpt2 => format!(
-                "vocab_size = {}, n_embd = {}, n_inner = {}, n_layer = {}, n_head = {}, \
-                 n_positions = {}",
-                self.vocab_size,
-                self.hidden_size,
-                self.intermediate_size,
-                self.num_hidden_layers,
-                self.num_attention_heads,
-                self.max_position_embeddings
-            ),
-            _ => format!(
-                "vocab_size = {}, hidden_size = {}, intermediate_size = {}, \
-                 num_hidden_layers = {}, num_attention_heads = {}, num_key_value_heads = {}, \
-                 head_dim = {}",
-                self.vocab_size,
-                self.hidden_size,
-                self.intermediate_size,
-                self.num_hidden_layers,
-                self.num_attention_heads,
-                self.num_key_value_heads,
-                self.head_dim
-            ),
-        };
+        let sizes = (crate::model::family::family(self.arch).describe_sizes)(self);
         let count = count.map_or_else(|| "more than 2^64".to_string(), |c| c.to_string());
         Err(Error::config(format!(
             "{}: {sizes} imply {count} weights, more than the 2^48 lema accepts (the largest \

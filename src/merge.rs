@@ -16,7 +16,6 @@ use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec, write_file_atomic};
 use crate::import::hf::SIDE_FILES;
-use crate::model::Model;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -72,7 +71,7 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
     let be = CpuBackend::<f32>::new();
     let lora = checkpoint::load_adapter(&be, &model, adapter_dir)?;
     let scale = lora.cfg.scale();
-    let conv1d = matches!(model, Model::Gpt2(_));
+    let conv1d = crate::model::family::family(model.config().arch).conv1d_weights;
     // weight name → (A [R, in], B [out, R], in, out)
     let updates: HashMap<String, _> = lora
         .modules

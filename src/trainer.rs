@@ -92,9 +92,11 @@ impl<B: Backend> Engine<B> {
 
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let cfg = self.model.config();
-        if matches!(self.model, Model::Gpt2(_)) && b.seq > cfg.max_position_embeddings {
+        if crate::model::family::family(cfg.arch).learned_positions
+            && b.seq > cfg.max_position_embeddings
+        {
             return Err(Error::config(format!(
-                "sequence length {} exceeds GPT-2's {} learned positions; use max_seq_length ≤ {}",
+                "sequence length {} exceeds the model's {} learned positions; use max_seq_length ≤ {}",
                 b.seq, cfg.max_position_embeddings, cfg.max_position_embeddings
             )));
         }

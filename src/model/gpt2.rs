@@ -12,6 +12,26 @@ use crate::error::Result;
 use crate::gbi::Gbi;
 use crate::lora::BlockLora;
 
+/// What lema asks of GPT-2 outside the model ([`super::family`]).
+pub static FAMILY: super::family::Family = super::family::Family {
+    conv1d_weights: true,
+    learned_positions: true,
+    mlp_matrices: 2,
+    default_lora_targets: &["c_attn"],
+    describe_sizes: |c| {
+        format!(
+            "vocab_size = {}, n_embd = {}, n_inner = {}, n_layer = {}, n_head = {}, \
+             n_positions = {}",
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.max_position_embeddings
+        )
+    },
+};
+
 /// A GPT-2 model.
 #[derive(Clone, Debug)]
 pub struct Gpt2 {

@@ -13,6 +13,28 @@ use crate::error::{Error, Result};
 use crate::gbi::Gbi;
 use crate::lora::BlockLora;
 
+/// What lema asks of the Llama family outside the model ([`super::family`]).
+pub static FAMILY: super::family::Family = super::family::Family {
+    conv1d_weights: false,
+    learned_positions: false,
+    mlp_matrices: 3,
+    default_lora_targets: &["q_proj", "v_proj"],
+    describe_sizes: |c| {
+        format!(
+            "vocab_size = {}, hidden_size = {}, intermediate_size = {}, \
+             num_hidden_layers = {}, num_attention_heads = {}, num_key_value_heads = {}, \
+             head_dim = {}",
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim
+        )
+    },
+};
+
 /// A Llama-family model.
 #[derive(Clone, Debug)]
 pub struct Llama {

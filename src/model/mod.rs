@@ -2,6 +2,7 @@
 //! composed from backend ops. Adding an architecture means adding one file here and one
 //! arm to [`Model`]; the trainer never looks inside.
 
+pub mod family;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
