@@ -5,10 +5,9 @@
 
 mod common;
 
-use lema::backend::DType;
-use lema::bench::{preset, write_random_model};
+use lema::bench::preset;
 use lema::dataset::{BadLinePolicy, DataOptions, load_file};
-use lema::tokenizer::{PIECE_BYTES, Tokenizer, write_byte_level_tokenizer};
+use lema::tokenizer::{PIECE_BYTES, Tokenizer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -138,32 +137,21 @@ fn smollm2_data_files_keep_what_whole_text_tokenization_keeps() {
 /// A folder with a tiny random Llama (vocabulary: 256 bytes + 3 special tokens) and a
 /// byte-level tokenizer, and a JSONL file of `n` short records (one micro-batch each, unpacked).
 struct Setup {
-    dir: tempfile::TempDir,
+    tiny: common::tiny::Tiny,
 }
 
 impl Setup {
     fn new(n: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut shape = preset("tiny").unwrap();
-        shape.vocab = 272;
-        shape.layers = 2;
-        write_random_model(&dir.path().join("model"), &shape, DType::F32, 11, 0.5).unwrap();
-        write_byte_level_tokenizer(
-            &dir.path().join("model"),
-            &["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-            Some("<|endoftext|>"),
-            None,
-        )
-        .unwrap();
+        let tiny = common::tiny::Tiny::new(None);
         let lines: Vec<String> = (0..n)
             .map(|i| format!(r#"{{"prompt": "Q{i}? ", "completion": "yes"}}"#))
             .collect();
-        std::fs::write(dir.path().join("d.jsonl"), lines.join("\n")).unwrap();
-        Setup { dir }
+        tiny.write("d.jsonl", &lines.join("\n"));
+        Setup { tiny }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        self.tiny.path(rel)
     }
 
     /// `lema ARGS` in the folder, under a 4 GiB address-space limit when `limit_memory`:
@@ -183,7 +171,7 @@ impl Setup {
             c
         };
         let t = Instant::now();
-        let out = cmd.current_dir(self.dir.path()).output().unwrap();
+        let out = cmd.current_dir(self.tiny.dir.path()).output().unwrap();
         (out, t.elapsed())
     }
 

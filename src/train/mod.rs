@@ -433,6 +433,11 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     // a GGUF, a pickle, a folder to prepare: say so before the tokenizer is looked for
     crate::modelfile::weights_file(model)?;
 
+    // what the data files are: compared on resume, recorded in every checkpoint (each file
+    // is read whole once)
+    let data_fingerprint = file_fingerprint(data_path)?;
+    let eval_fingerprint = cfg.eval_data.as_deref().map(file_fingerprint).transpose()?;
+
     // a resume must continue the same computation
     let resumed = match resume {
         Some(dir) => {
@@ -448,20 +453,18 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
                     dir.display()
                 ));
             }
-            let fp = file_fingerprint(data_path)?;
-            if fp != rs.data_fingerprint {
+            if data_fingerprint != rs.data_fingerprint {
                 diffs.push(format!(
-                    "data ({}): checkpoint {}, now {fp}",
+                    "data ({}): checkpoint {}, now {data_fingerprint}",
                     data_path.display(),
                     rs.data_fingerprint
                 ));
             }
-            let efp = cfg.eval_data.as_deref().map(file_fingerprint).transpose()?;
-            if efp != rs.eval_fingerprint {
+            if eval_fingerprint != rs.eval_fingerprint {
                 diffs.push(format!(
                     "eval_data: checkpoint {}, now {}",
                     rs.eval_fingerprint.as_deref().unwrap_or("none"),
-                    efp.as_deref().unwrap_or("none")
+                    eval_fingerprint.as_deref().unwrap_or("none")
                 ));
             }
             if !diffs.is_empty() {
@@ -492,8 +495,6 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
         (cfg.warmup_ratio * total as f64).ceil() as u64
     };
     let schedule = Schedule::new(cfg.lr_scheduler, cfg.learning_rate, warmup, total)?;
-    let data_fingerprint = file_fingerprint(data_path)?;
-    let eval_fingerprint = cfg.eval_data.as_deref().map(file_fingerprint).transpose()?;
 
     // the model and optimizer
     let lcfg = lema_config(cfg, model);
