@@ -50,6 +50,10 @@ pub enum Error {
     /// Training produced a non-finite value.
     #[error("{0}")]
     NonFinite(String),
+    /// The caller asked the work to stop (Ctrl-C in the Python bindings) before it
+    /// changed any parameter.
+    #[error("interrupted before the parameters were updated")]
+    Interrupted,
 }
 
 impl Error {

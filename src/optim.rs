@@ -232,9 +232,17 @@ impl<B: Backend> Optimizer<B> {
     }
 }
 
+/// `x *= alpha`, keeping `x` where it is (its memory may be shared, e.g. with torch
+/// through DLPack): through a temporary, since axpy reads and writes different buffers.
+pub fn scale_in_place<B: Backend>(be: &B, x: &mut B::Buf, alpha: f32) -> Result<()> {
+    let mut tmp = be.uninit(crate::backend::DeviceBuf::len(x))?;
+    be.axpy(&mut tmp, alpha, x, Accumulate::Overwrite)?;
+    be.axpy(x, 1.0, &tmp, Accumulate::Overwrite)
+}
+
 /// Global L2 norm of all gradients; when `max_norm` is given and exceeded, scale every
 /// gradient by `max_norm / (norm + 1e-6)` as `torch.nn.utils.clip_grad_norm_` does.
-/// Returns the norm before clipping.
+/// Returns the norm before clipping. The buffers stay where they are.
 pub fn clip_grad_norm<B: Backend>(
     be: &B,
     params: &mut LoraParams<B>,
@@ -250,14 +258,7 @@ pub fn clip_grad_norm<B: Backend>(
         let coef = max as f64 / (norm + 1e-6);
         if coef < 1.0 {
             for (_, _, g) in params.named_params_mut() {
-                let mut scaled = be.uninit(crate::backend::DeviceBuf::len(g))?;
-                be.axpy(
-                    &mut scaled,
-                    coef as f32,
-                    g,
-                    crate::backend::Accumulate::Overwrite,
-                )?;
-                *g = scaled;
+                scale_in_place(be, g, coef as f32)?;
             }
         }
     }

@@ -13,6 +13,7 @@ use crate::optim::{Optimizer, OptimizerConfig, clip_grad_norm};
 use crate::rng::mix_seed;
 use crate::stream::{Part, WeightStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What one optimizer step reports.
 #[derive(Clone, Debug, Default)]
@@ -49,6 +50,18 @@ pub struct Engine<B: Backend> {
     pub offload_optimizer: bool,
     /// Base of the dropout seeds.
     pub seed: u64,
+    /// When set and raised, a forward or backward stops at the next block with
+    /// [`Error::Interrupted`], before any parameter changes (the Python bindings raise it
+    /// on Ctrl-C).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// Gradients accumulated over micro-batches that arrive one call at a time
+/// ([`Engine::accumulate`]): the counted tokens and micro-batches so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accumulation {
+    pub tokens: usize,
+    pub micro_batches: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -87,8 +100,10 @@ impl<B: Backend> Engine<B> {
             activation_prefetch: 1,
             offload_optimizer: false,
             seed,
+            cancel: None,
         }
     }
+
 
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let cfg = self.model.config();
@@ -173,6 +188,7 @@ impl<B: Backend> Engine<B> {
             } else {
                 Part::Head
             };
+            check_cancel(self.cancel.as_deref())?;
             let w = self.stream.get(be, Part::Block(i), Some(next))?;
             let bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let (y, sv) = self
@@ -226,6 +242,7 @@ impl<B: Backend> Engine<B> {
         be.profile_phase("backward");
 
         for i in (0..layers).rev() {
+            check_cancel(self.cancel.as_deref())?;
             let next = i.checked_sub(1).map(Part::Block);
             let w = self.stream.get(be, Part::Block(i), next)?;
             let x = match hs.pop() {
@@ -272,24 +289,15 @@ impl<B: Backend> Engine<B> {
         }
         let total: usize = micro.iter().map(Batch::counted_tokens).sum();
         if total == 0 {
-            return Err(Error::config(
-                "the batch has no counted tokens (every label is -100 or sequences have length 1)",
-            ));
+            return Err(Error::config(NO_COUNTED_TOKENS));
         }
         let step = self.optimizer.as_ref().map_or(0, |o| o.step);
-        let lora = need_lora(&mut self.lora)?;
-        lora.zero_grads(&self.be)?;
+        let mut acc = Accumulation::default();
         let mut sum = 0.0;
         let mut logits = None;
-        for (k, b) in micro.iter().enumerate() {
-            let seed = mix_seed(&[self.seed, step, k as u64]);
-            let (l, lg) = self.forward_backward(
-                b,
-                1.0 / total as f32,
-                true,
-                want_logits && micro.len() == 1,
-                seed,
-            )?;
+        for b in micro {
+            let want = want_logits && micro.len() == 1;
+            let (l, lg) = self.accumulate_into(&mut acc, b, step, Some(total), want)?;
             sum += l.sum;
             logits = lg;
         }
@@ -300,10 +308,78 @@ impl<B: Backend> Engine<B> {
                 step + 1
             )));
         }
-        let lora = self
-            .lora
-            .as_mut()
-            .ok_or_else(|| Error::config("internal: lora"))?;
+        let grad_norm = self.clip_gradients(&acc, max_grad_norm, step)?;
+        self.optimizer_update(lr)?;
+        Ok(StepOutput {
+            loss,
+            tokens: total,
+            grad_norm,
+            logits,
+        })
+    }
+
+    /// Add the gradients of one more micro-batch of optimizer step `step` to those in
+    /// the LoRA gradient buffers, for callers that get micro-batches one call at a time
+    /// (the Python API). Afterwards the buffers hold the gradient of the mean loss over
+    /// every counted token of the micro-batches in `acc`, as [`Engine::train_step`] over
+    /// them would: the first micro-batch overwrites the buffers, each later one first
+    /// scales them by T/(T+t) (T tokens so far, t in this batch) and adds its own
+    /// gradient at 1/(T+t). Dropout masks are those of `train_step`. Returns the
+    /// batch's loss sum and count (and logits when asked for). The buffers stay where
+    /// they are, so memory shared with another library sees the gradients. After an
+    /// error the buffers hold a partial gradient: start a fresh [`Accumulation`].
+    pub fn accumulate(
+        &mut self,
+        acc: &mut Accumulation,
+        batch: &Batch,
+        step: u64,
+        want_logits: bool,
+    ) -> Result<(LossSum, Option<Vec<f32>>)> {
+        self.accumulate_into(acc, batch, step, None, want_logits)
+    }
+
+    /// [`Engine::accumulate`]; with `total` (the counted tokens of the whole step, when
+    /// known in advance) every micro-batch is scaled by 1/total and nothing is rescaled.
+    fn accumulate_into(
+        &mut self,
+        acc: &mut Accumulation,
+        batch: &Batch,
+        step: u64,
+        total: Option<usize>,
+        want_logits: bool,
+    ) -> Result<(LossSum, Option<Vec<f32>>)> {
+        let t = batch.counted_tokens();
+        let all = total.unwrap_or(acc.tokens + t);
+        let lora = need_lora(&mut self.lora)?;
+        if acc.micro_batches == 0 {
+            lora.zero_grads(&self.be)?;
+        } else if total.is_none() && acc.tokens > 0 && t > 0 {
+            let keep = acc.tokens as f32 / all as f32;
+            for (_, _, g) in lora.named_params_mut() {
+                crate::optim::scale_in_place(&self.be, g, keep)?;
+            }
+        }
+        let seed = mix_seed(&[self.seed, step, acc.micro_batches]);
+        let scale = if all == 0 { 0.0 } else { 1.0 / all as f32 };
+        let out = self.forward_backward(batch, scale, true, want_logits, seed)?;
+        acc.tokens += t;
+        acc.micro_batches += 1;
+        Ok(out)
+    }
+
+    /// Clip the accumulated gradients to the global norm `max_grad_norm` in place (None:
+    /// no clipping) and return their norm before clipping. Fails when nothing was
+    /// counted or the norm is not finite (step `step` + 1 in the message).
+    pub fn clip_gradients(
+        &mut self,
+        acc: &Accumulation,
+        max_grad_norm: Option<f32>,
+        step: u64,
+    ) -> Result<f64> {
+        if acc.tokens == 0 {
+            return Err(Error::config(NO_COUNTED_TOKENS));
+        }
+        let lora = need_lora(&mut self.lora)?;
         self.be.profile_phase("optimizer");
         let grad_norm = clip_grad_norm(&self.be, lora, max_grad_norm)?;
         if !grad_norm.is_finite() {
@@ -312,18 +388,18 @@ impl<B: Backend> Engine<B> {
                 step + 1
             )));
         }
-        let opt = self
-            .optimizer
-            .as_mut()
-            .ok_or_else(|| Error::config("internal: optimizer"))?;
+        Ok(grad_norm)
+    }
+
+    /// One update of the engine's own optimizer from the gradient buffers, at `lr` (None:
+    /// the optimizer's).
+    pub fn optimizer_update(&mut self, lr: Option<f32>) -> Result<()> {
+        let lora = need_lora(&mut self.lora)?;
+        let opt = self.optimizer.as_mut().ok_or_else(|| {
+            Error::config("no optimizer: build a Trainer with an optimizer config first")
+        })?;
         let lr = lr.unwrap_or_else(|| opt.cfg.lr());
-        opt.update(&self.be, lora, lr)?;
-        Ok(StepOutput {
-            loss,
-            tokens: total,
-            grad_norm,
-            logits,
-        })
+        opt.update(&self.be, lora, lr)
     }
 
     /// Loss (sum and count) of a batch without gradients.
@@ -345,6 +421,17 @@ impl<B: Backend> Engine<B> {
             .ok_or_else(|| Error::config("initialise LoRA before creating the optimizer"))?;
         self.optimizer = Some(Optimizer::new(be, cfg, lora, self.offload_optimizer)?);
         Ok(())
+    }
+}
+
+const NO_COUNTED_TOKENS: &str =
+    "the batch has no counted tokens (every label is -100 or sequences have length 1)";
+
+/// [`Error::Interrupted`] when the flag of [`Engine::cancel`] is raised.
+fn check_cancel(cancel: Option<&AtomicBool>) -> Result<()> {
+    match cancel {
+        Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),
+        _ => Ok(()),
     }
 }
 

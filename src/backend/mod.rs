@@ -328,6 +328,10 @@ pub trait DeviceBuf: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Address of the first element, for sharing the memory with another library
+    /// (DLPack): a host address on the CPU, a device address on CUDA. It stays valid
+    /// while the buffer lives; ops write into a buffer in place and never move it.
+    fn address(&self) -> usize;
 }
 
 /// A compute device: owns memory and runs the fused ops. Every op checks that its buffers

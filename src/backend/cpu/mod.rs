@@ -113,6 +113,9 @@ impl<T: Send + Sync> DeviceBuf for CpuBuf<T> {
     fn len(&self) -> usize {
         self.0.len()
     }
+    fn address(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
 }
 
 /// The CPU backend, computing in `T` (`f32` by default, `f64` for reference tests).

@@ -135,6 +135,17 @@ impl DeviceBuf for CudaBuf {
     fn len(&self) -> usize {
         self.len
     }
+    fn address(&self) -> usize {
+        self.ptr() as usize
+    }
+}
+
+/// A `CUstream` handle from another library, with DLPack's special values: 0 (no
+/// stream given) and 1 mean the legacy default stream, 2 the per-thread default stream.
+fn foreign_stream(stream: u64) -> cudarc::driver::sys::CUstream {
+    let legacy = 0x1usize; // CU_STREAM_LEGACY
+    let handle = if stream == 0 { legacy } else { stream as usize };
+    handle as cudarc::driver::sys::CUstream
 }
 
 /// The CUDA backend: one GPU, one compute stream, one cuBLAS handle bound to it.
@@ -176,6 +187,49 @@ impl CudaBackend {
     /// made with [`CudaOptions::profile`]; waits for the queued work. `None` otherwise.
     pub fn profile_take(&self) -> Result<Option<Vec<ProfileLine>>> {
         self.dev.profiler.as_ref().map(|p| p.take()).transpose()
+    }
+
+    /// Make the work queued from now on on `stream` (a stream of this device's primary
+    /// context, such as torch's current stream) wait for the work queued so far on the
+    /// compute stream: one event, not a device-wide synchronisation. `stream` is a
+    /// `CUstream` handle; 0 and 1 name the legacy default stream, 2 the per-thread one
+    /// (DLPack's conventions).
+    pub fn order_before(&self, stream: u64) -> Result<()> {
+        self.join_streams("order_before", self.dev.stream.cu_stream(), foreign_stream(stream))
+    }
+
+    /// Make the work queued from now on on the compute stream wait for the work queued
+    /// so far on `stream` (as in [`CudaBackend::order_before`]).
+    pub fn order_after(&self, stream: u64) -> Result<()> {
+        self.join_streams("order_after", foreign_stream(stream), self.dev.stream.cu_stream())
+    }
+
+    /// `waiter` waits for what `first` has queued so far.
+    fn join_streams(
+        &self,
+        op: &'static str,
+        first: cudarc::driver::sys::CUstream,
+        waiter: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        self.dev.bind(op)?;
+        let check = |r: sys::CUresult| match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            e => Err(device::driver_err(op, cudarc::driver::DriverError(e))),
+        };
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: plain driver calls on handles of the bound context; the event is
+        // destroyed once the wait is queued (the driver keeps it until it completes).
+        unsafe {
+            check(sys::cuEventCreate(
+                &mut ev,
+                sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+            ))?;
+            let r = check(sys::cuEventRecord(ev, first))
+                .and_then(|()| check(sys::cuStreamWaitEvent(waiter, ev, 0)));
+            let destroyed = check(sys::cuEventDestroy_v2(ev));
+            r.and(destroyed)
+        }
     }
 
     /// The GPU's name as the driver reports it.

@@ -192,6 +192,10 @@ macro_rules! with_engine {
     };
 }
 
+// after the macro, which it uses
+mod interop;
+pub use interop::{Memory, SharedTensor};
+
 /// The CUDA backend's options for `config`: its `dtype` (when set) is the storage type of
 /// frozen weights that the file stores as F32.
 fn cuda_options(config: &LemaConfig) -> CudaOptions {
@@ -547,7 +551,10 @@ pub struct TrainerState {
     pub format: String,
     /// Optimizer steps done.
     pub step: u64,
-    pub optimizer: OptimizerConfig,
+    /// The engine's optimizer; None when the parameters were updated by an optimizer
+    /// outside the engine (a torch optimizer through the Python API), whose state the
+    /// checkpoint holds in files of its own.
+    pub optimizer: Option<OptimizerConfig>,
     pub max_grad_norm: Option<f32>,
     pub config: LemaConfig,
     /// What identifies the base model: file size, config.json contents and the content
@@ -557,7 +564,7 @@ pub struct TrainerState {
     pub extra: serde_json::Value,
 }
 
-const STATE_FORMAT: &str = "lema-trainer-state-1";
+pub(crate) const STATE_FORMAT: &str = "lema-trainer-state-1";
 
 /// Key of the content fingerprint in [`TrainerState::model_fingerprint`].
 const CONTENT_KEY: &str = "content";
@@ -681,31 +688,9 @@ impl Trainer {
     /// model is identified by the file this model maps (its size, content fingerprint
     /// and config.json), even if the path names another file now.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let config = self.model.config.clone();
-        let fp = self.model.base_fingerprint()?;
-        let base = checkpoint::base_model_id(&config.model_path, &config.config_json());
-        let max_grad_norm = self.max_grad_norm;
         let extra = self.extra_state.clone();
-        with_engine!(&self.model.engine, e => {
-            let lora = e.lora.as_ref().ok_or_else(|| Error::config("LoRA is not initialised"))?;
-            let opt = e.optimizer.as_ref().ok_or_else(|| Error::config("no optimizer"))?;
-            let arch = e.model.config().arch;
-            checkpoint::write_dir_atomically(dir, |tmp| {
-                checkpoint::write_adapter(&e.be, lora, arch, Some(&base), tmp)?;
-                checkpoint::write_optimizer(&e.be, lora, opt, tmp)?;
-                let state = TrainerState {
-                    format: STATE_FORMAT.into(),
-                    step: opt.step,
-                    optimizer: opt.cfg.clone(),
-                    max_grad_norm,
-                    config,
-                    model_fingerprint: fp,
-                    extra,
-                };
-                let v = serde_json::to_value(&state).map_err(|e| Error::config(e.to_string()))?;
-                checkpoint::write_json(&tmp.join(checkpoint::TRAINER_STATE), &v)
-            })
-        })
+        self.model
+            .write_checkpoint(dir, self.step(), self.max_grad_norm, extra, &[])
     }
 
     /// Read a checkpoint's trainer state.
@@ -750,7 +735,13 @@ impl Trainer {
         }
         config.adapter_path = Some(dir.to_path_buf());
         let model = LemaModel::new(config)?;
-        let mut t = Trainer::new(model, st.optimizer.clone())?;
+        let optimizer = st.optimizer.clone().ok_or_else(|| {
+            Error::config(format!(
+                "checkpoint {} holds the state of an optimizer outside the engine (torch, through lema's Python API); resume it with LemaTrainer.load_checkpoint in Python",
+                dir.display()
+            ))
+        })?;
+        let mut t = Trainer::new(model, optimizer)?;
         t.max_grad_norm = st.max_grad_norm;
         t.extra_state = st.extra.clone();
         with_engine!(&mut t.model.engine, e => {
