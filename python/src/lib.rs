@@ -1,0 +1,50 @@
+//! `lema._lema`: the Python bindings of lema's engine. A thin layer: the numerics are
+//! the library's; this crate turns Python values into the library's types and back,
+//! shares LoRA memory through DLPack ([`dlpack`]), releases the GIL for engine work and
+//! lets Ctrl-C stop it ([`interrupt`]), and maps errors to Python exceptions
+//! ([`errors`]). The pure-Python package beside it (python/lema/) holds the seed's API.
+
+mod dlpack;
+mod engine;
+mod errors;
+mod interrupt;
+mod tensors;
+mod tokenizer;
+
+use pyo3::prelude::*;
+use std::path::PathBuf;
+
+/// `lema prepare`: a Hugging Face model folder, or a GGUF file, into the monolithic
+/// safetensors file training reads (config and tokenizer beside it). Returns the report.
+#[pyfunction]
+#[pyo3(signature = (src, out, dtype=None, progress=true))]
+fn prepare(py: Python<'_>, src: PathBuf, out: PathBuf, dtype: Option<String>, progress: bool) -> PyResult<String> {
+    interrupt::detached(py, move || {
+        let dtype = dtype.as_deref().map(str::parse::<lema::backend::DType>).transpose()?;
+        let dir = lema::import::OutputPaths::of(&out).dir;
+        lema::fsutil::clean_stale_temporaries(&dir)?;
+        Ok(lema::import::prepare(&src, &out, dtype, progress)?.to_string())
+    })
+}
+
+/// Whether CUDA can be used, and why not when it cannot.
+#[pyfunction]
+fn cuda_status() -> (bool, Option<String>) {
+    match lema::backend::cuda::probe(0) {
+        Ok(()) => (true, None),
+        Err(why) => (false, Some(why)),
+    }
+}
+
+#[pymodule]
+fn _lema(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<dlpack::Buffer>()?;
+    m.add_class::<tokenizer::Tokenizer>()?;
+    m.add_function(wrap_pyfunction!(prepare, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(tensors::save_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(tensors::load_safetensors, m)?)?;
+    Ok(())
+}
