@@ -27,6 +27,31 @@ fn prepare(py: Python<'_>, src: PathBuf, out: PathBuf, dtype: Option<String>, pr
     })
 }
 
+/// A random-init model of `lema bench`'s shape `shape` (e.g. "tiny", "llama2-7b") with a
+/// byte-level tokenizer, in folder `dir` (model.safetensors, config.json, tokenizer):
+/// for tests and benchmarks. Returns the weights file.
+#[pyfunction]
+#[pyo3(signature = (dir, shape="tiny", vocab=None, layers=None, dtype="f32", seed=11))]
+fn write_random_model(
+    py: Python<'_>,
+    dir: PathBuf,
+    shape: &str,
+    vocab: Option<usize>,
+    layers: Option<usize>,
+    dtype: &str,
+    seed: u64,
+) -> PyResult<PathBuf> {
+    let (shape, dtype) = (shape.to_string(), dtype.to_string());
+    interrupt::detached(py, move || {
+        let mut s = lema::bench::preset(&shape)?;
+        s.vocab = vocab.unwrap_or(s.vocab);
+        s.layers = layers.unwrap_or(s.layers);
+        let file = lema::bench::write_random_model(&dir, &s, dtype.parse()?, seed, 0.5)?;
+        lema::tokenizer::write_byte_level_tokenizer(&dir, &["<|endoftext|>"], Some("<|endoftext|>"), None)?;
+        Ok(file)
+    })
+}
+
 /// Whether CUDA can be used, and why not when it cannot.
 #[pyfunction]
 fn cuda_status() -> (bool, Option<String>) {
@@ -44,6 +69,7 @@ fn _lema(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::Tokenizer>()?;
     m.add_function(wrap_pyfunction!(prepare, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(write_random_model, m)?)?;
     m.add_function(wrap_pyfunction!(tensors::save_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(tensors::load_safetensors, m)?)?;
     Ok(())
