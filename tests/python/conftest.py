@@ -70,3 +70,12 @@ def batches(n: int, b: int = 2, t: int = 16, vocab: int = 272, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=(b, t), dtype=np.int64) for _ in range(n)]
+
+
+def pytest_runtest_logreport(report):
+    """List every skip in scripts/test's summary (LEMA_TEST_SKIPS), as the Rust tests do."""
+    path = os.environ.get("LEMA_TEST_SKIPS")
+    if path and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"tests/python/{report.nodeid}: {reason}\n")
