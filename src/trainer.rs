@@ -104,7 +104,6 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let cfg = self.model.config();
         if crate::model::family::family(cfg.arch).learned_positions

@@ -177,7 +177,11 @@ impl Buffer {
                     flags: 0,
                     dl_tensor,
                 }));
-                ffi::PyCapsule_New(m as *mut c_void, VERSIONED_NAME.as_ptr(), Some(destroy_versioned))
+                ffi::PyCapsule_New(
+                    m as *mut c_void,
+                    VERSIONED_NAME.as_ptr(),
+                    Some(destroy_versioned),
+                )
             } else {
                 let m = Box::into_raw(Box::new(DLManagedTensor {
                     dl_tensor,

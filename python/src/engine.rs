@@ -36,6 +36,9 @@ pub struct Engine {
     acc: Accumulation,
 }
 
+/// (PEFT key, shape, master, gradient)
+type SharedPair = (String, (usize, usize), Buffer, Buffer);
+
 /// (loss sum, counted tokens, logits as float32 bytes or None)
 type LossOut = (f64, usize, Option<Py<PyBytes>>);
 
@@ -74,15 +77,20 @@ fn ids_of(bytes: &[u8], what: &str) -> PyResult<Vec<u32>> {
         .into_iter()
         .map(|v| {
             u32::try_from(v).map_err(|_| {
-                PyValueError::new_err(format!("{what} holds {v}, which is not a token id (ids are 0 or more)"))
+                PyValueError::new_err(format!(
+                    "{what} holds {v}, which is not a token id (ids are 0 or more)"
+                ))
             })
         })
         .collect()
 }
 
 fn int64s(bytes: &[u8], what: &str) -> PyResult<Vec<i64>> {
-    if bytes.len() % 8 != 0 {
-        return Err(PyValueError::new_err(format!("{what}: {} bytes is not a whole number of int64 values", bytes.len())));
+    if !bytes.len().is_multiple_of(8) {
+        return Err(PyValueError::new_err(format!(
+            "{what}: {} bytes is not a whole number of int64 values",
+            bytes.len()
+        )));
     }
     Ok(bytes
         .chunks_exact(8)
@@ -97,7 +105,11 @@ fn batch_of(ids: &[u8], labels: Option<&[u8]>, batch: usize, seq: usize) -> PyRe
         Some(l) => int64s(l, "labels")?
             .into_iter()
             .map(|v| {
-                i32::try_from(v).map_err(|_| PyValueError::new_err(format!("labels hold {v}, which is not a token id or -100")))
+                i32::try_from(v).map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "labels hold {v}, which is not a token id or -100"
+                    ))
+                })
             })
             .collect::<PyResult<Vec<i32>>>()?,
     };
@@ -138,7 +150,14 @@ impl Engine {
     /// "cpu" or "cuda".
     #[getter]
     fn device(&self, py: Python<'_>) -> PyResult<String> {
-        self.with(py, |m| Ok(if m.device() == lema::Device::Cuda { "cuda" } else { "cpu" }.to_string()))
+        self.with(py, |m| {
+            Ok(if m.device() == lema::Device::Cuda {
+                "cuda"
+            } else {
+                "cpu"
+            }
+            .to_string())
+        })
     }
 
     /// The GPU's or CPU's name.
@@ -155,14 +174,21 @@ impl Engine {
 
     /// The effective configuration (lema's `LemaConfig`) as JSON.
     fn config_json(&self, py: Python<'_>) -> PyResult<String> {
-        self.with(py, |m| serde_json::to_string(m.config()).map_err(|e| Error::config(e.to_string())))
+        self.with(py, |m| {
+            serde_json::to_string(m.config()).map_err(|e| Error::config(e.to_string()))
+        })
     }
 
     /// (architecture, vocabulary size, hidden size, layers, bytes of the weights file)
     fn model_summary(&self, py: Python<'_>) -> PyResult<(String, usize, usize, usize)> {
         self.with(py, |m| {
             let c = m.model_config();
-            Ok((format!("{:?}", c.arch).to_lowercase(), c.vocab_size, c.hidden_size, c.num_hidden_layers))
+            Ok((
+                format!("{:?}", c.arch).to_lowercase(),
+                c.vocab_size,
+                c.hidden_size,
+                c.num_hidden_layers,
+            ))
         })
     }
 
@@ -186,7 +212,7 @@ impl Engine {
 
     /// Every LoRA matrix as (PEFT key, shape, master, gradient), the last two DLPack
     /// buffers of engine memory.
-    fn buffers(&self, py: Python<'_>) -> PyResult<Vec<(String, (usize, usize), Buffer, Buffer)>> {
+    fn buffers(&self, py: Python<'_>) -> PyResult<Vec<SharedPair>> {
         let shared = self.shared()?.clone();
         let (tensors, memory) = self.with(py, |m| Ok((m.shared_tensors()?, m.memory())))?;
         let cuda = match memory {
@@ -203,7 +229,12 @@ impl Engine {
                     shape: t.shape,
                     cuda,
                 };
-                (t.name.clone(), (t.shape[0], t.shape[1]), buf(t.param), buf(t.grad))
+                (
+                    t.name.clone(),
+                    (t.shape[0], t.shape[1]),
+                    buf(t.param),
+                    buf(t.grad),
+                )
             })
             .collect())
     }
@@ -263,7 +294,13 @@ impl Engine {
     /// Clip the accumulated gradients in place to global norm `max_norm` (None: only
     /// measure); returns the norm before clipping.
     #[pyo3(signature = (max_norm, step, stream=None))]
-    fn clip(&self, py: Python<'_>, max_norm: Option<f32>, step: u64, stream: Option<u64>) -> PyResult<f64> {
+    fn clip(
+        &self,
+        py: Python<'_>,
+        max_norm: Option<f32>,
+        step: u64,
+        stream: Option<u64>,
+    ) -> PyResult<f64> {
         let acc = self.acc;
         self.with(py, move |m| {
             let n = m.clip_gradients(&acc, max_norm, step)?;
@@ -357,7 +394,9 @@ impl Engine {
     ) -> PyResult<()> {
         let extra: serde_json::Value =
             serde_json::from_str(extra_json).map_err(|e| json_err("trainer state", e))?;
-        self.with(py, move |m| m.write_checkpoint(&dir, step, max_grad_norm, extra, &files))
+        self.with(py, move |m| {
+            m.write_checkpoint(&dir, step, max_grad_norm, extra, &files)
+        })
     }
 
     /// Load a checkpoint's adapter (and engine optimizer state) in place; returns its

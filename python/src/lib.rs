@@ -18,9 +18,18 @@ use std::path::PathBuf;
 /// safetensors file training reads (config and tokenizer beside it). Returns the report.
 #[pyfunction]
 #[pyo3(signature = (src, out, dtype=None, progress=true))]
-fn prepare(py: Python<'_>, src: PathBuf, out: PathBuf, dtype: Option<String>, progress: bool) -> PyResult<String> {
+fn prepare(
+    py: Python<'_>,
+    src: PathBuf,
+    out: PathBuf,
+    dtype: Option<String>,
+    progress: bool,
+) -> PyResult<String> {
     interrupt::detached(py, move || {
-        let dtype = dtype.as_deref().map(str::parse::<lema::backend::DType>).transpose()?;
+        let dtype = dtype
+            .as_deref()
+            .map(str::parse::<lema::backend::DType>)
+            .transpose()?;
         let dir = lema::import::OutputPaths::of(&out).dir;
         lema::fsutil::clean_stale_temporaries(&dir)?;
         Ok(lema::import::prepare(&src, &out, dtype, progress)?.to_string())
@@ -47,7 +56,12 @@ fn write_random_model(
         s.vocab = vocab.unwrap_or(s.vocab);
         s.layers = layers.unwrap_or(s.layers);
         let file = lema::bench::write_random_model(&dir, &s, dtype.parse()?, seed, 0.5)?;
-        lema::tokenizer::write_byte_level_tokenizer(&dir, &["<|endoftext|>"], Some("<|endoftext|>"), None)?;
+        lema::tokenizer::write_byte_level_tokenizer(
+            &dir,
+            &["<|endoftext|>"],
+            Some("<|endoftext|>"),
+            None,
+        )?;
         Ok(file)
     })
 }

@@ -56,14 +56,24 @@ pub fn load_safetensors(
 ) -> PyResult<(Vec<RawTensor>, std::collections::HashMap<String, String>)> {
     let data = std::fs::read(&path).map_err(|e| crate::errors::to_py(lema::Error::io(&path, e)))?;
     let bad = |e: safetensors::SafeTensorError| {
-        PyValueError::new_err(format!("{}: not a readable safetensors file: {e}", path.display()))
+        PyValueError::new_err(format!(
+            "{}: not a readable safetensors file: {e}",
+            path.display()
+        ))
     };
     let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(bad)?;
     let st = safetensors::SafeTensors::deserialize(&data).map_err(bad)?;
     let mut out: Vec<RawTensor> = st
         .tensors()
         .into_iter()
-        .map(|(name, t)| (name, format!("{:?}", t.dtype()), t.shape().to_vec(), t.data().to_vec()))
+        .map(|(name, t)| {
+            (
+                name,
+                format!("{:?}", t.dtype()),
+                t.shape().to_vec(),
+                t.data().to_vec(),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((out, meta.metadata().clone().unwrap_or_default()))

@@ -174,8 +174,15 @@ impl LemaModel {
         files: &[(String, Vec<u8>)],
     ) -> Result<()> {
         for (name, _) in files {
-            let plain = Path::new(name).file_name().is_some_and(|f| f == name.as_str());
-            let taken = [checkpoint::TRAINER_STATE, checkpoint::ADAPTER_CONFIG, checkpoint::ADAPTER_WEIGHTS, checkpoint::OPTIMIZER_STATE];
+            let plain = Path::new(name)
+                .file_name()
+                .is_some_and(|f| f == name.as_str());
+            let taken = [
+                checkpoint::TRAINER_STATE,
+                checkpoint::ADAPTER_CONFIG,
+                checkpoint::ADAPTER_WEIGHTS,
+                checkpoint::OPTIMIZER_STATE,
+            ];
             if !plain || taken.contains(&name.as_str()) {
                 return Err(Error::config(format!(
                     "checkpoint file name '{name}' must be a plain file name other than {}",

@@ -195,13 +195,21 @@ impl CudaBackend {
     /// `CUstream` handle; 0 and 1 name the legacy default stream, 2 the per-thread one
     /// (DLPack's conventions).
     pub fn order_before(&self, stream: u64) -> Result<()> {
-        self.join_streams("order_before", self.dev.stream.cu_stream(), foreign_stream(stream))
+        self.join_streams(
+            "order_before",
+            self.dev.stream.cu_stream(),
+            foreign_stream(stream),
+        )
     }
 
     /// Make the work queued from now on on the compute stream wait for the work queued
     /// so far on `stream` (as in [`CudaBackend::order_before`]).
     pub fn order_after(&self, stream: u64) -> Result<()> {
-        self.join_streams("order_after", foreign_stream(stream), self.dev.stream.cu_stream())
+        self.join_streams(
+            "order_after",
+            foreign_stream(stream),
+            self.dev.stream.cu_stream(),
+        )
     }
 
     /// `waiter` waits for what `first` has queued so far.
