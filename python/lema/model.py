@@ -3,7 +3,6 @@ adapters whose masters and gradients are engine memory shared with torch or nump
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -217,6 +216,3 @@ class LemaModel:
         state = "closed" if self._engine.closed else self.device
         return f"LemaModel({self.config.gbi_path or self.config.model_name_or_path}, {state})"
 
-
-def _json(s: str) -> Any:
-    return json.loads(s)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GGUF, need
+from conftest import GGUF
 
 
 def test_guide_examples_verbatim(smollm2_dir, tmp_path, device, monkeypatch):
@@ -78,7 +78,6 @@ def test_guide_examples_verbatim(smollm2_dir, tmp_path, device, monkeypatch):
 def test_reload_with_from_pretrained(smollm2_dir, tmp_path, device):
     from lema import LemaConfig, LemaModel
 
-    need(True, "")
     cfg = LemaConfig(gbi_path=str(smollm2_dir / "model.safetensors"), lora_rank=8, device=device)
     ids = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     with LemaModel(cfg) as m:
