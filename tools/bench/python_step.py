@@ -63,6 +63,12 @@ def main() -> None:
     report = {"device": model._engine.device_name, "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq,
               "step_seconds_median": statistics.median(times), "step_seconds_all": times,
               "peak_vram_bytes": peak, "loss": loss}
+    if a.optimizer == "torch":
+        # what torch itself allocated (its AdamW moments and foreach temporaries), apart from
+        # the engine's pool and the CUDA context
+        report["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        report["torch_optimizer_state_bytes"] = sum(
+            t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     print(json.dumps(report))
     if a.json:
         with open(a.json, "w") as f:
