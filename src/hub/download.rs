@@ -61,6 +61,9 @@ fn download_blob(
     progress: bool,
 ) -> Result<()> {
     let subject = format!("{} {file}", id.display());
+    if let Some(dir) = part.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut have = std::fs::metadata(part).map_or(0, |m| m.len());
     if have > meta.size {
         remove(part)?;
@@ -100,6 +103,7 @@ fn download_blob(
         }
         let mut out = std::fs::OpenOptions::new()
             .create(true)
+            .append(have > 0)
             .write(true)
             .truncate(have == 0)
             .open(part)
@@ -132,6 +136,23 @@ fn download_blob(
                      {}: run the command again to resume from there",
                     meta.size,
                     part.display()
+                ),
+            ));
+        }
+        // what reached the disk, not only what was written: the checksum covers the
+        // bytes as they came, so the file must be exactly them
+        let on_disk = out.metadata().map_err(|e| Error::io(part, e))?.len();
+        if on_disk != meta.size {
+            drop(out);
+            remove(part)?;
+            return Err(Error::hub(
+                HubErrorKind::Incomplete,
+                &subject,
+                format!(
+                    "the partial file {} held {on_disk} bytes after the download, not {}; it \
+                     was removed: run the command again",
+                    part.display(),
+                    meta.size
                 ),
             ));
         }
