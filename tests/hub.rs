@@ -729,3 +729,61 @@ fn a_blob_being_written_by_another_process_is_waited_for_not_written_twice() {
     );
     assert!(tiny.path("out/model.safetensors").is_file());
 }
+
+#[test]
+fn train_and_eval_take_a_hub_id_from_a_config_file_or_a_flag() {
+    let (tiny, home, hub) = (
+        Tiny::new(None),
+        tempfile::tempdir().unwrap(),
+        MockHub::start(),
+    );
+    let commit = hub.add(REPO, "main", &repo_files(&tiny));
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"prompt": "Q{i} is? ", "completion": "yes"}}"#))
+        .collect();
+    tiny.write("d.jsonl", &(lines.join("\n") + "\n"));
+    // a config file in a subfolder: its `model`, a Hub id, is not taken as cfg/org/tiny
+    std::fs::create_dir(tiny.path("cfg")).unwrap();
+    tiny.write(
+        "cfg/train.toml",
+        "model = \"org/tiny\"\ndata = \"../d.jsonl\"\noutput_dir = \"../run\"\nmax_seq_length = 32\nbatch_size = 4\nlora_rank = 4\ndevice = \"cpu\"\nmax_steps = 2\n",
+    );
+    let (dir, url) = (tiny.dir.path(), hub.url.clone());
+    let o = lema(
+        dir,
+        home.path(),
+        &url,
+        &["train", "--config", "cfg/train.toml"],
+        &[],
+    );
+    expect_ok(&o);
+    assert!(
+        tiny.path("run/adapter/adapter_model.safetensors").is_file(),
+        "{}",
+        text(&o)
+    );
+    let prepared = home
+        .path()
+        .join("lema/prepared/models--org--tiny")
+        .join(&commit);
+    let saved = std::fs::read_to_string(tiny.path("run/config.toml")).unwrap_or_default();
+    assert!(
+        saved.contains(&prepared.display().to_string()),
+        "the run records the prepared file, so a resume needs no Hub: {saved}"
+    );
+    let o = lema(
+        dir,
+        home.path(),
+        &url,
+        &[
+            "eval", "--model", REPO, "--data", "d.jsonl", "--device", "cpu", "--json",
+        ],
+        &[],
+    );
+    expect_ok(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"loss\""),
+        "{}",
+        text(&o)
+    );
+}

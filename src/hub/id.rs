@@ -38,10 +38,10 @@ impl HubId {
             Some((r, rev)) => (r, Some(rev)),
             None => (spec, None),
         };
-        let (org, name) = repo.split_once('/')?;
-        if !is_part(org) || !is_part(name) {
+        if !is_repo_id(repo) {
             return None;
         }
+        let name = repo.split_once('/').map_or(repo, |(_, n)| n);
         let lower = name.to_ascii_lowercase();
         if FILE_ENDINGS.iter().any(|e| lower.ends_with(e)) {
             return None;
@@ -102,6 +102,13 @@ impl HubId {
 /// Whether `rev` is a 40-hex-digit commit id.
 pub fn is_commit(rev: &str) -> bool {
     rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `s` is shaped like a Hub repository id, `owner/name`, by the Hub's rules
+/// (each part letters, digits, `-`, `_`, `.`, at most 96 of them, neither starting nor
+/// ending with `.` or `-`, no `--` or `..`).
+pub fn is_repo_id(s: &str) -> bool {
+    matches!(s.split_once('/'), Some((owner, name)) if is_part(owner) && is_part(name))
 }
 
 /// An organisation or model name as the Hub allows them.
