@@ -282,12 +282,18 @@ fn gated_and_missing_repositories_say_what_to_do() {
     let (_, msg) = hub_error(download(&id(REPO), &o).unwrap_err());
     assert_has(&msg, &["does not grant"]);
     o.token = Some("hf_secret".into());
+    hub.clear_seen();
     download(&id(REPO), &o).unwrap();
+    for s in hub.seen() {
+        if s.on_cdn {
+            assert_eq!(s.auth, None, "the token went to the CDN: {s:?}");
+        } else {
+            assert_eq!(s.auth.as_deref(), Some("Bearer hf_secret"), "{s:?}");
+        }
+    }
     assert!(
-        hub.seen()
-            .iter()
-            .any(|s| s.auth.as_deref() == Some("Bearer hf_secret")),
-        "the token was sent"
+        hub.seen().iter().any(|s| s.on_cdn),
+        "the weights came from the CDN"
     );
 
     let (kind, msg) = hub_error(download(&id("org/absent"), &o).unwrap_err());

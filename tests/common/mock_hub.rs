@@ -6,7 +6,8 @@
 //! * `HEAD`/`GET /{org}/{name}/resolve/{rev}/{file}`: a small file directly (ETag: its git
 //!   blob sha1); a `.safetensors` file (an LFS file) as a 302 to `/cdn/{sha256}` with
 //!   `X-Linked-Etag`/`X-Linked-Size`; `X-Repo-Commit` on both;
-//! * `GET /cdn/{sha256}`, with `Range: bytes=N-` answered by a 206;
+//! * `GET /cdn/{sha256}` on a second port (another origin, as the real CDN is), with
+//!   `Range: bytes=N-` answered by a 206;
 //!
 //! and misbehaves on demand: a gated repository (401 without the right token), unknown
 //! repositories and revisions (404 with `X-Error-Code`), a download cut after N bytes
@@ -29,6 +30,8 @@ pub struct Seen {
     pub range: Option<String>,
     /// The `Authorization` header.
     pub auth: Option<String>,
+    /// Whether it came to the CDN's port.
+    pub on_cdn: bool,
 }
 
 #[derive(Default)]
@@ -57,9 +60,11 @@ struct State {
 pub struct MockHub {
     /// `http://127.0.0.1:PORT`, for HF_ENDPOINT.
     pub url: String,
+    /// The CDN that LFS downloads are redirected to (another port).
+    pub cdn_url: String,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 pub fn sha256_hex(b: &[u8]) -> String {
@@ -84,26 +89,36 @@ fn is_lfs(file: &str) -> bool {
 
 impl MockHub {
     pub fn start() -> MockHub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (hub, cdn) = (
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let url = format!("http://{}", hub.local_addr().unwrap());
+        let cdn_url = format!("http://{}", cdn.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp, base) = (state.clone(), stop.clone(), url.clone());
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if sp.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (st, base) = (st.clone(), base.clone());
-                std::thread::spawn(move || serve(conn, &st, &base));
-            }
-        });
+        let threads = [(hub, false), (cdn, true)]
+            .into_iter()
+            .map(|(listener, on_cdn)| {
+                let (st, sp, cdn_url) = (state.clone(), stop.clone(), cdn_url.clone());
+                std::thread::spawn(move || {
+                    for conn in listener.incoming() {
+                        if sp.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let Ok(conn) = conn else { continue };
+                        let (st, cdn_url) = (st.clone(), cdn_url.clone());
+                        std::thread::spawn(move || serve(conn, &st, &cdn_url, on_cdn));
+                    }
+                })
+            })
+            .collect();
         MockHub {
             url,
+            cdn_url,
             state,
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -164,8 +179,10 @@ impl MockHub {
 impl Drop for MockHub {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.url.trim_start_matches("http://"));
-        if let Some(t) = self.thread.take() {
+        for url in [&self.url, &self.cdn_url] {
+            let _ = TcpStream::connect(url.trim_start_matches("http://"));
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -201,7 +218,7 @@ impl Reply {
     }
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, base: &str) {
+fn serve(conn: TcpStream, state: &Mutex<State>, cdn: &str, on_cdn: bool) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -227,11 +244,12 @@ fn serve(conn: TcpStream, state: &Mutex<State>, base: &str) {
         path: path.clone(),
         range: headers.get("range").cloned(),
         auth: headers.get("authorization").cloned(),
+        on_cdn,
     };
     let reply = {
         let mut s = state.lock().unwrap();
         s.seen.push(seen.clone());
-        route(&mut s, &seen, base)
+        route(&mut s, &seen, cdn)
     };
     let mut out = conn;
     let len = reply.body.len();
@@ -298,7 +316,7 @@ fn commit_of(s: &State, repo: &str, rev: &str, auth: Option<&str>) -> Result<Str
         .ok_or_else(|| Reply::error(404, "RevisionNotFound", "Invalid rev id"))
 }
 
-fn route(s: &mut State, req: &Seen, base: &str) -> Reply {
+fn route(s: &mut State, req: &Seen, cdn: &str) -> Reply {
     let auth = req.auth.as_deref();
     if let Some(rest) = req.path.strip_prefix("/api/models/") {
         let Some((repo, rev)) = rest.split_once("/revision/") else {
@@ -348,7 +366,7 @@ fn route(s: &mut State, req: &Seen, base: &str) -> Reply {
     if is_lfs(&file) {
         let sha = sha256_hex(&body);
         return Reply::new(302)
-            .header("Location", format!("{base}/cdn/{sha}"))
+            .header("Location", format!("{cdn}/cdn/{sha}"))
             .header("X-Repo-Commit", commit.clone())
             .header("X-Linked-Etag", format!("\"{sha}\""))
             .header("X-Linked-Size", body.len().to_string())

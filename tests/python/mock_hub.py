@@ -7,7 +7,8 @@ tests' tests/common/mock_hub.rs:
 * ``HEAD``/``GET /{org}/{name}/resolve/{rev}/{file}``: a small file directly (``ETag``: its
   git blob sha1), an LFS file (``.safetensors``, ``.bin``) as a 302 to ``/cdn/{sha256}``
   with ``X-Linked-Etag`` and ``X-Linked-Size``; ``X-Repo-Commit`` on both;
-* ``GET /cdn/{sha256}``, a ``Range: bytes=N-`` answered by a 206;
+* ``GET /cdn/{sha256}`` on a second port (another origin, as the real CDN is), a
+  ``Range: bytes=N-`` answered by a 206;
 
 and misbehaves on demand: a gated repository (401 ``GatedRepo`` without the right
 token), unknown repositories, revisions and files (404 with ``X-Error-Code``), a
@@ -20,7 +21,7 @@ Use::
     with hub as endpoint:           # the server runs inside the block
         os.environ["HF_ENDPOINT"] = endpoint
         ...
-    hub.requests                     # every request seen: method, path, range, authorization
+    hub.requests     # every request seen: method, path, range, authorization, cdn (its port)
 """
 
 import hashlib
@@ -51,9 +52,9 @@ class MockHub:
         self.corrupt = set()  # files sent with a wrong byte (once)
         self.requests = []
         self.url = None
+        self.cdn_url = None
         self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
+        self._servers = []
 
     # -- repositories ------------------------------------------------------------------
 
@@ -98,31 +99,40 @@ class MockHub:
     # -- server ------------------------------------------------------------------------
 
     def start(self):
+        """Serve on two free ports (the Hub, and the CDN LFS downloads are redirected to);
+        returns the Hub's URL, for HF_ENDPOINT."""
         hub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub._handle(self)
+        def handler(on_cdn):
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):
+                    hub._handle(self, on_cdn)
 
-            def do_HEAD(self):
-                hub._handle(self)
+                def do_HEAD(self):
+                    hub._handle(self, on_cdn)
 
-            def log_message(self, *args):
-                pass
+                def log_message(self, *args):
+                    pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+            return Handler
+
+        urls = []
+        for on_cdn in (False, True):
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(on_cdn))
+            server.daemon_threads = True
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            self._servers.append((server, thread))
+            urls.append("http://127.0.0.1:%d" % server.server_address[1])
+        self.url, self.cdn_url = urls
         return self.url
 
     def stop(self):
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-            self._server = None
+        for server, thread in self._servers:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        self._servers = []
 
     def __enter__(self):
         return self.start()
@@ -133,12 +143,13 @@ class MockHub:
 
     # -- answers -----------------------------------------------------------------------
 
-    def _handle(self, h):
+    def _handle(self, h, on_cdn):
         seen = {
             "method": h.command,
             "path": h.path,
             "range": h.headers.get("Range"),
             "authorization": h.headers.get("Authorization"),
+            "cdn": on_cdn,
         }
         with self._lock:
             self.requests.append(seen)
@@ -217,7 +228,7 @@ class MockHub:
         if file.endswith(LFS_SUFFIXES):
             sha = sha256_hex(data)
             headers = [
-                ("Location", "%s/cdn/%s" % (self.url, sha)),
+                ("Location", "%s/cdn/%s" % (self.cdn_url, sha)),
                 ("X-Repo-Commit", commit),
                 ("X-Linked-Etag", '"%s"' % sha),
                 ("X-Linked-Size", str(len(data))),

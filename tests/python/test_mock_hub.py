@@ -61,10 +61,12 @@ def test_listing_and_headers_of_small_and_lfs_files():
         assert status == 302
         assert h["X-Linked-Etag"] == '"%s"' % sha256_hex(WEIGHTS)
         assert int(h["X-Linked-Size"]) == len(WEIGHTS)
-        assert h["Location"] == "%s/cdn/%s" % (url, sha256_hex(WEIGHTS))
+        assert h["Location"] == "%s/cdn/%s" % (hub.cdn_url, sha256_hex(WEIGHTS))
+        assert hub.cdn_url != url
         status, _, body = fetch(url + "/org/tiny/resolve/%s/model.safetensors" % commit)
         assert status == 200 and body == WEIGHTS
     assert [r["method"] for r in hub.requests][:3] == ["GET", "HEAD", "HEAD"]
+    assert [r["cdn"] for r in hub.requests][-2:] == [False, True], "the redirect went to the CDN"
 
 
 def test_range_requests_and_a_dropped_connection():
