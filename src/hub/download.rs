@@ -74,13 +74,15 @@ fn download_blob(
         let mut resp = client.open(&meta.url, have, id, file)?;
         match resp.status().as_u16() {
             206 if range_start(&resp) == Some(have) => {}
+            // a range that does not continue the part: start afresh on the next run
             206 => {
+                remove(part)?;
                 return Err(Error::hub(
                     HubErrorKind::Protocol,
                     &subject,
                     format!(
                         "asked for the bytes from {have} on, the server sent another range \
-                         ({:?}); run again",
+                         ({:?}); the partial download was removed: run again",
                         resp.headers().get("content-range")
                     ),
                 ));
