@@ -101,6 +101,20 @@ impl HubOptions {
     }
 }
 
+/// The options, with the token itself left out.
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("endpoint", &self.endpoint)
+            .field("cache_dir", &self.cache_dir)
+            .field("lema_cache", &self.lema_cache)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("offline", &self.offline)
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
 /// A repository's files in the cache at one commit.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
