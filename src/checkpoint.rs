@@ -78,19 +78,11 @@ pub fn base_model_id(model_path: &Path, config_json: &Path) -> String {
     })
 }
 
-/// Whether `s` has the form of a Hub repository id, `owner/name` (letters, digits, `-`, `_`,
-/// `.`; neither part starts with `.` or `-`, no `..`; at most 96 characters each), and so
-/// cannot be mistaken for a file path or a display name such as GGUF's `general.name`.
+/// Whether `s` has the form of a Hub repository id, `owner/name` (the Hub's rules:
+/// [`crate::hub::id::is_repo_id`]), and so cannot be mistaken for a file path or a display
+/// name such as GGUF's `general.name`.
 pub fn is_hub_repo_id(s: &str) -> bool {
-    let part = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 96
-            && !p.starts_with(['.', '-'])
-            && !p.contains("..")
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    matches!(s.split_once('/'), Some((owner, name)) if part(owner) && part(name))
+    crate::hub::id::is_repo_id(s)
 }
 
 /// Read the LoRA settings from a PEFT `adapter_config.json`, refusing what lema does not

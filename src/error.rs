@@ -54,6 +54,35 @@ pub enum Error {
     /// changed any parameter.
     #[error("interrupted before the parameters were updated")]
     Interrupted,
+    /// A model from the Hugging Face Hub could not be had: the Hub refused or failed a
+    /// request, a download broke off or came out wrong, or (offline) the cache lacks it.
+    /// `subject` names the repository and file; the message says what to do.
+    #[error("{subject}: {msg}")]
+    Hub {
+        kind: HubErrorKind,
+        subject: String,
+        msg: String,
+    },
+}
+
+/// What went wrong with the Hugging Face Hub, for callers that react differently (the
+/// Python bindings raise a different exception for each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HubErrorKind {
+    /// 401/403: a private or gated repository, or a token that does not grant access.
+    Unauthorized,
+    /// 404: no such repository, revision or file.
+    NotFound,
+    /// The Hub (or `HF_ENDPOINT`) could not be reached.
+    Network,
+    /// A download broke off; the part is kept and a rerun resumes it.
+    Incomplete,
+    /// A downloaded file's content does not match the Hub's checksum; it was removed.
+    Checksum,
+    /// Offline (`HF_HUB_OFFLINE`): the cache does not hold what was asked for.
+    NotCached,
+    /// The server answered something a Hub does not (a missing header, bad JSON).
+    Protocol,
 }
 
 impl Error {
@@ -91,6 +120,15 @@ impl Error {
         Error::Data {
             path: path.into(),
             line,
+            msg: msg.into(),
+        }
+    }
+
+    /// A Hugging Face Hub error about `subject` (a repository, or a file of one).
+    pub fn hub(kind: HubErrorKind, subject: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Hub {
+            kind,
+            subject: subject.into(),
             msg: msg.into(),
         }
     }

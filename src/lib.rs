@@ -14,6 +14,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gbi;
 pub mod generate;
+pub mod hub;
 pub mod import;
 pub mod lora;
 pub mod merge;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Prepared .safetensors file (or its folder).
+    /// Prepared .safetensors file (or its folder), or a Hub id org/name[@revision].
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter folder (e.g. a run's adapter/ or checkpoint-N/); default: the base model.
@@ -44,9 +44,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "error" => BadLinePolicy::Error,
         other => anyhow::bail!("--on-bad-line '{other}': use skip or error"),
     };
-    super::model_file(&a.model)?;
+    let model = super::model_path(&a.model)?;
+    super::model_file(&model)?;
     let opts = EvalOptions {
-        model: a.model,
+        model,
         adapter: a.adapter,
         data: a.data,
         tokenizer: a.tokenizer,

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The prepared model: a monolithic .safetensors with config.json and the tokenizer
-    /// files beside it (see `lema prepare`), or the folder that holds them.
+    /// files beside it (see `lema prepare`), or the folder that holds them, or a Hub id
+    /// (org/name[@revision], prepared once into lema's cache).
     #[arg(short, long)]
     model: PathBuf,
     /// A PEFT adapter folder to apply (adapter_config.json + adapter_model.safetensors).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct MergeArgs {
     /// The base model: a monolithic .safetensors with config.json beside it, or the
-    /// folder that holds them.
+    /// folder that holds them, or a Hub id (org/name[@revision]).
     #[arg(short, long)]
     model: PathBuf,
     /// The PEFT adapter folder (adapter_config.json + adapter_model.safetensors).

@@ -40,12 +40,25 @@ enum Command {
     Merge(merge::MergeArgs),
 }
 
-/// Parse arguments, run, print any error chain on one line; returns the exit code.
 /// The prepared model file that `--model` names: the path itself, or `model.safetensors`
-/// in the folder it names (as `lema train` and `lema eval` take it).
-/// A GGUF, a pickle, a folder still to prepare or a FIFO is refused with what to do.
+/// in the folder it names (as `lema train` and `lema eval` take it), or a Hub id's
+/// ([`model_path`]). A GGUF, a pickle, a folder still to prepare or a FIFO is refused
+/// with what to do.
 fn model_file(model: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    Ok(lema::modelfile::weights_file(model)?)
+    Ok(lema::modelfile::weights_file(&model_path(model)?)?)
+}
+
+/// A model argument as a local path: the path itself when it exists or is not shaped like
+/// a Hub id; a Hub id (`org/name[@revision]`) downloaded and prepared once into lema's
+/// cache (`$LEMA_CACHE/prepared/`, reused afterwards), as its `model.safetensors`. Every
+/// command that takes a model passes it through here.
+fn model_path(model: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let Some(id) = lema::hub::hub_id(model) else {
+        return Ok(model.to_path_buf());
+    };
+    let dir = lema::hub::prepared(&id, &lema::hub::HubOptions::from_env()?)?;
+    eprintln!("model {}: prepared in {}", id.display(), dir.display());
+    Ok(dir.join("model.safetensors"))
 }
 
 /// Let every numeric argument take a value that starts with '-' (`--temperature -1e-3`,
@@ -76,6 +89,7 @@ fn negative_numbers_allowed(cmd: clap::Command) -> clap::Command {
     })
 }
 
+/// Parse arguments, run, print any error chain on one line; returns the exit code.
 pub fn main() -> i32 {
     // a model file truncated under a running command: a message naming it, not a bare
     // "Bus error"

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct PrepareArgs {
-    /// A Hugging Face model folder (safetensors, sharded or not) or a .gguf file.
+    /// A Hugging Face model folder (safetensors, sharded or not), a .gguf file, or a
+    /// Hub id (org/name or org/name@revision), downloaded into the Hugging Face cache.
     src: PathBuf,
+    /// The branch, tag or commit of a Hub id [default: main].
+    #[arg(long)]
+    revision: Option<String>,
     /// Output folder (gets model.safetensors, config.json, tokenizer files) or a
     /// path ending in .safetensors.
     #[arg(short, long)]
@@ -28,7 +32,20 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     for line in lema::fsutil::clean_stale_temporaries(&dir)? {
         eprintln!("note: {line}");
     }
-    let report = lema::import::prepare(&a.src, &a.out, dtype, !a.quiet)
+    let src = match lema::hub::hub_id(&a.src) {
+        Some(id) => {
+            let id = id.with_revision(a.revision.as_deref())?;
+            let opts = lema::hub::HubOptions::from_env()?;
+            let opts = opts.clone().with_progress(opts.progress && !a.quiet);
+            lema::hub::download(&id, &opts)?.dir
+        }
+        None if a.revision.is_some() => anyhow::bail!(
+            "--revision is for a Hub id (org/name); {} is a local path",
+            a.src.display()
+        ),
+        None => a.src.clone(),
+    };
+    let report = lema::import::prepare(&src, &a.out, dtype, !a.quiet)
         .with_context(|| format!("preparing {}", a.src.display()))?;
     println!("{report}");
     Ok(())
@@ -36,7 +53,8 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct InfoArgs {
-    /// A prepared .safetensors file, an HF folder or a .gguf file.
+    /// A prepared .safetensors file, an HF folder, a .gguf file or a Hub id (prepared
+    /// once into lema's cache).
     path: PathBuf,
 }
 
@@ -63,7 +81,8 @@ fn gb(bytes: usize) -> String {
     format!("{:.3} GB", bytes as f64 / 1e9)
 }
 
-pub fn info(a: InfoArgs) -> Result<()> {
+pub fn info(mut a: InfoArgs) -> Result<()> {
+    a.path = super::model_path(&a.path)?;
     let summary = lema::import::inspect(&a.path)?;
     print!("{summary}");
     check_config(&a.path)?;

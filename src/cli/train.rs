@@ -243,7 +243,10 @@ fn config_from_sources(a: &TrainArgs) -> Result<TrainConfig> {
 /// Run `lema train`; returns the exit code (0, or 128 + the signal's number after a
 /// Ctrl-C or SIGTERM stopped the run and its checkpoint was saved).
 pub fn run(a: TrainArgs) -> Result<i32> {
-    let cfg = effective_config(&a)?;
+    let mut cfg = effective_config(&a)?;
+    if let Some(m) = &cfg.model {
+        cfg.model = Some(super::model_path(m)?);
+    }
     signals::install()?;
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::new(0);

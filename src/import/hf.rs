@@ -84,7 +84,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// Tensor name → shard file name, from `model.safetensors.index.json`.
 type WeightMap = HashMap<String, String>;
 
-fn shard_files(src: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
+pub(crate) fn shard_files(src: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     let index = src.join("model.safetensors.index.json");
     if index.is_file() {
         let v = read_json(&index)?;

@@ -163,7 +163,7 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "model",
             Text,
             "PATH",
-            "prepared .safetensors file (or its folder)",
+            "prepared .safetensors file (or its folder), or a Hub id org/name[@revision]",
         ),
         (
             "tokenizer",
@@ -409,6 +409,14 @@ pub fn cli_value(name: &str, raw: &str) -> Result<toml::Value> {
     })
 }
 
+/// Whether the config-file field `name = s` is a Hub model id rather than a path
+/// relative to the file's folder `base`.
+fn is_hub_model(name: &str, s: &str, base: &Path) -> bool {
+    name == "model"
+        && std::fs::symlink_metadata(base.join(s)).is_err()
+        && crate::hub::HubId::parse(s).is_some()
+}
+
 impl TrainConfig {
     /// Parse a config file's text (`origin` names it in messages), then apply `overrides`
     /// (field, command-line value) on top. Relative paths in the file are taken relative
@@ -432,6 +440,7 @@ impl TrainConfig {
                     && ["model", "tokenizer", "data", "eval_data", "output_dir"].contains(name)
                     && let Some(toml::Value::String(s)) = table.get_mut(*name)
                     && Path::new(s.as_str()).is_relative()
+                    && !is_hub_model(name, s, base)
                 {
                     *s = base.join(&*s).to_string_lossy().to_string();
                 }
@@ -458,6 +467,8 @@ impl TrainConfig {
     }
 
     /// Read `path` (if given) and apply command-line overrides.
+    /// (A config file's `model` may be a Hub id, `org/name[@revision]`: it is kept as it
+    /// is unless a path of that name exists beside the file.)
     pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
         match path {
             Some(p) => {

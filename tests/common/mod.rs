@@ -112,6 +112,7 @@ pub fn poison_uninit() {
     });
 }
 
+pub mod mock_hub;
 pub mod tiny;
 
 /// The Python of the project's environment (torch, transformers, peft: scripts/python-env.sh),
