@@ -12,7 +12,4 @@ def snapshot(repo_id: str, revision: Optional[str] = None, weights: bool = True,
     ``@revision``), downloading what is missing: config, tokenizer files and, with
     ``weights``, the safetensors files. Honours HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
     HF_TOKEN and HF_HUB_OFFLINE."""
-    fetch = getattr(_lema, "hub_snapshot", None)
-    if fetch is None:
-        raise FileNotFoundError(f"{repo_id}: no such file or folder (this build of lema cannot download from the Hub)")
-    return fetch(repo_id, revision, weights, progress)
+    return str(_lema.hub_snapshot(repo_id, revision, weights, progress))

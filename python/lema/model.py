@@ -11,21 +11,21 @@ from .config import CONFIG_NAME, LemaConfig, engine_config
 
 
 def _resolve_files(config: LemaConfig) -> Tuple[str, Optional[str], str]:
-    """(weights file, config.json or None for the one beside it, tokenizer folder)."""
+    """(weights file, config.json or None for the one beside it, tokenizer folder).
+
+    The folder of ``model_name_or_path`` gives config.json and the tokenizer when it is a
+    local folder that has them; otherwise they are the ones ``prepare`` wrote beside
+    ``gbi_path``, and only when those are missing does a Hub id go to the Hub (for the
+    config and tokenizer files alone)."""
     src = config.model_name_or_path
-    folder = None
-    if src is not None:
-        if os.path.isdir(src):
-            folder = src
-        elif os.path.exists(src):
-            raise ValueError(f"model_name_or_path {src!r} is a file; give the folder with config.json "
-                             f"(or a Hub id), and the monolithic .safetensors as gbi_path")
-        else:
-            folder = hub.snapshot(src, revision=config.revision, weights=False)
     weights = config.gbi_path
+    local = src is not None and os.path.isdir(src)
+    if src is not None and not local and os.path.exists(src):
+        raise ValueError(f"model_name_or_path {src!r} is a file; give the folder with config.json "
+                         f"(or a Hub id), and the monolithic .safetensors as gbi_path")
     if weights is None:
-        prepared = os.path.join(folder, "model.safetensors") if folder else None
-        if prepared and os.path.isfile(prepared) and os.path.isfile(os.path.join(folder, "config.json")):
+        prepared = os.path.join(src, "model.safetensors") if local else None
+        if prepared and os.path.isfile(prepared) and os.path.isfile(os.path.join(src, "config.json")):
             weights = prepared
         else:
             raise ValueError(
@@ -34,12 +34,15 @@ def _resolve_files(config: LemaConfig) -> Tuple[str, Optional[str], str]:
                 "and pass gbi_path='model.safetensors'"
             )
     if not os.path.exists(weights):
-        hint = (f"; write it with prepare_monolithic_safetensors({src!r}, {weights!r})" if src else "")
+        hint = f"; write it with prepare_monolithic_safetensors({src!r}, {weights!r})" if src else ""
         raise FileNotFoundError(f"gbi_path {weights}: no such file{hint}")
     beside = os.path.dirname(os.path.abspath(weights))
-    if folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
-        return weights, os.path.join(folder, "config.json"), folder
-    return weights, None, beside
+    if local and os.path.isfile(os.path.join(src, "config.json")):
+        return weights, os.path.join(src, "config.json"), src
+    if os.path.isfile(os.path.join(beside, "config.json")) or src is None or local:
+        return weights, None, beside
+    folder = hub.snapshot(src, revision=config.revision, weights=False)
+    return weights, os.path.join(folder, "config.json"), folder
 
 
 class LemaModel:

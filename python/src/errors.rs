@@ -1,11 +1,12 @@
 //! lema's errors as Python exceptions: the Rust message, in the exception a Python user
 //! expects (a missing file is `FileNotFoundError`, a bad value `ValueError`, an
-//! interruption `KeyboardInterrupt`).
+//! interruption `KeyboardInterrupt`; a Hub refusal `PermissionError`, a broken download
+//! `ConnectionError`).
 
 use pyo3::PyErr;
 use pyo3::exceptions::{
-    PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
-    PyRuntimeError, PyValueError,
+    PyConnectionError, PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt, PyOSError,
+    PyPermissionError, PyRuntimeError, PyValueError,
 };
 
 /// The Python exception for a lema error.
@@ -19,6 +20,15 @@ pub fn to_py(e: lema::Error) -> PyErr {
             _ => PyOSError::new_err(msg),
         },
         Error::Interrupted => PyKeyboardInterrupt::new_err(msg),
+        Error::Hub { kind, .. } => {
+            use lema::error::HubErrorKind as K;
+            match kind {
+                K::Unauthorized => PyPermissionError::new_err(msg),
+                K::NotFound | K::NotCached => PyFileNotFoundError::new_err(msg),
+                K::Network | K::Incomplete => PyConnectionError::new_err(msg),
+                K::Checksum | K::Protocol => PyOSError::new_err(msg),
+            }
+        }
         Error::NonFinite(_) => PyFloatingPointError::new_err(msg),
         Error::Backend { .. } => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),

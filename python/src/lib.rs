@@ -66,6 +66,36 @@ fn write_random_model(
     })
 }
 
+/// The local snapshot folder of Hub repository `repo_id` (`org/name`, optionally
+/// `@revision`; `revision` overrides), downloading what the cache lacks: config.json and
+/// the tokenizer files, and with `weights` the safetensors files too. The environment
+/// (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE) applies.
+#[pyfunction]
+#[pyo3(signature = (repo_id, revision=None, weights=true, progress=true))]
+fn hub_snapshot(
+    py: Python<'_>,
+    repo_id: String,
+    revision: Option<String>,
+    weights: bool,
+    progress: bool,
+) -> PyResult<PathBuf> {
+    interrupt::detached(py, move || {
+        let id = lema::hub::id::HubId::parse(&repo_id)
+            .ok_or_else(|| {
+                let why = "no such file or folder, and not a Hugging Face Hub id (org/name or org/name@revision)";
+                lema::Error::io(&repo_id, std::io::Error::new(std::io::ErrorKind::NotFound, why))
+            })?
+            .with_revision(revision.as_deref())?;
+        let opts = lema::hub::HubOptions::from_env()?.with_progress(progress);
+        let snap = if weights {
+            lema::hub::download(&id, &opts)?
+        } else {
+            lema::hub::download_without_weights(&id, &opts)?
+        };
+        Ok(snap.dir)
+    })
+}
+
 /// Whether CUDA can be used, and why not when it cannot.
 #[pyfunction]
 fn cuda_status() -> (bool, Option<String>) {
@@ -84,6 +114,7 @@ fn _lema(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prepare, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(write_random_model, m)?)?;
+    m.add_function(wrap_pyfunction!(hub_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(tensors::save_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(tensors::load_safetensors, m)?)?;
     Ok(())

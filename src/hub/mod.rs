@@ -151,7 +151,21 @@ pub fn resolve(spec: &Path, opts: &HubOptions) -> Result<PathBuf> {
 /// Download what lema needs of `id` (what the cache lacks), or with `opts.offline`
 /// find it in the cache; the snapshot folder.
 pub fn download(id: &HubId, opts: &HubOptions) -> Result<Snapshot> {
-    Source::locate(id, opts)?.fetch()
+    Source::locate(id, opts)?.fetch(Files::All)
+}
+
+/// Like [`download`], but only the files beside the weights (config.json, tokenizer,
+/// generation and chat template files): what building a model needs when its weights
+/// were prepared already. The revision's ref is not written (the snapshot is partial).
+pub fn download_without_weights(id: &HubId, opts: &HubOptions) -> Result<Snapshot> {
+    Source::locate(id, opts)?.fetch(Files::WithoutWeights)
+}
+
+/// What [`Source::fetch`] brings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Files {
+    All,
+    WithoutWeights,
 }
 
 /// A revision of a repository resolved to its commit, online or from the cache.
@@ -199,7 +213,7 @@ impl<'a> Source<'a> {
 
     /// The snapshot with every file lema needs: downloaded (online), or checked to be
     /// all in the cache (offline).
-    pub fn fetch(&self) -> Result<Snapshot> {
+    pub(crate) fn fetch(&self, which: Files) -> Result<Snapshot> {
         let dir = self.cache.snapshot(&self.commit);
         match &self.remote {
             Some((client, files)) => {
@@ -213,9 +227,18 @@ impl<'a> Source<'a> {
                         self.opts.progress,
                     )
                 };
-                let first = select::first_files(self.id, files)?;
+                let mut first = select::first_files(self.id, files)?;
+                if which == Files::WithoutWeights {
+                    first.retain(|f| f != select::INDEX && f != select::WEIGHTS);
+                }
                 for f in &first {
                     get(f)?;
+                }
+                if which == Files::WithoutWeights {
+                    return Ok(Snapshot {
+                        dir,
+                        commit: self.commit.clone(),
+                    });
                 }
                 if first.iter().any(|f| f == select::INDEX) {
                     let (shards, _) = crate::import::hf::shard_files(&dir)?;
@@ -227,7 +250,7 @@ impl<'a> Source<'a> {
                 // partial snapshot
                 self.cache.write_ref(self.id.revision(), &self.commit)?;
             }
-            None => self.check_cached(&dir)?,
+            None => self.check_cached(&dir, which)?,
         }
         Ok(Snapshot {
             dir,
@@ -236,17 +259,19 @@ impl<'a> Source<'a> {
     }
 
     /// Offline: config.json and the weights (every shard of an index) must be cached.
-    fn check_cached(&self, dir: &Path) -> Result<()> {
+    fn check_cached(&self, dir: &Path, which: Files) -> Result<()> {
         let cached = |f: &str| self.cache.cached_file(&self.commit, f).is_some();
         let mut missing: Vec<String> = Vec::new();
         if !cached("config.json") {
             missing.push("config.json".into());
         }
-        if cached(select::INDEX) {
-            let (shards, _) = crate::import::hf::shard_files(dir)?;
-            missing.extend(shards.into_iter().filter(|s| !cached(s)));
-        } else if !cached(select::WEIGHTS) {
-            missing.push(select::WEIGHTS.into());
+        if which == Files::All {
+            if cached(select::INDEX) {
+                let (shards, _) = crate::import::hf::shard_files(dir)?;
+                missing.extend(shards.into_iter().filter(|s| !cached(s)));
+            } else if !cached(select::WEIGHTS) {
+                missing.push(select::WEIGHTS.into());
+            }
         }
         if missing.is_empty() {
             return Ok(());

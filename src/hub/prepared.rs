@@ -19,7 +19,7 @@ pub fn prepared(id: &HubId, opts: &HubOptions) -> Result<PathBuf> {
         if is_prepared(&dir) {
             return Ok(dir);
         }
-        let snapshot = source.fetch()?;
+        let snapshot = source.fetch(super::Files::All)?;
         let _lock = cache::lock_file(
             &parent.join(format!("{}.lock", source.commit)),
             opts.progress,
