@@ -15,7 +15,7 @@ use crate::backend::{Accumulate, Backend, DType, Gemm};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec, write_file_atomic};
-use crate::import::hf::SIDE_FILES;
+use crate::import::hf::side_file_names;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -164,7 +164,7 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let mut side_files = Vec::new();
-    let names = std::iter::once("config.json").chain(SIDE_FILES.iter().copied());
+    let names = std::iter::once("config.json").chain(side_file_names());
     for name in names {
         let from = if name == "config.json" {
             config_json.clone()

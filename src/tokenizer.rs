@@ -70,10 +70,37 @@ pub struct Tokenizer {
     affixes: (Vec<u32>, Vec<u32>),
     dir: PathBuf,
     chat_template: Option<ChatTemplate>,
+    /// The file the chat template comes from (for messages).
+    template_file: PathBuf,
     bos_token: Option<String>,
     eos_token: Option<String>,
     /// Ids that end generation (the eos token and, for chat models, the end-of-turn token).
     pub eos_ids: Vec<u32>,
+}
+
+/// Files that hold a chat template apart from tokenizer_config.json, as newer
+/// transformers saves it: `chat_template.jinja` (the template itself), or
+/// `chat_template.json` (`{"chat_template": "..."}`).
+pub const TEMPLATE_FILES: &[&str] = &["chat_template.jinja", "chat_template.json"];
+
+/// The template of `dir`'s template file and that file, or (None, tokenizer_config.json)
+/// when it has none.
+fn template_file_of(dir: &Path) -> Result<(Option<String>, PathBuf)> {
+    let jinja = dir.join(TEMPLATE_FILES[0]);
+    if jinja.is_file() {
+        return Ok((Some(crate::fsutil::read_text(&jinja)?), jinja));
+    }
+    let json = dir.join(TEMPLATE_FILES[1]);
+    if json.is_file() {
+        let v: serde_json::Value = serde_json::from_str(&crate::fsutil::read_text(&json)?)
+            .map_err(|e| Error::format(&json, format!("not valid JSON: {e}")))?;
+        let t = v
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| Error::format(&json, "has no string field 'chat_template'"))?;
+        return Ok((Some(t.to_string()), json));
+    }
+    Ok((None, dir.join("tokenizer_config.json")))
 }
 
 /// A special-token entry of tokenizer_config.json: a string or `{"content": ...}`.
@@ -111,18 +138,21 @@ impl Tokenizer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(e) => return Err(Error::io(&cfg_path, e)),
         };
-        let chat_template = match cfg.get("chat_template") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or_else(|| list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(|t| t.as_str())
-                .map(str::to_string),
-            _ => None,
-        }
-        .map(|t| ChatTemplate::new(&t));
+        // transformers' order: a template file of its own wins over tokenizer_config.json's
+        let (file_template, template_file) = template_file_of(dir)?;
+        let chat_template = file_template
+            .or_else(|| match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            })
+            .map(|t| ChatTemplate::new(&t));
         let bos_token = token_string(cfg.get("bos_token"));
         let eos_token = token_string(cfg.get("eos_token"));
         let mut eos_ids = Vec::new();
@@ -149,6 +179,7 @@ impl Tokenizer {
             affixes: affixes.unwrap_or_default(),
             dir: dir.to_path_buf(),
             chat_template,
+            template_file,
             bos_token,
             eos_token,
             eos_ids,
@@ -283,7 +314,7 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let cfg_path = self.dir.join("tokenizer_config.json");
+        let cfg_path = self.template_file.clone();
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::format(
                 &cfg_path,

@@ -371,6 +371,13 @@ fn offline_mode_resolves_revisions_from_the_cache_only() {
     let offline = download(&id(REPO), &o).unwrap();
     assert_eq!(offline.dir, online.dir);
     assert_eq!(offline.commit, commit);
+    // an unreachable Hub without HF_HUB_OFFLINE falls back to the cached revision, as
+    // huggingface_hub does; a revision the cache lacks still fails with the Network error
+    o.offline = false;
+    assert_eq!(download(&id(REPO), &o).unwrap().dir, online.dir);
+    let (kind, msg) = hub_error(download(&id(&format!("{REPO}@v2")), &o).unwrap_err());
+    assert_eq!(kind, HubErrorKind::Network, "{msg}");
+    o.offline = true;
     // by commit id, with no ref needed
     assert_eq!(
         download(&id(&format!("{REPO}@{commit}")), &o).unwrap().dir,
@@ -574,8 +581,19 @@ fn lema_prepare_a_hub_id_and_use_it_wherever_a_model_is_taken() {
         &[("HF_HUB_OFFLINE", "1")],
     );
     expect_ok(&o);
+    // without HF_HUB_OFFLINE an unreachable Hub falls back to the cache, and says so
     let o = lema(dir, home.path(), "http://127.0.0.1:9", &["info", REPO], &[]);
-    expect_error(&o, &[REPO, "cannot reach", "HF_HUB_OFFLINE=1"]);
+    expect_ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_has(
+        &err,
+        &[
+            REPO,
+            "cannot reach",
+            "using the cached commit",
+            "HF_HUB_OFFLINE=1",
+        ],
+    );
     let o = lema(
         dir,
         home.path(),

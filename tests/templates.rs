@@ -240,3 +240,48 @@ fn generate_stops_at_a_broken_template_and_names_it() {
         common::tiny::expect_ok(&o);
     }
 }
+
+/// A chat template saved apart from tokenizer_config.json (`chat_template.jinja`, or
+/// `chat_template.json`, as newer transformers writes them) is the model's template, and
+/// wins over tokenizer_config.json's, as in transformers; a broken one is named.
+#[test]
+fn template_files_beside_the_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lema::tokenizer::write_byte_level_tokenizer(d, &["<|end|>"], Some("<|end|>"), Some("CONFIG"))
+        .unwrap();
+    let render = || {
+        lema::tokenizer::Tokenizer::from_dir(d)
+            .unwrap()
+            .apply_chat_template(&[msg("user", "hi")], true)
+    };
+    assert_eq!(render().unwrap(), "CONFIG");
+    std::fs::write(
+        d.join("chat_template.json"),
+        r#"{"chat_template": "JSON {{ messages[0].content }}"}"#,
+    )
+    .unwrap();
+    assert_eq!(render().unwrap(), "JSON hi");
+    std::fs::write(
+        d.join("chat_template.jinja"),
+        "JINJA {{ messages[0].content }}",
+    )
+    .unwrap();
+    assert_eq!(render().unwrap(), "JINJA hi");
+    std::fs::write(d.join("chat_template.jinja"), "{% for %}").unwrap();
+    let e = render().unwrap_err().to_string();
+    assert!(
+        e.contains("chat_template.jinja") && e.contains("does not parse"),
+        "{e}"
+    );
+    std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+    std::fs::write(d.join("chat_template.json"), r#"{"template": 1}"#).unwrap();
+    let e = lema::tokenizer::Tokenizer::from_dir(d)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("chat_template.json") && e.contains("'chat_template'"),
+        "{e}"
+    );
+}

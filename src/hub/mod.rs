@@ -199,8 +199,27 @@ impl<'a> Source<'a> {
             (commit, None)
         } else {
             let client = Client::new(&opts.endpoint, opts.token.clone());
-            let info = client.repo_info(id)?;
-            (info.commit, Some((client, info.files)))
+            match client.repo_info(id) {
+                Ok(info) => (info.commit, Some((client, info.files))),
+                // as huggingface_hub does: an unreachable Hub falls back to what the cache
+                // holds of the revision, said once
+                Err(
+                    e @ Error::Hub {
+                        kind: HubErrorKind::Network,
+                        ..
+                    },
+                ) => match cache.commit_of(id.revision())? {
+                    Some(commit) => {
+                        eprintln!(
+                            "note: {e}; using the cached commit {commit} of {} (set HF_HUB_OFFLINE=1 to skip the Hub)",
+                            id.display()
+                        );
+                        (commit, None)
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
         };
         Ok(Source {
             id,

@@ -5,14 +5,12 @@
 
 use super::id::HubId;
 use crate::error::{Error, HubErrorKind, Result};
-use crate::import::hf::SIDE_FILES;
+use crate::import::hf::side_file_names;
 
 /// The single-file weights, and the index of sharded ones.
 pub const WEIGHTS: &str = "model.safetensors";
 pub const INDEX: &str = "model.safetensors.index.json";
 const CONFIG: &str = "config.json";
-/// Chat templates kept outside tokenizer_config.json by newer transformers.
-const TEMPLATES: &[&str] = &["chat_template.jinja", "chat_template.json"];
 
 /// The files to fetch first from a repository that lists `files`: config.json, the side
 /// files it has, and the index (whose shards come next, [`shards_named`]) or the
@@ -35,7 +33,7 @@ pub fn first_files(id: &HubId, files: &[String]) -> Result<Vec<String>> {
         ));
     }
     let mut out = vec![CONFIG.to_string()];
-    for f in SIDE_FILES.iter().chain(TEMPLATES) {
+    for f in side_file_names() {
         if has(f) {
             out.push(f.to_string());
         }

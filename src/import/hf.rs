@@ -36,6 +36,15 @@ pub const SIDE_FILES: &[&str] = &[
     "merges.txt",
 ];
 
+/// Every file copied beside the output when present: [`SIDE_FILES`] and the chat
+/// template files ([`crate::tokenizer::TEMPLATE_FILES`]).
+pub fn side_file_names() -> impl Iterator<Item = &'static str> {
+    SIDE_FILES
+        .iter()
+        .chain(crate::tokenizer::TEMPLATE_FILES)
+        .copied()
+}
+
 /// Name suffixes of buffers that HF checkpoints may contain but that are not parameters.
 const DROPPED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"];
 
@@ -424,7 +433,7 @@ pub fn prepare_monolithic_safetensors(
         }
     }
     let mut side_files = vec![super::write_json(&out_paths.dir, "config.json", &config)?];
-    for name in SIDE_FILES {
+    for name in side_file_names() {
         let from = src.join(name);
         if !from.is_file() {
             continue;
