@@ -36,6 +36,20 @@ def test_torch_adamw_equals_engine_adamw(tiny_dir, device):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
 
 
+def test_torch_sgd_equals_engine_sgd(tiny_dir, device):
+    data = batches(STEPS)
+    with LemaModel(tiny_config(tiny_dir, device)) as a, LemaModel(tiny_config(tiny_dir, device)) as b:
+        a.initialize_lora()
+        b.initialize_lora()
+        opt = torch.optim.SGD(a.get_trainable_parameters(), lr=0.5, momentum=0.9)
+        la, pa = run(a, a.get_trainer(opt, max_grad_norm=0.5), data)
+        lb, pb = run(b, b.get_trainer(None, engine_optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.0,
+                                      max_grad_norm=0.5), data)
+    np.testing.assert_allclose(la, lb, rtol=2e-5)
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
+
+
 def test_accumulation_equals_one_big_batch(tiny_dir, device):
     # two micro-batches with different counted tokens (labels -100 in one) against one batch
     ids = batches(1, b=4, t=12)[0]
