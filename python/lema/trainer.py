@@ -73,10 +73,11 @@ class LemaTrainer:
     def _check_optimizer(self, optimizer: Any) -> None:
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "step"):
             raise TypeError(f"optimizer must be a torch optimizer (or None), got {type(optimizer).__name__}")
+        # every parameter the optimizer updates must be one of the model's (a subset is
+        # allowed: the others keep their values)
         ours = {p.data_ptr() for p in self.model.get_trainable_parameters("torch")}
         theirs = [p for g in optimizer.param_groups for p in g["params"]]
-        foreign = [p for p in theirs if p.data_ptr() not in ours]
-        if foreign or len({p.data_ptr() for p in theirs}) != len(ours):
+        if not theirs or any(p.data_ptr() not in ours for p in theirs):
             raise ValueError(
                 "the optimizer's parameters are not this model's: build it from "
                 "model.get_trainable_parameters() after initialize_lora()"
