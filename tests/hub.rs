@@ -23,6 +23,7 @@ fn opts(hub: &MockHub, home: &Path) -> HubOptions {
         token: None,
         offline: false,
         progress: false,
+        cancel: None,
     }
 }
 

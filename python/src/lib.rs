@@ -79,14 +79,18 @@ fn hub_snapshot(
     weights: bool,
     progress: bool,
 ) -> PyResult<PathBuf> {
-    interrupt::detached(py, move || {
+    // Ctrl-C stops a download at its next chunk; the part is kept for the next call
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancel.clone();
+    interrupt::run(py, &cancel, move || {
         let id = lema::hub::id::HubId::parse(&repo_id)
             .ok_or_else(|| {
                 let why = "no such file or folder, and not a Hugging Face Hub id (org/name or org/name@revision)";
                 lema::Error::io(&repo_id, std::io::Error::new(std::io::ErrorKind::NotFound, why))
             })?
             .with_revision(revision.as_deref())?;
-        let opts = lema::hub::HubOptions::from_env()?.with_progress(progress);
+        let mut opts = lema::hub::HubOptions::from_env()?.with_progress(progress);
+        opts.cancel = Some(flag);
         let snap = if weights {
             lema::hub::download(&id, &opts)?
         } else {

@@ -11,6 +11,7 @@ use crate::import::Progress;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes read and written at a time.
 const CHUNK: usize = 1 << 20;
@@ -24,6 +25,7 @@ pub fn fetch_file(
     commit: &str,
     file: &str,
     progress: bool,
+    cancel: Option<&AtomicBool>,
 ) -> Result<PathBuf> {
     if let Some(p) = cache.cached_file(commit, file) {
         return Ok(p);
@@ -34,32 +36,25 @@ pub fn fetch_file(
         let _lock = cache.lock(&meta.etag, progress)?;
         // another process may have finished it while this one waited
         if !blob.is_file() {
-            download_blob(
-                client,
-                &meta,
-                &cache.incomplete(&meta.etag),
-                &blob,
-                id,
-                file,
-                progress,
-            )?;
+            download_blob(client, &meta, cache, id, file, progress, cancel)?;
         }
     }
     cache.link(commit, file, &meta.etag)
 }
 
-/// Download the blob of `meta` into `part` from where an earlier attempt stopped, check
-/// its size and checksum, and rename it to `blob`. A broken-off download keeps `part`
-/// (a rerun resumes it); a wrong checksum removes it.
+/// Download the blob of `meta` into its `.incomplete` part from where an earlier attempt
+/// stopped, check its size and checksum, and rename it to the blob. A broken-off download
+/// keeps the part (a rerun resumes it); a wrong checksum removes it.
 fn download_blob(
     client: &Client,
     meta: &FileMeta,
-    part: &Path,
-    blob: &Path,
+    cache: &RepoCache,
     id: &HubId,
     file: &str,
     progress: bool,
+    cancel: Option<&AtomicBool>,
 ) -> Result<()> {
+    let (part, blob) = (&cache.incomplete(&meta.etag), &cache.blob(&meta.etag));
     let subject = format!("{} {file}", id.display());
     if let Some(dir) = part.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -120,9 +115,14 @@ fn download_blob(
             &mut sum,
             &bar,
             part,
+            cancel,
         );
         bar.finish();
         out.sync_all().map_err(|e| Error::io(part, e))?;
+        // asked to stop (Ctrl-C in Python): the part is kept, and the next run resumes it
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
         let (copied, cause) = match copied {
             Ok(n) => (n, None),
             Err((n, e)) => (n, Some(e)),
@@ -192,10 +192,14 @@ fn copy(
     sum: &mut Checksum,
     bar: &Progress,
     part: &Path,
+    cancel: Option<&AtomicBool>,
 ) -> std::result::Result<u64, (u64, String)> {
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     while done < limit {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err((done, "interrupted".into()));
+        }
         let want = CHUNK.min((limit - done) as usize);
         let n = match from.read(&mut buf[..want]) {
             Ok(0) => break,

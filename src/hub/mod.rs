@@ -41,6 +41,10 @@ pub struct HubOptions {
     pub offline: bool,
     /// Progress bars on stderr.
     pub progress: bool,
+    /// When set and raised, a download stops at its next chunk with
+    /// [`Error::Interrupted`], keeping its part for the next run to resume (the Python
+    /// bindings raise it on Ctrl-C).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl HubOptions {
@@ -91,6 +95,7 @@ impl HubOptions {
             token,
             offline: truthy("HF_HUB_OFFLINE"),
             progress: !truthy("HF_HUB_DISABLE_PROGRESS_BARS"),
+            cancel: None,
         })
     }
 
@@ -244,6 +249,7 @@ impl<'a> Source<'a> {
                         &self.commit,
                         f,
                         self.opts.progress,
+                        self.opts.cancel.as_deref(),
                     )
                 };
                 let mut first = select::first_files(self.id, files)?;

@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import threading
+import time
 import urllib.parse
 
 LFS_SUFFIXES = (".safetensors", ".bin")
@@ -50,6 +51,7 @@ class MockHub:
         self.blobs = {}  # sha256 -> (file, bytes)
         self.drops = {}  # file -> bytes sent before the connection is dropped (once)
         self.corrupt = set()  # files sent with a wrong byte (once)
+        self.throttled = {}  # file -> seconds between 64 KiB pieces (once)
         self.requests = []
         self.url = None
         self.cdn_url = None
@@ -91,6 +93,11 @@ class MockHub:
     def drop_after(self, file, n):
         """The next download of ``file`` sends ``n`` bytes, then drops the connection."""
         self.drops[file] = n
+
+    def throttle_once(self, file, seconds_per_piece):
+        """The next download of ``file`` comes in 64 KiB pieces ``seconds_per_piece`` apart
+        (a slow link: for interrupting a download in flight)."""
+        self.throttled[file] = seconds_per_piece
 
     def corrupt_once(self, file):
         """The next download of ``file`` has its last byte wrong."""
@@ -164,9 +171,15 @@ class MockHub:
         h.close_connection = True
         if h.command == "HEAD":
             return
+        pace = seen.pop("pace", None)
         try:
-            h.wfile.write(body if cut is None else body[:cut])
-            h.wfile.flush()
+            body = body if cut is None else body[:cut]
+            piece = 1 << 16 if pace else max(len(body), 1)
+            for i in range(0, len(body), piece):
+                h.wfile.write(body[i:i + piece])
+                h.wfile.flush()
+                if pace:
+                    time.sleep(pace)
             if cut is not None:
                 h.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -247,6 +260,7 @@ class MockHub:
                 self.corrupt.discard(file)
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])
             cut = self.drops.pop(file, None)
+            req["pace"] = self.throttled.pop(file, None)
         rng = req["range"] or ""
         if rng.startswith("bytes=") and rng.endswith("-") and rng[6:-1].isdigit():
             start = int(rng[6:-1])

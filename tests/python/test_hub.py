@@ -118,3 +118,28 @@ def test_offline_from_a_warm_cache(hub, tmp_path, monkeypatch):
     assert len(hub.requests) == n
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         prepare_monolithic_safetensors("org/other", str(tmp_path / "c.safetensors"), progress=False)
+
+
+def test_ctrl_c_stops_a_download_and_the_next_call_resumes(hub, tmp_path, tiny_dir):
+    import signal
+    import threading
+    import time
+
+    size = os.path.getsize(tiny_dir / "model.safetensors")
+    pieces = -(-size // (1 << 16))
+    assert pieces >= 4, "the model is too small to interrupt mid-download"
+    hub.throttle_once("model.safetensors", 20.0 / pieces)  # the whole file would take 20 s
+    out = tmp_path / "o.safetensors"
+    timer = threading.Timer(20.0 / pieces * 1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        prepare_monolithic_safetensors(REPO, str(out), progress=False)
+    assert time.time() - start < 10, "the download was not stopped early"
+    blobs = repo_dir(tmp_path) / "blobs"
+    (part,) = [n for n in os.listdir(blobs) if n.endswith(".incomplete")]
+    kept = os.path.getsize(blobs / part)
+    assert 0 < kept < size
+    prepare_monolithic_safetensors(REPO, str(out), progress=False)
+    assert f"bytes={kept}-" in [r["range"] for r in hub.requests if r["range"]]
+    assert out.is_file()
