@@ -154,10 +154,7 @@ fn open_direct(file: &File) -> (Option<File>, Option<String>) {
             .open(&proc_path)
         {
             Ok(f) => (Some(f), None),
-            Err(e) => (
-                None,
-                Some(format!("the filesystem refuses O_DIRECT: {e}")),
-            ),
+            Err(e) => (None, Some(format!("the filesystem refuses O_DIRECT: {e}"))),
         }
     }
     #[cfg(not(target_os = "linux"))]

@@ -49,7 +49,9 @@ pub struct HostTiers {
 
 /// Every part in the order of the file's layers: blocks, then the head.
 fn parts(layers: usize) -> impl Iterator<Item = Part> {
-    (0..layers).map(Part::Block).chain(std::iter::once(Part::Head))
+    (0..layers)
+        .map(Part::Block)
+        .chain(std::iter::once(Part::Head))
 }
 
 impl HostTiers {
@@ -88,7 +90,10 @@ impl HostTiers {
             layouts.insert(p, Layout::of(&tensors_of(&gbi, model, p)?));
         }
         let bytes = |p: Part| -> Result<u64> {
-            Ok(tensors_of(&gbi, model, p)?.iter().map(|t| t.len as u64).sum())
+            Ok(tensors_of(&gbi, model, p)?
+                .iter()
+                .map(|t| t.len as u64)
+                .sum())
         };
         let input = PlanInput {
             block_bytes: (0..layers)

@@ -41,8 +41,13 @@ pub struct Sources<'a> {
     pub status: &'a str,
 }
 
+/// Bytes in GiB, or MiB below 1 GiB.
 fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 impl fmt::Display for Limit {
@@ -68,7 +73,12 @@ impl fmt::Display for Limit {
 
 impl fmt::Display for HostBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} available, set by {}", gib(self.available), self.limit)
+        write!(
+            f,
+            "{} available, set by {}",
+            gib(self.available),
+            self.limit
+        )
     }
 }
 
@@ -261,11 +271,18 @@ mod tests {
         let g = d.path().join("lema.slice/run");
         write(&g, "memory.max", "8589934592\n");
         write(&g, "memory.current", "1073741824\n");
-        write(&g, "memory.stat", "anon 1\ninactive_file 536870912\nactive_file 7\n");
+        write(
+            &g,
+            "memory.stat",
+            "anon 1\ninactive_file 536870912\nactive_file 7\n",
+        );
         let b = budget("0::/lema.slice/run\n", d.path(), None);
         assert_eq!(b.available, (8u64 << 30) - (1 << 29));
         let msg = b.to_string();
-        assert!(msg.contains("lema.slice/run") && msg.contains("8.00 GiB limit"), "{msg}");
+        assert!(
+            msg.contains("lema.slice/run") && msg.contains("8.00 GiB limit"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -292,7 +309,10 @@ mod tests {
         assert_eq!(b.available, 1 << 30);
         // v1's unlimited value is no limit
         write(&g, "memory.limit_in_bytes", "9223372036854771712\n");
-        assert_eq!(budget("4:memory:/job\n", d.path(), None).limit, Limit::System);
+        assert_eq!(
+            budget("4:memory:/job\n", d.path(), None).limit,
+            Limit::System
+        );
     }
 
     #[test]
@@ -322,8 +342,17 @@ mod tests {
             },
         };
         assert!(b.check(1 << 30, "x", "y").is_ok());
-        let msg = b.check(3 << 30, "RESIDENT", "use STREAMING").unwrap_err().to_string();
-        for part in ["RESIDENT", "3.00 GiB", "1.00 GiB more", "max_host_memory", "use STREAMING"] {
+        let msg = b
+            .check(3 << 30, "RESIDENT", "use STREAMING")
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "RESIDENT",
+            "3.00 GiB",
+            "1.00 GiB more",
+            "max_host_memory",
+            "use STREAMING",
+        ] {
             assert!(msg.contains(part), "{part} missing from: {msg}");
         }
         assert_eq!(b.for_weights(), 1 << 29);

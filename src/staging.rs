@@ -38,7 +38,7 @@ pub struct HeapBuf(Vec<Page>);
 
 impl HeapBuf {
     /// `bytes` (rounded up to whole pages) of zeroed memory.
-    pub fn new(bytes: usize) -> Result<Box<dyn HostBuf>> {
+    pub fn alloc(bytes: usize) -> Result<Box<dyn HostBuf>> {
         let pages = bytes.div_ceil(ALIGN);
         let mut v = Vec::new();
         v.try_reserve_exact(pages).map_err(|_| {
@@ -245,9 +245,9 @@ impl StagingRing {
         let Some(layout) = self.layouts.get(&part).cloned() else {
             return true; // not a disk layer
         };
-        let victim = self.slots.iter().position(|s| {
-            matches!(s, Slot::Idle { part: p, .. } if p.is_none_or(|p| !keep.contains(&p)))
-        });
+        let victim = self.slots.iter().position(
+            |s| matches!(s, Slot::Idle { part: p, .. } if p.is_none_or(|p| !keep.contains(&p))),
+        );
         let Some(i) = victim else { return false };
         let Slot::Idle { mut buf, fence, .. } = std::mem::replace(&mut self.slots[i], Slot::Gone)
         else {

@@ -207,7 +207,13 @@ impl<B: Backend> WeightStream<B> for Streaming<B> {
             return Ok(w.clone());
         }
         self.last = None;
-        let w = Arc::new(load_part(be, &mut self.tiers, &self.gbi, &self.model, part)?);
+        let w = Arc::new(load_part(
+            be,
+            &mut self.tiers,
+            &self.gbi,
+            &self.model,
+            part,
+        )?);
         // around the step boundary too: the next step starts where this one ends
         let ahead = self.cycle.window(part, next, LOOKAHEAD);
         self.tiers.prefetch(&ahead[1..]);

@@ -283,7 +283,12 @@ mod tests {
         assert_eq!(p.head, Tier::Disk);
         assert!(p.host_bytes() <= host(16).for_weights());
         let line = p.to_string();
-        for part in ["18 blocks in host RAM", "14 from disk", "2 × 400.0 MB", "exceed"] {
+        for part in [
+            "18 blocks in host RAM",
+            "14 from disk",
+            "2 × 400.0 MB",
+            "exceed",
+        ] {
             assert!(line.contains(part), "{part} missing from: {line}");
         }
     }
@@ -309,8 +314,14 @@ mod tests {
 
     #[test]
     fn too_little_for_the_ring_is_refused_with_the_numbers() {
-        let msg = plan(&input(WeightSource::Auto), &host(0)).unwrap_err().to_string();
-        for part in ["staging ring of 2 × 400.0 MB", "0.75 GiB", "max_host_memory"] {
+        let msg = plan(&input(WeightSource::Auto), &host(0))
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "staging ring of 2 × 400.0 MB",
+            "762.9 MiB",
+            "max_host_memory",
+        ] {
             assert!(msg.contains(part), "{part} missing from: {msg}");
         }
     }

@@ -244,7 +244,7 @@ fn tiered_stream<B: Backend>(
         gbi.clone(),
         model,
         host_options(config, working_bytes),
-        &mut crate::staging::HeapBuf::new,
+        &mut crate::staging::HeapBuf::alloc,
     )?;
     Ok(Box::new(crate::stream::Streaming::<B>::with_tiers(
         gbi.clone(),
