@@ -83,8 +83,9 @@ impl DiskReader {
         {
             match read_full(f, dst, offset) {
                 Ok(got) => return self.enough(got, offset, need),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // the filesystem takes O_DIRECT at open but not for reads
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EFAULT)) => {
+                    // the filesystem takes O_DIRECT at open but not for reads, or the
+                    // buffer is memory the kernel cannot pin for a direct read
                     self.direct_ok.store(false, Ordering::Relaxed);
                     if let Ok(mut w) = self.why_buffered.lock() {
                         *w = Some(format!("direct reads failed: {e}"));

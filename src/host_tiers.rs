@@ -35,6 +35,8 @@ pub struct HostOptions {
     pub on_device: usize,
     /// Host bytes the backend keeps for layers in use (the CPU's decoded copies).
     pub working_bytes: u64,
+    /// The mapped path pins the whole file (CUDA registers it with the driver).
+    pub pins_mapping: bool,
 }
 
 /// See the module's description.
@@ -105,6 +107,11 @@ impl HostTiers {
             staging_buffers: STAGING_BUFFERS,
             buffer_bytes: layouts.values().map(|l| l.len as u64).max().unwrap_or(0),
             source: opts.source,
+            mapping_pin_bytes: if opts.pins_mapping {
+                gbi.mapped().len() as u64
+            } else {
+                0
+            },
         };
         let plan = crate::tiers::plan(&input, &HostBudget::probe(opts.max_host_memory))?;
         Self::build(gbi, plan, layouts, alloc)

@@ -1,6 +1,7 @@
 //! How much host memory this process may still use: the least of its cgroup's headroom
 //! (cgroup v2 `memory.max − memory.current`, or v1's limit and usage, for its own group
-//! and every group above it), the system's `MemAvailable`, and the `max_host_memory`
+//! and every group above it; inactive file pages count as free, and the use is at least
+//! the process's own `VmRSS`), the system's `MemAvailable`, and the `max_host_memory`
 //! setting less what the process holds already (`VmRSS`). Page-locked (pinned) memory
 //! that the CUDA driver allocates is not always charged to the cgroup, so lema checks it
 //! against this budget itself instead of trusting the kernel to stop it.
@@ -173,8 +174,12 @@ impl HostBudget {
                 best = HostBudget { available, limit };
             }
         };
+        // pinned memory the driver allocates may not be charged to the group: the
+        // process's own resident set is a floor of what it uses
+        let rss = kb_field(s.status, "VmRSS:").unwrap_or(0);
         for dir in group_dirs(s) {
             if let Some((max, used)) = group_limit(&dir) {
+                let used = used.max(rss);
                 consider(
                     max.saturating_sub(used),
                     Limit::Cgroup {
@@ -186,7 +191,6 @@ impl HostBudget {
             }
         }
         if let Some(max) = setting {
-            let rss = kb_field(s.status, "VmRSS:").unwrap_or(0);
             consider(max.saturating_sub(rss), Limit::Setting { max, rss });
         }
         best
@@ -329,7 +333,9 @@ mod tests {
         write(d.path(), "memory.max", "1073741824\n");
         write(d.path(), "memory.current", "0\n");
         let b = budget("0::/not/here\n", d.path(), None);
-        assert_eq!(b.available, 1 << 30);
+        // the group's use counts at least this process's resident set (pinned memory
+        // may not be charged to the group)
+        assert_eq!(b.available, (1 << 30) - 10_000 * 1024);
     }
 
     #[test]

@@ -4,14 +4,14 @@
 //! fence says that reader is done; the reader threads wait for it, not the caller.
 //!
 //! A layer's bytes are read as aligned runs ([`Layout`]): its tensors' byte ranges merged
-//! where they touch, widened to [`ALIGN`] and split in [`CHUNK`]s that the reader threads
-//! read in parallel, so several reads are in flight.
+//! where they touch, widened to [`ALIGN`] and split in [`CHUNK`]s that [`READERS`]
+//! threads read in parallel, so several reads are in flight. Each fill runs on a thread
+//! of its own, which first waits for the buffer's fence.
 
 use crate::diskread::{ALIGN, CHUNK, DiskReader, align_down, align_up};
 use crate::error::{Error, Result};
 use crate::gbi::{Gbi, TensorInfo};
 use crate::stream::Part;
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -37,8 +37,13 @@ struct Page([u8; ALIGN]);
 pub struct HeapBuf(Vec<Page>);
 
 impl HeapBuf {
-    /// `bytes` (rounded up to whole pages) of zeroed memory.
+    /// `bytes` (rounded up to whole pages) of zeroed memory, boxed.
     pub fn alloc(bytes: usize) -> Result<Box<dyn HostBuf>> {
+        Ok(Box::new(HeapBuf::new(bytes)?))
+    }
+
+    /// `bytes` (rounded up to whole pages) of zeroed memory.
+    pub fn new(bytes: usize) -> Result<HeapBuf> {
         let pages = bytes.div_ceil(ALIGN);
         let mut v = Vec::new();
         v.try_reserve_exact(pages).map_err(|_| {
@@ -48,7 +53,7 @@ impl HeapBuf {
             ))
         })?;
         v.resize(pages, Page([0; ALIGN]));
-        Ok(Box::new(HeapBuf(v)))
+        Ok(HeapBuf(v))
     }
 }
 
@@ -124,8 +129,8 @@ impl Layout {
             .unwrap_or(&[])
     }
 
-    /// Read the layout's runs from `reader` into `buf`, in chunks, in parallel on the
-    /// current rayon pool.
+    /// Read the layout's runs from `reader` into `buf`, in [`CHUNK`]s, on [`READERS`]
+    /// threads of their own (several reads in flight).
     pub fn read(&self, reader: &DiskReader, buf: &mut [u8]) -> Result<()> {
         if buf.len() < self.len {
             return Err(Error::config(format!(
@@ -145,9 +150,25 @@ impl Layout {
                 pieces.push((chunk, (r.file_start + off) as u64, need));
             }
         }
-        pieces
-            .into_par_iter()
-            .try_for_each(|(chunk, off, need)| reader.read(chunk, off, need))
+        let threads = READERS.min(pieces.len());
+        let queue = Mutex::new(pieces.into_iter());
+        let next = || queue.lock().ok().and_then(|mut q| q.next());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| -> Result<()> {
+                        while let Some((chunk, off, need)) = next() {
+                            reader.read(chunk, off, need)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::config("internal: a reader thread panicked")))
+            })
+        })
     }
 }
 
@@ -181,13 +202,14 @@ pub struct StagingRing {
     reader: Arc<DiskReader>,
     layouts: HashMap<Part, Arc<Layout>>,
     slots: Vec<Slot>,
-    pool: Arc<rayon::ThreadPool>,
+    /// Why a fill could not start, when one could not (its buffer is lost).
+    failed: Option<String>,
     /// Bytes read from disk so far.
     pub bytes_read: u64,
 }
 
-/// Reader threads of a ring.
-const READERS: usize = 4;
+/// Reader threads of one layer's fill.
+pub const READERS: usize = 4;
 
 impl StagingRing {
     /// `buffers` buffers from `alloc`, each large enough for every layout.
@@ -208,17 +230,12 @@ impl StagingRing {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(READERS)
-            .thread_name(|i| format!("lema-read-{i}"))
-            .build()
-            .map_err(|e| Error::config(format!("could not start the reader threads: {e}")))?;
         Ok(StagingRing {
             gbi,
             reader,
             layouts,
             slots,
-            pool: Arc::new(pool),
+            failed: None,
             bytes_read: 0,
         })
     }
@@ -256,22 +273,28 @@ impl StagingRing {
         let pending: Pending = Arc::new((Mutex::new(None), Condvar::new()));
         let (done, gbi, reader) = (pending.clone(), self.gbi.clone(), self.reader.clone());
         self.bytes_read += layout.len as u64;
-        self.pool.spawn(move || {
-            let r = (|| {
-                if let Some(f) = fence {
-                    f.wait()?;
+        // a thread of its own per fill: it waits for the fence, then reads
+        let spawned = std::thread::Builder::new()
+            .name("lema-fill".into())
+            .spawn(move || {
+                let r = (|| {
+                    if let Some(f) = fence {
+                        f.wait()?;
+                    }
+                    // a file modified since it was opened is an error naming it
+                    gbi.check_unchanged()?;
+                    layout.read(&reader, buf.bytes_mut())
+                })();
+                let (lock, cv) = &*done;
+                if let Ok(mut g) = lock.lock() {
+                    *g = Some((buf, r));
                 }
-                // a file modified since it was opened is an error naming it
-                gbi.check_unchanged()?;
-                layout.read(&reader, buf.bytes_mut())
-            })();
-            let (lock, cv) = &*done;
-            if let Ok(mut g) = lock.lock() {
-                *g = Some((buf, r));
-            }
-            cv.notify_all();
-        });
-        self.slots[i] = Slot::Filling(part, pending);
+                cv.notify_all();
+            });
+        match spawned {
+            Ok(_) => self.slots[i] = Slot::Filling(part, pending),
+            Err(e) => self.failed = Some(format!("could not start a reader thread: {e}")),
+        }
         true
     }
 
@@ -331,10 +354,13 @@ impl StagingRing {
                 }
             }
         }
-        Err(Error::config(format!(
-            "internal: no staging buffer for {part:?} (all {} are handed out)",
-            self.slots.len()
-        )))
+        Err(Error::config(match &self.failed {
+            Some(why) => format!("reading {part:?} from disk: {why}"),
+            None => format!(
+                "internal: no staging buffer for {part:?} (all {} are handed out)",
+                self.slots.len()
+            ),
+        }))
     }
 
     /// Give `s` back; it is refilled only after `fence` (when given).

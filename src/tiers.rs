@@ -65,6 +65,9 @@ pub struct PlanInput {
     pub staging_buffers: usize,
     pub buffer_bytes: u64,
     pub source: WeightSource,
+    /// Host bytes the mapped path pins (CUDA registers the whole file; 0 on the CPU,
+    /// whose mapped pages the kernel can evict).
+    pub mapping_pin_bytes: u64,
 }
 
 /// Per layer, where it lives; with the sizes and the reason, for the printed line.
@@ -178,10 +181,15 @@ pub fn plan(input: &PlanInput, host: &HostBudget) -> Result<TierPlan> {
             };
             return Ok(mapped(format!("weight_source = mapped{over}")));
         }
-        WeightSource::Auto if streamed <= budget => {
+        WeightSource::Auto if streamed.max(input.mapping_pin_bytes) <= budget => {
             return Ok(mapped(format!(
-                "the {} streamed fit the {} that weights may use ({host})",
-                gb(streamed),
+                "the {} {} fit the {} that weights may use ({host})",
+                gb(streamed.max(input.mapping_pin_bytes)),
+                if input.mapping_pin_bytes > streamed {
+                    "of the file, pinned whole,"
+                } else {
+                    "streamed"
+                },
                 gb(budget)
             )));
         }
@@ -224,6 +232,11 @@ pub fn plan(input: &PlanInput, host: &HostBudget) -> Result<TierPlan> {
     };
     let why = match input.source {
         WeightSource::Disk => "weight_source = disk".to_string(),
+        _ if input.mapping_pin_bytes > streamed => format!(
+            "the {} file, which the mapped path pins whole, exceeds the {} that weights may use ({host})",
+            gb(input.mapping_pin_bytes),
+            gb(budget)
+        ),
         _ => format!(
             "the {} streamed exceed the {} that weights may use ({host})",
             gb(streamed),
@@ -263,6 +276,7 @@ mod tests {
             staging_buffers: 2,
             buffer_bytes: 400_000_000,
             source,
+            mapping_pin_bytes: 0,
         }
     }
 
@@ -300,6 +314,12 @@ mod tests {
         let p = plan(&i, &host(4)).unwrap();
         assert_eq!(p.blocks[..30], vec![Tier::Device; 30][..]);
         assert!(p.all_mapped(), "{p}"); // 2 blocks + head = 1.06 GB ≤ 2 GB
+        // unless the mapped path pins the whole file (CUDA registers it)
+        i.mapping_pin_bytes = 13_000_000_000;
+        let p = plan(&i, &host(4)).unwrap();
+        assert_eq!(p.blocks[30..], vec![Tier::Ram; 2][..]);
+        assert_eq!(p.head, Tier::Ram);
+        assert!(p.to_string().contains("pins whole"), "{p}");
     }
 
     #[test]

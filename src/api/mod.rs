@@ -229,6 +229,7 @@ fn host_options(config: &LemaConfig, working_bytes: u64) -> crate::host_tiers::H
         max_host_memory: config.max_host_memory,
         on_device: 0,
         working_bytes,
+        pins_mapping: false,
     }
 }
 

@@ -160,6 +160,7 @@ impl CudaRing {
                 max_host_memory: opts.max_host_memory,
                 on_device: n_resident,
                 working_bytes: 0,
+                pins_mapping: true,
             };
             HostTiers::planned(gbi.clone(), &model, host, &mut alloc)?
         };
