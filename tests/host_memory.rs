@@ -211,6 +211,7 @@ fn resident_beyond_the_cap_is_refused_with_the_numbers() {
         .err()
         .expect("RESIDENT must be refused")
         .to_string();
+    eprintln!("{msg}");
     for part in [
         "resident",
         "needs",

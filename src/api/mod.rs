@@ -323,7 +323,10 @@ fn cpu_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEng
         Strategy::Resident | Strategy::Budget => {
             crate::hostmem::HostBudget::probe(config.max_host_memory).check(
                 decoded.iter().sum(),
-                &format!("strategy {:?} on the CPU (every layer decoded to f32)", config.strategy).to_lowercase(),
+                &format!(
+                    "strategy {} on the CPU (every layer decoded to f32)",
+                    if config.strategy == Strategy::Resident { "resident" } else { "budget" }
+                ),
                 "use --strategy streaming, which keeps one or two layers and reads the others from the file, or raise the memory limit (max_host_memory, the cgroup's memory.max)",
             )?;
             crate::stream::make_stream(config.strategy, gbi.clone(), model.clone())
