@@ -374,7 +374,7 @@ impl StagingRing {
         }
     }
 
-    /// Bytes of one buffer, and how many there are.
+    /// How many buffers the ring has.
     pub fn buffers(&self) -> usize {
         self.slots.len()
     }
@@ -386,5 +386,163 @@ impl Drop for StagingRing {
         for i in 0..self.slots.len() {
             let _ = self.finish(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DType;
+    use crate::gbi::Group;
+    use std::time::{Duration, Instant};
+
+    /// A tiny model's index, a reader of it and the layouts of its blocks and head.
+    fn setup(dir: &std::path::Path) -> (Arc<Gbi>, Arc<DiskReader>, HashMap<Part, Arc<Layout>>) {
+        let shape = crate::bench::preset("tiny").unwrap();
+        let path = crate::bench::write_random_model(dir, &shape, DType::BF16, 3, 0.02).unwrap();
+        let gbi = Arc::new(Gbi::open(&path).unwrap());
+        let reader = Arc::new(DiskReader::new(gbi.file(), gbi.path()).unwrap());
+        let mut layouts = HashMap::new();
+        for (p, g) in [
+            (Part::Block(0), Group::Layer(0)),
+            (Part::Block(1), Group::Layer(1)),
+            (Part::Head, Group::Head),
+        ] {
+            layouts.insert(p, Arc::new(Layout::of(&gbi.group(g))));
+        }
+        (gbi, reader, layouts)
+    }
+
+    #[test]
+    fn layouts_read_every_tensor_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gbi, reader, layouts) = setup(dir.path());
+        for (g, l) in [Group::Layer(0), Group::Layer(1), Group::Head]
+            .into_iter()
+            .zip([Part::Block(0), Part::Block(1), Part::Head])
+        {
+            let layout = &layouts[&l];
+            let tensors = gbi.group(g);
+            // aligned runs: the buffer is whole pages and covers the tensors
+            assert_eq!(layout.len % ALIGN, 0);
+            assert!(layout.len >= tensors.iter().map(|t| t.len).sum::<usize>());
+            let mut buf = HeapBuf::alloc(layout.len).unwrap();
+            layout.read(&reader, buf.bytes_mut()).unwrap();
+            for t in tensors {
+                assert_eq!(layout.bytes(buf.bytes(), t), gbi.bytes(t), "{}", t.name);
+            }
+        }
+    }
+
+    #[test]
+    fn separate_runs_and_a_short_buffer() {
+        let t = |name: &str, offset, len| TensorInfo {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![len / 4],
+            offset,
+            len,
+        };
+        // a and b touch one page, c lies far away: two runs, each from an aligned start
+        let (a, b, c) = (t("a", 100, 40), t("b", 4000, 400), t("c", 1 << 20, 8));
+        let l = Layout::of(&[&c, &b, &a]);
+        assert_eq!(l.runs.len(), 2);
+        assert_eq!((l.runs[0].file_start, l.runs[0].len), (0, 8192));
+        assert_eq!((l.runs[1].file_start, l.runs[1].at), (1 << 20, 8192));
+        assert_eq!(l.len, 3 * ALIGN);
+        assert_eq!(l.at["a"], 100);
+        assert_eq!(l.at["c"], 8192);
+        let mut small = HeapBuf::alloc(ALIGN).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, reader, _) = setup(dir.path());
+        let msg = l.read(&reader, small.bytes_mut()).unwrap_err().to_string();
+        assert!(msg.contains("staging buffer"), "{msg}");
+    }
+
+    /// A fence the test opens.
+    struct Gate(Arc<(Mutex<bool>, Condvar)>);
+    impl Fence for Gate {
+        fn wait(&self) -> Result<()> {
+            let (m, cv) = &*self.0;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_buffer_is_refilled_only_after_its_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gbi, reader, layouts) = setup(dir.path());
+        let mut ring =
+            StagingRing::new(gbi.clone(), reader, layouts.clone(), 1, &mut HeapBuf::alloc).unwrap();
+        let s = ring.take(Part::Block(0)).unwrap();
+        let t0 = &gbi.group(Group::Layer(0))[0];
+        assert_eq!(
+            layouts[&Part::Block(0)].bytes(s.buf.bytes(), t0),
+            gbi.bytes(t0)
+        );
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        ring.give_back(s, Some(Box::new(Gate(gate.clone()))));
+        // the one buffer is wanted for block 1: its fill must wait for the gate
+        assert!(ring.prefetch(Part::Block(1), &[Part::Block(1)]));
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                *gate.0.lock().unwrap() = true;
+                gate.1.notify_all();
+            })
+        };
+        let start = Instant::now();
+        let s = ring.take(Part::Block(1)).unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "read before the fence"
+        );
+        opener.join().unwrap();
+        let t1 = &gbi.group(Group::Layer(1))[0];
+        assert_eq!(
+            layouts[&Part::Block(1)].bytes(s.buf.bytes(), t1),
+            gbi.bytes(t1)
+        );
+        // while handed out, the buffer cannot serve another layer
+        let msg = ring.take(Part::Head).err().unwrap().to_string();
+        assert!(msg.contains("handed out"), "{msg}");
+        ring.give_back(s, None);
+        // given back, it still holds block 1: asked again, no read
+        let before = ring.bytes_read;
+        let s = ring.take(Part::Block(1)).unwrap();
+        assert_eq!(ring.bytes_read, before);
+        ring.give_back(s, None);
+    }
+
+    #[test]
+    fn a_file_modified_before_a_fill_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gbi, reader, layouts) = setup(dir.path());
+        let mut ring =
+            StagingRing::new(gbi.clone(), reader, layouts, 2, &mut HeapBuf::alloc).unwrap();
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(gbi.path())
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        let msg = ring.take(Part::Block(0)).err().unwrap().to_string();
+        assert!(
+            msg.contains(&gbi.path().display().to_string()) && msg.contains("modified"),
+            "{msg}"
+        );
+        // the buffers came back from the failed fills: the next error is the file's
+        // again, not a ring without buffers
+        for p in [Part::Block(1), Part::Head] {
+            let msg = ring.take(p).err().unwrap().to_string();
+            assert!(msg.contains("modified"), "{msg}");
+        }
+        assert_eq!(ring.buffers(), 2);
     }
 }
