@@ -3,8 +3,10 @@
 //! the same losses as the mapped path, and the process's peak resident set (VmHWM,
 //! measured in a child process) stays under the cap, which the mapped path exceeds;
 //! RESIDENT is refused with the numbers; a file modified in place is an error naming it
-//! on the disk path too.
+//! on the disk path too; `lema train` prints the plan and takes the settings.
 
+mod common;
+use common::tiny::{Tiny, expect_error, expect_ok};
 use lema::backend::DType;
 use lema::bench::{Shape, write_random_model};
 use lema::tiers::WeightSource;
@@ -246,4 +248,72 @@ fn a_file_modified_in_place_is_named_on_the_disk_path() {
         .to_string();
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("modified") || msg.contains("changed"), "{msg}");
+}
+
+/// The losses of a run folder's metrics.jsonl.
+fn run_losses(t: &Tiny, run: &str) -> Vec<f64> {
+    std::fs::read_to_string(t.path(run).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect()
+}
+
+#[test]
+fn lema_train_prints_the_plan_and_takes_the_settings() {
+    let t = Tiny::new(None);
+    let line = "{\"text\": \"the quick brown fox jumps over the lazy dog\"}\n";
+    t.write("data.jsonl", &line.repeat(16));
+    let common = ["--max-steps", "3", "--logging-steps", "1"];
+    let mapped = t.train(
+        "data.jsonl",
+        &[&common[..], &["--weight-source", "mapped"]].concat(),
+    );
+    expect_ok(&mapped);
+    let err = String::from_utf8_lossy(&mapped.stderr);
+    assert!(
+        err.contains("frozen weights: 2 blocks from the mapped file"),
+        "{err}"
+    );
+    std::fs::rename(t.path("run"), t.path("run-mapped")).unwrap();
+    let disk = t.train(
+        "data.jsonl",
+        &[&common[..], &["--weight-source", "disk"]].concat(),
+    );
+    expect_ok(&disk);
+    let err = String::from_utf8_lossy(&disk.stderr);
+    assert!(
+        err.contains("2 from disk through a staging ring of 2 ×")
+            && err.contains("weight_source = disk"),
+        "{err}"
+    );
+    let (a, b) = (run_losses(&t, "run-mapped"), run_losses(&t, "run"));
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a, b);
+    // RESIDENT under a cap smaller than the process: refused with the numbers
+    std::fs::remove_dir_all(t.path("run")).unwrap();
+    let o = t.train(
+        "data.jsonl",
+        &[
+            &common[..],
+            &["--strategy", "resident", "--max-host-memory", "1000000"],
+        ]
+        .concat(),
+    );
+    expect_error(
+        &o,
+        &[
+            "strategy resident",
+            "needs",
+            "may use only",
+            "max_host_memory",
+            "--strategy streaming",
+        ],
+    );
+    let o = t.train(
+        "data.jsonl",
+        &[&common[..], &["--weight-source", "ssd"]].concat(),
+    );
+    expect_error(&o, &["weight_source", "ssd", "`auto`, `mapped`, `disk`"]);
 }
