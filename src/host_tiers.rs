@@ -60,6 +60,11 @@ impl HostTiers {
     /// Everything from the mapping (no planning, no probing).
     pub fn mapped(gbi: Arc<Gbi>, model: &Model) -> HostTiers {
         let layers = model.config().num_hidden_layers;
+        let mapped_bytes = parts(layers)
+            .filter_map(|p| tensors_of(&gbi, model, p).ok())
+            .flatten()
+            .map(|t| t.len as u64)
+            .sum();
         HostTiers {
             gbi,
             plan: TierPlan {
@@ -69,8 +74,8 @@ impl HostTiers {
                 buffer_bytes: 0,
                 ram_bytes: 0,
                 disk_bytes: 0,
-                mapped_bytes: 0,
-                why: "mapped".into(),
+                mapped_bytes,
+                why: "every layer from the mapped file".into(),
             },
             ram: HashMap::new(),
             staging: None,

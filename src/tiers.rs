@@ -119,36 +119,45 @@ impl TierPlan {
 impl fmt::Display for TierPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = |t: Tier| self.blocks.iter().filter(|&&b| b == t).count();
+        let mut parts = Vec::new();
+        if count(Tier::Device) > 0 {
+            parts.push(format!("{} blocks on the device", count(Tier::Device)));
+        }
+        if count(Tier::Mapped) > 0 || self.all_mapped() {
+            parts.push(format!(
+                "{} blocks from the mapped file ({} per pass)",
+                count(Tier::Mapped),
+                gb(self.mapped_bytes)
+            ));
+        }
+        if count(Tier::Ram) > 0 || self.head == Tier::Ram {
+            parts.push(format!(
+                "{} blocks in host RAM ({})",
+                count(Tier::Ram),
+                gb(self.ram_bytes)
+            ));
+        }
+        if self.disk_bytes > 0 {
+            parts.push(format!(
+                "{} from disk through a staging ring of {} × {} ({} read per pass)",
+                count(Tier::Disk),
+                self.staging_buffers,
+                gb(self.buffer_bytes),
+                gb(self.disk_bytes)
+            ));
+        }
         let head = match self.head {
             Tier::Device => "on the device",
             Tier::Mapped => "mapped",
             Tier::Ram => "in RAM",
             Tier::Disk => "from disk",
         };
-        write!(f, "frozen weights: ")?;
-        if count(Tier::Device) > 0 {
-            write!(f, "{} blocks on the device, ", count(Tier::Device))?;
-        }
-        if self.all_mapped() {
-            write!(
-                f,
-                "{} blocks from the mapped file ({} per pass), head {head}",
-                count(Tier::Mapped),
-                gb(self.mapped_bytes)
-            )?;
-        } else {
-            write!(
-                f,
-                "{} blocks in host RAM ({}), {} from disk through a staging ring of {} × {} ({} read per pass), head {head}",
-                count(Tier::Ram),
-                gb(self.ram_bytes),
-                count(Tier::Disk),
-                self.staging_buffers,
-                gb(self.buffer_bytes),
-                gb(self.disk_bytes)
-            )?;
-        }
-        write!(f, "; {}", self.why)
+        write!(
+            f,
+            "frozen weights: {}, head {head}; {}",
+            parts.join(", "),
+            self.why
+        )
     }
 }
 
