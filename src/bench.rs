@@ -217,6 +217,10 @@ pub struct BenchOptions {
     /// CUDA: time every kernel of the timed steps and report where the step's GPU time
     /// goes (adds a little host time per launch).
     pub profile: bool,
+    /// The most host memory the process may use.
+    pub max_host_memory: Option<u64>,
+    /// Where streamed layers come from on the host.
+    pub weight_source: crate::tiers::WeightSource,
 }
 
 /// The benchmark's findings.
@@ -247,6 +251,10 @@ pub struct BenchReport {
     /// 1 − resident / streamed step time: the share of a step spent waiting for weights.
     pub weight_wait_share: Option<f64>,
     pub stream_note: Option<String>,
+    /// Where the frozen layers come from (the tier plan).
+    pub weights_plan: Option<String>,
+    /// Bytes read from disk through the staging ring per step.
+    pub disk_bytes_per_step: f64,
     pub model_file_bytes: u64,
     pub final_loss: f64,
     /// With `profile`: GPU milliseconds per timed step by kernel, largest first, `idle`
@@ -317,6 +325,8 @@ struct Timing {
     device: String,
     note: Option<String>,
     profile: Option<Vec<crate::backend::ProfileLine>>,
+    disk_bytes_per_step: f64,
+    plan: Option<String>,
 }
 
 fn time_steps(
@@ -337,7 +347,10 @@ fn time_steps(
     cfg.offload_activations = opts.offload_activations;
     cfg.offload_optimizer = opts.offload_optimizer;
     cfg.profile = opts.profile;
+    cfg.max_host_memory = opts.max_host_memory;
+    cfg.weight_source = opts.weight_source;
     let mut model = LemaModel::new(cfg)?;
+    let plan = model.weights_plan();
     model.initialize_lora()?;
     let device = model.device_name();
     let mut trainer = crate::api::Trainer::new(model, OptimizerConfig::adamw(1e-4))?;
@@ -352,6 +365,7 @@ fn time_steps(
         last = trainer.train_step(&batch)?;
     }
     let (copied0, _) = trainer.model.stream_stats();
+    let read0 = trainer.model.disk_bytes_read();
     let mut times = Vec::with_capacity(opts.steps);
     let mut peak_vram = trainer.model.device_memory_used();
     trainer.model.profile_take()?; // drop the warm-up's regions
@@ -368,6 +382,7 @@ fn time_steps(
         }
     }
     let (copied1, note) = trainer.model.stream_stats();
+    let read1 = trainer.model.disk_bytes_read();
     let steps = times.len() as f64;
     let profile = (!profile.is_empty()).then(|| {
         let mut lines: Vec<_> = profile
@@ -383,6 +398,8 @@ fn time_steps(
     });
     Ok(Timing {
         bytes_per_step: (copied1 - copied0) as f64 / times.len() as f64,
+        disk_bytes_per_step: (read1 - read0) as f64 / times.len() as f64,
+        plan,
         times,
         peak_vram,
         loss: last.loss,
@@ -434,6 +451,8 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         resident_step_seconds: resident,
         weight_wait_share: resident.map(|r| (1.0 - r / med).max(0.0)),
         stream_note: main.note,
+        weights_plan: main.plan,
+        disk_bytes_per_step: main.disk_bytes_per_step,
         model_file_bytes,
         final_loss: main.loss,
         profile: main.profile,

@@ -50,6 +50,10 @@ pub enum Error {
     /// Training produced a non-finite value.
     #[error("{0}")]
     NonFinite(String),
+    /// Host memory the process may use would be exceeded (its cgroup limit, what the
+    /// system has available, or `max_host_memory`); the message has the numbers.
+    #[error("not enough host memory: {0}")]
+    HostMemory(String),
     /// The caller asked the work to stop (Ctrl-C in the Python bindings) before it
     /// changed any parameter.
     #[error("interrupted before the parameters were updated")]

@@ -194,6 +194,11 @@ impl Gbi {
         self.by_name.get(name).and_then(|&i| self.tensors.get(i))
     }
 
+    /// The open file behind the map (for reading it without the map: the staging ring).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The whole mapped file (for registering it with a device driver as pinned,
     /// read-only host memory).
     pub fn mapped(&self) -> &[u8] {

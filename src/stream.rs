@@ -4,7 +4,8 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::gbi::{Gbi, Group};
+use crate::gbi::{Gbi, Group, TensorInfo};
+use crate::host_tiers::HostTiers;
 use crate::model::{LayerWeights, Model};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,59 +59,141 @@ pub trait WeightStream<B: Backend>: Send {
     fn note(&self) -> Option<String> {
         None
     }
+    /// Where the streamed layers come from (the tier plan), printed once at start.
+    fn plan(&self) -> Option<String> {
+        None
+    }
+    /// Bytes read from disk through a staging ring so far.
+    fn disk_bytes_read(&self) -> u64 {
+        0
+    }
 }
 
-/// Upload the tensors of `part` from the file; names are relative to the block prefix
-/// (blocks) or full (head). A file modified since it was opened is an error naming it,
-/// not a read of changed (or vanished) bytes.
+/// Tensors of a part in a fixed order: (name in the layer map, file tensor). Names are
+/// relative to the block prefix (blocks) or full (head).
+pub fn part_tensors<'g>(
+    gbi: &'g Gbi,
+    model: &Model,
+    part: Part,
+) -> Result<Vec<(String, &'g TensorInfo)>> {
+    match part {
+        Part::Block(i) => {
+            let prefix = model.block_prefix(i);
+            let mut v: Vec<_> = gbi
+                .group(Group::Layer(i))
+                .into_iter()
+                .filter_map(|t| t.name.strip_prefix(&prefix).map(|r| (r.to_string(), t)))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(v)
+        }
+        Part::Head => model
+            .head_names()
+            .iter()
+            .map(|&n| Ok((n.to_string(), gbi.tensor(n)?)))
+            .collect(),
+    }
+}
+
+/// The order a step asks for parts in: F0..F(L−1), H, B(L−1)..B0, and around again.
+#[derive(Clone, Copy, Debug)]
+pub struct Cycle {
+    pub layers: usize,
+}
+
+impl Cycle {
+    /// Position of `part` in the cycle, judged from the caller's hint of what comes next.
+    pub fn index(&self, part: Part, next: Option<Part>) -> usize {
+        let l = self.layers;
+        match part {
+            Part::Head => l,
+            Part::Block(i) => {
+                let forward = match next {
+                    Some(Part::Block(j)) => j > i,
+                    Some(Part::Head) => true,
+                    None => false,
+                };
+                if forward { i } else { l + 1 + (l - 1 - i) }
+            }
+        }
+    }
+
+    /// The part at position `k` (modulo the cycle).
+    pub fn part(&self, k: usize) -> Part {
+        let l = self.layers;
+        let k = k % (2 * l + 1);
+        if k < l {
+            Part::Block(k)
+        } else if k == l {
+            Part::Head
+        } else {
+            Part::Block(2 * l - k)
+        }
+    }
+
+    /// `part` and the `n` parts after it.
+    pub fn window(&self, part: Part, next: Option<Part>, n: usize) -> Vec<Part> {
+        let k = self.index(part, next);
+        (k..=k + n).map(|j| self.part(j)).collect()
+    }
+}
+
+/// Upload the tensors of `part` from `tiers` (the mapped file, a RAM copy or a staging
+/// buffer). A file modified since it was opened is an error naming it, not a read of
+/// changed (or vanished) bytes.
 pub fn load_part<B: Backend>(
     be: &B,
+    tiers: &mut HostTiers,
     gbi: &Gbi,
     model: &Model,
     part: Part,
 ) -> Result<LayerWeights<B>> {
     gbi.check_unchanged()?;
-    let mut tensors = HashMap::new();
-    match part {
-        Part::Block(i) => {
-            let prefix = model.block_prefix(i);
-            for t in gbi.group(Group::Layer(i)) {
-                if let Some(rel) = t.name.strip_prefix(&prefix) {
-                    tensors.insert(rel.to_string(), be.upload_weight(gbi.bytes(t), t.dtype)?);
-                }
-            }
+    let held = tiers.acquire(part)?;
+    let upload = || -> Result<LayerWeights<B>> {
+        let mut tensors = HashMap::new();
+        for (rel, t) in part_tensors(gbi, model, part)? {
+            tensors.insert(rel, be.upload_weight(tiers.bytes(&held, t), t.dtype)?);
         }
-        Part::Head => {
-            for &name in model.head_names() {
-                let t = gbi.tensor(name)?;
-                tensors.insert(name.to_string(), be.upload_weight(gbi.bytes(t), t.dtype)?);
-            }
-        }
-    }
-    Ok(LayerWeights { tensors })
+        Ok(LayerWeights { tensors })
+    };
+    let w = upload();
+    tiers.release(held, None);
+    w
 }
 
-fn group(part: Part) -> Group {
-    match part {
-        Part::Block(i) => Group::Layer(i),
-        Part::Head => Group::Head,
-    }
-}
+/// Parts read ahead of the one in use: the staging ring's buffers are filled with the
+/// next disk layers while this one is computed with.
+const LOOKAHEAD: usize = 2;
 
-/// STREAMING: every request reads the file again, except that the part handed out last
-/// is reused when asked for twice in a row (the forward→backward turn).
+/// STREAMING: every request reads the layer again (from the mapped file, a RAM copy or
+/// disk, after the tier plan), except that the part handed out last is reused when asked
+/// for twice in a row (the forward→backward turn).
 pub struct Streaming<B: Backend> {
     gbi: Arc<Gbi>,
     model: Model,
+    tiers: HostTiers,
+    cycle: Cycle,
     last: Option<(Part, Arc<LayerWeights<B>>)>,
 }
 
 impl<B: Backend> Streaming<B> {
-    /// A streaming source over `gbi`.
+    /// A streaming source over `gbi`, every layer from the mapping.
     pub fn new(gbi: Arc<Gbi>, model: Model) -> Self {
+        let tiers = HostTiers::mapped(gbi.clone(), &model);
+        Self::with_tiers(gbi, model, tiers)
+    }
+
+    /// A streaming source whose host bytes come from `tiers`.
+    pub fn with_tiers(gbi: Arc<Gbi>, model: Model, tiers: HostTiers) -> Self {
+        let cycle = Cycle {
+            layers: model.config().num_hidden_layers,
+        };
         Streaming {
             gbi,
             model,
+            tiers,
+            cycle,
             last: None,
         }
     }
@@ -124,16 +207,30 @@ impl<B: Backend> WeightStream<B> for Streaming<B> {
             return Ok(w.clone());
         }
         self.last = None;
-        let w = Arc::new(load_part(be, &self.gbi, &self.model, part)?);
-        if let Some(n) = next {
-            self.gbi.prefetch(group(n));
-        }
+        let w = Arc::new(load_part(
+            be,
+            &mut self.tiers,
+            &self.gbi,
+            &self.model,
+            part,
+        )?);
+        // around the step boundary too: the next step starts where this one ends
+        let ahead = self.cycle.window(part, next, LOOKAHEAD);
+        self.tiers.prefetch(&ahead[1..]);
         self.last = Some((part, w.clone()));
         Ok(w)
     }
 
     fn held_elements(&self) -> usize {
         self.last.as_ref().map_or(0, |(_, w)| w.numel())
+    }
+
+    fn plan(&self) -> Option<String> {
+        Some(self.tiers.describe())
+    }
+
+    fn disk_bytes_read(&self) -> u64 {
+        self.tiers.disk_bytes_read()
     }
 }
 
@@ -160,7 +257,8 @@ impl<B: Backend> WeightStream<B> for Resident<B> {
         if let Some(w) = self.parts.get(&part) {
             return Ok(w.clone());
         }
-        let w = Arc::new(load_part(be, &self.gbi, &self.model, part)?);
+        let mut tiers = HostTiers::mapped(self.gbi.clone(), &self.model);
+        let w = Arc::new(load_part(be, &mut tiers, &self.gbi, &self.model, part)?);
         self.parts.insert(part, w.clone());
         Ok(w)
     }

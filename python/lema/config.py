@@ -43,6 +43,8 @@ _DEFAULTS: Dict[str, Any] = {
     "device": "auto",
     "dtype": None,
     "max_vram_gb": None,
+    "max_host_memory_gb": None,
+    "weight_source": "auto",
     "prefetch_distance": 2,
     "offload_activations": False,
     "offload_optimizer": False,
@@ -80,6 +82,13 @@ class LemaConfig:
     device: ``"auto"`` (CUDA when usable, else the CPU), ``"cuda"`` or ``"cpu"``.
     dtype: the GPU's compute type for weights stored as float32 (``"bfloat16"``, ...).
     max_vram_gb: ``MemoryStrategy.BUDGET``: GPU memory (GB, 10^9 bytes) for resident layers.
+    max_host_memory_gb: the most host memory (GB) the process may use, besides its cgroup
+        limit and what the system has available (which always count). STREAMING keeps
+        the layers that do not fit in the file and reads them from disk at each use;
+        RESIDENT and pinned allocations that would exceed it are refused.
+    weight_source: where STREAMING takes the frozen layers from on the host: ``"auto"``
+        (the mapped file when they fit the host budget, else RAM for as many as fit and
+        disk for the rest), ``"mapped"`` or ``"disk"`` (all through the staging ring).
     prefetch_distance: layers copied ahead of the one in use (CUDA).
     offload_activations, offload_optimizer: keep the saved block inputs / the engine
         optimizer's moments in pinned host memory instead of on the GPU.
@@ -157,6 +166,11 @@ class LemaConfig:
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if self.max_vram_gb is not None:
             need(number("max_vram_gb") > 0, f"max_vram_gb must be positive, got {self.max_vram_gb}")
+        if self.max_host_memory_gb is not None:
+            need(number("max_host_memory_gb") > 0,
+                 f"max_host_memory_gb must be positive, got {self.max_host_memory_gb}")
+        need(self.weight_source in ("auto", "mapped", "disk"),
+             f"weight_source must be 'auto', 'mapped' or 'disk', got {self.weight_source!r}")
         integer("prefetch_distance", 1)
         integer("seed", 0)
 
@@ -249,6 +263,9 @@ def engine_config(config: LemaConfig, model_path: str, config_path: Optional[str
         "seed": config.seed,
         "adapter_path": config.adapter_path,
         "max_vram": int(config.max_vram_gb * 1e9) if config.max_vram_gb is not None else None,
+        "max_host_memory": (int(config.max_host_memory_gb * 1e9)
+                            if config.max_host_memory_gb is not None else None),
+        "weight_source": config.weight_source,
         "prefetch_depth": config.prefetch_distance,
         "offload_activations": config.offload_activations,
         "offload_optimizer": config.offload_optimizer,

@@ -1,12 +1,12 @@
 //! lema's errors as Python exceptions: the Rust message, in the exception a Python user
 //! expects (a missing file is `FileNotFoundError`, a bad value `ValueError`, an
-//! interruption `KeyboardInterrupt`; a Hub refusal `PermissionError`, a broken download
+//! interruption `KeyboardInterrupt`, too little host memory `MemoryError`; a Hub refusal `PermissionError`, a broken download
 //! `ConnectionError`).
 
 use pyo3::PyErr;
 use pyo3::exceptions::{
-    PyConnectionError, PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt, PyOSError,
-    PyPermissionError, PyRuntimeError, PyValueError,
+    PyConnectionError, PyFileNotFoundError, PyFloatingPointError, PyKeyboardInterrupt,
+    PyMemoryError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
 };
 
 /// The Python exception for a lema error.
@@ -30,6 +30,7 @@ pub fn to_py(e: lema::Error) -> PyErr {
             }
         }
         Error::NonFinite(_) => PyFloatingPointError::new_err(msg),
+        Error::HostMemory(_) => PyMemoryError::new_err(msg),
         Error::Backend { .. } => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }

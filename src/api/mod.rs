@@ -31,6 +31,7 @@ use crate::model::Model;
 use crate::optim::OptimizerConfig;
 use crate::rng::Rng;
 use crate::stream::Strategy;
+use crate::tiers::WeightSource;
 use crate::trainer::{Engine, StepOutput};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -108,6 +109,17 @@ pub struct LemaConfig {
     /// [`LemaModel::profile_take`] (also on with `LEMA_CUDA_PROFILE=1`).
     #[serde(default)]
     pub profile: bool,
+    /// The most host memory the process may use, in bytes (besides its cgroup limit and
+    /// what the system has available, which always count). STREAMING keeps the frozen
+    /// layers that do not fit in half of it in the file and reads them from disk at each
+    /// use; RESIDENT and pinned allocations are refused when they would exceed it.
+    #[serde(default)]
+    pub max_host_memory: Option<u64>,
+    /// Where STREAMING takes the layers from on the host: `auto` (the mapped file when
+    /// they fit the host budget, else RAM for as many as fit and disk for the rest),
+    /// `mapped` or `disk` (every streamed layer through the staging ring).
+    #[serde(default)]
+    pub weight_source: WeightSource,
 }
 
 fn default_prefetch_depth() -> usize {
@@ -138,6 +150,8 @@ impl LemaConfig {
             offload_activations: false,
             offload_optimizer: false,
             profile: false,
+            max_host_memory: None,
+            weight_source: WeightSource::Auto,
         }
     }
 
@@ -204,7 +218,40 @@ fn cuda_options(config: &LemaConfig) -> CudaOptions {
         opts.weight_dtype = dt;
     }
     opts.profile |= config.profile;
+    opts.max_host_memory = config.max_host_memory;
     opts
+}
+
+/// Host options of the weight stream for `config`.
+fn host_options(config: &LemaConfig, working_bytes: u64) -> crate::host_tiers::HostOptions {
+    crate::host_tiers::HostOptions {
+        source: config.weight_source,
+        max_host_memory: config.max_host_memory,
+        on_device: 0,
+        working_bytes,
+        pins_mapping: false,
+    }
+}
+
+/// A STREAMING source over the tiers planned for this host; buffers on the heap (the
+/// backend uploads from them synchronously).
+fn tiered_stream<B: Backend>(
+    config: &LemaConfig,
+    gbi: &Arc<Gbi>,
+    model: &Model,
+    working_bytes: u64,
+) -> Result<Box<dyn crate::stream::WeightStream<B>>> {
+    let tiers = crate::host_tiers::HostTiers::planned(
+        gbi.clone(),
+        model,
+        host_options(config, working_bytes),
+        &mut crate::staging::HeapBuf::alloc,
+    )?;
+    Ok(Box::new(crate::stream::Streaming::<B>::with_tiers(
+        gbi.clone(),
+        model.clone(),
+        tiers,
+    )))
 }
 
 /// An engine on GPU 0, its weights streamed by the CUDA ring (copy stream, events,
@@ -216,7 +263,10 @@ fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEn
     let converts =
         gbi.tensors().any(|t| t.dtype == DType::F32) && be.options().weight_dtype != DType::F32;
     let stream: Box<dyn crate::stream::WeightStream<CudaBackend>> = if converts {
-        crate::stream::make_stream(config.strategy, gbi.clone(), model.clone())
+        match config.strategy {
+            Strategy::Streaming => tiered_stream(config, &gbi, &model, 0)?,
+            _ => crate::stream::make_stream(config.strategy, gbi.clone(), model.clone()),
+        }
     } else {
         let resident_bytes = match config.strategy {
             Strategy::Budget => config.max_vram.unwrap_or_else(|| {
@@ -229,6 +279,8 @@ fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEn
             depth: config.prefetch_depth.max(1),
             resident_bytes,
             pinned_copy: config.strategy == Strategy::Resident,
+            source: config.weight_source,
+            max_host_memory: config.max_host_memory,
         };
         Box::new(CudaRing::new(&be, gbi.clone(), model.clone(), opts)?)
     };
@@ -248,15 +300,46 @@ fn cuda_engine(config: &LemaConfig, _model: Model, _gbi: Arc<Gbi>) -> Result<Any
     match CudaBackend::with_options(cuda_options(config))? {}
 }
 
-fn cpu_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> AnyEngine {
-    AnyEngine::Cpu(Box::new(Engine::new(
+/// An engine on the CPU. Its "device" copies of the weights are f32 in host memory: they
+/// count against the host budget (two layers in use while streaming, all of them when
+/// resident).
+fn cpu_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEngine> {
+    let f32_bytes = |p| -> Result<u64> {
+        Ok(crate::stream::part_tensors(&gbi, &model, p)?
+            .iter()
+            .map(|(_, t)| 4 * t.shape.iter().product::<usize>() as u64)
+            .sum())
+    };
+    let layers = model.config().num_hidden_layers;
+    let mut decoded = vec![f32_bytes(crate::stream::Part::Head)?];
+    for i in 0..layers {
+        decoded.push(f32_bytes(crate::stream::Part::Block(i))?);
+    }
+    let stream = match config.strategy {
+        Strategy::Streaming => {
+            let largest = decoded.iter().copied().max().unwrap_or(0);
+            tiered_stream::<CpuBackend<f32>>(config, &gbi, &model, 2 * largest)?
+        }
+        Strategy::Resident | Strategy::Budget => {
+            crate::hostmem::HostBudget::probe(config.max_host_memory).check(
+                decoded.iter().sum(),
+                &format!(
+                    "strategy {} on the CPU (every layer decoded to f32)",
+                    if config.strategy == Strategy::Resident { "resident" } else { "budget" }
+                ),
+                "use --strategy streaming, which keeps one or two layers and reads the others from the file, or raise the memory limit (max_host_memory, the cgroup's memory.max)",
+            )?;
+            crate::stream::make_stream(config.strategy, gbi.clone(), model.clone())
+        }
+    };
+    Ok(AnyEngine::Cpu(Box::new(Engine::with_stream(
         CpuBackend::new(),
         model,
         gbi,
-        config.strategy,
+        stream,
         config.gradient_checkpointing,
         config.seed,
-    )))
+    ))))
 }
 
 /// A model ready for LoRA training: validated weights file, architecture, memory
@@ -308,7 +391,7 @@ impl LemaModel {
         let (gbi, model) = open_model(&config)?;
         let mut device_note = None;
         let (engine, device) = match config.device {
-            Device::Cpu => (cpu_engine(&config, model, gbi), Device::Cpu),
+            Device::Cpu => (cpu_engine(&config, model, gbi)?, Device::Cpu),
             Device::Cuda => {
                 if let Err(why) = cuda::probe(0) {
                     return Err(Error::config(format!(
@@ -324,12 +407,12 @@ impl LemaModel {
                         device_note = Some(format!(
                             "CUDA is present but could not be used ({e}); running on the CPU"
                         ));
-                        (cpu_engine(&config, model, gbi), Device::Cpu)
+                        (cpu_engine(&config, model, gbi)?, Device::Cpu)
                     }
                 },
                 Err(why) => {
                     device_note = Some(format!("{why}; running on the CPU"));
-                    (cpu_engine(&config, model, gbi), Device::Cpu)
+                    (cpu_engine(&config, model, gbi)?, Device::Cpu)
                 }
             },
         };
@@ -395,6 +478,18 @@ impl LemaModel {
     /// runs on a slower path, if it does.
     pub fn stream_stats(&self) -> (u64, Option<String>) {
         with_engine!(&self.engine, e => (e.stream.bytes_copied(), e.stream.note()))
+    }
+
+    /// Where the frozen layers come from (the tier plan: mapped file, host RAM, disk
+    /// through the staging ring; the sizes and why), for printing once at start; the
+    /// library prints nothing itself.
+    pub fn weights_plan(&self) -> Option<String> {
+        with_engine!(&self.engine, e => e.stream.plan())
+    }
+
+    /// Bytes of frozen weights read from disk through the staging ring so far.
+    pub fn disk_bytes_read(&self) -> u64 {
+        with_engine!(&self.engine, e => e.stream.disk_bytes_read())
     }
 
     /// Why `Device::Auto` chose the CPU (no driver, no GPU, no CUDA build), if it did; the

@@ -32,6 +32,7 @@ pub struct CudaOptions {
     pub exact_attention: bool,
     pub profile: bool,
     pub poison_uninit: bool,
+    pub max_host_memory: Option<u64>,
 }
 
 impl Default for CudaOptions {
@@ -45,6 +46,7 @@ impl Default for CudaOptions {
             exact_attention: false,
             profile: false,
             poison_uninit: false,
+            max_host_memory: None,
         }
     }
 }

@@ -52,6 +52,13 @@ pub struct BenchArgs {
     /// CUDA: time every kernel of the timed steps and print where the GPU time goes.
     #[arg(long)]
     profile: bool,
+    /// The most host memory the process may use, in bytes (the cgroup limit and
+    /// MemAvailable always count too).
+    #[arg(long)]
+    max_host_memory: Option<u64>,
+    /// Where streamed layers come from on the host: auto, mapped or disk.
+    #[arg(long, default_value = "auto")]
+    weight_source: String,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -78,6 +85,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         offload_activations: a.offload_activations,
         offload_optimizer: a.offload_optimizer,
         profile: a.profile,
+        max_host_memory: a.max_host_memory,
+        weight_source: a.weight_source.parse()?,
     };
     let tmp;
     let dir = match &a.workdir {
@@ -121,6 +130,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!(
             "  all layers resident: {t:.3} s/step, so {:.0}% of a streamed step waits for weights",
             100.0 * w
+        );
+    }
+    if let Some(p) = &r.weights_plan {
+        eprintln!("  {p}");
+    }
+    if r.disk_bytes_per_step > 0.0 {
+        eprintln!(
+            "  read from disk: {:.2} GB/step, {:.2} GB/s over the step",
+            r.disk_bytes_per_step / 1e9,
+            r.disk_bytes_per_step / r.step_seconds_median / 1e9
         );
     }
     if let Some(n) = &r.stream_note {

@@ -98,6 +98,9 @@ fn gb(bytes: Option<u64>) -> String {
 impl Observer for CliObserver {
     fn on_start(&mut self, s: &DataSummary) {
         let say = |m: String| eprintln!("{m}");
+        if let Some(p) = &s.weights_plan {
+            say(p.clone());
+        }
         say(s.train.summary(s.max_seq_length));
         if let Some(e) = &s.eval {
             say(e.summary(s.max_seq_length));

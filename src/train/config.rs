@@ -6,6 +6,7 @@ use crate::dataset::BadLinePolicy;
 use crate::error::{Error, Result};
 use crate::schedule::ScheduleKind;
 use crate::stream::Strategy;
+use crate::tiers::WeightSource;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -95,6 +96,11 @@ pub struct TrainConfig {
     pub prefetch_depth: usize,
     /// CUDA, strategy budget: bytes of GPU memory for blocks kept resident.
     pub max_vram: Option<u64>,
+    /// The most host memory the process may use (its cgroup limit and what the system
+    /// has available always count too).
+    pub max_host_memory: Option<u64>,
+    /// Where streamed layers come from on the host: auto, mapped or disk.
+    pub weight_source: WeightSource,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +146,8 @@ impl Default for TrainConfig {
             offload_activations: false,
             prefetch_depth: 2,
             max_vram: None,
+            max_host_memory: None,
+            weight_source: WeightSource::Auto,
         }
     }
 }
@@ -324,6 +332,18 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "BYTES",
             "CUDA, strategy budget: GPU bytes for resident blocks [free − 4 GiB]",
         ),
+        (
+            "max_host_memory",
+            Scalar,
+            "BYTES",
+            "most host memory the process may use [cgroup limit, MemAvailable]",
+        ),
+        (
+            "weight_source",
+            Text,
+            "NAME",
+            "streamed layers from: auto, mapped or disk (staging ring) [auto]",
+        ),
     ]
 };
 
@@ -346,6 +366,8 @@ const RESUMABLE: &[&str] = &[
     "offload_activations",
     "prefetch_depth",
     "max_vram",
+    "max_host_memory",
+    "weight_source",
 ];
 
 /// Levenshtein distance between two strings.

@@ -91,6 +91,8 @@ pub struct DataSummary {
     pub trainable_parameters: usize,
     /// The run's `max_seq_length`.
     pub max_seq_length: usize,
+    /// Where the frozen layers come from (the tier plan), for printing once.
+    pub weights_plan: Option<String>,
 }
 
 /// Hooks through which a caller follows (and may steer) a run.
@@ -194,6 +196,8 @@ fn lema_config(cfg: &TrainConfig, model: &Path) -> LemaConfig {
     l.offload_activations = cfg.offload_activations;
     l.prefetch_depth = cfg.prefetch_depth;
     l.max_vram = cfg.max_vram;
+    l.max_host_memory = cfg.max_host_memory;
+    l.weight_source = cfg.weight_source;
     l.device = cfg.device;
     l.seed = cfg.seed;
     l
@@ -374,6 +378,7 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
             start_step: 0,
             trainable_parameters: 0,
             max_seq_length: cfg.max_seq_length,
+            weights_plan: None,
         },
         train,
         eval,
@@ -544,6 +549,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
 
     data.summary.start_step = start;
     data.summary.trainable_parameters = trainer.model.trainable_parameters();
+    data.summary.weights_plan = trainer.model.weights_plan();
     obs.on_start(&data.summary);
 
     let accum = cfg.gradient_accumulation_steps;

@@ -24,6 +24,7 @@ mod loss;
 mod norm;
 mod offload;
 mod optim;
+pub mod pinned;
 mod profile;
 pub mod ring;
 mod rope;
@@ -71,6 +72,10 @@ pub struct CudaOptions {
     /// (tests; costs a memset per buffer). Also on whenever `sync_each_launch` is. Default
     /// from the environment variable `LEMA_CUDA_POISON=1`.
     pub poison_uninit: bool,
+    /// The most host memory the process may use (`max_host_memory`): page-locked
+    /// allocations are checked against it (and the cgroup limit and what the system has
+    /// available) before they are made.
+    pub max_host_memory: Option<u64>,
 }
 
 impl Default for CudaOptions {
@@ -84,6 +89,7 @@ impl Default for CudaOptions {
             exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
+            max_host_memory: None,
         }
     }
 }
@@ -411,6 +417,12 @@ impl CudaBackend {
     /// device, slow for the CPU to read), the source of asynchronous weight uploads.
     pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedHostSlice<u8>> {
         let op = "alloc_pinned";
+        // driver-pinned memory may escape the cgroup's accounting: check it here
+        crate::hostmem::HostBudget::probe(self.opts.max_host_memory).check(
+            bytes as u64,
+            "page-locking host memory",
+            "lower the pinned memory asked for (--strategy streaming instead of resident, no offload_activations), or raise the memory limit (max_host_memory, the cgroup's memory.max)",
+        )?;
         self.dev.bind(op)?;
         // SAFETY: plain host allocation of `bytes` u8, which any bit pattern is valid for.
         unsafe { self.dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| {
@@ -606,6 +618,11 @@ impl Backend for CudaBackend {
         let bytes = n
             .checked_mul(DType::F32.size())
             .ok_or_else(|| err(op, format!("{n} f32 elements overflow the address space")))?;
+        crate::hostmem::HostBudget::probe(self.opts.max_host_memory).check(
+            bytes as u64,
+            "page-locking the optimizer state in host memory (offload_optimizer)",
+            "turn offload_optimizer off, or raise the memory limit (max_host_memory, the cgroup's memory.max)",
+        )?;
         let mem = Mem::Host(self.dev.alloc_mapped_host(op, bytes)?);
         Ok(CudaBuf {
             mem,

@@ -4,40 +4,34 @@
 //! read it is done, and the compute stream waits for a slot's copy on the device, so the
 //! host never synchronises in the steady state.
 //!
-//! Host side: the memory-mapped file is registered with the driver as pinned, read-only
+//! Host side (the tier plan, `crate::tiers`): when the streamed layers fit the host
+//! budget, the memory-mapped file is registered with the driver as pinned, read-only
 //! memory (`cuMemHostRegister`), so copies go from the page cache straight to the GPU
 //! by DMA at the link's speed with no CPU copy. If the driver refuses (locked-memory
 //! limits), copies fall back to pageable memory (the driver stages them; slower, and the
-//! reason is kept in `note`). RESIDENT copies every layer once into pinned host memory.
+//! reason is kept in `note`). When they do not fit, as many layers as fit are kept in
+//! pinned host memory and the rest are read from disk into the pinned staging ring
+//! (`crate::staging`) and copied from there; a staging buffer is refilled only after the
+//! event of its copy. RESIDENT keeps a pinned copy of every block.
 //!
 //! A VRAM budget keeps as many blocks resident on the GPU as fit (loaded once, never
 //! copied again); the head (final norm + LM head) gets a slot of its own. At the
 //! forward→backward turn the last blocks of the forward are still in the ring and are
 //! used again instead of being copied twice.
 
+use super::pinned::PinnedBuf;
 use super::{CudaBackend, CudaBuf};
 use crate::backend::DType;
 use crate::error::{Error, Result};
-use crate::gbi::{Gbi, Group, TensorInfo};
+use crate::gbi::{Gbi, TensorInfo};
+use crate::host_tiers::{HostOptions, HostTiers, STAGING_BUFFERS};
 use crate::model::{LayerWeights, Model};
-use crate::stream::{Part, WeightStream};
+use crate::staging::Fence;
+use crate::stream::{Cycle, Part, WeightStream, part_tensors};
+use crate::tiers::WeightSource;
 use cudarc::driver::{CudaEvent, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// Where the ring's host bytes come from.
-enum Source {
-    /// The mapped file, registered as pinned read-only memory (base pointer kept for
-    /// unregistering).
-    Registered(usize),
-    /// The mapped file as pageable memory.
-    Pageable,
-    /// A pinned copy of every block (RESIDENT), by tensor name.
-    Pinned(
-        cudarc::driver::PinnedHostSlice<u8>,
-        HashMap<String, std::ops::Range<usize>>,
-    ),
-}
 
 /// One VRAM slot of the ring.
 struct Slot {
@@ -69,15 +63,22 @@ pub struct RingOptions {
     pub resident_bytes: u64,
     /// Copy every block into pinned host memory first (RESIDENT).
     pub pinned_copy: bool,
+    /// Where streamed layers come from on the host (`weight_source`).
+    pub source: WeightSource,
+    /// `max_host_memory`.
+    pub max_host_memory: Option<u64>,
 }
 
 /// The CUDA implementation of [`WeightStream`].
 pub struct CudaRing {
     gbi: Arc<Gbi>,
     model: Model,
-    layers: usize,
+    cycle: Cycle,
     copy: Arc<CudaStream>,
-    source: Source,
+    /// The host bytes of every streamed layer.
+    tiers: HostTiers,
+    /// Base of the mapping when it is registered as pinned memory (for unregistering).
+    registered: Option<usize>,
     /// Block slots (the ring) followed by the head slot.
     slots: Vec<Slot>,
     resident: HashMap<usize, Arc<LayerWeights<CudaBackend>>>,
@@ -91,31 +92,6 @@ pub struct CudaRing {
     pub note: Option<String>,
 }
 
-/// Tensors of a part in a fixed order: (name in the layer map, file tensor).
-fn part_tensors<'g>(
-    gbi: &'g Gbi,
-    model: &Model,
-    part: Part,
-) -> Result<Vec<(String, &'g TensorInfo)>> {
-    match part {
-        Part::Block(i) => {
-            let prefix = model.block_prefix(i);
-            let mut v: Vec<_> = gbi
-                .group(Group::Layer(i))
-                .into_iter()
-                .filter_map(|t| t.name.strip_prefix(&prefix).map(|r| (r.to_string(), t)))
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(v)
-        }
-        Part::Head => model
-            .head_names()
-            .iter()
-            .map(|&n| Ok((n.to_string(), gbi.tensor(n)?)))
-            .collect(),
-    }
-}
-
 fn alloc_like(
     be: &CudaBackend,
     tensors: &[(String, &TensorInfo)],
@@ -126,6 +102,27 @@ fn alloc_like(
         map.insert(name.clone(), be.alloc_weight(len, t.dtype)?);
     }
     Ok(LayerWeights { tensors: map })
+}
+
+/// Register the whole mapping as pinned read-only memory: its base, or why not.
+fn register(gbi: &Gbi) -> std::result::Result<usize, String> {
+    let m = gbi.mapped();
+    // SAFETY: the range is the whole live mapping, kept alive by `gbi` (an Arc held by
+    // the ring) until Drop unregisters it; READ_ONLY because the map is.
+    let r = unsafe {
+        cudarc::driver::sys::cuMemHostRegister_v2(
+            m.as_ptr() as *mut _,
+            m.len(),
+            cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+        )
+    };
+    if r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+        Ok(m.as_ptr() as usize)
+    } else {
+        Err(format!(
+            "could not register the model file as pinned memory ({r:?}); copies go through pageable memory (raise `ulimit -l`, or use --strategy resident)"
+        ))
+    }
 }
 
 impl CudaRing {
@@ -149,59 +146,39 @@ impl CudaRing {
                 ));
             }
         }
-        let mut note = None;
-        let source = if opts.pinned_copy {
-            let total: usize = (0..layers).map(|i| gbi.group_bytes(Group::Layer(i))).sum();
-            let mut pinned = be.alloc_pinned(total)?;
-            let mut ranges = HashMap::new();
-            let mut off = 0;
-            {
-                let dst = pinned.as_mut_slice().map_err(|e| Error::Backend {
-                    backend: "cuda",
-                    op: "alloc_pinned",
-                    msg: format!("{e:?}"),
-                })?;
-                for i in 0..layers {
-                    gbi.check_unchanged()?;
-                    for (_, t) in part_tensors(&gbi, &model, Part::Block(i))? {
-                        dst[off..off + t.len].copy_from_slice(gbi.bytes(t));
-                        ranges.insert(t.name.clone(), off..off + t.len);
-                        off += t.len;
-                    }
-                }
-            }
-            Source::Pinned(pinned, ranges)
-        } else {
-            let m = gbi.mapped();
-            // SAFETY: the range is the whole live mapping, kept alive by `gbi` (an Arc held
-            // by this ring) until Drop unregisters it; READ_ONLY because the map is.
-            let r = unsafe {
-                cudarc::driver::sys::cuMemHostRegister_v2(
-                    m.as_ptr() as *mut _,
-                    m.len(),
-                    cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
-                )
-            };
-            if r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
-                Source::Registered(m.as_ptr() as usize)
-            } else {
-                note = Some(format!(
-                    "could not register the model file as pinned memory ({r:?}); copies go through pageable memory (raise `ulimit -l`, or use --strategy resident)"
-                ));
-                Source::Pageable
-            }
-        };
         // resident blocks under the budget, then the ring
         let n_resident = (opts.resident_bytes as usize)
             .checked_div(block_bytes)
             .unwrap_or(0)
             .min(layers);
+        let mut alloc = |n: usize| PinnedBuf::alloc(be, n);
+        let tiers = if opts.pinned_copy {
+            HostTiers::resident(gbi.clone(), &model, opts.max_host_memory, &mut alloc)?
+        } else {
+            let host = HostOptions {
+                source: opts.source,
+                max_host_memory: opts.max_host_memory,
+                on_device: n_resident,
+                working_bytes: 0,
+                pins_mapping: true,
+            };
+            HostTiers::planned(gbi.clone(), &model, host, &mut alloc)?
+        };
+        let (registered, note) = if !opts.pinned_copy && tiers.plan().all_mapped() {
+            match register(&gbi) {
+                Ok(base) => (Some(base), None),
+                Err(why) => (None, Some(why)),
+            }
+        } else {
+            (None, None)
+        };
         let mut ring = CudaRing {
             gbi: gbi.clone(),
             model: model.clone(),
-            layers,
+            cycle: Cycle { layers },
             copy,
-            source,
+            tiers,
+            registered,
             slots: Vec::new(),
             resident: HashMap::new(),
             resident_loaded: HashMap::new(),
@@ -240,19 +217,8 @@ impl CudaRing {
         Ok(ring)
     }
 
-    /// Host bytes of file tensor `t` from the source.
-    fn host_bytes<'a>(&'a self, t: &'a TensorInfo) -> &'a [u8] {
-        match &self.source {
-            Source::Pinned(p, ranges) => match (ranges.get(&t.name), p.as_slice()) {
-                (Some(r), Ok(s)) => &s[r.clone()],
-                _ => self.gbi.bytes(t),
-            },
-            _ => self.gbi.bytes(t),
-        }
-    }
-
     /// Queue the copy of `part` into `w` on the copy stream after `free`; returns the
-    /// event of its completion.
+    /// event of its completion. A layer read from disk waits here for its read.
     fn copy_into(
         &mut self,
         be: &CudaBackend,
@@ -264,53 +230,40 @@ impl CudaRing {
         // changed (or vanished) bytes
         self.gbi.check_unchanged()?;
         let tensors = part_tensors(&self.gbi, &self.model, part)?;
-        let mut last = None;
-        for (k, (name, t)) in tensors.iter().enumerate() {
-            let dst: &mut CudaBuf = w
-                .tensors
-                .get_mut(name)
-                .ok_or_else(|| Error::config(format!("internal: slot lacks {name}")))?;
-            let bytes = self.host_bytes(t);
-            // SAFETY: the bytes live in the mapped file or the pinned copy, both owned by
-            // this ring and unchanged while it lives; the slot is not read by the compute
-            // stream before the returned event (compute_wait in `get`), and is refilled only
-            // after its `free` event.
-            let ev = unsafe {
-                be.upload_weight_async(dst, bytes, &self.copy, if k == 0 { free } else { None })
-            }?;
-            self.stats.bytes_copied += bytes.len() as u64;
-            last = Some(ev);
-        }
-        last.ok_or_else(|| Error::config("internal: empty part"))
-    }
-
-    /// Position of `part` in the step's cycle F0..F(L−1), H, B(L−1)..B0, judged from the
-    /// caller's hint of what comes next.
-    fn cycle_index(&self, part: Part, next: Option<Part>) -> usize {
-        let l = self.layers;
-        match part {
-            Part::Head => l,
-            Part::Block(i) => {
-                let forward = match next {
-                    Some(Part::Block(j)) => j > i,
-                    Some(Part::Head) => true,
-                    None => false,
-                };
-                if forward { i } else { l + 1 + (l - 1 - i) }
+        let held = self.tiers.acquire(part)?;
+        let mut queue = || -> Result<CudaEvent> {
+            let mut last = None;
+            for (k, (name, t)) in tensors.iter().enumerate() {
+                let dst: &mut CudaBuf = w
+                    .tensors
+                    .get_mut(name)
+                    .ok_or_else(|| Error::config(format!("internal: slot lacks {name}")))?;
+                let bytes = self.tiers.bytes(&held, t);
+                // SAFETY: the bytes live in the mapped file, a pinned RAM-tier copy or a
+                // staging buffer, all owned by this ring; a staging buffer is refilled only
+                // after the fence recorded below, behind this copy. The slot is not read by
+                // the compute stream before the returned event (compute_wait in `get`), and
+                // is refilled only after its `free` event.
+                let ev = unsafe {
+                    be.upload_weight_async(dst, bytes, &self.copy, if k == 0 { free } else { None })
+                }?;
+                self.stats.bytes_copied += bytes.len() as u64;
+                last = Some(ev);
             }
-        }
-    }
-
-    fn cycle_part(&self, k: usize) -> Part {
-        let l = self.layers;
-        let k = k % (2 * l + 1);
-        if k < l {
-            Part::Block(k)
-        } else if k == l {
-            Part::Head
-        } else {
-            Part::Block(2 * l - k)
-        }
+            last.ok_or_else(|| Error::config("internal: empty part"))
+        };
+        let out = queue();
+        // the staging buffer goes back to its ring with a fence behind every copy queued
+        // from it (or, when even that fails, after the copy stream has drained)
+        let fence: Option<Box<dyn Fence>> = match self.copy.record_event(None) {
+            Ok(ev) => Some(Box::new(ev)),
+            Err(_) => {
+                let _ = self.copy.synchronize();
+                None
+            }
+        };
+        self.tiers.release(held, fence);
+        out
     }
 
     fn head_slot(&self) -> usize {
@@ -372,8 +325,7 @@ impl WeightStream<CudaBackend> for CudaRing {
         if let Some(c) = self.current.take() {
             self.slots[c].free = Some(be.record_compute_event()?);
         }
-        let k = self.cycle_index(part, next);
-        let window: Vec<Part> = (k..=k + self.depth).map(|j| self.cycle_part(j)).collect();
+        let window = self.cycle.window(part, next, self.depth);
         let out = if let Part::Block(i) = part
             && let Some(w) = self.resident.get(&i).cloned()
         {
@@ -403,10 +355,13 @@ impl WeightStream<CudaBackend> for CudaRing {
             self.current = Some(s);
             self.slots[s].weights.clone()
         };
-        // prefetch what comes next, in order
+        // prefetch what comes next, in order; then start reading from disk the layers
+        // after those
         for p in window.iter().skip(1) {
             self.ensure(be, *p, &window)?;
         }
+        let beyond = self.cycle.window(part, next, self.depth + STAGING_BUFFERS);
+        self.tiers.prefetch(&beyond[self.depth + 1..]);
         Ok(out)
     }
 
@@ -416,6 +371,14 @@ impl WeightStream<CudaBackend> for CudaRing {
 
     fn note(&self) -> Option<String> {
         self.note.clone()
+    }
+
+    fn plan(&self) -> Option<String> {
+        Some(self.tiers.describe())
+    }
+
+    fn disk_bytes_read(&self) -> u64 {
+        self.tiers.disk_bytes_read()
     }
 
     fn held_elements(&self) -> usize {
@@ -428,7 +391,7 @@ impl Drop for CudaRing {
     fn drop(&mut self) {
         // copies must finish before the host memory they read goes away
         let _ = self.copy.synchronize();
-        if let Source::Registered(base) = self.source {
+        if let Some(base) = self.registered {
             // SAFETY: `base` was registered in `new` and the mapping is still alive (gbi).
             unsafe {
                 cudarc::driver::sys::cuMemHostUnregister(base as *mut _);
