@@ -215,11 +215,24 @@ impl HostBudget {
         )
     }
 
-    /// What may go to frozen weights (the RAM tier and the staging ring): half of what is
-    /// available, with at most 8 GiB held back for everything else (activations, the
-    /// CUDA context, page cache of the reads, the allocator's slack).
+    /// What the limit already counts as used: the group's use, or the process's resident
+    /// set under `max_host_memory`; nothing for `MemAvailable`, which is net of it.
+    pub fn held(&self) -> u64 {
+        match self.limit {
+            Limit::Cgroup { used, .. } => used,
+            Limit::Setting { rss, .. } => rss,
+            Limit::System => 0,
+        }
+    }
+
+    /// What may go to frozen weights (the RAM tier and the staging ring): what is
+    /// available less half of the whole limit (what is held counted in), with at most
+    /// 8 GiB held back for everything else (activations, the CUDA runtime, page cache of
+    /// the reads, the allocator's slack). So under a small limit the process as a whole
+    /// stays near half of it: a limit of 8 GiB with 0.27 GiB held gives 3.73 GiB.
     pub fn for_weights(&self) -> u64 {
-        self.available - (self.available / 2).min(8 << 30)
+        let whole = self.available.saturating_add(self.held());
+        self.available.saturating_sub((whole / 2).min(8 << 30))
     }
 
     /// An error unless `needed` bytes for `what` fit in what is available; the message
@@ -341,26 +354,27 @@ mod tests {
     #[test]
     fn check_gives_the_numbers_and_the_fix() {
         let b = HostBudget {
-            available: 1 << 30,
+            available: 3 << 30,
             limit: Limit::Setting {
-                max: 2 << 30,
+                max: 4 << 30,
                 rss: 1 << 30,
             },
         };
-        assert!(b.check(1 << 30, "x", "y").is_ok());
+        assert!(b.check(3 << 30, "x", "y").is_ok());
         let msg = b
-            .check(3 << 30, "RESIDENT", "use STREAMING")
+            .check(5 << 30, "RESIDENT", "use STREAMING")
             .unwrap_err()
             .to_string();
         for part in [
             "RESIDENT",
-            "3.00 GiB",
-            "1.00 GiB more",
+            "5.00 GiB",
+            "3.00 GiB more",
             "max_host_memory",
             "use STREAMING",
         ] {
             assert!(msg.contains(part), "{part} missing from: {msg}");
         }
-        assert_eq!(b.for_weights(), 1 << 29);
+        // half of the 4 GiB limit is held back: 1 GiB of it is the process already
+        assert_eq!(b.for_weights(), 1 << 30);
     }
 }

@@ -264,7 +264,12 @@ fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEn
         gbi.tensors().any(|t| t.dtype == DType::F32) && be.options().weight_dtype != DType::F32;
     let stream: Box<dyn crate::stream::WeightStream<CudaBackend>> = if converts {
         match config.strategy {
-            Strategy::Streaming => tiered_stream(config, &gbi, &model, 0)?,
+            Strategy::Streaming => tiered_stream(
+                config,
+                &gbi,
+                &model,
+                crate::backend::cuda::RUNTIME_HOST_BYTES,
+            )?,
             _ => crate::stream::make_stream(config.strategy, gbi.clone(), model.clone()),
         }
     } else {

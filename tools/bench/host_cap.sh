@@ -9,7 +9,8 @@
 # LEMA: the lema binary (default: target/release/lema). WORKDIR: where the random model
 # is written once, outside any cap (default: /tmp/lema-host-cap). CAPS: sizes for
 # memory.max, "max" for no cap (default: max 16G 8G). Extra bench flags can be given in
-# BENCH_FLAGS (default: --shape llama2-7b --batch 1 --seq 512 --device cuda --steps 5).
+# BENCH_FLAGS (default: --shape llama2-7b --batch 1 --seq 512 --device cuda); STEPS timed
+# steps per row (default 5).
 # Needs root and cgroup v2 mounted at /sys/fs/cgroup.
 set -euo pipefail
 lema=$(realpath "${1:-target/release/lema}")
@@ -17,7 +18,8 @@ work=${2:-/tmp/lema-host-cap}
 shift $(( $# > 2 ? 2 : $# )) || true
 caps=("$@")
 [ ${#caps[@]} -gt 0 ] || caps=(max 16G 8G)
-flags=${BENCH_FLAGS:---shape llama2-7b --batch 1 --seq 512 --device cuda --steps 5}
+flags=${BENCH_FLAGS:---shape llama2-7b --batch 1 --seq 512 --device cuda}
+steps=${STEPS:-5}
 cg=/sys/fs/cgroup
 
 [ "$(id -u)" = 0 ] || { echo "host_cap.sh: run as root (cgroups, drop_caches)" >&2; exit 1; }
@@ -44,7 +46,7 @@ for cap in "${caps[@]}"; do
   set +e
   # shellcheck disable=SC2086
   bash -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' _ "$group" \
-    "$lema" bench $flags --workdir "$work" --json "$json" > /dev/null 2> "$work/cap-$cap.log"
+    "$lema" bench $flags --steps "$steps" --workdir "$work" --json "$json" > /dev/null 2> "$work/cap-$cap.log"
   rc=$?
   set -e
   peak=$(cat "$group/memory.peak" 2>/dev/null || echo "?")

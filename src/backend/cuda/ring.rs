@@ -159,7 +159,7 @@ impl CudaRing {
                 source: opts.source,
                 max_host_memory: opts.max_host_memory,
                 on_device: n_resident,
-                working_bytes: 0,
+                working_bytes: super::RUNTIME_HOST_BYTES,
                 pins_mapping: true,
             };
             HostTiers::planned(gbi.clone(), &model, host, &mut alloc)?
