@@ -192,7 +192,7 @@ impl<B: Backend> Engine<B> {
             let bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let (y, sv) = self
                 .model
-                .block_forward(be, &w, &bl, &x, &shape, keep_all)?;
+                .block_forward(be, i, &w, &bl, &x, &shape, keep_all)?;
             let input = std::mem::replace(&mut x, y);
             if train {
                 hs.push(if self.offload_activations {
@@ -260,11 +260,11 @@ impl<B: Backend> Engine<B> {
             let mut sv = match saved.pop() {
                 Some(sv) => sv,
                 // gradient checkpointing: re-run this block's forward from its input
-                None => self.model.block_recompute(be, &w, &bl, &x, &shape)?,
+                None => self.model.block_recompute(be, i, &w, &bl, &x, &shape)?,
             };
             dh = self
                 .model
-                .block_backward(be, &w, &mut bl, &x, &mut sv, &dh, &shape)?;
+                .block_backward(be, i, &w, &mut bl, &x, &mut sv, &dh, &shape)?;
         }
         Ok((loss, logits))
     }

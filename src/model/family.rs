@@ -23,8 +23,5 @@ pub struct Family {
 
 /// The family of `arch`.
 pub fn family(arch: Arch) -> &'static Family {
-    match arch {
-        Arch::Llama => &super::llama::FAMILY,
-        Arch::Gpt2 => &super::gpt2::FAMILY,
-    }
+    super::arch_def(arch).family
 }

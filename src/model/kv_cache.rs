@@ -36,26 +36,16 @@ impl<B: Backend> KvCache<B> {
         key_start: Option<Vec<u32>>,
     ) -> Result<Self> {
         let cfg = model.config();
-        let (h, kvh, d) = match model {
-            Model::Llama(_) => (
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-            ),
-            Model::Gpt2(_) => (
-                cfg.num_attention_heads,
-                cfg.num_attention_heads,
-                cfg.head_dim,
-            ),
-        };
+        let a = model.block(0).attn;
+        let (h, kvh, d) = (a.n_heads, a.n_kv_heads, a.head_dim);
         if batch == 0 || cap == 0 {
             return Err(Error::config(format!(
                 "a KV cache needs at least one row of one position (got {batch} × {cap})"
             )));
         }
-        if matches!(model, Model::Gpt2(_)) && cap > cfg.max_position_embeddings {
+        if super::family::family(cfg.arch).learned_positions && cap > cfg.max_position_embeddings {
             return Err(Error::config(format!(
-                "{cap} positions exceed GPT-2's {} learned positions; shorten the prompt or max_new_tokens",
+                "{cap} positions exceed the model's {} learned positions; shorten the prompt or max_new_tokens",
                 cfg.max_position_embeddings
             )));
         }

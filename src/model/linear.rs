@@ -140,7 +140,7 @@ impl<'a, B: Backend> Linear<'a, B> {
             )?;
             acc = Accumulate::Add;
             if let Some(s) = saved {
-                s.put(format!("{}.lora_t", self.name), t);
+                s.lora_t.push((self.name, t));
             }
         }
         // y[N, out] (+)= x[N, in] · op(W), W [out, in] (transposed) or [in, out]
@@ -191,7 +191,7 @@ impl<'a, B: Backend> Linear<'a, B> {
         saved: &mut Saved<B>,
     ) -> Result<()> {
         if let Some((t, _)) = self.lora_t(be, x, n, lora)? {
-            saved.put(format!("{}.lora_t", self.name), t);
+            saved.lora_t.push((self.name, t));
         }
         Ok(())
     }
@@ -250,7 +250,7 @@ impl<'a, B: Backend> Linear<'a, B> {
         let (r, scale, p) = (lora.r, lora.scale, lora.dropout);
         let seed = lora.find(self.name).map(|(idx, _)| lora.module_seed(idx));
         if let Some((_, m)) = lora.find_mut(self.name) {
-            let t = saved.get(&format!("{}.lora_t", self.name))?;
+            let t = saved.lora_t(self.name)?;
             // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
             be.matmul(
                 &mut m.db,

@@ -1,14 +1,20 @@
-//! Model definitions: parameter names and shapes, and each block's forward and backward
-//! composed from backend ops. Adding an architecture means adding one file here and one
-//! arm to [`Model`]; the trainer never looks inside.
+//! The model-definition layer. One file per architecture ([`llama`], [`gpt2`]) describes
+//! it as data — tensor names, the linears with their layouts, the head and embedding, and
+//! a [`decoder::BlockDesc`] per layer — in an [`ArchDef`] found through [`arch_def`]; the
+//! generic block in [`decoder`] runs every architecture's forward and backward. The
+//! trainer, checkpoint, merge and import code ask a [`Model`] and never match on
+//! architectures.
 
+pub mod decoder;
 pub mod family;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 
-use crate::backend::{Backend, DeviceBuf};
+pub use decoder::{NormStats, Saved};
+
+use crate::backend::{Accumulate, Backend, DeviceBuf};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::BlockLora;
@@ -37,42 +43,6 @@ impl<B: Backend> LayerWeights<B> {
     /// Elements held, for memory accounting.
     pub fn numel(&self) -> usize {
         self.tensors.values().map(|b| b.len()).sum()
-    }
-}
-
-/// Activations a block's forward keeps for its backward, by name.
-pub struct Saved<B: Backend> {
-    bufs: HashMap<String, B::Buf>,
-}
-
-impl<B: Backend> Default for Saved<B> {
-    fn default() -> Self {
-        Saved {
-            bufs: HashMap::new(),
-        }
-    }
-}
-
-impl<B: Backend> Saved<B> {
-    /// Keep `buf` under `name`.
-    pub fn put(&mut self, name: impl Into<String>, buf: B::Buf) {
-        self.bufs.insert(name.into(), buf);
-    }
-    /// Borrow a saved buffer.
-    pub fn get(&self, name: &str) -> Result<&B::Buf> {
-        self.bufs
-            .get(name)
-            .ok_or_else(|| Error::config(format!("internal: activation '{name}' was not saved")))
-    }
-    /// Free saved buffers the rest of the backward no longer reads (lower peak memory).
-    pub fn release(&mut self, names: &[&str]) {
-        for n in names {
-            self.bufs.remove(*n);
-        }
-    }
-    /// Elements held, for memory accounting.
-    pub fn numel(&self) -> usize {
-        self.bufs.values().map(|b| b.len()).sum()
     }
 }
 
@@ -144,6 +114,10 @@ pub struct LinearSpec {
     pub name: &'static str,
     pub in_features: usize,
     pub out_features: usize,
+    /// How the frozen weight is stored (`[out, in]`, or Conv1D's `[in, out]`).
+    pub layout: linear::Layout,
+    /// Whether the linear has a `.bias` tensor.
+    pub bias: bool,
 }
 
 /// One tensor the model expects in the weights file.
@@ -153,71 +127,128 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
-/// A supported architecture, chosen from the config.
-#[derive(Clone, Debug)]
-pub enum Model {
-    Llama(llama::Llama),
-    Gpt2(gpt2::Gpt2),
+/// `embed(model, file, ids, positions)`: `[N, C]` f32 rows.
+pub type EmbedFn = fn(&Model, &crate::gbi::Gbi, &[u32], &[u32]) -> Result<Vec<f32>>;
+
+/// One architecture, as data and a few functions: what [`Model`] asks of it. Each
+/// architecture's file defines one (`pub static DEF`), and [`arch_def`] finds it.
+pub struct ArchDef {
+    /// What the rest of lema asks without building a model (PEFT flags, targets, sizes).
+    pub family: &'static family::Family,
+    /// Prefix of block `i`'s tensor names (`model.layers.3.`).
+    pub block_prefix: fn(usize) -> String,
+    /// Names of the head group's tensors (final norm and LM head).
+    pub head_names: &'static [&'static str],
+    /// The linears of one block, with shapes from the config.
+    pub linears: fn(&ModelConfig) -> Vec<LinearSpec>,
+    /// Every tensor with its expected shape (for validating the file).
+    pub tensor_specs: fn(&Model) -> Vec<TensorSpec>,
+    /// The embedding of ids at positions as `[N, C]` f32 rows, read from the file.
+    pub embed: EmbedFn,
+    /// The description of block `layer`.
+    pub block: for<'m> fn(&'m Model, usize) -> decoder::BlockDesc<'m>,
+    /// The final norm.
+    pub final_norm: fn(&ModelConfig) -> decoder::NormDesc,
 }
 
-/// Dispatch a method call to the architecture inside a [`Model`].
-macro_rules! dispatch {
-    ($self:expr, $m:ident => $e:expr) => {
-        match $self {
-            Model::Llama($m) => $e,
-            Model::Gpt2($m) => $e,
-        }
-    };
+/// The definition of `arch`.
+pub fn arch_def(arch: Arch) -> &'static ArchDef {
+    match arch {
+        Arch::Llama => &llama::DEF,
+        Arch::Gpt2 => &gpt2::DEF,
+    }
+}
+
+/// A model: its configuration, its architecture's definition, and what is computed from
+/// them once (the linears, RoPE's inverse frequencies).
+#[derive(Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    def: &'static ArchDef,
+    linears: Vec<LinearSpec>,
+    /// RoPE inverse frequencies (`[D/2]`, scaling applied), or empty.
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("arch", &self.cfg.arch)
+            .field("layers", &self.cfg.num_hidden_layers)
+            .finish()
+    }
 }
 
 impl Model {
     /// The architecture described by `cfg`.
     pub fn new(cfg: ModelConfig) -> Self {
-        match cfg.arch {
-            Arch::Llama => Model::Llama(llama::Llama {
-                inv_freq: cfg.rope_inv_freq(),
-                cfg,
-            }),
-            Arch::Gpt2 => Model::Gpt2(gpt2::Gpt2 { cfg }),
+        let def = arch_def(cfg.arch);
+        let inv_freq = if def.family.learned_positions {
+            Vec::new()
+        } else {
+            cfg.rope_inv_freq()
+        };
+        Model {
+            linears: (def.linears)(&cfg),
+            def,
+            inv_freq,
+            cfg,
         }
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
-        dispatch!(self, m => &m.cfg)
+        &self.cfg
+    }
+
+    /// RoPE's inverse frequencies (empty for learned positions).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// Prefix of block `i`'s tensor names (`model.layers.3.`).
     pub fn block_prefix(&self, i: usize) -> String {
-        dispatch!(self, m => m.block_prefix(i))
+        (self.def.block_prefix)(i)
     }
 
     /// Names of the head group's tensors (final norm and LM head).
     pub fn head_names(&self) -> &'static [&'static str] {
-        dispatch!(self, m => m.head_names())
+        self.def.head_names
     }
 
     /// Every tensor of the model with its expected shape (for validating the file).
     pub fn tensor_specs(&self) -> Vec<TensorSpec> {
-        dispatch!(self, m => m.tensor_specs())
+        (self.def.tensor_specs)(self)
     }
 
     /// The linears of one block that LoRA can target.
     pub fn linears(&self) -> Vec<LinearSpec> {
-        dispatch!(self, m => m.linears())
+        self.linears.clone()
+    }
+
+    /// The linears of one block, borrowed.
+    pub fn linear_specs(&self) -> &[LinearSpec] {
+        &self.linears
+    }
+
+    /// The description of block `layer` for the generic block.
+    pub fn block(&self, layer: usize) -> decoder::BlockDesc<'_> {
+        (self.def.block)(self, layer)
     }
 
     /// The embedding of `ids` at `positions` as `[N, C]` f32 rows, read from the file on
     /// the host (only the rows used are touched, so the table never moves to the device).
     pub fn embed(&self, gbi: &crate::gbi::Gbi, ids: &[u32], positions: &[u32]) -> Result<Vec<f32>> {
-        dispatch!(self, m => m.embed(gbi, ids, positions))
+        (self.def.embed)(self, gbi, ids, positions)
     }
 
     /// Block forward: `y = block(x)`; returns y and, when `keep` is set, the activations
-    /// its backward needs.
+    /// its backward needs. `layer` is the block's index.
+    #[allow(clippy::too_many_arguments)]
     pub fn block_forward<B: Backend>(
         &self,
         be: &B,
+        layer: usize,
         w: &LayerWeights<B>,
         lora: &BlockLora<B>,
         x: &B::Buf,
@@ -229,22 +260,29 @@ impl Model {
         } else {
             Keep::Output
         };
-        let (y, saved) = dispatch!(self, m => m.block_forward(be, w, lora, x, shape, keep, None))?;
+        let (y, saved) = self
+            .block(layer)
+            .forward(be, w, lora, x, shape, keep, None)?;
         let y = y.ok_or_else(|| Error::config("internal: block output"))?;
         Ok((y, saved))
     }
 
     /// The re-run of a checkpointed block's forward for its backward: the activations the
     /// backward reads, without the block's output (which the first forward produced).
+    #[allow(clippy::too_many_arguments)]
     pub fn block_recompute<B: Backend>(
         &self,
         be: &B,
+        layer: usize,
         w: &LayerWeights<B>,
         lora: &BlockLora<B>,
         x: &B::Buf,
         shape: &StepShape,
     ) -> Result<Saved<B>> {
-        Ok(dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::SavedOnly, None))?.1)
+        Ok(self
+            .block(layer)
+            .forward(be, w, lora, x, shape, Keep::SavedOnly, None)?
+            .1)
     }
 
     /// Block forward of new tokens against a KV cache (generation): their keys and values
@@ -261,8 +299,8 @@ impl Model {
         cache: &mut kv_cache::KvCache<B>,
         layer: usize,
     ) -> Result<B::Buf> {
-        let cache = Some((cache, layer));
-        dispatch!(self, m => m.block_forward(be, w, lora, x, shape, Keep::Output, cache))?
+        self.block(layer)
+            .forward(be, w, lora, x, shape, Keep::Output, Some((cache, layer)))?
             .0
             .ok_or_else(|| Error::config("internal: block output"))
     }
@@ -273,6 +311,7 @@ impl Model {
     pub fn block_backward<B: Backend>(
         &self,
         be: &B,
+        layer: usize,
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
@@ -280,7 +319,7 @@ impl Model {
         dy: &B::Buf,
         shape: &StepShape,
     ) -> Result<B::Buf> {
-        dispatch!(self, m => m.block_backward(be, w, lora, x, saved, dy, shape))
+        self.block(layer).backward(be, w, lora, x, saved, dy, shape)
     }
 
     /// Final norm forward: returns the normed hidden state and the saved statistics.
@@ -289,8 +328,9 @@ impl Model {
         be: &B,
         w: &LayerWeights<B>,
         x: &B::Buf,
-    ) -> Result<(B::Buf, Saved<B>)> {
-        dispatch!(self, m => m.final_norm_forward(be, w, x))
+    ) -> Result<(B::Buf, NormStats<B>)> {
+        let c = self.cfg.hidden_size;
+        decoder::norm_forward(be, w, &(self.def.final_norm)(&self.cfg), x, rows(x, c), c)
     }
 
     /// Final norm backward: dx from d(normed).
@@ -299,10 +339,21 @@ impl Model {
         be: &B,
         w: &LayerWeights<B>,
         x: &B::Buf,
-        saved: &Saved<B>,
+        saved: &NormStats<B>,
         dout: &B::Buf,
     ) -> Result<B::Buf> {
-        dispatch!(self, m => m.final_norm_backward(be, w, x, saved, dout))
+        let mut dx = be.uninit(x.len())?;
+        decoder::norm_backward(
+            be,
+            w,
+            &(self.def.final_norm)(&self.cfg),
+            &mut dx,
+            dout,
+            x,
+            saved,
+            Accumulate::Overwrite,
+        )?;
+        Ok(dx)
     }
 }
 
@@ -359,36 +410,4 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
             .decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
     }
     Ok(out)
-}
-
-/// Backward of the causal attention a block ran on its saved `q`, `k`, `v` (after RoPE),
-/// with saved output `att` and `lse`: returns (dq, dk, dv).
-pub(crate) fn attention_backward_saved<B: Backend>(
-    be: &B,
-    sv: &mut Saved<B>,
-    datt: &B::Buf,
-    dims: crate::backend::AttnDims,
-    s: &StepShape,
-) -> Result<(B::Buf, B::Buf, B::Buf)> {
-    let (q, k, v) = (sv.get("q")?, sv.get("k")?, sv.get("v")?);
-    // overwritten by the kernels (no atomics, every row written)
-    let mut dq = be.uninit(q.len())?;
-    let mut dk = be.uninit(k.len())?;
-    let mut dv = be.uninit(v.len())?;
-    be.attention_backward(
-        &mut dq,
-        &mut dk,
-        &mut dv,
-        datt,
-        sv.get("att")?,
-        sv.get("lse")?,
-        q,
-        k,
-        v,
-        dims,
-        s.key_start(),
-    )?;
-    // nothing after the attention backward reads these
-    sv.release(&["q", "k", "v", "att", "lse"]);
-    Ok((dq, dk, dv))
 }

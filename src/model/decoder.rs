@@ -1,0 +1,698 @@
+//! The one pre-norm decoder block every architecture runs: its forward and backward are
+//! written here once, parametrised by a [`BlockDesc`] that an architecture's file builds
+//! from its config — the norm, whether q/k/v are one fused linear, RoPE or not, the
+//! attention's heads and scale, and a gated or plain MLP with its activation.
+//!
+//! ```text
+//! ln1 = norm1(x);  q, k, v = ln1·Wqᵀ, ln1·Wkᵀ, ln1·Wvᵀ  (or split from ln1·Wqkv)
+//! q, k = rope(q), rope(k);  att = causal_attention(q, k, v)
+//! h = x + att·Woᵀ
+//! ln2 = norm2(h);  act = silu(ln2·Wgᵀ) ⊙ (ln2·Wuᵀ)  (or act = gelu(ln2·Wfcᵀ))
+//! y = h + act·Wdᵀ
+//! ```
+//!
+//! Shapes: N = B·T tokens, C hidden, H query heads, KVH key/value heads, D head dim,
+//! I MLP width. Every linear may carry LoRA ([`super::linear::Linear`]).
+
+use super::kv_cache::KvCache;
+use super::linear::{Linear, keep_for_backward};
+use super::{Keep, LayerWeights, LinearSpec, StepShape, keep_in};
+use crate::backend::{Accumulate, AttnDims, Backend};
+use crate::error::{Error, Result};
+use crate::lora::BlockLora;
+
+/// How a norm normalises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / rms(x) · w`.
+    Rms,
+    /// `(x − mean) / std · w + b`.
+    Layer,
+}
+
+/// A norm of a block (or the final one): its kind, the weight's name without
+/// `.weight` / `.bias`, and ε.
+#[derive(Clone, Copy, Debug)]
+pub struct NormDesc {
+    pub kind: NormKind,
+    pub name: &'static str,
+    pub eps: f32,
+}
+
+/// How q, k and v are projected.
+#[derive(Clone, Copy, Debug)]
+pub enum Qkv {
+    /// Three linears that read the same input.
+    Separate {
+        q: &'static str,
+        k: &'static str,
+        v: &'static str,
+    },
+    /// One linear whose output columns are `[q | k | v]` (GPT-2's `c_attn`).
+    Fused(&'static str),
+}
+
+/// The activation of a plain MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+}
+
+/// The MLP of a block.
+#[derive(Clone, Copy, Debug)]
+pub enum Mlp {
+    /// `down(silu(gate(x)) ⊙ up(x))`.
+    SwiGlu {
+        gate: &'static str,
+        up: &'static str,
+        down: &'static str,
+    },
+    /// `proj(act(fc(x)))`.
+    Plain {
+        fc: &'static str,
+        proj: &'static str,
+        act: Activation,
+    },
+}
+
+/// The attention of a block.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDesc<'m> {
+    pub qkv: Qkv,
+    /// The output projection.
+    pub o: &'static str,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·kᵀ before the softmax.
+    pub scale: f32,
+    /// RoPE inverse frequencies (`[D/2]`, scaling applied), or none (learned positions).
+    pub rope: Option<&'m [f32]>,
+}
+
+/// Everything the generic block needs to know about one layer of an architecture.
+#[derive(Clone, Debug)]
+pub struct BlockDesc<'m> {
+    pub hidden: usize,
+    /// The linears of the block with their shapes, layouts and biases.
+    pub linears: &'m [LinearSpec],
+    pub norm1: NormDesc,
+    pub attn: AttnDesc<'m>,
+    pub norm2: NormDesc,
+    pub mlp: Mlp,
+}
+
+/// A norm's saved statistics: the mean (LayerNorm only) and 1/std per row.
+pub struct NormStats<B: Backend> {
+    pub mean: Option<B::Buf>,
+    pub rstd: B::Buf,
+}
+
+/// What a block's forward keeps for its backward (typed: each field is one activation).
+/// Fields the backward is done with are taken, freeing them early.
+pub struct Saved<B: Backend> {
+    /// Input of the q/k/v projections (norm1's output, or only its GEMM copy).
+    pub ln1: Option<B::Buf>,
+    pub norm1: Option<NormStats<B>>,
+    /// q and k after RoPE.
+    pub q: Option<B::Buf>,
+    pub k: Option<B::Buf>,
+    pub v: Option<B::Buf>,
+    pub att: Option<B::Buf>,
+    /// log-sum-exp of the attention rows.
+    pub lse: Option<B::Buf>,
+    /// The residual stream after attention.
+    pub h: Option<B::Buf>,
+    /// Input of the MLP's first linears (norm2's output, or its GEMM copy).
+    pub ln2: Option<B::Buf>,
+    pub norm2: Option<NormStats<B>>,
+    /// Gated MLP: gate and up outputs; plain MLP: `up` holds the fc output.
+    pub gate: Option<B::Buf>,
+    pub up: Option<B::Buf>,
+    /// Input of the down / proj linear.
+    pub act: Option<B::Buf>,
+    /// LoRA intermediates `t = drop(x)·Aᵀ`, by the linear's name.
+    pub lora_t: Vec<(&'static str, B::Buf)>,
+}
+
+impl<B: Backend> Default for Saved<B> {
+    fn default() -> Self {
+        Saved {
+            ln1: None,
+            norm1: None,
+            q: None,
+            k: None,
+            v: None,
+            att: None,
+            lse: None,
+            h: None,
+            ln2: None,
+            norm2: None,
+            gate: None,
+            up: None,
+            act: None,
+            lora_t: Vec::new(),
+        }
+    }
+}
+
+/// A saved activation the backward needs, or an internal error naming it.
+pub(crate) fn need<'a, T>(x: &'a Option<T>, what: &str) -> Result<&'a T> {
+    x.as_ref()
+        .ok_or_else(|| Error::config(format!("internal: activation '{what}' was not saved")))
+}
+
+impl<B: Backend> Saved<B> {
+    /// The LoRA intermediate of linear `name`.
+    pub fn lora_t(&self, name: &str) -> Result<&B::Buf> {
+        self.lora_t
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "internal: activation '{name}.lora_t' was not saved"
+                ))
+            })
+    }
+
+    /// Elements held, for memory accounting.
+    pub fn numel(&self) -> usize {
+        use crate::backend::DeviceBuf;
+        let one = |b: &Option<B::Buf>| b.as_ref().map_or(0, |b| b.len());
+        let stats =
+            |s: &Option<NormStats<B>>| s.as_ref().map_or(0, |s| s.rstd.len() + one(&s.mean));
+        [
+            &self.ln1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.h, &self.ln2,
+            &self.gate, &self.up, &self.act,
+        ]
+        .into_iter()
+        .map(one)
+        .sum::<usize>()
+            + stats(&self.norm1)
+            + stats(&self.norm2)
+            + self.lora_t.iter().map(|(_, t)| t.len()).sum::<usize>()
+    }
+}
+
+impl<'m> BlockDesc<'m> {
+    /// The frozen linear `name` of this block, over weights `w`.
+    pub(crate) fn linear<'w, B: Backend>(
+        &self,
+        w: &'w LayerWeights<B>,
+        name: &'static str,
+    ) -> Result<Linear<'w, B>> {
+        let spec = self
+            .linears
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| Error::config(format!("internal: no linear '{name}'")))?;
+        Ok(Linear {
+            name,
+            w: w.get(&format!("{name}.weight"))?,
+            bias: if spec.bias {
+                Some(w.get(&format!("{name}.bias"))?)
+            } else {
+                None
+            },
+            layout: spec.layout,
+            in_features: spec.in_features,
+            out_features: spec.out_features,
+        })
+    }
+
+    fn attn_dims(&self, s: &StepShape) -> AttnDims {
+        AttnDims {
+            batch: s.batch,
+            seq: s.seq,
+            n_heads: self.attn.n_heads,
+            n_kv_heads: self.attn.n_kv_heads,
+            head_dim: self.attn.head_dim,
+            scale: self.attn.scale,
+        }
+    }
+
+    /// The block forward, attention over this call's tokens (training, evaluation) or,
+    /// with a cache, over the cache they are appended to (generation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        keep: Keep,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
+        let a = &self.attn;
+        let n = s.tokens();
+        let qd = a.n_heads * a.head_dim;
+        let mut sv = Saved::default();
+
+        // ln1[N, C] = norm1(x)
+        let (ln1, stats1) = norm_forward(be, w, &self.norm1, x, n, self.hidden)?;
+        // q[N, H·D], k, v[N, KVH·D]
+        let (in1, mut q, mut k, v) = match a.qkv {
+            Qkv::Separate { q, k, v } => {
+                let in1 = self.linear(w, q)?.input(&ln1);
+                let q = self
+                    .linear(w, q)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let k = self
+                    .linear(w, k)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let v = self
+                    .linear(w, v)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                (in1, q, k, v)
+            }
+            Qkv::Fused(name) => {
+                let wa = self.linear(w, name)?;
+                let in1 = wa.input(&ln1);
+                let qkv = wa.forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let [q, k, v] = self.split_qkv(be, &qkv, n)?;
+                (in1, q, k, v)
+            }
+        };
+        if let Some(inv_freq) = a.rope {
+            be.rope_forward(&mut q, &s.positions, inv_freq, a.n_heads)?;
+            be.rope_forward(&mut k, &s.positions, inv_freq, a.n_kv_heads)?;
+        }
+        // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
+        let (att, lse) = match cache {
+            Some((cache, layer)) => (cache.attend(be, layer, &q, &k, &v, s.seq)?, None),
+            None => {
+                // every query attends at least to itself: out and lse of every row written
+                let mut att = be.uninit(n * qd)?;
+                let mut lse = be.uninit(s.batch * a.n_heads * s.seq)?;
+                be.attention_forward(
+                    &mut att,
+                    &mut lse,
+                    &q,
+                    &k,
+                    &v,
+                    self.attn_dims(s),
+                    s.key_start(),
+                )?;
+                (att, Some(lse))
+            }
+        };
+        // h[N, C] = x + att · Woᵀ
+        let wo = self.linear(w, a.o)?;
+        let mut h = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
+        be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
+        // ln2 = norm2(h)
+        let (ln2, stats2) = norm_forward(be, w, &self.norm2, &h, n, self.hidden)?;
+        // act[N, I] = silu(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
+        let (in2, gate, up, act, down) = match self.mlp {
+            Mlp::SwiGlu { gate, up, down } => {
+                let in2 = self.linear(w, gate)?.input(&ln2);
+                let g = self
+                    .linear(w, gate)?
+                    .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
+                let u = self
+                    .linear(w, up)?
+                    .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
+                let mut act = be.uninit(g.len_of())?;
+                be.swiglu_forward(&mut act, &g, &u)?;
+                (in2, Some(g), u, act, down)
+            }
+            Mlp::Plain { fc, proj, act } => {
+                let wf = self.linear(w, fc)?;
+                let in2 = wf.input(&ln2);
+                let f = wf.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
+                let mut a = be.uninit(f.len_of())?;
+                match act {
+                    Activation::GeluTanh => be.gelu_forward(&mut a, &f)?,
+                }
+                (in2, None, f, a, proj)
+            }
+        };
+        // y[N, C] = h + act · Wdᵀ
+        let wd = self.linear(w, down)?;
+        let ia = wd.input(&act);
+        let y = wd.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?;
+        if keep.saved() {
+            // ln1, ln2 and act are read by the backward only as linear inputs
+            let p = lora.dropout;
+            sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, p));
+            sv.ln2 = Some(keep_for_backward(in2.into_gemm_copy(), ln2, p));
+            sv.act = Some(keep_for_backward(ia.into_gemm_copy(), act, p));
+            sv.lse =
+                Some(lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?);
+            sv.norm1 = Some(stats1);
+            sv.norm2 = Some(stats2);
+            sv.q = Some(q);
+            sv.k = Some(k);
+            sv.v = Some(v);
+            sv.att = Some(att);
+            sv.h = Some(h);
+            sv.gate = gate;
+            sv.up = Some(up);
+        }
+        Ok((y, sv))
+    }
+
+    /// q, k, v `[N, H·D]`, `[N, KVH·D]` ×2 as column blocks of a fused projection.
+    fn split_qkv<B: Backend>(&self, be: &B, qkv: &B::Buf, n: usize) -> Result<[B::Buf; 3]> {
+        let (qd, kvd) = self.qkv_widths();
+        let total = qd + 2 * kvd;
+        let mut off = 0;
+        let mut out = Vec::with_capacity(3);
+        for width in [qd, kvd, kvd] {
+            // all `width` columns of every row copied
+            let mut p = be.uninit(n * width)?;
+            be.copy_cols(
+                &mut p,
+                width,
+                0,
+                qkv,
+                total,
+                off,
+                width,
+                Accumulate::Overwrite,
+            )?;
+            out.push(p);
+            off += width;
+        }
+        out.try_into()
+            .map_err(|_| Error::config("internal: qkv split"))
+    }
+
+    fn qkv_widths(&self) -> (usize, usize) {
+        let a = &self.attn;
+        (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim)
+    }
+
+    /// Block backward: from `dy` and the saved activations of the forward on `x`, returns
+    /// dx and adds the LoRA gradients into `lora`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        lora: &mut BlockLora<B>,
+        x: &B::Buf,
+        sv: &mut Saved<B>,
+        dy: &B::Buf,
+        s: &StepShape,
+    ) -> Result<B::Buf> {
+        let a = &self.attn;
+        let (c, n) = (self.hidden, s.tokens());
+        let (qd, _) = self.qkv_widths();
+
+        // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
+        // (outputs of an `Overwrite` backward or of an elementwise kernel start uninit)
+        let down = match self.mlp {
+            Mlp::SwiGlu { down, .. } => down,
+            Mlp::Plain { proj, .. } => proj,
+        };
+        let wd = self.linear(w, down)?;
+        let mut dact = be.uninit(n * wd.in_features)?;
+        wd.backward(
+            be,
+            &mut dact,
+            dy,
+            &wd.input(need(&sv.act, "act")?),
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
+        sv.act = None;
+        let mut dln2 = be.uninit(n * c)?;
+        match self.mlp {
+            Mlp::SwiGlu { gate, up, .. } => {
+                // act = silu(g)·u
+                let mut dg = be.uninit(dact.len_of())?;
+                let mut du = be.uninit(dact.len_of())?;
+                be.swiglu_backward(
+                    &mut dg,
+                    &mut du,
+                    &dact,
+                    need(&sv.gate, "gate")?,
+                    need(&sv.up, "up")?,
+                )?;
+                drop(dact);
+                (sv.gate, sv.up) = (None, None);
+                // g = ln2·Wgᵀ, u = ln2·Wuᵀ
+                let in2 = self.linear(w, gate)?.input(need(&sv.ln2, "ln2")?);
+                self.linear(w, gate)?.backward(
+                    be,
+                    &mut dln2,
+                    &dg,
+                    &in2,
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Overwrite,
+                )?;
+                self.linear(w, up)?.backward(
+                    be,
+                    &mut dln2,
+                    &du,
+                    &in2,
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Add,
+                )?;
+            }
+            Mlp::Plain { fc, act, .. } => {
+                // act = act(f)
+                let mut df = be.uninit(dact.len_of())?;
+                match act {
+                    Activation::GeluTanh => {
+                        be.gelu_backward(&mut df, &dact, need(&sv.up, "fc output")?)?
+                    }
+                }
+                drop(dact);
+                sv.up = None;
+                // f = ln2·Wfcᵀ
+                let wf = self.linear(w, fc)?;
+                wf.backward(
+                    be,
+                    &mut dln2,
+                    &df,
+                    &wf.input(need(&sv.ln2, "ln2")?),
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Overwrite,
+                )?;
+            }
+        }
+        // ln2 = norm2(h)  ⇒  dh = dy + norm2_backward(dln2)
+        let mut dh = be.uninit(n * c)?;
+        be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
+        norm_backward(
+            be,
+            w,
+            &self.norm2,
+            &mut dh,
+            &dln2,
+            need(&sv.h, "h")?,
+            need(&sv.norm2, "norm2")?,
+            Accumulate::Add,
+        )?;
+        drop(dln2);
+        // h = x + att·Woᵀ  ⇒  datt = dh·Wo
+        let mut datt = be.uninit(n * qd)?;
+        let wo = self.linear(w, a.o)?;
+        wo.backward(
+            be,
+            &mut datt,
+            &dh,
+            &wo.input(need(&sv.att, "att")?),
+            n,
+            lora,
+            sv,
+            Accumulate::Overwrite,
+        )?;
+        // att = attention(q, k, v)
+        let (mut dq, mut dk, dv) = self.attention_backward(be, sv, &datt, s)?;
+        drop(datt);
+        // q, k were rotated in place after their projections
+        if let Some(inv_freq) = a.rope {
+            be.rope_backward(&mut dq, &s.positions, inv_freq, a.n_heads)?;
+            be.rope_backward(&mut dk, &s.positions, inv_freq, a.n_kv_heads)?;
+        }
+        let mut dln1 = be.uninit(n * c)?;
+        match a.qkv {
+            Qkv::Separate { q, k, v } => {
+                let in1 = self.linear(w, q)?.input(need(&sv.ln1, "ln1")?);
+                self.linear(w, q)?.backward(
+                    be,
+                    &mut dln1,
+                    &dq,
+                    &in1,
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Overwrite,
+                )?;
+                self.linear(w, k)?.backward(
+                    be,
+                    &mut dln1,
+                    &dk,
+                    &in1,
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Add,
+                )?;
+                self.linear(w, v)?.backward(
+                    be,
+                    &mut dln1,
+                    &dv,
+                    &in1,
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Add,
+                )?;
+            }
+            Qkv::Fused(name) => {
+                // q, k, v = column blocks of qkv; the three copies cover every column
+                let (qd, kvd) = self.qkv_widths();
+                let total = qd + 2 * kvd;
+                let mut dqkv = be.uninit(n * total)?;
+                let mut off = 0;
+                for (d, width) in [(&dq, qd), (&dk, kvd), (&dv, kvd)] {
+                    be.copy_cols(
+                        &mut dqkv,
+                        total,
+                        off,
+                        d,
+                        width,
+                        0,
+                        width,
+                        Accumulate::Overwrite,
+                    )?;
+                    off += width;
+                }
+                drop((dq, dk, dv));
+                let wa = self.linear(w, name)?;
+                wa.backward(
+                    be,
+                    &mut dln1,
+                    &dqkv,
+                    &wa.input(need(&sv.ln1, "ln1")?),
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Overwrite,
+                )?;
+            }
+        }
+        // ln1 = norm1(x)  ⇒  dx = dh + norm1_backward(dln1)
+        norm_backward(
+            be,
+            w,
+            &self.norm1,
+            &mut dh,
+            &dln1,
+            x,
+            need(&sv.norm1, "norm1")?,
+            Accumulate::Add,
+        )?;
+        Ok(dh)
+    }
+
+    /// Backward of the causal attention on the saved `q`, `k`, `v` (after RoPE), output
+    /// `att` and `lse`: returns (dq, dk, dv) and frees what nothing after it reads.
+    fn attention_backward<B: Backend>(
+        &self,
+        be: &B,
+        sv: &mut Saved<B>,
+        datt: &B::Buf,
+        s: &StepShape,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let (q, k, v) = (need(&sv.q, "q")?, need(&sv.k, "k")?, need(&sv.v, "v")?);
+        // overwritten by the kernels (no atomics, every row written)
+        let mut dq = be.uninit(q.len_of())?;
+        let mut dk = be.uninit(k.len_of())?;
+        let mut dv = be.uninit(v.len_of())?;
+        be.attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            datt,
+            need(&sv.att, "att")?,
+            need(&sv.lse, "lse")?,
+            q,
+            k,
+            v,
+            self.attn_dims(s),
+            s.key_start(),
+        )?;
+        // nothing after the attention backward reads these
+        (sv.q, sv.k, sv.v, sv.att, sv.lse) = (None, None, None, None, None);
+        Ok((dq, dk, dv))
+    }
+}
+
+/// `norm(x)` `[N, C]` and its statistics (every row of out, mean and rstd written).
+pub(crate) fn norm_forward<B: Backend>(
+    be: &B,
+    w: &LayerWeights<B>,
+    d: &NormDesc,
+    x: &B::Buf,
+    n: usize,
+    c: usize,
+) -> Result<(B::Buf, NormStats<B>)> {
+    let mut out = be.uninit(n * c)?;
+    let mut rstd = be.uninit(n)?;
+    let weight = w.get(&format!("{}.weight", d.name))?;
+    let mean = match d.kind {
+        NormKind::Rms => {
+            be.rms_norm_forward(&mut out, &mut rstd, x, weight, d.eps)?;
+            None
+        }
+        NormKind::Layer => {
+            let mut mean = be.uninit(n)?;
+            let bias = w.get(&format!("{}.bias", d.name))?;
+            be.layer_norm_forward(&mut out, &mut mean, &mut rstd, x, weight, bias, d.eps)?;
+            Some(mean)
+        }
+    };
+    Ok((out, NormStats { mean, rstd }))
+}
+
+/// `dx (=|+=) norm_backward(dout)` for the forward on `x` with statistics `st`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_backward<B: Backend>(
+    be: &B,
+    w: &LayerWeights<B>,
+    d: &NormDesc,
+    dx: &mut B::Buf,
+    dout: &B::Buf,
+    x: &B::Buf,
+    st: &NormStats<B>,
+    acc: Accumulate,
+) -> Result<()> {
+    let weight = w.get(&format!("{}.weight", d.name))?;
+    match d.kind {
+        NormKind::Rms => be.rms_norm_backward(dx, dout, x, weight, &st.rstd, acc),
+        NormKind::Layer => {
+            let mean = st
+                .mean
+                .as_ref()
+                .ok_or_else(|| Error::config("internal: a LayerNorm saved no mean"))?;
+            be.layer_norm_backward(dx, dout, x, weight, mean, &st.rstd, acc)
+        }
+    }
+}
+
+/// Element counts of buffers, for sizing outputs.
+trait LenOf {
+    fn len_of(&self) -> usize;
+}
+
+impl<D: crate::backend::DeviceBuf> LenOf for D {
+    fn len_of(&self) -> usize {
+        self.len()
+    }
+}
