@@ -10,6 +10,10 @@ use std::path::Path;
 pub enum Arch {
     /// Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral-style GQA).
     Llama,
+    /// Qwen2 / Qwen2.5: Llama with biases on q, k and v.
+    Qwen2,
+    /// Qwen3 (dense): Llama with a per-head RMSNorm on q and k, head_dim set apart.
+    Qwen3,
     /// GPT-2.
     Gpt2,
 }
@@ -62,8 +66,6 @@ pub struct ModelConfig {
     pub raw: serde_json::Value,
 }
 
-/// The `model_type` values lema understands, for messages.
-const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, gpt2";
 /// Most weights a config.json may imply: 2^48 (2.8e14), over a hundred times the largest
 /// models, half a petabyte in bf16.
 const MAX_PARAMETERS: u64 = 1 << 48;
@@ -101,23 +103,24 @@ impl ModelConfig {
                 path,
                 prefix: "",
             };
+            let supported = crate::model::family::supported_model_types();
             match obj.get("model_type") {
-                Some(Value::String(t)) if t == "llama" || t == "mistral" => parse_llama(&f, t)?,
-                Some(Value::String(t)) if t == "gpt2" => parse_gpt2(&f)?,
-                Some(Value::String(t)) => {
-                    return Err(f.err(format!(
-                        "unsupported model_type '{t}'; supported: {SUPPORTED_MODEL_TYPES}"
-                    )));
-                }
+                Some(Value::String(t)) => match crate::model::family::for_model_type(t) {
+                    Some(Arch::Gpt2) => parse_gpt2(&f)?,
+                    Some(arch) => parse_llama(&f, t, arch)?,
+                    None => {
+                        return Err(f.err(format!(
+                            "unsupported model_type '{t}' (read from 'model_type'); supported: {supported}"
+                        )));
+                    }
+                },
                 None | Some(Value::Null) => {
-                    return Err(f.err(format!(
-                        "missing 'model_type'; supported: {SUPPORTED_MODEL_TYPES}"
-                    )));
+                    return Err(f.err(format!("missing 'model_type'; supported: {supported}")));
                 }
                 Some(v) => {
                     return Err(f.err(format!(
                         "field 'model_type' must be a string, found {}; supported: \
-                         {SUPPORTED_MODEL_TYPES}",
+                         {supported}",
                         quote(v)
                     )));
                 }
@@ -376,7 +379,9 @@ impl<'a> Fields<'a> {
 }
 
 /// Llama, Mistral and their relatives (SwiGLU MLP, RMSNorm, RoPE, optional GQA).
-fn parse_llama(f: &Fields, model_type: &str) -> Result<ModelConfig> {
+/// A Llama-shaped config (Llama, Mistral, Qwen2, Qwen3): the keys they share, and what
+/// differs by architecture (biases, sliding windows).
+fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
     if let Some(act) = f.opt_str("hidden_act")?
         && act != "silu"
     {
@@ -427,13 +432,22 @@ fn parse_llama(f: &Fields, model_type: &str) -> Result<ModelConfig> {
         .unwrap_or(default_max_pos);
     let norm_eps = f.positive_f32("rms_norm_eps", Some(1e-6))?;
     let (rope_theta, rope_scaling) = parse_rope(f)?;
-    let sliding_window = if model_type == "mistral" {
-        f.opt_size("sliding_window")?
-    } else {
-        None
+    // Mistral slides on every layer when `sliding_window` is set; Qwen2/Qwen3 only with
+    // `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
+    // ignored), and then only from layer `max_window_layers` on — the trainer refuses a
+    // sequence longer than the window either way, so which layers slide does not matter
+    let sliding_window = match (model_type, arch) {
+        ("mistral", _) => f.opt_size("sliding_window")?,
+        (_, Arch::Qwen2 | Arch::Qwen3) if f.opt_bool("use_sliding_window")? == Some(true) => {
+            f.opt_size("sliding_window")?
+        }
+        _ => None,
     };
+    // Qwen2 has biases on q, k, v (only; no key says so); Qwen3's `attention_bias`
+    // covers q, k, v and o, as Llama's does
+    let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
     Ok(ModelConfig {
-        arch: Arch::Llama,
+        arch,
         vocab_size,
         hidden_size,
         intermediate_size,
@@ -446,7 +460,7 @@ fn parse_llama(f: &Fields, model_type: &str) -> Result<ModelConfig> {
         rope_theta,
         rope_scaling,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-        attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
+        attention_bias,
         mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
         bos_token_id: f.opt_token("bos_token_id")?,
         eos_token_ids: f.tokens("eos_token_id")?,
@@ -912,12 +926,13 @@ mod tests {
 
     #[test]
     fn bad_model_type() {
-        let msg = err_of(&llama_with(r#"{"model_type": "qwen2"}"#));
-        assert_contains(&msg, &["'qwen2'", "llama, mistral, gpt2"]);
+        let all = "llama, mistral, qwen2, qwen3, gpt2";
+        let msg = err_of(&llama_with(r#"{"model_type": "falcon"}"#));
+        assert_contains(&msg, &["'falcon'", "read from 'model_type'", all]);
         let msg = err_of(&llama_with(r#"{"model_type": null}"#));
-        assert_contains(&msg, &["missing 'model_type'", "llama, mistral, gpt2"]);
+        assert_contains(&msg, &["missing 'model_type'", all]);
         let msg = err_of(&llama_with(r#"{"model_type": 7}"#));
-        assert_contains(&msg, &["model_type", "7", "llama, mistral, gpt2"]);
+        assert_contains(&msg, &["model_type", "7", all]);
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
                 &format!("{tag} grad norm"),
                 &[out.grad_norm],
                 &reference["grad_norm"].1,
-                1e-6, // measured ≤ 1.7e-7
+                5e-6, // measured ≤ 1.7e-7 (Llama, GPT-2, Qwen2), 1.5e-6 (Qwen3, see the losses)
             );
             let grads = trainer.model.lora_grads().unwrap();
             let n_ref = reference.keys().filter(|k| k.starts_with("grad.")).count();
@@ -110,11 +110,21 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
             &format!("{tag} losses"),
             &losses,
             &reference[&format!("losses_{which}")].1,
-            5e-7, // measured ≤ 8.8e-8 (AdamW), 8.3e-8 (SGD)
+            // measured ≤ 8.8e-8 (AdamW), 8.3e-8 (SGD); Qwen3 1.1e-6: its per-head q/k norms
+            // over D = 16 amplify f32 rounding (torch's own f32 gradients are 5.0e-6 from
+            // its f64 ones there, against 5.3e-7 for llama_gqa)
+            3e-6,
         );
         // AdamW normalises each gradient, so rounding in small ones moves the weights more
         // than SGD does: measured ≤ 6.6e-7 (AdamW), 1.5e-7 (SGD)
-        let tol = if which == "adamw" { 5e-6 } else { 1e-6 };
+        // Qwen3's fixture is ill-conditioned in f32 itself: torch's own f32 weights after 5
+        // AdamW steps are 1.3e-4 from its f64 ones (llama_gqa: 4.3e-7); lema is 5.2e-5
+        // from torch's f32 there
+        let tol = match (which, case) {
+            ("adamw", "qwen3") => 3e-4,
+            ("adamw", _) => 5e-6,
+            _ => 1e-6,
+        };
         for (key, _, w) in trainer.model.lora_tensors().unwrap() {
             let r = &reference[&format!("after_{which}.{key}")].1;
             assert_close(
@@ -143,9 +153,20 @@ fn gpt2_matches_peft() {
 }
 
 #[test]
+fn qwen2_qkv_bias_tied_head_matches_peft() {
+    check_case("qwen2_tied", Strategy::Streaming, true);
+}
+
+#[test]
+fn qwen3_qk_norm_decoupled_head_dim_matches_peft() {
+    check_case("qwen3", Strategy::Streaming, true);
+}
+
+#[test]
 fn resident_and_no_checkpointing_match_peft() {
     check_case("llama_gqa", Strategy::Resident, false);
     check_case("gpt2", Strategy::Resident, false);
+    check_case("qwen3", Strategy::Resident, false);
 }
 
 /// Adapters trained and saved by lema load back with the same logits. With

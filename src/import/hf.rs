@@ -210,18 +210,19 @@ pub fn prepare_monolithic_safetensors(
         .and_then(serde_json::Value::as_str)
         .unwrap_or("")
         .to_string();
-    let is_gpt2 = match model_type.as_str() {
-        "gpt2" => true,
-        "llama" => false,
-        other => {
-            return Err(Error::format(
-                &config_path,
-                format!("model_type '{other}' is not supported (llama, gpt2)"),
-            ));
-        }
+    let Some(arch) = crate::model::family::for_model_type(&model_type) else {
+        return Err(Error::format(
+            &config_path,
+            format!(
+                "model_type '{model_type}' (read from 'model_type') is not supported ({})",
+                crate::model::family::supported_model_types()
+            ),
+        ));
     };
+    let family = crate::model::family::family(arch);
     let tie = match config.get("tie_word_embeddings") {
-        None => is_gpt2, // GPT2Config ties by default, LlamaConfig does not.
+        None => family.ties_by_default, // GPT2Config ties by default, LlamaConfig does not
+
         Some(serde_json::Value::Bool(b)) => *b,
         Some(v) => {
             return Err(Error::format(
@@ -287,13 +288,13 @@ pub fn prepare_monolithic_safetensors(
                     format!("dtype {:?} is not supported (F32, F16, BF16)", view.dtype()),
                 )
             })?;
-            let out_name =
-                if is_gpt2 && !name.starts_with("transformer.") && !name.starts_with("lm_head.") {
+            let out_name = match family.root_prefix {
+                Some(root) if !name.starts_with(root) && !name.starts_with("lm_head.") => {
                     renamed += 1;
-                    format!("transformer.{name}")
-                } else {
-                    name.to_string()
-                };
+                    format!("{root}{name}")
+                }
+                _ => name.to_string(),
+            };
             if let Some(prev) = seen.insert(out_name.clone(), si) {
                 return Err(Error::tensor(
                     path,
@@ -333,11 +334,7 @@ pub fn prepare_monolithic_safetensors(
         }
     }
 
-    let embed_name = if is_gpt2 {
-        "transformer.wte.weight"
-    } else {
-        "model.embed_tokens.weight"
-    };
+    let embed_name = family.embed_name;
     let mut materialized = Vec::new();
     let mut notes = Vec::new();
     let has_head = sources.iter().any(|s| s.out_name == "lm_head.weight");
@@ -793,12 +790,15 @@ mod tests {
             "{msg}"
         );
         // Unsupported architecture.
-        write_text(&src.join("config.json"), r#"{"model_type": "mistral"}"#)?;
+        write_text(&src.join("config.json"), r#"{"model_type": "falcon"}"#)?;
         let msg = prepare(&src, &dir.path().join("o"), None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(msg.contains("'mistral'"), "{msg}");
+        assert!(
+            msg.contains("'falcon'") && msg.contains("mistral, qwen2"),
+            "{msg}"
+        );
         // Output on top of the input.
         write_text(
             &src.join("config.json"),

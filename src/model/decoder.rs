@@ -76,10 +76,21 @@ pub enum Mlp {
     },
 }
 
+/// RMSNorms applied to each head of q and k after their projections, before RoPE
+/// (Qwen3, Gemma 3): weights `[D]` shared by the heads.
+#[derive(Clone, Copy, Debug)]
+pub struct QkNorm {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub eps: f32,
+}
+
 /// The attention of a block.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDesc<'m> {
     pub qkv: Qkv,
+    /// Per-head norms of q and k, if the architecture has them.
+    pub qk_norm: Option<QkNorm>,
     /// The output projection.
     pub o: &'static str,
     pub n_heads: usize,
@@ -115,6 +126,11 @@ pub struct Saved<B: Backend> {
     /// Input of the q/k/v projections (norm1's output, or only its GEMM copy).
     pub ln1: Option<B::Buf>,
     pub norm1: Option<NormStats<B>>,
+    /// With per-head q/k norms: q and k as projected, and the norms' statistics.
+    pub q_pre: Option<B::Buf>,
+    pub k_pre: Option<B::Buf>,
+    pub q_norm: Option<NormStats<B>>,
+    pub k_norm: Option<NormStats<B>>,
     /// q and k after RoPE.
     pub q: Option<B::Buf>,
     pub k: Option<B::Buf>,
@@ -141,6 +157,10 @@ impl<B: Backend> Default for Saved<B> {
         Saved {
             ln1: None,
             norm1: None,
+            q_pre: None,
+            k_pre: None,
+            q_norm: None,
+            k_norm: None,
             q: None,
             k: None,
             v: None,
@@ -184,14 +204,27 @@ impl<B: Backend> Saved<B> {
         let stats =
             |s: &Option<NormStats<B>>| s.as_ref().map_or(0, |s| s.rstd.len() + one(&s.mean));
         [
-            &self.ln1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.h, &self.ln2,
-            &self.gate, &self.up, &self.act,
+            &self.ln1,
+            &self.q_pre,
+            &self.k_pre,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.lse,
+            &self.h,
+            &self.ln2,
+            &self.gate,
+            &self.up,
+            &self.act,
         ]
         .into_iter()
         .map(one)
         .sum::<usize>()
             + stats(&self.norm1)
             + stats(&self.norm2)
+            + stats(&self.q_norm)
+            + stats(&self.k_norm)
             + self.lora_t.iter().map(|(_, t)| t.len()).sum::<usize>()
     }
 }
@@ -276,6 +309,20 @@ impl<'m> BlockDesc<'m> {
                 (in1, q, k, v)
             }
         };
+        // per-head norms: rows of D
+        let mut qk_saved = None;
+        if let Some(qn) = a.qk_norm {
+            let d = a.head_dim;
+            let norm = |name| NormDesc {
+                kind: NormKind::Rms,
+                name,
+                eps: qn.eps,
+            };
+            let (qo, qs) = norm_forward(be, w, &norm(qn.q), &q, n * a.n_heads, d)?;
+            let (ko, ks) = norm_forward(be, w, &norm(qn.k), &k, n * a.n_kv_heads, d)?;
+            let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
+            qk_saved = Some((q_pre, k_pre, qs, ks));
+        }
         if let Some(inv_freq) = a.rope {
             be.rope_forward(&mut q, &s.positions, inv_freq, a.n_heads)?;
             be.rope_forward(&mut k, &s.positions, inv_freq, a.n_kv_heads)?;
@@ -342,6 +389,10 @@ impl<'m> BlockDesc<'m> {
             sv.act = Some(keep_for_backward(ia.into_gemm_copy(), act, p));
             sv.lse =
                 Some(lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?);
+            if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
+                (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
+                (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
+            }
             sv.norm1 = Some(stats1);
             sv.norm2 = Some(stats2);
             sv.q = Some(q);
@@ -518,6 +569,38 @@ impl<'m> BlockDesc<'m> {
         if let Some(inv_freq) = a.rope {
             be.rope_backward(&mut dq, &s.positions, inv_freq, a.n_heads)?;
             be.rope_backward(&mut dk, &s.positions, inv_freq, a.n_kv_heads)?;
+        }
+        // q, k = per-head norms of the projections
+        if let Some(qn) = a.qk_norm {
+            let norm = |name| NormDesc {
+                kind: NormKind::Rms,
+                name,
+                eps: qn.eps,
+            };
+            let mut dq_pre = be.uninit(dq.len_of())?;
+            norm_backward(
+                be,
+                w,
+                &norm(qn.q),
+                &mut dq_pre,
+                &dq,
+                need(&sv.q_pre, "q before its norm")?,
+                need(&sv.q_norm, "q norm")?,
+                Accumulate::Overwrite,
+            )?;
+            let mut dk_pre = be.uninit(dk.len_of())?;
+            norm_backward(
+                be,
+                w,
+                &norm(qn.k),
+                &mut dk_pre,
+                &dk,
+                need(&sv.k_pre, "k before its norm")?,
+                need(&sv.k_norm, "k norm")?,
+                Accumulate::Overwrite,
+            )?;
+            (dq, dk) = (dq_pre, dk_pre);
+            (sv.q_pre, sv.k_pre, sv.q_norm, sv.k_norm) = (None, None, None, None);
         }
         let mut dln1 = be.uninit(n * c)?;
         match a.qkv {

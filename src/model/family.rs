@@ -19,6 +19,35 @@ pub struct Family {
     pub default_lora_targets: &'static [&'static str],
     /// The model's sizes under their config.json names, for messages.
     pub describe_sizes: fn(&ModelConfig) -> String,
+    /// The HF `model_type` values of this architecture.
+    pub model_types: &'static [&'static str],
+    /// `tie_word_embeddings` when config.json does not say (HF's config class default).
+    pub ties_by_default: bool,
+    /// The embedding table's tensor name (a tied head reads it).
+    pub embed_name: &'static str,
+    /// The prefix every non-head tensor name has; checkpoints saved from the bare model
+    /// lack it (GPT-2's `h.0.…` for `transformer.h.0.…`), and prepare adds it.
+    pub root_prefix: Option<&'static str>,
+}
+
+/// Every architecture lema runs, in the order messages list them.
+pub const ARCHS: &[Arch] = &[Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gpt2];
+
+/// The architecture whose `model_types` include `model_type`.
+pub fn for_model_type(model_type: &str) -> Option<Arch> {
+    ARCHS
+        .iter()
+        .copied()
+        .find(|&a| family(a).model_types.contains(&model_type))
+}
+
+/// The supported `model_type` values, for messages (`llama, mistral, …`).
+pub fn supported_model_types() -> String {
+    ARCHS
+        .iter()
+        .flat_map(|&a| family(a).model_types.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The family of `arch`.

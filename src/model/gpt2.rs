@@ -27,6 +27,10 @@ pub static FAMILY: super::family::Family = super::family::Family {
             c.max_position_embeddings
         )
     },
+    model_types: &["gpt2"],
+    ties_by_default: true,
+    embed_name: "transformer.wte.weight",
+    root_prefix: Some("transformer."),
 };
 
 /// GPT-2's definition.
@@ -125,6 +129,7 @@ fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
         norm1: norm("ln_1"),
         attn: AttnDesc {
             qkv: Qkv::Fused(ATTN),
+            qk_norm: None,
             o: APROJ,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_attention_heads,

@@ -2,7 +2,7 @@
 //! of RMSNorm → attention with RoPE → residual, RMSNorm → SwiGLU MLP → residual, as
 //! the generic block ([`super::decoder`]) runs them; tensors under `model.layers.N.`.
 
-use super::decoder::{AttnDesc, BlockDesc, Mlp, NormDesc, NormKind, Qkv};
+use super::decoder::{AttnDesc, BlockDesc, Mlp, NormDesc, NormKind, QkNorm, Qkv};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows};
 use crate::config::ModelConfig;
@@ -15,21 +15,28 @@ pub static FAMILY: super::family::Family = super::family::Family {
     learned_positions: false,
     mlp_matrices: 3,
     default_lora_targets: &["q_proj", "v_proj"],
-    describe_sizes: |c| {
-        format!(
-            "vocab_size = {}, hidden_size = {}, intermediate_size = {}, \
+    describe_sizes,
+    model_types: &["llama", "mistral"],
+    ties_by_default: false,
+    embed_name: "model.embed_tokens.weight",
+    root_prefix: None,
+};
+
+/// Llama-shaped sizes under their config.json names, for messages.
+pub(crate) fn describe_sizes(c: &ModelConfig) -> String {
+    format!(
+        "vocab_size = {}, hidden_size = {}, intermediate_size = {}, \
              num_hidden_layers = {}, num_attention_heads = {}, num_key_value_heads = {}, \
              head_dim = {}",
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_hidden_layers,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim
-        )
-    },
-};
+        c.vocab_size,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    )
+}
 
 /// The Llama family's definition.
 pub static DEF: ArchDef = ArchDef {
@@ -40,12 +47,16 @@ pub static DEF: ArchDef = ArchDef {
     tensor_specs,
     embed,
     block,
-    final_norm: |c| NormDesc {
+    final_norm,
+};
+
+pub(crate) fn final_norm(c: &ModelConfig) -> NormDesc {
+    NormDesc {
         kind: NormKind::Rms,
         name: "model.norm",
         eps: c.norm_eps,
-    },
-};
+    }
+}
 
 const Q: &str = "self_attn.q_proj";
 const K: &str = "self_attn.k_proj";
@@ -56,6 +67,12 @@ const UP: &str = "mlp.up_proj";
 const DOWN: &str = "mlp.down_proj";
 
 fn linears(c: &ModelConfig) -> Vec<LinearSpec> {
+    linears_with(c, c.attention_bias, c.attention_bias)
+}
+
+/// Llama's seven linears with biases on q, k, v (`qkv_bias`), on o (`o_bias`) and, per
+/// `mlp_bias`, on the MLP.
+pub(crate) fn linears_with(c: &ModelConfig, qkv_bias: bool, o_bias: bool) -> Vec<LinearSpec> {
     let (h, qd, kvd, i) = (
         c.hidden_size,
         c.num_attention_heads * c.head_dim,
@@ -69,12 +86,12 @@ fn linears(c: &ModelConfig) -> Vec<LinearSpec> {
         layout: Layout::OutIn,
         bias,
     };
-    let (ab, mb) = (c.attention_bias, c.mlp_bias);
+    let mb = c.mlp_bias;
     vec![
-        l(Q, h, qd, ab),
-        l(K, h, kvd, ab),
-        l(V, h, kvd, ab),
-        l(O, qd, h, ab),
+        l(Q, h, qd, qkv_bias),
+        l(K, h, kvd, qkv_bias),
+        l(V, h, kvd, qkv_bias),
+        l(O, qd, h, o_bias),
         l(GATE, h, i, mb),
         l(UP, h, i, mb),
         l(DOWN, i, h, mb),
@@ -82,6 +99,11 @@ fn linears(c: &ModelConfig) -> Vec<LinearSpec> {
 }
 
 fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
+    tensor_specs_with(m, &[])
+}
+
+/// Llama's tensors, with `extra` per-block tensors (name under the block, shape).
+pub(crate) fn tensor_specs_with(m: &Model, extra: &[(&str, Vec<usize>)]) -> Vec<TensorSpec> {
     let cfg = m.config();
     let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let t = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
@@ -90,6 +112,9 @@ fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
         let p = m.block_prefix(layer);
         out.push(t(format!("{p}input_layernorm.weight"), vec![c]));
         out.push(t(format!("{p}post_attention_layernorm.weight"), vec![c]));
+        for (name, shape) in extra {
+            out.push(t(format!("{p}{name}"), shape.clone()));
+        }
         for lin in m.linear_specs() {
             out.push(t(
                 format!("{p}{}.weight", lin.name),
@@ -105,7 +130,7 @@ fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
     out
 }
 
-fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Result<Vec<f32>> {
+pub(crate) fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Result<Vec<f32>> {
     gather_rows(
         gbi,
         "model.embed_tokens.weight",
@@ -115,6 +140,11 @@ fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Result<Vec<f3
 }
 
 fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
+    block_with(m, None)
+}
+
+/// Llama's block, with per-head q/k norms when given.
+pub(crate) fn block_with(m: &Model, qk_norm: Option<QkNorm>) -> BlockDesc<'_> {
     let c = m.config();
     let norm = |name| NormDesc {
         kind: NormKind::Rms,
@@ -127,6 +157,7 @@ fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
         norm1: norm("input_layernorm"),
         attn: AttnDesc {
             qkv: Qkv::Separate { q: Q, k: K, v: V },
+            qk_norm,
             o: O,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
