@@ -59,9 +59,11 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    /// Mistral's `sliding_window`: attention reaches at most this many tokens back. The
-    /// trainer refuses longer sequences, where it would differ from full causal attention.
+    /// Sliding-window attention: a query at position t sees keys t − w + 1 ..= t (w keys,
+    /// its own included), on the layers from `first_window_layer` on.
     pub sliding_window: Option<usize>,
+    /// The first layer that slides (Qwen2's `max_window_layers`; 0: every layer).
+    pub first_window_layer: usize,
     /// The parsed config.json, kept so it can be written back unchanged.
     pub raw: serde_json::Value,
 }
@@ -176,6 +178,12 @@ impl ModelConfig {
              models have about 2^41); check these sizes",
             path.display()
         )))
+    }
+
+    /// The sliding window of layer `layer`, if it slides.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| layer >= self.first_window_layer)
     }
 
     /// RoPE inverse frequencies, `head_dim / 2` of them: HF's default `1/θ^(2i/D)`, then the
@@ -434,15 +442,36 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
     let (rope_theta, rope_scaling) = parse_rope(f)?;
     // Mistral slides on every layer when `sliding_window` is set; Qwen2/Qwen3 only with
     // `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
-    // ignored), and then only from layer `max_window_layers` on — the trainer refuses a
-    // sequence longer than the window either way, so which layers slide does not matter
-    let sliding_window = match (model_type, arch) {
-        ("mistral", _) => f.opt_size("sliding_window")?,
-        (_, Arch::Qwen2 | Arch::Qwen3) if f.opt_bool("use_sliding_window")? == Some(true) => {
-            f.opt_size("sliding_window")?
-        }
-        _ => None,
+    // ignored), and then only from layer `max_window_layers` on
+    let (sliding_window, first_window_layer) = match (model_type, arch) {
+        ("mistral", _) => (f.opt_size("sliding_window")?, 0),
+        (_, Arch::Qwen2 | Arch::Qwen3) if f.opt_bool("use_sliding_window")? == Some(true) => (
+            f.opt_size("sliding_window")?,
+            f.opt_size("max_window_layers")?.unwrap_or(0),
+        ),
+        _ => (None, 0),
     };
+    if let Some(layer_types) = f.get("layer_types").and_then(Value::as_array) {
+        // transformers 5 writes the layers' kinds; they must agree with the keys above
+        let want = |i: usize| {
+            if sliding_window.is_some() && i >= first_window_layer {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        };
+        if let Some((i, t)) = layer_types
+            .iter()
+            .enumerate()
+            .find(|(i, t)| t.as_str() != Some(want(*i)))
+        {
+            return Err(f.err(format!(
+                "layer_types[{i}] is {t}, but sliding_window, use_sliding_window and \
+                 max_window_layers make layer {i} {}",
+                want(i)
+            )));
+        }
+    }
     // Qwen2 has biases on q, k, v (only; no key says so); Qwen3's `attention_bias`
     // covers q, k, v and o, as Llama's does
     let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
@@ -465,6 +494,7 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
         bos_token_id: f.opt_token("bos_token_id")?,
         eos_token_ids: f.tokens("eos_token_id")?,
         sliding_window,
+        first_window_layer,
         raw: Value::Null,
     })
 }
@@ -590,6 +620,7 @@ fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
         bos_token_id: f.opt_token("bos_token_id")?,
         eos_token_ids: f.tokens("eos_token_id")?,
         sliding_window: None,
+        first_window_layer: 0,
         raw: Value::Null,
     })
 }

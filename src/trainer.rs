@@ -114,14 +114,6 @@ impl<B: Backend> Engine<B> {
                 b.seq, cfg.max_position_embeddings, cfg.max_position_embeddings
             )));
         }
-        if let Some(w) = cfg.sliding_window
-            && b.seq > w
-        {
-            return Err(Error::config(format!(
-                "sequence length {} exceeds the model's sliding window of {w} tokens, which lema does not implement; use max_seq_length ≤ {w}",
-                b.seq
-            )));
-        }
         if let Some(&id) = b.input_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
             return Err(Error::config(format!(
                 "token id {id} is outside the vocabulary of {} ids; was the data tokenized for another model?",

@@ -1266,7 +1266,15 @@ fn peft_fixtures_on_cuda() {
         skip_without_gpu(&why.to_string());
         return;
     }
-    for case in ["llama_gqa", "llama_tied", "gpt2", "qwen2_tied", "qwen3"] {
+    for case in [
+        "llama_gqa",
+        "llama_tied",
+        "gpt2",
+        "qwen2_tied",
+        "qwen3",
+        "mistral_sw",
+        "qwen2_sw",
+    ] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = fixture_batch(&reference);
         let model = LemaModel::new(fixture_config(case, Device::Cuda)).expect("model on CUDA");

@@ -100,6 +100,8 @@ pub struct AttnDesc<'m> {
     pub scale: f32,
     /// RoPE inverse frequencies (`[D/2]`, scaling applied), or none (learned positions).
     pub rope: Option<&'m [f32]>,
+    /// A sliding window of this many keys (the query's own included), or full causal.
+    pub window: Option<usize>,
 }
 
 /// Everything the generic block needs to know about one layer of an architecture.
@@ -329,7 +331,10 @@ impl<'m> BlockDesc<'m> {
         }
         // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
         let (att, lse) = match cache {
-            Some((cache, layer)) => (cache.attend(be, layer, &q, &k, &v, s.seq)?, None),
+            Some((cache, layer)) => (
+                cache.attend(be, layer, &q, &k, &v, s.seq, a.scale, a.window)?,
+                None,
+            ),
             None => {
                 // every query attends at least to itself: out and lse of every row written
                 let mut att = be.uninit(n * qd)?;
@@ -341,7 +346,7 @@ impl<'m> BlockDesc<'m> {
                     &k,
                     &v,
                     self.attn_dims(s),
-                    s.key_start(),
+                    s.key_start_within(a.window).as_deref(),
                 )?;
                 (att, Some(lse))
             }
@@ -709,7 +714,7 @@ impl<'m> BlockDesc<'m> {
             k,
             v,
             self.attn_dims(s),
-            s.key_start(),
+            s.key_start_within(self.attn.window).as_deref(),
         )?;
         // nothing after the attention backward reads these
         (sv.q, sv.k, sv.v, sv.att, sv.lse) = (None, None, None, None, None);

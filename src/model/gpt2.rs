@@ -136,6 +136,7 @@ fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             rope: None,
+            window: None,
         },
         norm2: norm("ln_2"),
         mlp: Mlp::Plain {

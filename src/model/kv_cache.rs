@@ -126,6 +126,11 @@ impl<B: Backend> KvCache<B> {
     /// at positions `len..len+Tq` and return the attention of q `[B, Tq, H·D]` over the
     /// cache: `[B, Tq, H·D]`. The cache's length moves on only at [`KvCache::advance`],
     /// once every block has been through.
+    ///
+    /// `scale` multiplies q·k; with a sliding `window`, a query at cache position p sees
+    /// keys from p − window + 1 on (queries then go one at a time: each has its own
+    /// first key).
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &mut self,
         be: &B,
@@ -134,6 +139,8 @@ impl<B: Backend> KvCache<B> {
         k: &B::Buf,
         v: &B::Buf,
         q_len: usize,
+        scale: f32,
+        window: Option<usize>,
     ) -> Result<B::Buf> {
         self.check_room(q_len)?;
         let w = self.n_kv_heads * self.head_dim;
@@ -154,19 +161,57 @@ impl<B: Backend> KvCache<B> {
                 Accumulate::Overwrite,
             )?;
         }
-        let dims = DecodeDims {
+        let dims = |q_len: usize, kv_len: usize| DecodeDims {
             batch: self.batch,
             q_len,
             cap: self.cap,
-            kv_len: self.len + q_len,
+            kv_len,
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
-            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            scale,
         };
-        // overwritten (attention_decode writes every query row)
-        let mut out = be.uninit(self.batch * q_len * self.n_heads * self.head_dim)?;
-        be.attention_decode(&mut out, q, kc, vc, dims, Some(&self.key_start))?;
+        let hd = self.n_heads * self.head_dim;
+        // overwritten (attention_decode writes every query row; the per-query copies
+        // cover every column)
+        let mut out = be.uninit(self.batch * q_len * hd)?;
+        match window.filter(|&w| w < self.len + q_len) {
+            None => {
+                let d = dims(q_len, self.len + q_len);
+                be.attention_decode(&mut out, q, kc, vc, d, Some(&self.key_start))?;
+            }
+            Some(w) => {
+                for i in 0..q_len {
+                    let p = self.len + i;
+                    let first = (p + 1).saturating_sub(w.max(1)) as u32;
+                    let ks: Vec<u32> = self.key_start.iter().map(|&s| s.max(first)).collect();
+                    // q_i [B, 1, H·D] = column block i of q seen as [B, Tq·H·D]
+                    let mut qi = be.uninit(self.batch * hd)?;
+                    be.copy_cols(
+                        &mut qi,
+                        hd,
+                        0,
+                        q,
+                        q_len * hd,
+                        i * hd,
+                        hd,
+                        Accumulate::Overwrite,
+                    )?;
+                    let mut oi = be.uninit(self.batch * hd)?;
+                    be.attention_decode(&mut oi, &qi, kc, vc, dims(1, p + 1), Some(&ks))?;
+                    be.copy_cols(
+                        &mut out,
+                        q_len * hd,
+                        i * hd,
+                        &oi,
+                        hd,
+                        0,
+                        hd,
+                        Accumulate::Overwrite,
+                    )?;
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -139,12 +139,12 @@ pub(crate) fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Re
     )
 }
 
-fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
-    block_with(m, None)
+fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
+    block_with(m, layer, None)
 }
 
 /// Llama's block, with per-head q/k norms when given.
-pub(crate) fn block_with(m: &Model, qk_norm: Option<QkNorm>) -> BlockDesc<'_> {
+pub(crate) fn block_with(m: &Model, layer: usize, qk_norm: Option<QkNorm>) -> BlockDesc<'_> {
     let c = m.config();
     let norm = |name| NormDesc {
         kind: NormKind::Rms,
@@ -164,6 +164,7 @@ pub(crate) fn block_with(m: &Model, qk_norm: Option<QkNorm>) -> BlockDesc<'_> {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             rope: Some(m.inv_freq()),
+            window: c.layer_window(layer),
         },
         norm2: norm("post_attention_layernorm"),
         mlp: Mlp::SwiGlu {

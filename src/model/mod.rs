@@ -104,6 +104,24 @@ impl StepShape {
     pub fn key_start(&self) -> Option<&[u32]> {
         self.segment_start.as_deref()
     }
+
+    /// `key_start` for attention within a sliding window of `w` keys (the query's own
+    /// included): token t's first key is the later of its segment's start and t − w + 1.
+    /// Without a window, [`StepShape::key_start`].
+    pub fn key_start_within(&self, window: Option<usize>) -> Option<std::borrow::Cow<'_, [u32]>> {
+        let Some(w) = window.filter(|&w| w < self.seq) else {
+            return self.key_start().map(std::borrow::Cow::Borrowed);
+        };
+        let w = w.max(1);
+        let ks = (0..self.tokens())
+            .map(|i| {
+                let t = i % self.seq;
+                let seg = self.segment_start.as_ref().map_or(0, |s| s[i] as usize);
+                seg.max((t + 1).saturating_sub(w)) as u32
+            })
+            .collect();
+        Some(std::borrow::Cow::Owned(ks))
+    }
     /// Number of tokens, B·T.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq

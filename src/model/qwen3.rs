@@ -35,9 +35,10 @@ fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
     )
 }
 
-fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
+fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
     llama::block_with(
         m,
+        layer,
         Some(QkNorm {
             q: Q_NORM,
             k: K_NORM,
