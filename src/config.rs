@@ -14,6 +14,8 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (dense): Llama with a per-head RMSNorm on q and k, head_dim set apart.
     Qwen3,
+    /// Phi-3: Llama with fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
     /// GPT-2.
     Gpt2,
 }
@@ -444,7 +446,7 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
     // `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
     // ignored), and then only from layer `max_window_layers` on
     let (sliding_window, first_window_layer) = match (model_type, arch) {
-        ("mistral", _) => (f.opt_size("sliding_window")?, 0),
+        ("mistral", _) | (_, Arch::Phi3) => (f.opt_size("sliding_window")?, 0),
         (_, Arch::Qwen2 | Arch::Qwen3) if f.opt_bool("use_sliding_window")? == Some(true) => (
             f.opt_size("sliding_window")?,
             f.opt_size("max_window_layers")?.unwrap_or(0),
@@ -469,6 +471,17 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
                 "layer_types[{i}] is {t}, but sliding_window, use_sliding_window and \
                  max_window_layers make layer {i} {}",
                 want(i)
+            )));
+        }
+    }
+    // Phi-3's dropouts apply in transformers' training mode; lema would compute something
+    // else, so a non-zero one is refused rather than ignored
+    for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
+        if let Some(p) = f.opt_f64(key)?
+            && p != 0.0
+        {
+            return Err(f.err(format!(
+                "{key} = {p} is not supported (lema applies no dropout besides LoRA's); set it to 0.0"
             )));
         }
     }

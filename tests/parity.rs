@@ -169,6 +169,11 @@ fn qwen2_sliding_window_on_later_layers_matches_peft() {
 }
 
 #[test]
+fn phi3_fused_qkv_and_gate_up_sliding_window_matches_peft() {
+    check_case("phi3", Strategy::Streaming, true);
+}
+
+#[test]
 fn qwen3_qk_norm_decoupled_head_dim_matches_peft() {
     check_case("qwen3", Strategy::Streaming, true);
 }
@@ -293,7 +298,7 @@ const CLIP_TOL: f64 = 1e-5;
 /// than every sliding window, so a sliding layer's cache reads only its window.
 #[test]
 fn kv_cache_generation_matches_transformers() {
-    for case in ["mistral_sw", "qwen2_tied", "qwen2_sw", "qwen3"] {
+    for case in ["mistral_sw", "qwen2_tied", "qwen2_sw", "qwen3", "phi3"] {
         let reference = read_tensors(&fixture(case).join("reference.safetensors"));
         let (shape, ids) = &reference["generate_ids"];
         let (_, want) = &reference["generate_logits"];

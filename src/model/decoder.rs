@@ -68,6 +68,12 @@ pub enum Mlp {
         up: &'static str,
         down: &'static str,
     },
+    /// SwiGLU with gate and up as one linear whose output columns are `[gate | up]`
+    /// (Phi-3's `gate_up_proj`).
+    SwiGluFused {
+        gate_up: &'static str,
+        down: &'static str,
+    },
     /// `proj(act(fc(x)))`.
     Plain {
         fc: &'static str,
@@ -371,6 +377,17 @@ impl<'m> BlockDesc<'m> {
                 be.swiglu_forward(&mut act, &g, &u)?;
                 (in2, Some(g), u, act, down)
             }
+            Mlp::SwiGluFused { gate_up, down } => {
+                let wgu = self.linear(w, gate_up)?;
+                let in2 = wgu.input(&ln2);
+                let gu = wgu.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
+                let i = wgu.out_features / 2;
+                let [g, u] = split_cols(be, &gu, n, [i, i])?;
+                drop(gu);
+                let mut act = be.uninit(n * i)?;
+                be.swiglu_forward(&mut act, &g, &u)?;
+                (in2, Some(g), u, act, down)
+            }
             Mlp::Plain { fc, proj, act } => {
                 let wf = self.linear(w, fc)?;
                 let in2 = wf.input(&ln2);
@@ -414,27 +431,7 @@ impl<'m> BlockDesc<'m> {
     /// q, k, v `[N, H·D]`, `[N, KVH·D]` ×2 as column blocks of a fused projection.
     fn split_qkv<B: Backend>(&self, be: &B, qkv: &B::Buf, n: usize) -> Result<[B::Buf; 3]> {
         let (qd, kvd) = self.qkv_widths();
-        let total = qd + 2 * kvd;
-        let mut off = 0;
-        let mut out = Vec::with_capacity(3);
-        for width in [qd, kvd, kvd] {
-            // all `width` columns of every row copied
-            let mut p = be.uninit(n * width)?;
-            be.copy_cols(
-                &mut p,
-                width,
-                0,
-                qkv,
-                total,
-                off,
-                width,
-                Accumulate::Overwrite,
-            )?;
-            out.push(p);
-            off += width;
-        }
-        out.try_into()
-            .map_err(|_| Error::config("internal: qkv split"))
+        split_cols(be, qkv, n, [qd, kvd, kvd])
     }
 
     fn qkv_widths(&self) -> (usize, usize) {
@@ -462,7 +459,7 @@ impl<'m> BlockDesc<'m> {
         // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
         // (outputs of an `Overwrite` backward or of an elementwise kernel start uninit)
         let down = match self.mlp {
-            Mlp::SwiGlu { down, .. } => down,
+            Mlp::SwiGlu { down, .. } | Mlp::SwiGluFused { down, .. } => down,
             Mlp::Plain { proj, .. } => proj,
         };
         let wd = self.linear(w, down)?;
@@ -514,6 +511,38 @@ impl<'m> BlockDesc<'m> {
                     lora,
                     sv,
                     Accumulate::Add,
+                )?;
+            }
+            Mlp::SwiGluFused { gate_up, .. } => {
+                // act = silu(g)·u, [g | u] = ln2·Wguᵀ
+                let i = dact.len_of() / n.max(1);
+                let mut dgu = be.uninit(n * 2 * i)?;
+                {
+                    let mut dg = be.uninit(dact.len_of())?;
+                    let mut du = be.uninit(dact.len_of())?;
+                    be.swiglu_backward(
+                        &mut dg,
+                        &mut du,
+                        &dact,
+                        need(&sv.gate, "gate")?,
+                        need(&sv.up, "up")?,
+                    )?;
+                    // the two copies cover every column of dgu
+                    be.copy_cols(&mut dgu, 2 * i, 0, &dg, i, 0, i, Accumulate::Overwrite)?;
+                    be.copy_cols(&mut dgu, 2 * i, i, &du, i, 0, i, Accumulate::Overwrite)?;
+                }
+                drop(dact);
+                (sv.gate, sv.up) = (None, None);
+                let wgu = self.linear(w, gate_up)?;
+                wgu.backward(
+                    be,
+                    &mut dln2,
+                    &dgu,
+                    &wgu.input(need(&sv.ln2, "ln2")?),
+                    n,
+                    lora,
+                    sv,
+                    Accumulate::Overwrite,
                 )?;
             }
             Mlp::Plain { fc, act, .. } => {
@@ -720,6 +749,36 @@ impl<'m> BlockDesc<'m> {
         (sv.q, sv.k, sv.v, sv.att, sv.lse) = (None, None, None, None, None);
         Ok((dq, dk, dv))
     }
+}
+
+/// The column blocks of `x` `[N, Σ widths]`, each `[N, width]`, in order.
+fn split_cols<B: Backend, const K: usize>(
+    be: &B,
+    x: &B::Buf,
+    n: usize,
+    widths: [usize; K],
+) -> Result<[B::Buf; K]> {
+    let total: usize = widths.iter().sum();
+    let mut off = 0;
+    let mut out = Vec::with_capacity(K);
+    for width in widths {
+        // all `width` columns of every row copied
+        let mut p = be.uninit(n * width)?;
+        be.copy_cols(
+            &mut p,
+            width,
+            0,
+            x,
+            total,
+            off,
+            width,
+            Accumulate::Overwrite,
+        )?;
+        out.push(p);
+        off += width;
+    }
+    out.try_into()
+        .map_err(|_| Error::config("internal: column split"))
 }
 
 /// `norm(x)` `[N, C]` and its statistics (every row of out, mean and rstd written).

@@ -31,7 +31,13 @@ pub struct Family {
 }
 
 /// Every architecture lema runs, in the order messages list them.
-pub const ARCHS: &[Arch] = &[Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gpt2];
+pub const ARCHS: &[Arch] = &[
+    Arch::Llama,
+    Arch::Qwen2,
+    Arch::Qwen3,
+    Arch::Phi3,
+    Arch::Gpt2,
+];
 
 /// The architecture whose `model_types` include `model_type`.
 pub fn for_model_type(model_type: &str) -> Option<Arch> {

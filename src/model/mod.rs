@@ -1,5 +1,5 @@
 //! The model-definition layer. One file per architecture ([`llama`], [`qwen2`], [`qwen3`],
-//! [`gpt2`]) describes
+//! [`phi3`], [`gpt2`]) describes
 //! it as data — tensor names, the linears with their layouts, the head and embedding, and
 //! a [`decoder::BlockDesc`] per layer — in an [`ArchDef`] found through [`arch_def`]; the
 //! generic block in [`decoder`] runs every architecture's forward and backward. The
@@ -12,6 +12,7 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -178,6 +179,7 @@ pub fn arch_def(arch: Arch) -> &'static ArchDef {
         Arch::Llama => &llama::DEF,
         Arch::Qwen2 => &qwen2::DEF,
         Arch::Qwen3 => &qwen3::DEF,
+        Arch::Phi3 => &phi3::DEF,
         Arch::Gpt2 => &gpt2::DEF,
     }
 }

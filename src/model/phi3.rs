@@ -1,0 +1,69 @@
+//! Phi-3: the Llama block with q, k, v fused into one `self_attn.qkv_proj` (output
+//! columns `[q | k | v]`) and gate and up into one `mlp.gate_up_proj` (`[gate | up]`);
+//! LoRA adapts the fused linears as PEFT does (one A/B pair on the whole module).
+//! Sliding-window attention on every layer when the config sets `sliding_window`.
+
+use super::decoder::{AttnDesc, BlockDesc, Mlp, Qkv};
+use super::family::Family;
+use super::linear::Layout;
+use super::{ArchDef, LinearSpec, Model, llama};
+use crate::config::ModelConfig;
+
+/// What lema asks of Phi-3 outside the model. PEFT has no default targets for it; lema
+/// adapts the fused attention projection, as for GPT-2's `c_attn`.
+pub static FAMILY: Family = Family {
+    model_types: &["phi3"],
+    default_lora_targets: &["qkv_proj"],
+    ..llama::FAMILY
+};
+
+/// Phi-3's definition: Llama's names and norms, fused linears.
+pub static DEF: ArchDef = ArchDef {
+    family: &FAMILY,
+    linears,
+    block,
+    ..llama::DEF
+};
+
+const QKV: &str = "self_attn.qkv_proj";
+const O: &str = "self_attn.o_proj";
+const GATE_UP: &str = "mlp.gate_up_proj";
+const DOWN: &str = "mlp.down_proj";
+
+fn linears(c: &ModelConfig) -> Vec<LinearSpec> {
+    let (h, qd, kvd, i) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let l = |name, in_features, out_features| LinearSpec {
+        name,
+        in_features,
+        out_features,
+        layout: Layout::OutIn,
+        bias: false,
+    };
+    vec![
+        l(QKV, h, qd + 2 * kvd),
+        l(O, qd, h),
+        l(GATE_UP, h, 2 * i),
+        l(DOWN, i, h),
+    ]
+}
+
+fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
+    let base = llama::block_with(m, layer, None);
+    BlockDesc {
+        attn: AttnDesc {
+            qkv: Qkv::Fused(QKV),
+            o: O,
+            ..base.attn
+        },
+        mlp: Mlp::SwiGluFused {
+            gate_up: GATE_UP,
+            down: DOWN,
+        },
+        ..base
+    }
+}
