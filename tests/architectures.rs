@@ -1,0 +1,137 @@
+//! The newer architectures as users have them: a sharded HF folder through `prepare`, and
+//! the refusals that name what is wrong (an unknown `model_type`, a tensor whose shape
+//! disagrees with config.json, a missing q/k norm, a RoPE scaling lema does not run).
+
+mod common;
+use common::*;
+use lema::{Batch, Device, LemaConfig, LemaModel};
+use std::path::Path;
+
+fn logits(model: &Path, case: &str) -> Vec<f32> {
+    let mut c = LemaConfig::new(model);
+    c.adapter_path = Some(fixture(case).join("adapter"));
+    c.device = Device::Cpu;
+    let mut m = LemaModel::new(c).expect("model");
+    let b = Batch::new(
+        (0..12).map(|i| (i * 7 % 96) as u32).collect(),
+        vec![-100; 12],
+        1,
+        12,
+    )
+    .unwrap();
+    m.evaluate(&b, true).expect("eval").2.unwrap()
+}
+
+fn open_err(dir: &Path) -> String {
+    let mut c = LemaConfig::new(dir.join("model.safetensors"));
+    c.device = Device::Cpu;
+    match LemaModel::new(c) {
+        Ok(_) => panic!("{} opened", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A copy of fixture `case` in `dir` with config.json changed by `edit`.
+fn copy_with(case: &str, dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let src = fixture(case);
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+#[test]
+fn a_sharded_qwen2_folder_prepares_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen2.safetensors");
+    let report = lema::import::prepare(&fixture("qwen2_tied").join("sharded"), &out, None, false)
+        .expect("prepare a sharded folder");
+    assert!(out.is_file(), "{report:?}");
+    let a = logits(&out, "qwen2_tied");
+    let b = logits(
+        &fixture("qwen2_tied").join("model.safetensors"),
+        "qwen2_tied",
+    );
+    assert_eq!(
+        a, b,
+        "the prepared shards give other logits than the single file"
+    );
+}
+
+#[test]
+fn an_unknown_architecture_names_the_field_and_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("qwen2_tied", dir.path(), |c| {
+        c["model_type"] = "falcon".into()
+    });
+    let msg = open_err(dir.path());
+    for part in [
+        "'falcon'",
+        "model_type",
+        "llama, mistral, qwen2, qwen3, phi3, gpt2",
+    ] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+}
+
+#[test]
+fn a_head_dim_that_disagrees_with_the_tensors_names_the_tensor_and_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("qwen3", dir.path(), |c| c["head_dim"] = 8.into());
+    let msg = open_err(dir.path());
+    // the first tensor sized by head_dim: q_norm's [D]
+    assert!(
+        msg.contains("self_attn.q_norm.weight")
+            && msg.contains("expected shape [8]")
+            && msg.contains("found [16]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn kv_heads_that_disagree_with_the_tensors_name_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("mistral_sw", dir.path(), |c| {
+        c["num_key_value_heads"] = 4.into()
+    });
+    let msg = open_err(dir.path());
+    assert!(
+        msg.contains("k_proj.weight") && msg.contains("expected shape"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_qwen3_file_without_its_q_norm_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // a Qwen2 file (no q/k norms) declared as Qwen3
+    copy_with("qwen2_tied", dir.path(), |c| {
+        c["model_type"] = "qwen3".into();
+        c["head_dim"] = 8.into();
+    });
+    let msg = open_err(dir.path());
+    assert!(
+        msg.contains("self_attn.q_norm.weight") && msg.contains("missing"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn longrope_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("phi3_longrope", dir.path(), |_| {});
+    let msg = open_err(dir.path());
+    assert!(msg.contains("longrope"), "{msg}");
+}
+
+#[test]
+fn phi3_dropout_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("phi3", dir.path(), |c| c["resid_pdrop"] = 0.1.into());
+    let msg = open_err(dir.path());
+    assert!(
+        msg.contains("resid_pdrop = 0.1") && msg.contains("set it to 0.0"),
+        "{msg}"
+    );
+}
