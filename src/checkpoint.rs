@@ -383,8 +383,8 @@ pub fn read_optimizer<B: Backend>(
     let names = opt.cfg.state_names();
     let params = lora.named_params();
     if params.len() != opt.state.len() {
-        return Err(Error::config(
-            "internal: the optimizer state does not match the adapters",
+        return Err(Error::internal(
+            "the optimizer state does not match the adapters",
         ));
     }
     // One tensor at a time, so that old and new state never coexist in full; each new
@@ -412,9 +412,7 @@ pub fn read_optimizer<B: Backend>(
                 .state
                 .get_mut(i)
                 .and_then(|st| st.get_mut(j))
-                .ok_or_else(|| {
-                    Error::config("internal: the optimizer state does not match its kind")
-                })?;
+                .ok_or_else(|| Error::internal("the optimizer state does not match its kind"))?;
             *slot = buf;
         }
     }

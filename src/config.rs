@@ -970,7 +970,7 @@ mod tests {
 
     #[test]
     fn bad_model_type() {
-        let all = "llama, mistral, qwen2, qwen3, gpt2";
+        let all = "llama, mistral, qwen2, qwen3, phi3, gpt2";
         let msg = err_of(&llama_with(r#"{"model_type": "falcon"}"#));
         assert_contains(&msg, &["'falcon'", "read from 'model_type'", all]);
         let msg = err_of(&llama_with(r#"{"model_type": null}"#));

@@ -860,9 +860,7 @@ impl BatchPlan {
                 });
                 continue;
             }
-            let row = rows
-                .last_mut()
-                .ok_or_else(|| Error::config("internal: rows"))?;
+            let row = rows.last_mut().ok_or_else(|| Error::internal("rows"))?;
             row.lens.push(e.input_ids.len() as u32);
             row.ids.extend_from_slice(&e.input_ids);
             row.labels.extend_from_slice(&e.labels);
@@ -897,8 +895,8 @@ impl BatchPlan {
     /// Batch `index` of `epoch`, and the number of real (non-padding) tokens in it.
     pub fn batch(&mut self, epoch: u64, index: usize) -> Result<(Batch, usize)> {
         if index >= self.batches_per_epoch() {
-            return Err(Error::config(format!(
-                "internal: batch {index} of an epoch of {}",
+            return Err(Error::internal(format!(
+                "batch {index} of an epoch of {}",
                 self.batches_per_epoch()
             )));
         }
@@ -913,7 +911,7 @@ impl BatchPlan {
         let order = &self
             .cached
             .as_ref()
-            .ok_or_else(|| Error::config("internal: order"))?
+            .ok_or_else(|| Error::internal("order"))?
             .1;
         let end = ((index + 1) * self.batch_size).min(order.len());
         let rows: Vec<&Row> = order[index * self.batch_size..end]

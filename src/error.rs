@@ -29,6 +29,11 @@ pub enum Error {
     /// An invalid or unsupported configuration value.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A broken invariant inside lema: a bug, whatever the input.
+    #[error(
+        "internal error (a bug in lema; please report it with the command that caused it): {0}"
+    )]
+    Internal(String),
     /// A backend op rejected its arguments or failed on the device.
     #[error("{backend} op '{op}': {msg}")]
     Backend {
@@ -140,5 +145,10 @@ impl Error {
     /// A configuration error.
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())
+    }
+
+    /// A broken invariant inside lema (a bug, not the user's input).
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
     }
 }

@@ -222,9 +222,7 @@ impl<B: Backend> Optimizer<B> {
                     },
                 )?,
                 _ => {
-                    return Err(Error::config(
-                        "internal: optimizer state does not match its kind",
-                    ));
+                    return Err(Error::internal("optimizer state does not match its kind"));
                 }
             }
         }

@@ -133,8 +133,8 @@ impl Layout {
     /// threads of their own (several reads in flight).
     pub fn read(&self, reader: &DiskReader, buf: &mut [u8]) -> Result<()> {
         if buf.len() < self.len {
-            return Err(Error::config(format!(
-                "internal: a staging buffer of {} bytes for a layer of {}",
+            return Err(Error::internal(format!(
+                "a staging buffer of {} bytes for a layer of {}",
                 buf.len(),
                 self.len
             )));
@@ -166,7 +166,7 @@ impl Layout {
                 .collect();
             workers.into_iter().try_for_each(|w| {
                 w.join()
-                    .unwrap_or_else(|_| Err(Error::config("internal: a reader thread panicked")))
+                    .unwrap_or_else(|_| Err(Error::internal("a reader thread panicked")))
             })
         })
     }
@@ -306,11 +306,11 @@ impl StagingRing {
         let (lock, cv) = &*pending;
         let mut g = lock
             .lock()
-            .map_err(|_| Error::config("internal: a reader thread panicked"))?;
+            .map_err(|_| Error::internal("a reader thread panicked"))?;
         while g.is_none() {
             g = cv
                 .wait(g)
-                .map_err(|_| Error::config("internal: a reader thread panicked"))?;
+                .map_err(|_| Error::internal("a reader thread panicked"))?;
         }
         let (buf, r) = g.take().expect("checked above");
         self.slots[i] = Slot::Idle {

@@ -239,7 +239,7 @@ impl<B: Backend> Engine<B> {
             let x = match hs.pop() {
                 Some(Checkpoint::Device(b)) => b,
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
-                None => return Err(Error::config("internal: hidden state stack")),
+                None => return Err(Error::internal("hidden state stack")),
             };
             // the inputs of the next blocks down come back while this one computes
             let ahead = hs.len().saturating_sub(self.activation_prefetch.max(1));

@@ -31,7 +31,7 @@ pub fn to_py(e: lema::Error) -> PyErr {
         }
         Error::NonFinite(_) => PyFloatingPointError::new_err(msg),
         Error::HostMemory(_) => PyMemoryError::new_err(msg),
-        Error::Backend { .. } => PyRuntimeError::new_err(msg),
+        Error::Backend { .. } | Error::Internal(_) => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }
 }

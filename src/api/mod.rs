@@ -845,8 +845,8 @@ impl Trainer {
         t.max_grad_norm = st.max_grad_norm;
         t.extra_state = st.extra.clone();
         with_engine!(&mut t.model.engine, e => {
-            let lora = e.lora.as_ref().ok_or_else(|| Error::config("internal: lora"))?;
-            let opt = e.optimizer.as_mut().ok_or_else(|| Error::config("internal: optimizer"))?;
+            let lora = e.lora.as_ref().ok_or_else(|| Error::internal("lora"))?;
+            let opt = e.optimizer.as_mut().ok_or_else(|| Error::internal("optimizer"))?;
             checkpoint::read_optimizer(&e.be, lora, opt, dir)?;
             opt.step = st.step;
         });

@@ -2,9 +2,7 @@
 //! the same names, and constructors that say how to get the real one, so that callers
 //! need no `cfg` of their own.
 
-use crate::backend::DType;
 use crate::error::{Error, Result};
-use std::path::PathBuf;
 
 const WHY: &str = "this build of lema has no CUDA support; rebuild with `--features cuda`";
 
@@ -13,43 +11,7 @@ pub fn probe(_ordinal: usize) -> std::result::Result<(), String> {
     Err(WHY.to_string())
 }
 
-/// Where compiled kernels would be cached (unused without CUDA).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KernelCache {
-    Default,
-    Dir(PathBuf),
-    Off,
-}
-
-/// Options of the CUDA backend (accepted and ignored without CUDA).
-#[derive(Clone, Debug)]
-pub struct CudaOptions {
-    pub ordinal: usize,
-    pub weight_dtype: DType,
-    pub logits_chunk_bytes: usize,
-    pub kernel_cache: KernelCache,
-    pub sync_each_launch: bool,
-    pub exact_attention: bool,
-    pub profile: bool,
-    pub poison_uninit: bool,
-    pub max_host_memory: Option<u64>,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        CudaOptions {
-            ordinal: 0,
-            weight_dtype: DType::F32,
-            logits_chunk_bytes: 256 << 20,
-            kernel_cache: KernelCache::Default,
-            sync_each_launch: false,
-            exact_attention: false,
-            profile: false,
-            poison_uninit: false,
-            max_host_memory: None,
-        }
-    }
-}
+pub use crate::backend::cuda_options::{CudaOptions, KernelCache};
 
 pub use crate::backend::ProfileLine;
 

@@ -21,6 +21,7 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+pub mod cuda_options;
 
 use crate::error::Result;
 

@@ -188,7 +188,7 @@ impl<B: Backend> Default for Saved<B> {
 /// A saved activation the backward needs, or an internal error naming it.
 pub(crate) fn need<'a, T>(x: &'a Option<T>, what: &str) -> Result<&'a T> {
     x.as_ref()
-        .ok_or_else(|| Error::config(format!("internal: activation '{what}' was not saved")))
+        .ok_or_else(|| Error::internal(format!("activation '{what}' was not saved")))
 }
 
 impl<B: Backend> Saved<B> {
@@ -198,11 +198,7 @@ impl<B: Backend> Saved<B> {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, t)| t)
-            .ok_or_else(|| {
-                Error::config(format!(
-                    "internal: activation '{name}.lora_t' was not saved"
-                ))
-            })
+            .ok_or_else(|| Error::internal(format!("activation '{name}.lora_t' was not saved")))
     }
 
     /// Elements held, for memory accounting.
@@ -248,7 +244,7 @@ impl<'m> BlockDesc<'m> {
             .linears
             .iter()
             .find(|l| l.name == name)
-            .ok_or_else(|| Error::config(format!("internal: no linear '{name}'")))?;
+            .ok_or_else(|| Error::internal(format!("no linear '{name}'")))?;
         Ok(Linear {
             name,
             w: w.get(&format!("{name}.weight"))?,
@@ -409,8 +405,7 @@ impl<'m> BlockDesc<'m> {
             sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, p));
             sv.ln2 = Some(keep_for_backward(in2.into_gemm_copy(), ln2, p));
             sv.act = Some(keep_for_backward(ia.into_gemm_copy(), act, p));
-            sv.lse =
-                Some(lse.ok_or_else(|| Error::config("internal: a cached forward keeps nothing"))?);
+            sv.lse = Some(lse.ok_or_else(|| Error::internal("a cached forward keeps nothing"))?);
             if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
                 (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
                 (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
@@ -777,8 +772,7 @@ fn split_cols<B: Backend, const K: usize>(
         out.push(p);
         off += width;
     }
-    out.try_into()
-        .map_err(|_| Error::config("internal: column split"))
+    out.try_into().map_err(|_| Error::internal("column split"))
 }
 
 /// `norm(x)` `[N, C]` and its statistics (every row of out, mean and rstd written).
@@ -827,7 +821,7 @@ pub(crate) fn norm_backward<B: Backend>(
             let mean = st
                 .mean
                 .as_ref()
-                .ok_or_else(|| Error::config("internal: a LayerNorm saved no mean"))?;
+                .ok_or_else(|| Error::internal("a LayerNorm saved no mean"))?;
             be.layer_norm_backward(dx, dout, x, weight, mean, &st.rstd, acc)
         }
     }

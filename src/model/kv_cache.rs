@@ -147,7 +147,7 @@ impl<B: Backend> KvCache<B> {
         let (kc, vc) = self
             .layers
             .get_mut(layer)
-            .ok_or_else(|| Error::config(format!("internal: KV cache has no layer {layer}")))?;
+            .ok_or_else(|| Error::internal(format!("KV cache has no layer {layer}")))?;
         // cache[b, len..len+Tq, :] = new[b, :, :] (seen as [B, cap·W] and [B, Tq·W])
         for (cache, new) in [(&mut *kc, k), (&mut *vc, v)] {
             be.copy_cols(

@@ -36,7 +36,7 @@ impl<B: Backend> LayerWeights<B> {
     pub fn get(&self, name: &str) -> Result<&B::Buf> {
         self.tensors
             .get(name)
-            .ok_or_else(|| Error::config(format!("internal: layer weights lack '{name}'")))
+            .ok_or_else(|| Error::internal(format!("layer weights lack '{name}'")))
     }
 
     /// The tensor called `name` when the model has it (optional biases).
@@ -288,7 +288,7 @@ impl Model {
         let (y, saved) = self
             .block(layer)
             .forward(be, w, lora, x, shape, keep, None)?;
-        let y = y.ok_or_else(|| Error::config("internal: block output"))?;
+        let y = y.ok_or_else(|| Error::internal("block output"))?;
         Ok((y, saved))
     }
 
@@ -327,7 +327,7 @@ impl Model {
         self.block(layer)
             .forward(be, w, lora, x, shape, Keep::Output, Some((cache, layer)))?
             .0
-            .ok_or_else(|| Error::config("internal: block output"))
+            .ok_or_else(|| Error::internal("block output"))
     }
 
     /// Block backward: from `dy` and the saved activations of the forward on `x`, returns

@@ -631,7 +631,7 @@ impl TrainConfig {
         let to_map = |c: &TrainConfig| -> Result<serde_json::Map<String, serde_json::Value>> {
             match serde_json::to_value(c).map_err(|e| Error::config(e.to_string()))? {
                 serde_json::Value::Object(m) => Ok(m),
-                _ => Err(Error::config("internal: config is not a table")),
+                _ => Err(Error::internal("config is not a table")),
             }
         };
         let (now, then) = (to_map(self)?, to_map(saved)?);

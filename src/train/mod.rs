@@ -430,9 +430,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     cfg.make_paths_absolute()?;
     let cfg = &cfg;
     let (Some(model), Some(data_path)) = (cfg.model.as_deref(), cfg.data.as_deref()) else {
-        return Err(Error::config(
-            "internal: validated config lacks model or data",
-        ));
+        return Err(Error::internal("validated config lacks model or data"));
     };
     let out = cfg.output_dir.clone();
     // a GGUF, a pickle, a folder to prepare: say so before the tokenizer is looked for

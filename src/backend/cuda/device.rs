@@ -4,6 +4,7 @@
 //! kernel-launch door.
 
 use crate::backend::DType;
+use crate::backend::cuda_options::KernelCache;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUresult};
 use cudarc::driver::{
@@ -70,17 +71,6 @@ pub fn probe(ordinal: usize) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Where compiled kernels are kept between processes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KernelCache {
-    /// `$XDG_CACHE_HOME/lema/kernels`, else `~/.cache/lema/kernels`.
-    Default,
-    /// This folder.
-    Dir(PathBuf),
-    /// No disk cache (kernels are still cached in memory for the process).
-    Off,
 }
 
 impl KernelCache {

@@ -36,8 +36,9 @@ pub use crate::backend::ProfileLine;
 /// driver's bookkeeping (0.31 GB measured on an H200 for the Llama-2-7B shape, between
 /// the plan and the step's peak RSS). The host-memory plan holds it back from the weights.
 pub const RUNTIME_HOST_BYTES: u64 = 512 << 20;
+pub use crate::backend::cuda_options::{CudaOptions, KernelCache};
 pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
-pub use device::{KernelCache, probe};
+pub use device::probe;
 
 use crate::backend::{
     Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
@@ -46,59 +47,6 @@ use crate::error::Result;
 use cudarc::driver::CudaSlice;
 use device::{Device, err};
 use std::sync::{Arc, Mutex};
-
-/// How a [`CudaBackend`] is set up.
-#[derive(Clone, Debug)]
-pub struct CudaOptions {
-    /// Which GPU (0-based, as the driver numbers them).
-    pub ordinal: usize,
-    /// Storage type of frozen weights stored as F32 in the file: F32 keeps them (exact
-    /// GEMMs, twice the memory), BF16 or F16 converts them once at upload. Weights stored
-    /// as BF16 or F16 always keep their type.
-    pub weight_dtype: DType,
-    /// Upper bound on the f32 logits of one row chunk in `lm_head_loss`, in bytes; a chunk
-    /// has at least one row.
-    pub logits_chunk_bytes: usize,
-    /// Where compiled kernels are cached between runs.
-    pub kernel_cache: KernelCache,
-    /// Synchronise after every kernel so that a fault names its kernel (slow; default from
-    /// the environment variable `LEMA_CUDA_SYNC=1`).
-    pub sync_each_launch: bool,
-    /// Run attention with the f32 CUDA-core kernels (exact to f32 rounding, about ten times
-    /// slower) instead of the bf16 tensor-core kernels used for head dimensions 64 and 128
-    /// on sm_80 and newer (default from the environment variable
-    /// `LEMA_CUDA_EXACT_ATTENTION=1`).
-    pub exact_attention: bool,
-    /// Time every kernel, GEMM and copy of the compute stream, for
-    /// [`CudaBackend::profile_take`] (default from the environment variable
-    /// `LEMA_CUDA_PROFILE=1`).
-    pub profile: bool,
-    /// Fill every buffer from [`Backend::uninit`] with 0xFF bytes (NaN as f32), so that an
-    /// element read before it is written shows up as NaN instead of as a stale value
-    /// (tests; costs a memset per buffer). Also on whenever `sync_each_launch` is. Default
-    /// from the environment variable `LEMA_CUDA_POISON=1`.
-    pub poison_uninit: bool,
-    /// The most host memory the process may use (`max_host_memory`): page-locked
-    /// allocations are checked against it (and the cgroup limit and what the system has
-    /// available) before they are made.
-    pub max_host_memory: Option<u64>,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        CudaOptions {
-            ordinal: 0,
-            weight_dtype: DType::F32,
-            logits_chunk_bytes: 64 << 20,
-            kernel_cache: KernelCache::Default,
-            sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
-            profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
-            poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
-            max_host_memory: None,
-        }
-    }
-}
 
 /// A buffer the GPU computes on: f32, or a frozen weight kept as bf16/f16. It lives in
 /// device memory, or (from [`Backend::zeros_host`]) in mapped host memory that kernels

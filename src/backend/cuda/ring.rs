@@ -237,7 +237,7 @@ impl CudaRing {
                 let dst: &mut CudaBuf = w
                     .tensors
                     .get_mut(name)
-                    .ok_or_else(|| Error::config(format!("internal: slot lacks {name}")))?;
+                    .ok_or_else(|| Error::internal(format!("slot lacks {name}")))?;
                 let bytes = self.tiers.bytes(&held, t);
                 // SAFETY: the bytes live in the mapped file, a pinned RAM-tier copy or a
                 // staging buffer, all owned by this ring; a staging buffer is refilled only
@@ -250,7 +250,7 @@ impl CudaRing {
                 self.stats.bytes_copied += bytes.len() as u64;
                 last = Some(ev);
             }
-            last.ok_or_else(|| Error::config("internal: empty part"))
+            last.ok_or_else(|| Error::internal("empty part"))
         };
         let out = queue();
         // the staging buffer goes back to its ring with a fence behind every copy queued
@@ -339,8 +339,8 @@ impl WeightStream<CudaBackend> for CudaRing {
             let s = match self.ensure(be, part, &window)? {
                 Some(s) => s,
                 None => {
-                    return Err(Error::config(format!(
-                        "internal: no free weight slot for {part:?} (a layer is still borrowed)"
+                    return Err(Error::internal(format!(
+                        "no free weight slot for {part:?} (a layer is still borrowed)"
                     )));
                 }
             };
