@@ -1,7 +1,7 @@
 //! Token batches as the trainer consumes them.
 
-use crate::backend::IGNORE_INDEX;
 use crate::error::{Error, Result};
+use crate::types::IGNORE_INDEX;
 
 /// A batch of `batch` sequences of `seq` tokens, row-major. `labels` follow the HF
 /// causal-LM convention: the same positions as `input_ids` (the model shifts them, so

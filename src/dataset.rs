@@ -11,11 +11,11 @@
 //! between `render(messages[..i], add_generation_prompt)` and `render(messages[..=i])`
 //! is turn i's answer.
 
-use crate::backend::IGNORE_INDEX;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::rng::{Rng, mix_seed};
 use crate::tokenizer::{Message, Tokenizer};
+use crate::types::IGNORE_INDEX;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

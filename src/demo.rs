@@ -7,11 +7,11 @@
 //! the answer only (prompt tokens labelled −100), until the data pipeline of `lema
 //! train` is there to do it.
 
-use crate::backend::IGNORE_INDEX;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tokenizer::{Message, Tokenizer};
+use crate::types::IGNORE_INDEX;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 

@@ -8,8 +8,8 @@
 //! in-memory convenience on top of it (adapters, checkpoints), laying the tensors out in
 //! the safetensors crate's order so its files match that crate's byte for byte.
 
-use crate::backend::DType;
 use crate::error::{Error, Result};
+use crate::types::DType;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -7,10 +7,10 @@
 //! of a file (truncation, lying sizes, overlapping or out-of-range offsets, unsupported
 //! dtypes) becomes an error that names the file and the tensor, never a panic.
 
-use crate::backend::DType;
 use crate::error::{Error, Result};
 use crate::fsutil::MAX_HEADER_SIZE;
 use crate::modelfile::{FileState, Kind, Stamp};
+use crate::types::DType;
 use memmap2::Mmap;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;

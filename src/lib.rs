@@ -32,6 +32,7 @@ pub mod tiers;
 pub mod tokenizer;
 pub mod train;
 pub mod trainer;
+pub mod types;
 
 pub use api::{Device, LemaConfig, LemaModel, Trainer};
 pub use data::Batch;

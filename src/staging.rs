@@ -392,8 +392,8 @@ impl Drop for StagingRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::DType;
     use crate::gbi::Group;
+    use crate::types::DType;
     use std::time::{Duration, Instant};
 
     /// A tiny model's index, a reader of it and the layouts of its blocks and head.

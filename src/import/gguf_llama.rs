@@ -16,9 +16,9 @@
 use super::dequant;
 use super::gguf::{GgmlType, GgufFile, GgufHeader, MetaValue, TensorInfo};
 use super::{Progress, encode_f32, layer_sort_key};
-use crate::backend::DType;
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec};
+use crate::types::DType;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;

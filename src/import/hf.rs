@@ -16,9 +16,9 @@ use super::{
     ModelSummary, OutputPaths, PrepareReport, Progress, SourceFormat, dtype_counts, encode_f32,
     file_size, layer_sort_key, parameter_count,
 };
-use crate::backend::DType;
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec, write_file_atomic};
+use crate::types::DType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

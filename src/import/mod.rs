@@ -18,9 +18,9 @@ pub mod hf;
 
 pub use hf::prepare_monolithic_safetensors;
 
-use crate::backend::DType;
 use crate::error::{Error, Result};
 use crate::modelfile::Kind;
+use crate::types::DType;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -15,21 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub(crate) const BACKEND: &str = "cuda";
-
-/// A backend error for `op`.
-pub(crate) fn err(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        op,
-        msg: msg.into(),
-    }
-}
-
-/// A driver failure inside `op`.
-pub(crate) fn driver_err(op: &'static str, e: DriverError) -> Error {
-    err(op, format!("CUDA driver call failed: {e:?}"))
-}
+pub(crate) use super::errors::{BACKEND, driver_err, err};
 
 /// Check that the CUDA libraries lema needs can be loaded and that a device exists.
 /// Returns a sentence saying what is missing otherwise (no panic: cudarc panics when it

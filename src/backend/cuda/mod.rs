@@ -19,6 +19,7 @@
 mod attention;
 mod device;
 mod elementwise;
+mod errors;
 mod gemm;
 mod loss;
 mod norm;

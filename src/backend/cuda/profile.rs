@@ -8,7 +8,7 @@
 //! creates no events once the pool is warm. Profiling adds two event records per launch
 //! (a few microseconds of host time each); the GPU's own timings are unaffected.
 
-use super::device::{driver_err, err};
+use super::errors::{driver_err, err};
 use crate::backend::ProfileLine;
 use crate::error::Result;
 use cudarc::driver::sys::CUevent_flags;
