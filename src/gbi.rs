@@ -194,6 +194,24 @@ impl Gbi {
         self.by_name.get(name).and_then(|&i| self.tensors.get(i))
     }
 
+    /// Serve the bytes of `target` under `name` as well (a tied head: `lm_head.weight`
+    /// read from the embedding when a checkpoint leaves it out, as transformers ties it).
+    /// `name` must not be in the file already.
+    pub fn alias(&mut self, name: &str, target: &str) -> Result<()> {
+        if self.by_name.contains_key(name) {
+            return Err(Error::internal(format!(
+                "alias '{name}' is a tensor of the file"
+            )));
+        }
+        let mut t = self.tensor(target)?.clone();
+        t.name = name.to_string();
+        let i = self.tensors.len();
+        self.tensors.push(t);
+        self.by_name.insert(name.to_string(), i);
+        self.groups.entry(Self::group_of(name)).or_default().push(i);
+        Ok(())
+    }
+
     /// The open file behind the map (for reading it without the map: the staging ring).
     pub fn file(&self) -> &File {
         &self.file

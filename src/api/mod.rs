@@ -362,8 +362,17 @@ pub struct LemaModel {
 /// needs against the file (name, shape).
 pub fn open_model(config: &LemaConfig) -> Result<(Arc<Gbi>, Model)> {
     let cfg = ModelConfig::from_file(&config.config_json())?;
-    let gbi = Gbi::open(&config.model_path)?;
+    let mut gbi = Gbi::open(&config.model_path)?;
     let model = Model::new(cfg);
+    // a tied head that the checkpoint leaves out (HF's save_pretrained does): the
+    // embedding serves as the head, as transformers ties it
+    let embed = crate::model::family::family(model.config().arch).embed_name;
+    if model.config().tie_word_embeddings
+        && gbi.get("lm_head.weight").is_none()
+        && gbi.get(embed).is_some()
+    {
+        gbi.alias("lm_head.weight", embed)?;
+    }
     for spec in model.tensor_specs() {
         gbi.expect(&spec.name, &spec.shape)?;
     }
