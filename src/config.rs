@@ -66,6 +66,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// The first layer that slides (Qwen2's `max_window_layers`; 0: every layer).
     pub first_window_layer: usize,
+    /// What the config asks that lema does not do, for the caller to show (lema prints
+    /// nothing itself): e.g. GPT-2's dropouts, which transformers applies in training.
+    pub notes: Vec<String>,
     /// The parsed config.json, kept so it can be written back unchanged.
     pub raw: serde_json::Value,
 }
@@ -508,6 +511,7 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
         eos_token_ids: f.tokens("eos_token_id")?,
         sliding_window,
         first_window_layer,
+        notes: Vec::new(),
         raw: Value::Null,
     })
 }
@@ -602,6 +606,24 @@ fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
              scaled by 1/sqrt(head_dim))",
         ));
     }
+    // transformers applies these in training mode (PEFT's training runs them); lema has
+    // no dropout in the frozen model besides LoRA's own, so it says so instead of
+    // refusing every GPT-2 config (they default to 0.1)
+    let mut dropped = Vec::new();
+    for key in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
+        let p = f.opt_f64(key)?.unwrap_or(0.1);
+        if p != 0.0 {
+            dropped.push(format!("{key} = {p}"));
+        }
+    }
+    let notes = if dropped.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "note: GPT-2's dropout ({}) is not applied: lema trains the frozen model without dropout (LoRA's lora_dropout applies); transformers applies it in training mode, so losses differ from a PEFT run with it",
+            dropped.join(", ")
+        )]
+    };
     let vocab_size = f.size("vocab_size")?;
     let n_embd = f.size("n_embd")?;
     let n_layer = f.size("n_layer")?;
@@ -634,6 +656,7 @@ fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
         eos_token_ids: f.tokens("eos_token_id")?,
         sliding_window: None,
         first_window_layer: 0,
+        notes,
         raw: Value::Null,
     })
 }
@@ -930,6 +953,25 @@ mod tests {
             r#"{"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}"#,
         ));
         assert_contains(&msg, &["'yarn'", "default, linear, llama3"]);
+    }
+
+    #[test]
+    fn gpt2_dropouts_are_named_not_silently_ignored() {
+        // GPT2 has 0.1 for all three (HF's defaults)
+        let c = parse(GPT2).unwrap();
+        assert_eq!(c.notes.len(), 1, "{:?}", c.notes);
+        assert_contains(
+            &c.notes[0],
+            &[
+                "attn_pdrop = 0.1, resid_pdrop = 0.1, embd_pdrop = 0.1",
+                "is not applied",
+            ],
+        );
+        let c = parse(&gpt2_with(
+            r#"{"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}"#,
+        ))
+        .unwrap();
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
     }
 
     #[test]

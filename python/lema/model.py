@@ -4,6 +4,7 @@ adapters whose masters and gradients are engine memory shared with torch or nump
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from . import _arrays, _lema, hub
@@ -54,6 +55,9 @@ class LemaModel:
         self.config = config
         weights, cfg_json, self._tokenizer_dir = _resolve_files(config)
         self._engine = _lema.Engine(engine_config(config, weights, cfg_json))
+        # what the model's config asks that lema does not do (e.g. GPT-2's dropouts)
+        for note in self._engine.model_notes:
+            warnings.warn(note, stacklevel=2)
         self._tokenizer: Optional[Any] = None
         self._views: Optional[List[Tuple[str, Any, Any]]] = None
         self._views_kind: Optional[str] = None

@@ -172,6 +172,12 @@ impl Engine {
         self.with(py, |m| Ok(m.device_note().map(str::to_string)))
     }
 
+    /// What the model's config asks that lema does not do (shown as warnings).
+    #[getter]
+    fn model_notes(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |m| Ok(m.model_config().notes.clone()))
+    }
+
     /// The effective configuration (lema's `LemaConfig`) as JSON.
     fn config_json(&self, py: Python<'_>) -> PyResult<String> {
         self.with(py, |m| {

@@ -98,6 +98,9 @@ fn gb(bytes: Option<u64>) -> String {
 impl Observer for CliObserver {
     fn on_start(&mut self, s: &DataSummary) {
         let say = |m: String| eprintln!("{m}");
+        for n in &s.model_notes {
+            say(n.clone());
+        }
         if let Some(p) = &s.weights_plan {
             say(p.clone());
         }

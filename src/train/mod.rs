@@ -93,6 +93,8 @@ pub struct DataSummary {
     pub max_seq_length: usize,
     /// Where the frozen layers come from (the tier plan), for printing once.
     pub weights_plan: Option<String>,
+    /// What the model's config asks that lema does not do ([`crate::config::ModelConfig::notes`]).
+    pub model_notes: Vec<String>,
 }
 
 /// Hooks through which a caller follows (and may steer) a run.
@@ -379,6 +381,7 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
             trainable_parameters: 0,
             max_seq_length: cfg.max_seq_length,
             weights_plan: None,
+            model_notes: Vec::new(),
         },
         train,
         eval,
@@ -548,6 +551,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     data.summary.start_step = start;
     data.summary.trainable_parameters = trainer.model.trainable_parameters();
     data.summary.weights_plan = trainer.model.weights_plan();
+    data.summary.model_notes = trainer.model.model_config().notes.clone();
     obs.on_start(&data.summary);
 
     let accum = cfg.gradient_accumulation_steps;

@@ -109,3 +109,19 @@ def test_ctrl_c_during_train_step(tiny_dir, device):
             assert torch.equal(p.detach(), q), "parameters changed by an interrupted step"
         _, loss = t.train_step(batches(1)[0])  # usable afterwards
         assert np.isfinite(loss)
+
+
+def test_gpt2_dropouts_the_engine_does_not_apply_are_a_warning(tmp_path):
+    import json
+    import pathlib
+    import shutil
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gpt2"
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["resid_pdrop"] = 0.1  # as in every GPT-2 on the Hub
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"dropout \(resid_pdrop = 0.1\) is not applied"):
+        model = LemaModel(LemaConfig(model_name_or_path=str(tmp_path),
+                                     gbi_path=str(tmp_path / "model.safetensors"), device="cpu"))
+    model.close()
