@@ -1,6 +1,7 @@
 //! Model configuration read from the Hugging Face `config.json` beside the weights.
 
 use crate::error::{Error, Result};
+use crate::model::family::{ConfigKeys, Sliding};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -8,8 +9,10 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
-    /// Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral-style GQA).
+    /// Llama family (Llama 2/3, SmolLM, TinyLlama).
     Llama,
+    /// Mistral: Llama with sliding-window attention.
+    Mistral,
     /// Qwen2 / Qwen2.5: Llama with biases on q, k and v.
     Qwen2,
     /// Qwen3 (dense): Llama with a per-head RMSNorm on q and k, head_dim set apart.
@@ -113,8 +116,10 @@ impl ModelConfig {
             let supported = crate::model::family::supported_model_types();
             match obj.get("model_type") {
                 Some(Value::String(t)) => match crate::model::family::for_model_type(t) {
-                    Some(Arch::Gpt2) => parse_gpt2(&f)?,
-                    Some(arch) => parse_llama(&f, t, arch)?,
+                    Some(arch) => match crate::model::family::family(arch).config_keys {
+                        ConfigKeys::Gpt2 => parse_gpt2(&f, arch)?,
+                        ConfigKeys::Llama => parse_llama(&f, t, arch)?,
+                    },
                     None => {
                         return Err(f.err(format!(
                             "unsupported model_type '{t}' (read from 'model_type'); supported: {supported}"
@@ -435,11 +440,7 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
             "partial_rotary_factor = {p} is not supported; only 1.0 (rotate the whole head)"
         )));
     }
-    let default_max_pos = if model_type == "mistral" {
-        4096 * 32
-    } else {
-        2048
-    };
+    let default_max_pos = crate::model::family::family(arch).default_max_positions;
     let max_position_embeddings = f
         .opt_size("max_position_embeddings")?
         .unwrap_or(default_max_pos);
@@ -448,13 +449,13 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
     // Mistral slides on every layer when `sliding_window` is set; Qwen2/Qwen3 only with
     // `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
     // ignored), and then only from layer `max_window_layers` on
-    let (sliding_window, first_window_layer) = match (model_type, arch) {
-        ("mistral", _) | (_, Arch::Phi3) => (f.opt_size("sliding_window")?, 0),
-        (_, Arch::Qwen2 | Arch::Qwen3) if f.opt_bool("use_sliding_window")? == Some(true) => (
+    let (sliding_window, first_window_layer) = match crate::model::family::family(arch).sliding {
+        Sliding::EveryLayer => (f.opt_size("sliding_window")?, 0),
+        Sliding::OptIn if f.opt_bool("use_sliding_window")? == Some(true) => (
             f.opt_size("sliding_window")?,
             f.opt_size("max_window_layers")?.unwrap_or(0),
         ),
-        _ => (None, 0),
+        Sliding::OptIn | Sliding::Never => (None, 0),
     };
     if let Some(layer_types) = f.get("layer_types").and_then(Value::as_array) {
         // transformers 5 writes the layers' kinds; they must agree with the keys above
@@ -581,7 +582,7 @@ fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
 }
 
 /// GPT-2 (LayerNorm, learned positions, `gelu_new` MLP, fused QKV, biases everywhere).
-fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
+fn parse_gpt2(f: &Fields, arch: Arch) -> Result<ModelConfig> {
     if let Some(act) = f.opt_str("activation_function")?
         && act != "gelu_new"
         && act != "gelu_pytorch_tanh"
@@ -637,7 +638,7 @@ fn parse_gpt2(f: &Fields) -> Result<ModelConfig> {
     };
     let head_dim = f.derive_head_dim(("n_embd", n_embd), ("n_head", n_head))?;
     Ok(ModelConfig {
-        arch: Arch::Gpt2,
+        arch,
         vocab_size,
         hidden_size: n_embd,
         intermediate_size: n_inner,
@@ -860,7 +861,7 @@ mod tests {
             r#"{"model_type": "mistral", "sliding_window": 4096}"#,
         ))
         .unwrap();
-        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(c.arch, Arch::Mistral);
         assert_eq!(c.sliding_window, Some(4096));
         let c = parse(&llama_with(r#"{"model_type": "mistral"}"#)).unwrap();
         assert_eq!(c.sliding_window, None);

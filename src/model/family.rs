@@ -28,11 +28,39 @@ pub struct Family {
     /// The prefix every non-head tensor name has; checkpoints saved from the bare model
     /// lack it (GPT-2's `h.0.…` for `transformer.h.0.…`), and prepare adds it.
     pub root_prefix: Option<&'static str>,
+    /// Which config.json keys the sizes are read from.
+    pub config_keys: ConfigKeys,
+    /// When attention slides.
+    pub sliding: Sliding,
+    /// `max_position_embeddings` when config.json does not say (HF's class default).
+    pub default_max_positions: usize,
+}
+
+/// The config.json layout of an architecture's sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigKeys {
+    /// `hidden_size`, `num_hidden_layers`, `rms_norm_eps`, `rope_theta`, …
+    Llama,
+    /// `n_embd`, `n_layer`, `layer_norm_epsilon`, learned positions.
+    Gpt2,
+}
+
+/// When an architecture's attention slides over a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sliding {
+    /// Never (full causal attention).
+    Never,
+    /// On every layer whenever `sliding_window` is set (Mistral, Phi-3).
+    EveryLayer,
+    /// Only with `use_sliding_window`, from layer `max_window_layers` on (Qwen2/Qwen3;
+    /// their Hub configs keep a `sliding_window` value that is otherwise ignored).
+    OptIn,
 }
 
 /// Every architecture lema runs, in the order messages list them.
 pub const ARCHS: &[Arch] = &[
     Arch::Llama,
+    Arch::Mistral,
     Arch::Qwen2,
     Arch::Qwen3,
     Arch::Phi3,

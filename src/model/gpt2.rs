@@ -31,6 +31,9 @@ pub static FAMILY: super::family::Family = super::family::Family {
     ties_by_default: true,
     embed_name: "transformer.wte.weight",
     root_prefix: Some("transformer."),
+    config_keys: super::family::ConfigKeys::Gpt2,
+    sliding: super::family::Sliding::Never,
+    default_max_positions: 1024,
 };
 
 /// GPT-2's definition.

@@ -16,10 +16,13 @@ pub static FAMILY: super::family::Family = super::family::Family {
     mlp_matrices: 3,
     default_lora_targets: &["q_proj", "v_proj"],
     describe_sizes,
-    model_types: &["llama", "mistral"],
+    model_types: &["llama"],
     ties_by_default: false,
     embed_name: "model.embed_tokens.weight",
     root_prefix: None,
+    config_keys: super::family::ConfigKeys::Llama,
+    sliding: super::family::Sliding::Never,
+    default_max_positions: 2048,
 };
 
 /// Llama-shaped sizes under their config.json names, for messages.

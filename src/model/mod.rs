@@ -12,6 +12,7 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
@@ -177,6 +178,7 @@ pub struct ArchDef {
 pub fn arch_def(arch: Arch) -> &'static ArchDef {
     match arch {
         Arch::Llama => &llama::DEF,
+        Arch::Mistral => &mistral::DEF,
         Arch::Qwen2 => &qwen2::DEF,
         Arch::Qwen3 => &qwen3::DEF,
         Arch::Phi3 => &phi3::DEF,

@@ -4,7 +4,7 @@
 //! Sliding-window attention on every layer when the config sets `sliding_window`.
 
 use super::decoder::{AttnDesc, BlockDesc, Mlp, Qkv};
-use super::family::Family;
+use super::family::{Family, Sliding};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, llama};
 use crate::config::ModelConfig;
@@ -14,6 +14,8 @@ use crate::config::ModelConfig;
 pub static FAMILY: Family = Family {
     model_types: &["phi3"],
     default_lora_targets: &["qkv_proj"],
+    sliding: Sliding::EveryLayer,
+    default_max_positions: 4096,
     ..llama::FAMILY
 };
 

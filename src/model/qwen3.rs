@@ -4,12 +4,14 @@
 //! and o, as Llama's does.
 
 use super::decoder::{BlockDesc, QkNorm};
-use super::family::Family;
+use super::family::{Family, Sliding};
 use super::{ArchDef, Model, TensorSpec, llama};
 
 /// What lema asks of Qwen3 outside the model.
 pub static FAMILY: Family = Family {
     model_types: &["qwen3"],
+    sliding: Sliding::OptIn,
+    default_max_positions: 32768,
     ..llama::FAMILY
 };
 
