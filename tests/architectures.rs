@@ -141,29 +141,9 @@ fn a_tied_checkpoint_without_lm_head_trains_without_a_prepare() {
     // as transformers' save_pretrained writes a tied model: no lm_head.weight
     let dir = tempfile::tempdir().unwrap();
     let src = fixture("qwen2_tied");
-    let t = read_tensors(&src.join("model.safetensors"));
-    let mut names: Vec<_> = t
-        .keys()
-        .filter(|n| *n != "lm_head.weight")
-        .cloned()
-        .collect();
-    names.sort();
-    let tensors: Vec<lema::fsutil::TensorOut> = names
-        .iter()
-        .map(|n| {
-            let (shape, v) = &t[n];
-            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            lema::fsutil::TensorOut {
-                name: n.clone(),
-                dtype: lema::types::DType::F32,
-                shape: shape.clone(),
-                data: std::borrow::Cow::Owned(lema::bench::encode(&v, lema::types::DType::F32)),
-            }
-        })
-        .collect();
-    let path = dir.path().join("model.safetensors");
-    lema::fsutil::write_safetensors(&path, &tensors, &Default::default()).unwrap();
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let path = copy_of("qwen2_tied", dir.path(), lema::types::DType::F32, |n| {
+        n != "lm_head.weight"
+    });
     assert_eq!(
         logits(&path, "qwen2_tied"),
         logits(&src.join("model.safetensors"), "qwen2_tied"),

@@ -25,7 +25,7 @@ use lema::backend::{
     Accumulate, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX, SgdStep,
     dropout_keep,
 };
-use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
+use lema::{Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
 // ---- harness ----------------------------------------------------------------------------
 
@@ -1222,18 +1222,6 @@ fn fixture(case: &str) -> std::path::PathBuf {
     }
 }
 
-fn fixture_batch(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
-    let (shape, ids) = &reference["input_ids"];
-    let (_, labels) = &reference["labels"];
-    Batch::new(
-        ids.iter().map(|&x| x as u32).collect(),
-        labels.iter().map(|&x| x as i32).collect(),
-        shape[0],
-        shape[1],
-    )
-    .expect("fixture batch")
-}
-
 fn fixture_config(case: &str, device: Device) -> LemaConfig {
     let dir = fixture(case);
     let mut cfg = LemaConfig::new(dir.join("model.safetensors"));
@@ -1276,7 +1264,7 @@ fn peft_fixtures_on_cuda() {
         "qwen2_sw",
     ] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
-        let batch = fixture_batch(&reference);
+        let batch = common::fixture_batch(&reference);
         let model = LemaModel::new(fixture_config(case, Device::Cuda)).expect("model on CUDA");
         assert_eq!(model.device(), Device::Cuda);
         let mut trainer = Trainer::new(model, adamw_of(case)).expect("trainer");
@@ -1346,7 +1334,7 @@ fn bf16_training_step_matches_cpu() {
         let dir = tempfile::tempdir().unwrap();
         let model = common::bf16_copy(case, dir.path());
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
-        let batch = fixture_batch(&reference);
+        let batch = common::fixture_batch(&reference);
         let mut runs = Vec::new();
         for (device, offload) in [
             (Device::Cpu, false),
@@ -1397,7 +1385,7 @@ fn training_steps_cuda_match_cpu() {
     }
     for case in ["llama_gqa", "gpt2"] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
-        let batch = fixture_batch(&reference);
+        let batch = common::fixture_batch(&reference);
         let mut runs = Vec::new();
         for device in [Device::Cpu, Device::Cuda] {
             let mut cfg = fixture_config(case, device);

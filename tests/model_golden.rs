@@ -27,16 +27,7 @@ fn fnv(values: &[f32]) -> String {
 }
 
 fn batch_of(case: &str) -> Batch {
-    let r = read_tensors(&fixture(case).join("reference.safetensors"));
-    let (shape, ids) = &r["input_ids"];
-    let (_, labels) = &r["labels"];
-    Batch::new(
-        ids.iter().map(|&x| x as u32).collect(),
-        labels.iter().map(|&x| x as i32).collect(),
-        shape[0],
-        shape[1],
-    )
-    .expect("fixture batch")
+    fixture_batch(&read_tensors(&fixture(case).join("reference.safetensors")))
 }
 
 /// What one configuration produces, as strings that compare exactly.

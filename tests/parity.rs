@@ -10,7 +10,7 @@
 
 mod common;
 use common::*;
-use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Strategy, Trainer};
+use lema::{Device, LemaConfig, LemaModel, OptimizerConfig, Strategy, Trainer};
 
 fn case_config(case: &str) -> LemaConfig {
     let dir = fixture(case);
@@ -18,18 +18,6 @@ fn case_config(case: &str) -> LemaConfig {
     c.adapter_path = Some(dir.join("adapter"));
     c.device = Device::Cpu;
     c
-}
-
-fn batch_of(reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
-    let (shape, ids) = &reference["input_ids"];
-    let (_, labels) = &reference["labels"];
-    Batch::new(
-        ids.iter().map(|&x| x as u32).collect(),
-        labels.iter().map(|&x| x as i32).collect(),
-        shape[0],
-        shape[1],
-    )
-    .expect("fixture batch")
 }
 
 fn optimizer(case: &str, which: &str) -> OptimizerConfig {
@@ -62,7 +50,7 @@ fn optimizer(case: &str, which: &str) -> OptimizerConfig {
 
 fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
     let reference = read_tensors(&fixture(case).join("reference.safetensors"));
-    let batch = batch_of(&reference);
+    let batch = fixture_batch(&reference);
     for which in ["adamw", "sgd"] {
         let mut cfg = case_config(case);
         cfg.strategy = strategy;
@@ -197,7 +185,7 @@ fn export_adapters_for_peft() {
         .map_or_else(|_| tmp.path().to_path_buf(), std::path::PathBuf::from);
     for case in ["llama_gqa", "llama_tied", "gpt2"] {
         let reference = read_tensors(&fixture(case).join("reference.safetensors"));
-        let batch = batch_of(&reference);
+        let batch = fixture_batch(&reference);
         let model = LemaModel::new(case_config(case)).unwrap();
         let mut t = Trainer::new(model, OptimizerConfig::adamw(1e-2)).unwrap();
         for _ in 0..3 {
@@ -242,7 +230,7 @@ fn gradient_clipping_matches_torch_clip_grad_norm() {
     let case = "llama_gqa";
     let reference = read_tensors(&fixture(case).join("reference.safetensors"));
     let clip = read_tensors(&fixture(case).join("reference_clip.safetensors"));
-    let batch = batch_of(&reference);
+    let batch = fixture_batch(&reference);
     let max_norm = clip["max_norm"].1[0];
     for which in ["adamw", "sgd"] {
         let model = LemaModel::new(case_config(case)).expect("model");

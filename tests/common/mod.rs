@@ -75,9 +75,20 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 
 /// A bf16 copy of a fixture model (config.json beside it).
 pub fn bf16_copy(case: &str, dir: &Path) -> PathBuf {
+    copy_of(case, dir, lema::backend::DType::BF16, |_| true)
+}
+
+/// A copy of fixture `case`'s model in `dir` with its tensors stored as `dtype` and only
+/// those whose name `keep` accepts, beside its config.json: the path of the copy.
+pub fn copy_of(
+    case: &str,
+    dir: &Path,
+    dtype: lema::backend::DType,
+    keep: impl Fn(&str) -> bool,
+) -> PathBuf {
     let src = fixture(case);
     let t = read_tensors(&src.join("model.safetensors"));
-    let mut names: Vec<_> = t.keys().cloned().collect();
+    let mut names: Vec<_> = t.keys().filter(|n| keep(n)).cloned().collect();
     names.sort();
     let tensors: Vec<lema::fsutil::TensorOut> = names
         .iter()
@@ -86,9 +97,9 @@ pub fn bf16_copy(case: &str, dir: &Path) -> PathBuf {
             let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             lema::fsutil::TensorOut {
                 name: n.clone(),
-                dtype: lema::backend::DType::BF16,
+                dtype,
                 shape: shape.clone(),
-                data: std::borrow::Cow::Owned(lema::bench::encode(&v, lema::backend::DType::BF16)),
+                data: std::borrow::Cow::Owned(lema::bench::encode(&v, dtype)),
             }
         })
         .collect();
@@ -96,6 +107,19 @@ pub fn bf16_copy(case: &str, dir: &Path) -> PathBuf {
     lema::fsutil::write_safetensors(&path, &tensors, &Default::default()).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     path
+}
+
+/// The batch of a fixture's `reference.safetensors` (`input_ids`, `labels`).
+pub fn fixture_batch(reference: &HashMap<String, (Vec<usize>, Vec<f64>)>) -> lema::Batch {
+    let (shape, ids) = &reference["input_ids"];
+    let (_, labels) = &reference["labels"];
+    lema::Batch::new(
+        ids.iter().map(|&x| x as u32).collect(),
+        labels.iter().map(|&x| x as i32).collect(),
+        shape[0],
+        shape[1],
+    )
+    .expect("fixture batch")
 }
 
 /// Turn on `LEMA_CUDA_POISON=1` for this test process, so that the backends `LemaModel`
