@@ -1,7 +1,7 @@
 //! Model configuration read from the Hugging Face `config.json` beside the weights.
 
 use crate::error::{Error, Result};
-use crate::model::family::{ConfigKeys, Sliding};
+use crate::model::family::Sliding;
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -19,6 +19,9 @@ pub enum Arch {
     Qwen3,
     /// Phi-3: Llama with fused `qkv_proj` and `gate_up_proj`.
     Phi3,
+    /// Gemma 3 (text): (1 + w) norms around attention and the MLP, GeGLU, scaled
+    /// embedding, local and global layers.
+    Gemma3,
     /// GPT-2.
     Gpt2,
 }
@@ -65,10 +68,18 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// Sliding-window attention: a query at position t sees keys t − w + 1 ..= t (w keys,
-    /// its own included), on the layers from `first_window_layer` on.
+    /// its own included), on the layers `sliding_layers` marks.
     pub sliding_window: Option<usize>,
-    /// The first layer that slides (Qwen2's `max_window_layers`; 0: every layer).
-    pub first_window_layer: usize,
+    /// Which layers slide (one entry per layer; all false without a window).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding layers when it differs from `rope_theta` (Gemma 3's
+    /// `rope_local_base_freq`; no scaling applies to them).
+    pub local_rope_theta: Option<f32>,
+    /// Attention scores are scaled by `query_pre_attn_scalar^−½` instead of `head_dim^−½`
+    /// (Gemma).
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Logits are `c · tanh(logits / c)` (Gemma's `final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f32>,
     /// What the config asks that lema does not do, for the caller to show (lema prints
     /// nothing itself): e.g. GPT-2's dropouts, which transformers applies in training.
     pub notes: Vec<String>,
@@ -116,10 +127,7 @@ impl ModelConfig {
             let supported = crate::model::family::supported_model_types();
             match obj.get("model_type") {
                 Some(Value::String(t)) => match crate::model::family::for_model_type(t) {
-                    Some(arch) => match crate::model::family::family(arch).config_keys {
-                        ConfigKeys::Gpt2 => parse_gpt2(&f, arch)?,
-                        ConfigKeys::Llama => parse_llama(&f, t, arch)?,
-                    },
+                    Some(arch) => (crate::model::family::family(arch).parse_config)(&f, t, arch)?,
                     None => {
                         return Err(f.err(format!(
                             "unsupported model_type '{t}' (read from 'model_type'); supported: {supported}"
@@ -193,18 +201,44 @@ impl ModelConfig {
     /// The sliding window of layer `layer`, if it slides.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         self.sliding_window
-            .filter(|_| layer >= self.first_window_layer)
+            .filter(|_| self.sliding_layers.get(layer) == Some(&true))
+    }
+
+    /// Attention's score scale: `query_pre_attn_scalar^−½`, else `head_dim^−½`.
+    pub fn attention_scale(&self) -> f32 {
+        let d = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f32);
+        1.0 / d.sqrt()
     }
 
     /// RoPE inverse frequencies, `head_dim / 2` of them: HF's default `1/θ^(2i/D)`, then the
     /// configured scaling exactly as transformers computes it. Computed in f64.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim as f64;
-        let theta = f64::from(self.rope_theta);
-        (0..self.head_dim / 2)
+        rope_inv_freq(self.head_dim, self.rope_theta, &self.rope_scaling)
+    }
+
+    /// The sliding layers' inverse frequencies, when their base differs (unscaled).
+    pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        self.local_rope_theta
+            .map(|theta| rope_inv_freq(self.head_dim, theta, &RopeScaling::None))
+    }
+
+    /// The original config.json, pretty-printed, to write beside checkpoints and prepared
+    /// models so that they load in transformers unchanged.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(&self.raw).unwrap_or_else(|_| self.raw.to_string())
+    }
+}
+
+/// RoPE inverse frequencies for head dimension `head_dim`, base `theta` and `scaling`, as
+/// transformers computes them (in f64).
+fn rope_inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
+    {
+        let d = head_dim as f64;
+        let theta = f64::from(theta);
+        (0..head_dim / 2)
             .map(|i| {
                 let base = 1.0 / theta.powf((2 * i) as f64 / d);
-                let scaled = match self.rope_scaling {
+                let scaled = match *scaling {
                     RopeScaling::None => base,
                     RopeScaling::Linear { factor } => base / f64::from(factor),
                     RopeScaling::Llama3 {
@@ -223,12 +257,6 @@ impl ModelConfig {
                 scaled as f32
             })
             .collect()
-    }
-
-    /// The original config.json, pretty-printed, to write beside checkpoints and prepared
-    /// models so that they load in transformers unchanged.
-    pub fn to_json_string(&self) -> String {
-        serde_json::to_string_pretty(&self.raw).unwrap_or_else(|_| self.raw.to_string())
     }
 }
 
@@ -263,23 +291,36 @@ fn quote(v: &Value) -> String {
 
 /// Typed access to the fields of one JSON object, with messages that name the file and
 /// the field. `null` counts as absent, as it does for transformers.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     obj: &'a Map<String, Value>,
     path: &'a Path,
     /// Prepended to field names in messages ("rope_scaling.").
     prefix: &'a str,
 }
 
+/// An architecture's config.json parser: the fields, the `model_type` read, and the
+/// architecture it names.
+pub(crate) type ParseConfig = fn(&Fields, &str, Arch) -> Result<ModelConfig>;
+
 impl<'a> Fields<'a> {
-    fn err(&self, msg: impl std::fmt::Display) -> Error {
+    /// The fields of the object under `key`, for messages prefixed `key.`.
+    pub(crate) fn sub(&self, key: &str, prefix: &'a str) -> Result<Option<Fields<'a>>> {
+        Ok(self.opt_object(key)?.map(|obj| Fields {
+            obj,
+            path: self.path,
+            prefix,
+        }))
+    }
+
+    pub(crate) fn err(&self, msg: impl std::fmt::Display) -> Error {
         Error::config(format!("{}: {msg}", self.path.display()))
     }
 
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn type_err(&self, key: &str, want: &str, v: &Value) -> Error {
+    pub(crate) fn type_err(&self, key: &str, want: &str, v: &Value) -> Error {
         self.err(format!(
             "field '{}{key}' must be {want}, found {}",
             self.prefix,
@@ -287,11 +328,11 @@ impl<'a> Fields<'a> {
         ))
     }
 
-    fn missing(&self, key: &str) -> Error {
+    pub(crate) fn missing(&self, key: &str) -> Error {
         self.err(format!("missing required field '{}{key}'", self.prefix))
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -303,7 +344,7 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional size, which must be positive when present.
-    fn opt_size(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_size(&self, key: &str) -> Result<Option<usize>> {
         match self.opt_usize(key)? {
             Some(0) => Err(self.err(format!("field '{}{key}' must be > 0, found 0", self.prefix))),
             n => Ok(n),
@@ -311,11 +352,11 @@ impl<'a> Fields<'a> {
     }
 
     /// A required positive size.
-    fn size(&self, key: &str) -> Result<usize> {
+    pub(crate) fn size(&self, key: &str) -> Result<usize> {
         self.opt_size(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -326,7 +367,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A positive number that fits an f32, or `default` when absent.
-    fn positive_f32(&self, key: &str, default: Option<f32>) -> Result<f32> {
+    pub(crate) fn positive_f32(&self, key: &str, default: Option<f32>) -> Result<f32> {
         let Some(x) = self.opt_f64(key)? else {
             return default.ok_or_else(|| self.missing(key));
         };
@@ -341,7 +382,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -349,7 +390,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -357,7 +398,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt_object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+    pub(crate) fn opt_object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Object(o)) => Ok(Some(o)),
@@ -365,18 +406,18 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn token(&self, key: &str, v: &Value) -> Result<u32> {
+    pub(crate) fn token(&self, key: &str, v: &Value) -> Result<u32> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| self.type_err(key, "a token id (integer below 2^32)", v))
     }
 
-    fn opt_token(&self, key: &str) -> Result<Option<u32>> {
+    pub(crate) fn opt_token(&self, key: &str) -> Result<Option<u32>> {
         self.get(key).map(|v| self.token(key, v)).transpose()
     }
 
     /// A token id or a list of them (`eos_token_id`).
-    fn tokens(&self, key: &str) -> Result<Vec<u32>> {
+    pub(crate) fn tokens(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items.iter().map(|v| self.token(key, v)).collect(),
@@ -384,8 +425,43 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The activation named by `key` (`default` when absent) must be `want`.
+    pub(crate) fn require_activation(
+        &self,
+        key: &str,
+        model_type: &str,
+        want: &str,
+        default: Option<&str>,
+    ) -> Result<()> {
+        match self.opt_str(key)?.or(default) {
+            Some(act) if act != want => Err(self.err(format!(
+                "{key} '{act}' is not supported for {model_type}; supported: {want}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Dropout probabilities (`keys`) must be absent or 0: transformers applies them in
+    /// training mode, and lema would compute something else.
+    pub(crate) fn refuse_dropouts(&self, keys: &[&str]) -> Result<()> {
+        for key in keys {
+            if let Some(p) = self.opt_f64(key)?
+                && p != 0.0
+            {
+                return Err(self.err(format!(
+                    "{key} = {p} is not supported (lema applies no dropout besides LoRA's); set it to 0.0"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// `hidden / heads` as the head dimension, refused when it does not divide evenly.
-    fn derive_head_dim(&self, hidden: (&str, usize), heads: (&str, usize)) -> Result<usize> {
+    pub(crate) fn derive_head_dim(
+        &self,
+        hidden: (&str, usize),
+        heads: (&str, usize),
+    ) -> Result<usize> {
         if !hidden.1.is_multiple_of(heads.1) {
             return Err(self.err(format!(
                 "{} = {} is not divisible by {} = {}",
@@ -396,17 +472,29 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Llama, Mistral and their relatives (SwiGLU MLP, RMSNorm, RoPE, optional GQA).
-/// A Llama-shaped config (Llama, Mistral, Qwen2, Qwen3): the keys they share, and what
-/// differs by architecture (biases, sliding windows).
-fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
-    if let Some(act) = f.opt_str("hidden_act")?
-        && act != "silu"
-    {
-        return Err(f.err(format!(
-            "hidden_act '{act}' is not supported for {model_type}; supported: silu"
-        )));
-    }
+/// A Llama-shaped config (Llama, Mistral, Qwen2, Qwen3, Phi-3): the keys they share, and
+/// what differs by architecture (biases, sliding windows).
+pub(crate) fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
+    f.require_activation("hidden_act", model_type, "silu", Some("silu"))?;
+    let mut cfg = parse_decoder_sizes(f, arch, None)?;
+    (cfg.rope_theta, cfg.rope_scaling) = parse_rope(f)?;
+    let sliding = crate::model::family::family(arch).sliding;
+    (cfg.sliding_window, cfg.sliding_layers) = parse_windows(f, sliding, cfg.num_hidden_layers)?;
+    // Phi-3's dropouts apply in transformers' training mode; lema would compute something
+    // else, so a non-zero one is refused rather than ignored
+    f.refuse_dropouts(&["resid_pdrop", "embd_pdrop", "attention_dropout"])?;
+    Ok(cfg)
+}
+
+/// The sizes, norm ε, token ids and biases every RoPE decoder's config.json shares, with
+/// no window, the default RoPE and nothing architecture-specific; `default_head_dim` is
+/// the config class's `head_dim` default (else hidden / heads).
+pub(crate) fn parse_decoder_sizes(
+    f: &Fields,
+    arch: Arch,
+    default_head_dim: Option<usize>,
+) -> Result<ModelConfig> {
+    let family = crate::model::family::family(arch);
     let vocab_size = f.size("vocab_size")?;
     let hidden_size = f.size("hidden_size")?;
     let intermediate_size = f.size("intermediate_size")?;
@@ -421,9 +509,9 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
              num_key_value_heads = {num_key_value_heads}"
         )));
     }
-    let head_dim = match f.opt_size("head_dim")? {
-        Some(d) => d,
-        None => f.derive_head_dim(
+    let head_dim = match (f.opt_size("head_dim")?, default_head_dim) {
+        (Some(d), _) | (None, Some(d)) => d,
+        (None, None) => f.derive_head_dim(
             ("hidden_size", hidden_size),
             ("num_attention_heads", num_attention_heads),
         )?,
@@ -440,58 +528,9 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
             "partial_rotary_factor = {p} is not supported; only 1.0 (rotate the whole head)"
         )));
     }
-    let default_max_pos = crate::model::family::family(arch).default_max_positions;
     let max_position_embeddings = f
         .opt_size("max_position_embeddings")?
-        .unwrap_or(default_max_pos);
-    let norm_eps = f.positive_f32("rms_norm_eps", Some(1e-6))?;
-    let (rope_theta, rope_scaling) = parse_rope(f)?;
-    // Mistral slides on every layer when `sliding_window` is set; Qwen2/Qwen3 only with
-    // `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
-    // ignored), and then only from layer `max_window_layers` on
-    let (sliding_window, first_window_layer) = match crate::model::family::family(arch).sliding {
-        Sliding::EveryLayer => (f.opt_size("sliding_window")?, 0),
-        Sliding::OptIn if f.opt_bool("use_sliding_window")? == Some(true) => (
-            f.opt_size("sliding_window")?,
-            f.opt_size("max_window_layers")?.unwrap_or(0),
-        ),
-        Sliding::OptIn | Sliding::Never => (None, 0),
-    };
-    if let Some(layer_types) = f.get("layer_types").and_then(Value::as_array) {
-        // transformers 5 writes the layers' kinds; they must agree with the keys above
-        let want = |i: usize| {
-            if sliding_window.is_some() && i >= first_window_layer {
-                "sliding_attention"
-            } else {
-                "full_attention"
-            }
-        };
-        if let Some((i, t)) = layer_types
-            .iter()
-            .enumerate()
-            .find(|(i, t)| t.as_str() != Some(want(*i)))
-        {
-            return Err(f.err(format!(
-                "layer_types[{i}] is {t}, but sliding_window, use_sliding_window and \
-                 max_window_layers make layer {i} {}",
-                want(i)
-            )));
-        }
-    }
-    // Phi-3's dropouts apply in transformers' training mode; lema would compute something
-    // else, so a non-zero one is refused rather than ignored
-    for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
-        if let Some(p) = f.opt_f64(key)?
-            && p != 0.0
-        {
-            return Err(f.err(format!(
-                "{key} = {p} is not supported (lema applies no dropout besides LoRA's); set it to 0.0"
-            )));
-        }
-    }
-    // Qwen2 has biases on q, k, v (only; no key says so); Qwen3's `attention_bias`
-    // covers q, k, v and o, as Llama's does
-    let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+        .unwrap_or(family.default_max_positions);
     Ok(ModelConfig {
         arch,
         vocab_size,
@@ -502,24 +541,114 @@ fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> 
         num_key_value_heads,
         head_dim,
         max_position_embeddings,
-        norm_eps,
-        rope_theta,
-        rope_scaling,
-        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-        attention_bias,
+        norm_eps: f.positive_f32("rms_norm_eps", Some(1e-6))?,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        tie_word_embeddings: f
+            .opt_bool("tie_word_embeddings")?
+            .unwrap_or(family.ties_by_default),
+        // Qwen2 has biases on q, k, v (only; no key says so); Qwen3's `attention_bias`
+        // covers q, k, v and o, as Llama's does
+        attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
         bos_token_id: f.opt_token("bos_token_id")?,
         eos_token_ids: f.tokens("eos_token_id")?,
-        sliding_window,
-        first_window_layer,
+        sliding_window: None,
+        sliding_layers: vec![false; num_hidden_layers],
+        local_rope_theta: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
         notes: Vec::new(),
         raw: Value::Null,
     })
 }
 
+/// The sliding window and which of `layers` layers slide, by the architecture's rule.
+/// Mistral and Phi-3 slide on every layer when `sliding_window` is set; Qwen2/Qwen3 only
+/// with `use_sliding_window` (their Hub configs keep a `sliding_window` value otherwise
+/// ignored), and then only from layer `max_window_layers` on; Gemma by `layer_types`, or
+/// in older configs every layer but each `sliding_window_pattern`-th. A `layer_types`
+/// list (transformers 5 writes one) must agree with the rule.
+pub(crate) fn parse_windows(
+    f: &Fields,
+    sliding: Sliding,
+    layers: usize,
+) -> Result<(Option<usize>, Vec<bool>)> {
+    let layer_types = match f.get("layer_types") {
+        None => None,
+        Some(Value::Array(items)) => {
+            let kinds = items
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(f.err(format!(
+                        "layer_types[{i}] is {}; supported: \"sliding_attention\", \"full_attention\"",
+                        quote(t)
+                    ))),
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            if kinds.len() != layers {
+                return Err(f.err(format!(
+                    "layer_types has {} entries but num_hidden_layers = {layers}",
+                    kinds.len()
+                )));
+            }
+            Some(kinds)
+        }
+        Some(v) => return Err(f.type_err("layer_types", "a list", v)),
+    };
+    let (window, by_rule) = match sliding {
+        Sliding::EveryLayer => (f.opt_size("sliding_window")?, vec![true; layers]),
+        Sliding::OptIn if f.opt_bool("use_sliding_window")? == Some(true) => {
+            let first = f.opt_size("max_window_layers")?.unwrap_or(0);
+            (
+                f.opt_size("sliding_window")?,
+                (0..layers).map(|i| i >= first).collect(),
+            )
+        }
+        Sliding::OptIn | Sliding::Never => (None, vec![false; layers]),
+        Sliding::ByLayerType { default_window } => {
+            let window = f.opt_size("sliding_window")?.unwrap_or(default_window);
+            if let Some(kinds) = layer_types {
+                return Ok((Some(window), kinds));
+            }
+            let pattern = f.opt_size("sliding_window_pattern")?.unwrap_or(6);
+            (
+                Some(window),
+                (0..layers).map(|i| (i + 1) % pattern != 0).collect(),
+            )
+        }
+    };
+    let by_rule = if window.is_some() {
+        by_rule
+    } else {
+        vec![false; layers]
+    };
+    if let Some(kinds) = layer_types
+        && let Some(i) = (0..layers).find(|&i| kinds[i] != by_rule[i])
+    {
+        let name = |b: bool| {
+            if b {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        };
+        return Err(f.err(format!(
+            "layer_types[{i}] is \"{}\", but sliding_window, use_sliding_window and \
+             max_window_layers make layer {i} {}",
+            name(kinds[i]),
+            name(by_rule[i])
+        )));
+    }
+    Ok((window, by_rule))
+}
+
 /// `rope_theta` and `rope_scaling`. Newer transformers write both inside
 /// `rope_parameters`; that is read when the older keys are absent.
-fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
+pub(crate) fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
     let params = f.opt_object("rope_parameters")?.map(|obj| Fields {
         obj,
         path: f.path,
@@ -538,51 +667,57 @@ fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
         (None, Some(p)) => p,
         (None, None) => return Ok((rope_theta, RopeScaling::None)),
     };
-    let kind = match scaling.opt_str("rope_type")? {
+    let rope_scaling = parse_scaling(&scaling, scaling.prefix == "rope_parameters.")?;
+    Ok((rope_theta, rope_scaling))
+}
+
+/// The RoPE scaling an object of RoPE settings (`rope_scaling`, `rope_parameters` or one
+/// of its per-layer-type entries) describes; with `type_optional` a missing `rope_type`
+/// means none.
+pub(crate) fn parse_scaling(s: &Fields, type_optional: bool) -> Result<RopeScaling> {
+    let kind = match s.opt_str("rope_type")? {
         Some(t) => Some(t),
-        None => scaling.opt_str("type")?,
+        None => s.opt_str("type")?,
     };
-    let rope_scaling = match kind {
+    Ok(match kind {
         // `rope_parameters` may carry only `rope_theta`.
-        None if scaling.prefix == "rope_parameters." => RopeScaling::None,
+        None if type_optional => RopeScaling::None,
         None => {
-            return Err(scaling.err(format!(
+            return Err(s.err(format!(
                 "'{}' has no 'rope_type' (or 'type'); supported: {SUPPORTED_ROPE_TYPES}",
-                scaling.prefix.trim_end_matches('.')
+                s.prefix.trim_end_matches('.')
             )));
         }
         Some("default") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
-            factor: scaling.positive_f32("factor", None)?,
+            factor: s.positive_f32("factor", None)?,
         },
         Some("llama3") => {
-            let low_freq_factor = scaling.positive_f32("low_freq_factor", None)?;
-            let high_freq_factor = scaling.positive_f32("high_freq_factor", None)?;
+            let low_freq_factor = s.positive_f32("low_freq_factor", None)?;
+            let high_freq_factor = s.positive_f32("high_freq_factor", None)?;
             if high_freq_factor <= low_freq_factor {
-                return Err(scaling.err(format!(
+                return Err(s.err(format!(
                     "llama3 rope scaling needs high_freq_factor > low_freq_factor, found \
                      {high_freq_factor} and {low_freq_factor}"
                 )));
             }
             RopeScaling::Llama3 {
-                factor: scaling.positive_f32("factor", None)?,
+                factor: s.positive_f32("factor", None)?,
                 low_freq_factor,
                 high_freq_factor,
-                original_max_position_embeddings: scaling
-                    .size("original_max_position_embeddings")?,
+                original_max_position_embeddings: s.size("original_max_position_embeddings")?,
             }
         }
         Some(other) => {
-            return Err(scaling.err(format!(
+            return Err(s.err(format!(
                 "rope scaling type '{other}' is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )));
         }
-    };
-    Ok((rope_theta, rope_scaling))
+    })
 }
 
 /// GPT-2 (LayerNorm, learned positions, `gelu_new` MLP, fused QKV, biases everywhere).
-fn parse_gpt2(f: &Fields, arch: Arch) -> Result<ModelConfig> {
+pub(crate) fn parse_gpt2(f: &Fields, _model_type: &str, arch: Arch) -> Result<ModelConfig> {
     if let Some(act) = f.opt_str("activation_function")?
         && act != "gelu_new"
         && act != "gelu_pytorch_tanh"
@@ -656,7 +791,10 @@ fn parse_gpt2(f: &Fields, arch: Arch) -> Result<ModelConfig> {
         bos_token_id: f.opt_token("bos_token_id")?,
         eos_token_ids: f.tokens("eos_token_id")?,
         sliding_window: None,
-        first_window_layer: 0,
+        sliding_layers: vec![false; n_layer],
+        local_rope_theta: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
         notes,
         raw: Value::Null,
     })
@@ -1013,7 +1151,7 @@ mod tests {
 
     #[test]
     fn bad_model_type() {
-        let all = "llama, mistral, qwen2, qwen3, phi3, gpt2";
+        let all = "llama, mistral, qwen2, qwen3, phi3, gemma3_text, gpt2";
         let msg = err_of(&llama_with(r#"{"model_type": "falcon"}"#));
         assert_contains(&msg, &["'falcon'", "read from 'model_type'", all]);
         let msg = err_of(&llama_with(r#"{"model_type": null}"#));

@@ -350,6 +350,9 @@ impl<B: Backend> Engine<B> {
                 accumulate: crate::backend::Accumulate::Overwrite,
             },
         )?;
+        if let Some(cap) = self.model.logit_softcap() {
+            be.softcap(&mut logits, cap)?;
+        }
         be.download(&logits)
     }
 

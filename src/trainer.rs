@@ -219,6 +219,7 @@ impl<B: Backend> Engine<B> {
             &labels,
             c,
             loss_scale,
+            self.model.logit_softcap(),
             dxf.as_mut(),
             logits.as_mut(),
         )?;

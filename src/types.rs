@@ -30,6 +30,15 @@ impl DType {
         }
     }
 
+    /// `x` rounded to this type (to nearest, ties to even) and widened back.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+
     /// Decode little-endian bytes of this type into f32 values (`out.len()` elements).
     pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) {
         match self {

@@ -69,7 +69,7 @@ fn an_unknown_architecture_names_the_field_and_the_supported_ones() {
     for part in [
         "'falcon'",
         "model_type",
-        "llama, mistral, qwen2, qwen3, phi3, gpt2",
+        "llama, mistral, qwen2, qwen3, phi3, gemma3_text, gpt2",
     ] {
         assert!(msg.contains(part), "{part} missing from: {msg}");
     }

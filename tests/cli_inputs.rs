@@ -85,7 +85,7 @@ fn info_on_an_impossible_config_names_the_field_and_exits_non_zero() {
             "mamba".into(),
             &[
                 "unsupported model_type 'mamba'",
-                "supported: llama, mistral, qwen2, qwen3, phi3, gpt2",
+                "supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, gpt2",
             ],
         ),
         (

@@ -22,8 +22,8 @@ use common::{poison_uninit, skip_without_gpu};
 use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
 use lema::backend::{
-    Accumulate, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX, SgdStep,
-    dropout_keep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX,
+    SgdStep, dropout_keep,
 };
 use lema::{Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
@@ -363,15 +363,19 @@ fn activations_and_dropout() {
     let (cd, gd) = p.up(&d);
     // exp/tanh of CUDA's libdevice vs Rust's libm: a few ulps: 1e-6.
     let (mut co, mut go) = p.up(&vec![0.0; n]);
-    c.swiglu_forward(&mut co, &ca, &cb).unwrap();
-    g.swiglu_forward(&mut go, &ga, &gb).unwrap();
-    p.cmp("swiglu_forward", &co, &go, 1e-6);
     let (mut cg, mut gg) = p.up(&vec![0.0; n]);
     let (mut cu, mut gu) = p.up(&vec![0.0; n]);
-    c.swiglu_backward(&mut cg, &mut cu, &cd, &ca, &cb).unwrap();
-    g.swiglu_backward(&mut gg, &mut gu, &gd, &ga, &gb).unwrap();
-    p.cmp("swiglu_backward dgate", &cg, &gg, 1e-6);
-    p.cmp("swiglu_backward dup", &cu, &gu, 1e-6);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        c.gated_forward(act, &mut co, &ca, &cb).unwrap();
+        g.gated_forward(act, &mut go, &ga, &gb).unwrap();
+        p.cmp(&format!("gated_forward {act:?}"), &co, &go, 1e-6);
+        c.gated_backward(act, &mut cg, &mut cu, &cd, &ca, &cb)
+            .unwrap();
+        g.gated_backward(act, &mut gg, &mut gu, &gd, &ga, &gb)
+            .unwrap();
+        p.cmp(&format!("gated_backward dgate {act:?}"), &cg, &gg, 1e-6);
+        p.cmp(&format!("gated_backward dup {act:?}"), &cu, &gu, 1e-6);
+    }
     c.gelu_forward(&mut co, &ca).unwrap();
     g.gelu_forward(&mut go, &ga).unwrap();
     p.cmp("gelu_forward", &co, &go, 1e-6);
@@ -419,28 +423,32 @@ fn norms_forward_and_backward() {
             let (cbias, gbias) = p.weight(&bias, wdt);
             let dout = r.vec(rows * cols, 1.0);
             let (cdo, gdo) = p.up(&dout);
-            // RMSNorm: a C-term f32 sum of squares, then elementwise: 1e-5.
+            // RMSNorm (and Gemma's (1 + w)): a C-term f32 sum of squares, then
+            // elementwise: 1e-5.
             let (mut co, mut go) = p.up(&vec![0.0; rows * cols]);
             let (mut cr, mut gr) = p.up(&vec![0.0; rows]);
-            c.rms_norm_forward(&mut co, &mut cr, &cx, &cw, 1e-5)
-                .unwrap();
-            g.rms_norm_forward(&mut go, &mut gr, &gx, &gw, 1e-5)
-                .unwrap();
-            p.cmp(&format!("rms_norm_forward out {tag}"), &co, &go, 1e-5);
-            p.cmp(&format!("rms_norm_forward rstd {tag}"), &cr, &gr, 1e-5);
-            for acc in [Accumulate::Overwrite, Accumulate::Add] {
-                let d0 = r.vec(rows * cols, 1.0);
-                let (mut cdx, mut gdx) = p.up(&d0);
-                c.rms_norm_backward(&mut cdx, &cdo, &cx, &cw, &cr, acc)
+            for off in [0.0, 1.0] {
+                let tag = format!("{tag} offset {off}");
+                c.rms_norm_forward(&mut co, &mut cr, &cx, &cw, off, 1e-5)
                     .unwrap();
-                g.rms_norm_backward(&mut gdx, &gdo, &gx, &gw, &gr, acc)
+                g.rms_norm_forward(&mut go, &mut gr, &gx, &gw, off, 1e-5)
                     .unwrap();
-                p.cmp(
-                    &format!("rms_norm_backward {acc:?} {tag}"),
-                    &cdx,
-                    &gdx,
-                    1e-5,
-                );
+                p.cmp(&format!("rms_norm_forward out {tag}"), &co, &go, 1e-5);
+                p.cmp(&format!("rms_norm_forward rstd {tag}"), &cr, &gr, 1e-5);
+                for acc in [Accumulate::Overwrite, Accumulate::Add] {
+                    let d0 = r.vec(rows * cols, 1.0);
+                    let (mut cdx, mut gdx) = p.up(&d0);
+                    c.rms_norm_backward(&mut cdx, &cdo, &cx, &cw, off, &cr, acc)
+                        .unwrap();
+                    g.rms_norm_backward(&mut gdx, &gdo, &gx, &gw, off, &gr, acc)
+                        .unwrap();
+                    p.cmp(
+                        &format!("rms_norm_backward {acc:?} {tag}"),
+                        &cdx,
+                        &gdx,
+                        1e-5,
+                    );
+                }
             }
             // LayerNorm: two f32 reductions per row: 1e-5.
             let (mut cm, mut gm) = p.up(&vec![0.0; rows]);
@@ -899,7 +907,12 @@ fn lm_head_loss_chunked_with_ignored_labels() {
     let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     let h = r.vec(n * ch, 1.0);
     let w = r.vec(v * ch, 0.5);
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, cap) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::F32, Some(2.5f32)),
+        (DType::BF16, Some(2.5)),
+    ] {
         // f32: logits are 64-term dots, the loss a 1009-term softmax: 1e-5.
         // bf16: h rounded to bf16 for both GEMMs, dlogits too: 1e-2.
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
@@ -908,7 +921,16 @@ fn lm_head_loss_chunked_with_ignored_labels() {
         let scale = 1.0 / count as f32;
         let (mut cdh, mut cl) = (c.zeros(n * ch).unwrap(), c.zeros(n * v).unwrap());
         let lc = c
-            .lm_head_loss(&ch_, &cw, &labels, ch, scale, Some(&mut cdh), Some(&mut cl))
+            .lm_head_loss(
+                &ch_,
+                &cw,
+                &labels,
+                ch,
+                scale,
+                cap,
+                Some(&mut cdh),
+                Some(&mut cl),
+            )
             .unwrap();
         let (cdh, cl) = (c.download(&cdh).unwrap(), c.download(&cl).unwrap());
         for (name, be) in [("5-row chunks", &g), ("one chunk", &g_one)] {
@@ -918,11 +940,20 @@ fn lm_head_loss_chunked_with_ignored_labels() {
             let mut gdh = be.upload(&vec![f32::NAN; n * ch]).unwrap();
             let mut gl = be.upload(&vec![f32::NAN; n * v]).unwrap();
             let lg = be
-                .lm_head_loss(&gh, &gw, &labels, ch, scale, Some(&mut gdh), Some(&mut gl))
+                .lm_head_loss(
+                    &gh,
+                    &gw,
+                    &labels,
+                    ch,
+                    scale,
+                    cap,
+                    Some(&mut gdh),
+                    Some(&mut gl),
+                )
                 .unwrap();
             assert_eq!(lg.count, lc.count, "counted tokens");
             assert_eq!(lg.count, count);
-            let tag = format!("{dt} weight, {name}");
+            let tag = format!("{dt} weight, {name}, soft-cap {cap:?}");
             check_scalar(&format!("lm_head_loss loss sum {tag}"), lg.sum, lc.sum, tol);
             check(
                 &format!("lm_head_loss logits {tag}"),
@@ -938,7 +969,7 @@ fn lm_head_loss_chunked_with_ignored_labels() {
             );
             // evaluation only: no dh, no logits
             let le = be
-                .lm_head_loss(&gh, &gw, &labels, ch, scale, None, None)
+                .lm_head_loss(&gh, &gw, &labels, ch, scale, cap, None, None)
                 .unwrap();
             check_scalar(
                 &format!("lm_head_loss eval-only loss {tag}"),
@@ -948,13 +979,24 @@ fn lm_head_loss_chunked_with_ignored_labels() {
             );
         }
     }
+    // the standalone soft-cap (generation's logits): tanh of libdevice vs libm, 1e-6
+    let x = r.vec(4099, 8.0);
+    let (mut cx, mut gx) = (c.upload(&x).unwrap(), g.upload(&x).unwrap());
+    c.softcap(&mut cx, 2.5).unwrap();
+    g.softcap(&mut gx, 2.5).unwrap();
+    check(
+        "softcap",
+        &g.download(&gx).unwrap(),
+        &c.download(&cx).unwrap(),
+        1e-6,
+    );
     let bad: Vec<i32> = vec![0, v as i32];
     let (gh, gw) = (
         g.upload(&r.vec(2 * ch, 1.0)).unwrap(),
         g.upload(&w).unwrap(),
     );
     let e = g
-        .lm_head_loss(&gh, &gw, &bad, ch, 1.0, None, None)
+        .lm_head_loss(&gh, &gw, &bad, ch, 1.0, None, None, None)
         .expect_err("label past V");
     assert!(e.to_string().contains(&v.to_string()), "{e}");
 }
@@ -1050,16 +1092,16 @@ fn uninit_outputs_are_fully_written() {
     let (cdo, gdo) = p.up(&r.vec(n, 1.0));
     let (mut co, mut go) = un(n);
     let (mut cr, mut gr) = un(rows);
-    c.rms_norm_forward(&mut co, &mut cr, &cx, &cnw, 1e-5)
+    c.rms_norm_forward(&mut co, &mut cr, &cx, &cnw, 0.0, 1e-5)
         .unwrap();
-    g.rms_norm_forward(&mut go, &mut gr, &gx, &gnw, 1e-5)
+    g.rms_norm_forward(&mut go, &mut gr, &gx, &gnw, 0.0, 1e-5)
         .unwrap();
     p.cmp("uninit: rms_norm_forward out", &co, &go, 1e-5);
     p.cmp("uninit: rms_norm_forward rstd", &cr, &gr, 1e-5);
     let (mut cdx, mut gdx) = un(n);
-    c.rms_norm_backward(&mut cdx, &cdo, &cx, &cnw, &cr, Accumulate::Overwrite)
+    c.rms_norm_backward(&mut cdx, &cdo, &cx, &cnw, 0.0, &cr, Accumulate::Overwrite)
         .unwrap();
-    g.rms_norm_backward(&mut gdx, &gdo, &gx, &gnw, &gr, Accumulate::Overwrite)
+    g.rms_norm_backward(&mut gdx, &gdo, &gx, &gnw, 0.0, &gr, Accumulate::Overwrite)
         .unwrap();
     p.cmp("uninit: rms_norm_backward Overwrite", &cdx, &gdx, 1e-5);
     let (mut co, mut go) = un(n);
@@ -1082,13 +1124,17 @@ fn uninit_outputs_are_fully_written() {
     let (ca, ga) = p.up(&r.vec(n, 4.0));
     let (cb, gb) = p.up(&r.vec(n, 2.0));
     let (mut co, mut go) = un(n);
-    c.swiglu_forward(&mut co, &ca, &cb).unwrap();
-    g.swiglu_forward(&mut go, &ga, &gb).unwrap();
+    c.gated_forward(Activation::Silu, &mut co, &ca, &cb)
+        .unwrap();
+    g.gated_forward(Activation::Silu, &mut go, &ga, &gb)
+        .unwrap();
     p.cmp("uninit: swiglu_forward", &co, &go, 1e-6);
     let (mut cg, mut gg) = un(n);
     let (mut cu, mut gu) = un(n);
-    c.swiglu_backward(&mut cg, &mut cu, &cdo, &ca, &cb).unwrap();
-    g.swiglu_backward(&mut gg, &mut gu, &gdo, &ga, &gb).unwrap();
+    c.gated_backward(Activation::Silu, &mut cg, &mut cu, &cdo, &ca, &cb)
+        .unwrap();
+    g.gated_backward(Activation::Silu, &mut gg, &mut gu, &gdo, &ga, &gb)
+        .unwrap();
     p.cmp("uninit: swiglu_backward dgate", &cg, &gg, 1e-6);
     p.cmp("uninit: swiglu_backward dup", &cu, &gu, 1e-6);
     let (mut co, mut go) = un(n);
@@ -1262,6 +1308,8 @@ fn peft_fixtures_on_cuda() {
         "qwen3",
         "mistral_sw",
         "qwen2_sw",
+        "phi3",
+        "gemma3",
     ] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = common::fixture_batch(&reference);
@@ -1539,8 +1587,17 @@ fn op_timings_llama7b_shapes() {
     let labels: Vec<i32> = (0..n).map(|_| r.below(v) as i32).collect();
     let mut dh = g.zeros(n * c).unwrap();
     let ms = median_ms(&g, 5, || {
-        g.lm_head_loss(&x, &hw, &labels, c, 1.0 / n as f32, Some(&mut dh), None)
-            .unwrap();
+        g.lm_head_loss(
+            &x,
+            &hw,
+            &labels,
+            c,
+            1.0 / n as f32,
+            None,
+            Some(&mut dh),
+            None,
+        )
+        .unwrap();
     });
     println!(
         "TIMING lm_head_loss N={n} C={c} V={v} bf16 with dh: {ms:.2} ms, {:.0} TFLOP/s",
@@ -1551,7 +1608,7 @@ fn op_timings_llama7b_shapes() {
     let mut out = g.zeros(n * c).unwrap();
     let mut rs = g.zeros(n).unwrap();
     let ms = median_ms(&g, 10, || {
-        g.rms_norm_forward(&mut out, &mut rs, &x, &nw, 1e-5)
+        g.rms_norm_forward(&mut out, &mut rs, &x, &nw, 0.0, 1e-5)
             .unwrap()
     });
     println!(

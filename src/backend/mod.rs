@@ -40,6 +40,24 @@ pub struct ProfileLine {
     pub ms: f64,
 }
 
+/// The activation of an MLP: of the gate in a gated MLP, of the whole first linear's output
+/// in a plain one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · σ(x)` (Llama's SwiGLU).
+    Silu,
+    /// GELU, tanh approximation: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))` (GPT-2's
+    /// `gelu_new`, Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Why `cap` cannot be a soft-cap (it must be a positive finite number), for the backends'
+/// messages.
+pub(crate) fn softcap_problem(cap: Option<f32>) -> Option<String> {
+    cap.filter(|c| !(c.is_finite() && *c > 0.0))
+        .map(|c| format!("soft-cap {c} is not a positive finite number"))
+}
+
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accumulate {
@@ -385,23 +403,27 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- normalisation ---------------------------------------------------------------
 
-    /// RMSNorm over rows of x `[N, C]`: `out = x · rstd · w`, `rstd[i] = 1/√(mean(x²)+eps)`
-    /// saved for the backward.
+    /// RMSNorm over rows of x `[N, C]`: `out = x · rstd · (w_offset + w)`,
+    /// `rstd[i] = 1/√(mean(x²)+eps)` saved for the backward. `w_offset` is 0 for the usual
+    /// RMSNorm and 1 for Gemma's `(1 + w)`, added in f32 as transformers does.
     fn rms_norm_forward(
         &self,
         out: &mut Self::Buf,
         rstd: &mut Self::Buf,
         x: &Self::Buf,
         w: &Self::Buf,
+        w_offset: f32,
         eps: f32,
     ) -> Result<()>;
     /// Input gradient of RMSNorm (the weight is frozen): `dx (=|+=) ∂L/∂x`.
+    #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
         dx: &mut Self::Buf,
         dout: &Self::Buf,
         x: &Self::Buf,
         w: &Self::Buf,
+        w_offset: f32,
         rstd: &Self::Buf,
         acc: Accumulate,
     ) -> Result<()>;
@@ -507,11 +529,19 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- MLP activations -------------------------------------------------------------
 
-    /// `out = silu(gate) · up`, elementwise.
-    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
-    /// Gradients of SwiGLU; dgate and dup are overwritten.
-    fn swiglu_backward(
+    /// `out = act(gate) · up`, elementwise (SwiGLU with [`Activation::Silu`], GeGLU with
+    /// [`Activation::GeluTanh`]).
+    fn gated_forward(
         &self,
+        act: Activation,
+        out: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// Gradients of [`Backend::gated_forward`]; dgate and dup are overwritten.
+    fn gated_backward(
+        &self,
+        act: Activation,
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
         dout: &Self::Buf,
@@ -539,10 +569,11 @@ pub trait Backend: Send + Sync + 'static {
     // ---- LM head + loss --------------------------------------------------------------
 
     /// Fused LM head and cross-entropy over row chunks, so that no `[N, V]` matrix need
-    /// exist: `logits = h · wᵀ` (h `[N, C]`, w `[V, C]`), per-row loss against
-    /// `labels[i]` (already shifted; [`IGNORE_INDEX`] is skipped). When `dh` is given it is
-    /// overwritten with `loss_scale · (softmax − onehot) · w`; when `logits` is given it
-    /// receives the full `[N, V]` logits.
+    /// exist: `logits = h · wᵀ` (h `[N, C]`, w `[V, C]`), soft-capped to
+    /// `cap · tanh(logits / cap)` when `softcap` is given (Gemma's final soft-cap), per-row
+    /// loss against `labels[i]` (already shifted; [`IGNORE_INDEX`] is skipped). When `dh`
+    /// is given it is overwritten with `∂(loss_scale · loss)/∂h`; when `logits` is given it
+    /// receives the full `[N, V]` (capped) logits.
     #[allow(clippy::too_many_arguments)]
     fn lm_head_loss(
         &self,
@@ -551,9 +582,14 @@ pub trait Backend: Send + Sync + 'static {
         labels: &[i32],
         c: usize,
         loss_scale: f32,
+        softcap: Option<f32>,
         dh: Option<&mut Self::Buf>,
         logits: Option<&mut Self::Buf>,
     ) -> Result<LossSum>;
+
+    /// `x = cap · tanh(x / cap)` in place (the head's soft-cap, for logits computed
+    /// outside [`Backend::lm_head_loss`]).
+    fn softcap(&self, x: &mut Self::Buf, cap: f32) -> Result<()>;
 
     // ---- optimizers ------------------------------------------------------------------
 

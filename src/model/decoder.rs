@@ -5,10 +5,11 @@
 //!
 //! ```text
 //! ln1 = norm1(x);  q, k, v = ln1·Wqᵀ, ln1·Wkᵀ, ln1·Wvᵀ  (or split from ln1·Wqkv)
-//! q, k = rope(q), rope(k);  att = causal_attention(q, k, v)
-//! h = x + att·Woᵀ
-//! ln2 = norm2(h);  act = silu(ln2·Wgᵀ) ⊙ (ln2·Wuᵀ)  (or act = gelu(ln2·Wfcᵀ))
-//! y = h + act·Wdᵀ
+//! q, k = qk_norm(q), qk_norm(k)  (per head, if any);  q, k = rope(q), rope(k)
+//! att = causal_attention(q, k, v)  (within a sliding window, if any)
+//! h = x + post_attn_norm(att·Woᵀ)  (the norm only where the architecture has it)
+//! ln2 = norm2(h);  act = act(ln2·Wgᵀ) ⊙ (ln2·Wuᵀ)  (or split from ln2·Wguᵀ; or act(ln2·Wfcᵀ))
+//! y = h + post_mlp_norm(act·Wdᵀ)
 //! ```
 //!
 //! Shapes: N = B·T tokens, C hidden, H query heads, KVH key/value heads, D head dim,
@@ -17,6 +18,7 @@
 use super::kv_cache::KvCache;
 use super::linear::{Linear, keep_for_backward};
 use super::{Keep, LayerWeights, LinearSpec, StepShape, keep_in};
+pub use crate::backend::Activation;
 use crate::backend::{Accumulate, AttnDims, Backend};
 use crate::error::{Error, Result};
 use crate::lora::BlockLora;
@@ -26,8 +28,21 @@ use crate::lora::BlockLora;
 pub enum NormKind {
     /// `x / rms(x) · w`.
     Rms,
+    /// `x / rms(x) · (1 + w)`, the 1 added in f32 (Gemma; its weights start at 0).
+    RmsUnitOffset,
     /// `(x − mean) / std · w + b`.
     Layer,
+}
+
+impl NormKind {
+    /// What an RMSNorm adds to its weight (1 for `(1 + w)`).
+    fn w_offset(self) -> f32 {
+        if self == NormKind::RmsUnitOffset {
+            1.0
+        } else {
+            0.0
+        }
+    }
 }
 
 /// A norm of a block (or the final one): its kind, the weight's name without
@@ -52,27 +67,27 @@ pub enum Qkv {
     Fused(&'static str),
 }
 
-/// The activation of a plain MLP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// GELU, tanh approximation (GPT-2's `gelu_new`).
-    GeluTanh,
+/// The first linears of a gated MLP: gate and up.
+#[derive(Clone, Copy, Debug)]
+pub enum GateUp {
+    /// Two linears that read the same input.
+    Separate {
+        gate: &'static str,
+        up: &'static str,
+    },
+    /// One linear whose output columns are `[gate | up]` (Phi-3's `gate_up_proj`).
+    Fused(&'static str),
 }
 
 /// The MLP of a block.
 #[derive(Clone, Copy, Debug)]
 pub enum Mlp {
-    /// `down(silu(gate(x)) ⊙ up(x))`.
-    SwiGlu {
-        gate: &'static str,
-        up: &'static str,
+    /// `down(act(gate(x)) ⊙ up(x))`: SwiGLU with SiLU (Llama), GeGLU with GELU-tanh
+    /// (Gemma).
+    Gated {
+        gate_up: GateUp,
         down: &'static str,
-    },
-    /// SwiGLU with gate and up as one linear whose output columns are `[gate | up]`
-    /// (Phi-3's `gate_up_proj`).
-    SwiGluFused {
-        gate_up: &'static str,
-        down: &'static str,
+        act: Activation,
     },
     /// `proj(act(fc(x)))`.
     Plain {
@@ -82,13 +97,36 @@ pub enum Mlp {
     },
 }
 
+impl Mlp {
+    /// The linear that maps the MLP back to the hidden size.
+    fn down(&self) -> &'static str {
+        match *self {
+            Mlp::Gated { down, .. } => down,
+            Mlp::Plain { proj, .. } => proj,
+        }
+    }
+}
+
 /// RMSNorms applied to each head of q and k after their projections, before RoPE
 /// (Qwen3, Gemma 3): weights `[D]` shared by the heads.
 #[derive(Clone, Copy, Debug)]
 pub struct QkNorm {
     pub q: &'static str,
     pub k: &'static str,
+    /// [`NormKind::Rms`] or [`NormKind::RmsUnitOffset`].
+    pub kind: NormKind,
     pub eps: f32,
+}
+
+impl QkNorm {
+    /// The norm of q (`q: true`) or k as a [`NormDesc`].
+    fn desc(&self, q: bool) -> NormDesc {
+        NormDesc {
+            kind: self.kind,
+            name: if q { self.q } else { self.k },
+            eps: self.eps,
+        }
+    }
 }
 
 /// The attention of a block.
@@ -118,8 +156,14 @@ pub struct BlockDesc<'m> {
     pub linears: &'m [LinearSpec],
     pub norm1: NormDesc,
     pub attn: AttnDesc<'m>,
+    /// A norm of the attention's output before the residual add (Gemma's
+    /// `post_attention_layernorm`).
+    pub post_attn_norm: Option<NormDesc>,
     pub norm2: NormDesc,
     pub mlp: Mlp,
+    /// A norm of the MLP's output before the residual add (Gemma's
+    /// `post_feedforward_layernorm`).
+    pub post_mlp_norm: Option<NormDesc>,
 }
 
 /// A norm's saved statistics: the mean (LayerNorm only) and 1/std per row.
@@ -146,6 +190,10 @@ pub struct Saved<B: Backend> {
     pub att: Option<B::Buf>,
     /// log-sum-exp of the attention rows.
     pub lse: Option<B::Buf>,
+    /// With a post-attention norm: the attention's output projection, and the norm's
+    /// statistics.
+    pub attn_out: Option<B::Buf>,
+    pub post_attn: Option<NormStats<B>>,
     /// The residual stream after attention.
     pub h: Option<B::Buf>,
     /// Input of the MLP's first linears (norm2's output, or its GEMM copy).
@@ -156,6 +204,9 @@ pub struct Saved<B: Backend> {
     pub up: Option<B::Buf>,
     /// Input of the down / proj linear.
     pub act: Option<B::Buf>,
+    /// With a post-MLP norm: the down / proj output, and the norm's statistics.
+    pub mlp_out: Option<B::Buf>,
+    pub post_mlp: Option<NormStats<B>>,
     /// LoRA intermediates `t = drop(x)·Aᵀ`, by the linear's name.
     pub lora_t: Vec<(&'static str, B::Buf)>,
 }
@@ -174,12 +225,16 @@ impl<B: Backend> Default for Saved<B> {
             v: None,
             att: None,
             lse: None,
+            attn_out: None,
+            post_attn: None,
             h: None,
             ln2: None,
             norm2: None,
             gate: None,
             up: None,
             act: None,
+            mlp_out: None,
+            post_mlp: None,
             lora_t: Vec::new(),
         }
     }
@@ -216,11 +271,13 @@ impl<B: Backend> Saved<B> {
             &self.v,
             &self.att,
             &self.lse,
+            &self.attn_out,
             &self.h,
             &self.ln2,
             &self.gate,
             &self.up,
             &self.act,
+            &self.mlp_out,
         ]
         .into_iter()
         .map(one)
@@ -229,6 +286,8 @@ impl<B: Backend> Saved<B> {
             + stats(&self.norm2)
             + stats(&self.q_norm)
             + stats(&self.k_norm)
+            + stats(&self.post_attn)
+            + stats(&self.post_mlp)
             + self.lora_t.iter().map(|(_, t)| t.len()).sum::<usize>()
     }
 }
@@ -317,13 +376,8 @@ impl<'m> BlockDesc<'m> {
         let mut qk_saved = None;
         if let Some(qn) = a.qk_norm {
             let d = a.head_dim;
-            let norm = |name| NormDesc {
-                kind: NormKind::Rms,
-                name,
-                eps: qn.eps,
-            };
-            let (qo, qs) = norm_forward(be, w, &norm(qn.q), &q, n * a.n_heads, d)?;
-            let (ko, ks) = norm_forward(be, w, &norm(qn.k), &k, n * a.n_kv_heads, d)?;
+            let (qo, qs) = norm_forward(be, w, &qn.desc(true), &q, n * a.n_heads, d)?;
+            let (ko, ks) = norm_forward(be, w, &qn.desc(false), &k, n * a.n_kv_heads, d)?;
             let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
             qk_saved = Some((q_pre, k_pre, qs, ks));
         }
@@ -353,52 +407,93 @@ impl<'m> BlockDesc<'m> {
                 (att, Some(lse))
             }
         };
-        // h[N, C] = x + att · Woᵀ
+        // h[N, C] = x + att · Woᵀ, or x + post_attn_norm(att · Woᵀ)
         let wo = self.linear(w, a.o)?;
-        let mut h = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
-        be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
+        let o = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
+        let (h, post_attn) = match &self.post_attn_norm {
+            None => {
+                let mut h = o;
+                be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
+                (h, None)
+            }
+            Some(pn) => {
+                let (mut h, st) = norm_forward(be, w, pn, &o, n, self.hidden)?;
+                be.axpy(&mut h, 1.0, x, Accumulate::Add)?;
+                (h, Some((o, st)))
+            }
+        };
         // ln2 = norm2(h)
         let (ln2, stats2) = norm_forward(be, w, &self.norm2, &h, n, self.hidden)?;
-        // act[N, I] = silu(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
-        let (in2, gate, up, act, down) = match self.mlp {
-            Mlp::SwiGlu { gate, up, down } => {
-                let in2 = self.linear(w, gate)?.input(&ln2);
-                let g = self
-                    .linear(w, gate)?
-                    .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
-                let u = self
-                    .linear(w, up)?
-                    .forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
-                let mut act = be.uninit(g.len_of())?;
-                be.swiglu_forward(&mut act, &g, &u)?;
-                (in2, Some(g), u, act, down)
+        // act[N, I] = act(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
+        let (in2, gate, up, act) = match self.mlp {
+            Mlp::Gated { gate_up, act, .. } => {
+                let (in2, g, u) = match gate_up {
+                    GateUp::Separate { gate, up } => {
+                        let in2 = self.linear(w, gate)?.input(&ln2);
+                        let g = self.linear(w, gate)?.forward(
+                            be,
+                            &in2,
+                            n,
+                            lora,
+                            keep_in(keep, &mut sv),
+                        )?;
+                        let u = self.linear(w, up)?.forward(
+                            be,
+                            &in2,
+                            n,
+                            lora,
+                            keep_in(keep, &mut sv),
+                        )?;
+                        (in2, g, u)
+                    }
+                    GateUp::Fused(gate_up) => {
+                        let wgu = self.linear(w, gate_up)?;
+                        let in2 = wgu.input(&ln2);
+                        let gu = wgu.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
+                        let i = wgu.out_features / 2;
+                        let [g, u] = split_cols(be, &gu, n, [i, i])?;
+                        (in2, g, u)
+                    }
+                };
+                let mut a = be.uninit(g.len_of())?;
+                be.gated_forward(act, &mut a, &g, &u)?;
+                (in2, Some(g), u, a)
             }
-            Mlp::SwiGluFused { gate_up, down } => {
-                let wgu = self.linear(w, gate_up)?;
-                let in2 = wgu.input(&ln2);
-                let gu = wgu.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
-                let i = wgu.out_features / 2;
-                let [g, u] = split_cols(be, &gu, n, [i, i])?;
-                drop(gu);
-                let mut act = be.uninit(n * i)?;
-                be.swiglu_forward(&mut act, &g, &u)?;
-                (in2, Some(g), u, act, down)
-            }
-            Mlp::Plain { fc, proj, act } => {
+            Mlp::Plain { fc, act, .. } => {
                 let wf = self.linear(w, fc)?;
                 let in2 = wf.input(&ln2);
                 let f = wf.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
                 let mut a = be.uninit(f.len_of())?;
                 match act {
                     Activation::GeluTanh => be.gelu_forward(&mut a, &f)?,
+                    Activation::Silu => {
+                        return Err(Error::internal("a plain MLP with SiLU has no kernel"));
+                    }
                 }
-                (in2, None, f, a, proj)
+                (in2, None, f, a)
             }
         };
-        // y[N, C] = h + act · Wdᵀ
-        let wd = self.linear(w, down)?;
+        // y[N, C] = h + act · Wdᵀ, or h + post_mlp_norm(act · Wdᵀ)
+        let wd = self.linear(w, self.mlp.down())?;
         let ia = wd.input(&act);
-        let y = wd.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?;
+        let (y, post_mlp) = match &self.post_mlp_norm {
+            None => (
+                wd.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?,
+                None,
+            ),
+            Some(pn) => {
+                // the backward reads the down output, so a recompute computes it too
+                let m = wd.forward(be, &ia, n, lora, keep_in(keep, &mut sv))?;
+                let (mut y, st) = norm_forward(be, w, pn, &m, n, self.hidden)?;
+                let y = if keep.output() {
+                    be.axpy(&mut y, 1.0, &h, Accumulate::Add)?;
+                    Some(y)
+                } else {
+                    None
+                };
+                (y, Some((m, st)))
+            }
+        };
         if keep.saved() {
             // ln1, ln2 and act are read by the backward only as linear inputs
             let p = lora.dropout;
@@ -409,6 +504,12 @@ impl<'m> BlockDesc<'m> {
             if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
                 (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
                 (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
+            }
+            if let Some((o, st)) = post_attn {
+                (sv.attn_out, sv.post_attn) = (Some(o), Some(st));
+            }
+            if let Some((m, st)) = post_mlp {
+                (sv.mlp_out, sv.post_mlp) = (Some(m), Some(st));
             }
             sv.norm1 = Some(stats1);
             sv.norm2 = Some(stats2);
@@ -451,32 +552,44 @@ impl<'m> BlockDesc<'m> {
         let (c, n) = (self.hidden, s.tokens());
         let (qd, _) = self.qkv_widths();
 
-        // y = h + act·Wdᵀ  ⇒  dh = dy (residual), dact = dy·Wd
+        // y = h + m, m = act·Wdᵀ (or post_mlp_norm of it)  ⇒  dh = dy (residual), dm
         // (outputs of an `Overwrite` backward or of an elementwise kernel start uninit)
-        let down = match self.mlp {
-            Mlp::SwiGlu { down, .. } | Mlp::SwiGluFused { down, .. } => down,
-            Mlp::Plain { proj, .. } => proj,
+        let post_mlp_grad = match &self.post_mlp_norm {
+            None => None,
+            Some(pn) => Some(self.post_norm_backward(
+                be,
+                w,
+                pn,
+                dy,
+                sv.mlp_out.take(),
+                sv.post_mlp.take(),
+                "mlp",
+            )?),
         };
-        let wd = self.linear(w, down)?;
+        let dm = post_mlp_grad.as_ref().unwrap_or(dy);
+        // m = act·Wdᵀ  ⇒  dact = dm·Wd
+        let wd = self.linear(w, self.mlp.down())?;
         let mut dact = be.uninit(n * wd.in_features)?;
         wd.backward(
             be,
             &mut dact,
-            dy,
+            dm,
             &wd.input(need(&sv.act, "act")?),
             n,
             lora,
             sv,
             Accumulate::Overwrite,
         )?;
+        drop(post_mlp_grad);
         sv.act = None;
         let mut dln2 = be.uninit(n * c)?;
         match self.mlp {
-            Mlp::SwiGlu { gate, up, .. } => {
-                // act = silu(g)·u
+            Mlp::Gated { gate_up, act, .. } => {
+                // act = act(g)·u
                 let mut dg = be.uninit(dact.len_of())?;
                 let mut du = be.uninit(dact.len_of())?;
-                be.swiglu_backward(
+                be.gated_backward(
+                    act,
                     &mut dg,
                     &mut du,
                     &dact,
@@ -485,60 +598,51 @@ impl<'m> BlockDesc<'m> {
                 )?;
                 drop(dact);
                 (sv.gate, sv.up) = (None, None);
-                // g = ln2·Wgᵀ, u = ln2·Wuᵀ
-                let in2 = self.linear(w, gate)?.input(need(&sv.ln2, "ln2")?);
-                self.linear(w, gate)?.backward(
-                    be,
-                    &mut dln2,
-                    &dg,
-                    &in2,
-                    n,
-                    lora,
-                    sv,
-                    Accumulate::Overwrite,
-                )?;
-                self.linear(w, up)?.backward(
-                    be,
-                    &mut dln2,
-                    &du,
-                    &in2,
-                    n,
-                    lora,
-                    sv,
-                    Accumulate::Add,
-                )?;
-            }
-            Mlp::SwiGluFused { gate_up, .. } => {
-                // act = silu(g)·u, [g | u] = ln2·Wguᵀ
-                let i = dact.len_of() / n.max(1);
-                let mut dgu = be.uninit(n * 2 * i)?;
-                {
-                    let mut dg = be.uninit(dact.len_of())?;
-                    let mut du = be.uninit(dact.len_of())?;
-                    be.swiglu_backward(
-                        &mut dg,
-                        &mut du,
-                        &dact,
-                        need(&sv.gate, "gate")?,
-                        need(&sv.up, "up")?,
-                    )?;
-                    // the two copies cover every column of dgu
-                    be.copy_cols(&mut dgu, 2 * i, 0, &dg, i, 0, i, Accumulate::Overwrite)?;
-                    be.copy_cols(&mut dgu, 2 * i, i, &du, i, 0, i, Accumulate::Overwrite)?;
+                match gate_up {
+                    GateUp::Separate { gate, up } => {
+                        // g = ln2·Wgᵀ, u = ln2·Wuᵀ
+                        let in2 = self.linear(w, gate)?.input(need(&sv.ln2, "ln2")?);
+                        self.linear(w, gate)?.backward(
+                            be,
+                            &mut dln2,
+                            &dg,
+                            &in2,
+                            n,
+                            lora,
+                            sv,
+                            Accumulate::Overwrite,
+                        )?;
+                        self.linear(w, up)?.backward(
+                            be,
+                            &mut dln2,
+                            &du,
+                            &in2,
+                            n,
+                            lora,
+                            sv,
+                            Accumulate::Add,
+                        )?;
+                    }
+                    GateUp::Fused(gate_up) => {
+                        // [g | u] = ln2·Wguᵀ; the two copies cover every column of dgu
+                        let i = dg.len_of() / n.max(1);
+                        let mut dgu = be.uninit(n * 2 * i)?;
+                        be.copy_cols(&mut dgu, 2 * i, 0, &dg, i, 0, i, Accumulate::Overwrite)?;
+                        be.copy_cols(&mut dgu, 2 * i, i, &du, i, 0, i, Accumulate::Overwrite)?;
+                        drop((dg, du));
+                        let wgu = self.linear(w, gate_up)?;
+                        wgu.backward(
+                            be,
+                            &mut dln2,
+                            &dgu,
+                            &wgu.input(need(&sv.ln2, "ln2")?),
+                            n,
+                            lora,
+                            sv,
+                            Accumulate::Overwrite,
+                        )?;
+                    }
                 }
-                drop(dact);
-                (sv.gate, sv.up) = (None, None);
-                let wgu = self.linear(w, gate_up)?;
-                wgu.backward(
-                    be,
-                    &mut dln2,
-                    &dgu,
-                    &wgu.input(need(&sv.ln2, "ln2")?),
-                    n,
-                    lora,
-                    sv,
-                    Accumulate::Overwrite,
-                )?;
             }
             Mlp::Plain { fc, act, .. } => {
                 // act = act(f)
@@ -546,6 +650,9 @@ impl<'m> BlockDesc<'m> {
                 match act {
                     Activation::GeluTanh => {
                         be.gelu_backward(&mut df, &dact, need(&sv.up, "fc output")?)?
+                    }
+                    Activation::Silu => {
+                        return Err(Error::internal("a plain MLP with SiLU has no kernel"));
                     }
                 }
                 drop(dact);
@@ -578,19 +685,32 @@ impl<'m> BlockDesc<'m> {
             Accumulate::Add,
         )?;
         drop(dln2);
-        // h = x + att·Woᵀ  ⇒  datt = dh·Wo
+        // h = x + o (or post_attn_norm(o)), o = att·Woᵀ  ⇒  do, datt = do·Wo
+        let post_attn_grad = match &self.post_attn_norm {
+            None => None,
+            Some(pn) => Some(self.post_norm_backward(
+                be,
+                w,
+                pn,
+                &dh,
+                sv.attn_out.take(),
+                sv.post_attn.take(),
+                "attention",
+            )?),
+        };
         let mut datt = be.uninit(n * qd)?;
         let wo = self.linear(w, a.o)?;
         wo.backward(
             be,
             &mut datt,
-            &dh,
+            post_attn_grad.as_ref().unwrap_or(&dh),
             &wo.input(need(&sv.att, "att")?),
             n,
             lora,
             sv,
             Accumulate::Overwrite,
         )?;
+        drop(post_attn_grad);
         // att = attention(q, k, v)
         let (mut dq, mut dk, dv) = self.attention_backward(be, sv, &datt, s)?;
         drop(datt);
@@ -601,34 +721,26 @@ impl<'m> BlockDesc<'m> {
         }
         // q, k = per-head norms of the projections
         if let Some(qn) = a.qk_norm {
-            let norm = |name| NormDesc {
-                kind: NormKind::Rms,
-                name,
-                eps: qn.eps,
+            let per_head = |d: &B::Buf, is_q: bool| -> Result<B::Buf> {
+                let (pre, st) = if is_q {
+                    (&sv.q_pre, &sv.q_norm)
+                } else {
+                    (&sv.k_pre, &sv.k_norm)
+                };
+                let mut d_pre = be.uninit(d.len_of())?;
+                norm_backward(
+                    be,
+                    w,
+                    &qn.desc(is_q),
+                    &mut d_pre,
+                    d,
+                    need(pre, "q/k before its norm")?,
+                    need(st, "q/k norm")?,
+                    Accumulate::Overwrite,
+                )?;
+                Ok(d_pre)
             };
-            let mut dq_pre = be.uninit(dq.len_of())?;
-            norm_backward(
-                be,
-                w,
-                &norm(qn.q),
-                &mut dq_pre,
-                &dq,
-                need(&sv.q_pre, "q before its norm")?,
-                need(&sv.q_norm, "q norm")?,
-                Accumulate::Overwrite,
-            )?;
-            let mut dk_pre = be.uninit(dk.len_of())?;
-            norm_backward(
-                be,
-                w,
-                &norm(qn.k),
-                &mut dk_pre,
-                &dk,
-                need(&sv.k_pre, "k before its norm")?,
-                need(&sv.k_norm, "k norm")?,
-                Accumulate::Overwrite,
-            )?;
-            (dq, dk) = (dq_pre, dk_pre);
+            (dq, dk) = (per_head(&dq, true)?, per_head(&dk, false)?);
             (sv.q_pre, sv.k_pre, sv.q_norm, sv.k_norm) = (None, None, None, None);
         }
         let mut dln1 = be.uninit(n * c)?;
@@ -713,6 +825,36 @@ impl<'m> BlockDesc<'m> {
         Ok(dh)
     }
 
+    /// `d(input)` of a post norm (of the attention's or the MLP's output, `what`) from the
+    /// gradient of its output and what its forward saved.
+    #[allow(clippy::too_many_arguments)]
+    fn post_norm_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &LayerWeights<B>,
+        d: &NormDesc,
+        dout: &B::Buf,
+        input: Option<B::Buf>,
+        stats: Option<NormStats<B>>,
+        what: &str,
+    ) -> Result<B::Buf> {
+        let missing = |x| Error::internal(format!("the post-{what} norm's {x} was not saved"));
+        let input = input.ok_or_else(|| missing("input"))?;
+        let stats = stats.ok_or_else(|| missing("statistics"))?;
+        let mut dx = be.uninit(input.len_of())?;
+        norm_backward(
+            be,
+            w,
+            d,
+            &mut dx,
+            dout,
+            &input,
+            &stats,
+            Accumulate::Overwrite,
+        )?;
+        Ok(dx)
+    }
+
     /// Backward of the causal attention on the saved `q`, `k`, `v` (after RoPE), output
     /// `att` and `lse`: returns (dq, dk, dv) and frees what nothing after it reads.
     fn attention_backward<B: Backend>(
@@ -788,8 +930,8 @@ pub(crate) fn norm_forward<B: Backend>(
     let mut rstd = be.uninit(n)?;
     let weight = w.get(&format!("{}.weight", d.name))?;
     let mean = match d.kind {
-        NormKind::Rms => {
-            be.rms_norm_forward(&mut out, &mut rstd, x, weight, d.eps)?;
+        NormKind::Rms | NormKind::RmsUnitOffset => {
+            be.rms_norm_forward(&mut out, &mut rstd, x, weight, d.kind.w_offset(), d.eps)?;
             None
         }
         NormKind::Layer => {
@@ -816,7 +958,9 @@ pub(crate) fn norm_backward<B: Backend>(
 ) -> Result<()> {
     let weight = w.get(&format!("{}.weight", d.name))?;
     match d.kind {
-        NormKind::Rms => be.rms_norm_backward(dx, dout, x, weight, &st.rstd, acc),
+        NormKind::Rms | NormKind::RmsUnitOffset => {
+            be.rms_norm_backward(dx, dout, x, weight, d.kind.w_offset(), &st.rstd, acc)
+        }
         NormKind::Layer => {
             let mean = st
                 .mean

@@ -28,21 +28,12 @@ pub struct Family {
     /// The prefix every non-head tensor name has; checkpoints saved from the bare model
     /// lack it (GPT-2's `h.0.…` for `transformer.h.0.…`), and prepare adds it.
     pub root_prefix: Option<&'static str>,
-    /// Which config.json keys the sizes are read from.
-    pub config_keys: ConfigKeys,
+    /// Reads this architecture's config.json.
+    pub(crate) parse_config: crate::config::ParseConfig,
     /// When attention slides.
     pub sliding: Sliding,
     /// `max_position_embeddings` when config.json does not say (HF's class default).
     pub default_max_positions: usize,
-}
-
-/// The config.json layout of an architecture's sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConfigKeys {
-    /// `hidden_size`, `num_hidden_layers`, `rms_norm_eps`, `rope_theta`, …
-    Llama,
-    /// `n_embd`, `n_layer`, `layer_norm_epsilon`, learned positions.
-    Gpt2,
 }
 
 /// When an architecture's attention slides over a window.
@@ -55,6 +46,10 @@ pub enum Sliding {
     /// Only with `use_sliding_window`, from layer `max_window_layers` on (Qwen2/Qwen3;
     /// their Hub configs keep a `sliding_window` value that is otherwise ignored).
     OptIn,
+    /// On the layers `layer_types` calls `sliding_attention`, or (older configs) on every
+    /// layer but each `sliding_window_pattern`-th (Gemma), with this window when
+    /// `sliding_window` is absent.
+    ByLayerType { default_window: usize },
 }
 
 /// Every architecture lema runs, in the order messages list them.
@@ -64,6 +59,7 @@ pub const ARCHS: &[Arch] = &[
     Arch::Qwen2,
     Arch::Qwen3,
     Arch::Phi3,
+    Arch::Gemma3,
     Arch::Gpt2,
 ];
 

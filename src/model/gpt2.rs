@@ -31,7 +31,7 @@ pub static FAMILY: super::family::Family = super::family::Family {
     ties_by_default: true,
     embed_name: "transformer.wte.weight",
     root_prefix: Some("transformer."),
-    config_keys: super::family::ConfigKeys::Gpt2,
+    parse_config: crate::config::parse_gpt2,
     sliding: super::family::Sliding::Never,
     default_max_positions: 1024,
 };
@@ -141,11 +141,13 @@ fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {
             rope: None,
             window: None,
         },
+        post_attn_norm: None,
         norm2: norm("ln_2"),
         mlp: Mlp::Plain {
             fc: FC,
             proj: MPROJ,
             act: Activation::GeluTanh,
         },
+        post_mlp_norm: None,
     }
 }

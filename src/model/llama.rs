@@ -2,7 +2,9 @@
 //! of RMSNorm → attention with RoPE → residual, RMSNorm → SwiGLU MLP → residual, as
 //! the generic block ([`super::decoder`]) runs them; tensors under `model.layers.N.`.
 
-use super::decoder::{AttnDesc, BlockDesc, Mlp, NormDesc, NormKind, QkNorm, Qkv};
+use super::decoder::{
+    Activation, AttnDesc, BlockDesc, GateUp, Mlp, NormDesc, NormKind, QkNorm, Qkv,
+};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows};
 use crate::config::ModelConfig;
@@ -20,7 +22,7 @@ pub static FAMILY: super::family::Family = super::family::Family {
     ties_by_default: false,
     embed_name: "model.embed_tokens.weight",
     root_prefix: None,
-    config_keys: super::family::ConfigKeys::Llama,
+    parse_config: crate::config::parse_llama,
     sliding: super::family::Sliding::Never,
     default_max_positions: 2048,
 };
@@ -65,9 +67,9 @@ const Q: &str = "self_attn.q_proj";
 const K: &str = "self_attn.k_proj";
 const V: &str = "self_attn.v_proj";
 const O: &str = "self_attn.o_proj";
-const GATE: &str = "mlp.gate_proj";
-const UP: &str = "mlp.up_proj";
-const DOWN: &str = "mlp.down_proj";
+pub(crate) const GATE: &str = "mlp.gate_proj";
+pub(crate) const UP: &str = "mlp.up_proj";
+pub(crate) const DOWN: &str = "mlp.down_proj";
 
 fn linears(c: &ModelConfig) -> Vec<LinearSpec> {
     linears_with(c, c.attention_bias, c.attention_bias)
@@ -165,15 +167,17 @@ pub(crate) fn block_with(m: &Model, layer: usize, qk_norm: Option<QkNorm>) -> Bl
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-            rope: Some(m.inv_freq()),
+            scale: c.attention_scale(),
+            rope: Some(m.inv_freq_of(layer)),
             window: c.layer_window(layer),
         },
+        post_attn_norm: None,
         norm2: norm("post_attention_layernorm"),
-        mlp: Mlp::SwiGlu {
-            gate: GATE,
-            up: UP,
+        mlp: Mlp::Gated {
+            gate_up: GateUp::Separate { gate: GATE, up: UP },
             down: DOWN,
+            act: Activation::Silu,
         },
+        post_mlp_norm: None,
     }
 }

@@ -1,5 +1,5 @@
-//! The model-definition layer. One file per architecture ([`llama`], [`qwen2`], [`qwen3`],
-//! [`phi3`], [`gpt2`]) describes
+//! The model-definition layer. One file per architecture ([`llama`], [`mistral`],
+//! [`qwen2`], [`qwen3`], [`phi3`], [`gemma3`], [`gpt2`]) describes
 //! it as data — tensor names, the linears with their layouts, the head and embedding, and
 //! a [`decoder::BlockDesc`] per layer — in an [`ArchDef`] found through [`arch_def`]; the
 //! generic block in [`decoder`] runs every architecture's forward and backward. The
@@ -8,6 +8,7 @@
 
 pub mod decoder;
 pub mod family;
+pub mod gemma3;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
@@ -182,6 +183,7 @@ pub fn arch_def(arch: Arch) -> &'static ArchDef {
         Arch::Qwen2 => &qwen2::DEF,
         Arch::Qwen3 => &qwen3::DEF,
         Arch::Phi3 => &phi3::DEF,
+        Arch::Gemma3 => &gemma3::DEF,
         Arch::Gpt2 => &gpt2::DEF,
     }
 }
@@ -195,6 +197,8 @@ pub struct Model {
     linears: Vec<LinearSpec>,
     /// RoPE inverse frequencies (`[D/2]`, scaling applied), or empty.
     inv_freq: Vec<f32>,
+    /// The sliding layers' own inverse frequencies, when their base differs (Gemma 3).
+    local_inv_freq: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -210,15 +214,16 @@ impl Model {
     /// The architecture described by `cfg`.
     pub fn new(cfg: ModelConfig) -> Self {
         let def = arch_def(cfg.arch);
-        let inv_freq = if def.family.learned_positions {
-            Vec::new()
+        let (inv_freq, local_inv_freq) = if def.family.learned_positions {
+            (Vec::new(), None)
         } else {
-            cfg.rope_inv_freq()
+            (cfg.rope_inv_freq(), cfg.local_rope_inv_freq())
         };
         Model {
             linears: (def.linears)(&cfg),
             def,
             inv_freq,
+            local_inv_freq,
             cfg,
         }
     }
@@ -228,9 +233,18 @@ impl Model {
         &self.cfg
     }
 
-    /// RoPE's inverse frequencies (empty for learned positions).
-    pub fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
+    /// RoPE's inverse frequencies of layer `layer` (empty for learned positions): the
+    /// sliding layers' own when the config gives them a base of their own.
+    pub fn inv_freq_of(&self, layer: usize) -> &[f32] {
+        match &self.local_inv_freq {
+            Some(local) if self.cfg.layer_window(layer).is_some() => local,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// The final logit soft-cap, if the model has one.
+    pub fn logit_softcap(&self) -> Option<f32> {
+        self.cfg.final_logit_softcapping
     }
 
     /// Prefix of block `i`'s tensor names (`model.layers.3.`).

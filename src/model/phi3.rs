@@ -3,7 +3,7 @@
 //! LoRA adapts the fused linears as PEFT does (one A/B pair on the whole module).
 //! Sliding-window attention on every layer when the config sets `sliding_window`.
 
-use super::decoder::{AttnDesc, BlockDesc, Mlp, Qkv};
+use super::decoder::{Activation, AttnDesc, BlockDesc, GateUp, Mlp, Qkv};
 use super::family::{Family, Sliding};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, llama};
@@ -62,9 +62,10 @@ fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
             o: O,
             ..base.attn
         },
-        mlp: Mlp::SwiGluFused {
-            gate_up: GATE_UP,
+        mlp: Mlp::Gated {
+            gate_up: GateUp::Fused(GATE_UP),
             down: DOWN,
+            act: Activation::Silu,
         },
         ..base
     }

@@ -3,7 +3,7 @@
 //! and `head_dim` set apart from hidden / heads. `attention_bias` puts biases on q, k, v
 //! and o, as Llama's does.
 
-use super::decoder::{BlockDesc, QkNorm};
+use super::decoder::{BlockDesc, NormKind, QkNorm};
 use super::family::{Family, Sliding};
 use super::{ArchDef, Model, TensorSpec, llama};
 
@@ -44,6 +44,7 @@ fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
         Some(QkNorm {
             q: Q_NORM,
             k: K_NORM,
+            kind: NormKind::Rms,
             eps: m.config().norm_eps,
         }),
     )

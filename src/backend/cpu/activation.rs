@@ -1,11 +1,11 @@
-//! Elementwise activations: SwiGLU (Llama MLP), GPT-2's `gelu_new`, and the dropout on
-//! the LoRA input.
+//! Elementwise activations: the gated MLPs (SwiGLU, GeGLU), GELU-tanh (GPT-2's `gelu_new`),
+//! and the dropout on the LoRA input.
 
 use rayon::prelude::*;
 
 use super::CpuFloat;
 use super::elementwise::PAR_MIN;
-use crate::backend::dropout_keep;
+use crate::backend::{Activation, dropout_keep};
 
 /// σ(x) = 1/(1 + e^(−x)); saturates to 0 or 1 without NaN.
 #[inline]
@@ -13,37 +13,51 @@ fn sigmoid<T: CpuFloat>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
 }
 
-/// out `[n]` = silu(gate) · up, silu(g) = g · σ(g).
-pub(crate) fn swiglu_forward<T: CpuFloat>(out: &mut [T], gate: &[T], up: &[T]) {
+/// out `[n]` = act(gate) · up.
+pub(crate) fn gated_forward<T: CpuFloat>(act: Activation, out: &mut [T], gate: &[T], up: &[T]) {
+    let each = |(o, (&g, &u)): (&mut T, (&T, &T))| {
+        *o = match act {
+            Activation::Silu => g * sigmoid(g) * u,
+            Activation::GeluTanh => gelu_and_slope(g).0 * u,
+        }
+    };
     out.par_iter_mut()
         .zip(gate.par_iter().zip(up.par_iter()))
         .with_min_len(PAR_MIN)
-        .for_each(|(o, (&g, &u))| *o = g * sigmoid(g) * u);
+        .for_each(each);
 }
 
-/// dgate, dup `[n]` (overwritten) of [`swiglu_forward`] given dout `[n]`.
-pub(crate) fn swiglu_backward<T: CpuFloat>(
+/// dgate, dup `[n]` (overwritten) of [`gated_forward`] given dout `[n]`.
+pub(crate) fn gated_backward<T: CpuFloat>(
+    act: Activation,
     dgate: &mut [T],
     dup: &mut [T],
     dout: &[T],
     gate: &[T],
     up: &[T],
 ) {
-    // forward: out = g·σ(g)·u
-    //   ∂out/∂u = g·σ(g);  ∂out/∂g = u·σ(g)·(1 + g·(1 − σ(g)))
+    // forward: out = act(g)·u  ⇒  ∂out/∂u = act(g), ∂out/∂g = u·act′(g); for SiLU
+    //   act(g) = g·σ(g), act′(g) = σ(g)·(1 + g·(1 − σ(g)))
     dgate
         .par_iter_mut()
         .zip(dup.par_iter_mut())
         .zip(dout.par_iter().zip(gate.par_iter().zip(up.par_iter())))
         .with_min_len(PAR_MIN)
-        .for_each(|((dg, du), (&d, (&g, &u)))| {
-            let s = sigmoid(g);
-            *du = d * g * s;
-            *dg = d * u * s * (T::one() + g * (T::one() - s));
+        .for_each(|((dg, du), (&d, (&g, &u)))| match act {
+            Activation::Silu => {
+                let s = sigmoid(g);
+                *du = d * g * s;
+                *dg = d * u * s * (T::one() + g * (T::one() - s));
+            }
+            Activation::GeluTanh => {
+                let (a, slope) = gelu_and_slope(g);
+                *du = d * a;
+                *dg = d * u * slope;
+            }
         });
 }
 
-/// √(2/π) and the cubic coefficient of `gelu_new`.
+/// √(2/π) and the cubic coefficient of the tanh approximation.
 fn gelu_consts<T: CpuFloat>() -> (T, T) {
     (
         T::from_f64((2.0 / std::f64::consts::PI).sqrt()),
@@ -51,30 +65,34 @@ fn gelu_consts<T: CpuFloat>() -> (T, T) {
     )
 }
 
-/// out `[n]` = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), GPT-2's `gelu_new`.
-pub(crate) fn gelu_forward<T: CpuFloat>(out: &mut [T], x: &[T]) {
+/// GELU (tanh approximation) at x and its derivative:
+/// `½·x·(1 + tanh u)`, u = k·(x + a·x³), and `½·(1 + tanh u) + ½·x·(1 − tanh² u)·k·(1 + 3a·x²)`.
+#[inline]
+fn gelu_and_slope<T: CpuFloat>(x: T) -> (T, T) {
     let (k, a) = gelu_consts::<T>();
-    let half = T::from_f64(0.5);
+    let (half, three) = (T::from_f64(0.5), T::from_f64(3.0));
+    let th = (k * (x + a * x * x * x)).tanh();
+    let du = k * (T::one() + three * a * x * x);
+    (
+        half * x * (T::one() + th),
+        half * (T::one() + th) + half * x * (T::one() - th * th) * du,
+    )
+}
+
+/// out `[n]` = GELU-tanh(x), GPT-2's `gelu_new`.
+pub(crate) fn gelu_forward<T: CpuFloat>(out: &mut [T], x: &[T]) {
     out.par_iter_mut()
         .zip(x.par_iter())
         .with_min_len(PAR_MIN)
-        .for_each(|(o, &x)| *o = half * x * (T::one() + (k * (x + a * x * x * x)).tanh()));
+        .for_each(|(o, &x)| *o = gelu_and_slope(x).0);
 }
 
 /// dx `[n]` (overwritten) of [`gelu_forward`] given dout `[n]`.
 pub(crate) fn gelu_backward<T: CpuFloat>(dx: &mut [T], dout: &[T], x: &[T]) {
-    // forward: out = ½·x·(1 + tanh u), u = k·(x + a·x³)
-    //   ∂out/∂x = ½·(1 + tanh u) + ½·x·(1 − tanh² u)·k·(1 + 3a·x²)
-    let (k, a) = gelu_consts::<T>();
-    let (half, three) = (T::from_f64(0.5), T::from_f64(3.0));
     dx.par_iter_mut()
         .zip(dout.par_iter().zip(x.par_iter()))
         .with_min_len(PAR_MIN)
-        .for_each(|(dx, (&d, &x))| {
-            let th = (k * (x + a * x * x * x)).tanh();
-            let du = k * (T::one() + three * a * x * x);
-            *dx = d * (half * (T::one() + th) + half * x * (T::one() - th * th) * du);
-        });
+        .for_each(|(dx, (&d, &x))| *dx = d * gelu_and_slope(x).1);
 }
 
 /// out `[n]` = x · keep(i)/(1 − p) with the mask of [`dropout_keep`]; a plain copy when

@@ -118,6 +118,11 @@ pub(super) fn dropout_check(op: &'static str, p: f32) -> Result<()> {
     }
 }
 
+/// A soft-cap must be a positive finite number.
+pub(super) fn softcap_check(op: &'static str, cap: Option<f32>) -> Result<()> {
+    crate::backend::softcap_problem(cap).map_or(Ok(()), |m| Err(fail(op, m)))
+}
+
 /// `key_start` must give, for every token t of a row, a first key ≤ t, never decreasing
 /// along the row (packed segments are contiguous).
 pub(super) fn check_key_start(

@@ -14,13 +14,16 @@ const CHUNK: usize = 64;
 /// Loss of h `[N, C]` against labels `[N]` (each in 0..V or [`IGNORE_INDEX`]) through the
 /// head w `[V, C]`. dh `[N, C]`, when given, is overwritten with
 /// `loss_scale · (softmax − onehot) · w` (zero rows for ignored labels); logits `[N, V]`,
-/// when given, receives the logits.
+/// when given, receives the logits. With `softcap` c the logits are `c · tanh(h·wᵀ / c)`
+/// and the gradient goes through the cap.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn lm_head_loss<T: CpuFloat>(
     h: &[T],
     w: &[T],
     labels: &[i32],
     c: usize,
     loss_scale: T,
+    softcap: Option<T>,
     mut dh: Option<&mut [T]>,
     mut logits: Option<&mut [T]>,
 ) -> LossSum {
@@ -44,6 +47,9 @@ pub(crate) fn lm_head_loss<T: CpuFloat>(
             T::one(),
             Accumulate::Overwrite,
         );
+        if let Some(cap) = softcap {
+            softcap_in_place(block, cap);
+        }
         if let Some(out) = logits.as_deref_mut() {
             out[r0 * v..(r0 + rows) * v].copy_from_slice(block);
         }
@@ -51,7 +57,7 @@ pub(crate) fn lm_head_loss<T: CpuFloat>(
         let losses: Vec<Option<f64>> = block
             .par_chunks_mut(v)
             .zip(labels.par_iter())
-            .map(|(row, &label)| row_loss(row, label, loss_scale, want_grad))
+            .map(|(row, &label)| row_loss(row, label, loss_scale, softcap, want_grad))
             .collect();
         // Added in row order: the sum does not depend on the thread count.
         for loss in losses.into_iter().flatten() {
@@ -76,8 +82,15 @@ pub(crate) fn lm_head_loss<T: CpuFloat>(
 
 /// Cross-entropy of one row of logits `[V]` against `label`: `lse − logit[label]`, or
 /// `None` for [`IGNORE_INDEX`]. With `want_grad` the row is overwritten with
-/// `loss_scale · (softmax − onehot)` (zeros for an ignored row).
-fn row_loss<T: CpuFloat>(row: &mut [T], label: i32, loss_scale: T, want_grad: bool) -> Option<f64> {
+/// `loss_scale · (softmax − onehot)` (zeros for an ignored row), times the soft-cap's
+/// slope `1 − (x/cap)²` when the row holds capped logits x.
+fn row_loss<T: CpuFloat>(
+    row: &mut [T],
+    label: i32,
+    loss_scale: T,
+    softcap: Option<T>,
+    want_grad: bool,
+) -> Option<f64> {
     if label == IGNORE_INDEX {
         if want_grad {
             row.fill(T::zero());
@@ -95,10 +108,29 @@ fn row_loss<T: CpuFloat>(row: &mut [T], label: i32, loss_scale: T, want_grad: bo
     let loss = lse64 - row[label].as_f64();
     if want_grad {
         // ∂loss/∂x_j = softmax_j − [j = label], softmax_j = exp(x_j − lse)
-        for x in row.iter_mut() {
-            *x = loss_scale * (*x - lse).exp();
+        match softcap {
+            None => {
+                for x in row.iter_mut() {
+                    *x = loss_scale * (*x - lse).exp();
+                }
+                row[label] = row[label] - loss_scale;
+            }
+            Some(cap) => {
+                // x = cap·tanh(z/cap)  ⇒  ∂x/∂z = 1 − (x/cap)²
+                for (j, x) in row.iter_mut().enumerate() {
+                    let onehot = if j == label { T::one() } else { T::zero() };
+                    let y = *x / cap;
+                    *x = loss_scale * ((*x - lse).exp() - onehot) * (T::one() - y * y);
+                }
+            }
         }
-        row[label] = row[label] - loss_scale;
     }
     Some(loss)
+}
+
+/// `x = cap · tanh(x / cap)` over a block of logits, as transformers computes it.
+pub(crate) fn softcap_in_place<T: CpuFloat>(x: &mut [T], cap: T) {
+    x.par_iter_mut()
+        .with_min_len(super::elementwise::PAR_MIN)
+        .for_each(|x| *x = (*x / cap).tanh() * cap);
 }

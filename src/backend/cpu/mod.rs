@@ -23,13 +23,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::{
-    Accumulate, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Gemm, IGNORE_INDEX,
-    LossSum, SgdStep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Gemm,
+    IGNORE_INDEX, LossSum, SgdStep,
 };
 use crate::error::Result;
 use check::{
     attn_lens, check_key_start, dropout_check, expect_len, fail, numel, rope_check, rows_of,
-    same_len,
+    same_len, softcap_check,
 };
 
 /// Element type the CPU backend computes in: `f32` (training) or `f64` (the reference for
@@ -410,6 +410,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         rstd: &mut CpuBuf<T>,
         x: &CpuBuf<T>,
         w: &CpuBuf<T>,
+        w_offset: f32,
         eps: f32,
     ) -> Result<()> {
         let op = "rms_norm_forward";
@@ -418,7 +419,15 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         expect_len(op, "out", out.len(), x.len(), || format!("[N={n}, C={c}]"))?;
         expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
         self.install(|| {
-            norm::rms_norm_forward(&mut out.0, &mut rstd.0, &x.0, &w.0, c, T::from_f32(eps))
+            norm::rms_norm_forward(
+                &mut out.0,
+                &mut rstd.0,
+                &x.0,
+                &w.0,
+                T::from_f32(w_offset),
+                c,
+                T::from_f32(eps),
+            )
         });
         Ok(())
     }
@@ -429,6 +438,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         dout: &CpuBuf<T>,
         x: &CpuBuf<T>,
         w: &CpuBuf<T>,
+        w_offset: f32,
         rstd: &CpuBuf<T>,
         acc: Accumulate,
     ) -> Result<()> {
@@ -440,7 +450,10 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             format!("[N={n}, C={c}]")
         })?;
         expect_len(op, "rstd", rstd.len(), n, || format!("[N={n}]"))?;
-        self.install(|| norm::rms_norm_backward(&mut dx.0, &dout.0, &x.0, &w.0, &rstd.0, c, acc));
+        let off = T::from_f32(w_offset);
+        self.install(|| {
+            norm::rms_norm_backward(&mut dx.0, &dout.0, &x.0, &w.0, off, &rstd.0, c, acc)
+        });
         Ok(())
     }
 
@@ -647,23 +660,30 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
 
     // ---- MLP activations -------------------------------------------------------------
 
-    fn swiglu_forward(&self, out: &mut CpuBuf<T>, gate: &CpuBuf<T>, up: &CpuBuf<T>) -> Result<()> {
-        let op = "swiglu_forward";
+    fn gated_forward(
+        &self,
+        act: Activation,
+        out: &mut CpuBuf<T>,
+        gate: &CpuBuf<T>,
+        up: &CpuBuf<T>,
+    ) -> Result<()> {
+        let op = "gated_forward";
         same_len(op, ("out", out.len()), ("gate", gate.len()))?;
         same_len(op, ("up", up.len()), ("gate", gate.len()))?;
-        self.install(|| activation::swiglu_forward(&mut out.0, &gate.0, &up.0));
+        self.install(|| activation::gated_forward(act, &mut out.0, &gate.0, &up.0));
         Ok(())
     }
 
-    fn swiglu_backward(
+    fn gated_backward(
         &self,
+        act: Activation,
         dgate: &mut CpuBuf<T>,
         dup: &mut CpuBuf<T>,
         dout: &CpuBuf<T>,
         gate: &CpuBuf<T>,
         up: &CpuBuf<T>,
     ) -> Result<()> {
-        let op = "swiglu_backward";
+        let op = "gated_backward";
         for (what, len) in [
             ("dgate", dgate.len()),
             ("dup", dup.len()),
@@ -673,7 +693,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             same_len(op, (what, len), ("gate", gate.len()))?;
         }
         self.install(|| {
-            activation::swiglu_backward(&mut dgate.0, &mut dup.0, &dout.0, &gate.0, &up.0)
+            activation::gated_backward(act, &mut dgate.0, &mut dup.0, &dout.0, &gate.0, &up.0)
         });
         Ok(())
     }
@@ -726,10 +746,12 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         labels: &[i32],
         c: usize,
         loss_scale: f32,
+        softcap: Option<f32>,
         dh: Option<&mut CpuBuf<T>>,
         logits: Option<&mut CpuBuf<T>>,
     ) -> Result<LossSum> {
         let op = "lm_head_loss";
+        softcap_check(op, softcap)?;
         let v = rows_of(op, "w", w.len(), c)?;
         let n = labels.len();
         let h_shape = || format!("[N={n} (labels), C={c}]");
@@ -757,8 +779,23 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         let dh = dh.map(|b| b.0.as_mut_slice());
         let logits = logits.map(|b| b.0.as_mut_slice());
         Ok(self.install(|| {
-            loss::lm_head_loss(&h.0, &w.0, labels, c, T::from_f32(loss_scale), dh, logits)
+            loss::lm_head_loss(
+                &h.0,
+                &w.0,
+                labels,
+                c,
+                T::from_f32(loss_scale),
+                softcap.map(T::from_f32),
+                dh,
+                logits,
+            )
         }))
+    }
+
+    fn softcap(&self, x: &mut CpuBuf<T>, cap: f32) -> Result<()> {
+        softcap_check("softcap", Some(cap))?;
+        self.install(|| loss::softcap_in_place(&mut x.0, T::from_f32(cap)));
+        Ok(())
     }
 
     // ---- optimizers ------------------------------------------------------------------

@@ -22,12 +22,14 @@ fn put<T: CpuFloat>(dst: &mut T, v: T, acc: Accumulate) {
     };
 }
 
-/// out `[N, C]` = x · rstd · w, rstd `[N]` = 1/√(mean(x²) + eps); x `[N, C]`, w `[C]`.
+/// out `[N, C]` = x · rstd · (w_offset + w), rstd `[N]` = 1/√(mean(x²) + eps); x `[N, C]`,
+/// w `[C]`.
 pub(crate) fn rms_norm_forward<T: CpuFloat>(
     out: &mut [T],
     rstd: &mut [T],
     x: &[T],
     w: &[T],
+    w_offset: T,
     c: usize,
     eps: T,
 ) {
@@ -39,22 +41,24 @@ pub(crate) fn rms_norm_forward<T: CpuFloat>(
             let r = T::one() / (dot(x, x) / count(c) + eps).sqrt();
             *rstd = r;
             for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-                *o = x * r * w;
+                *o = x * r * (w_offset + w);
             }
         });
 }
 
 /// dx `[N, C]` (=|+=) ∂L/∂x of [`rms_norm_forward`], given dout `[N, C]` and its saved rstd.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rms_norm_backward<T: CpuFloat>(
     dx: &mut [T],
     dout: &[T],
     x: &[T],
     w: &[T],
+    w_offset: T,
     rstd: &[T],
     c: usize,
     acc: Accumulate,
 ) {
-    // forward: out_j = x_j · r · w_j with r = (Σ_j x_j²/C + eps)^(-1/2), so ∂r/∂x_i = −r³·x_i/C:
+    // forward: out_j = x_j · r · w_j (w_j standing for w_offset + w_j) with r = (Σ_j x_j²/C + eps)^(-1/2), so ∂r/∂x_i = −r³·x_i/C:
     //   dx_i = r · w_i · dout_i − x_i · (r³/C) · Σ_j dout_j · w_j · x_j
     dx.par_chunks_mut(c)
         .zip(dout.par_chunks(c))
@@ -66,10 +70,10 @@ pub(crate) fn rms_norm_backward<T: CpuFloat>(
                 .iter()
                 .zip(w)
                 .zip(x)
-                .fold(T::zero(), |s, ((&g, &w), &x)| s + g * w * x);
+                .fold(T::zero(), |s, ((&g, &w), &x)| s + g * (w_offset + w) * x);
             let coef = s * r * r * r / count(c);
             for (((dx, &g), &w), &x) in dx.iter_mut().zip(dout).zip(w).zip(x) {
-                put(dx, r * w * g - x * coef, acc);
+                put(dx, r * (w_offset + w) * g - x * coef, acc);
             }
         });
 }

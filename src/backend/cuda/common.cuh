@@ -88,3 +88,6 @@ __device__ float block_max(float v, float* sh) {
     __syncthreads();
     return sh[0];
 }
+
+// for (i = each index of 0..n this thread covers), over a 1-D grid of any size
+#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)

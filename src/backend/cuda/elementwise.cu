@@ -1,6 +1,5 @@
 // Elementwise and gather ops (elementwise.rs). Grid-stride loops over i64 indices.
 
-#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
 // out[i] = half(x[i]); to_bf16: 1 = bf16, 0 = f16. Scratch operand of the half GEMMs.
 extern "C" __global__ void cast_f32_to_half(u16* out, const float* x, i64 n, int to_bf16) {
@@ -39,42 +38,54 @@ extern "C" __global__ void embedding(float* out, const u32* ids, const void* tab
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
-// out = silu(gate) * up
-extern "C" __global__ void swiglu_fwd(float* out, const float* gate, const float* up, i64 n) {
-    GRID_STRIDE(i, n) {
-        float g = gate[i];
-        out[i] = g * sigmoidf_(g) * up[i];
-    }
-}
-
-// dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * silu(g), s = sigmoid(g)
-extern "C" __global__ void swiglu_bwd(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
-                                      i64 n) {
-    GRID_STRIDE(i, n) {
-        float g = gate[i], s = sigmoidf_(g), d = dout[i];
-        dgate[i] = d * up[i] * s * (1.f + g * (1.f - s));
-        dup[i] = d * g * s;
-    }
-}
-
 #define GELU_K 0.7978845608028654f  // sqrt(2 / pi)
 #define GELU_C 0.044715f
 
-// GPT-2 gelu_new: 0.5 x (1 + tanh(k (x + c x^3)))
-extern "C" __global__ void gelu_fwd(float* out, const float* x, i64 n) {
+// GELU, tanh approximation (GPT-2 gelu_new, Gemma gelu_pytorch_tanh): 0.5 x (1 + tanh(k (x + c x^3)))
+__device__ __forceinline__ float gelu_(float v) { return 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_C * v * v * v))); }
+
+// d gelu / dx
+__device__ __forceinline__ float gelu_slope_(float v) {
+    float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
+    float dt = GELU_K * (1.f + 3.f * GELU_C * v * v);
+    return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * dt;
+}
+
+// Activations of backend::Activation, by index.
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+
+// out = act(gate) * up
+extern "C" __global__ void gated_fwd(float* out, const float* gate, const float* up, i64 n, int act) {
     GRID_STRIDE(i, n) {
-        float v = x[i];
-        out[i] = 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_C * v * v * v)));
+        float g = gate[i];
+        out[i] = act == ACT_SILU ? g * sigmoidf_(g) * up[i] : gelu_(g) * up[i];
     }
 }
 
-extern "C" __global__ void gelu_bwd(float* dx, const float* dout, const float* x, i64 n) {
+// dup = dout * act(g), dgate = dout * up * act'(g); for SiLU, s = sigmoid(g):
+// dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s
+extern "C" __global__ void gated_bwd(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                                     i64 n, int act) {
     GRID_STRIDE(i, n) {
-        float v = x[i];
-        float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
-        float dt = GELU_K * (1.f + 3.f * GELU_C * v * v);
-        dx[i] = dout[i] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * dt);
+        float g = gate[i], d = dout[i];
+        if (act == ACT_SILU) {
+            float s = sigmoidf_(g);
+            dgate[i] = d * up[i] * s * (1.f + g * (1.f - s));
+            dup[i] = d * g * s;
+        } else {
+            dgate[i] = d * up[i] * gelu_slope_(g);
+            dup[i] = d * gelu_(g);
+        }
     }
+}
+
+extern "C" __global__ void gelu_fwd(float* out, const float* x, i64 n) {
+    GRID_STRIDE(i, n) { out[i] = gelu_(x[i]); }
+}
+
+extern "C" __global__ void gelu_bwd(float* dx, const float* dout, const float* x, i64 n) {
+    GRID_STRIDE(i, n) { dx[i] = dout[i] * gelu_slope_(x[i]); }
 }
 
 // Bit-exact port of backend::dropout_keep (splitmix64 of seed ^ i * golden ratio).

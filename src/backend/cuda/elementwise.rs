@@ -3,7 +3,7 @@
 
 use super::device::{Arg, Launch, Module, err};
 use super::{CudaBackend, CudaBuf, rows_of};
-use crate::backend::{Accumulate, DeviceBuf};
+use crate::backend::{Accumulate, Activation, DeviceBuf};
 use crate::error::Result;
 
 pub(super) const MODULE: Module = Module {
@@ -248,34 +248,43 @@ impl CudaBackend {
         Ok(mem)
     }
 
-    pub(super) fn swiglu_forward_impl(
+    pub(super) fn gated_forward_impl(
         &self,
+        act: Activation,
         out: &mut CudaBuf,
         gate: &CudaBuf,
         up: &CudaBuf,
     ) -> Result<()> {
-        let op = "swiglu_forward";
+        let op = "gated_forward";
         let n = out.len();
         let po = Self::check_f32(op, "out", out, n)?;
         let pg = Self::check_f32(op, "gate", gate, n)?;
         let pu = Self::check_f32(op, "up", up, n)?;
         self.run(
             op,
-            "swiglu_fwd",
+            "gated_fwd",
             n,
-            &[Arg::Ptr(po), Arg::Ptr(pg), Arg::Ptr(pu), Arg::I64(n as i64)],
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pg),
+                Arg::Ptr(pu),
+                Arg::I64(n as i64),
+                Arg::I32(act_index(act)),
+            ],
         )
     }
 
-    pub(super) fn swiglu_backward_impl(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gated_backward_impl(
         &self,
+        act: Activation,
         dgate: &mut CudaBuf,
         dup: &mut CudaBuf,
         dout: &CudaBuf,
         gate: &CudaBuf,
         up: &CudaBuf,
     ) -> Result<()> {
-        let op = "swiglu_backward";
+        let op = "gated_backward";
         let n = dout.len();
         let pdg = Self::check_f32(op, "dgate", dgate, n)?;
         let pdu = Self::check_f32(op, "dup", dup, n)?;
@@ -284,7 +293,7 @@ impl CudaBackend {
         let pu = Self::check_f32(op, "up", up, n)?;
         self.run(
             op,
-            "swiglu_bwd",
+            "gated_bwd",
             n,
             &[
                 Arg::Ptr(pdg),
@@ -293,6 +302,7 @@ impl CudaBackend {
                 Arg::Ptr(pg),
                 Arg::Ptr(pu),
                 Arg::I64(n as i64),
+                Arg::I32(act_index(act)),
             ],
         )
     }
@@ -366,5 +376,13 @@ impl CudaBackend {
                 Arg::I64(n as i64),
             ],
         )
+    }
+}
+
+/// The kernels' index of an activation (`ACT_*` in elementwise.cu).
+fn act_index(act: Activation) -> i32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
     }
 }

@@ -1,9 +1,11 @@
 // Fused softmax / cross-entropy / dlogits over one row chunk of logits (loss.rs).
 // x: [rows, V] logits, overwritten with dlogits = scale * (softmax - onehot(label)) when
 // want_grad (rows whose label is IGNORE_INDEX get zeros); row_loss[r] = lse - x[label]
-// (0 for ignored rows). One block per row; max, sum and lse in f32.
+// (0 for ignored rows). One block per row; max, sum and lse in f32. With cap > 0 the row holds
+// soft-capped logits x = cap * tanh(z / cap) (softcap_fwd) and dlogits is taken with respect to z:
+// times 1 - (x / cap)^2.
 extern "C" __global__ void ce_fwd_bwd(float* x, float* row_loss, const int* labels, i64 v, float scale,
-                                      int want_grad) {
+                                      int want_grad, float cap) {
     __shared__ float sh[32];
     const i64 r = blockIdx.x;
     float* xr = x + r * v;
@@ -22,6 +24,15 @@ extern "C" __global__ void ce_fwd_bwd(float* x, float* row_loss, const int* labe
     for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
         float g = 0.f;
         if (counted) g = scale * (expf(xr[j] - lse) - (j == label ? 1.f : 0.f));
+        if (cap > 0.f) {
+            const float y = xr[j] / cap;
+            g *= 1.f - y * y;
+        }
         xr[j] = g;
     }
+}
+
+// x = cap * tanh(x / cap), elementwise over n values (Gemma's final logit soft-cap)
+extern "C" __global__ void softcap_fwd(float* x, i64 n, float cap) {
+    GRID_STRIDE(i, n) { x[i] = tanhf(x[i] / cap) * cap; }
 }

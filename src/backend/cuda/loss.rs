@@ -22,10 +22,12 @@ impl CudaBackend {
         labels: &[i32],
         c: usize,
         loss_scale: f32,
+        softcap: Option<f32>,
         dh: Option<&mut CudaBuf>,
         logits: Option<&mut CudaBuf>,
     ) -> Result<LossSum> {
         let op = "lm_head_loss";
+        check_softcap(op, softcap)?;
         let v = rows_of(op, "lm_head weight", w.len(), c)?;
         let n = labels.len();
         let ph = Self::check_f32(op, "h", h, n * c)?;
@@ -88,6 +90,9 @@ impl CudaBackend {
                     accumulate: Accumulate::Overwrite,
                 },
             )?;
+            if let Some(cap) = softcap {
+                self.softcap_raw(op, pbuf, rows * v, cap)?;
+            }
             if let Some(pl) = plog {
                 // SAFETY: both ranges lie inside their buffers (rows·V f32 at row r0).
                 unsafe {
@@ -116,6 +121,7 @@ impl CudaBackend {
                     Arg::I64(v as i64),
                     Arg::F32(loss_scale),
                     Arg::I32(pdh.is_some() as i32),
+                    Arg::F32(softcap.unwrap_or(0.0)),
                 ],
             )?;
             if let Some(pd) = pdh {
@@ -151,4 +157,31 @@ impl CudaBackend {
             .sum();
         Ok(LossSum { sum, count })
     }
+
+    /// `x = cap · tanh(x / cap)` over the f32 buffer x.
+    pub(super) fn softcap_impl(&self, x: &mut CudaBuf, cap: f32) -> Result<()> {
+        let op = "softcap";
+        check_softcap(op, Some(cap))?;
+        let n = x.len();
+        let px = Self::check_f32(op, "x", x, n)?;
+        self.softcap_raw(op, px, n, cap)
+    }
+
+    fn softcap_raw(&self, op: &'static str, px: u64, n: usize, cap: f32) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.dev.launch(
+            op,
+            MODULE,
+            "softcap_fwd",
+            Launch::cover(n, 256, 65535),
+            &[Arg::Ptr(px), Arg::I64(n as i64), Arg::F32(cap)],
+        )
+    }
+}
+
+/// A soft-cap must be a positive finite number.
+fn check_softcap(op: &'static str, cap: Option<f32>) -> Result<()> {
+    crate::backend::softcap_problem(cap).map_or(Ok(()), |m| Err(err(op, m)))
 }

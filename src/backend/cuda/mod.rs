@@ -42,7 +42,7 @@ pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::probe;
 
 use crate::backend::{
-    Accumulate, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -713,9 +713,10 @@ impl Backend for CudaBackend {
         rstd: &mut CudaBuf,
         x: &CudaBuf,
         w: &CudaBuf,
+        w_offset: f32,
         eps: f32,
     ) -> Result<()> {
-        self.rms_norm_forward_impl(out, rstd, x, w, eps)
+        self.rms_norm_forward_impl(out, rstd, x, w, w_offset, eps)
     }
 
     fn rms_norm_backward(
@@ -724,10 +725,11 @@ impl Backend for CudaBackend {
         dout: &CudaBuf,
         x: &CudaBuf,
         w: &CudaBuf,
+        w_offset: f32,
         rstd: &CudaBuf,
         acc: Accumulate,
     ) -> Result<()> {
-        self.rms_norm_backward_impl(dx, dout, x, w, rstd, acc)
+        self.rms_norm_backward_impl(dx, dout, x, w, w_offset, rstd, acc)
     }
 
     fn layer_norm_forward(
@@ -818,19 +820,26 @@ impl Backend for CudaBackend {
         self.attention_backward_impl(dq, dk, dv, dout, out, lse, q, k, v, dims, key_start)
     }
 
-    fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
-        self.swiglu_forward_impl(out, gate, up)
+    fn gated_forward(
+        &self,
+        act: Activation,
+        out: &mut CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
+        self.gated_forward_impl(act, out, gate, up)
     }
 
-    fn swiglu_backward(
+    fn gated_backward(
         &self,
+        act: Activation,
         dgate: &mut CudaBuf,
         dup: &mut CudaBuf,
         dout: &CudaBuf,
         gate: &CudaBuf,
         up: &CudaBuf,
     ) -> Result<()> {
-        self.swiglu_backward_impl(dgate, dup, dout, gate, up)
+        self.gated_backward_impl(act, dgate, dup, dout, gate, up)
     }
 
     fn gelu_forward(&self, out: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
@@ -856,10 +865,15 @@ impl Backend for CudaBackend {
         labels: &[i32],
         c: usize,
         loss_scale: f32,
+        softcap: Option<f32>,
         dh: Option<&mut CudaBuf>,
         logits: Option<&mut CudaBuf>,
     ) -> Result<LossSum> {
-        self.lm_head_loss_impl(h, w, labels, c, loss_scale, dh, logits)
+        self.lm_head_loss_impl(h, w, labels, c, loss_scale, softcap, dh, logits)
+    }
+
+    fn softcap(&self, x: &mut CudaBuf, cap: f32) -> Result<()> {
+        self.softcap_impl(x, cap)
     }
 
     fn adamw_step(

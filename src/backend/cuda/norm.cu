@@ -1,9 +1,9 @@
 // RMSNorm and LayerNorm over rows of x [N, C] (norm.rs). One block per row; all sums in f32.
 // Weights (w, b) are frozen and may be stored as f32, f16 or bf16 (wdt, see load_w).
 
-// out = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps)
-extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const void* w, int wdt, i64 c,
-                                        float eps) {
+// out = x * rstd * (woff + w), rstd = 1 / sqrt(mean(x^2) + eps); woff is 0, or 1 for Gemma's (1 + w)
+extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const void* w, int wdt, float woff,
+                                        i64 c, float eps) {
     __shared__ float sh[32];
     const i64 r = blockIdx.x;
     const float* xr = x + r * c;
@@ -12,23 +12,23 @@ extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x,
     ss = block_sum(ss, sh);
     const float rs = 1.f / sqrtf(ss / (float)c + eps);
     if (threadIdx.x == 0) rstd[r] = rs;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) out[r * c + j] = xr[j] * rs * load_w(w, j, wdt);
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) out[r * c + j] = xr[j] * rs * (woff + load_w(w, j, wdt));
 }
 
-// y = x * rstd * w  =>  dx = rstd * g - x * rstd^3 * mean(g * x), g = dout * w
+// y = x * rstd * w'  =>  dx = rstd * g - x * rstd^3 * mean(g * x), g = dout * w', w' = woff + w
 extern "C" __global__ void rms_norm_bwd(float* dx, const float* dout, const float* x, const void* w, int wdt,
-                                        const float* rstd, i64 c, int acc) {
+                                        float woff, const float* rstd, i64 c, int acc) {
     __shared__ float sh[32];
     const i64 r = blockIdx.x;
     const float* xr = x + r * c;
     const float* dr = dout + r * c;
     const float rs = rstd[r];
     float dot = 0.f;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) dot += dr[j] * load_w(w, j, wdt) * xr[j];
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) dot += dr[j] * (woff + load_w(w, j, wdt)) * xr[j];
     dot = block_sum(dot, sh) / (float)c;
     const float k = rs * rs * rs * dot;
     for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-        float v = rs * dr[j] * load_w(w, j, wdt) - xr[j] * k;
+        float v = rs * dr[j] * (woff + load_w(w, j, wdt)) - xr[j] * k;
         dx[r * c + j] = acc ? dx[r * c + j] + v : v;
     }
 }

@@ -31,6 +31,7 @@ impl CudaBackend {
         rstd: &mut CudaBuf,
         x: &CudaBuf,
         w: &CudaBuf,
+        w_offset: f32,
         eps: f32,
     ) -> Result<()> {
         let op = "rms_norm_forward";
@@ -51,18 +52,21 @@ impl CudaBackend {
                 Arg::Ptr(px),
                 Arg::Ptr(pw),
                 Arg::I32(wdt),
+                Arg::F32(w_offset),
                 Arg::I64(c as i64),
                 Arg::F32(eps),
             ],
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rms_norm_backward_impl(
         &self,
         dx: &mut CudaBuf,
         dout: &CudaBuf,
         x: &CudaBuf,
         w: &CudaBuf,
+        w_offset: f32,
         rstd: &CudaBuf,
         acc: Accumulate,
     ) -> Result<()> {
@@ -85,6 +89,7 @@ impl CudaBackend {
                 Arg::Ptr(px),
                 Arg::Ptr(pw),
                 Arg::I32(wdt),
+                Arg::F32(w_offset),
                 Arg::Ptr(pr),
                 Arg::I64(c as i64),
                 Arg::I32(acc_flag(acc)),

@@ -1,18 +1,24 @@
-//! SwiGLU, gelu_new and dropout: forward against formulas, backward against finite
-//! differences.
+//! The gated MLPs (SwiGLU, GeGLU), gelu_new and dropout: forward against formulas,
+//! backward against finite differences.
 
 use super::util::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, dropout_keep};
+use crate::backend::{Activation, Backend, dropout_keep};
 
 const N: usize = 37;
 
-fn swiglu(gate: &[f64], up: &[f64]) -> Vec<f64> {
+fn gated(act: Activation, gate: &[f64], up: &[f64]) -> Vec<f64> {
     let mut out = buf(&vec![0.0; gate.len()]);
     be64()
-        .swiglu_forward(&mut out, &buf(gate), &buf(up))
+        .gated_forward(act, &mut out, &buf(gate), &buf(up))
         .unwrap();
     out.0
+}
+
+/// GELU, tanh approximation, from its formula.
+fn gelu_formula(x: f64) -> f64 {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh())
 }
 
 fn gelu(x: &[f64]) -> Vec<f64> {
@@ -22,37 +28,48 @@ fn gelu(x: &[f64]) -> Vec<f64> {
 }
 
 #[test]
-fn swiglu_forward_matches_formula_and_backward_matches_finite_differences() {
+fn gated_forward_matches_formula_and_backward_matches_finite_differences() {
     let mut rng = Rng::new(40);
     let (gate, up, dout) = (rng.vec(N, 4.0), rng.vec(N, 2.0), rng.vec(N, 1.0));
-    let want: Vec<f64> = gate
-        .iter()
-        .zip(&up)
-        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-        .collect();
-    assert_close("swiglu out", &swiglu(&gate, &up), &want, 1e-15, 1e-16);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let f = |g: f64| match act {
+            Activation::Silu => g / (1.0 + (-g).exp()),
+            Activation::GeluTanh => gelu_formula(g),
+        };
+        let want: Vec<f64> = gate.iter().zip(&up).map(|(&g, u)| f(g) * u).collect();
+        assert_close(
+            &format!("{act:?} out"),
+            &gated(act, &gate, &up),
+            &want,
+            1e-15,
+            1e-16,
+        );
 
-    let (mut dgate, mut dup) = (buf(&[9.0; N]), buf(&[9.0; N]));
-    be64()
-        .swiglu_backward(&mut dgate, &mut dup, &buf(&dout), &buf(&gate), &buf(&up))
-        .unwrap();
-    check_grad("swiglu dgate", &dgate.0, &gate, |g| {
-        weighted_sum(&dout, &swiglu(g, &up))
-    });
-    check_grad("swiglu dup", &dup.0, &up, |u| {
-        weighted_sum(&dout, &swiglu(&gate, u))
-    });
+        let (mut dgate, mut dup) = (buf(&[9.0; N]), buf(&[9.0; N]));
+        be64()
+            .gated_backward(
+                act,
+                &mut dgate,
+                &mut dup,
+                &buf(&dout),
+                &buf(&gate),
+                &buf(&up),
+            )
+            .unwrap();
+        check_grad(&format!("{act:?} dgate"), &dgate.0, &gate, |g| {
+            weighted_sum(&dout, &gated(act, g, &up))
+        });
+        check_grad(&format!("{act:?} dup"), &dup.0, &up, |u| {
+            weighted_sum(&dout, &gated(act, &gate, u))
+        });
+    }
 }
 
 #[test]
 fn gelu_forward_matches_formula_and_backward_matches_finite_differences() {
     let mut rng = Rng::new(41);
     let (x, dout) = (rng.vec(N, 4.0), rng.vec(N, 1.0));
-    let k = (2.0 / std::f64::consts::PI).sqrt();
-    let want: Vec<f64> = x
-        .iter()
-        .map(|&x| 0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh()))
-        .collect();
+    let want: Vec<f64> = x.iter().map(|&x| gelu_formula(x)).collect();
     assert_close("gelu out", &gelu(&x), &want, 1e-15, 1e-16);
 
     let mut dx = buf(&[9.0; N]);

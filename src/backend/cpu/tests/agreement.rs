@@ -30,10 +30,10 @@ fn run_all<Be: Backend>(be: &Be, seed: u64) -> Vec<(&'static str, Vec<f64>)> {
         be.zeros(N).unwrap(),
         be.zeros(N * C).unwrap(),
     );
-    be.rms_norm_forward(&mut out, &mut rstd, &xb, &wb, 1e-5)
+    be.rms_norm_forward(&mut out, &mut rstd, &xb, &wb, 0.0, 1e-5)
         .unwrap();
     res.push(("rms_norm out", down(&out)));
-    be.rms_norm_backward(&mut dx, &dyb, &xb, &wb, &rstd, Accumulate::Overwrite)
+    be.rms_norm_backward(&mut dx, &dyb, &xb, &wb, 0.0, &rstd, Accumulate::Overwrite)
         .unwrap();
     res.push(("rms_norm dx", down(&dx)));
     be.layer_norm_forward(&mut out, &mut mean, &mut rstd, &xb, &wb, &bb, 1e-5)
@@ -78,9 +78,18 @@ fn run_all<Be: Backend>(be: &Be, seed: u64) -> Vec<(&'static str, Vec<f64>)> {
     res.push(("attention dv", down(&dv)));
 
     let (mut dg, mut du) = (be.zeros(N * C).unwrap(), be.zeros(N * C).unwrap());
-    be.swiglu_forward(&mut out, &xb, &dyb).unwrap();
+    be.gated_forward(crate::backend::Activation::Silu, &mut out, &xb, &dyb)
+        .unwrap();
     res.push(("swiglu out", down(&out)));
-    be.swiglu_backward(&mut dg, &mut du, &dyb, &xb, &q).unwrap();
+    be.gated_backward(
+        crate::backend::Activation::Silu,
+        &mut dg,
+        &mut du,
+        &dyb,
+        &xb,
+        &q,
+    )
+    .unwrap();
     res.push(("swiglu dgate", down(&dg)));
     res.push(("swiglu dup", down(&du)));
     be.gelu_forward(&mut out, &xb).unwrap();
@@ -120,6 +129,7 @@ fn run_all<Be: Backend>(be: &Be, seed: u64) -> Vec<(&'static str, Vec<f64>)> {
             &labels,
             C,
             0.1,
+            None,
             Some(&mut dx),
             Some(&mut logits),
         )

@@ -21,8 +21,14 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
 fn length_mismatches_name_the_op_and_lengths() {
     let be = be64();
     let (mut out, mut rstd) = (buf(&[0.0; 7]), buf(&[0.0; 2]));
-    let msg =
-        message(be.rms_norm_forward(&mut out, &mut rstd, &buf(&[1.0; 8]), &buf(&[1.0; 4]), 1e-5));
+    let msg = message(be.rms_norm_forward(
+        &mut out,
+        &mut rstd,
+        &buf(&[1.0; 8]),
+        &buf(&[1.0; 4]),
+        0.0,
+        1e-5,
+    ));
     assert_mentions(&msg, &["cpu", "rms_norm_forward", "out", "7", "8"]);
 
     let g = Gemm {
@@ -124,7 +130,7 @@ fn out_of_range_ids_and_labels_are_quoted() {
 
     let h = buf(&[0.0; 3 * 3]);
     for bad in [4, -1, -101] {
-        let msg = message(be.lm_head_loss(&h, &table, &[0, bad, -100], 3, 1.0, None, None));
+        let msg = message(be.lm_head_loss(&h, &table, &[0, bad, -100], 3, 1.0, None, None, None));
         assert_mentions(
             &msg,
             &[

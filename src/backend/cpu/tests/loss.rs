@@ -23,9 +23,87 @@ fn labels(rng: &mut Rng) -> Vec<i32> {
 }
 
 fn loss(h: &[f64], w: &[f64], labels: &[i32], scale: f32, dh: Option<&mut CpuBuf<f64>>) -> LossSum {
+    capped_loss(h, w, labels, scale, None, dh)
+}
+
+fn capped_loss(
+    h: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    scale: f32,
+    cap: Option<f32>,
+    dh: Option<&mut CpuBuf<f64>>,
+) -> LossSum {
     be64()
-        .lm_head_loss(&buf(h), &buf(w), labels, C, scale, dh, None)
+        .lm_head_loss(&buf(h), &buf(w), labels, C, scale, cap, dh, None)
         .unwrap()
+}
+
+/// With a soft-cap (Gemma's final `c · tanh(logits / c)`): the logits it returns, the loss
+/// against explicit capped logits, dh against finite differences, and the standalone op.
+#[test]
+fn softcapped_lm_head_loss_matches_formula_and_finite_differences() {
+    let mut rng = Rng::new(53);
+    let (h, w, labels) = (rng.vec(N * C, 2.0), rng.vec(V * C, 1.0), labels(&mut rng));
+    let cap = 1.5f32;
+    let mut logits = buf(&vec![0.0; N * V]);
+    let got = be64()
+        .lm_head_loss(
+            &buf(&h),
+            &buf(&w),
+            &labels,
+            C,
+            1.0,
+            Some(cap),
+            None,
+            Some(&mut logits),
+        )
+        .unwrap();
+    let (mut want_logits, mut sum) = (vec![0.0; N * V], 0.0);
+    for i in 0..N {
+        for j in 0..V {
+            let z = (0..C).map(|c| h[i * C + c] * w[j * C + c]).sum::<f64>();
+            want_logits[i * V + j] = (z / cap as f64).tanh() * cap as f64;
+        }
+        if labels[i] != IGNORE_INDEX {
+            let row = &want_logits[i * V..][..V];
+            let log_z = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+            sum += log_z - row[labels[i] as usize];
+        }
+    }
+    assert_close("capped logits", &logits.0, &want_logits, 1e-13, 1e-13);
+    assert!(
+        logits.0.iter().any(|&x| x.abs() > 0.5 * cap as f64),
+        "the cap must bend some logits"
+    );
+    assert_close("capped loss sum", &[got.sum], &[sum], 1e-13, 0.0);
+
+    let scale = 0.37f32;
+    let mut dh = buf(&vec![5.0; N * C]);
+    capped_loss(&h, &w, &labels, scale, Some(cap), Some(&mut dh));
+    check_grad("capped lm_head_loss dh", &dh.0, &h, |hh| {
+        scale as f64 * capped_loss(hh, &w, &labels, scale, Some(cap), None).sum
+    });
+
+    let mut raw = buf(&vec![0.0; N * V]);
+    be64()
+        .lm_head_loss(
+            &buf(&h),
+            &buf(&w),
+            &labels,
+            C,
+            1.0,
+            None,
+            None,
+            Some(&mut raw),
+        )
+        .unwrap();
+    be64().softcap(&mut raw, cap).unwrap();
+    assert_close("softcap op", &raw.0, &logits.0, 0.0, 0.0);
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let err = be64().softcap(&mut raw, bad).unwrap_err().to_string();
+        assert!(err.contains("soft-cap"), "{err}");
+    }
 }
 
 #[test]
@@ -34,7 +112,16 @@ fn lm_head_loss_matches_explicit_log_softmax() {
     let (h, w, labels) = (rng.vec(N * C, 2.0), rng.vec(V * C, 1.0), labels(&mut rng));
     let mut logits = buf(&vec![0.0; N * V]);
     let got = be64()
-        .lm_head_loss(&buf(&h), &buf(&w), &labels, C, 1.0, None, Some(&mut logits))
+        .lm_head_loss(
+            &buf(&h),
+            &buf(&w),
+            &labels,
+            C,
+            1.0,
+            None,
+            None,
+            Some(&mut logits),
+        )
         .unwrap();
 
     let mut want_logits = vec![0.0; N * V];
@@ -100,10 +187,10 @@ fn large_vocabulary_loss_in_f32_is_as_exact_as_in_f64() {
     let be32 = crate::backend::cpu::CpuBackend::<f32>::new();
     let f32s = |v: &[f64]| CpuBuf(v.iter().map(|&x| x as f32).collect::<Vec<f32>>());
     let got = be32
-        .lm_head_loss(&f32s(&h), &f32s(&w), &labels, 1, 1.0, None, None)
+        .lm_head_loss(&f32s(&h), &f32s(&w), &labels, 1, 1.0, None, None, None)
         .unwrap();
     let want = be64()
-        .lm_head_loss(&buf(&h), &buf(&w), &labels, 1, 1.0, None, None)
+        .lm_head_loss(&buf(&h), &buf(&w), &labels, 1, 1.0, None, None, None)
         .unwrap();
     assert_eq!(got.count, want.count);
     assert_close("loss sum", &[got.sum], &[want.sum], 1e-7, 0.0);
