@@ -14,7 +14,8 @@
 //!
 //! All work runs in order on one compute stream. For the streaming engine, weights can
 //! also be uploaded from pinned host memory on a separate copy stream, ordered with
-//! events ([`CudaBackend::upload_weight_async`]).
+//! events ([`CudaBackend::upload_weight_async`]); which layer is copied where and when is
+//! the weight ring's policy, in `crate::stream::ring`, not the backend's.
 
 mod attention;
 mod device;
@@ -27,7 +28,6 @@ mod offload;
 mod optim;
 pub mod pinned;
 mod profile;
-pub mod ring;
 mod rope;
 
 pub use crate::backend::ProfileLine;
