@@ -1,4 +1,4 @@
-//! The CUDA weight ring's policy (DESIGN.md §1): which layer goes into which VRAM slot and
+//! The CUDA weight ring's policy (ARCHITECTURE.md §1): which layer goes into which VRAM slot and
 //! when. Layers are copied from host memory into a ring of VRAM slots on a copy stream of
 //! their own, ordered with events, `depth` layers ahead of the compute stream; a slot is
 //! refilled only after an event says the compute that read it is done, and the compute

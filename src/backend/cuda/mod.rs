@@ -1,7 +1,8 @@
-//! CUDA backend (DESIGN.md §1, §2; issue 4): the [`Backend`] ops as cuBLAS GEMMs and our
-//! own CUDA C kernels, compiled at run time with NVRTC for the device's architecture and
-//! cached in memory and on disk. cudarc loads CUDA at run time, so a build with the `cuda`
-//! feature runs on machines without a GPU (where [`CudaBackend::new`] returns an error).
+//! CUDA backend (ARCHITECTURE.md §5, §6, and CUDA.md; issue 4): the [`Backend`] ops as
+//! cuBLAS GEMMs and our own CUDA C kernels, compiled at run time with NVRTC for the
+//! device's architecture and cached in memory and on disk. cudarc loads CUDA at run time,
+//! so a build with the `cuda` feature runs on machines without a GPU (where
+//! [`CudaBackend::new`] returns an error).
 //!
 //! Layout: `device.rs` (context, stream, memory, compilation, the launch door), `gemm.rs`
 //! (the one cuBLAS wrapper), and one pair `<op>.rs` + `<op>.cu` per op family.
