@@ -1,6 +1,6 @@
-//! File-system helpers: atomic writes (DESIGN.md §3: temporary name in the same folder,
-//! fsync, rename) and the one safetensors writer built on them, so that a crash or Ctrl-C
-//! never leaves a half-written checkpoint or prepared model under its final name.
+//! File-system helpers: atomic writes (ARCHITECTURE.md §7: temporary name in the same
+//! folder, fsync, rename) and the one safetensors writer built on them, so that a crash or
+//! Ctrl-C never leaves a half-written checkpoint or prepared model under its final name.
 //!
 //! [`AtomicFile`] is the single atomic write path; [`atomic_write`] wraps it for a
 //! closure. [`SafetensorsWriter`] streams a safetensors file tensor by tensor into an

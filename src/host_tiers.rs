@@ -6,9 +6,9 @@
 use crate::diskread::DiskReader;
 use crate::error::Result;
 use crate::gbi::{Gbi, Group, TensorInfo};
-use crate::hostmem::HostBudget;
+use crate::hostmem::{Alloc, HostBudget, HostBuf};
 use crate::model::Model;
-use crate::staging::{Alloc, Fence, HostBuf, Layout, Staged, StagingRing};
+use crate::staging::{Fence, Layout, Staged, StagingRing};
 use crate::stream::{Part, part_tensors};
 use crate::tiers::{PlanInput, Tier, TierPlan, WeightSource};
 use std::collections::HashMap;

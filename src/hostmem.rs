@@ -5,7 +5,11 @@
 //! setting less what the process holds already (`VmRSS`). Page-locked (pinned) memory
 //! that the CUDA driver allocates is not always charged to the cgroup, so lema checks it
 //! against this budget itself instead of trusting the kernel to stop it.
+//!
+//! Also the host buffers that weights are read into ([`HostBuf`]: page-aligned, on the
+//! heap as [`HeapBuf`], or pinned by the CUDA backend).
 
+use crate::diskread::ALIGN;
 use crate::error::{Error, Result};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -247,6 +251,54 @@ impl HostBudget {
             gib(self.available),
             self.limit
         )))
+    }
+}
+
+/// Host memory that layers are read into: [`ALIGN`]-aligned, its length a multiple.
+pub trait HostBuf: Send {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// Makes host buffers of a byte length.
+pub type Alloc<'a> = &'a mut dyn FnMut(usize) -> Result<Box<dyn HostBuf>>;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; ALIGN]);
+
+/// Aligned heap memory (the CPU backend's buffers).
+pub struct HeapBuf(Vec<Page>);
+
+impl HeapBuf {
+    /// `bytes` (rounded up to whole pages) of zeroed memory, boxed.
+    pub fn alloc(bytes: usize) -> Result<Box<dyn HostBuf>> {
+        Ok(Box::new(HeapBuf::new(bytes)?))
+    }
+
+    /// `bytes` (rounded up to whole pages) of zeroed memory.
+    pub fn new(bytes: usize) -> Result<HeapBuf> {
+        let pages = bytes.div_ceil(ALIGN);
+        let mut v = Vec::new();
+        v.try_reserve_exact(pages).map_err(|_| {
+            Error::config(format!(
+                "could not allocate a {:.1} MiB host buffer for the weights",
+                bytes as f64 / (1 << 20) as f64
+            ))
+        })?;
+        v.resize(pages, Page([0; ALIGN]));
+        Ok(HeapBuf(v))
+    }
+}
+
+impl HostBuf for HeapBuf {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Page` is a plain byte array without padding; the slice covers the vector.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * ALIGN) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * ALIGN) }
     }
 }
 

@@ -4,68 +4,21 @@
 //! fence says that reader is done; the reader threads wait for it, not the caller.
 //!
 //! A layer's bytes are read as aligned runs ([`Layout`]): its tensors' byte ranges merged
-//! where they touch, widened to [`ALIGN`] and split in [`CHUNK`]s that [`READERS`]
-//! threads read in parallel, so several reads are in flight. Each fill runs on a thread
-//! of its own, which first waits for the buffer's fence.
+//! where they touch, widened to [`ALIGN`](crate::diskread::ALIGN) and split in [`CHUNK`]s
+//! that [`READERS`] threads read in parallel, so several reads are in flight. Each fill
+//! runs on a thread of its own, which first waits for the buffer's fence.
 
-use crate::diskread::{ALIGN, CHUNK, DiskReader, align_down, align_up};
+use crate::diskread::{CHUNK, DiskReader, align_down, align_up};
 use crate::error::{Error, Result};
 use crate::gbi::{Gbi, TensorInfo};
+use crate::hostmem::{Alloc, HostBuf};
 use crate::stream::Part;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Host memory that layers are read into: [`ALIGN`]-aligned, its length a multiple.
-pub trait HostBuf: Send {
-    fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
-}
-
 /// Waits until the last reader of a given-back buffer is done.
 pub trait Fence: Send {
     fn wait(&self) -> Result<()>;
-}
-
-/// Makes host buffers of a byte length.
-pub type Alloc<'a> = &'a mut dyn FnMut(usize) -> Result<Box<dyn HostBuf>>;
-
-#[derive(Clone, Copy)]
-#[repr(C, align(4096))]
-struct Page([u8; ALIGN]);
-
-/// Aligned heap memory (the CPU backend's buffers).
-pub struct HeapBuf(Vec<Page>);
-
-impl HeapBuf {
-    /// `bytes` (rounded up to whole pages) of zeroed memory, boxed.
-    pub fn alloc(bytes: usize) -> Result<Box<dyn HostBuf>> {
-        Ok(Box::new(HeapBuf::new(bytes)?))
-    }
-
-    /// `bytes` (rounded up to whole pages) of zeroed memory.
-    pub fn new(bytes: usize) -> Result<HeapBuf> {
-        let pages = bytes.div_ceil(ALIGN);
-        let mut v = Vec::new();
-        v.try_reserve_exact(pages).map_err(|_| {
-            Error::config(format!(
-                "could not allocate a {:.1} MiB host buffer for the weights",
-                bytes as f64 / (1 << 20) as f64
-            ))
-        })?;
-        v.resize(pages, Page([0; ALIGN]));
-        Ok(HeapBuf(v))
-    }
-}
-
-impl HostBuf for HeapBuf {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `Page` is a plain byte array without padding; the slice covers the vector.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * ALIGN) }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, borrowed mutably through `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * ALIGN) }
-    }
 }
 
 /// One aligned run of the file: `[file_start, file_start + len)` read into the buffer at
@@ -392,7 +345,9 @@ impl Drop for StagingRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diskread::ALIGN;
     use crate::gbi::Group;
+    use crate::hostmem::HeapBuf;
     use crate::types::DType;
     use std::time::{Duration, Instant};
 

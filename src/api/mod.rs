@@ -245,7 +245,7 @@ fn tiered_stream<B: Backend>(
         gbi.clone(),
         model,
         host_options(config, working_bytes),
-        &mut crate::staging::HeapBuf::alloc,
+        &mut crate::hostmem::HeapBuf::alloc,
     )?;
     Ok(Box::new(crate::stream::Streaming::<B>::with_tiers(
         gbi.clone(),
@@ -258,7 +258,7 @@ fn tiered_stream<B: Backend>(
 /// pinned host memory) unless the weights need converting on upload.
 #[cfg(feature = "cuda")]
 fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEngine> {
-    use crate::backend::cuda::ring::{CudaRing, RingOptions};
+    use crate::stream::ring::{CudaRing, RingOptions};
     let be = CudaBackend::with_options(cuda_options(config))?;
     let converts =
         gbi.tensors().any(|t| t.dtype == DType::F32) && be.options().weight_dtype != DType::F32;
@@ -273,20 +273,14 @@ fn cuda_engine(config: &LemaConfig, model: Model, gbi: Arc<Gbi>) -> Result<AnyEn
             _ => crate::stream::make_stream(config.strategy, gbi.clone(), model.clone()),
         }
     } else {
-        let resident_bytes = match config.strategy {
-            Strategy::Budget => config.max_vram.unwrap_or_else(|| {
-                let free = be.mem_info().map_or(0, |(free, _)| free as u64);
-                free.saturating_sub(4 << 30)
-            }),
-            _ => 0,
-        };
-        let opts = RingOptions {
-            depth: config.prefetch_depth.max(1),
-            resident_bytes,
-            pinned_copy: config.strategy == Strategy::Resident,
-            source: config.weight_source,
-            max_host_memory: config.max_host_memory,
-        };
+        let opts = RingOptions::for_strategy(
+            &be,
+            config.strategy,
+            config.max_vram,
+            config.prefetch_depth,
+            config.weight_source,
+            config.max_host_memory,
+        );
         Box::new(CudaRing::new(&be, gbi.clone(), model.clone(), opts)?)
     };
     Ok(AnyEngine::Cuda(Box::new(Engine::with_stream(

@@ -1,6 +1,6 @@
 //! The backend boundary: device memory and the fused ops that model code is written
-//! against (DESIGN.md §1). Model and trainer code is generic over [`Backend`], so a new
-//! device (CUDA) slots in without touching them.
+//! against (ARCHITECTURE.md §6). Model and trainer code is generic over [`Backend`], so
+//! a new device (CUDA) slots in without touching them.
 //!
 //! Conventions, shared by every op (after llm.c):
 //! * Buffers are contiguous, row-major, logically f32. A backend may store frozen weights

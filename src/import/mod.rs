@@ -1,6 +1,6 @@
 //! Importing models (`lema prepare`): a Hugging Face folder or a GGUF file becomes one
 //! monolithic `.safetensors` file with HF tensor names and tied weights materialised,
-//! with config.json and the tokenizer files beside it (DESIGN.md §3).
+//! with config.json and the tokenizer files beside it (ARCHITECTURE.md §7).
 //!
 //! Everything streams: tensors are read from memory-mapped inputs and written one at a
 //! time (GGUF: one row at a time), so memory stays near the largest tensor, not the model.

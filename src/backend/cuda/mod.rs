@@ -1,7 +1,8 @@
-//! CUDA backend (DESIGN.md §1, §2; issue 4): the [`Backend`] ops as cuBLAS GEMMs and our
-//! own CUDA C kernels, compiled at run time with NVRTC for the device's architecture and
-//! cached in memory and on disk. cudarc loads CUDA at run time, so a build with the `cuda`
-//! feature runs on machines without a GPU (where [`CudaBackend::new`] returns an error).
+//! CUDA backend (ARCHITECTURE.md §5, §6, and CUDA.md; issue 4): the [`Backend`] ops as
+//! cuBLAS GEMMs and our own CUDA C kernels, compiled at run time with NVRTC for the
+//! device's architecture and cached in memory and on disk. cudarc loads CUDA at run time,
+//! so a build with the `cuda` feature runs on machines without a GPU (where
+//! [`CudaBackend::new`] returns an error).
 //!
 //! Layout: `device.rs` (context, stream, memory, compilation, the launch door), `gemm.rs`
 //! (the one cuBLAS wrapper), and one pair `<op>.rs` + `<op>.cu` per op family.
@@ -14,7 +15,8 @@
 //!
 //! All work runs in order on one compute stream. For the streaming engine, weights can
 //! also be uploaded from pinned host memory on a separate copy stream, ordered with
-//! events ([`CudaBackend::upload_weight_async`]).
+//! events ([`CudaBackend::upload_weight_async`]); which layer is copied where and when is
+//! the weight ring's policy, in `crate::stream::ring`, not the backend's.
 
 mod attention;
 mod device;
@@ -27,7 +29,6 @@ mod offload;
 mod optim;
 pub mod pinned;
 mod profile;
-pub mod ring;
 mod rope;
 
 pub use crate::backend::ProfileLine;

@@ -1,5 +1,5 @@
-//! Page-locked host memory as a staging buffer ([`HostBuf`]), and a copy-stream event as
-//! the fence that says its last reader is done ([`Fence`]).
+//! Page-locked host memory as a host buffer ([`HostBuf`]), and the registration of
+//! existing memory (a memory-mapped file) as pinned and read-only ([`ReadOnlyPin`]).
 //!
 //! The memory is ordinary page-aligned heap memory registered with the driver
 //! (`cuMemHostRegister`), not the driver's own allocation: `O_DIRECT` reads can target it
@@ -8,9 +8,8 @@
 
 use super::CudaBackend;
 use crate::error::{Error, Result};
-use crate::hostmem::HostBudget;
-use crate::staging::{Fence, HeapBuf, HostBuf};
-use cudarc::driver::{CudaContext, CudaEvent, sys};
+use crate::hostmem::{HeapBuf, HostBudget, HostBuf};
+use cudarc::driver::{CudaContext, sys};
 use std::sync::Arc;
 
 /// Heap memory registered as pinned for as long as it lives.
@@ -71,12 +70,43 @@ impl Drop for PinnedBuf {
     }
 }
 
-impl Fence for CudaEvent {
-    fn wait(&self) -> Result<()> {
-        self.synchronize().map_err(|e| Error::Backend {
-            backend: "cuda",
-            op: "staging fence",
-            msg: format!("{e:?}"),
-        })
+/// A range of existing host memory registered with the driver as pinned, read-only memory
+/// (`cuMemHostRegister`), so copies from it go to the GPU by DMA; unregistered on drop.
+pub struct ReadOnlyPin {
+    base: usize,
+}
+
+impl ReadOnlyPin {
+    /// Register `bytes`; on failure, the driver's status (e.g. a locked-memory limit).
+    ///
+    /// # Safety
+    /// `bytes` must stay alive (mapped) until the returned value is dropped, and no copy
+    /// may read from it after that.
+    pub unsafe fn new(bytes: &[u8]) -> std::result::Result<Self, String> {
+        // SAFETY: the caller keeps the range alive until Drop unregisters it; READ_ONLY,
+        // so a read-only mapping may be registered.
+        let r = unsafe {
+            sys::cuMemHostRegister_v2(
+                bytes.as_ptr() as *mut _,
+                bytes.len(),
+                sys::CU_MEMHOSTREGISTER_READ_ONLY,
+            )
+        };
+        if r == sys::cudaError_enum::CUDA_SUCCESS {
+            Ok(ReadOnlyPin {
+                base: bytes.as_ptr() as usize,
+            })
+        } else {
+            Err(format!("{r:?}"))
+        }
+    }
+}
+
+impl Drop for ReadOnlyPin {
+    fn drop(&mut self) {
+        // SAFETY: `base` was registered in `new`, and the memory is alive (its contract).
+        unsafe {
+            sys::cuMemHostUnregister(self.base as *mut _);
+        }
     }
 }

@@ -1,6 +1,10 @@
 //! WeightStream: hands the trainer each layer's frozen weights on the device, in the
 //! order it asks (0..L forward, L−1..0 backward). Memory strategies are implementations
 //! of one trait, not branches in the trainer.
+//!
+//! Here: the trait, the order of a step ([`Cycle`]), the generic streams ([`Streaming`],
+//! [`Resident`]) and, with the `cuda` feature, the CUDA ring's policy (`ring`). The host
+//! side they read from is `crate::host_tiers` (after the plan of `crate::tiers`).
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -9,6 +13,9 @@ use crate::host_tiers::HostTiers;
 use crate::model::{LayerWeights, Model};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+#[cfg(feature = "cuda")]
+pub mod ring;
 
 /// How frozen weights are kept between uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,12 +1,14 @@
-//! The CUDA weight stream (DESIGN.md §1): layers are copied from host memory into a ring
-//! of VRAM slots on a copy stream of their own, ordered with events, `depth` layers ahead
-//! of the compute stream; a slot is refilled only after an event says the compute that
-//! read it is done, and the compute stream waits for a slot's copy on the device, so the
-//! host never synchronises in the steady state.
+//! The CUDA weight ring's policy (ARCHITECTURE.md §1): which layer goes into which VRAM slot and
+//! when. Layers are copied from host memory into a ring of VRAM slots on a copy stream of
+//! their own, ordered with events, `depth` layers ahead of the compute stream; a slot is
+//! refilled only after an event says the compute that read it is done, and the compute
+//! stream waits for a slot's copy on the device, so the host never synchronises in the
+//! steady state. The device mechanics it drives (buffers, asynchronous copies, events,
+//! pinned memory) are the backend's ([`crate::backend::cuda`]); this file decides.
 //!
 //! Host side (the tier plan, `crate::tiers`): when the streamed layers fit the host
 //! budget, the memory-mapped file is registered with the driver as pinned, read-only
-//! memory (`cuMemHostRegister`), so copies go from the page cache straight to the GPU
+//! memory ([`ReadOnlyPin`]), so copies go from the page cache straight to the GPU
 //! by DMA at the link's speed with no CPU copy. If the driver refuses (locked-memory
 //! limits), copies fall back to pageable memory (the driver stages them; slower, and the
 //! reason is kept in `note`). When they do not fit, as many layers as fit are kept in
@@ -19,17 +21,16 @@
 //! forward→backward turn the last blocks of the forward are still in the ring and are
 //! used again instead of being copied twice.
 
-use super::pinned::PinnedBuf;
-use super::{CudaBackend, CudaBuf};
+use super::{Cycle, Part, Strategy, WeightStream, part_tensors};
 use crate::backend::DType;
+use crate::backend::cuda::pinned::{PinnedBuf, ReadOnlyPin};
+use crate::backend::cuda::{CudaBackend, CudaBuf, CudaEvent, CudaStream, RUNTIME_HOST_BYTES};
 use crate::error::{Error, Result};
 use crate::gbi::{Gbi, TensorInfo};
 use crate::host_tiers::{HostOptions, HostTiers, STAGING_BUFFERS};
 use crate::model::{LayerWeights, Model};
 use crate::staging::Fence;
-use crate::stream::{Cycle, Part, WeightStream, part_tensors};
 use crate::tiers::WeightSource;
-use cudarc::driver::{CudaEvent, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -69,6 +70,36 @@ pub struct RingOptions {
     pub max_host_memory: Option<u64>,
 }
 
+impl RingOptions {
+    /// The ring's options for a memory strategy: BUDGET keeps as many blocks resident in
+    /// VRAM as `max_vram` bytes hold (default: what is free on `be`, less 4 GiB for
+    /// activations), RESIDENT copies every block into pinned host memory first, STREAMING
+    /// does neither. `depth` is at least 1.
+    pub fn for_strategy(
+        be: &CudaBackend,
+        strategy: Strategy,
+        max_vram: Option<u64>,
+        depth: usize,
+        source: WeightSource,
+        max_host_memory: Option<u64>,
+    ) -> Self {
+        let resident_bytes = match strategy {
+            Strategy::Budget => max_vram.unwrap_or_else(|| {
+                let free = be.mem_info().map_or(0, |(free, _)| free as u64);
+                free.saturating_sub(4 << 30)
+            }),
+            _ => 0,
+        };
+        RingOptions {
+            depth: depth.max(1),
+            resident_bytes,
+            pinned_copy: strategy == Strategy::Resident,
+            source,
+            max_host_memory,
+        }
+    }
+}
+
 /// The CUDA implementation of [`WeightStream`].
 pub struct CudaRing {
     gbi: Arc<Gbi>,
@@ -77,8 +108,9 @@ pub struct CudaRing {
     copy: Arc<CudaStream>,
     /// The host bytes of every streamed layer.
     tiers: HostTiers,
-    /// Base of the mapping when it is registered as pinned memory (for unregistering).
-    registered: Option<usize>,
+    /// The mapping's registration as pinned memory, when it is registered; released in
+    /// Drop after the copy stream has drained, while `gbi` still holds the mapping.
+    registered: Option<ReadOnlyPin>,
     /// Block slots (the ring) followed by the head slot.
     slots: Vec<Slot>,
     resident: HashMap<usize, Arc<LayerWeights<CudaBackend>>>,
@@ -104,25 +136,15 @@ fn alloc_like(
     Ok(LayerWeights { tensors: map })
 }
 
-/// Register the whole mapping as pinned read-only memory: its base, or why not.
-fn register(gbi: &Gbi) -> std::result::Result<usize, String> {
-    let m = gbi.mapped();
+/// Register the whole mapping as pinned read-only memory, or say why not.
+fn register(gbi: &Gbi) -> std::result::Result<ReadOnlyPin, String> {
     // SAFETY: the range is the whole live mapping, kept alive by `gbi` (an Arc held by
-    // the ring) until Drop unregisters it; READ_ONLY because the map is.
-    let r = unsafe {
-        cudarc::driver::sys::cuMemHostRegister_v2(
-            m.as_ptr() as *mut _,
-            m.len(),
-            cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+    // the ring) until the ring's Drop releases the registration, after its copies.
+    unsafe { ReadOnlyPin::new(gbi.mapped()) }.map_err(|r| {
+        format!(
+            "could not register the model file as pinned memory ({r}); copies go through pageable memory (raise `ulimit -l`, or use --strategy resident)"
         )
-    };
-    if r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
-        Ok(m.as_ptr() as usize)
-    } else {
-        Err(format!(
-            "could not register the model file as pinned memory ({r:?}); copies go through pageable memory (raise `ulimit -l`, or use --strategy resident)"
-        ))
-    }
+    })
 }
 
 impl CudaRing {
@@ -159,14 +181,14 @@ impl CudaRing {
                 source: opts.source,
                 max_host_memory: opts.max_host_memory,
                 on_device: n_resident,
-                working_bytes: super::RUNTIME_HOST_BYTES,
+                working_bytes: RUNTIME_HOST_BYTES,
                 pins_mapping: true,
             };
             HostTiers::planned(gbi.clone(), &model, host, &mut alloc)?
         };
         let (registered, note) = if !opts.pinned_copy && tiers.plan().all_mapped() {
             match register(&gbi) {
-                Ok(base) => (Some(base), None),
+                Ok(pin) => (Some(pin), None),
                 Err(why) => (None, Some(why)),
             }
         } else {
@@ -391,11 +413,18 @@ impl Drop for CudaRing {
     fn drop(&mut self) {
         // copies must finish before the host memory they read goes away
         let _ = self.copy.synchronize();
-        if let Some(base) = self.registered {
-            // SAFETY: `base` was registered in `new` and the mapping is still alive (gbi).
-            unsafe {
-                cudarc::driver::sys::cuMemHostUnregister(base as *mut _);
-            }
-        }
+        // unregistered now, while the mapping is still alive (`gbi`)
+        drop(self.registered.take());
+    }
+}
+
+/// A copy-stream event as the fence that says a staging buffer's last reader is done.
+impl Fence for CudaEvent {
+    fn wait(&self) -> Result<()> {
+        self.synchronize().map_err(|e| Error::Backend {
+            backend: "cuda",
+            op: "staging fence",
+            msg: format!("{e:?}"),
+        })
     }
 }
