@@ -8,6 +8,8 @@
 
 pub mod decoder;
 pub mod family;
+pub mod gemma3_gguf;
+pub mod gguf;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
