@@ -20,10 +20,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
+/// Name → (shape, F32 bytes) of a safetensors file.
+type Tensors = HashMap<String, (Vec<usize>, Vec<u8>)>;
 
-fn tensors(
-    path: &Path,
-) -> Result<HashMap<String, (Vec<usize>, Vec<u8>)>, Box<dyn std::error::Error>> {
+fn tensors(path: &Path) -> Result<Tensors, Box<dyn std::error::Error>> {
     let bytes = std::fs::read(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     Ok(st
