@@ -204,7 +204,7 @@ fn check(bytes: &[u8], what: &str) -> (bool, usize) {
                 assert_eq!(t.offset % h.alignment, 0, "{what}");
             }
             // The converters must not panic on whatever the parser accepts.
-            let _ = lema::import::gguf_llama::LlamaPlan::new(&h, path, None);
+            let _ = lema::import::gguf_convert::GgufPlan::new(&h, path, None);
             let _ = lema::import::gguf_tokenizer::from_gguf(&h, path, None);
             true
         }

@@ -12,6 +12,7 @@
 
 use super::gguf::{GgufHeader, MetaArray, MetaValue};
 use crate::error::{Error, Result};
+use crate::model::gguf::SpmFlavor;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -27,10 +28,15 @@ pub mod token_type {
 }
 
 /// The pre-tokenizers (`tokenizer.ggml.pre`) that [`from_gguf`] knows for byte-level BPE.
-pub const SUPPORTED_PRE: &[&str] = &["gpt2", "smollm", "llama-bpe"];
+pub const SUPPORTED_PRE: &[&str] = &["gpt2", "smollm", "llama-bpe", "qwen2"];
 
 /// Llama 3's split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`, HF tokenizer.json).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`, transformers'
+/// `tokenization_qwen2.PRETOKENIZE_REGEX`): Llama 3's with single digits (`\p{N}`, not
+/// `\p{N}{1,3}`).
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The HF tokenizer files rebuilt from GGUF metadata, as JSON values.
 #[derive(Clone, Debug)]
@@ -232,10 +238,15 @@ pub fn from_gguf(
         pad: token_id(h, path, "tokenizer.ggml.padding_token_id", n)?,
     };
     let mut notes = Vec::new();
-    let (tokenizer_json, default_add_bos) = match model {
-        "gpt2" => (byte_level_bpe(h, path, &vocab, &mut notes)?, false),
-        "llama" => (sentencepiece(h, path, &vocab, &mut notes)?, true),
-        other => {
+    let arch = h
+        .architecture()
+        .and_then(crate::model::gguf::for_architecture);
+    let spm = arch.map_or(SpmFlavor::Llama, |d| d.spm);
+    let (tokenizer_json, default_add_bos) = match (model, spm) {
+        ("gpt2", _) => (byte_level_bpe(h, path, &vocab, &mut notes)?, false),
+        ("llama", SpmFlavor::Llama) => (sentencepiece(h, path, &vocab, &mut notes)?, true),
+        ("llama", SpmFlavor::Gemma) => (gemma_sentencepiece(h, path, &vocab, &mut notes)?, true),
+        (other, _) => {
             return Err(Error::format(
                 path,
                 format!(
@@ -278,8 +289,21 @@ pub fn from_gguf(
         for (k, v) in &special_map {
             obj.insert(k.clone(), v.clone());
         }
-        if let Some(t) = h.get("tokenizer.chat_template").and_then(MetaValue::as_str) {
-            obj.insert("chat_template".into(), json!(t));
+        match (
+            h.get("tokenizer.chat_template").and_then(MetaValue::as_str),
+            arch.and_then(|d| d.fallback_chat_template),
+        ) {
+            (Some(t), _) => {
+                obj.insert("chat_template".into(), json!(t));
+            }
+            (None, Some((t, what))) => {
+                obj.insert("chat_template".into(), json!(t));
+                notes.push(format!(
+                    "{}: the file has no tokenizer.chat_template; tokenizer_config.json gets {what}",
+                    path.display()
+                ));
+            }
+            (None, None) => {}
         }
         if let Some(m) = model_max_length {
             obj.insert("model_max_length".into(), json!(m));
@@ -322,6 +346,14 @@ fn byte_level_bpe(
                 byte_level(false),
             ]}),
             true,
+        ),
+        // transformers' GGUF builder: GPT-2's BPE (merges applied) behind Qwen2's split
+        "qwen2" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
+                byte_level(false),
+            ]}),
+            false,
         ),
         other => {
             return Err(Error::format(
@@ -507,6 +539,133 @@ fn sentencepiece(h: &GgufHeader, path: &Path, v: &Vocab, notes: &mut Vec<String>
         "pre_tokenizer": null,
         "post_processor": post,
         "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": unk,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}
+
+/// Python's `str.isspace` for one character (Rust's `is_whitespace` lacks U+001C..U+001F).
+fn py_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// transformers' `gemma_tokenizer` respelling: a token of whitespace containing a space is
+/// looked up as that many `▁` (Gemma files store such tokens with real spaces).
+pub fn gemma_respell(t: &str) -> String {
+    if t.contains(' ') && t.chars().all(py_isspace) {
+        "\u{2581}".repeat(t.chars().count())
+    } else {
+        t.to_string()
+    }
+}
+
+/// Merges for a Gemma vocabulary as transformers' `generate_merges(vocab, positions)`
+/// derives them: every split of a token into two tokens is a merge, ranked by the merged
+/// token's position in the file (earlier first; Python dicts, so a repeated token counts at
+/// its last position and is visited at its first), then by the longer left piece.
+pub fn gemma_merges(tokens: &[String]) -> Vec<(String, String)> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        last.insert(t.as_str(), id);
+    }
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    // (position of the merged token, left length in chars, left id, right id, left, right)
+    let mut merges: Vec<(usize, usize, usize, usize, &str, &str)> = Vec::new();
+    for t in tokens {
+        if !seen.insert(t.as_str()) {
+            continue;
+        }
+        let pos = last[t.as_str()];
+        let mut local = Vec::new();
+        for (n, (i, _)) in t.char_indices().enumerate().skip(1) {
+            let (l, r) = t.split_at(i);
+            if let (Some(&li), Some(&ri)) = (last.get(l), last.get(r)) {
+                local.push((pos, n, li, ri, l, r));
+            }
+        }
+        local.sort_by_key(|m| (m.2, m.3));
+        merges.extend(local);
+    }
+    // sorted(key=(score, len(l), len(r)), reverse=True) with score = −position; stable
+    merges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    merges
+        .into_iter()
+        .map(|m| (m.4.to_string(), m.5.to_string()))
+        .collect()
+}
+
+/// Gemma's SentencePiece as transformers' GGUF builder makes it (`gemma_tokenizer` →
+/// `GemmaTokenizer`): spaces become `▁` (no prefix space), the split on spaces is kept as
+/// `GemmaTokenizer` writes it (a no-op after the normalizer), byte fallback, merges from
+/// [`gemma_merges`] over the respelled vocabulary; control tokens special, user-defined
+/// tokens added when the respelled vocabulary has them.
+fn gemma_sentencepiece(
+    h: &GgufHeader,
+    path: &Path,
+    v: &Vocab,
+    notes: &mut Vec<String>,
+) -> Result<Value> {
+    let respelled: Vec<String> = v.tokens.iter().map(|t| gemma_respell(t)).collect();
+    let mut vocab = serde_json::Map::with_capacity(respelled.len());
+    let mut dups = 0usize;
+    for (id, t) in respelled.iter().enumerate() {
+        if vocab.insert(t.clone(), json!(id)).is_some() {
+            dups += 1;
+        }
+    }
+    if dups > 0 {
+        notes.push(format!(
+            "{}: {dups} tokens repeat an earlier piece; the tokenizer maps each such piece to its last id (as transformers does)",
+            path.display()
+        ));
+    }
+    let merges: Vec<Value> = gemma_merges(&respelled)
+        .into_iter()
+        .map(|(a, b)| json!([a, b]))
+        .collect();
+    let unk = v.token(v.unk).unwrap_or("<unk>");
+    if !vocab.contains_key(unk) {
+        return Err(Error::format(
+            path,
+            format!("SentencePiece unknown token {unk:?} is not in the vocabulary"),
+        ));
+    }
+    let added: Vec<Value> = v
+        .added()
+        .into_iter()
+        .filter_map(|(id, special)| {
+            let t = v.token(Some(id))?;
+            (special || vocab.contains_key(t)).then(|| added_token_json(id, t, special))
+        })
+        .collect();
+    let post = template_processor(
+        v,
+        bool_key(h, "tokenizer.ggml.add_bos_token").unwrap_or(true),
+        bool_key(h, "tokenizer.ggml.add_eos_token").unwrap_or(false),
+    );
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
         "model": {
             "type": "BPE",
             "dropout": null,

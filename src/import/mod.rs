@@ -11,7 +11,7 @@
 
 pub mod dequant;
 pub mod gguf;
-pub mod gguf_llama;
+pub mod gguf_convert;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hf;
@@ -286,7 +286,8 @@ fn file_size(path: &Path) -> Result<u64> {
         .len())
 }
 
-/// Convert a Llama GGUF file: `model.safetensors` (dequantized to `dtype`, default bf16
+/// Convert a GGUF file of an architecture with a GGUF description
+/// ([`crate::model::gguf::for_architecture`]): `model.safetensors` (dequantized to `dtype`, default bf16
 /// for quantized input), config.json, tokenizer.json, tokenizer_config.json,
 /// special_tokens_map.json and generation_config.json. See [`OutputPaths::resolve`] for
 /// `out`.
@@ -298,8 +299,8 @@ pub fn prepare_gguf(
 ) -> Result<PrepareReport> {
     let file = gguf::GgufFile::open(src)?;
     let h = &file.header;
-    let plan = gguf_llama::LlamaPlan::new(h, src, dtype)?;
-    let tok = gguf_tokenizer::from_gguf(h, src, Some(plan.dims.max_position_embeddings))?;
+    let plan = gguf_convert::GgufPlan::new(h, src, dtype)?;
+    let tok = gguf_tokenizer::from_gguf(h, src, Some(plan.meta.max_position_embeddings))?;
     let tok_text = gguf_tokenizer::to_json_text(&tok.tokenizer_json, src)?;
     gguf_tokenizer::check_loads(&tok_text, src)?;
 
@@ -359,7 +360,7 @@ pub fn prepare_gguf(
         bytes: file_size(&model)?,
         output: model,
         side_files,
-        model_type: "llama".into(),
+        model_type: plan.model_type.clone(),
         tensors: specs.len(),
         parameters: parameter_count(&specs),
         output_dtypes: dtype_counts(&specs),

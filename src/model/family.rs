@@ -34,6 +34,8 @@ pub struct Family {
     pub sliding: Sliding,
     /// `max_position_embeddings` when config.json does not say (HF's class default).
     pub default_max_positions: usize,
+    /// How llama.cpp's GGUF files of this architecture are read (`None`: not convertible).
+    pub gguf: Option<&'static super::gguf::GgufArch>,
 }
 
 /// When an architecture's attention slides over a window.

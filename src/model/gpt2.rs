@@ -34,6 +34,7 @@ pub static FAMILY: super::family::Family = super::family::Family {
     parse_config: crate::config::parse_gpt2,
     sliding: super::family::Sliding::Never,
     default_max_positions: 1024,
+    gguf: None,
 };
 
 /// GPT-2's definition.

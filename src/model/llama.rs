@@ -5,11 +5,13 @@
 use super::decoder::{
     Activation, AttnDesc, BlockDesc, GateUp, Mlp, NormDesc, NormKind, QkNorm, Qkv,
 };
+use super::gguf::{self as g, GgufArch, GgufMeta};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gbi::Gbi;
+use serde_json::{Map, Value, json};
 
 /// What lema asks of the Llama family outside the model ([`super::family`]).
 pub static FAMILY: super::family::Family = super::family::Family {
@@ -25,7 +27,66 @@ pub static FAMILY: super::family::Family = super::family::Family {
     parse_config: crate::config::parse_llama,
     sliding: super::family::Sliding::Never,
     default_max_positions: 2048,
+    gguf: Some(&GGUF),
 };
+
+/// llama.cpp's `llama` files (Llama, SmolLM, TinyLlama, and Mistral, which llama.cpp
+/// writes as `llama`): Llama's names, q/k rows permuted by `convert_hf_to_gguf.py`,
+/// optional attention biases (q, k, v and o, as `attention_bias` has them).
+pub static GGUF: GgufArch = GgufArch {
+    arch: "llama",
+    tensors: &[
+        g::ATTN_NORM,
+        g::ATTN_Q,
+        g::ATTN_K,
+        g::ATTN_V,
+        g::ATTN_OUT,
+        g::FFN_GATE,
+        g::FFN_UP,
+        g::FFN_DOWN,
+        g::FFN_NORM,
+        g::Q_BIAS,
+        g::K_BIAS,
+        g::V_BIAS,
+        g::O_BIAS,
+    ],
+    permute_qk: true,
+    norm_offset: 0.0,
+    spm: g::SpmFlavor::Llama,
+    fallback_chat_template: None,
+    refused: &[(
+        "rope_freqs.weight",
+        "Llama 3.1-style RoPE frequency factors are not supported yet",
+    )],
+    config: gguf_config,
+};
+
+/// config.json's Llama keys. A `llama` file is Mistral when its `general.name` says so
+/// (what transformers' GGUF loader also goes by) or when it sets a sliding window.
+fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
+    let mistral = m.sliding_window.is_some()
+        || m.name
+            .as_deref()
+            .is_some_and(|n| n.to_lowercase().contains("mistral"));
+    let (model_type, class) = if mistral {
+        ("mistral", "MistralForCausalLM")
+    } else {
+        ("llama", "LlamaForCausalLM")
+    };
+    let mut c = g::object(vec![
+        ("model_type", json!(model_type)),
+        ("architectures", json!([class])),
+        ("hidden_act", json!("silu")),
+        ("rope_theta", g::json_f32(m.rope_theta)),
+        ("rope_scaling", g::linear_rope_scaling(m)),
+        ("attention_bias", json!(m.attention_bias)),
+        ("mlp_bias", json!(false)),
+    ]);
+    if mistral {
+        c.insert("sliding_window".into(), json!(m.sliding_window));
+    }
+    Ok(c)
+}
 
 /// Llama-shaped sizes under their config.json names, for messages.
 pub(crate) fn describe_sizes(c: &ModelConfig) -> String {

@@ -9,6 +9,7 @@
 pub mod decoder;
 pub mod family;
 pub mod gemma3;
+pub mod gguf;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;

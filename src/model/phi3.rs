@@ -5,9 +5,11 @@
 
 use super::decoder::{Activation, AttnDesc, BlockDesc, GateUp, Mlp, Qkv};
 use super::family::{Family, Sliding};
+use super::gguf::{self as g, GgufArch, GgufMeta};
 use super::linear::Layout;
 use super::{ArchDef, LinearSpec, Model, llama};
 use crate::config::ModelConfig;
+use serde_json::{Map, Value, json};
 
 /// What lema asks of Phi-3 outside the model. PEFT has no default targets for it; lema
 /// adapts the fused attention projection, as for GPT-2's `c_attn`.
@@ -16,8 +18,56 @@ pub static FAMILY: Family = Family {
     default_lora_targets: &["qkv_proj"],
     sliding: Sliding::EveryLayer,
     default_max_positions: 4096,
+    gguf: Some(&GGUF),
     ..llama::FAMILY
 };
+
+/// llama.cpp's `phi3` files: `attn_qkv` (`[q | k | v]` rows) and `ffn_up` holding the fused
+/// `[gate | up]` (2·I rows), nothing permuted; `attention.sliding_window` 0 means none.
+pub static GGUF: GgufArch = GgufArch {
+    arch: "phi3",
+    tensors: &[
+        g::ATTN_NORM,
+        g::ATTN_QKV,
+        g::ATTN_OUT,
+        g::FFN_GATE_UP,
+        g::FFN_DOWN,
+        g::FFN_NORM,
+    ],
+    permute_qk: false,
+    norm_offset: 0.0,
+    spm: g::SpmFlavor::Llama,
+    fallback_chat_template: None,
+    refused: &[
+        (
+            "rope_factors_long.weight",
+            "Phi-3 LongRoPE factors are not supported for GGUF files yet",
+        ),
+        (
+            "rope_factors_short.weight",
+            "Phi-3 LongRoPE factors are not supported for GGUF files yet",
+        ),
+    ],
+    config: gguf_config,
+};
+
+fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
+    Ok(g::object(vec![
+        ("model_type", json!("phi3")),
+        ("architectures", json!(["Phi3ForCausalLM"])),
+        ("hidden_act", json!("silu")),
+        ("rope_theta", g::json_f32(m.rope_theta)),
+        ("rope_scaling", g::linear_rope_scaling(m)),
+        (
+            "original_max_position_embeddings",
+            json!(m.rope_original_context.unwrap_or(m.max_position_embeddings)),
+        ),
+        ("sliding_window", json!(m.sliding_window)),
+        ("attention_dropout", json!(0.0)),
+        ("embd_pdrop", json!(0.0)),
+        ("resid_pdrop", json!(0.0)),
+    ]))
+}
 
 /// Phi-3's definition: Llama's names and norms, fused linears.
 pub static DEF: ArchDef = ArchDef {

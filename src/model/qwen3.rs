@@ -5,13 +5,16 @@
 
 use super::decoder::{BlockDesc, NormKind, QkNorm};
 use super::family::{Family, Sliding};
+use super::gguf::{self as g, GgufArch, GgufMeta};
 use super::{ArchDef, Model, TensorSpec, llama};
+use serde_json::{Map, Value, json};
 
 /// What lema asks of Qwen3 outside the model.
 pub static FAMILY: Family = Family {
     model_types: &["qwen3"],
     sliding: Sliding::OptIn,
     default_max_positions: 32768,
+    gguf: Some(&GGUF),
     ..llama::FAMILY
 };
 
@@ -48,4 +51,50 @@ fn block(m: &Model, layer: usize) -> BlockDesc<'_> {
             eps: m.config().norm_eps,
         }),
     )
+}
+
+/// llama.cpp's `qwen3` files: Llama's names plus `attn_q_norm` / `attn_k_norm` (`[D]`), rows
+/// as HF has them, `attention.key_length` the head_dim.
+pub static GGUF: GgufArch = GgufArch {
+    arch: "qwen3",
+    tensors: &[
+        g::ATTN_NORM,
+        g::ATTN_Q,
+        g::ATTN_K,
+        g::ATTN_V,
+        g::ATTN_OUT,
+        g::Q_NORM,
+        g::K_NORM,
+        g::FFN_GATE,
+        g::FFN_UP,
+        g::FFN_DOWN,
+        g::FFN_NORM,
+        g::Q_BIAS,
+        g::K_BIAS,
+        g::V_BIAS,
+        g::O_BIAS,
+    ],
+    permute_qk: false,
+    norm_offset: 0.0,
+    spm: g::SpmFlavor::Llama,
+    fallback_chat_template: None,
+    refused: &[],
+    config: gguf_config,
+};
+
+fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
+    let mut c = g::object(vec![
+        ("model_type", json!("qwen3")),
+        ("architectures", json!(["Qwen3ForCausalLM"])),
+        ("hidden_act", json!("silu")),
+        ("rope_theta", g::json_f32(m.rope_theta)),
+        ("rope_scaling", g::linear_rope_scaling(m)),
+        ("attention_bias", json!(m.attention_bias)),
+    ]);
+    c.extend(
+        g::qwen_no_window(m)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    Ok(c)
 }

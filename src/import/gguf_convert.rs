@@ -1,59 +1,48 @@
-//! GGUF (`general.architecture == "llama"`) → HF Llama: tensor names, shapes, the Q/K row
-//! order, and config.json.
+//! GGUF → HF folder, for every architecture with a GGUF description
+//! ([`crate::model::gguf::GgufArch`], found by `general.architecture`): tensor names,
+//! shapes, the Q/K row order, the norm offset and config.json, driven by the description.
 //!
-//! Three things differ between a llama.cpp file and the HF checkpoint it came from:
+//! What differs between a llama.cpp file and the HF checkpoint it came from:
 //! * names: `blk.N.attn_q.weight` is `model.layers.N.self_attn.q_proj.weight`, and so on
-//!   ([`hf_name`]);
+//!   (the description's table);
 //! * dimension order: ggml lists dimensions fastest-varying first, so `dims [C, V]` is the
 //!   HF shape `[V, C]` with the same bytes;
-//! * the rows of `q_proj` and `k_proj`: llama.cpp's `convert_hf_to_gguf.py` reorders
-//!   them per head from HF's "rotate halves" RoPE layout to ggml's interleaved pairs
-//!   (`permute`); [`gguf_row_of_hf_row`] undoes it.
+//! * in `llama` files only, the rows of `q_proj` and `k_proj`: llama.cpp's
+//!   `convert_hf_to_gguf.py` reorders them per head from HF's "rotate halves" RoPE layout
+//!   to ggml's interleaved pairs (`permute`); [`gguf_row_of_hf_row`] undoes it;
+//! * in `gemma3` files, every `*norm.weight` is stored as 1 + w (subtracted in f32).
 //!
 //! Conversion streams row by row: each HF row is read from its GGUF row, dequantized,
 //! cast and written, so memory stays at one row plus the output buffer.
 
 use super::dequant;
-use super::gguf::{GgmlType, GgufFile, GgufHeader, MetaValue, TensorInfo};
+use super::gguf::{GgmlType, GgufFile, GgufHeader, MetaArray, MetaValue, TensorInfo};
 use super::{Progress, encode_f32, layer_sort_key};
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec};
+use crate::model::gguf::{self as desc, Dim, GgufArch, GgufMeta, Need, Rows};
 use crate::types::DType;
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-/// The HF name of a GGUF Llama tensor, or `None` for a name this converter does not know.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+pub use crate::model::gguf::json_f32;
+
+/// The HF name of a GGUF tensor under `d`, with the block tensor's description (`None` for
+/// the embedding, final norm and head), or `None` for a name `d` does not know.
+pub fn hf_name(d: &GgufArch, gguf: &str) -> Option<(String, Option<&'static desc::GgufTensor>)> {
+    if let Some((_, hf, _)) = desc::GLOBALS.iter().find(|(g, _, _)| *g == gguf) {
+        return Some((hf.to_string(), None));
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    let t = d
+        .tensors
+        .iter()
+        .find(|t| t.gguf == module && t.suffix == suffix)?;
+    Some((format!("model.layers.{layer}.{}.{suffix}", t.hf), Some(t)))
 }
 
 /// Undo `convert_hf_to_gguf.py`'s `permute(w, n_head, n_head)` on rows: the GGUF row that
@@ -68,33 +57,6 @@ pub fn gguf_row_of_hf_row(r: usize, rows: usize, n_head: usize) -> usize {
     let (h, within) = (r / hd, r % hd);
     let (j, i) = (within / half, within % half);
     h * hd + 2 * i + j
-}
-
-/// The model dimensions read from `llama.*` metadata.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LlamaDims {
-    /// Length of `tokenizer.ggml.tokens` (else `llama.vocab_size`).
-    pub vocab_size: usize,
-    /// `llama.embedding_length`.
-    pub hidden_size: usize,
-    /// `llama.feed_forward_length`.
-    pub intermediate_size: usize,
-    /// `llama.block_count`.
-    pub num_hidden_layers: usize,
-    /// `llama.attention.head_count`.
-    pub num_attention_heads: usize,
-    /// `llama.attention.head_count_kv` (default: head_count).
-    pub num_key_value_heads: usize,
-    /// `llama.attention.key_length` (default: hidden / heads).
-    pub head_dim: usize,
-    /// `llama.context_length`.
-    pub max_position_embeddings: usize,
-    /// `llama.attention.layer_norm_rms_epsilon`.
-    pub rms_norm_eps: f32,
-    /// `llama.rope.freq_base` (default 10000).
-    pub rope_theta: f32,
-    /// `rope_scaling` for config.json (`null` when none).
-    pub rope_scaling: serde_json::Value,
 }
 
 /// The Hugging Face Hub id (`owner/name`) of the model a GGUF was converted from, when its
@@ -161,160 +123,198 @@ fn meta_f32(h: &GgufHeader, path: &Path, key: &str) -> Result<Option<f32>> {
     }
 }
 
-/// A float as JSON, printed at f32 precision (1e-5, not 9.99999974e-6).
-pub(crate) fn json_f32(x: f32) -> serde_json::Value {
-    format!("{x}")
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map(serde_json::Value::Number)
-        .unwrap_or(serde_json::Value::Null)
+/// The description of the file's `general.architecture`, or an error naming the key, the
+/// value and the supported ones.
+pub fn description(h: &GgufHeader, path: &Path) -> Result<&'static GgufArch> {
+    let supported = desc::supported_architectures();
+    let arch = h.architecture().ok_or_else(|| {
+        Error::format(
+            path,
+            format!("metadata 'general.architecture' is missing; supported: {supported}"),
+        )
+    })?;
+    desc::for_architecture(arch).ok_or_else(|| {
+        Error::format(
+            path,
+            format!(
+                "general.architecture is '{arch}' (read from 'general.architecture'); GGUF files lema converts: {supported}"
+            ),
+        )
+    })
 }
 
-impl LlamaDims {
-    /// Read and check the dimensions of a `llama` GGUF header.
-    pub fn from_header(h: &GgufHeader, path: &Path) -> Result<Self> {
-        let arch = h.architecture().unwrap_or("<missing>");
-        if arch != "llama" {
+/// Read and check the `{arch}.*` metadata a description needs.
+pub fn read_meta(h: &GgufHeader, path: &Path, d: &GgufArch) -> Result<GgufMeta> {
+    let a = d.arch;
+    let k = |s: &str| format!("{a}.{s}");
+    let hidden_size = require_usize(h, path, &k("embedding_length"))?;
+    let num_attention_heads = require_usize(h, path, &k("attention.head_count"))?;
+    let num_key_value_heads =
+        meta_usize(h, path, &k("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(Error::format(
+            path,
+            format!(
+                "{a}.attention.head_count {num_attention_heads} is not a multiple of head_count_kv {num_key_value_heads}"
+            ),
+        ));
+    }
+    let head_dim = match meta_usize(h, path, &k("attention.key_length"))? {
+        Some(d) => d,
+        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None => {
             return Err(Error::format(
                 path,
                 format!(
-                    "general.architecture is '{arch}'; only 'llama' GGUF files can be converted"
+                    "{a}.embedding_length {hidden_size} is not a multiple of head_count {num_attention_heads}"
                 ),
             ));
         }
-        let hidden_size = require_usize(h, path, "llama.embedding_length")?;
-        let num_attention_heads = require_usize(h, path, "llama.attention.head_count")?;
-        let num_key_value_heads =
-            meta_usize(h, path, "llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
-        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::format(
+            path,
+            format!("head dimension {head_dim} must be even and non-zero"),
+        ));
+    }
+    if let Some(v) = meta_usize(h, path, &k("attention.value_length"))?
+        && v != head_dim
+    {
+        return Err(Error::format(
+            path,
+            format!(
+                "{a}.attention.value_length {v} differs from key_length {head_dim}; not supported"
+            ),
+        ));
+    }
+    if let Some(r) = meta_usize(h, path, &k("rope.dimension_count"))?
+        && r != head_dim
+    {
+        return Err(Error::format(
+            path,
+            format!(
+                "{a}.rope.dimension_count {r} differs from the head dimension {head_dim}; partial rotary embeddings are not supported"
+            ),
+        ));
+    }
+    let tokens = h
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .map(|a| a.len());
+    // The token list decides; {arch}.vocab_size is the fallback. The embedding's shape is
+    // checked against the result.
+    let vocab_size = match (tokens, meta_usize(h, path, &k("vocab_size"))?) {
+        (Some(n), _) => n,
+        (None, Some(v)) => v,
+        (None, None) => {
             return Err(Error::format(
                 path,
-                format!(
-                    "llama.attention.head_count {num_attention_heads} is not a multiple of head_count_kv {num_key_value_heads}"
-                ),
+                format!("neither {a}.vocab_size nor tokenizer.ggml.tokens is present"),
             ));
         }
-        let head_dim = match meta_usize(h, path, "llama.attention.key_length")? {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
+    };
+    let rope_linear_factor = match h.get(&k("rope.scaling.type")).and_then(MetaValue::as_str) {
+        None | Some("none") => None,
+        Some("linear") => Some(
+            meta_f32(h, path, &k("rope.scaling.factor"))?.ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!(
+                        "{a}.rope.scaling.type is 'linear' but {a}.rope.scaling.factor is missing"
+                    ),
+                )
+            })?,
+        ),
+        Some(other) => {
+            return Err(Error::format(
+                path,
+                format!("{a}.rope.scaling.type '{other}' is not supported (none, linear)"),
+            ));
+        }
+    };
+    let num_hidden_layers = require_usize(h, path, &k("block_count"))?;
+    let sliding_layers = match h.get(&k("attention.sliding_window_pattern")) {
+        None => None,
+        Some(MetaValue::Array(MetaArray::Bool(v))) => Some(v.clone()),
+        Some(v) => match v.as_u64() {
+            Some(0) | None => {
                 return Err(Error::format(
                     path,
                     format!(
-                        "llama.embedding_length {hidden_size} is not a multiple of head_count {num_attention_heads}"
+                        "metadata '{a}.attention.sliding_window_pattern' must be a positive period or one bool per layer, got {}",
+                        v.type_name()
                     ),
                 ));
             }
-        };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(Error::format(
-                path,
-                format!("head dimension {head_dim} must be even and non-zero"),
-            ));
-        }
-        if let Some(v) = meta_usize(h, path, "llama.attention.value_length")?
-            && v != head_dim
-        {
-            return Err(Error::format(
-                path,
-                format!(
-                    "llama.attention.value_length {v} differs from key_length {head_dim}; not supported"
-                ),
-            ));
-        }
-        if let Some(r) = meta_usize(h, path, "llama.rope.dimension_count")?
-            && r != head_dim
-        {
-            return Err(Error::format(
-                path,
-                format!(
-                    "llama.rope.dimension_count {r} differs from the head dimension {head_dim}; partial rotary embeddings are not supported for Llama"
-                ),
-            ));
-        }
-        let tokens = h
-            .get("tokenizer.ggml.tokens")
-            .and_then(MetaValue::as_array)
-            .map(|a| a.len());
-        // The token list decides; llama.vocab_size is the fallback. The embedding's shape
-        // is checked against the result.
-        let vocab_size = match (tokens, meta_usize(h, path, "llama.vocab_size")?) {
-            (Some(n), _) => n,
-            (None, Some(v)) => v,
-            (None, None) => {
-                return Err(Error::format(
+            Some(n) => {
+                let n = n as usize;
+                Some((0..num_hidden_layers).map(|i| i % n < n - 1).collect())
+            }
+        },
+    };
+    Ok(GgufMeta {
+        name: h
+            .get("general.name")
+            .and_then(MetaValue::as_str)
+            .map(str::to_string),
+        vocab_size,
+        hidden_size,
+        intermediate_size: require_usize(h, path, &k("feed_forward_length"))?,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        max_position_embeddings: require_usize(h, path, &k("context_length"))?,
+        rms_norm_eps: meta_f32(h, path, &k("attention.layer_norm_rms_epsilon"))?.ok_or_else(
+            || {
+                Error::format(
                     path,
-                    "neither llama.vocab_size nor tokenizer.ggml.tokens is present",
-                ));
-            }
-        };
-        let rope_scaling = match h.get("llama.rope.scaling.type").and_then(MetaValue::as_str) {
-            None | Some("none") => serde_json::Value::Null,
-            Some("linear") => {
-                let factor = meta_f32(h, path, "llama.rope.scaling.factor")?.ok_or_else(|| {
-                    Error::format(path, "llama.rope.scaling.type is 'linear' but llama.rope.scaling.factor is missing")
-                })?;
-                json!({"type": "linear", "factor": json_f32(factor)})
-            }
-            Some(other) => {
-                return Err(Error::format(
-                    path,
-                    format!("llama.rope.scaling.type '{other}' is not supported (none, linear)"),
-                ));
-            }
-        };
-        Ok(Self {
-            vocab_size,
-            hidden_size,
-            intermediate_size: require_usize(h, path, "llama.feed_forward_length")?,
-            num_hidden_layers: require_usize(h, path, "llama.block_count")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            max_position_embeddings: require_usize(h, path, "llama.context_length")?,
-            rms_norm_eps: meta_f32(h, path, "llama.attention.layer_norm_rms_epsilon")?.ok_or_else(
-                || {
-                    Error::format(
-                        path,
-                        "metadata 'llama.attention.layer_norm_rms_epsilon' is missing",
-                    )
-                },
-            )?,
-            rope_theta: meta_f32(h, path, "llama.rope.freq_base")?.unwrap_or(10_000.0),
-            rope_scaling,
-        })
-    }
+                    format!("metadata '{a}.attention.layer_norm_rms_epsilon' is missing"),
+                )
+            },
+        )?,
+        rope_theta: meta_f32(h, path, &k("rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_linear_factor,
+        rope_original_context: meta_usize(h, path, &k("rope.scaling.original_context_length"))?,
+        sliding_window: meta_usize(h, path, &k("attention.sliding_window"))?.filter(|&w| w > 0),
+        sliding_layers,
+        final_logit_softcapping: meta_f32(h, path, &k("final_logit_softcapping"))?,
+        attn_logit_softcapping: meta_f32(h, path, &k("attn_logit_softcapping"))?,
+        attention_scale: meta_f32(h, path, &k("attention.scale"))?,
+        attention_bias: h.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias"),
+    })
+}
 
-    /// The HF shape a tensor must have, by HF name (`None` for names outside the model).
-    fn expected_shape(&self, hf: &str) -> Option<Vec<usize>> {
-        let (c, v, f) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        Some(match hf {
-            "model.embed_tokens.weight" | "lm_head.weight" => vec![v, c],
-            "model.norm.weight" => vec![c],
-            _ => {
-                let rest = hf.strip_prefix("model.layers.")?;
-                let (layer, module) = rest.split_once('.')?;
-                if layer.parse::<usize>().ok()? >= self.num_hidden_layers {
-                    return None;
-                }
-                match module {
-                    "self_attn.q_proj.weight" => vec![q, c],
-                    "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, c],
-                    "self_attn.o_proj.weight" => vec![c, q],
-                    "self_attn.q_proj.bias" => vec![q],
-                    "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-                    "self_attn.o_proj.bias" => vec![c],
-                    "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, c],
-                    "mlp.down_proj.weight" => vec![c, f],
-                    "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![c],
-                    _ => return None,
-                }
-            }
-        })
+fn dim_size(m: &GgufMeta, d: Dim) -> usize {
+    let q = m.num_attention_heads * m.head_dim;
+    let kv = m.num_key_value_heads * m.head_dim;
+    match d {
+        Dim::Hidden => m.hidden_size,
+        Dim::Vocab => m.vocab_size,
+        Dim::Ffn => m.intermediate_size,
+        Dim::Ffn2 => 2 * m.intermediate_size,
+        Dim::Q => q,
+        Dim::Kv => kv,
+        Dim::Qkv => q + 2 * kv,
+        Dim::HeadDim => m.head_dim,
     }
+}
+
+fn dims_text(dims: &[Dim]) -> String {
+    let names: Vec<&str> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Hidden => "embedding_length",
+            Dim::Vocab => "vocabulary",
+            Dim::Ffn => "feed_forward_length",
+            Dim::Ffn2 => "2·feed_forward_length",
+            Dim::Q => "head_count·head_dim",
+            Dim::Kv => "head_count_kv·head_dim",
+            Dim::Qkv => "(head_count + 2·head_count_kv)·head_dim",
+            Dim::HeadDim => "head_dim",
+        })
+        .collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// One output tensor: where it comes from and how its rows are reordered.
@@ -325,15 +325,21 @@ struct Planned {
     shape: Vec<usize>,
     /// Heads whose Q/K row permutation is undone (`None`: rows copied in order).
     unpermute_heads: Option<usize>,
+    /// Subtracted from every value (the description's norm offset, on norms).
+    offset: f32,
 }
 
 /// What the conversion will do, before any data is touched.
 #[derive(Clone, Debug)]
-pub struct LlamaPlan {
-    /// Dimensions from the metadata.
-    pub dims: LlamaDims,
+pub struct GgufPlan {
+    /// The architecture's description.
+    pub arch: &'static GgufArch,
+    /// Sizes and options from the metadata.
+    pub meta: GgufMeta,
     /// config.json for the converted model.
     pub config: serde_json::Value,
+    /// `model_type` of the result.
+    pub model_type: String,
     /// Whether `lm_head.weight` is a copy of the embedding (no `output.weight`).
     pub tied: bool,
     /// Output element type.
@@ -341,23 +347,20 @@ pub struct LlamaPlan {
     tensors: Vec<Planned>,
 }
 
-impl LlamaPlan {
+impl GgufPlan {
     /// Map every tensor, check every shape and build config.json. `dtype` overrides the
     /// default output type (bf16 when any input is quantized or bf16, else f16 when any is
     /// f16, else f32).
     pub fn new(h: &GgufHeader, path: &Path, dtype: Option<DType>) -> Result<Self> {
-        let dims = LlamaDims::from_header(h, path)?;
+        let d = description(h, path)?;
+        let meta = read_meta(h, path, d)?;
         let mut tensors = Vec::with_capacity(h.tensors.len() + 1);
         let mut unknown = Vec::new();
         for t in &h.tensors {
-            if t.name == "rope_freqs.weight" {
-                return Err(Error::tensor(
-                    path,
-                    &t.name,
-                    "Llama 3.1-style RoPE frequency factors are not supported yet",
-                ));
+            if let Some((_, why)) = d.refused.iter().find(|(n, _)| *n == t.name) {
+                return Err(Error::tensor(path, &t.name, *why));
             }
-            let Some(hf) = hf_name(&t.name) else {
+            let Some((hf, td)) = hf_name(d, &t.name) else {
                 unknown.push(t.name.clone());
                 continue;
             };
@@ -367,16 +370,43 @@ impl LlamaPlan {
                 .map(|&d| usize::try_from(d))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|_| Error::tensor(path, &t.name, "dimension does not fit in memory"))?;
-            let expected = dims.expected_shape(&hf).ok_or_else(|| {
-                Error::tensor(path, &t.name, format!("maps to '{hf}', which is outside the model described by the llama.* metadata"))
-            })?;
+            let (dims, layer) = match td {
+                Some(td) => {
+                    let layer: usize = hf
+                        .strip_prefix("model.layers.")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|l| l.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    (td.shape, Some(layer))
+                }
+                None => desc::GLOBALS
+                    .iter()
+                    .find(|(g, _, _)| *g == t.name)
+                    .map(|(_, _, s)| (*s, None))
+                    .ok_or_else(|| Error::internal("GLOBALS lost a name"))?,
+            };
+            if let Some(l) = layer
+                && l >= meta.num_hidden_layers
+            {
+                return Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!(
+                        "block {l} is outside the {} blocks {}.block_count declares",
+                        meta.num_hidden_layers, d.arch
+                    ),
+                ));
+            }
+            let expected: Vec<usize> = dims.iter().map(|&x| dim_size(&meta, x)).collect();
             if shape != expected {
                 return Err(Error::tensor(
                     path,
                     &t.name,
                     format!(
-                        "HF shape {shape:?} (ggml dims {:?}) but the metadata implies {expected:?} for '{hf}'",
-                        t.dims
+                        "HF shape {shape:?} (ggml dims {:?}) but the {}.* metadata implies {expected:?} = {} for '{hf}'",
+                        t.dims,
+                        d.arch,
+                        dims_text(dims)
                     ),
                 ));
             }
@@ -387,12 +417,10 @@ impl LlamaPlan {
                     dequant::DequantError::Unsupported(t.ty).to_string(),
                 ));
             }
-            let unpermute_heads = if hf.contains(".self_attn.q_proj.") {
-                Some(dims.num_attention_heads)
-            } else if hf.contains(".self_attn.k_proj.") {
-                Some(dims.num_key_value_heads)
-            } else {
-                None
+            let unpermute_heads = match td.map(|t| t.rows) {
+                Some(Rows::QueryHeads) if d.permute_qk => Some(meta.num_attention_heads),
+                Some(Rows::KeyHeads) if d.permute_qk => Some(meta.num_key_value_heads),
+                _ => None,
             };
             if let (Some(heads), Some(&rows)) = (unpermute_heads, shape.first())
                 && rows % (2 * heads) != 0
@@ -403,41 +431,40 @@ impl LlamaPlan {
                     format!("{rows} rows cannot be split into {heads} heads of even size"),
                 ));
             }
+            let offset = if hf.ends_with("norm.weight") {
+                d.norm_offset
+            } else {
+                0.0
+            };
             tensors.push(Planned {
                 hf,
                 source: t.clone(),
                 shape,
                 unpermute_heads,
+                offset,
             });
         }
         if !unknown.is_empty() {
             return Err(Error::format(
                 path,
                 format!(
-                    "tensors with no HF Llama equivalent: {}",
+                    "tensors with no HF equivalent in a '{}' file: {}",
+                    d.arch,
                     unknown.join(", ")
                 ),
             ));
         }
-        // Every parameter must be present exactly once.
-        let have: std::collections::HashSet<&str> = tensors.iter().map(|p| p.hf.as_str()).collect();
+        // Every required tensor exactly once; an optional one in every block or in none.
+        let have: HashSet<&str> = tensors.iter().map(|p| p.hf.as_str()).collect();
         let mut required = vec![
             "model.embed_tokens.weight".to_string(),
             "model.norm.weight".to_string(),
         ];
-        for l in 0..dims.num_hidden_layers {
-            for m in [
-                "self_attn.q_proj.weight",
-                "self_attn.k_proj.weight",
-                "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight",
-                "mlp.gate_proj.weight",
-                "mlp.up_proj.weight",
-                "mlp.down_proj.weight",
-                "input_layernorm.weight",
-                "post_attention_layernorm.weight",
-            ] {
-                required.push(format!("model.layers.{l}.{m}"));
+        for t in d.tensors {
+            let name = |l: usize| format!("model.layers.{l}.{}.{}", t.hf, t.suffix);
+            let present = (0..meta.num_hidden_layers).any(|l| have.contains(name(l).as_str()));
+            if t.need == Need::Required || present {
+                required.extend((0..meta.num_hidden_layers).map(name));
             }
         }
         let missing: Vec<&str> = required
@@ -451,7 +478,6 @@ impl LlamaPlan {
                 format!("missing tensors (HF names): {}", missing.join(", ")),
             ));
         }
-        let attention_bias = have.contains("model.layers.0.self_attn.q_proj.bias");
         let tied = !have.contains("lm_head.weight");
         if tied {
             let embed = tensors
@@ -479,58 +505,13 @@ impl LlamaPlan {
                 DType::F32
             }
         });
-
-        let token_id = |key: &str| -> Result<Option<usize>> { meta_usize(h, path, key) };
-        let bos = token_id("tokenizer.ggml.bos_token_id")?;
-        let eos = token_id("tokenizer.ggml.eos_token_id")?;
-        let pad = token_id("tokenizer.ggml.padding_token_id")?;
-        let torch_dtype = match dtype {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-        };
-        let mut config = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "hidden_size": dims.hidden_size,
-            "intermediate_size": dims.intermediate_size,
-            "num_hidden_layers": dims.num_hidden_layers,
-            "num_attention_heads": dims.num_attention_heads,
-            "num_key_value_heads": dims.num_key_value_heads,
-            "head_dim": dims.head_dim,
-            "max_position_embeddings": dims.max_position_embeddings,
-            "rms_norm_eps": json_f32(dims.rms_norm_eps),
-            "rope_theta": json_f32(dims.rope_theta),
-            "rope_scaling": dims.rope_scaling.clone(),
-            "vocab_size": dims.vocab_size,
-            "tie_word_embeddings": tied,
-            "attention_bias": attention_bias,
-            "mlp_bias": false,
-            "initializer_range": 0.02,
-            "torch_dtype": torch_dtype,
-            "use_cache": true,
-        });
-        if let Some(obj) = config.as_object_mut() {
-            for (k, v) in [
-                ("bos_token_id", bos),
-                ("eos_token_id", eos),
-                ("pad_token_id", pad),
-            ] {
-                if let Some(id) = v {
-                    obj.insert(k.into(), json!(id));
-                }
-            }
-            // transformers' `_name_or_path`: the Hub id the GGUF says it was converted
-            // from, when it records one (adapters trained on this folder name it as their
-            // base, checkpoint::base_model_id); `general.name` is a display name, not an id
-            if let Some(id) = hub_source_id(h) {
-                obj.insert("_name_or_path".into(), json!(id));
-            }
-        }
+        let config = build_config(h, path, d, &meta, tied, dtype)?;
+        let model_type = config["model_type"].as_str().unwrap_or(d.arch).to_string();
         Ok(Self {
-            dims,
+            arch: d,
+            meta,
             config,
+            model_type,
             tied,
             dtype,
             tensors,
@@ -552,7 +533,7 @@ impl LlamaPlan {
     /// Counts of the source tensors' ggml types (each GGUF tensor once).
     pub fn source_types(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for p in &self.tensors {
             if seen.insert(p.source.name.as_str()) {
                 *m.entry(p.source.ty.name().to_string()).or_insert(0) += 1;
@@ -561,7 +542,7 @@ impl LlamaPlan {
         m
     }
 
-    /// Stream every tensor into `writer` (created from [`LlamaPlan::specs`]).
+    /// Stream every tensor into `writer` (created from [`GgufPlan::specs`]).
     pub fn write_tensors(
         &self,
         gguf: &GgufFile,
@@ -611,6 +592,9 @@ impl LlamaPlan {
                         ),
                     ));
                 }
+                if p.offset != 0.0 {
+                    row_f32.iter_mut().for_each(|x| *x -= p.offset);
+                }
                 encode_f32(&row_f32, self.dtype, &mut chunk);
                 if chunk.len() >= 1 << 20 {
                     writer.write(&p.hf, &chunk)?;
@@ -627,6 +611,59 @@ impl LlamaPlan {
         }
         Ok(())
     }
+}
+
+/// config.json: the sizes, tokens, tie and dtype every family has, then the description's
+/// own keys (which win).
+fn build_config(
+    h: &GgufHeader,
+    path: &Path,
+    d: &GgufArch,
+    m: &GgufMeta,
+    tied: bool,
+    dtype: DType,
+) -> Result<serde_json::Value> {
+    let token_id = |key: &str| -> Result<Option<usize>> { meta_usize(h, path, key) };
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+    };
+    let mut config = json!({
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_hidden_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads,
+        "head_dim": m.head_dim,
+        "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": json_f32(m.rms_norm_eps),
+        "vocab_size": m.vocab_size,
+        "tie_word_embeddings": tied,
+        "initializer_range": 0.02,
+        "torch_dtype": torch_dtype,
+        "use_cache": true,
+    });
+    let own = (d.config)(m).map_err(|e| Error::format(path, e))?;
+    if let Some(obj) = config.as_object_mut() {
+        for (k, v) in [
+            ("bos_token_id", token_id("tokenizer.ggml.bos_token_id")?),
+            ("eos_token_id", token_id("tokenizer.ggml.eos_token_id")?),
+            ("pad_token_id", token_id("tokenizer.ggml.padding_token_id")?),
+        ] {
+            if let Some(id) = v {
+                obj.insert(k.into(), json!(id));
+            }
+        }
+        // transformers' `_name_or_path`: the Hub id the GGUF says it was converted
+        // from, when it records one (adapters trained on this folder name it as their
+        // base, checkpoint::base_model_id); `general.name` is a display name, not an id
+        if let Some(id) = hub_source_id(h) {
+            obj.insert("_name_or_path".into(), json!(id));
+        }
+        obj.extend(own);
+    }
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -746,7 +783,13 @@ mod tests {
             ),
         ];
         for (g, h) in cases {
-            assert_eq!(hf_name(g).as_deref(), Some(h), "{g}");
+            assert_eq!(
+                hf_name(&crate::model::llama::GGUF, g)
+                    .map(|x| x.0)
+                    .as_deref(),
+                Some(h),
+                "{g}"
+            );
         }
         for bad in [
             "blk.x.attn_q.weight",
@@ -754,7 +797,7 @@ mod tests {
             "rope_freqs.weight",
             "blk.0.attn_q.scale",
         ] {
-            assert_eq!(hf_name(bad), None, "{bad}");
+            assert!(hf_name(&crate::model::llama::GGUF, bad).is_none(), "{bad}");
         }
     }
 
@@ -1130,7 +1173,7 @@ mod tests {
             header_of(b)
         };
         let msg = |h: GgufHeader| {
-            LlamaPlan::new(&h, Path::new("t.gguf"), None)
+            GgufPlan::new(&h, Path::new("t.gguf"), None)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default()
@@ -1146,7 +1189,7 @@ mod tests {
             Some(("blk.0.attn_qkv.weight", GgmlType::F32, vec![0; 4], vec![1])),
         )?);
         assert!(
-            m.contains("no HF Llama equivalent") && m.contains("blk.0.attn_qkv.weight"),
+            m.contains("no HF equivalent in a 'llama' file") && m.contains("blk.0.attn_qkv.weight"),
             "{m}"
         );
         let m = msg(rebuild(
@@ -1188,7 +1231,7 @@ mod tests {
                 vec![0; 84 * 16],
             );
         let h = header_of(b)?;
-        let m = LlamaPlan::new(&h, Path::new("t.gguf"), None)
+        let m = GgufPlan::new(&h, Path::new("t.gguf"), None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -1252,13 +1295,26 @@ mod tests {
     #[test]
     fn other_architectures_are_refused() -> Result<()> {
         let h = header_of(
-            GgufBuilder::new().kv("general.architecture", MetaValue::String("qwen2".into())),
+            GgufBuilder::new().kv("general.architecture", MetaValue::String("bloom".into())),
         )?;
-        let m = LlamaPlan::new(&h, Path::new("t.gguf"), None)
+        let m = GgufPlan::new(&h, Path::new("t.gguf"), None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(m.contains("'qwen2'") && m.contains("only 'llama'"), "{m}");
+        assert!(
+            m.contains("'bloom'")
+                && m.contains("read from 'general.architecture'")
+                && m.contains("llama, qwen2, qwen3, phi3, gemma3"),
+            "{m}"
+        );
+        let m = GgufPlan::new(&header_of(GgufBuilder::new())?, Path::new("t.gguf"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            m.contains("'general.architecture' is missing") && m.contains("gemma3"),
+            "{m}"
+        );
         Ok(())
     }
 }
