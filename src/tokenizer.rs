@@ -161,6 +161,7 @@ impl Tokenizer {
             Some("<|im_end|>"),
             Some("<|eot_id|>"),
             Some("<|endoftext|>"),
+            Some("<end_of_turn>"),
         ]
         .into_iter()
         .flatten()

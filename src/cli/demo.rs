@@ -16,6 +16,11 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
+    /// The model to fine-tune instead of SmolLM2-135M-Instruct: a GGUF file (prepared into
+    /// --cache) or a folder with model.safetensors, config.json and a tokenizer; it needs
+    /// a chat template.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Where the model is fetched and prepared.
     #[arg(long, default_value = ".cache/models")]
     cache: PathBuf,
@@ -60,11 +65,31 @@ pub struct DemoArgs {
 const MODEL_DIR: &str = "smollm2-135m";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The prepared model file: the GGUF fetched when absent, then prepared by this build
+/// The model's folder: `--model`'s (a GGUF prepared into `cache`), or SmolLM2's.
+fn model_dir(a: &DemoArgs) -> Result<PathBuf> {
+    let Some(m) = &a.model else {
+        return ensure_model(&a.cache);
+    };
+    if m.is_dir() {
+        return Ok(m.clone());
+    }
+    if !m.is_file() {
+        bail!("--model {}: no such file or folder", m.display());
+    }
+    let stem = m
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy());
+    let dir = a.cache.join(format!("{stem}-prepared"));
+    println!("preparing {} → {}", m.display(), dir.display());
+    lema::import::prepare(m, &dir, None, false)
+        .with_context(|| format!("preparing {}", m.display()))?;
+    Ok(dir)
+}
+
+/// SmolLM2's prepared folder: the GGUF fetched when absent, then prepared by this build
 /// every time (about 2 s), so that a folder an older `prepare` wrote is never used.
 fn ensure_model(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join(MODEL_DIR);
-    let model = dir.join("model.safetensors");
     let mut gguf = cache.join(GGUF);
     if !gguf.exists() {
         let script = Path::new("scripts/fetch-smollm2.sh");
@@ -98,7 +123,7 @@ fn ensure_model(cache: &Path) -> Result<PathBuf> {
     println!("preparing {} → {}", gguf.display(), dir.display());
     lema::import::prepare(&gguf, &dir, None, false)
         .with_context(|| format!("preparing {}", gguf.display()))?;
-    Ok(model)
+    Ok(dir)
 }
 
 /// Greedy answers to `examples` and how many are exactly right.
@@ -153,8 +178,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if a.steps == 0 || a.batch == 0 || a.eval == 0 {
         bail!("--steps, --batch and --eval must be at least 1");
     }
-    let model_path = ensure_model(&a.cache)?;
-    let tok = Tokenizer::from_dir(&a.cache.join(MODEL_DIR))?;
+    let dir = model_dir(&a)?;
+    let model_path = dir.join("model.safetensors");
+    let tok = Tokenizer::from_dir(&dir)?;
 
     // the task: free-form dates → ISO, held-out dates never seen in training
     let n_train = a.steps * a.batch;
