@@ -34,6 +34,15 @@ pub enum RopeScaling {
     Linear {
         factor: f32,
     },
+    /// LongRoPE (Phi-3 128k, Phi-3.5): each frequency divided by its factor, the short
+    /// ones while a call's positions stay within `original_max_position_embeddings`, the
+    /// long ones past it; q and k are scaled by `attention_factor` (scores by its square).
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f32,
+    },
     /// Llama 3.1's wavelength-dependent scaling.
     Llama3 {
         factor: f32,
@@ -91,7 +100,7 @@ pub struct ModelConfig {
 /// models, half a petabyte in bf16.
 const MAX_PARAMETERS: u64 = 1 << 48;
 /// The `rope_scaling` types lema understands, for messages.
-const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3";
+const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3, longrope (Phi-3)";
 
 impl ModelConfig {
     /// Read and validate a config.json file.
@@ -204,16 +213,41 @@ impl ModelConfig {
             .filter(|_| self.sliding_layers.get(layer) == Some(&true))
     }
 
-    /// Attention's score scale: `query_pre_attn_scalar^−½`, else `head_dim^−½`.
+    /// Attention's score scale: `query_pre_attn_scalar^−½`, else `head_dim^−½`; times
+    /// LongRoPE's attention factor squared (it scales both q and k).
     pub fn attention_scale(&self) -> f32 {
         let d = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f32);
-        1.0 / d.sqrt()
+        let rope = match self.rope_scaling {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => attention_factor * attention_factor,
+            _ => 1.0,
+        };
+        rope / d.sqrt()
     }
 
     /// RoPE inverse frequencies, `head_dim / 2` of them: HF's default `1/θ^(2i/D)`, then the
     /// configured scaling exactly as transformers computes it. Computed in f64.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         rope_inv_freq(self.head_dim, self.rope_theta, &self.rope_scaling)
+    }
+
+    /// LongRoPE's inverse frequencies past the original context, and that context.
+    pub fn long_rope_inv_freq(&self) -> Option<(Vec<f32>, usize)> {
+        match &self.rope_scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => Some((
+                divided(
+                    &rope_inv_freq(self.head_dim, self.rope_theta, &RopeScaling::None),
+                    long_factor,
+                ),
+                *original_max_position_embeddings,
+            )),
+            _ => None,
+        }
     }
 
     /// The sliding layers' inverse frequencies, when their base differs (unscaled).
@@ -229,9 +263,24 @@ impl ModelConfig {
     }
 }
 
+/// `inv_freq[i] / factors[i]` (LongRoPE's `1 / (ext · θ^(2i/D))`), in f64.
+fn divided(inv_freq: &[f32], factors: &[f32]) -> Vec<f32> {
+    inv_freq
+        .iter()
+        .zip(factors)
+        .map(|(&f, &e)| (f64::from(f) / f64::from(e)) as f32)
+        .collect()
+}
+
 /// RoPE inverse frequencies for head dimension `head_dim`, base `theta` and `scaling`, as
-/// transformers computes them (in f64).
+/// transformers computes them (in f64); LongRoPE's short ones.
 fn rope_inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
+    if let RopeScaling::LongRope { short_factor, .. } = scaling {
+        return divided(
+            &rope_inv_freq(head_dim, theta, &RopeScaling::None),
+            short_factor,
+        );
+    }
     {
         let d = head_dim as f64;
         let theta = f64::from(theta);
@@ -239,7 +288,7 @@ fn rope_inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32>
             .map(|i| {
                 let base = 1.0 / theta.powf((2 * i) as f64 / d);
                 let scaled = match *scaling {
-                    RopeScaling::None => base,
+                    RopeScaling::None | RopeScaling::LongRope { .. } => base,
                     RopeScaling::Linear { factor } => base / f64::from(factor),
                     RopeScaling::Llama3 {
                         factor,
@@ -478,6 +527,7 @@ pub(crate) fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<Mo
     f.require_activation("hidden_act", model_type, "silu", Some("silu"))?;
     let mut cfg = parse_decoder_sizes(f, arch, None)?;
     (cfg.rope_theta, cfg.rope_scaling) = parse_rope(f)?;
+    finish_long_rope(f, &mut cfg)?;
     let sliding = crate::model::family::family(arch).sliding;
     (cfg.sliding_window, cfg.sliding_layers) = parse_windows(f, sliding, cfg.num_hidden_layers)?;
     // Phi-3's dropouts apply in transformers' training mode; lema would compute something
@@ -708,12 +758,90 @@ pub(crate) fn parse_scaling(s: &Fields, type_optional: bool) -> Result<RopeScali
                 original_max_position_embeddings: s.size("original_max_position_embeddings")?,
             }
         }
+        // "su" is LongRoPE's name in Phi-3's first configs
+        Some("longrope" | "su") => {
+            let factors = |key: &str| -> Result<Vec<f32>> {
+                let v = s.get(key).ok_or_else(|| s.missing(key))?;
+                v.as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_f64().map(|x| x as f32).filter(|x| *x > 0.0))
+                            .collect::<Option<Vec<f32>>>()
+                    })
+                    .ok_or_else(|| s.type_err(key, "a list of positive numbers", v))
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                // completed by `finish_long_rope`, which sees the whole config
+                original_max_position_embeddings: s
+                    .opt_size("original_max_position_embeddings")?
+                    .unwrap_or(0),
+                attention_factor: s.opt_f64("attention_factor")?.map_or(0.0, |a| a as f32),
+            }
+        }
         Some(other) => {
             return Err(s.err(format!(
                 "rope scaling type '{other}' is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )));
         }
     })
+}
+
+/// LongRoPE's original context and attention factor as transformers derives them: a
+/// top-level `original_max_position_embeddings` (Phi-3) wins over the one inside, and
+/// then the factor is `max_position_embeddings / original`; otherwise `factor` (default
+/// 1). The attention factor, unless given, is `√(1 + ln f / ln original)`, 1 for f ≤ 1.
+/// Both factor lists must hold `head_dim / 2` values.
+fn finish_long_rope(f: &Fields, cfg: &mut ModelConfig) -> Result<()> {
+    let (head_dim, max_pos) = (cfg.head_dim, cfg.max_position_embeddings);
+    let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings: orig,
+        attention_factor,
+    } = &mut cfg.rope_scaling
+    else {
+        return Ok(());
+    };
+    for (key, v) in [
+        ("short_factor", &*short_factor),
+        ("long_factor", &*long_factor),
+    ] {
+        if v.len() != head_dim / 2 {
+            return Err(f.err(format!(
+                "LongRoPE's {key} has {} values, but head_dim = {head_dim} needs {}",
+                v.len(),
+                head_dim / 2
+            )));
+        }
+    }
+    let factor = match f.opt_size("original_max_position_embeddings")? {
+        Some(top) => {
+            *orig = top;
+            max_pos as f64 / top as f64
+        }
+        None => {
+            if *orig == 0 {
+                *orig = max_pos;
+            }
+            let scaling = f
+                .sub("rope_scaling", "rope_scaling.")?
+                .or(f.sub("rope_parameters", "rope_parameters.")?);
+            match scaling {
+                Some(s) => s.opt_f64("factor")?.unwrap_or(1.0),
+                None => 1.0,
+            }
+        }
+    };
+    if *attention_factor == 0.0 {
+        *attention_factor = if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (*orig as f64).ln()).sqrt() as f32
+        };
+    }
+    Ok(())
 }
 
 /// GPT-2 (LayerNorm, learned positions, `gelu_new` MLP, fused QKV, biases everywhere).

@@ -117,12 +117,47 @@ fn a_qwen3_file_without_its_q_norm_names_it() {
     );
 }
 
+/// LongRoPE: the Hub layout (`rope_scaling` with the legacy `type`) reads as the
+/// transformers-5 one, the attention factor is derived as transformers does (√1.5 for
+/// 64 / 16 positions), and a call past the original 16 positions switches to the long
+/// factors — which the PEFT fixture (12 positions) cannot show.
 #[test]
-fn longrope_is_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
-    copy_with("phi3_longrope", dir.path(), |_| {});
-    let msg = open_err(dir.path());
-    assert!(msg.contains("longrope"), "{msg}");
+fn longrope_layouts_attention_factor_and_the_switch_to_long_factors() {
+    let src = fixture("phi3_longrope");
+    let read = |f: &str| lema::config::ModelConfig::from_file(&src.join(f)).unwrap();
+    let (new, hub) = (read("config.json"), read("config.hub.json"));
+    assert_eq!(new.rope_scaling, hub.rope_scaling);
+    let lema::config::RopeScaling::LongRope {
+        original_max_position_embeddings,
+        attention_factor,
+        ..
+    } = new.rope_scaling.clone()
+    else {
+        panic!("not LongRoPE: {:?}", new.rope_scaling)
+    };
+    assert_eq!(original_max_position_embeddings, 16);
+    assert!((attention_factor as f64 - 1.5f64.sqrt()).abs() < 1e-7);
+    assert!((new.attention_scale() as f64 - 1.5 / 8f64.sqrt()).abs() < 1e-7);
+
+    let model = lema::model::Model::new(new.clone());
+    let rope = model.rope_of(0);
+    let (d, theta) = (new.head_dim as f64, new.rope_theta as f64);
+    let base = |i: usize| 1.0 / theta.powf(2.0 * i as f64 / d);
+    let short = [1.0, 1.3, 2.1, 3.7];
+    let long = [1.1, 2.5, 6.0, 13.0];
+    let within: Vec<u32> = (0..16).collect();
+    let past: Vec<u32> = (0..17).collect();
+    for (positions, factors) in [(&within, short), (&past, long)] {
+        let got = rope.for_positions(positions);
+        for (i, (&g, e)) in got.iter().zip(factors).enumerate() {
+            let want = base(i) / e;
+            assert!(
+                (g as f64 - want).abs() <= 1e-7 * want,
+                "{} positions, frequency {i}: {g} vs {want}",
+                positions.len()
+            );
+        }
+    }
 }
 
 #[test]

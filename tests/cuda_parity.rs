@@ -1309,6 +1309,7 @@ fn peft_fixtures_on_cuda() {
         "mistral_sw",
         "qwen2_sw",
         "phi3",
+        "phi3_longrope",
         "gemma3",
     ] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));

@@ -169,6 +169,11 @@ fn qwen3_qk_norm_decoupled_head_dim_matches_peft() {
 }
 
 #[test]
+fn phi3_longrope_matches_peft() {
+    check_case("phi3_longrope", Strategy::Streaming, true);
+}
+
+#[test]
 fn gemma3_unit_offset_norms_geglu_local_global_softcap_matches_peft() {
     check_case("gemma3", Strategy::Streaming, true);
 }
@@ -299,6 +304,7 @@ fn kv_cache_generation_matches_transformers() {
         "qwen2_sw",
         "qwen3",
         "phi3",
+        "phi3_longrope",
         "gemma3",
     ] {
         let reference = read_tensors(&fixture(case).join("reference.safetensors"));

@@ -129,6 +129,32 @@ impl QkNorm {
     }
 }
 
+/// RoPE's inverse frequencies (`[D/2]`, scaling applied) of a layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope<'m> {
+    pub inv_freq: &'m [f32],
+    /// LongRoPE (Phi-3): other frequencies for a call whose positions reach past
+    /// `beyond` (`max(position) + 1 > beyond`), decided per call as transformers does.
+    pub long: Option<(&'m [f32], usize)>,
+}
+
+impl<'m> Rope<'m> {
+    /// The frequencies of a call at `positions`.
+    pub fn for_positions(&self, positions: &[u32]) -> &'m [f32] {
+        match self.long {
+            Some((long, beyond))
+                if positions
+                    .iter()
+                    .max()
+                    .is_some_and(|&p| p as usize + 1 > beyond) =>
+            {
+                long
+            }
+            _ => self.inv_freq,
+        }
+    }
+}
+
 /// The attention of a block.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDesc<'m> {
@@ -142,8 +168,8 @@ pub struct AttnDesc<'m> {
     pub head_dim: usize,
     /// Multiplies q·kᵀ before the softmax.
     pub scale: f32,
-    /// RoPE inverse frequencies (`[D/2]`, scaling applied), or none (learned positions).
-    pub rope: Option<&'m [f32]>,
+    /// RoPE's inverse frequencies, or none (learned positions).
+    pub rope: Option<Rope<'m>>,
     /// A sliding window of this many keys (the query's own included), or full causal.
     pub window: Option<usize>,
 }
@@ -381,7 +407,8 @@ impl<'m> BlockDesc<'m> {
             let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
             qk_saved = Some((q_pre, k_pre, qs, ks));
         }
-        if let Some(inv_freq) = a.rope {
+        if let Some(rope) = a.rope {
+            let inv_freq = rope.for_positions(&s.positions);
             be.rope_forward(&mut q, &s.positions, inv_freq, a.n_heads)?;
             be.rope_forward(&mut k, &s.positions, inv_freq, a.n_kv_heads)?;
         }
@@ -715,7 +742,8 @@ impl<'m> BlockDesc<'m> {
         let (mut dq, mut dk, dv) = self.attention_backward(be, sv, &datt, s)?;
         drop(datt);
         // q, k were rotated in place after their projections
-        if let Some(inv_freq) = a.rope {
+        if let Some(rope) = a.rope {
+            let inv_freq = rope.for_positions(&s.positions);
             be.rope_backward(&mut dq, &s.positions, inv_freq, a.n_heads)?;
             be.rope_backward(&mut dk, &s.positions, inv_freq, a.n_kv_heads)?;
         }

@@ -229,7 +229,7 @@ pub(crate) fn block_with(m: &Model, layer: usize, qk_norm: Option<QkNorm>) -> Bl
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             scale: c.attention_scale(),
-            rope: Some(m.inv_freq_of(layer)),
+            rope: Some(m.rope_of(layer)),
             window: c.layer_window(layer),
         },
         post_attn_norm: None,

@@ -200,6 +200,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// The sliding layers' own inverse frequencies, when their base differs (Gemma 3).
     local_inv_freq: Option<Vec<f32>>,
+    /// LongRoPE's frequencies past the original context, and that context.
+    long_inv_freq: Option<(Vec<f32>, usize)>,
 }
 
 impl std::fmt::Debug for Model {
@@ -215,16 +217,21 @@ impl Model {
     /// The architecture described by `cfg`.
     pub fn new(cfg: ModelConfig) -> Self {
         let def = arch_def(cfg.arch);
-        let (inv_freq, local_inv_freq) = if def.family.learned_positions {
-            (Vec::new(), None)
+        let (inv_freq, local_inv_freq, long_inv_freq) = if def.family.learned_positions {
+            (Vec::new(), None, None)
         } else {
-            (cfg.rope_inv_freq(), cfg.local_rope_inv_freq())
+            (
+                cfg.rope_inv_freq(),
+                cfg.local_rope_inv_freq(),
+                cfg.long_rope_inv_freq(),
+            )
         };
         Model {
             linears: (def.linears)(&cfg),
             def,
             inv_freq,
             local_inv_freq,
+            long_inv_freq,
             cfg,
         }
     }
@@ -235,11 +242,19 @@ impl Model {
     }
 
     /// RoPE's inverse frequencies of layer `layer` (empty for learned positions): the
-    /// sliding layers' own when the config gives them a base of their own.
-    pub fn inv_freq_of(&self, layer: usize) -> &[f32] {
-        match &self.local_inv_freq {
+    /// sliding layers' own when the config gives them a base of their own, and
+    /// LongRoPE's long ones where it has them.
+    pub fn rope_of(&self, layer: usize) -> decoder::Rope<'_> {
+        let inv_freq = match &self.local_inv_freq {
             Some(local) if self.cfg.layer_window(layer).is_some() => local,
             _ => &self.inv_freq,
+        };
+        decoder::Rope {
+            inv_freq,
+            long: self
+                .long_inv_freq
+                .as_ref()
+                .map(|(f, beyond)| (f.as_slice(), *beyond)),
         }
     }
 
