@@ -297,7 +297,7 @@ pub fn load_adapter<B: Backend>(
         })?;
         Ok(v)
     };
-    let params = LoraParams::build(be, model, &cfg, |spec| {
+    let params = LoraParams::build(be, model.block_linears(), &cfg, |spec| {
         let a = take(
             crate::lora::peft_key(&spec.path, 'A'),
             [spec.r, spec.linear.in_features],

@@ -1308,12 +1308,30 @@ mod tests {
 
     #[test]
     fn bad_rope_scaling() {
-        for kind in ["dynamic", "yarn", "longrope"] {
+        for kind in ["dynamic", "yarn"] {
             let msg = err_of(&llama_with(&format!(
                 r#"{{"rope_scaling": {{"rope_type": "{kind}", "factor": 2.0}}}}"#
             )));
-            assert_contains(&msg, &[kind, "not supported", "default, linear, llama3"]);
+            assert_contains(
+                &msg,
+                &[kind, "not supported", "default, linear, llama3, longrope"],
+            );
         }
+        // LongRoPE: both factor lists, head_dim / 2 positive numbers each
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}"#,
+        ));
+        assert_contains(&msg, &["rope_scaling.short_factor", "missing"]);
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"rope_type": "longrope", "short_factor": [1, -2],
+                "long_factor": [1, 2]}}"#,
+        ));
+        assert_contains(&msg, &["rope_scaling.short_factor", "positive numbers"]);
+        let msg = err_of(&llama_with(
+            r#"{"rope_scaling": {"rope_type": "longrope", "short_factor": [1, 2],
+                "long_factor": [1, 2]}}"#,
+        ));
+        assert_contains(&msg, &["short_factor has 2 values", "needs"]);
         let msg = err_of(&llama_with(r#"{"rope_scaling": {"factor": 2.0}}"#));
         assert_contains(&msg, &["rope_type", "default, linear, llama3"]);
         let msg = err_of(&llama_with(r#"{"rope_scaling": {"type": "linear"}}"#));

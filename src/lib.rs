@@ -19,6 +19,7 @@ pub mod host_tiers;
 pub mod hostmem;
 pub mod hub;
 pub mod import;
+pub mod linears;
 pub mod lora;
 pub mod merge;
 pub mod model;

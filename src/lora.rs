@@ -4,7 +4,7 @@
 
 use crate::backend::{Backend, DeviceBuf};
 use crate::error::{Error, Result};
-use crate::model::{LinearSpec, Model};
+use crate::linears::{BlockLinears, LinearSpec};
 use crate::rng::{Rng, mix_seed};
 use serde::{Deserialize, Serialize};
 
@@ -139,10 +139,10 @@ impl<B: Backend> BlockLora<'_, B> {
 }
 
 impl<B: Backend> LoraParams<B> {
-    /// Adapters for every targeted linear of `model`, initialised as PEFT does: A
+    /// Adapters for every targeted linear of `blocks`, initialised as PEFT does: A
     /// kaiming-uniform from `rng`, B zero. A target list that matches nothing is an error.
-    pub fn init(be: &B, model: &Model, cfg: &LoraConfig, rng: &mut Rng) -> Result<Self> {
-        Self::build(be, model, cfg, |spec| {
+    pub fn init(be: &B, blocks: BlockLinears<'_>, cfg: &LoraConfig, rng: &mut Rng) -> Result<Self> {
+        Self::build(be, blocks, cfg, |spec| {
             let bound = 1.0 / (spec.linear.in_features as f64).sqrt();
             let a: Vec<f32> = (0..cfg.r * spec.linear.in_features)
                 .map(|_| rng.uniform(-bound, bound) as f32)
@@ -155,18 +155,18 @@ impl<B: Backend> LoraParams<B> {
     /// Adapters whose A and B come from `load(path, spec)`.
     pub fn build(
         be: &B,
-        model: &Model,
+        blocks: BlockLinears<'_>,
         cfg: &LoraConfig,
         mut load: impl FnMut(&ModuleSpec) -> Result<(Vec<f32>, Vec<f32>)>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let linears = model.linears();
-        let n_layers = model.config().num_hidden_layers;
+        let (linears, n_layers) = (blocks.linears, blocks.layers);
         // checked before anything is allocated: A and B hold r × (in + out) scalars
         if let Some(lin) = linears
             .iter()
             .filter(|l| {
-                (0..n_layers).any(|i| cfg.targets(&format!("{}{}", model.block_prefix(i), l.name)))
+                (0..n_layers)
+                    .any(|i| cfg.targets(&format!("{}{}", (blocks.block_prefix)(i), l.name)))
             })
             .min_by_key(|l| l.in_features.min(l.out_features))
         {
@@ -182,8 +182,8 @@ impl<B: Backend> LoraParams<B> {
         let mut layer_range = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {
             let start = modules.len();
-            for lin in &linears {
-                let path = format!("{}{}", model.block_prefix(layer), lin.name);
+            for lin in linears {
+                let path = format!("{}{}", (blocks.block_prefix)(layer), lin.name);
                 if !cfg.targets(&path) {
                     continue;
                 }

@@ -33,7 +33,19 @@ fn vocab(case: &str) -> usize {
 
 #[test]
 fn merged_f32_model_equals_base_plus_adapter() {
-    for case in ["llama_gqa", "llama_tied", "gpt2"] {
+    // every architecture: fused linears (phi3, gpt2's Conv1D), biases, q/k norms, Gemma's
+    // post-norms and soft-cap
+    for case in [
+        "llama_gqa",
+        "llama_tied",
+        "gpt2",
+        "mistral_sw",
+        "qwen2_tied",
+        "qwen3",
+        "phi3",
+        "phi3_longrope",
+        "gemma3",
+    ] {
         let dir = fixture(case);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged/model.safetensors");

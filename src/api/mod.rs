@@ -517,7 +517,7 @@ impl LemaModel {
         let lcfg = self.config.lora_config(arch);
         let mut rng = Rng::new(self.config.seed);
         with_engine!(&mut self.engine, e => {
-            e.lora = Some(LoraParams::init(&e.be, &e.model, &lcfg, &mut rng)?);
+            e.lora = Some(LoraParams::init(&e.be, e.model.block_linears(), &lcfg, &mut rng)?);
         });
         Ok(())
     }

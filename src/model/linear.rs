@@ -6,14 +6,7 @@ use crate::backend::{Accumulate, Backend, Gemm};
 use crate::error::Result;
 use crate::lora::BlockLora;
 
-/// How a frozen weight matrix is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// `nn.Linear`: `[out, in]`, y = x·Wᵀ.
-    OutIn,
-    /// GPT-2's `Conv1D`: `[in, out]`, y = x·W.
-    InOut,
-}
+pub use crate::linears::Layout;
 
 /// A frozen linear of a block: weight, optional bias, shapes.
 pub struct Linear<'a, B: Backend> {

@@ -132,18 +132,7 @@ impl StepShape {
     }
 }
 
-/// A linear layer inside a block that LoRA may adapt.
-#[derive(Clone, Debug)]
-pub struct LinearSpec {
-    /// Module path relative to the block, as HF names it (`self_attn.q_proj`).
-    pub name: &'static str,
-    pub in_features: usize,
-    pub out_features: usize,
-    /// How the frozen weight is stored (`[out, in]`, or Conv1D's `[in, out]`).
-    pub layout: linear::Layout,
-    /// Whether the linear has a `.bias` tensor.
-    pub bias: bool,
-}
+pub use crate::linears::{BlockLinears, LinearSpec};
 
 /// One tensor the model expects in the weights file.
 #[derive(Clone, Debug)]
@@ -286,6 +275,15 @@ impl Model {
     /// The linears of one block, borrowed.
     pub fn linear_specs(&self) -> &[LinearSpec] {
         &self.linears
+    }
+
+    /// The linears of every block, for LoRA.
+    pub fn block_linears(&self) -> BlockLinears<'_> {
+        BlockLinears {
+            linears: &self.linears,
+            layers: self.cfg.num_hidden_layers,
+            block_prefix: self.def.block_prefix,
+        }
     }
 
     /// The description of block `layer` for the generic block.
