@@ -177,7 +177,7 @@ fn non_finite_parameters_and_optimizer_state_are_never_saved() {
     };
     let arch = model.config().arch;
     let mut first = true;
-    let nan_b = LoraParams::build(&be, &model, &cfg, |spec| {
+    let nan_b = LoraParams::build(&be, model.block_linears(), &cfg, |spec| {
         let mut b = vec![0.0; spec.linear.out_features * spec.r];
         if std::mem::take(&mut first) {
             b[1] = f32::NAN;
@@ -203,7 +203,7 @@ fn non_finite_parameters_and_optimizer_state_are_never_saved() {
     );
 
     // finite parameters save; AdamW state with a negative second moment does not
-    let fine = LoraParams::build(&be, &model, &cfg, |spec| {
+    let fine = LoraParams::build(&be, model.block_linears(), &cfg, |spec| {
         Ok((
             vec![0.5; spec.r * spec.linear.in_features],
             vec![0.25; spec.linear.out_features * spec.r],
