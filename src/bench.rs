@@ -176,20 +176,14 @@ pub fn write_random_model(
 /// f32 values as little-endian bytes of `dtype` (in parallel: multi-GB tensors).
 pub fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
     use rayon::prelude::*;
-    let size = dtype.size();
-    let mut out = vec![0u8; v.len() * size];
-    out.par_chunks_mut(size * 4096)
-        .zip(v.par_chunks(4096))
-        .for_each(|(o, x)| {
-            for (b, &f) in o.chunks_exact_mut(size).zip(x) {
-                match dtype {
-                    DType::F32 => b.copy_from_slice(&f.to_le_bytes()),
-                    DType::F16 => b.copy_from_slice(&half::f16::from_f32(f).to_le_bytes()),
-                    DType::BF16 => b.copy_from_slice(&half::bf16::from_f32(f).to_le_bytes()),
-                }
-            }
-        });
-    out
+    v.par_chunks(4096)
+        .map(|x| {
+            let mut out = Vec::new();
+            dtype.encode_into(x, &mut out);
+            out
+        })
+        .flatten_iter()
+        .collect()
 }
 
 /// What to benchmark.

@@ -415,6 +415,7 @@ fn align_rank(d: DType) -> u8 {
         DType::F32 => 0,
         DType::BF16 => 1,
         DType::F16 => 2,
+        DType::U8 => 3,
     }
 }
 
@@ -698,6 +699,7 @@ mod tests {
             DType::F32 => Dtype::F32,
             DType::F16 => Dtype::F16,
             DType::BF16 => Dtype::BF16,
+            DType::U8 => Dtype::U8,
         }
     }
 

@@ -603,9 +603,10 @@ fn parse_entry(
             "F32" => DType::F32,
             "F16" => DType::F16,
             "BF16" => DType::BF16,
+            "U8" => DType::U8,
             other => {
                 return Err(err(format!(
-                    "dtype '{other}' is not supported; supported: F32, F16, BF16"
+                    "dtype '{other}' is not supported; supported: F32, F16, BF16, U8 (quantized weights)"
                 )));
             }
         },

@@ -34,17 +34,9 @@ pub struct MergeReport {
 
 /// Encode f32 values as little-endian bytes of `dtype` (round to nearest even).
 pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect(),
-    }
+    let mut out = Vec::new();
+    dtype.encode_into(values, &mut out);
+    out
 }
 
 /// Merge the PEFT adapter in `adapter_dir` into the model at `model_path` (config.json

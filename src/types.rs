@@ -10,6 +10,9 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Raw bytes: the packed codes and statistics of a quantized weight (bitsandbytes'
+    /// NF4 layout), expanded by the backend before use, never computed with as numbers.
+    U8,
 }
 
 impl DType {
@@ -18,6 +21,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
         }
     }
 
@@ -27,13 +31,42 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::U8 => "U8",
+        }
+    }
+
+    /// transformers' name of this type (`torch_dtype` in config.json).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::U8 => "uint8",
+        }
+    }
+
+    /// Append `values` to `out` in this type's little-endian encoding (round to nearest
+    /// even; U8: the byte each value holds, saturating).
+    pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
+            DType::U8 => out.extend(values.iter().map(|&v| v as u8)),
         }
     }
 
     /// `x` rounded to this type (to nearest, ties to even) and widened back.
     pub fn round(self, x: f32) -> f32 {
         match self {
-            DType::F32 => x,
+            DType::F32 | DType::U8 => x,
             DType::F16 => half::f16::from_f32(x).to_f32(),
             DType::BF16 => half::bf16::from_f32(x).to_f32(),
         }
@@ -57,6 +90,11 @@ impl DType {
                     *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
                 }
             }
+            DType::U8 => {
+                for (o, &b) in out.iter_mut().zip(bytes) {
+                    *o = f32::from(b);
+                }
+            }
         }
     }
 }
@@ -67,6 +105,7 @@ impl std::fmt::Display for DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::U8 => "u8",
         })
     }
 }

@@ -134,17 +134,9 @@ fn check_scalar(what: &str, got: f64, want: f64, tol: f64) {
 
 /// Bytes of `v` stored as `dt` (what a safetensors file holds).
 fn weight_bytes(v: &[f32], dt: DType) -> Vec<u8> {
-    match dt {
-        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::BF16 => v
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect(),
-    }
+    let mut out = Vec::new();
+    dt.encode_into(v, &mut out);
+    out
 }
 
 /// The same f32 data on both backends.
@@ -999,6 +991,94 @@ fn lm_head_loss_chunked_with_ignored_labels() {
         .lm_head_loss(&gh, &gw, &bad, ch, 1.0, None, None, None)
         .expect_err("label past V");
     assert!(e.to_string().contains(&v.to_string()), "{e}");
+}
+
+/// NF4 expansion (bitsandbytes' layout, with and without double quantization, a short
+/// last block, into f32, f16 and bf16) equals the CPU's bit for bit: both compute
+/// code · scale in f32 with each operation rounded alone, then round once.
+#[test]
+fn nf4_dequantize_matches_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("nf4");
+    let code = r.vec(16, 1.0);
+    let (cc, gc) = p.up(&code);
+    for (numel, nested) in [(64 * 37 + 10usize, false), (64 * 300 + 1, true), (1, true)] {
+        let blocks = numel.div_ceil(64);
+        let bytes =
+            |n: usize, r: &mut Rng| -> Vec<f32> { (0..n).map(|_| r.below(256) as f32).collect() };
+        let (cp, gp) = p.weight(&bytes(numel.div_ceil(2), &mut r), DType::U8);
+        let (ca, ga) = if nested {
+            p.weight(&bytes(blocks, &mut r), DType::U8)
+        } else {
+            p.up(&r.vec(blocks, 0.1))
+        };
+        let (cna, gna) = p.up(&r.vec(blocks.div_ceil(256), 0.1));
+        let (cnc, gnc) = p.up(&r.vec(256, 1.0));
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let parts_c = lema::backend::Nf4Parts::<CpuBackend<f32>> {
+                packed: &cp,
+                absmax: &ca,
+                code: &cc,
+                nested: nested.then_some(lema::backend::Nf4Nested {
+                    absmax: &cna,
+                    code: &cnc,
+                    blocksize: 256,
+                    offset: 0.0371,
+                }),
+                numel,
+                blocksize: 64,
+            };
+            let parts_g = lema::backend::Nf4Parts::<CudaBackend> {
+                packed: &gp,
+                absmax: &ga,
+                code: &gc,
+                nested: nested.then_some(lema::backend::Nf4Nested {
+                    absmax: &gna,
+                    code: &gnc,
+                    blocksize: 256,
+                    offset: 0.0371,
+                }),
+                numel,
+                blocksize: 64,
+            };
+            let want = c.dequantize_nf4(&parts_c, dt).unwrap();
+            let got = g.dequantize_nf4(&parts_g, dt).unwrap();
+            // as a weight: read back through a GEMM-free path, the f32 download of f32
+            let want = c.download(&want).unwrap();
+            let got = match dt {
+                DType::F32 => g.download(&got).unwrap(),
+                _ => {
+                    // a half weight times the identity gives its values in f32
+                    let mut out = g.zeros(numel).unwrap();
+                    let one = g.upload(&[1.0]).unwrap();
+                    g.matmul(
+                        &mut out,
+                        &one,
+                        &got,
+                        Gemm {
+                            m: 1,
+                            n: numel,
+                            k: 1,
+                            trans_a: false,
+                            trans_b: true,
+                            alpha: 1.0,
+                            accumulate: Accumulate::Overwrite,
+                        },
+                    )
+                    .unwrap();
+                    g.download(&out).unwrap()
+                }
+            };
+            check(
+                &format!("nf4 {numel} elements, nested {nested}, into {dt}"),
+                &got,
+                &want,
+                0.0,
+            );
+        }
+    }
 }
 
 // ---- uninitialised buffers -----------------------------------------------------------

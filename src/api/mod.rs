@@ -367,9 +367,15 @@ pub fn open_model(config: &LemaConfig) -> Result<(Arc<Gbi>, Model)> {
     {
         gbi.alias("lm_head.weight", embed)?;
     }
+    // linears stored quantized (bitsandbytes' NF4) are checked against their parts
+    let quant = crate::model::quantized::QuantTable::read(&gbi, &model.linear_weights())?;
     for spec in model.tensor_specs() {
+        if quant.as_ref().is_some_and(|q| q.get(&spec.name).is_some()) {
+            continue;
+        }
         gbi.expect(&spec.name, &spec.shape)?;
     }
+    let model = model.with_quant(quant);
     if let Some(p) = &config.gbi_path {
         write_gbi_json(&gbi, p)?;
     }

@@ -51,6 +51,75 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// A frozen weight of `numel` elements stored in NF4 as bitsandbytes stores it, on the
+/// device: `packed` codes (two a byte, the first element in the high nibble) of the
+/// row-major weight, one scale per block of `blocksize` elements, `code` the 16 NF4
+/// values. The scales are f32 (`absmax`), or with double quantization 8-bit codes of
+/// `nested.code` scaled per block of `nested.blocksize` scales and shifted by
+/// `nested.offset`. The buffers are stored bytes (`DType::U8`) and f32 values as the
+/// file holds them.
+pub struct Nf4Parts<'a, B: ?Sized + Backend> {
+    pub packed: &'a B::Buf,
+    pub absmax: &'a B::Buf,
+    pub code: &'a B::Buf,
+    pub nested: Option<Nf4Nested<'a, B>>,
+    pub numel: usize,
+    pub blocksize: usize,
+}
+
+/// The second level of NF4's double quantization.
+pub struct Nf4Nested<'a, B: ?Sized + Backend> {
+    /// f32 scale per block of `blocksize` first-level scales.
+    pub absmax: &'a B::Buf,
+    /// The 256 values of the signed 8-bit dynamic map.
+    pub code: &'a B::Buf,
+    pub blocksize: usize,
+    pub offset: f32,
+}
+
+/// Why the buffers of an NF4 weight of `numel` elements in blocks of `blocksize` cannot
+/// be its parts: `lens` are those of (packed, absmax, code), `nested` those of the
+/// second level's (absmax, code) and its block size. For the backends' messages.
+pub(crate) fn nf4_problem(
+    numel: usize,
+    blocksize: usize,
+    lens: (usize, usize, usize),
+    nested: Option<(usize, usize, usize)>,
+) -> Option<String> {
+    if blocksize == 0 {
+        return Some("NF4 block size 0".into());
+    }
+    let blocks = numel.div_ceil(blocksize);
+    let (packed, absmax, code) = lens;
+    if packed != numel.div_ceil(2) {
+        return Some(format!(
+            "{packed} packed bytes for {numel} NF4 values (need {})",
+            numel.div_ceil(2)
+        ));
+    }
+    if absmax != blocks {
+        return Some(format!(
+            "{absmax} scales for {blocks} blocks of {blocksize}"
+        ));
+    }
+    if code != 16 {
+        return Some(format!("an NF4 code table of {code} values (need 16)"));
+    }
+    if let Some((n_absmax, n_code, n_bs)) = nested {
+        if n_bs == 0 || n_absmax != blocks.div_ceil(n_bs) {
+            return Some(format!(
+                "{n_absmax} second-level scales for {blocks} scales in blocks of {n_bs}"
+            ));
+        }
+        if n_code != 256 {
+            return Some(format!(
+                "a second-level code table of {n_code} values (need 256)"
+            ));
+        }
+    }
+    None
+}
+
 /// Why `cap` cannot be a soft-cap (it must be a positive finite number), for the backends'
 /// messages.
 pub(crate) fn softcap_problem(cap: Option<f32>) -> Option<String> {
@@ -590,6 +659,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `x = cap · tanh(x / cap)` in place (the head's soft-cap, for logits computed
     /// outside [`Backend::lm_head_loss`]).
     fn softcap(&self, x: &mut Self::Buf, cap: f32) -> Result<()>;
+
+    // ---- quantized weights -----------------------------------------------------------
+
+    /// The weight an NF4-stored frozen weight stands for, as a frozen weight of `dtype`
+    /// (the type bitsandbytes dequantizes it to: its `quant_state` dtype): element i is
+    /// `code[nibble i] · scale[i / blocksize]`, computed in f32 and rounded to `dtype`.
+    fn dequantize_nf4(&self, q: &Nf4Parts<'_, Self>, dtype: DType) -> Result<Self::Buf>;
 
     // ---- optimizers ------------------------------------------------------------------
 

@@ -624,11 +624,7 @@ fn build_config(
     dtype: DType,
 ) -> Result<serde_json::Value> {
     let token_id = |key: &str| -> Result<Option<usize>> { meta_usize(h, path, key) };
-    let torch_dtype = match dtype {
-        DType::F32 => "float32",
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-    };
+    let torch_dtype = dtype.torch_name();
     let mut config = json!({
         "hidden_size": m.hidden_size,
         "intermediate_size": m.intermediate_size,

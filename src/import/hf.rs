@@ -421,12 +421,7 @@ pub fn prepare_monolithic_safetensors(
     if let Some(obj) = config.as_object_mut() {
         obj.insert("tie_word_embeddings".into(), serde_json::Value::Bool(tie));
         if let Some(d) = dtype {
-            let torch = match d {
-                DType::F32 => "float32",
-                DType::F16 => "float16",
-                DType::BF16 => "bfloat16",
-            };
-            obj.insert("torch_dtype".into(), torch.into());
+            obj.insert("torch_dtype".into(), d.torch_name().into());
         }
     }
     let mut side_files = vec![super::write_json(&out_paths.dir, "config.json", &config)?];

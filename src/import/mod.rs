@@ -219,18 +219,7 @@ pub(crate) fn release_pages(map: &memmap2::Mmap, part: &[u8]) {
 
 /// Append `values` to `out` in `dtype`'s little-endian encoding (round to nearest even).
 pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
-    out.reserve(values.len() * dtype.size());
-    match dtype {
-        DType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
-        DType::BF16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
-    }
+    dtype.encode_into(values, out)
 }
 
 /// Order of tensors in the output file: embeddings, then layers by number, then the

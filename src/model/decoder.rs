@@ -17,7 +17,8 @@
 
 use super::kv_cache::KvCache;
 use super::linear::{Linear, keep_for_backward};
-use super::{Keep, LayerWeights, LinearSpec, StepShape, keep_in};
+use super::quantized::Weights;
+use super::{Keep, LinearSpec, StepShape, keep_in};
 pub use crate::backend::Activation;
 use crate::backend::{Accumulate, AttnDims, Backend};
 use crate::error::{Error, Result};
@@ -322,7 +323,7 @@ impl<'m> BlockDesc<'m> {
     /// The frozen linear `name` of this block, over weights `w`.
     pub(crate) fn linear<'w, B: Backend>(
         &self,
-        w: &'w LayerWeights<B>,
+        w: &'w Weights<'_, B>,
         name: &'static str,
     ) -> Result<Linear<'w, B>> {
         let spec = self
@@ -361,7 +362,7 @@ impl<'m> BlockDesc<'m> {
     pub fn forward<B: Backend>(
         &self,
         be: &B,
-        w: &LayerWeights<B>,
+        w: &Weights<'_, B>,
         lora: &BlockLora<B>,
         x: &B::Buf,
         s: &StepShape,
@@ -568,7 +569,7 @@ impl<'m> BlockDesc<'m> {
     pub fn backward<B: Backend>(
         &self,
         be: &B,
-        w: &LayerWeights<B>,
+        w: &Weights<'_, B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
         sv: &mut Saved<B>,
@@ -859,7 +860,7 @@ impl<'m> BlockDesc<'m> {
     fn post_norm_backward<B: Backend>(
         &self,
         be: &B,
-        w: &LayerWeights<B>,
+        w: &Weights<'_, B>,
         d: &NormDesc,
         dout: &B::Buf,
         input: Option<B::Buf>,
@@ -948,7 +949,7 @@ fn split_cols<B: Backend, const K: usize>(
 /// `norm(x)` `[N, C]` and its statistics (every row of out, mean and rstd written).
 pub(crate) fn norm_forward<B: Backend>(
     be: &B,
-    w: &LayerWeights<B>,
+    w: &Weights<'_, B>,
     d: &NormDesc,
     x: &B::Buf,
     n: usize,
@@ -976,7 +977,7 @@ pub(crate) fn norm_forward<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn norm_backward<B: Backend>(
     be: &B,
-    w: &LayerWeights<B>,
+    w: &Weights<'_, B>,
     d: &NormDesc,
     dx: &mut B::Buf,
     dout: &B::Buf,

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod llama;
 pub mod mistral;
 pub mod phi3;
+pub mod quantized;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -191,6 +192,8 @@ pub struct Model {
     local_inv_freq: Option<Vec<f32>>,
     /// LongRoPE's frequencies past the original context, and that context.
     long_inv_freq: Option<(Vec<f32>, usize)>,
+    /// The linears stored quantized in the model file, when there are any.
+    quant: Option<std::sync::Arc<quantized::QuantTable>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -221,8 +224,53 @@ impl Model {
             inv_freq,
             local_inv_freq,
             long_inv_freq,
+            quant: None,
             cfg,
         }
+    }
+
+    /// This model over a file whose linears `table` lists as quantized.
+    pub fn with_quant(mut self, table: Option<quantized::QuantTable>) -> Self {
+        self.quant = table.map(std::sync::Arc::new);
+        self
+    }
+
+    /// The quantized linears of the model file, if any.
+    pub fn quant(&self) -> Option<&quantized::QuantTable> {
+        self.quant.as_deref()
+    }
+
+    /// Every linear weight with the `[out, in]` shape the architecture expects (in the
+    /// order of the blocks), for checking a file's quantized layout.
+    pub fn linear_weights(&self) -> Vec<(String, Vec<usize>)> {
+        (0..self.cfg.num_hidden_layers)
+            .flat_map(|i| {
+                let p = self.block_prefix(i);
+                self.linears.iter().map(move |l| {
+                    let shape = match l.layout {
+                        linear::Layout::OutIn => vec![l.out_features, l.in_features],
+                        linear::Layout::InOut => vec![l.in_features, l.out_features],
+                    };
+                    (format!("{p}{}.weight", l.name), shape)
+                })
+            })
+            .collect()
+    }
+
+    /// Block `layer`'s weights as its forward and backward read them: NF4-stored linears
+    /// expanded (for the duration of the call), the rest as stored.
+    fn weights<'w, B: Backend>(
+        &self,
+        be: &B,
+        layer: usize,
+        w: &'w LayerWeights<B>,
+    ) -> Result<quantized::Weights<'w, B>> {
+        let Some(table) = &self.quant else {
+            return Ok(quantized::Weights::plain(w));
+        };
+        let names = self.linears.iter().map(|l| format!("{}.weight", l.name));
+        let dense = quantized::expand(be, table, &self.block_prefix(layer), names, w)?;
+        Ok(quantized::Weights::with_dense(w, dense))
     }
 
     /// The model's configuration.
@@ -315,9 +363,10 @@ impl Model {
         } else {
             Keep::Output
         };
+        let w = self.weights(be, layer, w)?;
         let (y, saved) = self
             .block(layer)
-            .forward(be, w, lora, x, shape, keep, None)?;
+            .forward(be, &w, lora, x, shape, keep, None)?;
         let y = y.ok_or_else(|| Error::internal("block output"))?;
         Ok((y, saved))
     }
@@ -334,9 +383,10 @@ impl Model {
         x: &B::Buf,
         shape: &StepShape,
     ) -> Result<Saved<B>> {
+        let w = self.weights(be, layer, w)?;
         Ok(self
             .block(layer)
-            .forward(be, w, lora, x, shape, Keep::SavedOnly, None)?
+            .forward(be, &w, lora, x, shape, Keep::SavedOnly, None)?
             .1)
     }
 
@@ -354,8 +404,9 @@ impl Model {
         cache: &mut kv_cache::KvCache<B>,
         layer: usize,
     ) -> Result<B::Buf> {
+        let w = self.weights(be, layer, w)?;
         self.block(layer)
-            .forward(be, w, lora, x, shape, Keep::Output, Some((cache, layer)))?
+            .forward(be, &w, lora, x, shape, Keep::Output, Some((cache, layer)))?
             .0
             .ok_or_else(|| Error::internal("block output"))
     }
@@ -374,7 +425,9 @@ impl Model {
         dy: &B::Buf,
         shape: &StepShape,
     ) -> Result<B::Buf> {
-        self.block(layer).backward(be, w, lora, x, saved, dy, shape)
+        let w = self.weights(be, layer, w)?;
+        self.block(layer)
+            .backward(be, &w, lora, x, saved, dy, shape)
     }
 
     /// Final norm forward: returns the normed hidden state and the saved statistics.
@@ -385,7 +438,8 @@ impl Model {
         x: &B::Buf,
     ) -> Result<(B::Buf, NormStats<B>)> {
         let c = self.cfg.hidden_size;
-        decoder::norm_forward(be, w, &(self.def.final_norm)(&self.cfg), x, rows(x, c), c)
+        let w = quantized::Weights::plain(w);
+        decoder::norm_forward(be, &w, &(self.def.final_norm)(&self.cfg), x, rows(x, c), c)
     }
 
     /// Final norm backward: dx from d(normed).
@@ -400,7 +454,7 @@ impl Model {
         let mut dx = be.uninit(x.len())?;
         decoder::norm_backward(
             be,
-            w,
+            &quantized::Weights::plain(w),
             &(self.def.final_norm)(&self.cfg),
             &mut dx,
             dout,

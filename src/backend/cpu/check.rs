@@ -118,6 +118,17 @@ pub(super) fn dropout_check(op: &'static str, p: f32) -> Result<()> {
     }
 }
 
+/// The buffers of an NF4 weight must fit its size (see [`crate::backend::nf4_problem`]).
+pub(super) fn nf4_check(
+    op: &'static str,
+    numel: usize,
+    blocksize: usize,
+    lens: (usize, usize, usize),
+    nested: Option<(usize, usize, usize)>,
+) -> Result<()> {
+    crate::backend::nf4_problem(numel, blocksize, lens, nested).map_or(Ok(()), |m| Err(fail(op, m)))
+}
+
 /// A soft-cap must be a positive finite number.
 pub(super) fn softcap_check(op: &'static str, cap: Option<f32>) -> Result<()> {
     crate::backend::softcap_problem(cap).map_or(Ok(()), |m| Err(fail(op, m)))

@@ -15,6 +15,7 @@ mod loss;
 mod matmul;
 mod norm;
 mod optim;
+mod quant;
 mod rope;
 #[cfg(test)]
 mod tests;
@@ -24,12 +25,12 @@ use std::sync::Arc;
 
 use super::{
     Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Gemm,
-    IGNORE_INDEX, LossSum, SgdStep,
+    IGNORE_INDEX, LossSum, Nf4Parts, SgdStep,
 };
 use crate::error::Result;
 use check::{
-    attn_lens, check_key_start, dropout_check, expect_len, fail, numel, rope_check, rows_of,
-    same_len, softcap_check,
+    attn_lens, check_key_start, dropout_check, expect_len, fail, nf4_check, numel, rope_check,
+    rows_of, same_len, softcap_check,
 };
 
 /// Element type the CPU backend computes in: `f32` (training) or `f64` (the reference for
@@ -790,6 +791,38 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
                 logits,
             )
         }))
+    }
+
+    fn dequantize_nf4(&self, q: &Nf4Parts<'_, Self>, dtype: DType) -> Result<CpuBuf<T>> {
+        let op = "dequantize_nf4";
+        nf4_check(
+            op,
+            q.numel,
+            q.blocksize,
+            (q.packed.len(), q.absmax.len(), q.code.len()),
+            q.nested
+                .as_ref()
+                .map(|n| (n.absmax.len(), n.code.len(), n.blocksize)),
+        )?;
+        let nested = q.nested.as_ref().map(|n| quant::Nested {
+            absmax: &n.absmax.0,
+            code: &n.code.0,
+            blocksize: n.blocksize,
+            offset: n.offset,
+        });
+        let mut out = CpuBuf(vec![T::zero(); q.numel]);
+        self.install(|| {
+            quant::dequantize_nf4(
+                &mut out.0,
+                &q.packed.0,
+                &q.absmax.0,
+                &q.code.0,
+                nested.as_ref(),
+                q.blocksize,
+                dtype,
+            )
+        });
+        Ok(out)
     }
 
     fn softcap(&self, x: &mut CpuBuf<T>, cap: f32) -> Result<()> {

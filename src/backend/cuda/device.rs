@@ -641,6 +641,7 @@ pub(crate) fn dtype_code(d: DType) -> i32 {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
+        DType::U8 => 3,
     }
 }
 

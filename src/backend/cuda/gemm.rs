@@ -40,6 +40,8 @@ fn cuda_type(d: DType) -> cudaDataType {
         DType::F32 => cudaDataType::CUDA_R_32F,
         DType::F16 => cudaDataType::CUDA_R_16F,
         DType::BF16 => cudaDataType::CUDA_R_16BF,
+        // quantized bytes are expanded before any GEMM (`gemm_raw` refuses them)
+        DType::U8 => cudaDataType::CUDA_R_8U,
     }
 }
 
@@ -146,6 +148,12 @@ impl CudaBackend {
         };
         if g.m == 0 || g.n == 0 {
             return Ok(());
+        }
+        if a.dtype == DType::U8 || b.dtype == DType::U8 {
+            return Err(err(
+                op,
+                "a quantized weight reached a GEMM without being expanded (a bug in lema)",
+            ));
         }
         let int = |v: usize| {
             i32::try_from(v).map_err(|_| {

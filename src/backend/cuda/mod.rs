@@ -29,6 +29,7 @@ mod offload;
 mod optim;
 pub mod pinned;
 mod profile;
+mod quant;
 mod rope;
 
 pub use crate::backend::ProfileLine;
@@ -43,7 +44,8 @@ pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::probe;
 
 use crate::backend::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum, SgdStep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum,
+    Nf4Parts, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -873,6 +875,10 @@ impl Backend for CudaBackend {
         self.lm_head_loss_impl(h, w, labels, c, loss_scale, softcap, dh, logits)
     }
 
+    fn dequantize_nf4(&self, q: &Nf4Parts<'_, Self>, dtype: DType) -> Result<CudaBuf> {
+        self.dequantize_nf4_impl(q, dtype)
+    }
+
     fn softcap(&self, x: &mut CudaBuf, cap: f32) -> Result<()> {
         self.softcap_impl(x, cap)
     }
@@ -895,7 +901,7 @@ impl Backend for CudaBackend {
 
 /// Every kernel module, for ahead-of-time checks.
 #[cfg(test)]
-fn all_modules() -> [device::Module; 7] {
+fn all_modules() -> [device::Module; 8] {
     [
         elementwise::MODULE,
         norm::MODULE,
@@ -904,6 +910,7 @@ fn all_modules() -> [device::Module; 7] {
         attention::MODULE_MMA,
         loss::MODULE,
         optim::MODULE,
+        quant::MODULE,
     ]
 }
 

@@ -1,0 +1,81 @@
+//! Expansion of NF4-stored frozen weights into plain weights on the GPU (`quant.cu`).
+
+use super::device::{Arg, Launch, Module, err};
+use super::{CudaBackend, CudaBuf};
+use crate::backend::{DType, DeviceBuf, Nf4Parts};
+use crate::error::Result;
+
+pub(super) const MODULE: Module = Module {
+    name: "quant",
+    src: include_str!("quant.cu"),
+};
+
+impl CudaBackend {
+    pub(super) fn dequantize_nf4_impl(
+        &self,
+        q: &Nf4Parts<'_, Self>,
+        dtype: DType,
+    ) -> Result<CudaBuf> {
+        let op = "dequantize_nf4";
+        if let Some(m) = crate::backend::nf4_problem(
+            q.numel,
+            q.blocksize,
+            (q.packed.len(), q.absmax.len(), q.code.len()),
+            q.nested
+                .as_ref()
+                .map(|n| (n.absmax.len(), n.code.len(), n.blocksize)),
+        ) {
+            return Err(err(op, m));
+        }
+        let want = |what: &str, b: &CudaBuf, dt: DType| {
+            if b.dtype == dt {
+                Ok(b.ptr())
+            } else {
+                Err(err(op, format!("{what} must be {dt}, it is {}", b.dtype)))
+            }
+        };
+        let packed = want("packed codes", q.packed, DType::U8)?;
+        let code = want("code table", q.code, DType::F32)?;
+        let (absmax, nested) = match &q.nested {
+            None => (want("absmax", q.absmax, DType::F32)?, None),
+            Some(n) => (
+                want("absmax codes", q.absmax, DType::U8)?,
+                Some((
+                    want("nested absmax", n.absmax, DType::F32)?,
+                    want("nested code table", n.code, DType::F32)?,
+                    n.blocksize,
+                    n.offset,
+                )),
+            ),
+        };
+        if dtype == DType::U8 {
+            return Err(err(op, "cannot expand into u8"));
+        }
+        let out = self.new_buf(op, q.numel, dtype)?;
+        if q.numel == 0 {
+            return Ok(out);
+        }
+        let (nabsmax, ncode, nbs, offset) = nested.unwrap_or((0, 0, 1, 0.0));
+        self.dev.launch(
+            op,
+            MODULE,
+            "nf4_dequant",
+            Launch::cover(q.numel.div_ceil(2), 256, 65535),
+            &[
+                Arg::Ptr(out.ptr()),
+                Arg::I32(super::device::dtype_code(dtype)),
+                Arg::Ptr(packed),
+                Arg::Ptr(absmax),
+                Arg::Ptr(code),
+                Arg::I32(nested.is_some() as i32),
+                Arg::Ptr(nabsmax),
+                Arg::Ptr(ncode),
+                Arg::F32(offset),
+                Arg::I64(q.numel as i64),
+                Arg::I64(q.blocksize as i64),
+                Arg::I64(nbs as i64),
+            ],
+        )?;
+        Ok(out)
+    }
+}
