@@ -43,6 +43,20 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f32,
     },
+    /// YaRN (Qwen2.5 / Qwen3 long context; transformers' `_compute_yarn_parameters`):
+    /// frequency i is `θ^(−2i/D)` blended with it divided by `factor` — kept where the
+    /// frequency turns more than `beta_fast` times over `original_max_position_embeddings`
+    /// positions, divided where it turns fewer than `beta_slow` times, linearly between (over
+    /// the dimension index, the band ends floored / ceiled when `truncate`); q and k are
+    /// scaled by `attention_factor` (scores by its square).
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        truncate: bool,
+        attention_factor: f32,
+    },
     /// Llama 3.1's wavelength-dependent scaling.
     Llama3 {
         factor: f32,
@@ -100,7 +114,7 @@ pub struct ModelConfig {
 /// models, half a petabyte in bf16.
 const MAX_PARAMETERS: u64 = 1 << 48;
 /// The `rope_scaling` types lema understands, for messages.
-const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3, longrope (Phi-3)";
+const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3, longrope (Phi-3), yarn";
 
 impl ModelConfig {
     /// Read and validate a config.json file.
@@ -214,11 +228,15 @@ impl ModelConfig {
     }
 
     /// Attention's score scale: `query_pre_attn_scalar^−½`, else `head_dim^−½`; times
-    /// LongRoPE's attention factor squared (it scales both q and k).
+    /// LongRoPE's or YaRN's attention factor squared (transformers multiplies cos and sin
+    /// by it, so it scales both q and k).
     pub fn attention_scale(&self) -> f32 {
         let d = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f32);
         let rope = match self.rope_scaling {
             RopeScaling::LongRope {
+                attention_factor, ..
+            }
+            | RopeScaling::Yarn {
                 attention_factor, ..
             } => attention_factor * attention_factor,
             _ => 1.0,
@@ -284,12 +302,35 @@ fn rope_inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32>
     {
         let d = head_dim as f64;
         let theta = f64::from(theta);
+        let yarn_band = match *scaling {
+            RopeScaling::Yarn {
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => yarn_band(
+                head_dim,
+                theta,
+                original_max_position_embeddings as f64,
+                f64::from(beta_fast),
+                f64::from(beta_slow),
+                truncate,
+            ),
+            _ => (0.0, 0.0),
+        };
         (0..head_dim / 2)
             .map(|i| {
                 let base = 1.0 / theta.powf((2 * i) as f64 / d);
                 let scaled = match *scaling {
                     RopeScaling::None | RopeScaling::LongRope { .. } => base,
                     RopeScaling::Linear { factor } => base / f64::from(factor),
+                    RopeScaling::Yarn { factor, .. } => {
+                        // 0 below the band (kept), 1 above it (divided by the factor)
+                        let (low, high) = yarn_band;
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        base / f64::from(factor) * ramp + base * (1.0 - ramp)
+                    }
                     RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
@@ -307,6 +348,33 @@ fn rope_inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32>
             })
             .collect()
     }
+}
+
+/// YaRN's band of dimension indices `(low, high)` (transformers' `find_correction_range`):
+/// the index at which a frequency turns `beta_fast` times, and `beta_slow` times, over
+/// `old_context` positions, floored / ceiled when `truncate`, clamped to `0 ..= dim − 1`,
+/// and 0.001 apart when they meet.
+fn yarn_band(
+    dim: usize,
+    theta: f64,
+    old_context: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+    truncate: bool,
+) -> (f64, f64) {
+    let d = dim as f64;
+    let index = |turns: f64| {
+        d * (old_context / (turns * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (index(beta_fast), index(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (low, high)
 }
 
 /// transformers' `_compute_llama3_parameters` for one frequency: long wavelengths are
@@ -526,7 +594,7 @@ impl<'a> Fields<'a> {
 pub(crate) fn parse_llama(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
     f.require_activation("hidden_act", model_type, "silu", Some("silu"))?;
     let mut cfg = parse_decoder_sizes(f, arch, None)?;
-    (cfg.rope_theta, cfg.rope_scaling) = parse_rope(f)?;
+    (cfg.rope_theta, cfg.rope_scaling) = parse_rope(f, &RopeContext::top_level(f, &cfg)?)?;
     finish_long_rope(f, &mut cfg)?;
     let sliding = crate::model::family::family(arch).sliding;
     (cfg.sliding_window, cfg.sliding_layers) = parse_windows(f, sliding, cfg.num_hidden_layers)?;
@@ -696,9 +764,30 @@ pub(crate) fn parse_windows(
     Ok((window, by_rule))
 }
 
+/// What a RoPE scaling object is read with, besides its own fields: the architecture
+/// (Phi-3 reads `yarn` as LongRoPE), the config's context length, and a top-level
+/// `original_max_position_embeddings` (which wins over the one inside the object, as in
+/// transformers' `standardize_rope_params`; per-layer-type entries see none).
+pub(crate) struct RopeContext {
+    pub(crate) arch: Arch,
+    pub(crate) max_position_embeddings: usize,
+    pub(crate) top_original: Option<usize>,
+}
+
+impl RopeContext {
+    /// The context of a config's top-level (not per-layer-type) RoPE settings.
+    pub(crate) fn top_level(f: &Fields, cfg: &ModelConfig) -> Result<RopeContext> {
+        Ok(RopeContext {
+            arch: cfg.arch,
+            max_position_embeddings: cfg.max_position_embeddings,
+            top_original: f.opt_size("original_max_position_embeddings")?,
+        })
+    }
+}
+
 /// `rope_theta` and `rope_scaling`. Newer transformers write both inside
 /// `rope_parameters`; that is read when the older keys are absent.
-pub(crate) fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
+pub(crate) fn parse_rope(f: &Fields, ctx: &RopeContext) -> Result<(f32, RopeScaling)> {
     let params = f.opt_object("rope_parameters")?.map(|obj| Fields {
         obj,
         path: f.path,
@@ -717,17 +806,32 @@ pub(crate) fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling)> {
         (None, Some(p)) => p,
         (None, None) => return Ok((rope_theta, RopeScaling::None)),
     };
-    let rope_scaling = parse_scaling(&scaling, scaling.prefix == "rope_parameters.")?;
+    let rope_scaling = parse_scaling(&scaling, scaling.prefix == "rope_parameters.", ctx)?;
+    if matches!(rope_scaling, RopeScaling::Yarn { .. }) && rope_theta <= 1.0 {
+        return Err(scaling.err(format!(
+            "YaRN needs rope_theta > 1 (its band is measured in log rope_theta), found \
+             {rope_theta}"
+        )));
+    }
     Ok((rope_theta, rope_scaling))
 }
 
 /// The RoPE scaling an object of RoPE settings (`rope_scaling`, `rope_parameters` or one
 /// of its per-layer-type entries) describes; with `type_optional` a missing `rope_type`
 /// means none.
-pub(crate) fn parse_scaling(s: &Fields, type_optional: bool) -> Result<RopeScaling> {
+pub(crate) fn parse_scaling(
+    s: &Fields,
+    type_optional: bool,
+    ctx: &RopeContext,
+) -> Result<RopeScaling> {
     let kind = match s.opt_str("rope_type")? {
         Some(t) => Some(t),
         None => s.opt_str("type")?,
+    };
+    // Phi3Config renames a legacy "yarn" (like "su") to "longrope"
+    let kind = match kind {
+        Some("yarn") if ctx.arch == Arch::Phi3 => Some("longrope"),
+        k => k,
     };
     Ok(match kind {
         // `rope_parameters` may carry only `rope_theta`.
@@ -780,11 +884,98 @@ pub(crate) fn parse_scaling(s: &Fields, type_optional: bool) -> Result<RopeScali
                 attention_factor: s.opt_f64("attention_factor")?.map_or(0.0, |a| a as f32),
             }
         }
+        Some("yarn") => parse_yarn(s, ctx)?,
         Some(other) => {
             return Err(s.err(format!(
                 "rope scaling type '{other}' is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )));
         }
+    })
+}
+
+/// YaRN's settings as transformers 5.24 reads them (`_compute_yarn_parameters`,
+/// `_validate_yarn_rope_parameters`, `standardize_rope_params`):
+/// * `factor` is required; `null` means `max_position_embeddings / original`;
+/// * `original_max_position_embeddings`: a top-level one wins, then the one inside, then
+///   `max_position_embeddings`;
+/// * `attention_factor`, unless given: `m(factor, mscale) / m(factor, mscale_all_dim)` when
+///   both are set (non-zero), else `m(factor, 1)`, with `m(f, s) = 0.1 · s · ln f + 1` (1 for
+///   f ≤ 1);
+/// * `beta_fast`, `beta_slow`: 32 and 1 when absent or 0; `truncate`: true when absent
+///   (false when null).
+///
+/// Refused where transformers warns that a value is invalid (and then computes something
+/// no checkpoint meant): `factor` < 1, `attention_factor` ≤ 0, `beta_fast` < `beta_slow`;
+/// and negative betas, where its logarithm fails.
+fn parse_yarn(s: &Fields, ctx: &RopeContext) -> Result<RopeScaling> {
+    let original_max_position_embeddings = match ctx.top_original {
+        Some(top) => top,
+        None => s
+            .opt_size("original_max_position_embeddings")?
+            .unwrap_or(ctx.max_position_embeddings),
+    };
+    let factor = match s.obj.get("factor") {
+        None => return Err(s.missing("factor")),
+        Some(Value::Null) => {
+            ctx.max_position_embeddings as f64 / original_max_position_embeddings as f64
+        }
+        Some(_) => s.opt_f64("factor")?.unwrap_or(1.0),
+    };
+    if !(factor >= 1.0 && (factor as f32).is_finite()) {
+        return Err(s.err(format!(
+            "field '{}factor' must be a number >= 1 for yarn (the context is stretched by it), \
+             found {factor}",
+            s.prefix
+        )));
+    }
+    let beta = |key: &str, default: f64| -> Result<f64> {
+        match s.opt_f64(key)? {
+            // transformers: `beta_fast or 32`
+            None | Some(0.0) => Ok(default),
+            Some(b) if b > 0.0 && (b as f32).is_finite() => Ok(b),
+            Some(b) => Err(s.err(format!(
+                "field '{}{key}' must be a positive number, found {b}",
+                s.prefix
+            ))),
+        }
+    };
+    let (beta_fast, beta_slow) = (beta("beta_fast", 32.0)?, beta("beta_slow", 1.0)?);
+    if beta_fast < beta_slow {
+        return Err(s.err(format!(
+            "yarn rope scaling needs beta_fast >= beta_slow, found {beta_fast} and {beta_slow}"
+        )));
+    }
+    let m = |scale: f64| {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * scale * factor.ln() + 1.0
+        }
+    };
+    let attention_factor = match s.opt_f64("attention_factor")? {
+        Some(a) if a > 0.0 && (a as f32).is_finite() => a,
+        Some(a) => {
+            return Err(s.err(format!(
+                "field '{}attention_factor' must be a positive number, found {a}",
+                s.prefix
+            )));
+        }
+        None => match (s.opt_f64("mscale")?, s.opt_f64("mscale_all_dim")?) {
+            (Some(ms), Some(all)) if ms != 0.0 && all != 0.0 => m(ms) / m(all),
+            _ => m(1.0),
+        },
+    };
+    Ok(RopeScaling::Yarn {
+        factor: factor as f32,
+        original_max_position_embeddings,
+        beta_fast: beta_fast as f32,
+        beta_slow: beta_slow as f32,
+        // transformers reads `rope_parameters.get("truncate", True)`: a null is false
+        truncate: match s.obj.get("truncate") {
+            Some(Value::Null) => false,
+            _ => s.opt_bool("truncate")?.unwrap_or(true),
+        },
+        attention_factor: attention_factor as f32,
     })
 }
 
@@ -1216,10 +1407,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.rope_theta, 500000.0);
         assert_eq!(c.rope_scaling, RopeScaling::None);
-        let msg = err_of(&llama_with(
-            r#"{"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}"#,
-        ));
-        assert_contains(&msg, &["'yarn'", "default, linear, llama3"]);
+        // YaRN in the new layout, the original context defaulting to max_position_embeddings
+        let c = parse(&llama_with(
+            r#"{"rope_theta": null, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 2048,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+                attention_factor: (0.1 * 4f64.ln() + 1.0) as f32,
+            }
+        );
     }
 
     #[test]
@@ -1308,13 +1511,18 @@ mod tests {
 
     #[test]
     fn bad_rope_scaling() {
-        for kind in ["dynamic", "yarn"] {
+        for kind in ["dynamic", "proportional", "ntk"] {
             let msg = err_of(&llama_with(&format!(
                 r#"{{"rope_scaling": {{"rope_type": "{kind}", "factor": 2.0}}}}"#
             )));
             assert_contains(
                 &msg,
-                &[kind, "not supported", "default, linear, llama3, longrope"],
+                &[
+                    kind,
+                    "not supported",
+                    "default, linear, llama3, longrope",
+                    "yarn",
+                ],
             );
         }
         // LongRoPE: both factor lists, head_dim / 2 positive numbers each
@@ -1358,6 +1566,214 @@ mod tests {
         assert_contains(&msg, &["rope_theta", "fits in f32"]);
         let msg = err_of(&llama_with(r#"{"partial_rotary_factor": 0.5}"#));
         assert_contains(&msg, &["partial_rotary_factor", "0.5"]);
+    }
+
+    /// Qwen2.5-7B-Instruct's config.json with the `rope_scaling` its model card gives for
+    /// contexts past 32768 tokens.
+    const QWEN25_YARN: &str = r#"{
+      "architectures": ["Qwen2ForCausalLM"],
+      "attention_dropout": 0.0,
+      "bos_token_id": 151643,
+      "eos_token_id": 151645,
+      "hidden_act": "silu",
+      "hidden_size": 3584,
+      "initializer_range": 0.02,
+      "intermediate_size": 18944,
+      "max_position_embeddings": 32768,
+      "max_window_layers": 28,
+      "model_type": "qwen2",
+      "num_attention_heads": 28,
+      "num_hidden_layers": 28,
+      "num_key_value_heads": 4,
+      "rms_norm_eps": 1e-06,
+      "rope_theta": 1000000.0,
+      "sliding_window": 131072,
+      "tie_word_embeddings": false,
+      "torch_dtype": "bfloat16",
+      "transformers_version": "4.43.1",
+      "use_cache": true,
+      "use_sliding_window": false,
+      "vocab_size": 152064,
+      "rope_scaling": {
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+        "type": "yarn"
+      }
+    }"#;
+
+    /// `QWEN25_YARN` with `extra` merged over its top level and `scaling` over its
+    /// `rope_scaling`.
+    fn qwen25_yarn_with(extra: &str, scaling: &str) -> String {
+        let mut base: Value = serde_json::from_str(QWEN25_YARN).unwrap();
+        for (k, v) in serde_json::from_str::<Value>(extra)
+            .unwrap()
+            .as_object()
+            .unwrap()
+        {
+            base[k] = v.clone();
+        }
+        for (k, v) in serde_json::from_str::<Value>(scaling)
+            .unwrap()
+            .as_object()
+            .unwrap()
+        {
+            base["rope_scaling"][k] = v.clone();
+        }
+        base.to_string()
+    }
+
+    /// `got` (lema's inverse frequencies) at `want`'s indices against transformers 5.24's
+    /// `_compute_yarn_parameters` (f32, printed by `repr`), to 1e-6 relative.
+    fn assert_inv_freq(got: &[f32], want: &[(usize, f64)]) {
+        for &(i, w) in want {
+            let g = f64::from(got[i]);
+            assert!(
+                ((g - w) / w).abs() < 1e-6,
+                "inv_freq[{i}] = {g}, transformers {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn qwen25_yarn_rope_scaling_as_transformers() {
+        let c = parse(QWEN25_YARN).unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 32768,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+                attention_factor: 1.138_629_4,
+            }
+        );
+        let scale = f64::from(c.attention_scale());
+        assert!((scale - 1.138629436111989f64.powi(2) / 128f64.sqrt()).abs() < 1e-7);
+        let got = c.rope_inv_freq();
+        assert_eq!(got.len(), 64);
+        // kept (0 ..= 23), blended (24 ..= 39), divided by 4 (40 ..)
+        assert_inv_freq(
+            &got,
+            &[
+                (0, 1.0),
+                (20, 0.01333521492779255),
+                (21, 0.010746078565716743),
+                (22, 0.00865964312106371),
+                (25, 0.004131738096475601),
+                (28, 0.0018482765881344676),
+                (29, 0.0014051124453544617),
+                (40, 4.4456985051510856e-05),
+                (63, 3.102344408034696e-07),
+            ],
+        );
+        // the same in the transformers-5 layout
+        let mut v: Value = serde_json::from_str(QWEN25_YARN).unwrap();
+        let mut p = v["rope_scaling"].take();
+        p["rope_type"] = p["type"].take();
+        p["rope_theta"] = v["rope_theta"].take();
+        v["rope_parameters"] = p;
+        let new = parse(&v.to_string()).unwrap();
+        assert_eq!(new.rope_scaling, c.rope_scaling);
+        assert_eq!(new.rope_inv_freq(), got);
+
+        // a top-level original_max_position_embeddings wins over the one inside
+        let c = parse(&qwen25_yarn_with(
+            r#"{"original_max_position_embeddings": 8192}"#,
+            "{}",
+        ))
+        .unwrap();
+        assert_inv_freq(
+            &c.rope_inv_freq(),
+            &[
+                (21, 0.00884971208870411),
+                (23, 0.005131107289344072),
+                (26, 0.0022017851006239653),
+                (27, 0.0016444651409983635),
+                (40, 4.4456985051510856e-05),
+            ],
+        );
+        // DeepSeek-style: factor null (max / original), mscale over mscale_all_dim, other
+        // betas, no truncation
+        let c = parse(&qwen25_yarn_with(
+            r#"{"max_position_embeddings": 131072}"#,
+            r#"{"factor": null, "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16,
+                "beta_slow": 2, "truncate": false}"#,
+        ))
+        .unwrap();
+        let RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            truncate,
+            ..
+        } = c.rope_scaling
+        else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!((factor, truncate), (4.0, false));
+        assert!((f64::from(attention_factor) - 0.964326914892074).abs() < 1e-7);
+        assert_inv_freq(
+            &c.rope_inv_freq(),
+            &[
+                (21, 0.010746078565716743),
+                (23, 0.006978305988013744),
+                (25, 0.004531583748757839),
+                (27, 0.002898493316024542),
+                (29, 0.001584663288667798),
+                (40, 4.4456985051510856e-05),
+            ],
+        );
+        // a given attention factor is taken as it is
+        let c = parse(&qwen25_yarn_with("{}", r#"{"attention_factor": 0.9}"#)).unwrap();
+        assert!((f64::from(c.attention_scale()) - 0.81 / 128f64.sqrt()).abs() < 1e-7);
+        // Phi-3 reads a legacy "yarn" as LongRoPE, as Phi3Config does
+        let mut v: Value = serde_json::from_str(&qwen25_yarn_with("{}", "{}")).unwrap();
+        v["model_type"] = "phi3".into();
+        let msg = err_of(&v.to_string());
+        assert_contains(&msg, &["rope_scaling.short_factor", "missing"]);
+    }
+
+    #[test]
+    fn bad_yarn_settings_are_named() {
+        let bad = |scaling: &str| err_of(&qwen25_yarn_with("{}", scaling));
+        let mut v: Value = serde_json::from_str(QWEN25_YARN).unwrap();
+        v["rope_scaling"].as_object_mut().unwrap().remove("factor");
+        assert_contains(
+            &err_of(&v.to_string()),
+            &["missing required field 'rope_scaling.factor'"],
+        );
+        for factor in ["0", "-2", "0.5"] {
+            let msg = bad(&format!(r#"{{"factor": {factor}}}"#));
+            assert_contains(&msg, &["'rope_scaling.factor'", ">= 1", factor]);
+        }
+        assert_contains(
+            &bad(r#"{"factor": "4"}"#),
+            &["'rope_scaling.factor'", "a number"],
+        );
+        assert_contains(
+            &bad(r#"{"beta_fast": 1, "beta_slow": 2}"#),
+            &["beta_fast >= beta_slow", "found 1 and 2"],
+        );
+        assert_contains(
+            &bad(r#"{"beta_slow": -1}"#),
+            &["'rope_scaling.beta_slow'", "positive", "-1"],
+        );
+        for a in ["0", "-1.5"] {
+            let msg = bad(&format!(r#"{{"attention_factor": {a}}}"#));
+            assert_contains(&msg, &["'rope_scaling.attention_factor'", "positive", a]);
+        }
+        assert_contains(
+            &bad(r#"{"original_max_position_embeddings": 0}"#),
+            &["rope_scaling.original_max_position_embeddings", "> 0"],
+        );
+        assert_contains(
+            &bad(r#"{"truncate": "yes"}"#),
+            &["rope_scaling.truncate", "true or false"],
+        );
+        assert_contains(
+            &err_of(&qwen25_yarn_with(r#"{"rope_theta": 1.0}"#, "{}")),
+            &["YaRN needs rope_theta > 1", "found 1"],
+        );
     }
 
     #[test]

@@ -160,6 +160,63 @@ fn longrope_layouts_attention_factor_and_the_switch_to_long_factors() {
     }
 }
 
+/// YaRN: the Hub layout (`rope_scaling` with the legacy `type`, as Qwen2.5's model card
+/// writes it) reads as the transformers-5 one, the attention factor is transformers'
+/// `0.1 ln 4 + 1`, and the band keeps frequency 0, blends 1 half-way and divides 2 and 3 by
+/// the factor — what the PEFT fixture checks through the logits.
+#[test]
+fn yarn_layouts_attention_factor_and_band() {
+    let src = fixture("qwen2_yarn");
+    let read = |f: &str| lema::config::ModelConfig::from_file(&src.join(f)).unwrap();
+    let (new, hub) = (read("config.json"), read("config.hub.json"));
+    assert_eq!(new.rope_scaling, hub.rope_scaling);
+    assert_eq!(new.rope_inv_freq(), hub.rope_inv_freq());
+    let lema::config::RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings,
+        attention_factor,
+        ..
+    } = new.rope_scaling
+    else {
+        panic!("not YaRN: {:?}", new.rope_scaling)
+    };
+    assert_eq!((factor, original_max_position_embeddings), (4.0, 128));
+    let af = 0.1 * 4f64.ln() + 1.0;
+    assert!((attention_factor as f64 - af).abs() < 1e-7);
+    assert!((new.attention_scale() as f64 - af * af / 8f64.sqrt()).abs() < 1e-7);
+    let base = |i: i32| 10000f64.powf(-2.0 * i as f64 / 8.0);
+    let want = [
+        base(0),
+        base(1) * (0.5 / 4.0 + 0.5),
+        base(2) / 4.0,
+        base(3) / 4.0,
+    ];
+    for (i, (&g, w)) in new.rope_inv_freq().iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= 1e-7 * w,
+            "frequency {i}: {g} vs {w}"
+        );
+    }
+}
+
+/// Gemma 3 refuses YaRN (and LongRoPE) on its global layers: transformers would scale
+/// only those layers' attention by the factor; no checkpoint does it.
+#[test]
+fn gemma3_refuses_yarn() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_with("gemma3", dir.path(), |c| {
+        c["rope_parameters"]["full_attention"] = serde_json::json!({
+            "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+            "original_max_position_embeddings": 16
+        });
+    });
+    let msg = open_err(dir.path());
+    assert!(
+        msg.contains("yarn RoPE scaling are not supported for Gemma 3"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn phi3_dropout_is_refused_not_ignored() {
     let dir = tempfile::tempdir().unwrap();

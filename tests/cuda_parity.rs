@@ -1390,6 +1390,7 @@ fn peft_fixtures_on_cuda() {
         "qwen2_sw",
         "phi3",
         "phi3_longrope",
+        "qwen2_yarn",
         "gemma3",
     ] {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));

@@ -44,6 +44,7 @@ fn merged_f32_model_equals_base_plus_adapter() {
         "qwen3",
         "phi3",
         "phi3_longrope",
+        "qwen2_yarn",
         "gemma3",
     ] {
         let dir = fixture(case);

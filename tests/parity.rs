@@ -174,6 +174,11 @@ fn phi3_longrope_matches_peft() {
 }
 
 #[test]
+fn qwen2_yarn_matches_peft() {
+    check_case("qwen2_yarn", Strategy::Streaming, true);
+}
+
+#[test]
 fn gemma3_unit_offset_norms_geglu_local_global_softcap_matches_peft() {
     check_case("gemma3", Strategy::Streaming, true);
 }
@@ -305,6 +310,7 @@ fn kv_cache_generation_matches_transformers() {
         "qwen3",
         "phi3",
         "phi3_longrope",
+        "qwen2_yarn",
         "gemma3",
     ] {
         let reference = read_tensors(&fixture(case).join("reference.safetensors"));

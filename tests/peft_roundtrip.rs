@@ -443,6 +443,7 @@ fn every_architectures_adapters_load_in_peft_with_lemas_perplexity() {
         "qwen3",
         "phi3",
         "phi3_longrope",
+        "qwen2_yarn",
         "gemma3",
     ];
     let mut requests = Vec::new();

@@ -9,7 +9,7 @@ use super::decoder::{Activation, BlockDesc, GateUp, Mlp, NormDesc, NormKind, QkN
 use super::family::{Family, Sliding};
 use super::gguf::{self as g, Dim, GgufArch, GgufMeta, SpmFlavor};
 use super::{ArchDef, Model, TensorSpec, gather_rows, llama};
-use crate::config::{Arch, Fields, ModelConfig, RopeScaling};
+use crate::config::{Arch, Fields, ModelConfig, RopeContext, RopeScaling};
 use crate::error::Result;
 use crate::gbi::Gbi;
 use serde_json::{Map, Value, json};
@@ -132,7 +132,7 @@ fn parse(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
         ));
     }
     f.refuse_dropouts(&["attention_dropout"])?;
-    let (theta, scaling, local) = parse_rope(f)?;
+    let (theta, scaling, local) = parse_rope(f, &RopeContext::top_level(f, &cfg)?)?;
     (cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta) = (theta, scaling, Some(local));
     (cfg.sliding_window, cfg.sliding_layers) =
         crate::config::parse_windows(f, FAMILY.sliding, cfg.num_hidden_layers)?;
@@ -144,15 +144,31 @@ fn parse(f: &Fields, model_type: &str, arch: Arch) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// The global layers' RoPE base and scaling, and the sliding layers' base.
-fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling, f32)> {
+/// The global layers' RoPE base and scaling, and the sliding layers' base. LongRoPE and
+/// YaRN are refused: transformers would scale the attention of the global layers only by
+/// their attention factor, and no Gemma 3 checkpoint uses them.
+fn parse_rope(f: &Fields, ctx: &RopeContext) -> Result<(f32, RopeScaling, f32)> {
+    let (theta, scaling, local) = parse_rope_layers(f, ctx)?;
+    if matches!(
+        scaling,
+        RopeScaling::LongRope { .. } | RopeScaling::Yarn { .. }
+    ) {
+        return Err(f.err(
+            "longrope and yarn RoPE scaling are not supported for Gemma 3 (its checkpoints \
+             use linear)",
+        ));
+    }
+    Ok((theta, scaling, local))
+}
+
+fn parse_rope_layers(f: &Fields, ctx: &RopeContext) -> Result<(f32, RopeScaling, f32)> {
     let per_type = f
         .sub("rope_parameters", "rope_parameters.")?
         .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
     let Some(p) = per_type else {
         let theta = f.positive_f32("rope_theta", Some(1e6))?;
         let scaling = match f.sub("rope_scaling", "rope_scaling.")? {
-            Some(s) => crate::config::parse_scaling(&s, false)?,
+            Some(s) => crate::config::parse_scaling(&s, false, ctx)?,
             None => RopeScaling::None,
         };
         return Ok((
@@ -167,7 +183,7 @@ fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling, f32)> {
     };
     let full = entry("full_attention", "rope_parameters.full_attention.")?;
     let local = entry("sliding_attention", "rope_parameters.sliding_attention.")?;
-    if crate::config::parse_scaling(&local, true)? != RopeScaling::None {
+    if crate::config::parse_scaling(&local, true, ctx)? != RopeScaling::None {
         return Err(local.err(
             "a RoPE scaling of the sliding layers is not supported (Gemma 3 scales only the \
              global layers)",
@@ -175,7 +191,7 @@ fn parse_rope(f: &Fields) -> Result<(f32, RopeScaling, f32)> {
     }
     Ok((
         full.positive_f32("rope_theta", Some(1e6))?,
-        crate::config::parse_scaling(&full, true)?,
+        crate::config::parse_scaling(&full, true, ctx)?,
         local.positive_f32("rope_theta", Some(1e4))?,
     ))
 }
