@@ -25,6 +25,7 @@ pub mod merge;
 pub mod model;
 pub mod modelfile;
 pub mod optim;
+pub mod quant;
 pub mod rng;
 pub mod schedule;
 pub mod staging;
