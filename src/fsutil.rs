@@ -695,12 +695,7 @@ mod tests {
     }
 
     fn st_dtype(d: DType) -> Dtype {
-        match d {
-            DType::F32 => Dtype::F32,
-            DType::F16 => Dtype::F16,
-            DType::BF16 => Dtype::BF16,
-            DType::U8 => Dtype::U8,
-        }
+        d.into()
     }
 
     #[test]

@@ -99,6 +99,17 @@ impl DType {
     }
 }
 
+impl From<DType> for safetensors::Dtype {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::U8 => safetensors::Dtype::U8,
+        }
+    }
+}
+
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -11,34 +11,13 @@
 //! them to, and dropped after it.
 
 use super::LayerWeights;
-use crate::backend::{Backend, DType, Nf4Nested, Nf4Parts};
+use crate::backend::{Backend, Nf4Nested, Nf4Parts};
 use crate::error::{Error, Result};
 use crate::gbi::Gbi;
 use std::collections::HashMap;
 
-/// The quant_state key of an NF4 weight, after the weight's name.
-const NF4_STATE: &str = ".quant_state.bitsandbytes__nf4";
-/// ... and of an FP4 one (refused).
-const FP4_STATE: &str = ".quant_state.bitsandbytes__fp4";
-
-/// How one weight is stored in NF4.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Nf4Weight {
-    /// The shape of the weight it stands for (`[out, in]`).
-    pub shape: Vec<usize>,
-    pub blocksize: usize,
-    /// What bitsandbytes expands it to (quant_state `dtype`).
-    pub dtype: DType,
-    /// Double quantization: the second level's block size and the offset added back.
-    pub nested: Option<(usize, f32)>,
-}
-
-impl Nf4Weight {
-    /// Elements of the weight it stands for.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
+/// How one weight is stored in NF4 (checked against its parts when the file opens).
+pub type Nf4Weight = crate::quant::bnb_layout::Nf4Layout;
 
 /// The NF4-stored weights of a model file, by full tensor name
 /// (`model.layers.3.self_attn.q_proj.weight`).
@@ -48,38 +27,62 @@ pub struct QuantTable {
 }
 
 impl QuantTable {
-    /// The NF4 weights among `weights` (each a linear weight's name and the `[out, in]`
-    /// shape the architecture expects) in `gbi`, each checked against its parts; none
-    /// when the file holds no quantized weight.
+    /// The NF4 weights of `gbi`, each checked against its parts and against the shape the
+    /// architecture expects (`weights`: every linear weight's name and `[out, in]`); none
+    /// when the file holds no quantized weight. A quantized tensor that is not one of the
+    /// model's linears, an FP4 or 8-bit layout, and packed weights stored in another
+    /// type than U8 are refused by name.
     pub fn read(gbi: &Gbi, weights: &[(String, Vec<usize>)]) -> Result<Option<Self>> {
+        use crate::quant::bnb_layout::{TensorRef, bnb4_layout, bnb4_weights};
+        let names = bnb4_weights(gbi.path(), gbi.tensors().map(|t| t.name.as_str()))?;
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let expected: HashMap<&str, &Vec<usize>> =
+            weights.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        let get = |name: &str| {
+            gbi.get(name).map(|t| TensorRef {
+                dtype: t.dtype.into(),
+                shape: t.shape.clone(),
+                data: gbi.bytes(t),
+            })
+        };
         let mut by_name = HashMap::new();
-        for (name, shape) in weights {
-            if gbi.get(&format!("{name}{FP4_STATE}")).is_some() {
+        for name in names {
+            let Some(&shape) = expected.get(name.as_str()) else {
                 return Err(Error::tensor(
                     gbi.path(),
-                    name,
-                    "is stored in bitsandbytes' FP4; lema reads NF4 only: quantize the model \
-                     with bnb_4bit_quant_type=\"nf4\", or give the unquantized model",
+                    &name,
+                    "is stored quantized, but it is not a linear weight of this model's \
+                     blocks (lema keeps embeddings, norms and the head unquantized, as \
+                     bitsandbytes does)",
+                ));
+            };
+            let w = bnb4_layout(gbi.path(), &name, get)?;
+            if w.storage != safetensors::Dtype::U8 {
+                return Err(Error::tensor(
+                    gbi.path(),
+                    &name,
+                    format!(
+                        "packs its 4-bit codes in {:?} (bnb_4bit_quant_storage); lema streams them \
+                         as U8 only: save the model with the default quant storage (uint8)",
+                        w.storage
+                    ),
                 ));
             }
-            let Some(state) = gbi.get(&format!("{name}{NF4_STATE}")) else {
-                continue;
-            };
-            let w = parse_state(gbi, name, gbi.bytes(state))?;
             if &w.shape != shape {
                 return Err(Error::tensor(
                     gbi.path(),
-                    name,
+                    &name,
                     format!(
                         "its quant_state says shape {:?}, but the model's config.json makes it {shape:?}",
                         w.shape
                     ),
                 ));
             }
-            check_parts(gbi, name, &w)?;
-            by_name.insert(name.clone(), w);
+            by_name.insert(name, w);
         }
-        Ok((!by_name.is_empty()).then_some(QuantTable { by_name }))
+        Ok(Some(QuantTable { by_name }))
     }
 
     /// How `name` is stored, when it is quantized.
@@ -96,105 +99,6 @@ impl QuantTable {
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
-}
-
-/// The weight's quant_state JSON, read and checked.
-fn parse_state(gbi: &Gbi, name: &str, bytes: &[u8]) -> Result<Nf4Weight> {
-    let bad = |msg: String| Error::tensor(gbi.path(), format!("{name}{NF4_STATE}"), msg);
-    let v: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| bad(format!("is not the JSON bitsandbytes writes ({e})")))?;
-    let field = |k: &str| v.get(k).ok_or_else(|| bad(format!("has no '{k}'")));
-    let size = |k: &str| -> Result<usize> {
-        field(k)?
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| n > 0)
-            .ok_or_else(|| bad(format!("'{k}' is not a positive integer")))
-    };
-    if let Some(t) = v.get("quant_type").and_then(|t| t.as_str())
-        && t != "nf4"
-    {
-        return Err(bad(format!("quant_type is '{t}'; lema reads nf4 only")));
-    }
-    let shape = field("shape")?
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok()))
-                .collect::<Option<Vec<usize>>>()
-        })
-        .ok_or_else(|| bad("'shape' is not a list of sizes".into()))?;
-    let dtype = match field("dtype")?.as_str() {
-        Some("bfloat16") => DType::BF16,
-        Some("float16") => DType::F16,
-        Some("float32") => DType::F32,
-        _ => {
-            return Err(bad(format!(
-                "dtype {} is not bfloat16, float16 or float32",
-                v["dtype"]
-            )));
-        }
-    };
-    let nested = match v.get("nested_blocksize") {
-        None => None,
-        Some(_) => {
-            let offset = field("nested_offset")?
-                .as_f64()
-                .ok_or_else(|| bad("'nested_offset' is not a number".into()))?;
-            Some((size("nested_blocksize")?, offset as f32))
-        }
-    };
-    Ok(Nf4Weight {
-        shape,
-        blocksize: size("blocksize")?,
-        dtype,
-        nested,
-    })
-}
-
-/// The parts of `name` in the file agree with its quant_state: dtypes and sizes.
-fn check_parts(gbi: &Gbi, name: &str, w: &Nf4Weight) -> Result<()> {
-    let blocks = w.numel().div_ceil(w.blocksize);
-    let mut parts = vec![
-        (String::new(), DType::U8, w.numel().div_ceil(2)),
-        (
-            ".absmax".into(),
-            if w.nested.is_some() {
-                DType::U8
-            } else {
-                DType::F32
-            },
-            blocks,
-        ),
-        (".quant_map".into(), DType::F32, 16),
-    ];
-    if let Some((nbs, _)) = w.nested {
-        parts.push((".nested_absmax".into(), DType::F32, blocks.div_ceil(nbs)));
-        parts.push((".nested_quant_map".into(), DType::F32, 256));
-    }
-    for (suffix, dtype, numel) in parts {
-        let key = format!("{name}{suffix}");
-        let t = gbi.get(&key).ok_or_else(|| {
-            Error::tensor(
-                gbi.path(),
-                &key,
-                "is missing: an NF4 weight needs its packed codes, absmax, quant_map (and \
-                 with double quantization nested_absmax and nested_quant_map)",
-            )
-        })?;
-        let n: usize = t.shape.iter().product();
-        if t.dtype != dtype || n != numel {
-            return Err(Error::tensor(
-                gbi.path(),
-                &key,
-                format!(
-                    "is {} with {n} elements, but its quant_state (shape {:?}, block size {}) needs {dtype} with {numel}",
-                    t.dtype, w.shape, w.blocksize
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The dense weights of the NF4-stored linears of block weights `w` (tensor names
@@ -227,7 +131,7 @@ pub fn expand<B: Backend>(
             absmax: part(".absmax")?,
             code: part(".quant_map")?,
             nested,
-            numel: q.numel(),
+            numel: q.shape.iter().product(),
             blocksize: q.blocksize,
         };
         dense.insert(rel, be.dequantize_nf4(&parts, q.dtype)?);

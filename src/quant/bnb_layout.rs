@@ -80,19 +80,11 @@ pub struct Bnb4Config {
     pub compute_dtype: DType,
 }
 
-/// bitsandbytes' (and torch's) name of a dtype, as in the quant state.
-fn torch_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-    }
-}
-
+/// The float dtype bitsandbytes (and torch) call `s`.
 fn from_torch_name(s: &str) -> Option<DType> {
     [DType::F32, DType::F16, DType::BF16]
         .into_iter()
-        .find(|&d| torch_name(d) == s)
+        .find(|&d| d.torch_name() == s)
 }
 
 /// If `name` is a tensor of a bitsandbytes quant state (`X.weight.absmax`, …), the name of
@@ -200,7 +192,7 @@ pub fn encode_bnb4(weight: &str, t: &Nf4Tensor) -> Vec<StoredTensor> {
     let mut json = format!(
         "{{\"quant_type\": \"nf4\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{shape}]",
         t.blocksize,
-        torch_name(t.dtype)
+        t.dtype.torch_name()
     );
     match &t.absmax {
         Absmax::F32(a) => {
@@ -373,6 +365,63 @@ pub fn decode_bnb4<'a>(
     weight: &str,
     get: impl Fn(&str) -> Option<TensorRef<'a>>,
 ) -> Result<Nf4Tensor> {
+    let (layout, parts) = read_bnb4(path, weight, &get)?;
+    let absmax = match (layout.nested, parts.nested) {
+        (Some((blocksize, offset)), Some((absmax, code))) => Absmax::Nested(Nested {
+            codes: parts.absmax.to_vec(),
+            absmax: f32s(absmax),
+            code: f32s(code),
+            blocksize,
+            offset,
+        }),
+        _ => Absmax::F32(f32s(parts.absmax)),
+    };
+    Ok(Nf4Tensor {
+        shape: layout.shape,
+        dtype: layout.dtype,
+        blocksize: layout.blocksize,
+        packed: parts.packed.to_vec(),
+        absmax,
+    })
+}
+
+/// How an NF4 weight is stored, from its quant state (every part checked against it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Layout {
+    /// The shape of the weight it stands for.
+    pub shape: Vec<usize>,
+    /// What bitsandbytes dequantizes it to.
+    pub dtype: DType,
+    pub blocksize: usize,
+    /// Double quantization: the second level's block size and the offset added back.
+    pub nested: Option<(usize, f32)>,
+    /// The packed weight's stored dtype (U8, or a `bnb_4bit_quant_storage` type holding
+    /// the same bytes).
+    pub storage: Dtype,
+}
+
+/// The bytes of an NF4 weight's parts, borrowed from the file.
+struct Parts<'a> {
+    packed: &'a [u8],
+    absmax: &'a [u8],
+    /// With double quantization: the nested absmax and the 8-bit code.
+    nested: Option<(&'a [u8], &'a [u8])>,
+}
+
+/// [`decode_bnb4`]'s checks without copying the data: the layout of `weight`.
+pub fn bnb4_layout<'a>(
+    path: &Path,
+    weight: &str,
+    get: impl Fn(&str) -> Option<TensorRef<'a>>,
+) -> Result<Nf4Layout> {
+    Ok(read_bnb4(path, weight, &get)?.0)
+}
+
+fn read_bnb4<'a>(
+    path: &Path,
+    weight: &str,
+    get: &impl Fn(&str) -> Option<TensorRef<'a>>,
+) -> Result<(Nf4Layout, Parts<'a>)> {
     let state_name = format!("{weight}.{NF4_STATE}");
     let fetch = |name: &str| {
         get(name).ok_or_else(|| {
@@ -453,7 +502,7 @@ pub fn decode_bnb4<'a>(
             format!("is not bitsandbytes' NF4 table: {qmap:?}"),
         ));
     }
-    let absmax = match state.nested {
+    let (absmax, nested) = match state.nested {
         None => {
             if let Some(extra) = ["nested_absmax", "nested_quant_map"]
                 .iter()
@@ -465,35 +514,30 @@ pub fn decode_bnb4<'a>(
                     "present, but the quant state has no nested_* keys",
                 ));
             }
-            Absmax::F32(f32s(sized("absmax", Dtype::F32, blocks, &blocks_why)?))
+            (sized("absmax", Dtype::F32, blocks, &blocks_why)?, None)
         }
-        Some((nested_blocksize, offset)) => {
-            let codes = sized("absmax", Dtype::U8, blocks, &blocks_why)?.to_vec();
+        Some((nested_blocksize, _)) => {
+            let codes = sized("absmax", Dtype::U8, blocks, &blocks_why)?;
             let nested_blocks = blocks.div_ceil(nested_blocksize);
             let why = format!("{blocks} absmax codes in nested blocks of {nested_blocksize}");
-            let absmax = f32s(sized("nested_absmax", Dtype::F32, nested_blocks, &why)?);
-            let code = f32s(sized(
-                "nested_quant_map",
-                Dtype::F32,
-                CODE_LEN,
-                "an 8-bit code",
-            )?);
-            Absmax::Nested(Nested {
-                codes,
-                absmax,
-                code,
-                blocksize: nested_blocksize,
-                offset,
-            })
+            let absmax = sized("nested_absmax", Dtype::F32, nested_blocks, &why)?;
+            let code = sized("nested_quant_map", Dtype::F32, CODE_LEN, "an 8-bit code")?;
+            (codes, Some((absmax, code)))
         }
     };
-    Ok(Nf4Tensor {
+    let layout = Nf4Layout {
         shape: state.shape,
         dtype: state.dtype,
         blocksize: state.blocksize,
-        packed: w.data.to_vec(),
+        nested: state.nested,
+        storage: w.dtype,
+    };
+    let parts = Parts {
+        packed: w.data,
         absmax,
-    })
+        nested,
+    };
+    Ok((layout, parts))
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -508,7 +552,7 @@ pub fn quantization_config(c: Bnb4Config) -> serde_json::Value {
     serde_json::json!({
         "_load_in_4bit": true,
         "_load_in_8bit": false,
-        "bnb_4bit_compute_dtype": torch_name(c.compute_dtype),
+        "bnb_4bit_compute_dtype": c.compute_dtype.torch_name(),
         "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": c.double_quant,

@@ -47,7 +47,11 @@ pub(crate) fn dequantize_nf4<T: CpuFloat>(
             for (j, o) in block.iter_mut().enumerate() {
                 let i = b * blocksize + j;
                 let p = byte(packed[i / 2]);
-                let nibble = if i.is_multiple_of(2) { p >> 4 } else { p & 0x0f };
+                let nibble = if i.is_multiple_of(2) {
+                    p >> 4
+                } else {
+                    p & 0x0f
+                };
                 *o = T::from_f32(dtype.round(code[nibble as usize].as_f32() * s));
             }
         });

@@ -1,0 +1,231 @@
+//! A frozen base stored in NF4 (bitsandbytes' layout, as transformers saves a 4-bit model):
+//! the real `save_pretrained` output of tests/fixtures/bnb4_tiny (a tiny Llama quantized by
+//! transformers 5.24 + bitsandbytes 0.50.2 on the CPU, tools/reference/nf4_reference.py)
+//! loads directly, and training on it is bit for bit training on its "twin": the same file
+//! with each NF4 weight replaced by bitsandbytes' own `dequantize_4bit` of it (bf16,
+//! recorded in the fixture's reference.safetensors). So lema's expansion is bitsandbytes',
+//! and every strategy and checkpointing setting gives the same bits on the quantized base.
+//! Bad layouts are refused by name.
+
+mod common;
+use common::fixture;
+use lema::backend::DType;
+use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Strategy, Trainer};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The fixture's tensors as stored: name → (dtype, shape, bytes).
+type Raw = BTreeMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
+fn read_raw(path: &Path) -> Raw {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let dtype = match v.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::U8 => DType::U8,
+                other => panic!("{name}: {other:?}"),
+            };
+            (name, (dtype, v.shape().to_vec(), v.data().to_vec()))
+        })
+        .collect()
+}
+
+fn write_raw(dir: &Path, tensors: &Raw, config: &serde_json::Value) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let out: Vec<lema::fsutil::TensorOut> = tensors
+        .iter()
+        .map(|(name, (dtype, shape, data))| lema::fsutil::TensorOut {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            data: Cow::Borrowed(data),
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    lema::fsutil::write_safetensors(&path, &out, &Default::default()).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    path
+}
+
+fn config_of(case_dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(case_dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// The NF4 weights of the fixture (those with a quant state).
+fn quantized_weights(t: &Raw) -> Vec<String> {
+    t.keys()
+        .filter_map(|k| k.strip_suffix(".quant_state.bitsandbytes__nf4"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The fixture with every NF4 weight replaced by bitsandbytes' dequantization of it.
+fn dequantized_twin(dir: &Path) -> PathBuf {
+    let src = fixture("bnb4_tiny");
+    let mut t = read_raw(&src.join("model.safetensors"));
+    let reference = read_raw(&src.join("reference.safetensors"));
+    let weights = quantized_weights(&t);
+    assert_eq!(weights.len(), 7, "the fixture quantizes the 7 projections");
+    for w in &weights {
+        t.retain(|k, _| !(k.starts_with(w.as_str()) && k.len() > w.len()));
+        let d = reference[&format!("{w}.dequantized")].clone();
+        assert_eq!(
+            d.0,
+            DType::BF16,
+            "{w}: bitsandbytes dequantizes to bf16 here"
+        );
+        t.insert(w.clone(), d);
+    }
+    let mut config = config_of(&src);
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    write_raw(dir, &t, &config)
+}
+
+fn config(path: &Path, strategy: Strategy, checkpointing: bool) -> LemaConfig {
+    let mut c = LemaConfig::new(path);
+    c.device = Device::Cpu;
+    c.strategy = strategy;
+    c.gradient_checkpointing = checkpointing;
+    c.lora_rank = 4;
+    c.lora_alpha = 8.0;
+    c.lora_target_modules = Some(vec!["all-linear".into()]);
+    c
+}
+
+fn batch() -> Batch {
+    // vocab 96; two rows of 11
+    let ids: Vec<u32> = (0..22).map(|i| (i * 37 + 5) % 96).collect();
+    Batch::language_modeling(ids, 2, 11).unwrap()
+}
+
+/// Logits, then the losses, gradient norms and LoRA weights of 3 AdamW steps.
+fn run(
+    path: &Path,
+    strategy: Strategy,
+    checkpointing: bool,
+) -> (Vec<f32>, Vec<f64>, Vec<Vec<f32>>) {
+    let mut m = LemaModel::new(config(path, strategy, checkpointing)).expect("model");
+    m.initialize_lora().unwrap();
+    let b = batch();
+    let (_, _, logits) = m.evaluate(&b, true).unwrap();
+    let mut t = Trainer::new(m, OptimizerConfig::adamw(1e-2)).unwrap();
+    let mut scalars = Vec::new();
+    for _ in 0..3 {
+        let out = t.train_step(&b).unwrap();
+        scalars.extend([out.loss, out.grad_norm]);
+    }
+    let weights = t
+        .model
+        .lora_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, w)| w)
+        .collect();
+    (logits.unwrap(), scalars, weights)
+}
+
+#[test]
+fn a_bitsandbytes_checkpoint_trains_as_its_dequantized_twin_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let twin = dequantized_twin(tmp.path());
+    let nf4 = fixture("bnb4_tiny").join("model.safetensors");
+    let want = run(&twin, Strategy::Streaming, true);
+    assert!(want.0.iter().all(|x| x.is_finite()));
+    assert!(
+        want.1[0] > want.1[4],
+        "training lowers the loss: {:?}",
+        want.1
+    );
+    for (strategy, ckpt) in [
+        (Strategy::Streaming, true),
+        (Strategy::Resident, true),
+        (Strategy::Streaming, false),
+    ] {
+        let got = run(&nf4, strategy, ckpt);
+        assert_eq!(got.0, want.0, "{strategy:?}/ckpt={ckpt}: logits");
+        assert_eq!(
+            got.1, want.1,
+            "{strategy:?}/ckpt={ckpt}: losses, gradient norms"
+        );
+        assert_eq!(got.2, want.2, "{strategy:?}/ckpt={ckpt}: LoRA weights");
+    }
+}
+
+/// The fixture changed by `edit` (tensors and config.json); its open error.
+fn open_err(edit: impl FnOnce(&mut Raw, &mut serde_json::Value)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("bnb4_tiny");
+    let mut t = read_raw(&src.join("model.safetensors"));
+    let mut c = config_of(&src);
+    edit(&mut t, &mut c);
+    let path = write_raw(tmp.path(), &t, &c);
+    match LemaModel::new(config(&path, Strategy::Streaming, true)) {
+        Ok(_) => panic!("the edited checkpoint opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const Q: &str = "model.layers.0.self_attn.q_proj.weight";
+
+fn state_json(t: &Raw, w: &str) -> serde_json::Value {
+    serde_json::from_slice(&t[&format!("{w}.quant_state.bitsandbytes__nf4")].2).unwrap()
+}
+
+fn set_state(t: &mut Raw, w: &str, key: &str, v: serde_json::Value) {
+    let mut s = state_json(t, w);
+    s[key] = v;
+    let bytes = s.to_string().into_bytes();
+    t.insert(
+        format!("{w}.quant_state.bitsandbytes__nf4"),
+        (DType::U8, vec![bytes.len()], bytes),
+    );
+}
+
+#[test]
+fn bad_quantized_layouts_are_refused_by_name() {
+    // FP4 instead of NF4
+    let msg = open_err(|t, _| {
+        let k = format!("{Q}.quant_state.bitsandbytes__nf4");
+        let v = t.remove(&k).unwrap();
+        t.insert(format!("{Q}.quant_state.bitsandbytes__fp4"), v);
+    });
+    assert!(msg.contains(Q) && msg.contains("fp4"), "{msg}");
+    // a quant_state whose shape disagrees with the packed bytes
+    let msg = open_err(|t, _| set_state(t, Q, "shape", serde_json::json!([64, 66])));
+    assert!(msg.contains(Q) && msg.contains("packed"), "{msg}");
+    // ... or with the model's config.json (a consistent layout of another shape)
+    let msg = open_err(|_, c| c["num_attention_heads"] = 2.into());
+    assert!(msg.contains("shape"), "{msg}");
+    // a missing companion
+    let msg = open_err(|t, _| {
+        t.remove(&format!("{Q}.absmax"));
+    });
+    assert!(msg.contains(&format!("{Q}.absmax")), "{msg}");
+    // an embedding stored quantized
+    let msg = open_err(|t, _| {
+        for (k, v) in t.clone() {
+            if let Some(rest) = k.strip_prefix(Q) {
+                t.insert(format!("model.embed_tokens.weight{rest}"), v);
+            }
+        }
+    });
+    assert!(
+        msg.contains("model.embed_tokens.weight") && msg.contains("not a linear"),
+        "{msg}"
+    );
+    // the packed codes stored in another type (bnb_4bit_quant_storage)
+    let msg = open_err(|t, _| {
+        let (_, shape, data) = t[Q].clone();
+        t.insert(Q.to_string(), (DType::BF16, vec![shape[0] / 2, 1], data));
+    });
+    assert!(msg.contains(Q) && msg.contains("U8"), "{msg}");
+}
