@@ -82,12 +82,27 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    // an NF4-stored weight is written dense, in the dtype bitsandbytes expands it to
+    // (never requantized), and its quant-state tensors are dropped
+    let quant = model.quant();
+    let dense = |name: &str| quant.and_then(|q| q.get(name));
+    let is_part = |name: &str| {
+        crate::quant::bnb_layout::companion_of(name).is_some_and(|w| dense(w).is_some())
+    };
     let specs: Vec<TensorSpec> = gbi
         .tensors()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
+        .filter(|t| !is_part(&t.name))
+        .map(|t| match dense(&t.name) {
+            Some(q) => TensorSpec {
+                name: t.name.clone(),
+                dtype: q.dtype,
+                shape: q.shape.clone(),
+            },
+            None => TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            },
         })
         .collect();
     let mut meta: BTreeMap<String, String> = gbi.metadata().clone();
@@ -103,25 +118,40 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
     let mut merged = Vec::new();
     let mut tensors = 0;
     for t in gbi.tensors() {
+        if is_part(&t.name) {
+            continue;
+        }
         tensors += 1;
         let bytes = map.get(t.offset..t.offset + t.len).ok_or_else(|| {
             Error::tensor(gbi.path(), &t.name, "changed on disk during the merge")
         })?;
-        let Some(&(a, b, fin, fout)) = updates.get(&t.name) else {
+        let (shape, dtype) = match dense(&t.name) {
+            Some(q) => (q.shape.clone(), q.dtype),
+            None => (t.shape.clone(), t.dtype),
+        };
+        let update = updates.get(&t.name);
+        if update.is_none() && dense(&t.name).is_none() {
             writer.write(&t.name, bytes)?;
             crate::import::release_pages(&map, bytes);
             continue;
+        }
+        let mut w: CpuBuf<f32> = match dense(&t.name) {
+            Some(_) => CpuBuf(expand_nf4(&gbi, &t.name)?),
+            None => be.upload_weight(bytes, t.dtype)?,
+        };
+        crate::import::release_pages(&map, bytes);
+        let Some(&(a, b, fin, fout)) = update else {
+            writer.write(&t.name, &encode(w.as_slice(), dtype))?;
+            continue;
         };
         let want = if conv1d { [fin, fout] } else { [fout, fin] };
-        if t.shape != want {
+        if shape != want {
             return Err(Error::tensor(
                 gbi.path(),
                 &t.name,
-                format!("has shape {:?}, the adapter expects {want:?}", t.shape),
+                format!("has shape {shape:?}, the adapter expects {want:?}"),
             ));
         }
-        let mut w: CpuBuf<f32> = be.upload_weight(bytes, t.dtype)?;
-        crate::import::release_pages(&map, bytes);
         let g = |m, n, trans_a, trans_b| Gemm {
             m,
             n,
@@ -145,7 +175,7 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
                 format!("merging gives a non-finite weight at element {i}; the adapter is broken"),
             ));
         }
-        writer.write(&t.name, &encode(w.as_slice(), t.dtype))?;
+        writer.write(&t.name, &encode(w.as_slice(), dtype))?;
         merged.push(t.name.clone());
     }
     let output = writer.finish()?;
@@ -185,16 +215,38 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
     })
 }
 
+/// The NF4-stored weight `name` of `gbi`, as bitsandbytes' `dequantize_4bit` gives it
+/// (in its quant-state dtype), widened to f32.
+fn expand_nf4(gbi: &crate::gbi::Gbi, name: &str) -> Result<Vec<f32>> {
+    use crate::quant::bnb_layout::{TensorRef, decode_bnb4};
+    let get = |n: &str| {
+        gbi.get(n).map(|t| TensorRef {
+            dtype: t.dtype.into(),
+            shape: t.shape.clone(),
+            data: gbi.bytes(t),
+        })
+    };
+    let q = decode_bnb4(gbi.path(), name, get)?;
+    let mut out = vec![0.0f32; q.numel()];
+    crate::quant::nf4::dequantize_nf4(&q, &mut out);
+    for x in &mut out {
+        *x = q.dtype.round(*x);
+    }
+    Ok(out)
+}
+
 /// config.json without `_name_or_path`: the merged weights are no longer the Hub model it
 /// may name, and adapters trained on them name their base by that field
-/// (checkpoint::base_model_id).
+/// (checkpoint::base_model_id); and without `quantization_config`, since the merged
+/// weights are dense.
 fn without_hub_id(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let mut v: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-    let removed = v
-        .as_object_mut()
-        .and_then(|obj| obj.remove("_name_or_path"))
-        .is_some();
+    // and without `quantization_config`: the merged weights are written dense
+    let removed = v.as_object_mut().is_some_and(|obj| {
+        let hub = obj.remove("_name_or_path").is_some();
+        obj.remove("quantization_config").is_some() || hub
+    });
     if !removed {
         return Ok(bytes.to_vec());
     }

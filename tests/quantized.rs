@@ -229,3 +229,62 @@ fn bad_quantized_layouts_are_refused_by_name() {
     });
     assert!(msg.contains(Q) && msg.contains("U8"), "{msg}");
 }
+
+/// `lema merge` onto the NF4 base writes a dense model in the dtype bitsandbytes expands
+/// to (bf16 here), never requantized: byte for byte what merging into the dequantized
+/// twin writes, with no quantized tensor and no `quantization_config` left.
+#[test]
+fn merging_into_the_nf4_base_writes_the_dense_merge_of_its_twin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let twin = dequantized_twin(&tmp.path().join("twin"));
+    let nf4 = fixture("bnb4_tiny").join("model.safetensors");
+    // an adapter trained on the quantized base
+    let mut m = LemaModel::new(config(&nf4, Strategy::Streaming, true)).unwrap();
+    m.initialize_lora().unwrap();
+    let mut t = Trainer::new(m, OptimizerConfig::adamw(1e-2)).unwrap();
+    for _ in 0..3 {
+        t.train_step(&batch()).unwrap();
+    }
+    let adapter = tmp.path().join("adapter");
+    t.model.save_adapter(&adapter).unwrap();
+    let from_nf4 = tmp.path().join("m1/model.safetensors");
+    let from_twin = tmp.path().join("m2/model.safetensors");
+    let report = lema::merge::merge_adapter(&nf4, &adapter, &from_nf4).expect("merge into NF4");
+    assert_eq!(report.merged.len(), 7, "{:?}", report.merged);
+    lema::merge::merge_adapter(&twin, &adapter, &from_twin).expect("merge into the twin");
+    let (a, b) = (read_raw(&from_nf4), read_raw(&from_twin));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
+    for (name, (dtype, shape, data)) in &a {
+        assert_ne!(*dtype, DType::U8, "{name} is still quantized");
+        assert_eq!(
+            (dtype, shape, data),
+            (&b[name].0, &b[name].1, &b[name].2),
+            "{name}"
+        );
+    }
+    let merged_config = config_of(from_nf4.parent().unwrap());
+    assert!(merged_config.get("quantization_config").is_none());
+    // and the merged model is the base with its adapter, to bf16 rounding of the sums
+    let with_adapter = {
+        let mut c = config(&nf4, Strategy::Streaming, true);
+        c.adapter_path = Some(adapter.clone());
+        let mut m = LemaModel::new(c).unwrap();
+        m.evaluate(&batch(), true).unwrap().2.unwrap()
+    };
+    let merged = {
+        let mut m = LemaModel::new(config(&from_nf4, Strategy::Streaming, true)).unwrap();
+        m.initialize_lora().unwrap();
+        m.evaluate(&batch(), true).unwrap().2.unwrap()
+    };
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    common::assert_close(
+        "merged vs NF4 base + adapter",
+        &f64s(&merged),
+        &f64s(&with_adapter),
+        1e-2,
+    );
+}
