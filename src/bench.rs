@@ -54,10 +54,11 @@ pub fn preset(name: &str) -> Result<Shape> {
         "smollm2-135m" => s(false, 49152, 576, 1536, 30, 9, 3, 8192, true),
         "gpt2" => s(true, 50257, 768, 3072, 12, 12, 12, 1024, true),
         "gpt2-xl" => s(true, 50257, 1600, 6400, 48, 25, 25, 1024, true),
+        "llama3-70b" => s(false, 128256, 8192, 28672, 80, 64, 8, 8192, false),
         "tiny" => s(false, 256, 64, 128, 2, 4, 2, 512, false),
         _ => {
             return Err(Error::config(format!(
-                "unknown model shape '{name}'; known: llama2-7b, llama3-8b, tinyllama-1.1b, smollm2-135m, gpt2, gpt2-xl, tiny"
+                "unknown model shape '{name}'; known: llama2-7b, llama3-8b, llama3-70b, tinyllama-1.1b, smollm2-135m, gpt2, gpt2-xl, tiny"
             )));
         }
     })
@@ -110,13 +111,74 @@ pub fn write_random_model(
     seed: u64,
     embed_std: f64,
 ) -> Result<PathBuf> {
+    write_random(dir, shape, dtype, seed, embed_std, false)
+}
+
+/// [`write_random_model`] with every block linear stored in NF4 as bitsandbytes stores
+/// it (double quantization, expanding to bf16; random codes and block scales around
+/// 0.035, so weights of about the same spread), everything else in bf16 — as a
+/// bitsandbytes 4-bit checkpoint holds a model. Written directly, so a shape whose bf16
+/// weights would not fit the disk (Llama-3-70B: 141 GB; 37 GB in NF4) can be benchmarked.
+pub fn write_random_nf4_model(dir: &Path, shape: &Shape, seed: u64) -> Result<PathBuf> {
+    write_random(dir, shape, DType::BF16, seed, 0.02, true)
+}
+
+/// lema's type of a stored tensor bitsandbytes' layout writes (U8 or F32).
+fn stored_dtype(d: safetensors::Dtype) -> DType {
+    match d {
+        safetensors::Dtype::U8 => DType::U8,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// A random NF4 tensor of `shape` (see [`write_random_nf4_model`]).
+fn random_nf4(shape: &[usize], seed: u64) -> crate::quant::Nf4Tensor {
+    use crate::quant::nf4::{Absmax, Nested};
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    let blocks = n.div_ceil(64);
+    let bytes = |len: usize, stream: u64| -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+            let mut rng = Rng::new(crate::rng::mix_seed(&[seed, stream, ci as u64]));
+            for b in c.chunks_mut(8) {
+                let x = rng.next_u64().to_le_bytes();
+                b.copy_from_slice(&x[..b.len()]);
+            }
+        });
+        v
+    };
+    crate::quant::Nf4Tensor {
+        shape: shape.to_vec(),
+        dtype: DType::BF16,
+        blocksize: 64,
+        packed: bytes(n.div_ceil(2), 0),
+        absmax: Absmax::Nested(Nested {
+            codes: bytes(blocks, 1),
+            absmax: vec![0.005; blocks.div_ceil(256)],
+            code: crate::quant::dynamic::dynamic_map().to_vec(),
+            blocksize: 256,
+            offset: 0.035,
+        }),
+    }
+}
+
+fn write_random(
+    dir: &Path,
+    shape: &Shape,
+    dtype: DType,
+    seed: u64,
+    embed_std: f64,
+    nf4: bool,
+) -> Result<PathBuf> {
     use rayon::prelude::*;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
     let path = dir.join("model.safetensors");
     let stamp = dir.join("random-model.json");
-    let want =
-        serde_json::json!({ "shape": shape, "dtype": dtype, "seed": seed, "embed_std": embed_std });
+    let want = serde_json::json!({ "shape": shape, "dtype": dtype, "seed": seed, "embed_std": embed_std, "nf4": nf4 });
     // reuse a model this function wrote before with the same parameters (benchmarks of
     // multi-GB shapes run several configurations on one file)
     if path.exists()
@@ -128,22 +190,63 @@ pub fn write_random_model(
         return Ok(path);
     }
     let _ = std::fs::remove_file(&stamp);
-    crate::checkpoint::write_json(&cfg_path, &shape.config_json())?;
+    let mut config = shape.config_json();
+    if nf4 {
+        config["quantization_config"] =
+            crate::quant::quantization_config(crate::quant::Bnb4Config {
+                double_quant: true,
+                compute_dtype: DType::BF16,
+            });
+    }
+    crate::checkpoint::write_json(&cfg_path, &config)?;
     let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
-    let specs = crate::model::Model::new(cfg).tensor_specs();
-    let out_specs = specs
-        .iter()
-        .map(|s| crate::fsutil::TensorSpec {
-            name: s.name.clone(),
-            dtype,
-            shape: s.shape.clone(),
-        })
-        .collect();
+    let model = crate::model::Model::new(cfg);
+    let specs = model.tensor_specs();
+    // NF4: the block linears as bitsandbytes' parts (names, types and shapes of a tensor
+    // depend on its shape only, so one encoding per shape gives the specs)
+    let quantized: std::collections::HashSet<String> = if nf4 {
+        model.linear_weights().into_iter().map(|(n, _)| n).collect()
+    } else {
+        Default::default()
+    };
+    let mut parts_of_shape: BTreeMap<Vec<usize>, Vec<(String, DType, Vec<usize>)>> =
+        BTreeMap::new();
+    let mut out_specs = Vec::new();
+    for s in &specs {
+        if !quantized.contains(&s.name) {
+            out_specs.push(crate::fsutil::TensorSpec {
+                name: s.name.clone(),
+                dtype,
+                shape: s.shape.clone(),
+            });
+            continue;
+        }
+        let parts = parts_of_shape.entry(s.shape.clone()).or_insert_with(|| {
+            crate::quant::encode_bnb4("", &random_nf4(&s.shape, seed))
+                .into_iter()
+                .map(|p| (p.name, stored_dtype(p.dtype), p.shape))
+                .collect()
+        });
+        for (suffix, dtype, shape) in parts.iter() {
+            out_specs.push(crate::fsutil::TensorSpec {
+                name: format!("{}{suffix}", s.name),
+                dtype: *dtype,
+                shape: shape.clone(),
+            });
+        }
+    }
     let mut w = crate::fsutil::SafetensorsWriter::create(&path, out_specs, &BTreeMap::new())?;
     const CHUNK: usize = 1 << 16;
     for (ti, spec) in specs.iter().enumerate() {
         let n: usize = spec.shape.iter().product();
         let name = &spec.name;
+        if quantized.contains(name) {
+            let seed = crate::rng::mix_seed(&[seed, ti as u64]);
+            for part in crate::quant::encode_bnb4(name, &random_nf4(&spec.shape, seed)) {
+                w.write(&part.name, &part.data)?;
+            }
+            continue;
+        }
         let vector = spec.shape.len() == 1;
         let std = if name.contains("embed") || name.contains("wte") || name.starts_with("lm_head") {
             embed_std
@@ -196,6 +299,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub strategy: Strategy,
     pub dtype: DType,
+    /// The block linears stored in NF4 ([`write_random_nf4_model`]); `dtype` is then bf16.
+    pub nf4: bool,
     pub lora_rank: usize,
     pub device: Device,
     pub gradient_checkpointing: bool,
@@ -405,7 +510,11 @@ fn time_steps(
 
 /// Run the benchmark in `workdir` (the random model is written there).
 pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
-    let path = write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?;
+    let path = if opts.nf4 {
+        write_random_nf4_model(workdir, &opts.shape, 1)?
+    } else {
+        write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?
+    };
     let model_file_bytes = std::fs::metadata(&path)
         .map_err(|e| Error::io(&path, e))?
         .len();

@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Stored weight type of the random model: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Store the block linears quantized: nf4 (bitsandbytes' layout, double
+    /// quantization; the rest in bf16).
+    #[arg(long)]
+    quant: Option<String>,
     #[arg(long, default_value_t = 16)]
     rank: usize,
     /// auto, cpu or cuda.
@@ -76,6 +80,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         strategy: a.strategy.parse::<Strategy>()?,
         dtype: a.dtype.parse()?,
+        nf4: match a.quant.as_deref() {
+            None => false,
+            Some("nf4") if a.dtype == "bf16" => true,
+            Some("nf4") => anyhow::bail!(
+                "--quant nf4 stores the linears in NF4 and the rest in bf16; leave --dtype at bf16"
+            ),
+            Some(other) => anyhow::bail!("--quant {other}: supported: nf4"),
+        },
         lora_rank: a.rank,
         device: a.device.parse::<Device>()?,
         gradient_checkpointing: a.checkpointing,
