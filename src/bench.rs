@@ -209,7 +209,8 @@ fn write_random(
     } else {
         Default::default()
     };
-    let mut parts_of_shape: BTreeMap<Vec<usize>, Vec<(String, DType, Vec<usize>)>> =
+    // per shape: each part's name suffix, type and shape
+    let mut parts_of_shape: BTreeMap<Vec<usize>, Vec<crate::fsutil::TensorSpec>> =
         BTreeMap::new();
     let mut out_specs = Vec::new();
     for s in &specs {
@@ -224,14 +225,18 @@ fn write_random(
         let parts = parts_of_shape.entry(s.shape.clone()).or_insert_with(|| {
             crate::quant::encode_bnb4("", &random_nf4(&s.shape, seed))
                 .into_iter()
-                .map(|p| (p.name, stored_dtype(p.dtype), p.shape))
+                .map(|p| crate::fsutil::TensorSpec {
+                    name: p.name,
+                    dtype: stored_dtype(p.dtype),
+                    shape: p.shape,
+                })
                 .collect()
         });
-        for (suffix, dtype, shape) in parts.iter() {
+        for p in parts.iter() {
             out_specs.push(crate::fsutil::TensorSpec {
-                name: format!("{}{suffix}", s.name),
-                dtype: *dtype,
-                shape: shape.clone(),
+                name: format!("{}{}", s.name, p.name),
+                dtype: p.dtype,
+                shape: p.shape.clone(),
             });
         }
     }
