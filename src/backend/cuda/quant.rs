@@ -51,16 +51,38 @@ impl CudaBackend {
         if dtype == DType::U8 {
             return Err(err(op, "cannot expand into u8"));
         }
+        // the kernel expands 16 elements of one block per thread, indexing blocks by shifts
+        let shift = |what: &str, bs: usize| -> Result<i32> {
+            if bs.is_power_of_two() && bs >= 16 {
+                Ok(bs.trailing_zeros() as i32)
+            } else {
+                Err(err(
+                    op,
+                    format!("{what} block size {bs} is not a power of two of at least 16 (bitsandbytes writes 32 to 4096)"),
+                ))
+            }
+        };
+        let bs_shift = shift("NF4", q.blocksize)?;
+        let nbs_shift = match &q.nested {
+            Some(n) if n.blocksize.is_power_of_two() => n.blocksize.trailing_zeros() as i32,
+            Some(n) => {
+                return Err(err(
+                    op,
+                    format!("nested block size {} is not a power of two", n.blocksize),
+                ));
+            }
+            None => 0,
+        };
         let out = self.new_buf(op, q.numel, dtype)?;
         if q.numel == 0 {
             return Ok(out);
         }
-        let (nabsmax, ncode, nbs, offset) = nested.unwrap_or((0, 0, 1, 0.0));
+        let (nabsmax, ncode, _, offset) = nested.unwrap_or((0, 0, 1, 0.0));
         self.dev.launch(
             op,
             MODULE,
             "nf4_dequant",
-            Launch::cover(q.numel.div_ceil(2), 256, 65535),
+            Launch::cover(q.numel.div_ceil(16), 256, 65535),
             &[
                 Arg::Ptr(out.ptr()),
                 Arg::I32(super::device::dtype_code(dtype)),
@@ -72,8 +94,8 @@ impl CudaBackend {
                 Arg::Ptr(ncode),
                 Arg::F32(offset),
                 Arg::I64(q.numel as i64),
-                Arg::I64(q.blocksize as i64),
-                Arg::I64(nbs as i64),
+                Arg::I32(bs_shift),
+                Arg::I32(nbs_shift),
             ],
         )?;
         Ok(out)
