@@ -210,8 +210,7 @@ fn write_random(
         Default::default()
     };
     // per shape: each part's name suffix, type and shape
-    let mut parts_of_shape: BTreeMap<Vec<usize>, Vec<crate::fsutil::TensorSpec>> =
-        BTreeMap::new();
+    let mut parts_of_shape: BTreeMap<Vec<usize>, Vec<crate::fsutil::TensorSpec>> = BTreeMap::new();
     let mut out_specs = Vec::new();
     for s in &specs {
         if !quantized.contains(&s.name) {

@@ -250,14 +250,15 @@ impl<B: Backend> Engine<B> {
                 }
             }
             let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
-            let mut sv = match saved.pop() {
-                Some(sv) => sv,
+            dh = match saved.pop() {
+                Some(mut sv) => self
+                    .model
+                    .block_backward(be, i, &w, &mut bl, &x, &mut sv, &dh, &shape)?,
                 // gradient checkpointing: re-run this block's forward from its input
-                None => self.model.block_recompute(be, i, &w, &bl, &x, &shape)?,
+                None => self
+                    .model
+                    .block_recompute_backward(be, i, &w, &mut bl, &x, &dh, &shape)?,
             };
-            dh = self
-                .model
-                .block_backward(be, i, &w, &mut bl, &x, &mut sv, &dh, &shape)?;
         }
         Ok((loss, logits))
     }

@@ -371,23 +371,27 @@ impl Model {
         Ok((y, saved))
     }
 
-    /// The re-run of a checkpointed block's forward for its backward: the activations the
-    /// backward reads, without the block's output (which the first forward produced).
+    /// The backward of a checkpointed block: its forward re-run from its input `x` for the
+    /// activations the backward reads (without its output, which the first forward
+    /// produced: the last linear's frozen GEMM and the residual add are skipped), then
+    /// [`Model::block_backward`]'s work, with the block's quantized weights expanded once.
     #[allow(clippy::too_many_arguments)]
-    pub fn block_recompute<B: Backend>(
+    pub fn block_recompute_backward<B: Backend>(
         &self,
         be: &B,
         layer: usize,
         w: &LayerWeights<B>,
-        lora: &BlockLora<B>,
+        lora: &mut BlockLora<B>,
         x: &B::Buf,
+        dy: &B::Buf,
         shape: &StepShape,
-    ) -> Result<Saved<B>> {
+    ) -> Result<B::Buf> {
         let w = self.weights(be, layer, w)?;
-        Ok(self
-            .block(layer)
+        let block = self.block(layer);
+        let mut saved = block
             .forward(be, &w, lora, x, shape, Keep::SavedOnly, None)?
-            .1)
+            .1;
+        block.backward(be, &w, lora, x, &mut saved, dy, shape)
     }
 
     /// Block forward of new tokens against a KV cache (generation): their keys and values

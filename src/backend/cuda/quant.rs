@@ -58,7 +58,9 @@ impl CudaBackend {
             } else {
                 Err(err(
                     op,
-                    format!("{what} block size {bs} is not a power of two of at least 16 (bitsandbytes writes 32 to 4096)"),
+                    format!(
+                        "{what} block size {bs} is not a power of two of at least 16 (bitsandbytes writes 32 to 4096)"
+                    ),
                 ))
             }
         };
