@@ -288,3 +288,51 @@ fn merging_into_the_nf4_base_writes_the_dense_merge_of_its_twin() {
         1e-2,
     );
 }
+
+/// `lema prepare --quantize nf4`'s rewrite of a dense model (here the fixture's bf16
+/// originals) is byte for byte what transformers + bitsandbytes saved: every NF4 part
+/// and quant state, and the untouched tensors; quantizing it again is refused.
+#[test]
+fn quantizing_the_originals_reproduces_the_transformers_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("bnb4_tiny");
+    let saved = read_raw(&src.join("model.safetensors"));
+    let reference = read_raw(&src.join("reference.safetensors"));
+    let weights = quantized_weights(&saved);
+    let mut dense = saved.clone();
+    for w in &weights {
+        dense.retain(|k, _| !(k.starts_with(w.as_str()) && k.len() > w.len()));
+        dense.insert(w.clone(), reference[&format!("{w}.original")].clone());
+    }
+    let mut config = config_of(&src);
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    let dense_path = write_raw(&tmp.path().join("dense"), &dense, &config);
+    let out = tmp.path().join("nf4.safetensors");
+    let names = lema::import::quantize::quantize_nf4_file(
+        &dense_path,
+        &dense_path.with_file_name("config.json"),
+        &out,
+    )
+    .expect("quantize");
+    assert_eq!(names, weights);
+    let ours = read_raw(&out);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        saved.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &saved {
+        assert_eq!(&ours[name], t, "{name}");
+    }
+    // the output is quantized: asking again says what to do instead
+    let again = lema::import::quantize::quantize_nf4_file(
+        &out,
+        &dense_path.with_file_name("config.json"),
+        &tmp.path().join("twice.safetensors"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(again.contains("already quantized"), "{again}");
+}

@@ -20,6 +20,11 @@ pub struct PrepareArgs {
     /// Convert the weights to bf16, f16 or f32 (default: keep; bf16 for quantized GGUF).
     #[arg(long)]
     dtype: Option<String>,
+    /// Store every block linear quantized: nf4 (bitsandbytes' NF4 layout with double
+    /// quantization, as transformers saves a 4-bit model; embeddings, norms and the head
+    /// stay as they are).
+    #[arg(long)]
+    quantize: Option<String>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -27,6 +32,10 @@ pub struct PrepareArgs {
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(str::parse::<DType>).transpose()?;
+    match a.quantize.as_deref() {
+        None | Some("nf4") => {}
+        Some(other) => anyhow::bail!("--quantize {other}: supported: nf4"),
+    }
     // what an earlier `lema prepare` killed mid-write left there (a multi-GB partial file)
     let dir = lema::import::OutputPaths::of(&a.out).dir;
     for line in lema::fsutil::clean_stale_temporaries(&dir)? {
@@ -48,6 +57,19 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     let report = lema::import::prepare(&src, &a.out, dtype, !a.quiet)
         .with_context(|| format!("preparing {}", a.src.display()))?;
     println!("{report}");
+    if a.quantize.is_some() {
+        let names = lema::import::quantize::quantize_prepared(&report)
+            .with_context(|| format!("quantizing {}", report.output.display()))?;
+        let bytes = std::fs::metadata(&report.output)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        println!(
+            "quantized {} linears to NF4 (double quantization): {} now {:.2} GB",
+            names.len(),
+            report.output.display(),
+            bytes as f64 / 1e9
+        );
+    }
     Ok(())
 }
 
@@ -106,17 +128,55 @@ pub fn info(mut a: InfoArgs) -> Result<()> {
         gb(head)
     );
     println!("weights in the file: {}", gb(total));
+    // quantized linears: the format, and the dense copy of one block while it runs
+    let quantized = lema::quant::bnb4_weights(gbi.path(), gbi.tensors().map(|t| t.name.as_str()))?;
+    let mut expanded = vec![0usize; layers];
+    for w in &quantized {
+        let get = |n: &str| {
+            gbi.get(n).map(|t| lema::quant::TensorRef {
+                dtype: t.dtype.into(),
+                shape: t.shape.clone(),
+                data: gbi.bytes(t),
+            })
+        };
+        let l = lema::quant::bnb_layout::bnb4_layout(gbi.path(), w, get)?;
+        if let Group::Layer(i) = Gbi::group_of(w)
+            && let Some(e) = expanded.get_mut(i)
+        {
+            *e += l.shape.iter().product::<usize>() * l.dtype.size();
+        }
+    }
+    let expanded = expanded.into_iter().max().unwrap_or(0);
+    if !quantized.is_empty() {
+        println!(
+            "quantized: {} block linears in NF4 (bitsandbytes' layout), expanded one block at a \
+             time right before use ({} for the largest block)",
+            quantized.len(),
+            gb(expanded)
+        );
+    }
     println!(
         "memory for frozen weights by strategy (activations, LoRA and optimizer state come on top):"
     );
     println!(
-        "  streaming: about {} on the device (two layer slots + head); the file stays in the page cache",
-        gb(2 * largest + head)
+        "  streaming: about {} on the device (two layer slots + head{}); the file stays in the page cache",
+        gb(2 * largest + head + expanded),
+        if expanded > 0 {
+            " + one expanded block"
+        } else {
+            ""
+        }
     );
+    // the CPU backend holds every stored element as an f32
+    let elements: usize = gbi
+        .tensors()
+        .filter(|t| Gbi::group_of(&t.name) != Group::Embed)
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     println!(
         "  resident:  {} of host RAM as stored ({} on the CPU backend, which decodes to f32)",
         gb(total - embed),
-        gb((total - embed) / gbi.tensors().next().map_or(4, |t| t.dtype.size()) * 4)
+        gb(elements * 4)
     );
     Ok(())
 }

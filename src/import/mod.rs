@@ -15,6 +15,7 @@ pub mod gguf_convert;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hf;
+pub mod quantize;
 
 pub use hf::prepare_monolithic_safetensors;
 
