@@ -9,6 +9,7 @@ median step seconds, tokens/s, peak VRAM as the driver reports it (context inclu
 torch's own peak allocation.
 
     python3 tools/bench/peft_baseline.py --shape llama2-7b --batch 1 --seq 512 --steps 10
+    python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 1x512 --qlora   # QLoRA (bitsandbytes)
 """
 import argparse, json, statistics, subprocess, time
 
@@ -33,7 +34,25 @@ def driver_used_mib():
     return float(out.stdout.strip().splitlines()[0])
 
 
-def build(shape, r, alpha):
+def quantize_linears_nf4(model):
+    """QLoRA's base: every nn.Linear but the head replaced by bitsandbytes' Linear4bit (NF4,
+    double quantization, bf16 compute), quantized on the GPU, as BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.bfloat16) loads a model."""
+    import bitsandbytes as bnb
+    for mod in list(model.modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and cname != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4").cuda()
+                setattr(mod, cname, q)
+    torch.cuda.empty_cache()
+
+
+def build(shape, r, alpha, qlora=False):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig, get_peft_model
     gpt2, vocab, hidden, inter, layers, heads, kv, max_pos, tied = SHAPES[shape]
@@ -51,6 +70,8 @@ def build(shape, r, alpha):
     with torch.device("cuda"):
         model = cls(cfg)
     torch.set_default_dtype(torch.float32)
+    if qlora:
+        quantize_linears_nf4(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
@@ -64,9 +85,9 @@ def build(shape, r, alpha):
     return model, vocab
 
 
-def run(shape, batch, seq, steps, warmup, r, alpha):
+def run(shape, batch, seq, steps, warmup, r, alpha, qlora=False):
     torch.manual_seed(0)
-    model, vocab = build(shape, r, alpha)
+    model, vocab = build(shape, r, alpha, qlora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -84,7 +105,7 @@ def run(shape, batch, seq, steps, warmup, r, alpha):
             times.append(time.perf_counter() - t)
         peak_driver = max(peak_driver, driver_used_mib())
     med = statistics.median(times)
-    res = dict(impl="peft+checkpointing", shape=shape, batch=batch, seq=seq, steps=steps,
+    res = dict(impl="peft+bitsandbytes-nf4+checkpointing" if qlora else "peft+checkpointing", shape=shape, batch=batch, seq=seq, steps=steps,
                step_seconds_median=med, tokens_per_second=batch * seq / med,
                peak_vram_driver_gb=peak_driver * 2**20 / 1e9,
                peak_vram_torch_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
@@ -102,10 +123,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--qlora", action="store_true",
+                    help="QLoRA: the base's linears in bitsandbytes NF4 (double quant, bf16 compute)")
     a = ap.parse_args()
     for c in a.configs.split(","):
         b, t = (int(x) for x in c.split("x"))
-        print(json.dumps(run(a.shape, b, t, a.steps, a.warmup, a.rank, a.alpha)), flush=True)
+        print(json.dumps(run(a.shape, b, t, a.steps, a.warmup, a.rank, a.alpha, a.qlora)), flush=True)
 
 
 if __name__ == "__main__":
