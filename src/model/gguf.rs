@@ -287,3 +287,22 @@ pub fn qwen_no_window(m: &GgufMeta) -> Vec<(&'static str, Value)> {
 pub fn object(pairs: Vec<(&str, Value)>) -> Map<String, Value> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
+
+/// The config.json keys a SwiGLU RoPE decoder written from a GGUF always has: its
+/// `model_type` and class, SiLU, the RoPE base and a linear scaling if any, then `extra`.
+pub fn swiglu_config(
+    model_type: &str,
+    class: &str,
+    m: &GgufMeta,
+    extra: Vec<(&str, Value)>,
+) -> Map<String, Value> {
+    let mut c = object(vec![
+        ("model_type", serde_json::json!(model_type)),
+        ("architectures", serde_json::json!([class])),
+        ("hidden_act", serde_json::json!("silu")),
+        ("rope_theta", json_f32(m.rope_theta)),
+        ("rope_scaling", linear_rope_scaling(m)),
+    ]);
+    c.extend(object(extra));
+    c
+}

@@ -73,15 +73,15 @@ fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> 
     } else {
         ("llama", "LlamaForCausalLM")
     };
-    let mut c = g::object(vec![
-        ("model_type", json!(model_type)),
-        ("architectures", json!([class])),
-        ("hidden_act", json!("silu")),
-        ("rope_theta", g::json_f32(m.rope_theta)),
-        ("rope_scaling", g::linear_rope_scaling(m)),
-        ("attention_bias", json!(m.attention_bias)),
-        ("mlp_bias", json!(false)),
-    ]);
+    let mut c = g::swiglu_config(
+        model_type,
+        class,
+        m,
+        vec![
+            ("attention_bias", json!(m.attention_bias)),
+            ("mlp_bias", json!(false)),
+        ],
+    );
     if mistral {
         c.insert("sliding_window".into(), json!(m.sliding_window));
     }

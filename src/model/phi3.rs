@@ -52,21 +52,21 @@ pub static GGUF: GgufArch = GgufArch {
 };
 
 fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
-    Ok(g::object(vec![
-        ("model_type", json!("phi3")),
-        ("architectures", json!(["Phi3ForCausalLM"])),
-        ("hidden_act", json!("silu")),
-        ("rope_theta", g::json_f32(m.rope_theta)),
-        ("rope_scaling", g::linear_rope_scaling(m)),
-        (
-            "original_max_position_embeddings",
-            json!(m.rope_original_context.unwrap_or(m.max_position_embeddings)),
-        ),
-        ("sliding_window", json!(m.sliding_window)),
-        ("attention_dropout", json!(0.0)),
-        ("embd_pdrop", json!(0.0)),
-        ("resid_pdrop", json!(0.0)),
-    ]))
+    Ok(g::swiglu_config(
+        "phi3",
+        "Phi3ForCausalLM",
+        m,
+        vec![
+            (
+                "original_max_position_embeddings",
+                json!(m.rope_original_context.unwrap_or(m.max_position_embeddings)),
+            ),
+            ("sliding_window", json!(m.sliding_window)),
+            ("attention_dropout", json!(0.0)),
+            ("embd_pdrop", json!(0.0)),
+            ("resid_pdrop", json!(0.0)),
+        ],
+    ))
 }
 
 /// Phi-3's definition: Llama's names and norms, fused linears.

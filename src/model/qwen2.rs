@@ -5,7 +5,7 @@
 use super::family::{Family, Sliding};
 use super::gguf::{self as g, GgufArch, GgufMeta};
 use super::{ArchDef, llama};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 /// What lema asks of Qwen2 outside the model.
 pub static FAMILY: Family = Family {
@@ -50,17 +50,10 @@ pub static GGUF: GgufArch = GgufArch {
 };
 
 fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
-    let mut c = g::object(vec![
-        ("model_type", json!("qwen2")),
-        ("architectures", json!(["Qwen2ForCausalLM"])),
-        ("hidden_act", json!("silu")),
-        ("rope_theta", g::json_f32(m.rope_theta)),
-        ("rope_scaling", g::linear_rope_scaling(m)),
-    ]);
-    c.extend(
-        g::qwen_no_window(m)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v)),
-    );
-    Ok(c)
+    Ok(g::swiglu_config(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        m,
+        g::qwen_no_window(m),
+    ))
 }

@@ -83,18 +83,7 @@ pub static GGUF: GgufArch = GgufArch {
 };
 
 fn gguf_config(m: &GgufMeta) -> std::result::Result<Map<String, Value>, String> {
-    let mut c = g::object(vec![
-        ("model_type", json!("qwen3")),
-        ("architectures", json!(["Qwen3ForCausalLM"])),
-        ("hidden_act", json!("silu")),
-        ("rope_theta", g::json_f32(m.rope_theta)),
-        ("rope_scaling", g::linear_rope_scaling(m)),
-        ("attention_bias", json!(m.attention_bias)),
-    ]);
-    c.extend(
-        g::qwen_no_window(m)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v)),
-    );
-    Ok(c)
+    let mut extra = vec![("attention_bias", json!(m.attention_bias))];
+    extra.extend(g::qwen_no_window(m));
+    Ok(g::swiglu_config("qwen3", "Qwen3ForCausalLM", m, extra))
 }
