@@ -8,7 +8,7 @@ training steps on random tokens. Prints one JSON object per configuration:
 median step seconds, tokens/s, peak VRAM as the driver reports it (context included) and
 torch's own peak allocation.
 
-    python3 tools/bench/peft_baseline.py --shape llama2-7b --batch 1 --seq 512 --steps 10
+    python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 1x512 --steps 10
     python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 1x512 --qlora   # QLoRA (bitsandbytes)
 """
 import argparse, json, statistics, subprocess, time
