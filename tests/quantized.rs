@@ -311,10 +311,11 @@ fn quantizing_the_originals_reproduces_the_transformers_checkpoint() {
         .remove("quantization_config");
     let dense_path = write_raw(&tmp.path().join("dense"), &dense, &config);
     let out = tmp.path().join("nf4.safetensors");
-    let names = lema::import::quantize::quantize_nf4_file(
+    let names = lema::import::quantize::quantize_file(
         &dense_path,
         &dense_path.with_file_name("config.json"),
         &out,
+        lema::import::quantize::Format::Nf4,
     )
     .expect("quantize");
     assert_eq!(names, weights);
@@ -327,10 +328,11 @@ fn quantizing_the_originals_reproduces_the_transformers_checkpoint() {
         assert_eq!(&ours[name], t, "{name}");
     }
     // the output is quantized: asking again says what to do instead
-    let again = lema::import::quantize::quantize_nf4_file(
+    let again = lema::import::quantize::quantize_file(
         &out,
         &dense_path.with_file_name("config.json"),
         &tmp.path().join("twice.safetensors"),
+        lema::import::quantize::Format::Nf4,
     )
     .unwrap_err()
     .to_string();
