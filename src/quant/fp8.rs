@@ -20,17 +20,18 @@ pub fn scale_shape(out: usize, inp: usize) -> [usize; 2] {
     [out.div_ceil(BLOCK), inp.div_ceil(BLOCK)]
 }
 
-/// `x` as E4M3 bits, as torch casts float32 to float8_e4m3fn (c10's
-/// `fp8e4m3fn_from_fp32_value`): round to nearest even, subnormals kept, |x| ≥ 464
-/// (past the tie with 448) and NaN to NaN (0x7f with x's sign).
+/// `x` as E4M3 bits, as torch 2.15 casts float32 to float8_e4m3fn on the CPU: round to
+/// nearest even, subnormals kept, saturating (|x| ≥ 448, infinities included, to ±448),
+/// NaN to NaN (0x7f with x's sign). The rounding is c10's `fp8e4m3fn_from_fp32_value`.
 pub fn f32_to_e4m3(x: f32) -> u8 {
-    const FP8_MAX: u32 = 1087 << 20; // 480: the first value past the largest tie
     const DENORM_MASK: u32 = 141 << 23;
     let mut bits = x.to_bits();
     let sign = bits & 0x8000_0000;
     bits ^= sign;
-    let r = if bits >= FP8_MAX {
+    let r = if bits > 0x7f80_0000 {
         0x7f
+    } else if bits >= E4M3_MAX.to_bits() {
+        0x7e
     } else if bits < (121 << 23) {
         // below 2^-6: the subnormals, rounded by an f32 addition
         let b = (f32::from_bits(bits) + f32::from_bits(DENORM_MASK)).to_bits();
@@ -73,7 +74,9 @@ pub struct Fp8Tensor {
 
 /// Quantize the row-major `[out, in]` weight `w` as transformers' `Fp8Quantize` does, per
 /// 128 × 128 block (short at the edges): amax = max |w|, scale = 448 / amax (1 for an
-/// all-zero block), scale_inv = 1 / scale, q = e4m3(clamp(w · scale, ±448)).
+/// all-zero block), scale_inv = 1 / scale, q = e4m3(clamp(w · scale, ±448)). torch divides
+/// a Python number by a tensor as the tensor's reciprocal times the number, so scale is
+/// (1 / amax) · 448, rounded twice.
 pub fn quantize_fp8(w: &[f32], shape: [usize; 2]) -> Fp8Tensor {
     let [rows, cols] = shape;
     assert_eq!(w.len(), rows * cols, "quantize_fp8: shape {shape:?}");
@@ -87,7 +90,7 @@ pub fn quantize_fp8(w: &[f32], shape: [usize; 2]) -> Fp8Tensor {
     }
     let scale: Vec<f32> = amax
         .iter()
-        .map(|&a| if a > 0.0 { E4M3_MAX / a } else { 1.0 })
+        .map(|&a| if a > 0.0 { (1.0 / a) * E4M3_MAX } else { 1.0 })
         .collect();
     let scale_inv = scale.iter().map(|&s| 1.0 / s).collect();
     let mut codes = Vec::with_capacity(w.len());
@@ -144,9 +147,9 @@ mod tests {
         }
         assert_eq!(e4m3_to_f32(0x7e), 448.0);
         assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
-        assert_eq!(f32_to_e4m3(464.0), 0x7e); // the tie goes to 448 (even)
-        assert_eq!(f32_to_e4m3(464.5), 0x7f); // past it: NaN, as torch casts
-        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xff);
+        assert_eq!(f32_to_e4m3(464.5), 0x7e); // torch saturates
+        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xfe);
+        assert_eq!(f32_to_e4m3(f32::NAN), 0x7f);
         assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0x00); // tie with 0 goes to 0
         assert_eq!(f32_to_e4m3(3.0 * 2f32.powi(-10)), 0x02); // tie 1.5 ulp → 2
     }
