@@ -10,7 +10,10 @@ use lema::backend::{Backend, DType, Fp8Parts};
 use lema::quant::fp8::{dequantize_fp8, e4m3_to_f32, f32_to_e4m3, quantize_fp8};
 
 fn reference() -> Vec<u8> {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/fp8_reference.safetensors");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fp8_reference.safetensors"
+    );
     std::fs::read(p).unwrap()
 }
 
@@ -61,9 +64,16 @@ fn block_quantization_and_dequantization_are_transformers_bit_for_bit() {
     for case in ["full", "edge", "zero", "tiny"] {
         let (shape, w) = f32s(&st, &format!("{case}.input"));
         let q = quantize_fp8(&w, [shape[0], shape[1]]);
-        assert_eq!(q.codes, bytes(&st, &format!("{case}.codes")), "{case}: codes");
+        assert_eq!(
+            q.codes,
+            bytes(&st, &format!("{case}.codes")),
+            "{case}: codes"
+        );
         let (s_shape, s) = f32s(&st, &format!("{case}.scale_inv"));
-        assert_eq!(s_shape, vec![shape[0].div_ceil(128), shape[1].div_ceil(128)]);
+        assert_eq!(
+            s_shape,
+            vec![shape[0].div_ceil(128), shape[1].div_ceil(128)]
+        );
         assert_eq!(bits(&q.scale_inv), bits(&s), "{case}: scale_inv");
         for (dt, label) in [(DType::BF16, "bf16"), (DType::F32, "f32")] {
             let (_, want) = f32s(&st, &format!("{case}.dequantized.{label}"));
@@ -79,7 +89,9 @@ fn block_quantization_and_dequantization_are_transformers_bit_for_bit() {
                 rows: shape[0],
                 cols: shape[1],
             };
-            let d = be.download(&be.dequantize_fp8(&parts, dt).unwrap()).unwrap();
+            let d = be
+                .download(&be.dequantize_fp8(&parts, dt).unwrap())
+                .unwrap();
             assert_eq!(bits(&d), bits(&want), "{case}: CPU backend, {label}");
         }
     }
@@ -95,6 +107,9 @@ fn block_quantization_and_dequantization_are_transformers_bit_for_bit() {
         rows: 2,
         cols: 3,
     };
-    let e = be.dequantize_fp8(&parts, DType::F32).unwrap_err().to_string();
+    let e = be
+        .dequantize_fp8(&parts, DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("scales"), "{e}");
 }
