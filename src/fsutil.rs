@@ -415,7 +415,7 @@ fn align_rank(d: DType) -> u8 {
         DType::F32 => 0,
         DType::BF16 => 1,
         DType::F16 => 2,
-        DType::U8 => 3,
+        DType::U8 | DType::F8E4M3 => 3,
     }
 }
 

@@ -604,9 +604,10 @@ fn parse_entry(
             "F16" => DType::F16,
             "BF16" => DType::BF16,
             "U8" => DType::U8,
+            "F8_E4M3" => DType::F8E4M3,
             other => {
                 return Err(err(format!(
-                    "dtype '{other}' is not supported; supported: F32, F16, BF16, U8 (quantized weights)"
+                    "dtype '{other}' is not supported; supported: F32, F16, BF16, U8 and F8_E4M3 (quantized weights)"
                 )));
             }
         },

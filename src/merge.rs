@@ -82,21 +82,20 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-    // an NF4-stored weight is written dense, in the dtype bitsandbytes expands it to
-    // (never requantized), and its quant-state tensors are dropped
+    // a quantized weight is written dense, in the dtype its reference expands it to
+    // (never requantized), and its other parts (quant state, block scales) are dropped
     let quant = model.quant();
     let dense = |name: &str| quant.and_then(|q| q.get(name));
-    let is_part = |name: &str| {
-        crate::quant::bnb_layout::companion_of(name).is_some_and(|w| dense(w).is_some())
-    };
+    let is_part =
+        |name: &str| crate::model::quantized::part_of(name).is_some_and(|w| dense(w).is_some());
     let specs: Vec<TensorSpec> = gbi
         .tensors()
         .filter(|t| !is_part(&t.name))
         .map(|t| match dense(&t.name) {
             Some(q) => TensorSpec {
                 name: t.name.clone(),
-                dtype: q.dtype,
-                shape: q.shape.clone(),
+                dtype: q.dtype(),
+                shape: q.shape().to_vec(),
             },
             None => TensorSpec {
                 name: t.name.clone(),
@@ -126,7 +125,7 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
             Error::tensor(gbi.path(), &t.name, "changed on disk during the merge")
         })?;
         let (shape, dtype) = match dense(&t.name) {
-            Some(q) => (q.shape.clone(), q.dtype),
+            Some(q) => (q.shape().to_vec(), q.dtype()),
             None => (t.shape.clone(), t.dtype),
         };
         let update = updates.get(&t.name);
@@ -136,7 +135,7 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
             continue;
         }
         let mut w: CpuBuf<f32> = match dense(&t.name) {
-            Some(_) => CpuBuf(expand_nf4(&gbi, &t.name)?),
+            Some(q) => CpuBuf(expand(&gbi, &t.name, q)?),
             None => be.upload_weight(bytes, t.dtype)?,
         };
         crate::import::release_pages(&map, bytes);
@@ -215,10 +214,35 @@ pub fn merge_adapter(model_path: &Path, adapter_dir: &Path, out: &Path) -> Resul
     })
 }
 
-/// The NF4-stored weight `name` of `gbi`, as bitsandbytes' `dequantize_4bit` gives it
-/// (in its quant-state dtype), widened to f32.
-fn expand_nf4(gbi: &crate::gbi::Gbi, name: &str) -> Result<Vec<f32>> {
+/// The quantized weight `name` of `gbi` (stored as `q` says) as its reference expands it:
+/// NF4 as bitsandbytes' `dequantize_4bit` (in its quant-state dtype), FP8 as transformers'
+/// `Fp8Dequantize` (in the model's dtype); widened to f32.
+fn expand(
+    gbi: &crate::gbi::Gbi,
+    name: &str,
+    q: &crate::model::quantized::QuantWeight,
+) -> Result<Vec<f32>> {
+    use crate::model::quantized::QuantWeight;
     use crate::quant::bnb_layout::{TensorRef, decode_bnb4};
+    if let QuantWeight::Fp8(w) = q {
+        let bytes = |n: &str| {
+            gbi.get(n)
+                .map(|t| gbi.bytes(t))
+                .ok_or_else(|| Error::tensor(gbi.path(), n, "is missing"))
+        };
+        let scales = bytes(&format!("{name}{}", crate::quant::fp8::SCALE_SUFFIX))?;
+        let t = crate::quant::fp8::Fp8Tensor {
+            shape: [w.shape[0], w.shape[1]],
+            codes: bytes(name)?.to_vec(),
+            scale_inv: scales
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        };
+        let mut out = vec![0.0f32; w.shape.iter().product()];
+        crate::quant::fp8::dequantize_fp8(&t, w.dtype, &mut out);
+        return Ok(out);
+    }
     let get = |n: &str| {
         gbi.get(n).map(|t| TensorRef {
             dtype: t.dtype.into(),

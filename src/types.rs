@@ -13,6 +13,10 @@ pub enum DType {
     /// Raw bytes: the packed codes and statistics of a quantized weight (bitsandbytes'
     /// NF4 layout), expanded by the backend before use, never computed with as numbers.
     U8,
+    /// FP8 E4M3 ("fn") codes of a quantized weight (128 × 128 block-scaled, as FP8
+    /// checkpoints store them): stored, expanded by the backend before use, never
+    /// computed with. Decoded, each is its exact value.
+    F8E4M3,
 }
 
 impl DType {
@@ -21,7 +25,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::U8 => 1,
+            DType::U8 | DType::F8E4M3 => 1,
         }
     }
 
@@ -32,6 +36,7 @@ impl DType {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::U8 => "U8",
+            DType::F8E4M3 => "F8_E4M3",
         }
     }
 
@@ -42,11 +47,12 @@ impl DType {
             DType::F16 => "float16",
             DType::BF16 => "bfloat16",
             DType::U8 => "uint8",
+            DType::F8E4M3 => "float8_e4m3fn",
         }
     }
 
     /// Append `values` to `out` in this type's little-endian encoding (round to nearest
-    /// even; U8: the byte each value holds, saturating).
+    /// even; U8: the byte each value holds, saturating; F8E4M3: torch's cast).
     pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
@@ -60,6 +66,7 @@ impl DType {
                 .iter()
                 .for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
             DType::U8 => out.extend(values.iter().map(|&v| v as u8)),
+            DType::F8E4M3 => out.extend(values.iter().map(|&v| crate::quant::fp8::f32_to_e4m3(v))),
         }
     }
 
@@ -69,6 +76,7 @@ impl DType {
             DType::F32 | DType::U8 => x,
             DType::F16 => half::f16::from_f32(x).to_f32(),
             DType::BF16 => half::bf16::from_f32(x).to_f32(),
+            DType::F8E4M3 => crate::quant::fp8::e4m3_to_f32(crate::quant::fp8::f32_to_e4m3(x)),
         }
     }
 
@@ -95,6 +103,11 @@ impl DType {
                     *o = f32::from(b);
                 }
             }
+            DType::F8E4M3 => {
+                for (o, &b) in out.iter_mut().zip(bytes) {
+                    *o = crate::quant::fp8::e4m3_to_f32(b);
+                }
+            }
         }
     }
 }
@@ -106,6 +119,7 @@ impl From<DType> for safetensors::Dtype {
             DType::F16 => safetensors::Dtype::F16,
             DType::BF16 => safetensors::Dtype::BF16,
             DType::U8 => safetensors::Dtype::U8,
+            DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
         }
     }
 }
@@ -117,6 +131,7 @@ impl std::fmt::Display for DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::U8 => "u8",
+            DType::F8E4M3 => "f8e4m3",
         })
     }
 }

@@ -1047,36 +1047,86 @@ fn nf4_dequantize_matches_cpu_bit_for_bit() {
             let got = g.dequantize_nf4(&parts_g, dt).unwrap();
             // as a weight: read back through a GEMM-free path, the f32 download of f32
             let want = c.download(&want).unwrap();
-            let got = match dt {
-                DType::F32 => g.download(&got).unwrap(),
-                _ => {
-                    // a half weight times the identity gives its values in f32
-                    let mut out = g.zeros(numel).unwrap();
-                    let one = g.upload(&[1.0]).unwrap();
-                    g.matmul(
-                        &mut out,
-                        &one,
-                        &got,
-                        Gemm {
-                            m: 1,
-                            n: numel,
-                            k: 1,
-                            trans_a: false,
-                            trans_b: true,
-                            alpha: 1.0,
-                            accumulate: Accumulate::Overwrite,
-                        },
-                    )
-                    .unwrap();
-                    g.download(&out).unwrap()
-                }
-            };
+            let got = expanded_as_f32(&g, &got, numel, dt);
             check(
                 &format!("nf4 {numel} elements, nested {nested}, into {dt}"),
                 &got,
                 &want,
                 0.0,
             );
+        }
+    }
+}
+
+/// An expanded weight of `numel` elements of `dt`, read back in f32 through a GEMM-free
+/// path: the download of an f32 one, a half one times the identity.
+fn expanded_as_f32(g: &CudaBackend, w: &cuda::CudaBuf, numel: usize, dt: DType) -> Vec<f32> {
+    if dt == DType::F32 {
+        return g.download(w).unwrap();
+    }
+    let mut out = g.zeros(numel).unwrap();
+    let one = g.upload(&[1.0]).unwrap();
+    g.matmul(
+        &mut out,
+        &one,
+        w,
+        Gemm {
+            m: 1,
+            n: numel,
+            k: 1,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            accumulate: Accumulate::Overwrite,
+        },
+    )
+    .unwrap();
+    g.download(&out).unwrap()
+}
+
+#[test]
+fn fp8_dequantize_matches_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("fp8");
+    // rows x cols: element by element (cols % 16 != 0), 16 a thread, short edge blocks
+    for (rows, cols) in [(200usize, 130usize), (256, 384), (300, 144), (1, 16)] {
+        let codes: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                let b = r.below(254) as u8;
+                lema::quant::fp8::e4m3_to_f32(if b & 0x7f == 0x7f { 0 } else { b })
+            })
+            .collect();
+        let (cq, gq) = p.weight(&codes, DType::F8E4M3);
+        let [br, bc] = lema::quant::fp8::scale_shape(rows, cols);
+        let (cs, gs) = p.up(&r.vec(br * bc, 0.01));
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let want = c
+                .dequantize_fp8(
+                    &lema::backend::Fp8Parts::<CpuBackend<f32>> {
+                        codes: &cq,
+                        scale_inv: &cs,
+                        rows,
+                        cols,
+                    },
+                    dt,
+                )
+                .unwrap();
+            let got = g
+                .dequantize_fp8(
+                    &lema::backend::Fp8Parts::<CudaBackend> {
+                        codes: &gq,
+                        scale_inv: &gs,
+                        rows,
+                        cols,
+                    },
+                    dt,
+                )
+                .unwrap();
+            let want = c.download(&want).unwrap();
+            let got = expanded_as_f32(&g, &got, rows * cols, dt);
+            check(&format!("fp8 [{rows}, {cols}] into {dt}"), &got, &want, 0.0);
         }
     }
 }

@@ -83,7 +83,7 @@ fn dequantize_bytes(t: &Nf4Tensor, dtype: DType) -> Vec<u8> {
             dequantize_nf4_into_f16(t, &mut out);
             out.iter().flat_map(|v| v.to_le_bytes()).collect()
         }
-        DType::U8 => panic!("NF4 does not dequantize into bytes"),
+        DType::U8 | DType::F8E4M3 => panic!("NF4 does not dequantize into bytes"),
     }
 }
 

@@ -29,6 +29,7 @@ fn read_raw(path: &Path) -> Raw {
                 safetensors::Dtype::F16 => DType::F16,
                 safetensors::Dtype::BF16 => DType::BF16,
                 safetensors::Dtype::U8 => DType::U8,
+                safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
                 other => panic!("{name}: {other:?}"),
             };
             (name, (dtype, v.shape().to_vec(), v.data().to_vec()))
@@ -311,10 +312,11 @@ fn quantizing_the_originals_reproduces_the_transformers_checkpoint() {
         .remove("quantization_config");
     let dense_path = write_raw(&tmp.path().join("dense"), &dense, &config);
     let out = tmp.path().join("nf4.safetensors");
-    let names = lema::import::quantize::quantize_nf4_file(
+    let names = lema::import::quantize::quantize_file(
         &dense_path,
         &dense_path.with_file_name("config.json"),
         &out,
+        lema::import::quantize::Format::Nf4,
     )
     .expect("quantize");
     assert_eq!(names, weights);
@@ -327,10 +329,11 @@ fn quantizing_the_originals_reproduces_the_transformers_checkpoint() {
         assert_eq!(&ours[name], t, "{name}");
     }
     // the output is quantized: asking again says what to do instead
-    let again = lema::import::quantize::quantize_nf4_file(
+    let again = lema::import::quantize::quantize_file(
         &out,
         &dense_path.with_file_name("config.json"),
         &tmp.path().join("twice.safetensors"),
+        lema::import::quantize::Format::Nf4,
     )
     .unwrap_err()
     .to_string();
@@ -438,4 +441,166 @@ fn training_on_the_nf4_base_matches_peft_and_bitsandbytes_qlora() {
             );
         }
     }
+}
+
+/// `lema prepare --quantize fp8` of tests/fixtures/llama_gqa (f32; every linear one short
+/// 128 × 128 block) in `dir`, with its config.json (`quantization_config` fp8).
+fn fp8_copy(dir: &Path) -> PathBuf {
+    let src = fixture("llama_gqa");
+    let out = dir.join("model.safetensors");
+    std::fs::create_dir_all(dir).unwrap();
+    let names = lema::import::quantize::quantize_file(
+        &src.join("model.safetensors"),
+        &src.join("config.json"),
+        &out,
+        lema::import::quantize::Format::Fp8,
+    )
+    .expect("quantize to FP8");
+    assert_eq!(names.len(), 14, "{names:?}");
+    let mut c = config_of(&src);
+    c["quantization_config"] = lema::quant::fp8::quantization_config();
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+    out
+}
+
+/// The FP8 file with each weight replaced by its dequantization (the model's f32) and
+/// no scales: the dense twin.
+fn fp8_twin(fp8: &Path, dir: &Path) -> PathBuf {
+    use lema::quant::fp8::{Fp8Tensor, dequantize_fp8};
+    let mut t = read_raw(fp8);
+    for (name, (dtype, shape, data)) in t.clone() {
+        if dtype != DType::F8E4M3 {
+            continue;
+        }
+        let scales = t.remove(&format!("{name}_scale_inv")).unwrap().2;
+        let q = Fp8Tensor {
+            shape: [shape[0], shape[1]],
+            codes: data,
+            scale_inv: scales
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        };
+        let mut w = vec![0.0f32; shape[0] * shape[1]];
+        dequantize_fp8(&q, DType::F32, &mut w);
+        let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        t.insert(name, (DType::F32, shape, bytes));
+    }
+    write_raw(dir, &t, &config_of(&fixture("llama_gqa")))
+}
+
+#[test]
+fn an_fp8_base_trains_as_its_dequantized_twin_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp8 = fp8_copy(&tmp.path().join("fp8"));
+    let twin = fp8_twin(&fp8, &tmp.path().join("twin"));
+    let want = run(&twin, Strategy::Streaming, true);
+    assert!(want.0.iter().all(|x| x.is_finite()));
+    assert!(
+        want.1[0] > want.1[4],
+        "training lowers the loss: {:?}",
+        want.1
+    );
+    for (strategy, ckpt) in [
+        (Strategy::Streaming, true),
+        (Strategy::Resident, true),
+        (Strategy::Streaming, false),
+    ] {
+        let got = run(&fp8, strategy, ckpt);
+        assert_eq!(got.0, want.0, "{strategy:?}/ckpt={ckpt}: logits");
+        assert_eq!(
+            got.1, want.1,
+            "{strategy:?}/ckpt={ckpt}: losses, gradient norms"
+        );
+        assert_eq!(got.2, want.2, "{strategy:?}/ckpt={ckpt}: LoRA weights");
+    }
+    // and FP8 is not the dense original: its logits differ, a little
+    let dense = run(
+        &fixture("llama_gqa").join("model.safetensors"),
+        Strategy::Streaming,
+        true,
+    );
+    assert_ne!(dense.0, want.0);
+    // `lema merge` expands it: the twin's merge, byte for byte
+    let adapter = tmp.path().join("adapter");
+    {
+        let mut m = LemaModel::new(config(&fp8, Strategy::Streaming, true)).unwrap();
+        m.initialize_lora().unwrap();
+        let mut t = Trainer::new(m, OptimizerConfig::adamw(1e-2)).unwrap();
+        t.train_step(&batch()).unwrap();
+        t.model.save_adapter(&adapter).unwrap();
+    }
+    let (m1, m2) = (
+        tmp.path().join("m1/model.safetensors"),
+        tmp.path().join("m2/model.safetensors"),
+    );
+    lema::merge::merge_adapter(&fp8, &adapter, &m1).expect("merge into FP8");
+    lema::merge::merge_adapter(&twin, &adapter, &m2).expect("merge into the twin");
+    assert_eq!(read_raw(&m1), read_raw(&m2));
+    assert!(
+        config_of(m1.parent().unwrap())
+            .get("quantization_config")
+            .is_none()
+    );
+    // quantizing the FP8 file again is refused
+    let again = lema::import::quantize::quantize_file(
+        &fp8,
+        &fp8.with_file_name("config.json"),
+        &tmp.path().join("twice.safetensors"),
+        lema::import::quantize::Format::Fp8,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(again.contains("already quantized (FP8)"), "{again}");
+}
+
+#[test]
+fn bad_fp8_layouts_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp8 = fp8_copy(&tmp.path().join("fp8"));
+    let base = read_raw(&fp8);
+    let base_config = config_of(fp8.parent().unwrap());
+    let w = "model.layers.1.mlp.down_proj.weight";
+    let open = |edit: &dyn Fn(&mut Raw, &mut serde_json::Value)| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, mut c) = (base.clone(), base_config.clone());
+        edit(&mut t, &mut c);
+        let path = write_raw(dir.path(), &t, &c);
+        match LemaModel::new(config(&path, Strategy::Streaming, true)) {
+            Ok(_) => panic!("the edited checkpoint opened"),
+            Err(e) => e.to_string(),
+        }
+    };
+    // scales of the wrong shape (a per-row scale)
+    let msg = open(&|t, _| {
+        t.insert(
+            format!("{w}_scale_inv"),
+            (DType::F32, vec![32, 1], vec![0; 128]),
+        );
+    });
+    assert!(
+        msg.contains(&format!("{w}_scale_inv")) && msg.contains("[1, 1]"),
+        "{msg}"
+    );
+    // no scales
+    let msg = open(&|t, _| {
+        t.remove(&format!("{w}_scale_inv"));
+    });
+    assert!(msg.contains(w) && msg.contains("block scales"), "{msg}");
+    // another block size
+    let msg =
+        open(&|_, c| c["quantization_config"]["weight_block_size"] = serde_json::json!([64, 64]));
+    assert!(
+        msg.contains("weight_block_size") && msg.contains("[64,64]"),
+        "{msg}"
+    );
+    // an FP8 embedding
+    let msg = open(&|t, _| {
+        let e = t.get_mut("model.embed_tokens.weight").unwrap();
+        *e = (DType::F8E4M3, e.1.clone(), vec![0; e.1.iter().product()]);
+    });
+    assert!(
+        msg.contains("model.embed_tokens.weight") && msg.contains("not a linear"),
+        "{msg}"
+    );
 }

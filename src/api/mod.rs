@@ -367,8 +367,13 @@ pub fn open_model(config: &LemaConfig) -> Result<(Arc<Gbi>, Model)> {
     {
         gbi.alias("lm_head.weight", embed)?;
     }
-    // linears stored quantized (bitsandbytes' NF4) are checked against their parts
-    let quant = crate::model::quantized::QuantTable::read(&gbi, &model.linear_weights())?;
+    // linears stored quantized (NF4, FP8) are checked against their parts
+    let config_path = config.config_json();
+    let raw_config: serde_json::Value =
+        serde_json::from_str(&crate::fsutil::read_text(&config_path)?)
+            .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
+    let quant =
+        crate::model::quantized::QuantTable::read(&gbi, &model.linear_weights(), &raw_config)?;
     for spec in model.tensor_specs() {
         if quant.as_ref().is_some_and(|q| q.get(&spec.name).is_some()) {
             continue;

@@ -77,6 +77,32 @@ pub struct Nf4Nested<'a, B: ?Sized + Backend> {
     pub offset: f32,
 }
 
+/// A frozen `[rows, cols]` weight stored in FP8 E4M3 with 128 × 128 block scales
+/// (DeepSeek-V3 / Qwen3-FP8 checkpoints), on the device: `codes` the E4M3 values
+/// (`DType::F8E4M3`; the CPU backend holds their exact values), `scale_inv` the f32
+/// scale of each block, `[⌈rows/128⌉, ⌈cols/128⌉]` row-major.
+pub struct Fp8Parts<'a, B: ?Sized + Backend> {
+    pub codes: &'a B::Buf,
+    pub scale_inv: &'a B::Buf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Why buffers of `codes` and `scales` elements cannot be the parts of an FP8 weight of
+/// `[rows, cols]`. For the backends' messages.
+pub(crate) fn fp8_problem(rows: usize, cols: usize, codes: usize, scales: usize) -> Option<String> {
+    let [br, bc] = crate::quant::fp8::scale_shape(rows, cols);
+    if codes != rows * cols {
+        return Some(format!("{codes} FP8 codes for a [{rows}, {cols}] weight"));
+    }
+    if scales != br * bc {
+        return Some(format!(
+            "{scales} scales for a [{rows}, {cols}] weight in 128 × 128 blocks (need {br} × {bc})"
+        ));
+    }
+    None
+}
+
 /// Why the buffers of an NF4 weight of `numel` elements in blocks of `blocksize` cannot
 /// be its parts: `lens` are those of (packed, absmax, code), `nested` those of the
 /// second level's (absmax, code) and its block size. For the backends' messages.
@@ -666,6 +692,11 @@ pub trait Backend: Send + Sync + 'static {
     /// (the type bitsandbytes dequantizes it to: its `quant_state` dtype): element i is
     /// `code[nibble i] · scale[i / blocksize]`, computed in f32 and rounded to `dtype`.
     fn dequantize_nf4(&self, q: &Nf4Parts<'_, Self>, dtype: DType) -> Result<Self::Buf>;
+
+    /// The weight an FP8-stored frozen weight stands for, as a frozen weight of `dtype`
+    /// (the model's, as transformers' `Fp8Dequantize` expands it): element (i, j) is
+    /// `e4m3(codes[i, j]) · scale_inv[i / 128, j / 128]`, in f32, rounded to `dtype`.
+    fn dequantize_fp8(&self, q: &Fp8Parts<'_, Self>, dtype: DType) -> Result<Self::Buf>;
 
     // ---- optimizers ------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ pub struct PrepareArgs {
     #[arg(long)]
     dtype: Option<String>,
     /// Store every block linear quantized: nf4 (bitsandbytes' NF4 layout with double
-    /// quantization, as transformers saves a 4-bit model; embeddings, norms and the head
-    /// stay as they are).
+    /// quantization, as transformers saves a 4-bit model) or fp8 (E4M3 with 128 × 128
+    /// block scales, as DeepSeek-V3 / Qwen3-FP8 checkpoints); embeddings, norms and the
+    /// head stay as they are.
     #[arg(long)]
     quantize: Option<String>,
     /// No progress bar.
@@ -32,10 +33,11 @@ pub struct PrepareArgs {
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(str::parse::<DType>).transpose()?;
-    match a.quantize.as_deref() {
-        None | Some("nf4") => {}
-        Some(other) => anyhow::bail!("--quantize {other}: supported: nf4"),
-    }
+    let format = a
+        .quantize
+        .as_deref()
+        .map(str::parse::<lema::import::quantize::Format>)
+        .transpose()?;
     // what an earlier `lema prepare` killed mid-write left there (a multi-GB partial file)
     let dir = lema::import::OutputPaths::of(&a.out).dir;
     for line in lema::fsutil::clean_stale_temporaries(&dir)? {
@@ -57,15 +59,19 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     let report = lema::import::prepare(&src, &a.out, dtype, !a.quiet)
         .with_context(|| format!("preparing {}", a.src.display()))?;
     println!("{report}");
-    if a.quantize.is_some() {
-        let names = lema::import::quantize::quantize_prepared(&report)
+    if let Some(format) = format {
+        let names = lema::import::quantize::quantize_prepared(&report, format)
             .with_context(|| format!("quantizing {}", report.output.display()))?;
         let bytes = std::fs::metadata(&report.output)
             .map(|m| m.len())
             .unwrap_or(0);
         println!(
-            "quantized {} linears to NF4 (double quantization): {} now {:.2} GB",
+            "quantized {} linears to {}: {} now {:.2} GB",
             names.len(),
+            match format {
+                lema::import::quantize::Format::Nf4 => "NF4 (double quantization)",
+                lema::import::quantize::Format::Fp8 => "FP8 E4M3 (128 × 128 block scales)",
+            },
             report.output.display(),
             bytes as f64 / 1e9
         );

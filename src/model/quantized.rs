@@ -1,75 +1,114 @@
-//! Frozen linears stored quantized: bitsandbytes' NF4 layout as transformers saves a 4-bit
-//! model. For a linear weight `X.weight` the file holds `X.weight` (the packed codes, U8),
-//! `X.weight.absmax` (a scale per block: F32, or U8 codes with double quantization),
-//! `X.weight.quant_map` (the 16 NF4 values), with double quantization
-//! `X.weight.nested_absmax` and `X.weight.nested_quant_map`, and
-//! `X.weight.quant_state.bitsandbytes__nf4`: U8 bytes of a JSON object with the
-//! weight's shape, block sizes, dtype and the nested offset.
+//! Frozen linears stored quantized, in one of two formats:
+//!
+//! * bitsandbytes' NF4 layout as transformers saves a 4-bit model. For a linear weight
+//!   `X.weight` the file holds `X.weight` (the packed codes, U8), `X.weight.absmax` (a
+//!   scale per block: F32, or U8 codes with double quantization), `X.weight.quant_map`
+//!   (the 16 NF4 values), with double quantization `X.weight.nested_absmax` and
+//!   `X.weight.nested_quant_map`, and `X.weight.quant_state.bitsandbytes__nf4`: U8 bytes of
+//!   a JSON object with the weight's shape, block sizes, dtype and the nested offset.
+//! * FP8 E4M3 with 128 × 128 block scales, as DeepSeek-V3 / Qwen3-FP8 checkpoints store
+//!   it (config.json `quantization_config.quant_method` "fp8"): `X.weight` (F8_E4M3) and
+//!   `X.weight_scale_inv` (F32, `[⌈out/128⌉, ⌈in/128⌉]`), expanded into the model's dtype.
 //!
 //! The stream carries these bytes as they are; a block's weights are expanded right
-//! before its forward or backward runs ([`expand`]) into the dtype bitsandbytes expands
+//! before its forward or backward runs ([`expand`]) into the dtype the reference expands
 //! them to, and dropped after it.
 
 use super::LayerWeights;
-use crate::backend::{Backend, Nf4Nested, Nf4Parts};
+use crate::backend::{Backend, Fp8Parts, Nf4Nested, Nf4Parts};
 use crate::error::{Error, Result};
 use crate::gbi::Gbi;
+use crate::types::DType;
 use std::collections::HashMap;
 
 /// How one weight is stored in NF4 (checked against its parts when the file opens).
 pub type Nf4Weight = crate::quant::bnb_layout::Nf4Layout;
 
-/// The NF4-stored weights of a model file, by full tensor name
+/// How one weight is stored in FP8 (`X.weight` E4M3, `X.weight_scale_inv` its block
+/// scales), and the dtype it expands to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fp8Weight {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// How one quantized weight is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantWeight {
+    Nf4(Nf4Weight),
+    Fp8(Fp8Weight),
+}
+
+impl QuantWeight {
+    /// The dense weight's shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            QuantWeight::Nf4(w) => &w.shape,
+            QuantWeight::Fp8(w) => &w.shape,
+        }
+    }
+
+    /// The dtype it expands to.
+    pub fn dtype(&self) -> DType {
+        match self {
+            QuantWeight::Nf4(w) => w.dtype,
+            QuantWeight::Fp8(w) => w.dtype,
+        }
+    }
+
+    /// The format's name, for messages.
+    pub fn format(&self) -> &'static str {
+        match self {
+            QuantWeight::Nf4(_) => "NF4",
+            QuantWeight::Fp8(_) => "FP8",
+        }
+    }
+}
+
+/// If `name` is a part of a quantized weight other than the weight itself (`X.weight.absmax`,
+/// `X.weight_scale_inv`, …), the weight's name.
+pub fn part_of(name: &str) -> Option<&str> {
+    crate::quant::bnb_layout::companion_of(name)
+        .or_else(|| name.strip_suffix(crate::quant::fp8::SCALE_SUFFIX))
+}
+
+/// The quantized weights of a model file, by full tensor name
 /// (`model.layers.3.self_attn.q_proj.weight`).
 #[derive(Clone, Debug, Default)]
 pub struct QuantTable {
-    by_name: HashMap<String, Nf4Weight>,
+    by_name: HashMap<String, QuantWeight>,
 }
 
 impl QuantTable {
-    /// The NF4 weights of `gbi`, each checked against its parts and against the shape the
-    /// architecture expects (`weights`: every linear weight's name and `[out, in]`); none
-    /// when the file holds no quantized weight. A quantized tensor that is not one of the
-    /// model's linears, an FP4 or 8-bit layout, and packed weights stored in another
-    /// type than U8 are refused by name.
-    pub fn read(gbi: &Gbi, weights: &[(String, Vec<usize>)]) -> Result<Option<Self>> {
-        use crate::quant::bnb_layout::{TensorRef, bnb4_layout, bnb4_weights};
-        let names = bnb4_weights(gbi.path(), gbi.tensors().map(|t| t.name.as_str()))?;
-        if names.is_empty() {
-            return Ok(None);
-        }
+    /// The quantized weights of `gbi`, each checked against its parts and against the
+    /// shape the architecture expects (`weights`: every linear weight's name and
+    /// `[out, in]`); none when the file holds no quantized weight. `config` is the model's
+    /// config.json: its `quantization_config` (FP8: `weight_block_size` must be 128 × 128)
+    /// and its dtype (the one FP8 weights expand to; bf16 when it names none, as
+    /// transformers). A quantized tensor that is not one of the model's linears, an FP4 or
+    /// 8-bit bitsandbytes layout, packed NF4 weights stored in another type than U8, and an
+    /// FP8 weight without its scales or with scales of another shape are refused by name.
+    pub fn read(
+        gbi: &Gbi,
+        weights: &[(String, Vec<usize>)],
+        config: &serde_json::Value,
+    ) -> Result<Option<Self>> {
         let expected: HashMap<&str, &Vec<usize>> =
             weights.iter().map(|(n, s)| (n.as_str(), s)).collect();
-        let get = |name: &str| {
-            gbi.get(name).map(|t| TensorRef {
-                dtype: t.dtype.into(),
-                shape: t.shape.clone(),
-                data: gbi.bytes(t),
-            })
-        };
-        let mut by_name = HashMap::new();
-        for name in names {
-            let Some(&shape) = expected.get(name.as_str()) else {
-                return Err(Error::tensor(
+        let linear_shape = |name: &str| {
+            expected.get(name).copied().ok_or_else(|| {
+                Error::tensor(
                     gbi.path(),
-                    &name,
+                    name,
                     "is stored quantized, but it is not a linear weight of this model's \
                      blocks (lema keeps embeddings, norms and the head unquantized, as \
                      bitsandbytes does)",
-                ));
-            };
-            let w = bnb4_layout(gbi.path(), &name, get)?;
-            if w.storage != safetensors::Dtype::U8 {
-                return Err(Error::tensor(
-                    gbi.path(),
-                    &name,
-                    format!(
-                        "packs its 4-bit codes in {:?} (bnb_4bit_quant_storage); lema streams them \
-                         as U8 only: save the model with the default quant storage (uint8)",
-                        w.storage
-                    ),
-                ));
-            }
+                )
+            })
+        };
+        let mut by_name = HashMap::new();
+        for (name, w) in read_nf4(gbi)? {
+            let shape = linear_shape(&name)?;
             if &w.shape != shape {
                 return Err(Error::tensor(
                     gbi.path(),
@@ -80,13 +119,44 @@ impl QuantTable {
                     ),
                 ));
             }
-            by_name.insert(name, w);
+            by_name.insert(name, QuantWeight::Nf4(w));
+        }
+        let fp8: Vec<&crate::gbi::TensorInfo> =
+            gbi.tensors().filter(|t| t.dtype == DType::F8E4M3).collect();
+        if let Some(first) = fp8.first() {
+            let dtype = fp8_config(gbi, &first.name, config)?;
+            for t in fp8 {
+                let shape = linear_shape(&t.name)?;
+                check_fp8(gbi, t, shape)?;
+                by_name.insert(
+                    t.name.clone(),
+                    QuantWeight::Fp8(Fp8Weight {
+                        shape: shape.clone(),
+                        dtype,
+                    }),
+                );
+            }
+        }
+        // a scale without its FP8 weight
+        for t in gbi.tensors() {
+            if let Some(w) = t.name.strip_suffix(crate::quant::fp8::SCALE_SUFFIX)
+                && !matches!(by_name.get(w), Some(QuantWeight::Fp8(_)))
+            {
+                return Err(Error::tensor(
+                    gbi.path(),
+                    &t.name,
+                    format!("block scales without an F8_E4M3 weight '{w}'"),
+                ));
+            }
+        }
+        if by_name.is_empty() {
+            return Ok(None);
         }
         Ok(Some(QuantTable { by_name }))
     }
 
     /// How `name` is stored, when it is quantized.
-    pub fn get(&self, name: &str) -> Option<&Nf4Weight> {
+    pub fn get(&self, name: &str) -> Option<&QuantWeight> {
         self.by_name.get(name)
     }
 
@@ -101,7 +171,118 @@ impl QuantTable {
     }
 }
 
-/// The dense weights of the NF4-stored linears of block weights `w` (tensor names
+/// The NF4 weights of `gbi` (bitsandbytes' layout), each checked against its parts.
+fn read_nf4(gbi: &Gbi) -> Result<Vec<(String, Nf4Weight)>> {
+    use crate::quant::bnb_layout::{TensorRef, bnb4_layout, bnb4_weights};
+    let names = bnb4_weights(gbi.path(), gbi.tensors().map(|t| t.name.as_str()))?;
+    let get = |name: &str| {
+        gbi.get(name).map(|t| TensorRef {
+            dtype: t.dtype.into(),
+            shape: t.shape.clone(),
+            data: gbi.bytes(t),
+        })
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let w = bnb4_layout(gbi.path(), &name, get)?;
+        if w.storage != safetensors::Dtype::U8 {
+            return Err(Error::tensor(
+                gbi.path(),
+                &name,
+                format!(
+                    "packs its 4-bit codes in {:?} (bnb_4bit_quant_storage); lema streams them \
+                     as U8 only: save the model with the default quant storage (uint8)",
+                    w.storage
+                ),
+            ));
+        }
+        out.push((name, w));
+    }
+    Ok(out)
+}
+
+/// The dtype FP8 weights expand to, from config.json (`first`: an FP8 weight, for
+/// messages): its `quantization_config` must be FP8 with 128 × 128 blocks when present.
+fn fp8_config(gbi: &Gbi, first: &str, config: &serde_json::Value) -> Result<DType> {
+    if let Some(q) = config.get("quantization_config") {
+        let method = &q["quant_method"];
+        if method != "fp8" {
+            return Err(Error::tensor(
+                gbi.path(),
+                first,
+                format!(
+                    "is stored as F8_E4M3, but config.json's quantization_config.quant_method is {method}, not \"fp8\""
+                ),
+            ));
+        }
+        let block = &q["weight_block_size"];
+        let b = crate::quant::fp8::BLOCK;
+        if !block.is_null() && *block != serde_json::json!([b, b]) {
+            return Err(Error::tensor(
+                gbi.path(),
+                first,
+                format!(
+                    "config.json's quantization_config.weight_block_size is {block}: lema reads FP8 \
+                     weights in {b} × {b} blocks only (DeepSeek-V3's and Qwen3-FP8's)"
+                ),
+            ));
+        }
+    }
+    let name = config
+        .get("dtype")
+        .or_else(|| config.get("torch_dtype"))
+        .and_then(|v| v.as_str());
+    Ok(match name {
+        Some(n) => n.parse().map_err(|_| {
+            Error::tensor(
+                gbi.path(),
+                first,
+                format!("expands to config.json's dtype '{n}', which is not f32, f16 or bf16"),
+            )
+        })?,
+        None => DType::BF16,
+    })
+}
+
+/// An F8_E4M3 weight `t` must have the `[out, in]` shape `shape` and F32 scales
+/// `X.weight_scale_inv` of one per 128 × 128 block.
+fn check_fp8(gbi: &Gbi, t: &crate::gbi::TensorInfo, shape: &[usize]) -> Result<()> {
+    use crate::quant::fp8::{SCALE_SUFFIX, scale_shape};
+    if t.shape != shape {
+        return Err(Error::tensor(
+            gbi.path(),
+            &t.name,
+            format!(
+                "has shape {:?}, but the model's config.json makes it {shape:?}",
+                t.shape
+            ),
+        ));
+    }
+    let scale_name = format!("{}{SCALE_SUFFIX}", t.name);
+    let Some(s) = gbi.get(&scale_name) else {
+        return Err(Error::tensor(
+            gbi.path(),
+            &t.name,
+            format!("is stored as F8_E4M3 without its block scales '{scale_name}'"),
+        ));
+    };
+    let want = scale_shape(shape[0], shape[1]);
+    if s.dtype != DType::F32 || s.shape != want {
+        return Err(Error::tensor(
+            gbi.path(),
+            &scale_name,
+            format!(
+                "is {} {:?}; the scales of a {shape:?} FP8 weight in 128 × 128 blocks are F32 {want:?} \
+                 (lema reads 128 × 128 block scales only)",
+                s.dtype.safetensors_name(),
+                s.shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The dense weights of the quantized linears of block weights `w` (tensor names
 /// relative to the block, `prefix` the block's), expanded by the backend; empty when
 /// nothing in the block is quantized.
 pub fn expand<B: Backend>(
@@ -117,6 +298,19 @@ pub fn expand<B: Backend>(
             continue;
         };
         let part = |s: &str| w.get(&format!("{rel}{s}"));
+        let q = match q {
+            QuantWeight::Nf4(q) => q,
+            QuantWeight::Fp8(q) => {
+                let parts = Fp8Parts {
+                    codes: part("")?,
+                    scale_inv: part(crate::quant::fp8::SCALE_SUFFIX)?,
+                    rows: q.shape[0],
+                    cols: q.shape[1],
+                };
+                dense.insert(rel, be.dequantize_fp8(&parts, q.dtype)?);
+                continue;
+            }
+        };
         let nested = match q.nested {
             None => None,
             Some((blocksize, offset)) => Some(Nf4Nested {
@@ -140,7 +334,7 @@ pub fn expand<B: Backend>(
 }
 
 /// A block's weights as the generic block reads them: the stored tensors, with the
-/// expanded dense weights in place of NF4-stored ones.
+/// expanded dense weights in place of quantized ones.
 pub struct Weights<'a, B: Backend> {
     stored: &'a LayerWeights<B>,
     dense: HashMap<String, B::Buf>,

@@ -6,11 +6,13 @@
 //!   [`dequantize_nf4`] and its bf16/f16 forms.
 //! * [`dynamic`]: the signed 8-bit dynamic map and the blockwise 8-bit quantization that
 //!   double quantization applies to the absmax values.
+//! * [`fp8`]: FP8 E4M3 with 128 × 128 block scales (DeepSeek-V3 / Qwen3-FP8 checkpoints).
 //! * [`torch_sum`]: torch's f32 summation order, for the double-quantization offset.
 //! * [`bnb_layout`]: `X.weight`, `X.weight.absmax`, … and `quantization_config`.
 
 pub mod bnb_layout;
 pub mod dynamic;
+pub mod fp8;
 pub mod nf4;
 pub mod torch_sum;
 

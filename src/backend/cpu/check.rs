@@ -129,6 +129,17 @@ pub(super) fn nf4_check(
     crate::backend::nf4_problem(numel, blocksize, lens, nested).map_or(Ok(()), |m| Err(fail(op, m)))
 }
 
+/// The parts of an FP8 weight must fit its shape.
+pub(super) fn fp8_check(
+    op: &'static str,
+    rows: usize,
+    cols: usize,
+    codes: usize,
+    scales: usize,
+) -> Result<()> {
+    crate::backend::fp8_problem(rows, cols, codes, scales).map_or(Ok(()), |m| Err(fail(op, m)))
+}
+
 /// A soft-cap must be a positive finite number.
 pub(super) fn softcap_check(op: &'static str, cap: Option<f32>) -> Result<()> {
     crate::backend::softcap_problem(cap).map_or(Ok(()), |m| Err(fail(op, m)))

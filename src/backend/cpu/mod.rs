@@ -24,13 +24,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Gemm,
-    IGNORE_INDEX, LossSum, Nf4Parts, SgdStep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, DeviceBuf, Fp8Parts,
+    Gemm, IGNORE_INDEX, LossSum, Nf4Parts, SgdStep,
 };
 use crate::error::Result;
 use check::{
-    attn_lens, check_key_start, dropout_check, expect_len, fail, nf4_check, numel, rope_check,
-    rows_of, same_len, softcap_check,
+    attn_lens, check_key_start, dropout_check, expect_len, fail, fp8_check, nf4_check, numel,
+    rope_check, rows_of, same_len, softcap_check,
 };
 
 /// Element type the CPU backend computes in: `f32` (training) or `f64` (the reference for
@@ -821,6 +821,16 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
                 q.blocksize,
                 dtype,
             )
+        });
+        Ok(out)
+    }
+
+    fn dequantize_fp8(&self, q: &Fp8Parts<'_, Self>, dtype: DType) -> Result<CpuBuf<T>> {
+        let op = "dequantize_fp8";
+        fp8_check(op, q.rows, q.cols, q.codes.len(), q.scale_inv.len())?;
+        let mut out = CpuBuf(vec![T::zero(); q.rows * q.cols]);
+        self.install(|| {
+            quant::dequantize_fp8(&mut out.0, &q.codes.0, &q.scale_inv.0, q.cols, dtype)
         });
         Ok(out)
     }

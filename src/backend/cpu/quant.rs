@@ -1,5 +1,6 @@
-//! Expansion of NF4-stored frozen weights (bitsandbytes' layout) into plain weights. The
-//! stored bytes arrive as one value per byte (the CPU backend holds every weight as `T`).
+//! Expansion of quantized frozen weights into plain weights: NF4 (bitsandbytes' layout) and
+//! FP8 E4M3 with 128 × 128 block scales. The CPU backend holds every weight as `T`: NF4's
+//! stored bytes arrive as one value per byte, FP8 codes as their (exact) values.
 
 use rayon::prelude::*;
 
@@ -53,6 +54,32 @@ pub(crate) fn dequantize_nf4<T: CpuFloat>(
                     p & 0x0f
                 };
                 *o = T::from_f32(dtype.round(code[nibble as usize].as_f32() * s));
+            }
+        });
+}
+
+/// out `[rows, cols]` = codes[i, j] · scale_inv[i / 128, j / 128], in f32, rounded to
+/// `dtype`; `codes` hold the E4M3 values themselves.
+pub(crate) fn dequantize_fp8<T: CpuFloat>(
+    out: &mut [T],
+    codes: &[T],
+    scale_inv: &[T],
+    cols: usize,
+    dtype: DType,
+) {
+    use crate::quant::fp8::BLOCK;
+    if cols == 0 {
+        return;
+    }
+    let bc = cols.div_ceil(BLOCK);
+    out.par_chunks_mut(cols)
+        .zip(codes.par_chunks(cols))
+        .enumerate()
+        .with_min_len((PAR_MIN / cols).max(1))
+        .for_each(|(i, (row, q))| {
+            let scales = &scale_inv[(i / BLOCK) * bc..(i / BLOCK + 1) * bc];
+            for (j, (o, &c)) in row.iter_mut().zip(q).enumerate() {
+                *o = T::from_f32(dtype.round(c.as_f32() * scales[j / BLOCK].as_f32()));
             }
         });
 }

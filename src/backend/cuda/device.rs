@@ -642,6 +642,7 @@ pub(crate) fn dtype_code(d: DType) -> i32 {
         DType::F16 => 1,
         DType::BF16 => 2,
         DType::U8 => 3,
+        DType::F8E4M3 => 4,
     }
 }
 

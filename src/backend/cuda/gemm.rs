@@ -42,6 +42,7 @@ fn cuda_type(d: DType) -> cudaDataType {
         DType::BF16 => cudaDataType::CUDA_R_16BF,
         // quantized bytes are expanded before any GEMM (`gemm_raw` refuses them)
         DType::U8 => cudaDataType::CUDA_R_8U,
+        DType::F8E4M3 => cudaDataType::CUDA_R_8F_E4M3,
     }
 }
 
@@ -149,7 +150,7 @@ impl CudaBackend {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        if a.dtype == DType::U8 || b.dtype == DType::U8 {
+        if [a.dtype, b.dtype].iter().any(|d| d.size() == 1) {
             return Err(err(
                 op,
                 "a quantized weight reached a GEMM without being expanded (a bug in lema)",

@@ -44,8 +44,8 @@ pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::probe;
 
 use crate::backend::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Gemm, LossSum,
-    Nf4Parts, SgdStep,
+    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts, Gemm,
+    LossSum, Nf4Parts, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -877,6 +877,10 @@ impl Backend for CudaBackend {
 
     fn dequantize_nf4(&self, q: &Nf4Parts<'_, Self>, dtype: DType) -> Result<CudaBuf> {
         self.dequantize_nf4_impl(q, dtype)
+    }
+
+    fn dequantize_fp8(&self, q: &Fp8Parts<'_, Self>, dtype: DType) -> Result<CudaBuf> {
+        self.dequantize_fp8_impl(q, dtype)
     }
 
     fn softcap(&self, x: &mut CudaBuf, cap: f32) -> Result<()> {

@@ -1,8 +1,9 @@
-//! Expansion of NF4-stored frozen weights into plain weights on the GPU (`quant.cu`).
+//! Expansion of quantized frozen weights (NF4, FP8 E4M3 with block scales) into plain
+//! weights on the GPU (`quant.cu`).
 
 use super::device::{Arg, Launch, Module, err};
 use super::{CudaBackend, CudaBuf};
-use crate::backend::{DType, DeviceBuf, Nf4Parts};
+use crate::backend::{DType, DeviceBuf, Fp8Parts, Nf4Parts};
 use crate::error::Result;
 
 pub(super) const MODULE: Module = Module {
@@ -98,6 +99,51 @@ impl CudaBackend {
                 Arg::I64(q.numel as i64),
                 Arg::I32(bs_shift),
                 Arg::I32(nbs_shift),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    pub(super) fn dequantize_fp8_impl(
+        &self,
+        q: &Fp8Parts<'_, Self>,
+        dtype: DType,
+    ) -> Result<CudaBuf> {
+        let op = "dequantize_fp8";
+        if let Some(m) =
+            crate::backend::fp8_problem(q.rows, q.cols, q.codes.len(), q.scale_inv.len())
+        {
+            return Err(err(op, m));
+        }
+        if q.codes.dtype != DType::F8E4M3 || q.scale_inv.dtype != DType::F32 {
+            return Err(err(
+                op,
+                format!(
+                    "codes must be f8e4m3 and scales f32, they are {} and {}",
+                    q.codes.dtype, q.scale_inv.dtype
+                ),
+            ));
+        }
+        if dtype.size() == 1 {
+            return Err(err(op, format!("cannot expand into {dtype}")));
+        }
+        let n = q.rows * q.cols;
+        let out = self.new_buf(op, n, dtype)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        self.dev.launch(
+            op,
+            MODULE,
+            "fp8_dequant",
+            Launch::cover(n.div_ceil(16), 256, 65535),
+            &[
+                Arg::Ptr(out.ptr()),
+                Arg::I32(super::device::dtype_code(dtype)),
+                Arg::Ptr(q.codes.ptr()),
+                Arg::Ptr(q.scale_inv.ptr()),
+                Arg::I64(q.rows as i64),
+                Arg::I64(q.cols as i64),
             ],
         )?;
         Ok(out)
