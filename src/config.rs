@@ -765,7 +765,7 @@ pub(crate) fn parse_windows(
 }
 
 /// What a RoPE scaling object is read with, besides its own fields: the architecture
-/// (Phi-3 reads `yarn` as LongRoPE), the config's context length, and a top-level
+/// (its family's `rope_type_aliases`), the config's context length, and a top-level
 /// `original_max_position_embeddings` (which wins over the one inside the object, as in
 /// transformers' `standardize_rope_params`; per-layer-type entries see none).
 pub(crate) struct RopeContext {
@@ -828,11 +828,14 @@ pub(crate) fn parse_scaling(
         Some(t) => Some(t),
         None => s.opt_str("type")?,
     };
-    // Phi3Config renames a legacy "yarn" (like "su") to "longrope"
-    let kind = match kind {
-        Some("yarn") if ctx.arch == Arch::Phi3 => Some("longrope"),
-        k => k,
-    };
+    // a legacy name the architecture's config class reads as another type
+    let aliases = crate::model::family::family(ctx.arch).rope_type_aliases;
+    let kind = kind.map(|k| {
+        aliases
+            .iter()
+            .find(|(legacy, _)| *legacy == k)
+            .map_or(k, |(_, meant)| meant)
+    });
     Ok(match kind {
         // `rope_parameters` may carry only `rope_theta`.
         None if type_optional => RopeScaling::None,
@@ -1122,6 +1125,7 @@ pub(crate) fn parse_gpt2(f: &Fields, _model_type: &str, arch: Arch) -> Result<Mo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::family::family;
 
     const PATH: &str = "/models/x/config.json";
 
@@ -1249,7 +1253,7 @@ mod tests {
     #[test]
     fn tinyllama() {
         let c = parse(TINYLLAMA).unwrap();
-        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(family(c.arch).model_types, ["llama"]);
         assert_eq!(c.vocab_size, 32000);
         assert_eq!(c.hidden_size, 2048);
         assert_eq!(c.intermediate_size, 5632);
@@ -1318,7 +1322,7 @@ mod tests {
             r#"{"model_type": "mistral", "sliding_window": 4096}"#,
         ))
         .unwrap();
-        assert_eq!(c.arch, Arch::Mistral);
+        assert_eq!(family(c.arch).model_types, ["mistral"]);
         assert_eq!(c.sliding_window, Some(4096));
         let c = parse(&llama_with(r#"{"model_type": "mistral"}"#)).unwrap();
         assert_eq!(c.sliding_window, None);
@@ -1447,7 +1451,7 @@ mod tests {
     #[test]
     fn gpt2() {
         let c = parse(GPT2).unwrap();
-        assert_eq!(c.arch, Arch::Gpt2);
+        assert_eq!(family(c.arch).model_types, ["gpt2"]);
         assert_eq!(c.vocab_size, 50257);
         assert_eq!(c.hidden_size, 768);
         assert_eq!(c.intermediate_size, 3072);

@@ -32,6 +32,9 @@ pub struct Family {
     pub(crate) parse_config: crate::config::ParseConfig,
     /// When attention slides.
     pub sliding: Sliding,
+    /// Legacy `rope_scaling` type names the config class reads as another type
+    /// (`Phi3Config`: "yarn" is LongRoPE), as (legacy, meant) pairs.
+    pub rope_type_aliases: &'static [(&'static str, &'static str)],
     /// `max_position_embeddings` when config.json does not say (HF's class default).
     pub default_max_positions: usize,
     /// How llama.cpp's GGUF files of this architecture are read (`None`: not convertible).

@@ -33,6 +33,7 @@ pub static FAMILY: super::family::Family = super::family::Family {
     root_prefix: Some("transformer."),
     parse_config: crate::config::parse_gpt2,
     sliding: super::family::Sliding::Never,
+    rope_type_aliases: &[],
     default_max_positions: 1024,
     gguf: None,
 };

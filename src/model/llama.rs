@@ -26,6 +26,7 @@ pub static FAMILY: super::family::Family = super::family::Family {
     root_prefix: None,
     parse_config: crate::config::parse_llama,
     sliding: super::family::Sliding::Never,
+    rope_type_aliases: &[],
     default_max_positions: 2048,
     gguf: Some(&GGUF),
 };

@@ -17,6 +17,8 @@ pub static FAMILY: Family = Family {
     model_types: &["phi3"],
     default_lora_targets: &["qkv_proj"],
     sliding: Sliding::EveryLayer,
+    // Phi3Config renames a legacy "yarn" (like "su") to "longrope"
+    rope_type_aliases: &[("yarn", "longrope")],
     default_max_positions: 4096,
     gguf: Some(&GGUF),
     ..llama::FAMILY
