@@ -19,6 +19,27 @@ __device__ __forceinline__ void quant_store(void* out, int dt, i64 i, float v) {
     else ((u16*)out)[i] = f32_to_bf16(v);
 }
 
+// Elements 16g .. 16g + 15 of out (dt: 0 = f32, 1 = f16, 2 = bf16) = v, each rounded once:
+// four 16-byte stores of f32 or two of half values.
+__device__ __forceinline__ void store16(void* out, int dt, i64 g, const float* v) {
+    if (dt == 0) {
+        float4* o = (float4*)out + g * 4;
+#pragma unroll
+        for (int k = 0; k < 4; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+        return;
+    }
+    u32 h[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const u32 a = dt == 1 ? f32_to_f16(v[2 * k]) : f32_to_bf16(v[2 * k]);
+        const u32 b = dt == 1 ? f32_to_f16(v[2 * k + 1]) : f32_to_bf16(v[2 * k + 1]);
+        h[k] = a | (b << 16);
+    }
+    uint4* o = (uint4*)out + g * 2;
+    o[0] = make_uint4(h[0], h[1], h[2], h[3]);
+    o[1] = make_uint4(h[4], h[5], h[6], h[7]);
+}
+
 extern "C" __global__ void nf4_dequant(void* out, int dt, const unsigned char* packed, const void* absmax,
                                        const float* code, int nested, const float* nabsmax, const float* ncode,
                                        float offset, i64 n, int bs_shift, int nbs_shift) {
@@ -37,22 +58,7 @@ extern "C" __global__ void nf4_dequant(void* out, int dt, const unsigned char* p
                 v[2 * k] = __fmul_rn(table[byte >> 4], s);
                 v[2 * k + 1] = __fmul_rn(table[byte & 15u], s);
             }
-            if (dt == 0) {
-                float4* o = (float4*)out + g * 4;
-#pragma unroll
-                for (int k = 0; k < 4; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-            } else {
-                u32 h[8];
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const u32 a = dt == 1 ? f32_to_f16(v[2 * k]) : f32_to_bf16(v[2 * k]);
-                    const u32 b = dt == 1 ? f32_to_f16(v[2 * k + 1]) : f32_to_bf16(v[2 * k + 1]);
-                    h[k] = a | (b << 16);
-                }
-                uint4* o = (uint4*)out + g * 2;
-                o[0] = make_uint4(h[0], h[1], h[2], h[3]);
-                o[1] = make_uint4(h[4], h[5], h[6], h[7]);
-            }
+            store16(out, dt, g, v);
         } else {
             for (i64 i = i0; i < n; i++) {
                 const unsigned int byte = packed[i / 2];
@@ -93,22 +99,7 @@ extern "C" __global__ void fp8_dequant(void* out, int dt, const unsigned char* c
             float v[16];
 #pragma unroll
             for (int k = 0; k < 16; k++) v[k] = __fmul_rn(e4m3_to_f32((words[k >> 2] >> (8 * (k & 3))) & 0xffu), s);
-            if (dt == 0) {
-                float4* o = (float4*)out + g * 4;
-#pragma unroll
-                for (int k = 0; k < 4; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-            } else {
-                u32 h[8];
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const u32 a = dt == 1 ? f32_to_f16(v[2 * k]) : f32_to_bf16(v[2 * k]);
-                    const u32 b = dt == 1 ? f32_to_f16(v[2 * k + 1]) : f32_to_bf16(v[2 * k + 1]);
-                    h[k] = a | (b << 16);
-                }
-                uint4* o = (uint4*)out + g * 2;
-                o[0] = make_uint4(h[0], h[1], h[2], h[3]);
-                o[1] = make_uint4(h[4], h[5], h[6], h[7]);
-            }
+            store16(out, dt, g, v);
         } else {
             const i64 end = i0 + 16 < n ? i0 + 16 : n;
             for (i64 i = i0; i < end; i++) {
