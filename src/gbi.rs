@@ -44,7 +44,7 @@ pub enum Group {
     Layer(usize),
     /// Final norm and LM head.
     Head,
-    /// Anything else (e.g. stray buffers); never streamed.
+    /// Anything else (e.g. stray buffers, quant states); never streamed.
     Other,
 }
 
@@ -264,6 +264,11 @@ impl Gbi {
     /// `model.norm.*`, `lm_head.*`, `[transformer.]ln_f.*` → Head; else (also a layer
     /// index that is not a plain decimal number) Other.
     pub fn group_of(name: &str) -> Group {
+        // a quantized weight's quant state (JSON bytes) is read on the host when the model
+        // opens; nothing on the device reads it, so it is not streamed with its block
+        if name.contains(".quant_state.") {
+            return Group::Other;
+        }
         if EMBED_PREFIXES.iter().any(|p| name.starts_with(p)) {
             return Group::Embed;
         }
