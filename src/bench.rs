@@ -111,7 +111,7 @@ pub fn write_random_model(
     seed: u64,
     embed_std: f64,
 ) -> Result<PathBuf> {
-    write_random(dir, shape, dtype, seed, embed_std, false)
+    write_random(dir, shape, dtype, seed, embed_std, None)
 }
 
 /// [`write_random_model`] with every block linear stored in NF4 as bitsandbytes stores
@@ -120,36 +120,28 @@ pub fn write_random_model(
 /// bitsandbytes 4-bit checkpoint holds a model. Written directly, so a shape whose bf16
 /// weights would not fit the disk (Llama-3-70B: 141 GB; 37 GB in NF4) can be benchmarked.
 pub fn write_random_nf4_model(dir: &Path, shape: &Shape, seed: u64) -> Result<PathBuf> {
-    write_random(dir, shape, DType::BF16, seed, 0.02, true)
+    write_random_quantized_model(dir, shape, crate::quant::Format::Nf4, seed)
 }
 
-/// lema's type of a stored tensor bitsandbytes' layout writes (U8 or F32).
-fn stored_dtype(d: safetensors::Dtype) -> DType {
-    match d {
-        safetensors::Dtype::U8 => DType::U8,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        _ => DType::F32,
-    }
+/// [`write_random_model`] with every block linear stored in `format` (NF4: see
+/// [`write_random_nf4_model`]; FP8: random E4M3 codes of magnitude 0.5–7.5 with block
+/// scales of 0.004, so weights of about the same spread as the dense model's) and
+/// everything else in bf16. Written directly, without a dense model first.
+pub fn write_random_quantized_model(
+    dir: &Path,
+    shape: &Shape,
+    format: crate::quant::Format,
+    seed: u64,
+) -> Result<PathBuf> {
+    write_random(dir, shape, DType::BF16, seed, 0.02, Some(format))
 }
 
 /// A random NF4 tensor of `shape` (see [`write_random_nf4_model`]).
 fn random_nf4(shape: &[usize], seed: u64) -> crate::quant::Nf4Tensor {
     use crate::quant::nf4::{Absmax, Nested};
-    use rayon::prelude::*;
     let n: usize = shape.iter().product();
     let blocks = n.div_ceil(64);
-    let bytes = |len: usize, stream: u64| -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
-            let mut rng = Rng::new(crate::rng::mix_seed(&[seed, stream, ci as u64]));
-            for b in c.chunks_mut(8) {
-                let x = rng.next_u64().to_le_bytes();
-                b.copy_from_slice(&x[..b.len()]);
-            }
-        });
-        v
-    };
+    let bytes = |len: usize, stream: u64| random_bytes(len, seed, stream);
     crate::quant::Nf4Tensor {
         shape: shape.to_vec(),
         dtype: DType::BF16,
@@ -165,20 +157,64 @@ fn random_nf4(shape: &[usize], seed: u64) -> crate::quant::Nf4Tensor {
     }
 }
 
+/// Random bytes, `len` of them, drawn in parallel chunks from `seed` and `stream`.
+fn random_bytes(len: usize, seed: u64, stream: u64) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut v = vec![0u8; len];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+        let mut rng = Rng::new(crate::rng::mix_seed(&[seed, stream, ci as u64]));
+        for b in c.chunks_mut(8) {
+            let x = rng.next_u64().to_le_bytes();
+            b.copy_from_slice(&x[..b.len()]);
+        }
+    });
+    v
+}
+
+/// A random FP8 `[rows, cols]` weight (see [`write_random_quantized_model`]): codes with a
+/// random sign, exponent field 6–9 (2^-1 … 2^2) and mantissa, so never NaN.
+fn random_fp8(shape: &[usize], seed: u64) -> crate::quant::fp8::Fp8Tensor {
+    use rayon::prelude::*;
+    let &[rows, cols] = shape else {
+        unreachable!("block linears are matrices")
+    };
+    let mut codes = random_bytes(rows * cols, seed, 0);
+    codes.par_iter_mut().for_each(|b| *b = (*b & 0x9f) + 0x30);
+    let [br, bc] = crate::quant::fp8::scale_shape(rows, cols);
+    crate::quant::fp8::Fp8Tensor {
+        shape: [rows, cols],
+        codes,
+        scale_inv: vec![0.004; br * bc],
+    }
+}
+
+/// The stored parts of a random block linear `name` of `shape` in `format`.
+fn random_parts(
+    format: crate::quant::Format,
+    name: &str,
+    shape: &[usize],
+    seed: u64,
+) -> Vec<crate::quant::StoredTensor> {
+    match format {
+        crate::quant::Format::Nf4 => crate::quant::encode_bnb4(name, &random_nf4(shape, seed)),
+        crate::quant::Format::Fp8 => crate::quant::encode_fp8(name, random_fp8(shape, seed)),
+    }
+}
+
 fn write_random(
     dir: &Path,
     shape: &Shape,
     dtype: DType,
     seed: u64,
     embed_std: f64,
-    nf4: bool,
+    quant: Option<crate::quant::Format>,
 ) -> Result<PathBuf> {
     use rayon::prelude::*;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
     let path = dir.join("model.safetensors");
     let stamp = dir.join("random-model.json");
-    let want = serde_json::json!({ "shape": shape, "dtype": dtype, "seed": seed, "embed_std": embed_std, "nf4": nf4 });
+    let want = serde_json::json!({ "shape": shape, "dtype": dtype, "seed": seed, "embed_std": embed_std, "quant": quant });
     // reuse a model this function wrote before with the same parameters (benchmarks of
     // multi-GB shapes run several configurations on one file)
     if path.exists()
@@ -191,20 +227,16 @@ fn write_random(
     }
     let _ = std::fs::remove_file(&stamp);
     let mut config = shape.config_json();
-    if nf4 {
-        config["quantization_config"] =
-            crate::quant::quantization_config(crate::quant::Bnb4Config {
-                double_quant: true,
-                compute_dtype: DType::BF16,
-            });
+    if let Some(format) = quant {
+        config["quantization_config"] = format.quantization_config(dtype);
     }
     crate::checkpoint::write_json(&cfg_path, &config)?;
     let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
     let model = crate::model::Model::new(cfg);
     let specs = model.tensor_specs();
-    // NF4: the block linears as bitsandbytes' parts (names, types and shapes of a tensor
-    // depend on its shape only, so one encoding per shape gives the specs)
-    let quantized: std::collections::HashSet<String> = if nf4 {
+    // quantized: the block linears as their stored parts (names, types and shapes of a
+    // tensor depend on its shape only, so one encoding per shape gives the specs)
+    let quantized: std::collections::HashSet<String> = if quant.is_some() {
         model.linear_weights().into_iter().map(|(n, _)| n).collect()
     } else {
         Default::default()
@@ -221,12 +253,13 @@ fn write_random(
             });
             continue;
         }
+        let format = quant.expect("quantized names only with a format");
         let parts = parts_of_shape.entry(s.shape.clone()).or_insert_with(|| {
-            crate::quant::encode_bnb4("", &random_nf4(&s.shape, seed))
+            random_parts(format, "", &s.shape, seed)
                 .into_iter()
                 .map(|p| crate::fsutil::TensorSpec {
                     name: p.name,
-                    dtype: stored_dtype(p.dtype),
+                    dtype: crate::quant::stored_dtype(p.dtype),
                     shape: p.shape,
                 })
                 .collect()
@@ -244,9 +277,9 @@ fn write_random(
     for (ti, spec) in specs.iter().enumerate() {
         let n: usize = spec.shape.iter().product();
         let name = &spec.name;
-        if quantized.contains(name) {
+        if let Some(format) = quant.filter(|_| quantized.contains(name)) {
             let seed = crate::rng::mix_seed(&[seed, ti as u64]);
-            for part in crate::quant::encode_bnb4(name, &random_nf4(&spec.shape, seed)) {
+            for part in random_parts(format, name, &spec.shape, seed) {
                 w.write(&part.name, &part.data)?;
             }
             continue;
@@ -303,8 +336,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub strategy: Strategy,
     pub dtype: DType,
-    /// The block linears stored in NF4 ([`write_random_nf4_model`]); `dtype` is then bf16.
-    pub nf4: bool,
+    /// The block linears stored quantized ([`write_random_quantized_model`]); `dtype` is
+    /// then bf16.
+    pub quant: Option<crate::quant::Format>,
     pub lora_rank: usize,
     pub device: Device,
     pub gradient_checkpointing: bool,
@@ -514,8 +548,8 @@ fn time_steps(
 
 /// Run the benchmark in `workdir` (the random model is written there).
 pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
-    let path = if opts.nf4 {
-        write_random_nf4_model(workdir, &opts.shape, 1)?
+    let path = if let Some(format) = opts.quant {
+        write_random_quantized_model(workdir, &opts.shape, format, 1)?
     } else {
         write_random_model(workdir, &opts.shape, opts.dtype, 1, 0.02)?
     };

@@ -90,14 +90,24 @@ fn ring_budget_and_pinned_copies_match_exactly() {
     let mut shape = lema::bench::preset("tiny").unwrap();
     shape.layers = 5;
     let bf16 = lema::bench::write_random_model(dir.path(), &shape, DType::BF16, 4, 0.5).unwrap();
-    // a base stored in NF4 (bitsandbytes' layout): a random one, and transformers' own save
+    // a base stored in NF4 (bitsandbytes' layout): a random one, and transformers' own
+    // save; a random FP8 one
     let nf4_dir = tempfile::tempdir().unwrap();
     let nf4 = lema::bench::write_random_nf4_model(nf4_dir.path(), &shape, 4).unwrap();
+    let fp8_dir = tempfile::tempdir().unwrap();
+    let fp8 = lema::bench::write_random_quantized_model(
+        fp8_dir.path(),
+        &shape,
+        lema::quant::Format::Fp8,
+        4,
+    )
+    .unwrap();
     for path in [
         bf16.as_path(),
         &fixture("llama_gqa").join("model.safetensors"),
         &fixture("gpt2").join("model.safetensors"),
         nf4.as_path(),
+        fp8.as_path(),
         &fixture("bnb4_tiny").join("model.safetensors"),
     ] {
         // with dropout the blocks keep f32 linear inputs; without, only their bf16 copies

@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Store the block linears quantized: nf4 (bitsandbytes' layout, double
-    /// quantization; the rest in bf16).
+    /// quantization) or fp8 (E4M3, 128 × 128 block scales); the rest in bf16.
     #[arg(long)]
     quant: Option<String>,
     #[arg(long, default_value_t = 16)]
@@ -80,13 +80,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         strategy: a.strategy.parse::<Strategy>()?,
         dtype: a.dtype.parse()?,
-        nf4: match a.quant.as_deref() {
-            None => false,
-            Some("nf4") if a.dtype == "bf16" => true,
-            Some("nf4") => anyhow::bail!(
-                "--quant nf4 stores the linears in NF4 and the rest in bf16; leave --dtype at bf16"
+        quant: match a.quant.as_deref().map(str::parse::<lema::quant::Format>) {
+            None => None,
+            Some(Ok(f)) if a.dtype == "bf16" => Some(f),
+            Some(Ok(f)) => anyhow::bail!(
+                "--quant {} stores the linears in {} and the rest in bf16; leave --dtype at bf16",
+                f.name(),
+                f.describe()
             ),
-            Some(other) => anyhow::bail!("--quant {other}: supported: nf4"),
+            Some(Err(e)) => anyhow::bail!("--quant: {e}"),
         },
         lora_rank: a.rank,
         device: a.device.parse::<Device>()?,

@@ -36,7 +36,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     let format = a
         .quantize
         .as_deref()
-        .map(str::parse::<lema::import::quantize::Format>)
+        .map(str::parse::<lema::quant::Format>)
         .transpose()?;
     // what an earlier `lema prepare` killed mid-write left there (a multi-GB partial file)
     let dir = lema::import::OutputPaths::of(&a.out).dir;
@@ -68,10 +68,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         println!(
             "quantized {} linears to {}: {} now {:.2} GB",
             names.len(),
-            match format {
-                lema::import::quantize::Format::Nf4 => "NF4 (double quantization)",
-                lema::import::quantize::Format::Fp8 => "FP8 E4M3 (128 × 128 block scales)",
-            },
+            format.describe(),
             report.output.display(),
             bytes as f64 / 1e9
         );
@@ -105,6 +102,27 @@ fn check_config(path: &std::path::Path) -> Result<()> {
         .context("train, eval and generate will refuse this model")
 }
 
+/// The quantized weights of the prepared file `path` (read and checked as training reads
+/// them, against the config.json beside it); none without a config.json.
+fn quant_table(
+    path: &std::path::Path,
+    gbi: &Gbi,
+) -> Result<Option<lema::model::quantized::QuantTable>> {
+    let cfg_path = path.with_file_name("config.json");
+    if !cfg_path.is_file() {
+        return Ok(None); // nothing to check the linears against (info says what it can)
+    }
+    let cfg = lema::config::ModelConfig::from_file(&cfg_path)?;
+    let raw: serde_json::Value = serde_json::from_str(&lema::fsutil::read_text(&cfg_path)?)
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let model = lema::model::Model::new(cfg);
+    Ok(lema::model::quantized::QuantTable::read(
+        gbi,
+        &model.linear_weights(),
+        &raw,
+    )?)
+}
+
 fn gb(bytes: usize) -> String {
     format!("{:.3} GB", bytes as f64 / 1e9)
 }
@@ -135,29 +153,22 @@ pub fn info(mut a: InfoArgs) -> Result<()> {
     );
     println!("weights in the file: {}", gb(total));
     // quantized linears: the format, and the dense copy of one block while it runs
-    let quantized = lema::quant::bnb4_weights(gbi.path(), gbi.tensors().map(|t| t.name.as_str()))?;
     let mut expanded = vec![0usize; layers];
-    for w in &quantized {
-        let get = |n: &str| {
-            gbi.get(n).map(|t| lema::quant::TensorRef {
-                dtype: t.dtype.into(),
-                shape: t.shape.clone(),
-                data: gbi.bytes(t),
-            })
-        };
-        let l = lema::quant::bnb_layout::bnb4_layout(gbi.path(), w, get)?;
-        if let Group::Layer(i) = Gbi::group_of(w)
+    let mut formats: std::collections::BTreeMap<&str, usize> = Default::default();
+    let table = quant_table(&a.path, &gbi)?;
+    for (name, w) in table.iter().flat_map(|t| t.iter()) {
+        *formats.entry(w.layout()).or_default() += 1;
+        if let Group::Layer(i) = Gbi::group_of(name)
             && let Some(e) = expanded.get_mut(i)
         {
-            *e += l.shape.iter().product::<usize>() * l.dtype.size();
+            *e += w.shape().iter().product::<usize>() * w.dtype().size();
         }
     }
     let expanded = expanded.into_iter().max().unwrap_or(0);
-    if !quantized.is_empty() {
+    for (layout, n) in &formats {
         println!(
-            "quantized: {} block linears in NF4 (bitsandbytes' layout), expanded one block at a \
-             time right before use ({} for the largest block)",
-            quantized.len(),
+            "quantized: {n} block linears in {layout}, expanded one block at a time right \
+             before use ({} for the largest block)",
             gb(expanded)
         );
     }

@@ -16,78 +16,11 @@
 use crate::error::{Error, Result};
 use crate::fsutil::{SafetensorsWriter, TensorSpec};
 use crate::gbi::Gbi;
-use crate::quant::{Bnb4Config, StoredTensor, encode_bnb4, quantize_nf4};
+pub use crate::quant::Format;
+use crate::quant::{StoredTensor, stored_dtype};
 use crate::types::DType;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-
-/// A quantized format `lema prepare --quantize` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// bitsandbytes' NF4 with double quantization.
-    Nf4,
-    /// FP8 E4M3 with 128 × 128 block scales.
-    Fp8,
-}
-
-impl std::str::FromStr for Format {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "nf4" => Ok(Format::Nf4),
-            "fp8" => Ok(Format::Fp8),
-            _ => Err(Error::config(format!(
-                "--quantize {s}: supported: nf4, fp8"
-            ))),
-        }
-    }
-}
-
-impl Format {
-    /// The stored parts of the dense weight `name` (values `x` of `shape`, stored as
-    /// `dtype`) in this format.
-    fn quantize(
-        self,
-        name: &str,
-        x: &[f32],
-        shape: &[usize],
-        dtype: DType,
-    ) -> Result<Vec<StoredTensor>> {
-        match self {
-            Format::Nf4 => Ok(encode_bnb4(name, &quantize_nf4(x, shape, dtype, true)?)),
-            Format::Fp8 => {
-                use crate::quant::fp8::{SCALE_SUFFIX, quantize_fp8, scale_shape};
-                let &[rows, cols] = shape else {
-                    return Err(Error::config(format!(
-                        "{name}: FP8 quantizes [out, in] weights, this one is {shape:?}"
-                    )));
-                };
-                let q = quantize_fp8(x, [rows, cols]);
-                Ok(vec![
-                    StoredTensor {
-                        name: name.to_string(),
-                        dtype: safetensors::Dtype::F8_E4M3,
-                        shape: shape.to_vec(),
-                        data: q.codes,
-                    },
-                    StoredTensor {
-                        name: format!("{name}{SCALE_SUFFIX}"),
-                        dtype: safetensors::Dtype::F32,
-                        shape: scale_shape(rows, cols).to_vec(),
-                        data: q.scale_inv.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    },
-                ])
-            }
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Format::Nf4 => "nf4",
-            Format::Fp8 => "fp8",
-        }
-    }
-}
 
 /// Rewrite the dense model `dense` (with its config.json `config_json`) as `out`, its
 /// block linears in `format`; returns the names quantized. Refuses a file that already
@@ -138,7 +71,7 @@ pub fn quantize_file(
             for p in quantized(t)? {
                 specs.push(TensorSpec {
                     name: p.name,
-                    dtype: stored(p.dtype),
+                    dtype: stored_dtype(p.dtype),
                     shape: p.shape,
                 });
             }
@@ -184,16 +117,11 @@ pub fn quantize_prepared(report: &super::PrepareReport, format: Format) -> Resul
     let mut config: serde_json::Value =
         serde_json::from_str(&crate::fsutil::read_text(&config_json)?)
             .map_err(|e| Error::format(&config_json, format!("not valid JSON: {e}")))?;
-    match format {
-        Format::Nf4 => with_quantization_config(&mut config, dtype),
-        Format::Fp8 => {
-            if let Some(obj) = config.as_object_mut() {
-                obj.insert(
-                    "quantization_config".into(),
-                    crate::quant::fp8::quantization_config(),
-                );
-            }
-        }
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "quantization_config".into(),
+            format.quantization_config(dtype),
+        );
     }
     crate::checkpoint::write_json(&config_json, &config)?;
     Ok(names)
@@ -215,29 +143,4 @@ fn first_dtype(path: &Path) -> Result<DType> {
         })
     };
     Ok(crate::quant::bnb_layout::bnb4_layout(gbi.path(), w, get)?.dtype)
-}
-
-/// config.json `config` with the `quantization_config` transformers writes for this layout
-/// (compute dtype: the weights' own).
-pub fn with_quantization_config(config: &mut serde_json::Value, compute_dtype: DType) {
-    if let Some(obj) = config.as_object_mut() {
-        obj.insert(
-            "quantization_config".into(),
-            crate::quant::quantization_config(Bnb4Config {
-                double_quant: true,
-                compute_dtype,
-            }),
-        );
-    }
-}
-
-/// lema's type of a stored tensor of bitsandbytes' layout.
-pub(crate) fn stored(d: safetensors::Dtype) -> DType {
-    match d {
-        safetensors::Dtype::U8 => DType::U8,
-        safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        _ => DType::F32,
-    }
 }

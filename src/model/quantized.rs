@@ -63,6 +63,14 @@ impl QuantWeight {
             QuantWeight::Fp8(_) => "FP8",
         }
     }
+
+    /// How the format stores a weight, for `lema info`.
+    pub fn layout(&self) -> &'static str {
+        match self {
+            QuantWeight::Nf4(_) => "NF4 (bitsandbytes' layout)",
+            QuantWeight::Fp8(_) => "FP8 E4M3 (128 × 128 block scales)",
+        }
+    }
 }
 
 /// If `name` is a part of a quantized weight other than the weight itself (`X.weight.absmax`,
@@ -158,6 +166,11 @@ impl QuantTable {
     /// How `name` is stored, when it is quantized.
     pub fn get(&self, name: &str) -> Option<&QuantWeight> {
         self.by_name.get(name)
+    }
+
+    /// Every quantized weight, by name, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &QuantWeight)> {
+        self.by_name.iter().map(|(n, w)| (n.as_str(), w))
     }
 
     /// Number of quantized weights.
