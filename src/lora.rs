@@ -79,6 +79,58 @@ pub struct LoraModule<B: Backend> {
     pub da: B::Buf,
     /// Gradient of `b`, `[out, R]` (accumulated).
     pub db: B::Buf,
+    /// `a` and `b` rounded to the type the frozen GEMMs read ([`Backend::gemm_input`]),
+    /// made on first use ([`LoraModule::gemm_copies`]) and dropped by every mutable access
+    /// to the parameters ([`LoraParams::named_params_mut`]): the adapter's GEMMs of one
+    /// step share one rounding of each matrix instead of casting it for every GEMM.
+    gemm_copies: std::sync::OnceLock<Option<[B::Buf; 2]>>,
+}
+
+impl<B: Backend> LoraModule<B> {
+    /// `a` and `b` as the adapter's GEMMs read them next to the frozen weight `w`: their
+    /// copies in `w`'s half type when the backend's GEMMs round to it, else the parameters
+    /// themselves.
+    pub fn gemm_copies(&self, be: &B, w: &B::Buf) -> Result<[&B::Buf; 2]> {
+        copies_of(&self.gemm_copies, &self.a, &self.b, be, w)
+    }
+
+    /// [`LoraModule::gemm_copies`] beside mutable access to the gradients (dA, dB), for
+    /// the backward.
+    pub fn gemm_copies_and_grads(
+        &mut self,
+        be: &B,
+        w: &B::Buf,
+    ) -> Result<CopiesAndGrads<'_, B>> {
+        let copies = copies_of(&self.gemm_copies, &self.a, &self.b, be, w)?;
+        Ok((copies, &mut self.da, &mut self.db))
+    }
+}
+
+/// The adapter's GEMM copies of A and B, and its gradients dA and dB.
+pub type CopiesAndGrads<'m, B> = (
+    [&'m <B as Backend>::Buf; 2],
+    &'m mut <B as Backend>::Buf,
+    &'m mut <B as Backend>::Buf,
+);
+
+fn copies_of<'m, B: Backend>(
+    cell: &'m std::sync::OnceLock<Option<[B::Buf; 2]>>,
+    a: &'m B::Buf,
+    b: &'m B::Buf,
+    be: &B,
+    w: &B::Buf,
+) -> Result<[&'m B::Buf; 2]> {
+    if cell.get().is_none() {
+        let copies = match (be.gemm_input(a, w)?, be.gemm_input(b, w)?) {
+            (Some(a), Some(b)) => Some([a, b]),
+            _ => None,
+        };
+        let _ = cell.set(copies);
+    }
+    Ok(match cell.get().and_then(Option::as_ref) {
+        Some([a, b]) => [a, b],
+        None => [a, b],
+    })
 }
 
 /// Key of a LoRA matrix in PEFT's `adapter_model.safetensors`.
@@ -204,6 +256,7 @@ impl<B: Backend> LoraParams<B> {
                     linear: lin.name,
                     in_features: lin.in_features,
                     out_features: lin.out_features,
+                    gemm_copies: Default::default(),
                 });
             }
             layer_range.push(start..modules.len());
@@ -284,6 +337,7 @@ impl<B: Backend> LoraParams<B> {
     pub fn named_params_mut(&mut self) -> Vec<(String, &mut B::Buf, &mut B::Buf)> {
         let mut out = Vec::with_capacity(self.modules.len() * 2);
         for m in &mut self.modules {
+            m.gemm_copies = Default::default(); // the parameters may change
             out.push((peft_key(&m.path, 'A'), &mut m.a, &mut m.da));
             out.push((peft_key(&m.path, 'B'), &mut m.b, &mut m.db));
         }

@@ -398,6 +398,114 @@ fn activations_and_dropout() {
     }
 }
 
+/// The kernels that write an output only GEMMs read in the GEMMs' half type
+/// (`Backend::gemm_output`: RMSNorm, the gated MLP forward and backward, a GEMM's own
+/// output) store exactly the cast of their f32 output: bit for bit what the cast before
+/// the GEMM made, for bf16 and f16 weights.
+#[test]
+fn half_outputs_are_the_cast_of_the_f32_outputs() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("half outputs");
+    for wdt in [DType::BF16, DType::F16] {
+        // a weight of the half type decides the outputs' type
+        let w_half = g
+            .upload_weight(&weight_bytes(&[1.0; 64], wdt), wdt)
+            .unwrap();
+        let half = |len: usize| {
+            let b = g.gemm_output(len, &w_half).unwrap();
+            assert_eq!(b.dtype(), wdt, "gemm_output follows the weight's type");
+            b
+        };
+        let cast = |b: &cuda::CudaBuf| {
+            let h = g
+                .gemm_input(b, &w_half)
+                .unwrap()
+                .expect("an f32 buffer is cast");
+            g.download(&h).unwrap()
+        };
+        let same = |what: &str, got: &cuda::CudaBuf, f32_out: &cuda::CudaBuf| {
+            let (got, want) = (g.download(got).unwrap(), cast(f32_out));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{what} ({wdt}): not the cast of the f32 output"
+            );
+        };
+        // RMSNorm, both weight offsets
+        let (rows, cols) = (37, 576);
+        let x = g.upload(&r.vec(rows * cols, 3.0)).unwrap();
+        let w: Vec<f32> = r.vec(cols, 0.5).iter().map(|v| v + 1.0).collect();
+        let w = g
+            .upload_weight(&weight_bytes(&w, DType::BF16), DType::BF16)
+            .unwrap();
+        for off in [0.0, 1.0] {
+            let (mut o32, mut oh) = (g.zeros(rows * cols).unwrap(), half(rows * cols));
+            let (mut r1, mut r2) = (g.zeros(rows).unwrap(), g.zeros(rows).unwrap());
+            g.rms_norm_forward(&mut o32, &mut r1, &x, &w, off, 1e-5)
+                .unwrap();
+            g.rms_norm_forward(&mut oh, &mut r2, &x, &w, off, 1e-5)
+                .unwrap();
+            same(&format!("rms_norm_forward offset {off}"), &oh, &o32);
+            assert_eq!(g.download(&r1).unwrap(), g.download(&r2).unwrap());
+        }
+        // the gated MLP
+        let n = 10_007;
+        let (a, b, d) = (
+            g.upload(&r.vec(n, 4.0)).unwrap(),
+            g.upload(&r.vec(n, 2.0)).unwrap(),
+            g.upload(&r.vec(n, 1.0)).unwrap(),
+        );
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let (mut o32, mut oh) = (g.zeros(n).unwrap(), half(n));
+            g.gated_forward(act, &mut o32, &a, &b).unwrap();
+            g.gated_forward(act, &mut oh, &a, &b).unwrap();
+            same(&format!("gated_forward {act:?}"), &oh, &o32);
+            let (mut dg32, mut du32) = (g.zeros(n).unwrap(), g.zeros(n).unwrap());
+            let (mut dgh, mut duh) = (half(n), half(n));
+            g.gated_backward(act, &mut dg32, &mut du32, &d, &a, &b)
+                .unwrap();
+            g.gated_backward(act, &mut dgh, &mut duh, &d, &a, &b)
+                .unwrap();
+            same(&format!("gated_backward dgate {act:?}"), &dgh, &dg32);
+            same(&format!("gated_backward dup {act:?}"), &duh, &du32);
+            // one half and one f32 output is refused
+            let err = g
+                .gated_backward(act, &mut dgh, &mut du32, &d, &a, &b)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("both must be of one type"), "{err}");
+        }
+        // a GEMM writing its half output: the LoRA intermediates (m × r, k = in)
+        let (m, k, rr) = (300, 192, 16);
+        let xa = g.upload(&r.vec(m * k, 1.0)).unwrap();
+        let xh = g.gemm_input(&xa, &w_half).unwrap().unwrap();
+        let am = g.upload(&r.vec(rr * k, 0.1)).unwrap();
+        let ah = g.gemm_input(&am, &w_half).unwrap().unwrap();
+        let (mut t32, mut th) = (g.zeros(m * rr).unwrap(), half(m * rr));
+        let gm = gemm(m, rr, k, false, true, 1.0, Accumulate::Overwrite);
+        g.matmul(&mut t32, &xh, &ah, gm).unwrap();
+        g.matmul(&mut th, &xh, &ah, gm).unwrap();
+        // cuBLAS may pick another algorithm (summation order) for another output type:
+        // within one rounding of the half type of the f32 result
+        let ulp = if wdt == DType::BF16 {
+            1.0 / 128.0
+        } else {
+            1.0 / 1024.0
+        };
+        let (got, want) = (g.download(&th).unwrap(), g.download(&t32).unwrap());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= ulp * b.abs() + 1e-6,
+                "matmul into a half output ({wdt}) [{i}]: {a} vs {b}"
+            );
+        }
+        // a half output of f32 operands is refused
+        let err = g.matmul(&mut th, &xa, &am, gm).unwrap_err().to_string();
+        assert!(err.contains("must be f32 or their half type"), "{err}");
+    }
+}
+
 #[test]
 fn norms_forward_and_backward() {
     let Some(g) = gpu() else { return };

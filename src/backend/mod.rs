@@ -410,6 +410,15 @@ pub trait Backend: Send + Sync + 'static {
     fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
         Ok(None)
     }
+    /// A new buffer of `n` elements for an output that only GEMMs beside the weight `w`
+    /// read — of an [`Accumulate::Overwrite`] GEMM (the LoRA intermediates), or of the ops
+    /// that say they take one (RMSNorm, the gated MLP): in the type
+    /// those GEMMs read activations in ([`Backend::gemm_input`]; CUDA: `w`'s half type for
+    /// a half `w`), so the GEMM rounds its f32 result once as it stores it and no cast
+    /// follows. Unspecified contents, as [`Backend::uninit`] (the default).
+    fn gemm_output(&self, n: usize, _w: &Self::Buf) -> Result<Self::Buf> {
+        self.uninit(n)
+    }
     /// A new buffer of `n` f32 zeros that ops use like any other but that lives in host
     /// memory the device reads and writes over the bus (CUDA: page-locked host memory
     /// mapped into the device's address space): no device memory, but every access crosses
@@ -500,7 +509,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// RMSNorm over rows of x `[N, C]`: `out = x · rstd · (w_offset + w)`,
     /// `rstd[i] = 1/√(mean(x²)+eps)` saved for the backward. `w_offset` is 0 for the usual
-    /// RMSNorm and 1 for Gemma's `(1 + w)`, added in f32 as transformers does.
+    /// RMSNorm and 1 for Gemma's `(1 + w)`, added in f32 as transformers does. `out` may
+    /// be a buffer of [`Backend::gemm_output`] (computed in f32, rounded as stored).
     fn rms_norm_forward(
         &self,
         out: &mut Self::Buf,
@@ -625,7 +635,7 @@ pub trait Backend: Send + Sync + 'static {
     // ---- MLP activations -------------------------------------------------------------
 
     /// `out = act(gate) · up`, elementwise (SwiGLU with [`Activation::Silu`], GeGLU with
-    /// [`Activation::GeluTanh`]).
+    /// [`Activation::GeluTanh`]). `out` may be a buffer of [`Backend::gemm_output`].
     fn gated_forward(
         &self,
         act: Activation,
@@ -633,7 +643,8 @@ pub trait Backend: Send + Sync + 'static {
         gate: &Self::Buf,
         up: &Self::Buf,
     ) -> Result<()>;
-    /// Gradients of [`Backend::gated_forward`]; dgate and dup are overwritten.
+    /// Gradients of [`Backend::gated_forward`]; dgate and dup are overwritten, both f32 or
+    /// both buffers of [`Backend::gemm_output`].
     fn gated_backward(
         &self,
         act: Activation,

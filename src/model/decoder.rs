@@ -374,8 +374,8 @@ impl<'m> BlockDesc<'m> {
         let qd = a.n_heads * a.head_dim;
         let mut sv = Saved::default();
 
-        // ln1[N, C] = norm1(x)
-        let (ln1, stats1) = norm_forward(be, w, &self.norm1, x, n, self.hidden)?;
+        // ln1[N, C] = norm1(x); only GEMMs read it unless LoRA drops its input out
+        let (ln1, stats1) = self.input_norm(be, w, &self.norm1, x, n, self.qkv_first(), lora)?;
         // q[N, H·D], k, v[N, KVH·D]
         let (in1, mut q, mut k, v) = match a.qkv {
             Qkv::Separate { q, k, v } => {
@@ -451,7 +451,7 @@ impl<'m> BlockDesc<'m> {
             }
         };
         // ln2 = norm2(h)
-        let (ln2, stats2) = norm_forward(be, w, &self.norm2, &h, n, self.hidden)?;
+        let (ln2, stats2) = self.input_norm(be, w, &self.norm2, &h, n, self.mlp_first(), lora)?;
         // act[N, I] = act(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
         let (in2, gate, up, act) = match self.mlp {
             Mlp::Gated { gate_up, act, .. } => {
@@ -483,7 +483,12 @@ impl<'m> BlockDesc<'m> {
                         (in2, g, u)
                     }
                 };
-                let mut a = be.uninit(g.len_of())?;
+                // only the down GEMM reads act, unless LoRA drops its input out
+                let mut a = if lora.dropout == 0.0 {
+                    be.gemm_output(g.len_of(), self.linear(w, self.mlp.down())?.w)?
+                } else {
+                    be.uninit(g.len_of())?
+                };
                 be.gated_forward(act, &mut a, &g, &u)?;
                 (in2, Some(g), u, a)
             }
@@ -552,6 +557,49 @@ impl<'m> BlockDesc<'m> {
         Ok((y, sv))
     }
 
+    /// The first linear that reads norm1's output (q, or the fused qkv).
+    fn qkv_first(&self) -> &'static str {
+        match self.attn.qkv {
+            Qkv::Separate { q, .. } => q,
+            Qkv::Fused(name) => name,
+        }
+    }
+
+    /// The first linear that reads norm2's output (gate, the fused gate_up, or fc).
+    fn mlp_first(&self) -> &'static str {
+        match self.mlp {
+            Mlp::Gated {
+                gate_up: GateUp::Separate { gate, .. },
+                ..
+            } => gate,
+            Mlp::Gated {
+                gate_up: GateUp::Fused(name),
+                ..
+            } => name,
+            Mlp::Plain { fc, .. } => fc,
+        }
+    }
+
+    /// A norm whose output is the input of the linears led by `first`: written for their
+    /// GEMMs ([`norm_forward_for_gemm`]) unless LoRA dropout reads it in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn input_norm<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        d: &NormDesc,
+        x: &B::Buf,
+        n: usize,
+        first: &'static str,
+        lora: &BlockLora<B>,
+    ) -> Result<(B::Buf, NormStats<B>)> {
+        if lora.dropout == 0.0 {
+            norm_forward_for_gemm(be, w, d, x, n, self.hidden, self.linear(w, first)?.w)
+        } else {
+            norm_forward(be, w, d, x, n, self.hidden)
+        }
+    }
+
     /// q, k, v `[N, H·D]`, `[N, KVH·D]` ×2 as column blocks of a fused projection.
     fn split_qkv<B: Backend>(&self, be: &B, qkv: &B::Buf, n: usize) -> Result<[B::Buf; 3]> {
         let (qd, kvd) = self.qkv_widths();
@@ -613,9 +661,17 @@ impl<'m> BlockDesc<'m> {
         let mut dln2 = be.uninit(n * c)?;
         match self.mlp {
             Mlp::Gated { gate_up, act, .. } => {
-                // act = act(g)·u
-                let mut dg = be.uninit(dact.len_of())?;
-                let mut du = be.uninit(dact.len_of())?;
+                // act = act(g)·u; separate gate and up read dg, du only in their GEMMs
+                let (mut dg, mut du) = match gate_up {
+                    GateUp::Separate { gate, .. } => {
+                        let gw = self.linear(w, gate)?.w;
+                        (
+                            be.gemm_output(dact.len_of(), gw)?,
+                            be.gemm_output(dact.len_of(), gw)?,
+                        )
+                    }
+                    GateUp::Fused(_) => (be.uninit(dact.len_of())?, be.uninit(dact.len_of())?),
+                };
                 be.gated_backward(
                     act,
                     &mut dg,
@@ -955,7 +1011,38 @@ pub(crate) fn norm_forward<B: Backend>(
     n: usize,
     c: usize,
 ) -> Result<(B::Buf, NormStats<B>)> {
-    let mut out = be.uninit(n * c)?;
+    norm_forward_into(be, w, d, x, n, c, None)
+}
+
+/// [`norm_forward`] of a norm whose output only the linears beside the weight `gemm_w`
+/// read: an RMSNorm then writes it in the type their GEMMs read
+/// ([`Backend::gemm_output`]), the values the cast before those GEMMs would make, so no
+/// cast follows. A LayerNorm writes f32.
+pub(crate) fn norm_forward_for_gemm<B: Backend>(
+    be: &B,
+    w: &Weights<'_, B>,
+    d: &NormDesc,
+    x: &B::Buf,
+    n: usize,
+    c: usize,
+    gemm_w: &B::Buf,
+) -> Result<(B::Buf, NormStats<B>)> {
+    norm_forward_into(be, w, d, x, n, c, Some(gemm_w))
+}
+
+fn norm_forward_into<B: Backend>(
+    be: &B,
+    w: &Weights<'_, B>,
+    d: &NormDesc,
+    x: &B::Buf,
+    n: usize,
+    c: usize,
+    gemm_w: Option<&B::Buf>,
+) -> Result<(B::Buf, NormStats<B>)> {
+    let mut out = match (d.kind, gemm_w) {
+        (NormKind::Rms | NormKind::RmsUnitOffset, Some(gw)) => be.gemm_output(n * c, gw)?,
+        _ => be.uninit(n * c)?,
+    };
     let mut rstd = be.uninit(n)?;
     let weight = w.get(&format!("{}.weight", d.name))?;
     let mean = match d.kind {

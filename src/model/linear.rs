@@ -117,10 +117,11 @@ impl<'a, B: Backend> Linear<'a, B> {
         let mut acc = Accumulate::Overwrite;
         if let Some((t, m)) = self.lora_t(be, x, n, lora)? {
             // y[N, out] = scale · t · Bᵀ, B [out, R]
+            let [_, b] = m.gemm_copies(be, self.w)?;
             be.matmul(
                 &mut y,
                 &t,
-                &m.b,
+                b,
                 gemm(
                     n,
                     fo,
@@ -210,12 +211,13 @@ impl<'a, B: Backend> Linear<'a, B> {
         } else {
             x.gemm(be)?
         };
-        // t[N, R] = xd[N, in] · Aᵀ, A [R, in]
-        let mut t = be.uninit(n * lora.r)?;
+        // t[N, R] = xd[N, in] · Aᵀ, A [R, in]; t in the type the B GEMM reads
+        let [a, _] = m.gemm_copies(be, self.w)?;
+        let mut t = be.gemm_output(n * lora.r, self.w)?;
         be.matmul(
             &mut t,
             xd,
-            &m.a,
+            a,
             gemm(n, lora.r, fi, false, true, 1.0, Accumulate::Overwrite),
         )?;
         Ok(Some((t, m)))
@@ -244,19 +246,21 @@ impl<'a, B: Backend> Linear<'a, B> {
         let seed = lora.find(self.name).map(|(idx, _)| lora.module_seed(idx));
         if let Some((_, m)) = lora.find_mut(self.name) {
             let t = saved.lora_t(self.name)?;
+            // the rounded copies of A and B (or A and B), borrowed beside m's gradients
+            let ([a, b], da, db) = m.gemm_copies_and_grads(be, self.w)?;
             // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
             be.matmul(
-                &mut m.db,
+                db,
                 dy.gemm(be)?,
                 t,
                 gemm(fo, r, n, true, false, scale, Accumulate::Add),
             )?;
             //                              dt[N, R] = scale · dy · B
-            let mut dt = be.uninit(n * r)?;
+            let mut dt = be.gemm_output(n * r, self.w)?;
             be.matmul(
                 &mut dt,
                 dy.gemm(be)?,
-                &m.b,
+                b,
                 gemm(n, r, fo, false, false, scale, Accumulate::Overwrite),
             )?;
             // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
@@ -265,7 +269,7 @@ impl<'a, B: Backend> Linear<'a, B> {
                 let mut xd = be.uninit(n * fi)?;
                 be.dropout_forward(&mut xd, x.x, p, seed)?;
                 be.matmul(
-                    &mut m.da,
+                    da,
                     &dt,
                     &xd,
                     gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
@@ -274,7 +278,7 @@ impl<'a, B: Backend> Linear<'a, B> {
                 be.matmul(
                     &mut dxd,
                     &dt,
-                    &m.a,
+                    a,
                     gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
                 )?;
                 // forward: xd = dropout(x)  ⇒  dx (+)= dropout_backward(dxd)
@@ -286,12 +290,12 @@ impl<'a, B: Backend> Linear<'a, B> {
                 }
             } else {
                 be.matmul(
-                    &mut m.da,
+                    da,
                     &dt,
                     x.gemm(be)?,
                     gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
                 )?;
-                be.matmul(dx, &dt, &m.a, gemm(n, fi, r, false, false, 1.0, acc))?;
+                be.matmul(dx, &dt, a, gemm(n, fi, r, false, false, 1.0, acc))?;
             }
             acc = Accumulate::Add;
         }

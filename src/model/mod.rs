@@ -503,24 +503,32 @@ pub(crate) fn rows<D: DeviceBuf>(x: &D, c: usize) -> usize {
 }
 
 /// Rows `ids` of the `[V, c]` table `name`, decoded to f32 on the host: `[N, c]`. An id
-/// outside the table is an error that quotes it.
+/// outside the table is an error that quotes it. The rows are decoded in parallel: at
+/// 8 × 512 tokens of a 4096-wide model this is 16.8M values, which one thread decodes
+/// while the GPU waits for the step's first block.
 pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
     gbi.check_unchanged()?;
     let t = gbi.tensor(name)?;
     let rows = t.shape.first().copied().unwrap_or(0);
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+        return Err(Error::config(format!(
+            "token id {id} is outside the model's table '{name}' of {rows} rows; \
+             was the data tokenized for another model?"
+        )));
+    }
     let row_bytes = c * t.dtype.size();
     let bytes = gbi.bytes(t);
     let mut out = vec![0.0f32; ids.len() * c];
-    for (o, &id) in out.chunks_exact_mut(c).zip(ids) {
-        let id = id as usize;
-        if id >= rows {
-            return Err(Error::config(format!(
-                "token id {id} is outside the model's table '{name}' of {rows} rows; \
-                 was the data tokenized for another model?"
-            )));
-        }
-        t.dtype
-            .decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
-    }
+    // at least 64 rows a task, so small batches are not split into many tiny tasks
+    out.par_chunks_mut(c.max(1) * 64)
+        .zip(ids.par_chunks(64))
+        .for_each(|(o, ids)| {
+            for (o, &id) in o.chunks_exact_mut(c).zip(ids) {
+                let id = id as usize;
+                t.dtype
+                    .decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
+            }
+        });
     Ok(out)
 }

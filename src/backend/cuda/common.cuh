@@ -39,6 +39,13 @@ __device__ __forceinline__ float load_w(const void* p, i64 i, int dt) {
     return bf16_to_f32(((const u16*)p)[i]);
 }
 
+// Store v as element i of an activation of type dt: 0 = f32, 1 = f16, 2 = bf16 (an output
+// that only GEMMs read, written in the type they read: Backend::gemm_output).
+__device__ __forceinline__ void store_act(void* p, i64 i, int dt, float v) {
+    if (dt == 0) ((float*)p)[i] = v;
+    else ((u16*)p)[i] = dt == 1 ? f32_to_f16(v) : f32_to_bf16(v);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -55,27 +55,27 @@ __device__ __forceinline__ float gelu_slope_(float v) {
 #define ACT_SILU 0
 #define ACT_GELU_TANH 1
 
-// out = act(gate) * up
-extern "C" __global__ void gated_fwd(float* out, const float* gate, const float* up, i64 n, int act) {
+// out = act(gate) * up, stored as odt (store_act)
+extern "C" __global__ void gated_fwd(void* out, int odt, const float* gate, const float* up, i64 n, int act) {
     GRID_STRIDE(i, n) {
         float g = gate[i];
-        out[i] = act == ACT_SILU ? g * sigmoidf_(g) * up[i] : gelu_(g) * up[i];
+        store_act(out, i, odt, act == ACT_SILU ? g * sigmoidf_(g) * up[i] : gelu_(g) * up[i]);
     }
 }
 
 // dup = dout * act(g), dgate = dout * up * act'(g); for SiLU, s = sigmoid(g):
-// dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s
-extern "C" __global__ void gated_bwd(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
-                                     i64 n, int act) {
+// dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s; both stored as odt (store_act)
+extern "C" __global__ void gated_bwd(void* dgate, void* dup, int odt, const float* dout, const float* gate,
+                                     const float* up, i64 n, int act) {
     GRID_STRIDE(i, n) {
         float g = gate[i], d = dout[i];
         if (act == ACT_SILU) {
             float s = sigmoidf_(g);
-            dgate[i] = d * up[i] * s * (1.f + g * (1.f - s));
-            dup[i] = d * g * s;
+            store_act(dgate, i, odt, d * up[i] * s * (1.f + g * (1.f - s)));
+            store_act(dup, i, odt, d * g * s);
         } else {
-            dgate[i] = d * up[i] * gelu_slope_(g);
-            dup[i] = d * gelu_(g);
+            store_act(dgate, i, odt, d * up[i] * gelu_slope_(g));
+            store_act(dup, i, odt, d * gelu_(g));
         }
     }
 }

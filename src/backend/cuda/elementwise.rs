@@ -257,7 +257,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "gated_forward";
         let n = out.len();
-        let po = Self::check_f32(op, "out", out, n)?;
+        let (po, odt) = Self::check_act(op, "out", out, n)?;
         let pg = Self::check_f32(op, "gate", gate, n)?;
         let pu = Self::check_f32(op, "up", up, n)?;
         self.run(
@@ -266,6 +266,7 @@ impl CudaBackend {
             n,
             &[
                 Arg::Ptr(po),
+                Arg::I32(odt),
                 Arg::Ptr(pg),
                 Arg::Ptr(pu),
                 Arg::I64(n as i64),
@@ -286,8 +287,17 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "gated_backward";
         let n = dout.len();
-        let pdg = Self::check_f32(op, "dgate", dgate, n)?;
-        let pdu = Self::check_f32(op, "dup", dup, n)?;
+        let (pdg, odt) = Self::check_act(op, "dgate", dgate, n)?;
+        let (pdu, odt_up) = Self::check_act(op, "dup", dup, n)?;
+        if odt != odt_up {
+            return Err(err(
+                op,
+                format!(
+                    "dgate is {} and dup {}: both must be of one type",
+                    dgate.dtype, dup.dtype
+                ),
+            ));
+        }
         let pd = Self::check_f32(op, "dout", dout, n)?;
         let pg = Self::check_f32(op, "gate", gate, n)?;
         let pu = Self::check_f32(op, "up", up, n)?;
@@ -298,6 +308,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(pdg),
                 Arg::Ptr(pdu),
+                Arg::I32(odt),
                 Arg::Ptr(pd),
                 Arg::Ptr(pg),
                 Arg::Ptr(pu),

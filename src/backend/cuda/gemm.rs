@@ -69,10 +69,16 @@ impl CudaBackend {
                 ),
             ));
         }
-        if c.dtype != DType::F32 {
+        // a half output only where the operands meet in that half type (the LoRA
+        // intermediates, `Backend::gemm_output`)
+        let half_operand = [a.dtype, b.dtype].into_iter().find(|d| *d != DType::F32);
+        if c.dtype != DType::F32 && Some(c.dtype) != half_operand {
             return Err(err(
                 op,
-                format!("{shape}: the output must be f32, it is {}", c.dtype),
+                format!(
+                    "{shape}: the output is {}, but the operands are {} and {}: it must be f32 or their half type",
+                    c.dtype, a.dtype, b.dtype
+                ),
             ));
         }
         let oa = Operand {
@@ -83,7 +89,11 @@ impl CudaBackend {
             ptr: b.ptr(),
             dtype: b.dtype,
         };
-        self.gemm_raw(op, c.ptr(), oa, ob, g)
+        let oc = Operand {
+            ptr: c.ptr(),
+            dtype: c.dtype,
+        };
+        self.gemm_raw(op, oc, oa, ob, g)
     }
 
     /// [`crate::backend::Backend::gemm_input`]: an f32 activation cast to the half type of
@@ -121,7 +131,8 @@ impl CudaBackend {
         )
     }
 
-    /// `C[m×n] (=|+=) alpha · op(A) · op(B)`, all row-major, C f32.
+    /// `C[m×n] (=|+=) alpha · op(A) · op(B)`, all row-major; C f32, or the operands'
+    /// half type (the f32 result rounded as it is stored).
     ///
     /// Row-major ↔ column-major: cuBLAS is column-major, and a row-major `[r, c]` matrix is
     /// the column-major `[c, r]` matrix with leading dimension c, i.e. its transpose. So we
@@ -136,7 +147,7 @@ impl CudaBackend {
     pub(super) fn gemm_raw(
         &self,
         op: &'static str,
-        c: u64,
+        c: Operand,
         a: Operand,
         b: Operand,
         g: Gemm,
@@ -189,9 +200,9 @@ impl CudaBackend {
                 // SAFETY: c addresses m·n f32 values on the compute stream's device.
                 unsafe {
                     cudarc::driver::result::memset_d8_async(
-                        c,
+                        c.ptr,
                         0,
-                        g.m * g.n * 4,
+                        g.m * g.n * c.dtype.size(),
                         self.dev.stream.cu_stream(),
                     )
                 }
@@ -278,7 +289,7 @@ impl CudaBackend {
                         a.ptr as *const f32,
                         lda,
                         &beta,
-                        c as *mut f32,
+                        c.ptr as *mut f32,
                         n,
                     )
                 } else {
@@ -297,8 +308,8 @@ impl CudaBackend {
                         cuda_type(a.dtype),
                         lda,
                         &beta as *const f32 as *const _,
-                        c as *mut _,
-                        cudaDataType::CUDA_R_32F,
+                        c.ptr as *mut _,
+                        cuda_type(c.dtype),
                         n,
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -59,6 +59,9 @@ impl CudaBackend {
         let chunk = (self.opts.logits_chunk_bytes / (4 * v)).clamp(1, n);
         let buf = self.dev.alloc(op, chunk * v * 4)?;
         let pbuf = Device::ptr(&buf);
+        // an uninitialised buffer like any other: the head GEMM overwrites every row of a
+        // chunk before the loss kernel reads it (NaN under poisoning shows one it missed)
+        self.poison(op, pbuf, chunk * v * 4)?;
         let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_ne_bytes()).collect();
         let lab = self.upload_bytes(op, &label_bytes)?;
         let plab = Device::ptr(&lab);
@@ -74,7 +77,10 @@ impl CudaBackend {
             // logits[rows, V] = h[r0.., C] · wᵀ, w [V, C]
             self.gemm_raw(
                 op,
-                pbuf,
+                Operand {
+                    ptr: pbuf,
+                    dtype: DType::F32,
+                },
                 Operand {
                     ptr: ph + (r0 * c * 4) as u64,
                     dtype: DType::F32,
@@ -128,7 +134,10 @@ impl CudaBackend {
                 // dh[r0.., C] = dlogits[rows, V] · w[V, C]
                 self.gemm_raw(
                     op,
-                    pd + (r0 * c * 4) as u64,
+                    Operand {
+                        ptr: pd + (r0 * c * 4) as u64,
+                        dtype: DType::F32,
+                    },
                     Operand {
                         ptr: pbuf,
                         dtype: DType::F32,

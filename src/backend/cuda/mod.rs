@@ -481,6 +481,39 @@ impl CudaBackend {
         Ok(b.ptr())
     }
 
+    /// With [`CudaBackend::poisons_uninit`], fill `bytes` bytes at `ptr` with 0xFF (NaN in
+    /// f32, bf16 and f16), so that a read before a write shows up in tests; else nothing.
+    pub(super) fn poison(&self, op: &'static str, ptr: u64, bytes: usize) -> Result<()> {
+        if !self.poisons_uninit() || bytes == 0 {
+            return Ok(());
+        }
+        self.dev.timed("memset (poison)", || {
+            // SAFETY: the caller's buffer owns `bytes` bytes at `ptr`, allocated on the
+            // compute stream, on which the memset is ordered.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    ptr,
+                    0xFF,
+                    bytes,
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| device::driver_err(op, e))
+        })
+    }
+
+    /// An activation output that may be stored in a half type (`Backend::gemm_output`):
+    /// its address and type code.
+    fn check_act(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<(u64, i32)> {
+        if !matches!(b.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(err(
+                op,
+                format!("{what} must be f32, bf16 or f16, it is {}", b.dtype),
+            ));
+        }
+        Self::check_any(op, what, b, len)
+    }
+
     fn check_any(op: &'static str, what: &str, b: &CudaBuf, len: usize) -> Result<(u64, i32)> {
         if b.len != len {
             return Err(err(
@@ -547,26 +580,25 @@ impl Backend for CudaBackend {
         let op = "uninit";
         self.dev.bind(op)?;
         let b = self.new_buf(op, n, DType::F32)?;
-        if self.poisons_uninit() && n > 0 {
-            self.dev.timed("memset (poison)", || {
-                // SAFETY: b owns b.bytes() bytes of device memory, allocated on the compute
-                // stream, on which the memset is ordered.
-                unsafe {
-                    cudarc::driver::result::memset_d8_async(
-                        b.ptr(),
-                        0xFF,
-                        b.bytes(),
-                        self.dev.stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| device::driver_err(op, e))
-            })?;
-        }
+        self.poison(op, b.ptr(), b.bytes())?;
         Ok(b)
     }
 
     fn gemm_input(&self, x: &CudaBuf, w: &CudaBuf) -> Result<Option<CudaBuf>> {
         self.gemm_input_impl(x, w)
+    }
+
+    fn gemm_output(&self, n: usize, w: &CudaBuf) -> Result<CudaBuf> {
+        let op = "gemm_output";
+        match w.dtype {
+            DType::BF16 | DType::F16 => {
+                self.dev.bind(op)?;
+                let b = self.new_buf(op, n, w.dtype)?;
+                self.poison(op, b.ptr(), b.bytes())?;
+                Ok(b)
+            }
+            _ => self.uninit(n),
+        }
     }
 
     /// Page-locked host memory mapped into the device's address space, zero-filled on the

@@ -1,9 +1,10 @@
 // RMSNorm and LayerNorm over rows of x [N, C] (norm.rs). One block per row; all sums in f32.
 // Weights (w, b) are frozen and may be stored as f32, f16 or bf16 (wdt, see load_w).
 
-// out = x * rstd * (woff + w), rstd = 1 / sqrt(mean(x^2) + eps); woff is 0, or 1 for Gemma's (1 + w)
-extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const void* w, int wdt, float woff,
-                                        i64 c, float eps) {
+// out = x * rstd * (woff + w), rstd = 1 / sqrt(mean(x^2) + eps); woff is 0, or 1 for Gemma's (1 + w).
+// out is stored as odt (store_act): f32, or the half type of the GEMMs that read it.
+extern "C" __global__ void rms_norm_fwd(void* out, int odt, float* rstd, const float* x, const void* w, int wdt,
+                                        float woff, i64 c, float eps) {
     __shared__ float sh[32];
     const i64 r = blockIdx.x;
     const float* xr = x + r * c;
@@ -12,7 +13,7 @@ extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x,
     ss = block_sum(ss, sh);
     const float rs = 1.f / sqrtf(ss / (float)c + eps);
     if (threadIdx.x == 0) rstd[r] = rs;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) out[r * c + j] = xr[j] * rs * (woff + load_w(w, j, wdt));
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) store_act(out, r * c + j, odt, xr[j] * rs * (woff + load_w(w, j, wdt)));
 }
 
 // y = x * rstd * w'  =>  dx = rstd * g - x * rstd^3 * mean(g * x), g = dout * w', w' = woff + w

@@ -37,7 +37,7 @@ impl CudaBackend {
         let op = "rms_norm_forward";
         let c = w.len();
         let n = rows_of(op, "x", x.len(), c)?;
-        let po = Self::check_f32(op, "out", out, n * c)?;
+        let (po, odt) = Self::check_act(op, "out", out, n * c)?;
         let pr = Self::check_f32(op, "rstd", rstd, n)?;
         let px = Self::check_f32(op, "x", x, n * c)?;
         let (pw, wdt) = Self::check_any(op, "weight", w, c)?;
@@ -48,6 +48,7 @@ impl CudaBackend {
             per_row(n, c),
             &[
                 Arg::Ptr(po),
+                Arg::I32(odt),
                 Arg::Ptr(pr),
                 Arg::Ptr(px),
                 Arg::Ptr(pw),
