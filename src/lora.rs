@@ -96,11 +96,7 @@ impl<B: Backend> LoraModule<B> {
 
     /// [`LoraModule::gemm_copies`] beside mutable access to the gradients (dA, dB), for
     /// the backward.
-    pub fn gemm_copies_and_grads(
-        &mut self,
-        be: &B,
-        w: &B::Buf,
-    ) -> Result<CopiesAndGrads<'_, B>> {
+    pub fn gemm_copies_and_grads(&mut self, be: &B, w: &B::Buf) -> Result<CopiesAndGrads<'_, B>> {
         let copies = copies_of(&self.gemm_copies, &self.a, &self.b, be, w)?;
         Ok((copies, &mut self.da, &mut self.db))
     }

@@ -163,15 +163,16 @@ impl<B: Backend> Engine<B> {
         };
         let block_seed = |i: usize| mix_seed(&[dropout_seed, i as u64]);
 
-        // h[0][N, C] = embedding (gathered on the host from the mapped file)
-        let h0 = self
-            .model
-            .embed(&self.gbi, &batch.input_ids, &shape.positions)?;
+        // h[0][N, C] = embedding, gathered on the host from the mapped file straight into
+        // the memory the device copies it from
         // the inputs of the blocks, kept for the backward: on the device, or parked in host
         // memory with activation offloading; none for an evaluation
         be.profile_phase("forward");
         let mut hs: Vec<Checkpoint<B>> = Vec::new();
-        let mut x = be.upload(&h0)?;
+        let (model, gbi) = (&self.model, &self.gbi);
+        let mut x = be.upload_with(n * c, &mut |out| {
+            model.embed_into(gbi, &batch.input_ids, &shape.positions, out)
+        })?;
         let mut saved = Vec::new();
         for i in 0..layers {
             let next = if i + 1 < layers {

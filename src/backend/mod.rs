@@ -428,6 +428,20 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros_host(&self, n: usize) -> Result<Self::Buf>;
     /// A new buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A new buffer of `n` values that `fill` writes on the host (every element; the
+    /// slice's contents on entry are unspecified): the step's input activations, gathered
+    /// straight into memory the device copies from (CUDA: a reused page-locked staging
+    /// buffer, copied asynchronously) instead of a fresh host vector uploaded from
+    /// pageable memory. The default fills a vector and uploads it.
+    fn upload_with(
+        &self,
+        n: usize,
+        fill: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    ) -> Result<Self::Buf> {
+        let mut v = vec![0.0f32; n];
+        fill(&mut v)?;
+        self.upload(&v)
+    }
     /// A frozen weight from its stored little-endian bytes; the backend chooses its storage
     /// type (the CPU decodes to its compute type; CUDA keeps bf16/f16 for the GEMMs).
     fn upload_weight(&self, bytes: &[u8], dtype: DType) -> Result<Self::Buf>;

@@ -8,7 +8,7 @@
 use super::decoder::{Activation, BlockDesc, GateUp, Mlp, NormDesc, NormKind, QkNorm};
 use super::family::{Family, Sliding};
 use super::gguf::{self as g, Dim, GgufArch, GgufMeta, SpmFlavor};
-use super::{ArchDef, Model, TensorSpec, gather_rows, llama};
+use super::{ArchDef, Model, TensorSpec, gather_rows_into, llama};
 use crate::config::{Arch, Fields, ModelConfig, RopeContext, RopeScaling};
 use crate::error::Result;
 use crate::gbi::Gbi;
@@ -67,16 +67,16 @@ fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
 
 /// The embedding times √hidden, the factor and the product rounded to the table's dtype
 /// as transformers computes them (`Gemma3TextScaledWordEmbedding`).
-fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Result<Vec<f32>> {
+fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32], out: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
     let name = FAMILY.embed_name;
     let c = m.config().hidden_size;
     let dtype = gbi.tensor(name)?.dtype;
     let scale = dtype.round((c as f32).sqrt());
-    let mut rows = gather_rows(gbi, name, ids, c)?;
-    for x in &mut rows {
-        *x = dtype.round(*x * scale);
-    }
-    Ok(rows)
+    gather_rows_into(gbi, name, ids, c, out)?;
+    out.par_iter_mut()
+        .for_each(|x| *x = dtype.round(*x * scale));
+    Ok(())
 }
 
 fn block(m: &Model, layer: usize) -> BlockDesc<'_> {

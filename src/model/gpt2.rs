@@ -4,7 +4,7 @@
 
 use super::decoder::{Activation, AttnDesc, BlockDesc, Mlp, NormDesc, NormKind, Qkv};
 use super::linear::Layout;
-use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows};
+use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows, gather_rows_into};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gbi::Gbi;
@@ -111,14 +111,14 @@ fn tensor_specs(m: &Model) -> Vec<TensorSpec> {
     out
 }
 
-fn embed(m: &Model, gbi: &Gbi, ids: &[u32], positions: &[u32]) -> Result<Vec<f32>> {
+fn embed(m: &Model, gbi: &Gbi, ids: &[u32], positions: &[u32], out: &mut [f32]) -> Result<()> {
     let c = m.config().hidden_size;
-    let mut h = gather_rows(gbi, "transformer.wte.weight", ids, c)?;
+    gather_rows_into(gbi, "transformer.wte.weight", ids, c, out)?;
     let p = gather_rows(gbi, "transformer.wpe.weight", positions, c)?;
-    for (a, b) in h.iter_mut().zip(&p) {
+    for (a, b) in out.iter_mut().zip(&p) {
         *a += b;
     }
-    Ok(h)
+    Ok(())
 }
 
 fn block(m: &Model, _layer: usize) -> BlockDesc<'_> {

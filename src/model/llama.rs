@@ -7,7 +7,7 @@ use super::decoder::{
 };
 use super::gguf::{self as g, GgufArch, GgufMeta};
 use super::linear::Layout;
-use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows};
+use super::{ArchDef, LinearSpec, Model, TensorSpec, gather_rows_into};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gbi::Gbi;
@@ -197,12 +197,19 @@ pub(crate) fn tensor_specs_with(m: &Model, extra: &[(&str, Vec<usize>)]) -> Vec<
     out
 }
 
-pub(crate) fn embed(m: &Model, gbi: &Gbi, ids: &[u32], _positions: &[u32]) -> Result<Vec<f32>> {
-    gather_rows(
+pub(crate) fn embed(
+    m: &Model,
+    gbi: &Gbi,
+    ids: &[u32],
+    _positions: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
+    gather_rows_into(
         gbi,
         "model.embed_tokens.weight",
         ids,
         m.config().hidden_size,
+        out,
     )
 }
 

@@ -143,7 +143,8 @@ pub struct TensorSpec {
 }
 
 /// `embed(model, file, ids, positions)`: `[N, C]` f32 rows.
-pub type EmbedFn = fn(&Model, &crate::gbi::Gbi, &[u32], &[u32]) -> Result<Vec<f32>>;
+/// Writes the embedding of `ids` at `positions` into `out` (`[N, hidden]`, every element).
+pub type EmbedFn = fn(&Model, &crate::gbi::Gbi, &[u32], &[u32], &mut [f32]) -> Result<()>;
 
 /// One architecture, as data and a few functions: what [`Model`] asks of it. Each
 /// architecture's file defines one (`pub static DEF`), and [`arch_def`] finds it.
@@ -342,7 +343,30 @@ impl Model {
     /// The embedding of `ids` at `positions` as `[N, C]` f32 rows, read from the file on
     /// the host (only the rows used are touched, so the table never moves to the device).
     pub fn embed(&self, gbi: &crate::gbi::Gbi, ids: &[u32], positions: &[u32]) -> Result<Vec<f32>> {
-        (self.def.embed)(self, gbi, ids, positions)
+        let mut out = vec![0.0f32; ids.len() * self.cfg.hidden_size];
+        self.embed_into(gbi, ids, positions, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Model::embed`] written into `out` (`[N, hidden]`), e.g. a backend's staging
+    /// memory ([`Backend::upload_with`]).
+    pub fn embed_into(
+        &self,
+        gbi: &crate::gbi::Gbi,
+        ids: &[u32],
+        positions: &[u32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let want = ids.len() * self.cfg.hidden_size;
+        if out.len() != want {
+            return Err(Error::internal(format!(
+                "embedding output of {} values for {} tokens × {}",
+                out.len(),
+                ids.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        (self.def.embed)(self, gbi, ids, positions, out)
     }
 
     /// Block forward: `y = block(x)`; returns y and, when `keep` is set, the activations
@@ -507,6 +531,19 @@ pub(crate) fn rows<D: DeviceBuf>(x: &D, c: usize) -> usize {
 /// 8 × 512 tokens of a 4096-wide model this is 16.8M values, which one thread decodes
 /// while the GPU waits for the step's first block.
 pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> Result<Vec<f32>> {
+    let mut out = vec![0.0f32; ids.len() * c];
+    gather_rows_into(gbi, name, ids, c, &mut out)?;
+    Ok(out)
+}
+
+/// [`gather_rows`] into `out` (`[N, c]`).
+pub fn gather_rows_into(
+    gbi: &crate::gbi::Gbi,
+    name: &str,
+    ids: &[u32],
+    c: usize,
+    out: &mut [f32],
+) -> Result<()> {
     use rayon::prelude::*;
     gbi.check_unchanged()?;
     let t = gbi.tensor(name)?;
@@ -517,11 +554,17 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
              was the data tokenized for another model?"
         )));
     }
+    if out.len() != ids.len() * c || c == 0 {
+        return Err(Error::internal(format!(
+            "gathering {} rows of {c} into {} values",
+            ids.len(),
+            out.len()
+        )));
+    }
     let row_bytes = c * t.dtype.size();
     let bytes = gbi.bytes(t);
-    let mut out = vec![0.0f32; ids.len() * c];
     // at least 64 rows a task, so small batches are not split into many tiny tasks
-    out.par_chunks_mut(c.max(1) * 64)
+    out.par_chunks_mut(c * 64)
         .zip(ids.par_chunks(64))
         .for_each(|(o, ids)| {
             for (o, &id) in o.chunks_exact_mut(c).zip(ids) {
@@ -530,5 +573,5 @@ pub fn gather_rows(gbi: &crate::gbi::Gbi, name: &str, ids: &[u32], c: usize) -> 
                     .decode_into(&bytes[id * row_bytes..(id + 1) * row_bytes], o);
             }
         });
-    Ok(out)
+    Ok(())
 }

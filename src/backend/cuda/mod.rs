@@ -118,7 +118,13 @@ pub struct CudaBackend {
     gemm: Mutex<gemm::GemmState>,
     opts: CudaOptions,
     offload: offload::Offload,
+    /// [`Backend::upload_with`]'s page-locked staging buffer and the event that completes
+    /// when the last copy out of it is done.
+    staging: Mutex<Option<Staging>>,
 }
+
+/// A page-locked host buffer, and the event after the last copy out of it.
+type Staging = (Box<dyn crate::hostmem::HostBuf>, Option<CudaEvent>);
 
 impl CudaBackend {
     /// The backend on GPU `ordinal` with default options.
@@ -144,6 +150,7 @@ impl CudaBackend {
             gemm: Mutex::new(gemm),
             opts,
             offload: offload::Offload::default(),
+            staging: Mutex::new(None),
         })
     }
 
@@ -626,6 +633,54 @@ impl Backend for CudaBackend {
         self.dev.bind(op)?;
         let mut b = self.new_buf(op, data.len(), DType::F32)?;
         self.copy_in(op, &mut b, f32_bytes(data))?;
+        Ok(b)
+    }
+
+    fn upload_with(
+        &self,
+        n: usize,
+        fill: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    ) -> Result<CudaBuf> {
+        let op = "upload_with";
+        self.dev.bind(op)?;
+        let bytes = n * DType::F32.size();
+        let mut guard = self
+            .staging
+            .lock()
+            .map_err(|_| err(op, "staging lock poisoned"))?;
+        // the previous copy out of the staging buffer must be done before it is refilled
+        if let Some((_, Some(done))) = guard.as_ref() {
+            done.synchronize().map_err(|e| device::driver_err(op, e))?;
+        }
+        if guard.as_ref().is_none_or(|(h, _)| h.bytes().len() < bytes) {
+            *guard = None; // unpinned before the larger one is pinned
+            *guard = Some((pinned::PinnedBuf::alloc(self, bytes.max(1 << 20))?, None));
+        }
+        let (host, done) = guard.as_mut().ok_or_else(|| err(op, "no staging buffer"))?;
+        let slice = &mut host.bytes_mut()[..bytes];
+        // SAFETY: the heap buffer is page-aligned (so f32-aligned) and `bytes` long; every
+        // bit pattern is an f32.
+        let values = unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr().cast::<f32>(), n) };
+        fill(values)?;
+        let b = self.new_buf(op, n, DType::F32)?;
+        if bytes > 0 {
+            // SAFETY: b holds exactly `bytes` bytes; the staging memory is page-locked and
+            // is not written again before `done` completes (waited for above).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    b.ptr(),
+                    &host.bytes()[..bytes],
+                    self.dev.stream.cu_stream(),
+                )
+                .map_err(|e| device::driver_err(op, e))?;
+            }
+            *done = Some(
+                self.dev
+                    .stream
+                    .record_event(None)
+                    .map_err(|e| device::driver_err(op, e))?,
+            );
+        }
         Ok(b)
     }
 
