@@ -506,6 +506,40 @@ fn half_outputs_are_the_cast_of_the_f32_outputs() {
     }
 }
 
+/// `upload_with` (the step's embedding, through the reused page-locked staging buffer)
+/// gives what `upload` gives, also when calls follow each other before the copies ran,
+/// when a larger one regrows the buffer, and for nothing at all.
+#[test]
+fn upload_with_matches_upload() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("upload_with");
+    let mut bufs = Vec::new();
+    for n in [1000, 1000, 300_000, 5, 0, 2_000_000] {
+        let v = r.vec(n, 2.0);
+        let b = g
+            .upload_with(n, &mut |out: &mut [f32]| {
+                out.copy_from_slice(&v);
+                Ok(())
+            })
+            .unwrap();
+        bufs.push((b, v));
+    }
+    for (b, v) in &bufs {
+        assert_eq!(&g.download(b).unwrap(), v);
+    }
+    // an error from the filler is passed on, and the next upload works
+    let Err(e) = g.upload_with(10, &mut |_| Err(lema::Error::config("no rows"))) else {
+        panic!("the filler's error was dropped")
+    };
+    let e = e.to_string();
+    assert!(e.contains("no rows"), "{e}");
+    let b = g.upload_with(3, &mut |o| {
+        o.copy_from_slice(&[1.0, 2.0, 3.0]);
+        Ok(())
+    });
+    assert_eq!(g.download(&b.unwrap()).unwrap(), vec![1.0, 2.0, 3.0]);
+}
+
 #[test]
 fn norms_forward_and_backward() {
     let Some(g) = gpu() else { return };
