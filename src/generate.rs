@@ -296,6 +296,7 @@ impl<B: Backend> Engine<B> {
             seq: tq,
             positions: cache.positions(tq),
             segment_start: None,
+            tile: None,
         };
         let be = &self.be;
         let h0 = self.model.embed(&self.gbi, ids, &shape.positions)?;

@@ -253,11 +253,11 @@ impl<B: Backend> Engine<B> {
             dh = match saved.pop() {
                 Some(mut sv) => self
                     .model
-                    .block_backward(be, i, &w, &mut bl, &x, &mut sv, &dh, &shape)?,
+                    .block_backward(be, i, &w, &mut bl, &x, &mut sv, dh, &shape)?,
                 // gradient checkpointing: re-run this block's forward from its input
                 None => self
                     .model
-                    .block_recompute_backward(be, i, &w, &mut bl, &x, &dh, &shape)?,
+                    .block_recompute_backward(be, i, &w, &mut bl, &x, dh, &shape)?,
             };
         }
         Ok((loss, logits))

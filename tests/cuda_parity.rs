@@ -377,8 +377,8 @@ fn activations_and_dropout() {
     // dropout: the very same mask (zeros in the same places), values to one rounding.
     for p_drop in [0.0f32, 0.1, 0.5] {
         let seed = r.next_u64();
-        c.dropout_forward(&mut co, &ca, p_drop, seed).unwrap();
-        g.dropout_forward(&mut go, &ga, p_drop, seed).unwrap();
+        c.dropout_forward(&mut co, &ca, p_drop, seed, 0).unwrap();
+        g.dropout_forward(&mut go, &ga, p_drop, seed, 0).unwrap();
         let (hc, hg) = (c.download(&co).unwrap(), g.download(&go).unwrap());
         let zeros_c: Vec<bool> = hc.iter().map(|&x| x == 0.0).collect();
         let zeros_g: Vec<bool> = hg.iter().map(|&x| x == 0.0).collect();
@@ -392,8 +392,8 @@ fn activations_and_dropout() {
             "mask is dropout_keep's"
         );
         check(&format!("dropout_forward p={p_drop}"), &hg, &hc, 1e-7);
-        c.dropout_backward(&mut cg, &cd, p_drop, seed).unwrap();
-        g.dropout_backward(&mut gg, &gd, p_drop, seed).unwrap();
+        c.dropout_backward(&mut cg, &cd, p_drop, seed, 0).unwrap();
+        g.dropout_backward(&mut gg, &gd, p_drop, seed, 0).unwrap();
         p.cmp(&format!("dropout_backward p={p_drop}"), &cg, &gg, 1e-7);
     }
 }
@@ -1277,12 +1277,12 @@ fn uninit_outputs_are_fully_written() {
     p.cmp("uninit: gelu_backward", &cdx, &gdx, 1e-6);
     let seed = r.next_u64();
     let (mut co, mut go) = un(n);
-    c.dropout_forward(&mut co, &ca, 0.1, seed).unwrap();
-    g.dropout_forward(&mut go, &ga, 0.1, seed).unwrap();
+    c.dropout_forward(&mut co, &ca, 0.1, seed, 0).unwrap();
+    g.dropout_forward(&mut go, &ga, 0.1, seed, 0).unwrap();
     p.cmp("uninit: dropout_forward", &co, &go, 1e-7);
     let (mut cdx, mut gdx) = un(n);
-    c.dropout_backward(&mut cdx, &cdo, 0.1, seed).unwrap();
-    g.dropout_backward(&mut gdx, &gdo, 0.1, seed).unwrap();
+    c.dropout_backward(&mut cdx, &cdo, 0.1, seed, 0).unwrap();
+    g.dropout_backward(&mut gdx, &gdo, 0.1, seed, 0).unwrap();
     p.cmp("uninit: dropout_backward", &cdx, &gdx, 1e-7);
 }
 

@@ -650,15 +650,25 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- dropout (LoRA input) --------------------------------------------------------
 
-    /// `out = keep(i) ? x / (1 − p) : 0` with the mask of [`dropout_keep`].
-    fn dropout_forward(&self, out: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64) -> Result<()>;
-    /// Gradient of dropout with the same `p` and `seed`; dx is overwritten.
+    /// `out[i] = keep(offset + i) ? x[i] / (1 − p) : 0` with the mask of
+    /// [`dropout_keep`]. `offset` is the mask index of element 0: a tile of rows of an
+    /// activation draws the whole activation's mask at its position (0 for a whole one).
+    fn dropout_forward(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()>;
+    /// Gradient of dropout with the same `p`, `seed` and `offset`; dx is overwritten.
     fn dropout_backward(
         &self,
         dx: &mut Self::Buf,
         dout: &Self::Buf,
         p: f32,
         seed: u64,
+        offset: u64,
     ) -> Result<()>;
 
     // ---- LM head + loss --------------------------------------------------------------

@@ -98,10 +98,12 @@ __device__ __forceinline__ bool dropout_keep(u64 seed, u64 i, float p) {
     return u >= p;
 }
 
-// out = keep(i) ? x * scale : 0, scale = 1 / (1 - p) computed on the host. Forward and
-// backward are the same map (the mask is a function of (seed, i)).
-extern "C" __global__ void dropout(float* out, const float* x, float p, float scale, u64 seed, i64 n) {
-    GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, (u64)i, p) ? x[i] * scale : 0.f; }
+// out[i] = keep(offset + i) ? x[i] * scale : 0, scale = 1 / (1 - p) computed on the host.
+// Forward and backward are the same map (the mask is a function of (seed, index)); offset
+// is the mask index of element 0 (a tile of rows of a larger activation).
+extern "C" __global__ void dropout(float* out, const float* x, float p, float scale, u64 seed, u64 offset,
+                                   i64 n) {
+    GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, offset + (u64)i, p) ? x[i] * scale : 0.f; }
 }
 
 // partial[block] = sum of x[i]^2 over the block's grid-stride share, accumulated in f64.

@@ -853,12 +853,26 @@ impl Backend for CudaBackend {
         self.gelu_backward_impl(dx, dout, x)
     }
 
-    fn dropout_forward(&self, out: &mut CudaBuf, x: &CudaBuf, p: f32, seed: u64) -> Result<()> {
-        self.dropout_impl("dropout_forward", out, x, p, seed)
+    fn dropout_forward(
+        &self,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
+        self.dropout_impl("dropout_forward", out, x, p, seed, offset)
     }
 
-    fn dropout_backward(&self, dx: &mut CudaBuf, dout: &CudaBuf, p: f32, seed: u64) -> Result<()> {
-        self.dropout_impl("dropout_backward", dx, dout, p, seed)
+    fn dropout_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
+        self.dropout_impl("dropout_backward", dx, dout, p, seed, offset)
     }
 
     fn lm_head_loss(
