@@ -48,6 +48,12 @@ pub struct Engine<B: Backend> {
     /// Keep the optimizer state in host memory that the device reads over the bus
     /// (applies to optimizers created after it is set).
     pub offload_optimizer: bool,
+    /// Token rows per sequence tile of the blocks' per-token parts: None chooses from the
+    /// device memory free at each call ([`Engine::tile_rows`]), 0 runs every call
+    /// untiled, N tiles of N rows.
+    pub seq_tile: Option<usize>,
+    /// The tile rows the last call ran with (None: untiled), for reports.
+    pub last_tile: Option<usize>,
     /// Base of the dropout seeds.
     pub seed: u64,
     /// When set and raised, a forward or backward stops at the next block with
@@ -99,8 +105,43 @@ impl<B: Backend> Engine<B> {
             offload_activations: false,
             activation_prefetch: 1,
             offload_optimizer: false,
+            seq_tile: None,
+            last_tile: None,
             seed,
             cancel: None,
+        }
+    }
+
+    /// The tile rows of a call of `n` tokens (None: untiled): [`Engine::seq_tile`] when
+    /// set, else, on a device with memory of its own, the largest multiple of
+    /// [`crate::model::tiles::TILE_ROWS_STEP`] rows whose backward fits in the memory free
+    /// now beside what the call holds for every token (the blocks' saved inputs on the
+    /// device, each block's whole-call tensors, [`TILE_MARGIN_BYTES`] for the runtime),
+    /// or untiled when the whole call fits. Without checkpointing a block keeps every
+    /// activation anyway, so nothing is tiled unless asked for.
+    pub fn tile_rows(&self, n: usize, keep_all: bool) -> Option<usize> {
+        match self.seq_tile {
+            Some(0) => None,
+            Some(r) => Some(r).filter(|&r| r < n),
+            None if keep_all => None,
+            None => {
+                let avail = self.be.free_memory()?;
+                let cfg = self.model.config();
+                // the blocks' inputs the backward reads: every block's on the device, or
+                // with offloading the few brought back ahead
+                let kept = if self.offload_activations {
+                    self.activation_prefetch.max(1) + 1
+                } else {
+                    cfg.num_hidden_layers
+                };
+                let inputs = (kept * n * cfg.hidden_size * 4) as u64;
+                crate::model::tiles::rows_within(
+                    n,
+                    avail,
+                    TILE_MARGIN_BYTES + inputs,
+                    self.model.token_bytes(),
+                )
+            }
         }
     }
 
@@ -145,11 +186,14 @@ impl<B: Backend> Engine<B> {
         dropout_seed: u64,
     ) -> Result<(LossSum, Option<Vec<f32>>)> {
         self.check_batch(batch)?;
+        let keep_all = train && !self.gradient_checkpointing;
         let shape = StepShape::of_batch(batch);
+        let tile = self.tile_rows(shape.tokens(), keep_all);
+        let shape = shape.with_tile(tile);
+        self.last_tile = tile;
         let n = shape.tokens();
         let c = self.model.config().hidden_size;
         let layers = self.model.config().num_hidden_layers;
-        let keep_all = train && !self.gradient_checkpointing;
         let be = &self.be;
         // training needs adapters; evaluation runs the base model when there are none
         let mut lora = if train {
@@ -416,6 +460,11 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 }
+
+/// Device memory an automatic tile leaves to the runtime and to what the estimate does
+/// not count: cuBLAS's workspace, quantized weights expanded for a block, the pool's
+/// fragmentation.
+pub const TILE_MARGIN_BYTES: u64 = 1 << 30;
 
 const NO_COUNTED_TOKENS: &str =
     "the batch has no counted tokens (every label is -100 or sequences have length 1)";

@@ -48,6 +48,7 @@ _DEFAULTS: Dict[str, Any] = {
     "prefetch_distance": 2,
     "offload_activations": False,
     "offload_optimizer": False,
+    "seq_tile": None,
     "seed": 42,
     "revision": None,
     "adapter_path": None,
@@ -92,6 +93,11 @@ class LemaConfig:
     prefetch_distance: layers copied ahead of the one in use (CUDA).
     offload_activations, offload_optimizer: keep the saved block inputs / the engine
         optimizer's moments in pinned host memory instead of on the GPU.
+    seq_tile: tokens per sequence tile: a block's norms, projections, RoPE, MLP and
+        residual run over this many tokens at a time (attention over the whole sequence),
+        so their memory is one tile's; ``None`` chooses from the free GPU memory at each
+        step (the whole sequence when it fits), ``0`` never tiles. Same results up to
+        float rounding of the LoRA gradients' sums.
     seed: seeds the LoRA initialisation and the dropout masks.
     revision: the Hub revision (branch, tag or commit) of ``model_name_or_path``.
     adapter_path: start from this PEFT adapter folder instead of a fresh initialisation.
@@ -172,6 +178,8 @@ class LemaConfig:
         need(self.weight_source in ("auto", "mapped", "disk"),
              f"weight_source must be 'auto', 'mapped' or 'disk', got {self.weight_source!r}")
         integer("prefetch_distance", 1)
+        if self.seq_tile is not None:
+            integer("seq_tile", 0)
         integer("seed", 0)
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -269,6 +277,7 @@ def engine_config(config: LemaConfig, model_path: str, config_path: Optional[str
         "prefetch_depth": config.prefetch_distance,
         "offload_activations": config.offload_activations,
         "offload_optimizer": config.offload_optimizer,
+        "seq_tile": config.seq_tile,
         "profile": False,
     }
     return json.dumps(d)

@@ -120,6 +120,12 @@ pub struct LemaConfig {
     /// `mapped` or `disk` (every streamed layer through the staging ring).
     #[serde(default)]
     pub weight_source: WeightSource,
+    /// Tokens per sequence tile: a block's norms, projections, RoPE, MLP and residual
+    /// run over this many tokens at a time (attention over the whole sequence), so their
+    /// memory is one tile's. None: chosen at each step from the device memory free (the
+    /// whole sequence when it fits; the CPU never tiles unless asked); 0: never tiled.
+    #[serde(default)]
+    pub seq_tile: Option<usize>,
 }
 
 fn default_prefetch_depth() -> usize {
@@ -152,6 +158,7 @@ impl LemaConfig {
             profile: false,
             max_host_memory: None,
             weight_source: WeightSource::Auto,
+            seq_tile: None,
         }
     }
 
@@ -443,10 +450,12 @@ impl LemaModel {
         };
         let (offload, offload_opt) = (m.config.offload_activations, m.config.offload_optimizer);
         let ahead = m.config.prefetch_depth.max(1);
+        let seq_tile = m.config.seq_tile;
         with_engine!(&mut m.engine, e => {
             e.offload_activations = offload;
             e.activation_prefetch = ahead;
             e.offload_optimizer = offload_opt;
+            e.seq_tile = seq_tile;
         });
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
@@ -504,6 +513,12 @@ impl LemaModel {
     /// library prints nothing itself.
     pub fn weights_plan(&self) -> Option<String> {
         with_engine!(&self.engine, e => e.stream.plan())
+    }
+
+    /// The tokens per sequence tile of the last step (None: untiled; see
+    /// [`LemaConfig::seq_tile`]).
+    pub fn last_seq_tile(&self) -> Option<usize> {
+        with_engine!(&self.engine, e => e.last_tile)
     }
 
     /// Bytes of frozen weights read from disk through the staging ring so far.

@@ -390,6 +390,13 @@ pub trait Backend: Send + Sync + 'static {
     /// ("forward", "backward", …). Backends that do not profile ignore it.
     fn profile_phase(&self, _phase: &'static str) {}
 
+    /// Device bytes new buffers can still take: free device memory plus what the
+    /// backend's pool holds unused (CUDA). For choosing a sequence tile; None where the
+    /// device's memory is the host's (the CPU).
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory ----------------------------------------------------------------------
 
     /// A new buffer of `n` zeros.

@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// Where streamed layers come from on the host: auto, mapped or disk.
     #[arg(long, default_value = "auto")]
     weight_source: String,
+    /// Tokens per sequence tile of a block's per-token work (attention stays whole);
+    /// default: chosen from the free GPU memory at each step; 0: never tiled.
+    #[arg(long)]
+    seq_tile: Option<usize>,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -99,6 +103,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         profile: a.profile,
         max_host_memory: a.max_host_memory,
         weight_source: a.weight_source.parse()?,
+        seq_tile: a.seq_tile,
     };
     let tmp;
     let dir = match &a.workdir {
@@ -142,6 +147,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!(
             "  all layers resident: {t:.3} s/step, so {:.0}% of a streamed step waits for weights",
             100.0 * w
+        );
+    }
+    if let Some(t) = r.seq_tile {
+        eprintln!(
+            "  sequence tiles of {t} tokens ({} per block call)",
+            (opts.batch * opts.seq).div_ceil(t)
         );
     }
     if let Some(p) = &r.weights_plan {

@@ -18,7 +18,7 @@
 use super::kv_cache::KvCache;
 use super::linear::{Linear, keep_for_backward};
 use super::quantized::Weights;
-use super::tiles::{Rows, Tile, rows_mut, rows_of, take_rows};
+use super::tiles::{Rows, Tile, TokenBytes, rows_mut, rows_of, take_rows};
 use super::{Keep, LinearSpec, StepShape, keep_in};
 pub use crate::backend::Activation;
 use crate::backend::{Accumulate, AttnDims, Backend};
@@ -376,6 +376,37 @@ impl<'m> BlockDesc<'m> {
             in_features: spec.in_features,
             out_features: spec.out_features,
         })
+    }
+
+    /// What this block's backward holds per token ([`TokenBytes`]), in f32 bytes.
+    pub fn token_bytes(&self) -> TokenBytes {
+        let a = &self.attn;
+        let (c, heads) = (self.hidden as u64, a.n_heads as u64);
+        let (qd, kvd) = self.qkv_widths();
+        let (qd, kvd) = (qd as u64, kvd as u64);
+        let qk_pre = if a.qk_norm.is_some() { qd + kvd } else { 0 };
+        // x, dy; q, att, datt, dq; k, v, dk, dv; lse; ln1; q, k before their norms; the
+        // kernels' half copies of q, dO, k, v (counted as f32 halves)
+        let whole = 2 * c + 4 * qd + 4 * kvd + heads + c + qk_pre + (qd + kvd);
+        let width = |name: &str| {
+            self.linears
+                .iter()
+                .find(|l| l.name == name)
+                .map_or(0, |l| l.in_features as u64)
+        };
+        // the down / proj linear's input is the MLP's width
+        let i = width(self.mlp.down());
+        // gated: gate, up, act, dact, dgate, dup (a fused [gate | up] copy in place of
+        // act); plain: fc output, act, dact, dfc; with h, ln2, the output projection's,
+        // dln2 and the post norms' rows
+        let tile = match self.mlp {
+            Mlp::Gated { .. } => 6 * i,
+            Mlp::Plain { .. } => 4 * i,
+        } + 6 * c;
+        TokenBytes {
+            whole: 4 * whole,
+            tile: 4 * tile,
+        }
     }
 
     fn attn_dims(&self, s: &StepShape) -> AttnDims {

@@ -353,6 +353,18 @@ impl Model {
         }
     }
 
+    /// What a block's backward holds per token, the largest over the blocks.
+    pub fn token_bytes(&self) -> tiles::TokenBytes {
+        (0..self.cfg.num_hidden_layers)
+            .map(|i| self.block(i).token_bytes())
+            .fold(tiles::TokenBytes { whole: 0, tile: 0 }, |a, b| {
+                tiles::TokenBytes {
+                    whole: a.whole.max(b.whole),
+                    tile: a.tile.max(b.tile),
+                }
+            })
+    }
+
     /// The description of block `layer` for the generic block.
     pub fn block(&self, layer: usize) -> decoder::BlockDesc<'_> {
         (self.def.block)(self, layer)

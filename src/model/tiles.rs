@@ -177,3 +177,69 @@ impl<B: Backend> Rows<B> {
         }
     }
 }
+
+/// What a block's backward holds per token, in f32 bytes: for the whole call, and per row
+/// of the tile in flight. From the shapes, as an upper estimate for choosing a tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenBytes {
+    /// Held for every token of the call while attention's backward runs: the block's
+    /// input and dy (which becomes dx), q, k, v, the attention output and their
+    /// gradients, lse, each tile's projection inputs kept before attention (and q, k before
+    /// their norms), and the attention kernels' half copies.
+    pub whole: u64,
+    /// Held per row of the tile in flight: the MLP's activations and their gradients, the
+    /// residual stream and the norms' outputs.
+    pub tile: u64,
+}
+
+/// The tile rows that keep a block call of `n` tokens within `avail` bytes, when
+/// `fixed` of them are already spoken for and the block holds `per` per token: None
+/// when the whole call fits untiled; else a multiple of [`TILE_ROWS_STEP`] (at least
+/// one step, even when nothing fits: the allocation then fails with its own message).
+pub fn rows_within(n: usize, avail: u64, fixed: u64, per: TokenBytes) -> Option<usize> {
+    let left = avail.saturating_sub(fixed.saturating_add(per.whole.saturating_mul(n as u64)));
+    let rows = left / per.tile.max(1);
+    if rows >= n as u64 {
+        return None;
+    }
+    let step = TILE_ROWS_STEP as u64;
+    Some(((rows / step).max(1) * step) as usize).filter(|&r| r < n)
+}
+
+/// Granularity of an automatic tile: rows in multiples of it keep the GEMMs' row blocks
+/// whole.
+pub const TILE_ROWS_STEP: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_rows_in_order() {
+        let cover = |n, r| tiles(n, r).map(|t| (t.start, t.rows)).collect::<Vec<_>>();
+        assert_eq!(cover(7, None), vec![(0, 7)]);
+        assert_eq!(cover(7, Some(0)), vec![(0, 7)]);
+        assert_eq!(cover(7, Some(7)), vec![(0, 7)]);
+        assert_eq!(cover(7, Some(9)), vec![(0, 7)]);
+        assert_eq!(cover(7, Some(3)), vec![(0, 3), (3, 3), (6, 1)]);
+        assert_eq!(cover(4, Some(1)).len(), 4);
+        assert!(cover(0, Some(3)).is_empty());
+        assert!(tiles(7, None).next().unwrap().is_all(7));
+    }
+
+    #[test]
+    fn automatic_rows_fit_the_memory_left() {
+        let per = TokenBytes {
+            whole: 100,
+            tile: 1000,
+        };
+        // everything fits: untiled
+        assert_eq!(rows_within(1000, 2_000_000, 0, per), None);
+        // 1000 tokens: 100 000 whole, 500 000 left for 500 rows → 256
+        assert_eq!(rows_within(1000, 600_000 + 5, 5, per), Some(256));
+        // nothing left: one step of rows, the allocation decides
+        assert_eq!(rows_within(1000, 10, 0, per), Some(TILE_ROWS_STEP));
+        // a call smaller than one step is never tiled by the rule
+        assert_eq!(rows_within(100, 10, 0, per), None);
+    }
+}

@@ -101,6 +101,9 @@ pub struct TrainConfig {
     pub max_host_memory: Option<u64>,
     /// Where streamed layers come from on the host: auto, mapped or disk.
     pub weight_source: WeightSource,
+    /// Tokens per sequence tile of a block's per-token parts (attention stays whole);
+    /// unset: chosen from the free GPU memory at each step; 0: never tiled.
+    pub seq_tile: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -148,6 +151,7 @@ impl Default for TrainConfig {
             max_vram: None,
             max_host_memory: None,
             weight_source: WeightSource::Auto,
+            seq_tile: None,
         }
     }
 }
@@ -344,6 +348,12 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "NAME",
             "streamed layers from: auto, mapped or disk (staging ring) [auto]",
         ),
+        (
+            "seq_tile",
+            Scalar,
+            "N",
+            "tokens per sequence tile of the per-token work; 0: untiled [from free GPU memory]",
+        ),
     ]
 };
 
@@ -368,6 +378,7 @@ const RESUMABLE: &[&str] = &[
     "max_vram",
     "max_host_memory",
     "weight_source",
+    "seq_tile",
 ];
 
 /// Levenshtein distance between two strings.

@@ -200,6 +200,7 @@ fn lema_config(cfg: &TrainConfig, model: &Path) -> LemaConfig {
     l.max_vram = cfg.max_vram;
     l.max_host_memory = cfg.max_host_memory;
     l.weight_source = cfg.weight_source;
+    l.seq_tile = cfg.seq_tile;
     l.device = cfg.device;
     l.seed = cfg.seed;
     l

@@ -130,4 +130,34 @@ fn dropout_follows_the_shared_mask_and_backward_matches_finite_differences() {
         1e-6,
         0.0,
     );
+
+    // a piece at `offset` draws the whole buffer's mask there (sequence tiles), in both
+    // directions
+    let (start, len) = (1234, 777);
+    let mut piece = buf(&vec![0.0; len]);
+    be.dropout_forward(
+        &mut piece,
+        &buf(&x[start..start + len]),
+        p,
+        seed,
+        start as u64,
+    )
+    .unwrap();
+    assert_eq!(piece.0, out_of(&be, &x, p, seed)[start..start + len]);
+    be.dropout_backward(
+        &mut piece,
+        &buf(&x[start..start + len]),
+        p,
+        seed,
+        start as u64,
+    )
+    .unwrap();
+    assert_eq!(piece.0, out_of(&be, &x, p, seed)[start..start + len]);
+}
+
+/// Dropout of all of `x` from index 0.
+fn out_of(be: &CpuBackend<f64>, x: &[f64], p: f32, seed: u64) -> Vec<f64> {
+    let mut out = buf(&vec![0.0; x.len()]);
+    be.dropout_forward(&mut out, &buf(x), p, seed, 0).unwrap();
+    out.0
 }
