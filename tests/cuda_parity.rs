@@ -392,9 +392,16 @@ fn activations_and_dropout() {
             "mask is dropout_keep's"
         );
         check(&format!("dropout_forward p={p_drop}"), &hg, &hc, 1e-7);
-        c.dropout_backward(&mut cg, &cd, p_drop, seed, 0).unwrap();
-        g.dropout_backward(&mut gg, &gd, p_drop, seed, 0).unwrap();
-        p.cmp(&format!("dropout_backward p={p_drop}"), &cg, &gg, 1e-7);
+        // at an offset (a tile of a larger activation): the same mask on both sides
+        let off = r.next_u64() >> 20;
+        c.dropout_backward(&mut cg, &cd, p_drop, seed, off).unwrap();
+        g.dropout_backward(&mut gg, &gd, p_drop, seed, off).unwrap();
+        p.cmp(
+            &format!("dropout_backward p={p_drop} offset {off}"),
+            &cg,
+            &gg,
+            1e-7,
+        );
     }
 }
 
@@ -1605,6 +1612,116 @@ fn training_steps_cuda_match_cpu() {
             &runs[0].1,
             1e-3,
         );
+    }
+}
+
+/// Sequence tiles on CUDA (`seq_tile`): a block's per-token parts over tiles of rows,
+/// attention over the whole call, against the untiled block on the same GPU. f32
+/// fixtures: the same ops on row ranges, cuBLAS choosing its kernels by the row count and
+/// the LoRA gradients summed per tile: 1e-4, as CUDA against PEFT. bf16 copies (with and
+/// without both offloads): a last-bit difference in an f32 value can move the bf16
+/// rounding of the activation it feeds, so the bf16 test's tolerances. Fresh adapters
+/// with dropout 0.1 on every linear: a tile draws the untiled mask, so a few steps agree.
+/// The uninit buffers are NaN-poisoned: a tile that leaves rows of an assembled buffer
+/// unwritten fails.
+#[test]
+fn sequence_tiles_match_untiled_on_cuda() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        skip_without_gpu(&why.to_string());
+        return;
+    }
+    type Run = (f32, Vec<f32>, Vec<f32>, Vec<f32>);
+    let step = |cfg: LemaConfig, batch: &lema::Batch, fresh: bool| -> Run {
+        let mut model = LemaModel::new(cfg).expect("model on CUDA");
+        assert_eq!(model.device(), Device::Cuda);
+        if fresh {
+            model.initialize_lora().unwrap();
+        }
+        let mut t = Trainer::new(model, OptimizerConfig::sgd(0.1, 0.9)).unwrap();
+        let out = t.train_step_with_logits(batch).unwrap();
+        let grads: Vec<f32> = t
+            .model
+            .lora_grads()
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, g)| g)
+            .collect();
+        let mut losses = vec![out.loss as f32];
+        for _ in 0..3 {
+            losses.push(t.train_step(batch).unwrap().loss as f32);
+        }
+        (out.loss as f32, out.logits.unwrap(), grads, losses)
+    };
+    let compare = |tag: &str, got: &Run, want: &Run, tol: [f64; 3]| {
+        check(&format!("{tag} loss"), &[got.0], &[want.0], tol[0]);
+        check(&format!("{tag} logits"), &got.1, &want.1, tol[0]);
+        check(&format!("{tag} LoRA grads"), &got.2, &want.2, tol[1]);
+        check(&format!("{tag} 4 SGD losses"), &got.3, &want.3, tol[2]);
+    };
+    for case in [
+        "llama_gqa",
+        "llama_tied",
+        "gpt2",
+        "qwen2_tied",
+        "qwen3",
+        "mistral_sw",
+        "qwen2_sw",
+        "phi3",
+        "phi3_longrope",
+        "qwen2_yarn",
+        "gemma3",
+    ] {
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        let n = batch.batch * batch.seq;
+        let with = |tile: usize| {
+            let mut cfg = fixture_config(case, Device::Cuda);
+            cfg.seq_tile = Some(tile);
+            cfg
+        };
+        let whole = step(with(0), &batch, false);
+        for tile in [1, 5, n - 1] {
+            let tag = format!("tiles {case} f32 tile={tile}");
+            compare(&tag, &step(with(tile), &batch, false), &whole, [1e-4; 3]);
+        }
+        let fresh = |tile: usize| {
+            let mut cfg = with(tile);
+            cfg.adapter_path = None;
+            cfg.lora_dropout = 0.1;
+            cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+            cfg
+        };
+        let whole = step(fresh(0), &batch, true);
+        let tag = format!("tiles {case} f32 dropout 0.1 tile=3");
+        compare(&tag, &step(fresh(3), &batch, true), &whole, [1e-4; 3]);
+    }
+    for case in ["llama_gqa", "gpt2", "phi3", "gemma3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::bf16_copy(case, dir.path());
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        for offload in [false, true] {
+            let with = |tile: usize| {
+                let mut cfg = LemaConfig::new(&model);
+                cfg.adapter_path = Some(fixture(case).join("adapter"));
+                cfg.device = Device::Cuda;
+                cfg.offload_activations = offload;
+                cfg.offload_optimizer = offload;
+                cfg.seq_tile = Some(tile);
+                cfg
+            };
+            let whole = step(with(0), &batch, false);
+            for tile in [2, 5] {
+                let tag = format!("tiles {case} bf16 offload={offload} tile={tile}");
+                compare(
+                    &tag,
+                    &step(with(tile), &batch, false),
+                    &whole,
+                    [5e-3, 3e-2, 5e-3],
+                );
+            }
+        }
     }
 }
 
