@@ -703,6 +703,7 @@ mod tests {
             ("offload_activations".to_string(), "true".to_string()),
             ("prefetch_depth".to_string(), "1".to_string()),
             ("max_vram".to_string(), "3000000000".to_string()),
+            ("seq_tile".to_string(), "4096".to_string()),
         ];
         let c = TrainConfig::from_toml(text, "t.toml", Some(Path::new("/base")), &over).unwrap();
         assert_eq!(
@@ -722,6 +723,7 @@ mod tests {
         assert_eq!(c.batch_size, TrainConfig::default().batch_size);
         assert!(c.offload_activations && !c.offload_optimizer);
         assert_eq!((c.prefetch_depth, c.max_vram), (1, Some(3_000_000_000)));
+        assert_eq!(c.seq_tile, Some(4096));
         c.validate().unwrap();
         // the echo reads back to the same config
         let back = TrainConfig::from_toml(&c.to_toml().unwrap(), "echo", None, &[]).unwrap();
