@@ -113,12 +113,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The tile rows of a call of `n` tokens (None: untiled): [`Engine::seq_tile`] when
-    /// set, else, on a device with memory of its own, the largest multiple of
-    /// [`crate::model::tiles::TILE_ROWS_STEP`] rows whose backward fits in the memory free
-    /// now beside what the call holds for every token (the blocks' saved inputs on the
-    /// device, each block's whole-call tensors, [`TILE_MARGIN_BYTES`] for the runtime),
-    /// or untiled when the whole call fits. Without checkpointing a block keeps every
-    /// activation anyway, so nothing is tiled unless asked for.
+    /// set, else, on a device with memory of its own,
+    /// [`crate::model::tiles::AUTO_TILE_ROWS`], or the largest multiple of
+    /// [`crate::model::tiles::TILE_ROWS_STEP`] rows below it whose backward fits in the
+    /// memory free now beside what the call holds for every token (the blocks' saved
+    /// inputs on the device, each block's whole-call tensors, [`TILE_MARGIN_BYTES`] for
+    /// the runtime); untiled when the call fits in one such tile. On the CPU, and without
+    /// checkpointing (a block keeps every activation anyway), nothing is tiled unless
+    /// asked for.
     pub fn tile_rows(&self, n: usize, keep_all: bool) -> Option<usize> {
         match self.seq_tile {
             Some(0) => None,

@@ -504,11 +504,17 @@ fn examples_of_128k_tokens_load_and_batch() {
     let max = 131_072;
     let f = fixture(None);
     // the byte-level tokenizer: a token per byte of this text
-    let text: String = (0..200_000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let text: String = (0..200_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
     let jsonl = f.file("long.jsonl", &[&format!(r#"{{"text": "{text}"}}"#), ""]);
     let (ex, rep) = load_file(&jsonl, &f.tok, &opts(max, BadLinePolicy::Error)).unwrap();
     assert_eq!(ex.len(), 1);
-    assert_eq!(ex[0].input_ids.len(), max, "the record is cut at max_seq_length");
+    assert_eq!(
+        ex[0].input_ids.len(),
+        max,
+        "the record is cut at max_seq_length"
+    );
     assert_eq!(rep.truncated, 1);
     let txt = f.file("long.txt", &[&text, &text]);
     let (windows, _) = load_file(&txt, &f.tok, &opts(max, BadLinePolicy::Error)).unwrap();

@@ -385,9 +385,9 @@ impl<'m> BlockDesc<'m> {
         let (qd, kvd) = self.qkv_widths();
         let (qd, kvd) = (qd as u64, kvd as u64);
         let qk_pre = if a.qk_norm.is_some() { qd + kvd } else { 0 };
-        // x, dy; q, att, datt, dq; k, v, dk, dv; lse; ln1; q, k before their norms; the
+        // x, dy; q, att, datt, dq; k, v, dk, dv; lse; q, k before their norms; the
         // kernels' half copies of q, dO, k, v (counted as f32 halves)
-        let whole = 2 * c + 4 * qd + 4 * kvd + heads + c + qk_pre + (qd + kvd);
+        let whole = 2 * c + 4 * qd + 4 * kvd + heads + qk_pre + (qd + kvd);
         let width = |name: &str| {
             self.linears
                 .iter()
@@ -589,9 +589,14 @@ impl<'m> BlockDesc<'m> {
             be.rope_forward(&mut k, positions, inv_freq, a.n_kv_heads)?;
         }
         if keep.saved() {
-            // ln1 is read by the backward only as the projections' input
-            sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, lora.dropout));
-            sv.norm1 = Some(stats1);
+            // ln1 is read by the backward only as the projections' input. A checkpointed
+            // re-run (`SavedOnly`) keeps neither it nor its statistics across attention:
+            // the backward makes them again from the tile's rows of x, which is cheaper
+            // than holding them for the whole call
+            if keep == Keep::OutputAndSaved {
+                sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, lora.dropout));
+                sv.norm1 = Some(stats1);
+            }
             if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
                 (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
                 (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
@@ -1073,6 +1078,11 @@ impl<'m> BlockDesc<'m> {
             };
             (dq, dk) = (per_head(&dq, true)?, per_head(&dk, false)?);
             (sv.q_pre, sv.k_pre, sv.q_norm, sv.k_norm) = (None, None, None, None);
+        }
+        if sv.ln1.is_none() {
+            // a checkpointed re-run kept neither: norm1 of the same rows gives the same
+            let (ln1, stats1) = norm_forward(be, w, &self.norm1, x, n, c)?;
+            (sv.ln1, sv.norm1) = (Some(ln1), Some(stats1));
         }
         let mut dln1 = be.uninit(n * c)?;
         match a.qkv {

@@ -184,21 +184,22 @@ impl<B: Backend> Rows<B> {
 pub struct TokenBytes {
     /// Held for every token of the call while attention's backward runs: the block's
     /// input and dy (which becomes dx), q, k, v, the attention output and their
-    /// gradients, lse, each tile's projection inputs kept before attention (and q, k before
-    /// their norms), and the attention kernels' half copies.
+    /// gradients, lse, q and k before their norms (where there are any), and the
+    /// attention kernels' half copies.
     pub whole: u64,
     /// Held per row of the tile in flight: the MLP's activations and their gradients, the
     /// residual stream and the norms' outputs.
     pub tile: u64,
 }
 
-/// The tile rows that keep a block call of `n` tokens within `avail` bytes, when
-/// `fixed` of them are already spoken for and the block holds `per` per token: None
-/// when the whole call fits untiled; else a multiple of [`TILE_ROWS_STEP`] (at least
-/// one step, even when nothing fits: the allocation then fails with its own message).
+/// The tile rows of a block call of `n` tokens: at most [`AUTO_TILE_ROWS`], and fewer
+/// when that many would not fit in `avail` bytes, `fixed` of them being spoken for and
+/// the block holding `per` per token. None when the whole call fits in one such tile
+/// (untiled); else a multiple of [`TILE_ROWS_STEP`] (at least one step, even when
+/// nothing fits: the allocation then fails with its own message).
 pub fn rows_within(n: usize, avail: u64, fixed: u64, per: TokenBytes) -> Option<usize> {
     let left = avail.saturating_sub(fixed.saturating_add(per.whole.saturating_mul(n as u64)));
-    let rows = left / per.tile.max(1);
+    let rows = (left / per.tile.max(1)).min(AUTO_TILE_ROWS as u64);
     if rows >= n as u64 {
         return None;
     }
@@ -209,6 +210,13 @@ pub fn rows_within(n: usize, avail: u64, fixed: u64, per: TokenBytes) -> Option<
 /// Granularity of an automatic tile: rows in multiples of it keep the GEMMs' row blocks
 /// whole.
 pub const TILE_ROWS_STEP: usize = 256;
+
+/// The largest automatic tile: 8192 rows already make every GEMM of a 7B–70B block a
+/// large one (8192 × 4096 × 4096 and up), and a larger tile would only take memory that
+/// grows with the sequence (a Llama-3-8B block's MLP half holds about 0.44 MB per row:
+/// 3.6 GB at 8192). Calls of up to this many tokens run untiled, exactly as without
+/// tiles.
+pub const AUTO_TILE_ROWS: usize = 8192;
 
 #[cfg(test)]
 mod tests {
@@ -241,5 +249,9 @@ mod tests {
         assert_eq!(rows_within(1000, 10, 0, per), Some(TILE_ROWS_STEP));
         // a call smaller than one step is never tiled by the rule
         assert_eq!(rows_within(100, 10, 0, per), None);
+        // plenty of memory: tiles of AUTO_TILE_ROWS past that many tokens, none below
+        let n = 3 * AUTO_TILE_ROWS + 7;
+        assert_eq!(rows_within(n, u64::MAX, 0, per), Some(AUTO_TILE_ROWS));
+        assert_eq!(rows_within(AUTO_TILE_ROWS, u64::MAX, 0, per), None);
     }
 }
