@@ -386,7 +386,8 @@ impl<'m> BlockDesc<'m> {
         let (qd, kvd) = (qd as u64, kvd as u64);
         let qk_pre = if a.qk_norm.is_some() { qd + kvd } else { 0 };
         // x, dy; q, att, datt, dq; k, v, dk, dv; lse; q, k before their norms; the
-        // kernels' half copies of q, dO, k, v (counted as f32 halves)
+        // kernels' half copies of q, dO, k, v (2·(qd + kvd) halves: qd + kvd f32s); the
+        // LoRA intermediates (R a linear) are left out
         let whole = 2 * c + 4 * qd + 4 * kvd + heads + qk_pre + (qd + kvd);
         let width = |name: &str| {
             self.linears
