@@ -315,6 +315,8 @@ pub struct BenchOptions {
     pub compare_resident: bool,
     /// Keep saved activations in host memory between forward and backward.
     pub offload_activations: bool,
+    /// Park them in the weights' half type.
+    pub offload_activations_half: bool,
     /// Keep the optimizer state in host memory the GPU reads over the bus.
     pub offload_optimizer: bool,
     /// CUDA: time every kernel of the timed steps and report where the step's GPU time
@@ -453,6 +455,7 @@ fn time_steps(
     cfg.prefetch_depth = opts.prefetch_depth;
     cfg.max_vram = max_vram;
     cfg.offload_activations = opts.offload_activations;
+    cfg.offload_activations_half = opts.offload_activations_half;
     cfg.offload_optimizer = opts.offload_optimizer;
     cfg.profile = opts.profile;
     cfg.max_host_memory = opts.max_host_memory;

@@ -39,6 +39,10 @@ pub struct Engine<B: Backend> {
     pub gradient_checkpointing: bool,
     /// Keep the blocks' saved inputs in host memory between forward and backward.
     pub offload_activations: bool,
+    /// With offloading: park them rounded to the half type the GEMMs read (half weights
+    /// on CUDA): half the host memory and bus traffic; the backward re-runs each block
+    /// from the rounded input. No effect where the GEMMs read f32.
+    pub offload_activations_half: bool,
     /// With offloading: how many blocks ahead the backward starts bringing saved inputs
     /// back: the weight stream's prefetch depth, so that an input's copy is queued with
     /// its block's weights and not behind those of the blocks after it (copies to the
@@ -103,6 +107,7 @@ impl<B: Backend> Engine<B> {
             optimizer: None,
             gradient_checkpointing,
             offload_activations: false,
+            offload_activations_half: false,
             activation_prefetch: 1,
             offload_optimizer: false,
             seq_tile: None,
@@ -234,7 +239,15 @@ impl<B: Backend> Engine<B> {
             let input = std::mem::replace(&mut x, y);
             if train {
                 hs.push(if self.offload_activations {
-                    Checkpoint::Parked(be.park(input)?)
+                    let half = if self.offload_activations_half {
+                        self.model.half_copy(be, i, &w, &input)?
+                    } else {
+                        None
+                    };
+                    match half {
+                        Some(h) => Checkpoint::ParkedHalf(be.park(h)?),
+                        None => Checkpoint::Parked(be.park(input)?),
+                    }
                 } else {
                     Checkpoint::Device(input)
                 });
@@ -286,12 +299,13 @@ impl<B: Backend> Engine<B> {
             let x = match hs.pop() {
                 Some(Checkpoint::Device(b)) => b,
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
+                Some(Checkpoint::ParkedHalf(p)) => be.widen(&be.unpark(p)?)?,
                 None => return Err(Error::internal("hidden state stack")),
             };
             // the inputs of the next blocks down come back while this one computes
             let ahead = hs.len().saturating_sub(self.activation_prefetch.max(1));
             for c in hs[ahead..].iter_mut().rev() {
-                if let Checkpoint::Parked(p) = c {
+                if let Checkpoint::Parked(p) | Checkpoint::ParkedHalf(p) = c {
                     be.prefetch(p)?;
                 }
             }
@@ -489,4 +503,6 @@ fn need_lora<B: Backend>(lora: &mut Option<LoraParams<B>>) -> Result<&mut LoraPa
 enum Checkpoint<B: Backend> {
     Device(B::Buf),
     Parked(B::Parked),
+    /// Parked as its half copy ([`Model::half_copy`]), widened back to f32 on return.
+    ParkedHalf(B::Parked),
 }

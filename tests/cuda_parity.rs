@@ -1725,6 +1725,66 @@ fn sequence_tiles_match_untiled_on_cuda() {
     }
 }
 
+/// Block inputs parked in bf16 (`offload_activations_half`): the forward is untouched,
+/// so the loss is the f32-parked run's bit for bit; the backward re-runs each block from
+/// its rounded input, so the LoRA gradients move by about bf16's rounding of the
+/// residual stream (2⁻⁹ relative), checked at the bf16 test's 3e-2; with f32 weights
+/// the GEMMs read f32 and nothing is rounded: bit for bit.
+#[test]
+fn half_parked_activations_on_cuda() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        skip_without_gpu(&why.to_string());
+        return;
+    }
+    for case in ["llama_gqa", "gpt2", "phi3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        for bf16 in [true, false] {
+            let model = if bf16 {
+                common::bf16_copy(case, dir.path())
+            } else {
+                fixture(case).join("model.safetensors")
+            };
+            let run = |half: bool, tile: usize| {
+                let mut cfg = LemaConfig::new(&model);
+                cfg.adapter_path = Some(fixture(case).join("adapter"));
+                cfg.device = Device::Cuda;
+                cfg.offload_activations = true;
+                cfg.offload_activations_half = half;
+                cfg.seq_tile = Some(tile);
+                let mut t =
+                    Trainer::new(LemaModel::new(cfg).unwrap(), OptimizerConfig::sgd(0.1, 0.0))
+                        .unwrap();
+                let loss = t.train_step(&batch).unwrap().loss;
+                let grads: Vec<f32> = t
+                    .model
+                    .lora_grads()
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|(_, g)| g)
+                    .collect();
+                (loss, grads)
+            };
+            for tile in [0, 5] {
+                let (full, half) = (run(false, tile), run(true, tile));
+                let tag = format!("half-parked {case} bf16={bf16} tile={tile}");
+                assert_eq!(
+                    full.0.to_bits(),
+                    half.0.to_bits(),
+                    "{tag}: the forward changed"
+                );
+                if bf16 {
+                    check(&format!("{tag} LoRA grads"), &half.1, &full.1, 3e-2);
+                } else {
+                    assert_eq!(full.1, half.1, "{tag}: f32 weights, yet the step changed");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn auto_device_picks_cuda_when_present() {
     poison_uninit();

@@ -47,6 +47,7 @@ _DEFAULTS: Dict[str, Any] = {
     "weight_source": "auto",
     "prefetch_distance": 2,
     "offload_activations": False,
+    "offload_activations_half": False,
     "offload_optimizer": False,
     "seq_tile": None,
     "seed": 42,
@@ -93,6 +94,9 @@ class LemaConfig:
     prefetch_distance: layers copied ahead of the one in use (CUDA).
     offload_activations, offload_optimizer: keep the saved block inputs / the engine
         optimizer's moments in pinned host memory instead of on the GPU.
+    offload_activations_half: with ``offload_activations``, park the block inputs in the
+        weights' half type (bf16/f16) instead of float32: half the host memory; the
+        backward re-runs each block from its rounded input.
     seq_tile: tokens per sequence tile: a block's norms, projections, RoPE, MLP and
         residual run over this many tokens at a time (attention over the whole sequence),
         so their memory is one tile's; ``None`` chooses from the free GPU memory at each
@@ -157,7 +161,8 @@ class LemaConfig:
             if not isinstance(t, (list, tuple)) or not all(isinstance(x, str) for x in t) or not t:
                 raise TypeError("LemaConfig: lora_target_modules must be a non-empty list of module names")
             object.__setattr__(self, "lora_target_modules", list(t))
-        for name in ("use_rslora", "gradient_checkpointing", "offload_activations", "offload_optimizer"):
+        for name in ("use_rslora", "gradient_checkpointing", "offload_activations",
+                     "offload_activations_half", "offload_optimizer"):
             flag(name)
         try:
             object.__setattr__(self, "strategy", MemoryStrategy(getattr(self.strategy, "value", self.strategy)))
@@ -276,6 +281,7 @@ def engine_config(config: LemaConfig, model_path: str, config_path: Optional[str
         "weight_source": config.weight_source,
         "prefetch_depth": config.prefetch_distance,
         "offload_activations": config.offload_activations,
+        "offload_activations_half": config.offload_activations_half,
         "offload_optimizer": config.offload_optimizer,
         "seq_tile": config.seq_tile,
         "profile": False,

@@ -98,6 +98,13 @@ pub struct LemaConfig {
     /// cost of a device→host and a host→device copy per layer.
     #[serde(default)]
     pub offload_activations: bool,
+    /// With `offload_activations`, park the block inputs in the half type the GEMMs read
+    /// (bf16/f16 weights on CUDA) instead of f32: half the host memory (L·C·2 bytes a
+    /// token instead of L·C·4) and half the copies. The forward and the loss are
+    /// unchanged; the backward re-runs each block from its rounded input, so the
+    /// gradients move by about that rounding. No effect where the GEMMs read f32.
+    #[serde(default)]
+    pub offload_activations_half: bool,
     /// Keep the optimizer state (AdamW's two moments, SGD's momentum: two f32 per LoRA
     /// parameter for AdamW) in page-locked host memory that the update kernels read and
     /// write over the bus instead of in device memory: saves their device memory (0.32 GB
@@ -154,6 +161,7 @@ impl LemaConfig {
             max_vram: None,
             prefetch_depth: 2,
             offload_activations: false,
+            offload_activations_half: false,
             offload_optimizer: false,
             profile: false,
             max_host_memory: None,
@@ -451,8 +459,10 @@ impl LemaModel {
         let (offload, offload_opt) = (m.config.offload_activations, m.config.offload_optimizer);
         let ahead = m.config.prefetch_depth.max(1);
         let seq_tile = m.config.seq_tile;
+        let half = m.config.offload_activations_half;
         with_engine!(&mut m.engine, e => {
             e.offload_activations = offload;
+            e.offload_activations_half = half;
             e.activation_prefetch = ahead;
             e.offload_optimizer = offload_opt;
             e.seq_tile = seq_tile;

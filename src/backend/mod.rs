@@ -417,6 +417,13 @@ pub trait Backend: Send + Sync + 'static {
     fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
         Ok(None)
     }
+    /// `x` as f32: a copy that [`Backend::gemm_input`] rounded to a half type widened
+    /// back (exactly: every half value is an f32), or an f32 buffer copied. For block
+    /// inputs parked in half precision (`LemaConfig::offload_activations_half`). The
+    /// default goes through the host; backends with half buffers override it.
+    fn widen(&self, x: &Self::Buf) -> Result<Self::Buf> {
+        self.upload(&self.download(x)?)
+    }
     /// A new buffer of `n` f32 zeros that ops use like any other but that lives in host
     /// memory the device reads and writes over the bus (CUDA: page-locked host memory
     /// mapped into the device's address space): no device memory, but every access crosses

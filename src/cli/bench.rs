@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Keep each layer's saved input in host memory between forward and backward.
     #[arg(long)]
     offload_activations: bool,
+    /// With --offload-activations: park them in bf16/f16 when the weights are (half the
+    /// host memory; the backward re-runs each block from its rounded input).
+    #[arg(long)]
+    offload_activations_half: bool,
     /// Keep the AdamW moments in page-locked host memory that the GPU reads and writes
     /// over PCIe (once per step) instead of in GPU memory.
     #[arg(long)]
@@ -99,6 +103,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         max_vram: a.max_vram,
         compare_resident: a.compare_resident,
         offload_activations: a.offload_activations,
+        offload_activations_half: a.offload_activations_half,
         offload_optimizer: a.offload_optimizer,
         profile: a.profile,
         max_host_memory: a.max_host_memory,

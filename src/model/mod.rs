@@ -353,6 +353,22 @@ impl Model {
         }
     }
 
+    /// `x` rounded to the half type in which block `layer`'s GEMMs read activations
+    /// (bf16/f16 with half weights on CUDA), or None when they read f32: the type a
+    /// block input can be parked in at no loss the GEMMs would see. Asked of the block's
+    /// first norm weight, which is dense and stored in the compute type whatever the
+    /// linears' storage (NF4 and FP8 included).
+    pub fn half_copy<B: Backend>(
+        &self,
+        be: &B,
+        layer: usize,
+        w: &LayerWeights<B>,
+        x: &B::Buf,
+    ) -> Result<Option<B::Buf>> {
+        let norm = w.get(&format!("{}.weight", self.block(layer).norm1.name))?;
+        be.gemm_input(x, norm)
+    }
+
     /// What a block's backward holds per token, the largest over the blocks.
     pub fn token_bytes(&self) -> tiles::TokenBytes {
         (0..self.cfg.num_hidden_layers)

@@ -92,6 +92,9 @@ pub struct TrainConfig {
     /// CUDA: keep each block's saved input in host memory between the forward and the
     /// backward (saves GPU memory at long sequences; same numbers).
     pub offload_activations: bool,
+    /// With offload_activations: park them in bf16/f16 when the weights are (half the
+    /// host memory; the backward re-runs from the rounded inputs).
+    pub offload_activations_half: bool,
     /// CUDA: blocks copied ahead of the one in use (1 saves a layer's worth of GPU memory).
     pub prefetch_depth: usize,
     /// CUDA, strategy budget: bytes of GPU memory for blocks kept resident.
@@ -147,6 +150,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             offload_optimizer: false,
             offload_activations: false,
+            offload_activations_half: false,
             prefetch_depth: 2,
             max_vram: None,
             max_host_memory: None,
@@ -323,6 +327,12 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             Scalar,
             "BOOL",
             "CUDA: keep saved block inputs in host memory [false]",
+        ),
+        (
+            "offload_activations_half",
+            Scalar,
+            "BOOL",
+            "CUDA, half weights: park them in bf16/f16 (half the host memory) [false]",
         ),
         (
             "prefetch_depth",

@@ -583,6 +583,10 @@ impl Backend for CudaBackend {
         self.gemm_input_impl(x, w)
     }
 
+    fn widen(&self, x: &CudaBuf) -> Result<CudaBuf> {
+        self.widen_impl(x)
+    }
+
     /// Page-locked host memory mapped into the device's address space, zero-filled on the
     /// host (it is new, so no device work can refer to it yet).
     fn zeros_host(&self, n: usize) -> Result<CudaBuf> {
