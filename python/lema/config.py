@@ -99,9 +99,9 @@ class LemaConfig:
         backward re-runs each block from its rounded input.
     seq_tile: tokens per sequence tile: a block's norms, projections, RoPE, MLP and
         residual run over this many tokens at a time (attention over the whole sequence),
-        so their memory is one tile's; ``None`` chooses from the free GPU memory at each
-        step (the whole sequence when it fits), ``0`` never tiles. Same results up to
-        float rounding of the LoRA gradients' sums.
+        so their memory is one tile's; ``None``: on a GPU 8192 tokens, fewer when the
+        free GPU memory asks (sequences up to 8192 tokens untiled); ``0`` never tiles.
+        Same results up to float rounding of the LoRA gradients' sums.
     seed: seeds the LoRA initialisation and the dropout masks.
     revision: the Hub revision (branch, tag or commit) of ``model_name_or_path``.
     adapter_path: start from this PEFT adapter folder instead of a fresh initialisation.

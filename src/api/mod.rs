@@ -129,8 +129,9 @@ pub struct LemaConfig {
     pub weight_source: WeightSource,
     /// Tokens per sequence tile: a block's norms, projections, RoPE, MLP and residual
     /// run over this many tokens at a time (attention over the whole sequence), so their
-    /// memory is one tile's. None: chosen at each step from the device memory free (the
-    /// whole sequence when it fits; the CPU never tiles unless asked); 0: never tiled.
+    /// memory is one tile's. None: on a GPU, tiles of 8192 tokens, fewer when the device
+    /// memory free at the step asks for it (sequences up to 8192 tokens untiled; the CPU
+    /// never tiles unless asked); 0: never tiled.
     #[serde(default)]
     pub seq_tile: Option<usize>,
 }

@@ -68,7 +68,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     weight_source: String,
     /// Tokens per sequence tile of a block's per-token work (attention stays whole);
-    /// default: chosen from the free GPU memory at each step; 0: never tiled.
+    /// default: 8192, fewer when the free GPU memory asks (none up to 8192 tokens); 0:
+    /// never tiled.
     #[arg(long)]
     seq_tile: Option<usize>,
     /// Folder for the random model (default: a temporary folder, removed afterwards).

@@ -105,7 +105,7 @@ pub struct TrainConfig {
     /// Where streamed layers come from on the host: auto, mapped or disk.
     pub weight_source: WeightSource,
     /// Tokens per sequence tile of a block's per-token parts (attention stays whole);
-    /// unset: chosen from the free GPU memory at each step; 0: never tiled.
+    /// unset: on a GPU 8192, fewer when the free GPU memory asks; 0: never tiled.
     pub seq_tile: Option<usize>,
 }
 
@@ -362,7 +362,7 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "seq_tile",
             Scalar,
             "N",
-            "tokens per sequence tile of the per-token work; 0: untiled [from free GPU memory]",
+            "tokens per sequence tile of the per-token work; 0: untiled [GPU: ≤ 8192, by free memory]",
         ),
     ]
 };
