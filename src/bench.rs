@@ -349,6 +349,8 @@ pub struct BenchOptions {
     pub compare_resident: bool,
     /// Keep saved activations in host memory between forward and backward.
     pub offload_activations: bool,
+    /// Park them in the weights' half type.
+    pub offload_activations_half: bool,
     /// Keep the optimizer state in host memory the GPU reads over the bus.
     pub offload_optimizer: bool,
     /// CUDA: time every kernel of the timed steps and report where the step's GPU time
@@ -358,6 +360,8 @@ pub struct BenchOptions {
     pub max_host_memory: Option<u64>,
     /// Where streamed layers come from on the host.
     pub weight_source: crate::tiers::WeightSource,
+    /// Tokens per sequence tile (None: chosen from the free memory; 0: untiled).
+    pub seq_tile: Option<usize>,
 }
 
 /// The benchmark's findings.
@@ -388,6 +392,8 @@ pub struct BenchReport {
     /// 1 − resident / streamed step time: the share of a step spent waiting for weights.
     pub weight_wait_share: Option<f64>,
     pub stream_note: Option<String>,
+    /// Tokens per sequence tile of the timed steps (None: untiled).
+    pub seq_tile: Option<usize>,
     /// Where the frozen layers come from (the tier plan).
     pub weights_plan: Option<String>,
     /// Bytes read from disk through the staging ring per step.
@@ -464,6 +470,7 @@ struct Timing {
     profile: Option<Vec<crate::backend::ProfileLine>>,
     disk_bytes_per_step: f64,
     plan: Option<String>,
+    seq_tile: Option<usize>,
 }
 
 fn time_steps(
@@ -482,10 +489,12 @@ fn time_steps(
     cfg.prefetch_depth = opts.prefetch_depth;
     cfg.max_vram = max_vram;
     cfg.offload_activations = opts.offload_activations;
+    cfg.offload_activations_half = opts.offload_activations_half;
     cfg.offload_optimizer = opts.offload_optimizer;
     cfg.profile = opts.profile;
     cfg.max_host_memory = opts.max_host_memory;
     cfg.weight_source = opts.weight_source;
+    cfg.seq_tile = opts.seq_tile;
     let mut model = LemaModel::new(cfg)?;
     let plan = model.weights_plan();
     model.initialize_lora()?;
@@ -519,6 +528,7 @@ fn time_steps(
         }
     }
     let (copied1, note) = trainer.model.stream_stats();
+    let seq_tile = trainer.model.last_seq_tile();
     let read1 = trainer.model.disk_bytes_read();
     let steps = times.len() as f64;
     let profile = (!profile.is_empty()).then(|| {
@@ -543,6 +553,7 @@ fn time_steps(
         device,
         note,
         profile,
+        seq_tile,
     })
 }
 
@@ -592,6 +603,7 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         resident_step_seconds: resident,
         weight_wait_share: resident.map(|r| (1.0 - r / med).max(0.0)),
         stream_note: main.note,
+        seq_tile: main.seq_tile,
         weights_plan: main.plan,
         disk_bytes_per_step: main.disk_bytes_per_step,
         model_file_bytes,

@@ -289,6 +289,8 @@ impl<B: Backend> Engine<B> {
         }
         let tq = ids.len() / b;
         cache.check_room(tq)?;
+        // a long prompt's per-token work runs in sequence tiles, as in training
+        let tile = self.tile_rows(b * tq, false);
         let cfg = self.model.config();
         let (c, v, layers) = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers);
         let shape = StepShape {
@@ -296,6 +298,7 @@ impl<B: Backend> Engine<B> {
             seq: tq,
             positions: cache.positions(tq),
             segment_start: None,
+            tile,
         };
         let be = &self.be;
         let h0 = self.model.embed(&self.gbi, ids, &shape.positions)?;

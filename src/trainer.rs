@@ -39,6 +39,10 @@ pub struct Engine<B: Backend> {
     pub gradient_checkpointing: bool,
     /// Keep the blocks' saved inputs in host memory between forward and backward.
     pub offload_activations: bool,
+    /// With offloading: park them rounded to the half type the GEMMs read (half weights
+    /// on CUDA): half the host memory and bus traffic; the backward re-runs each block
+    /// from the rounded input. No effect where the GEMMs read f32.
+    pub offload_activations_half: bool,
     /// With offloading: how many blocks ahead the backward starts bringing saved inputs
     /// back: the weight stream's prefetch depth, so that an input's copy is queued with
     /// its block's weights and not behind those of the blocks after it (copies to the
@@ -48,6 +52,12 @@ pub struct Engine<B: Backend> {
     /// Keep the optimizer state in host memory that the device reads over the bus
     /// (applies to optimizers created after it is set).
     pub offload_optimizer: bool,
+    /// Token rows per sequence tile of the blocks' per-token parts: None chooses from the
+    /// device memory free at each call ([`Engine::tile_rows`]), 0 runs every call
+    /// untiled, N tiles of N rows.
+    pub seq_tile: Option<usize>,
+    /// The tile rows the last call ran with (None: untiled), for reports.
+    pub last_tile: Option<usize>,
     /// Base of the dropout seeds.
     pub seed: u64,
     /// When set and raised, a forward or backward stops at the next block with
@@ -97,10 +107,48 @@ impl<B: Backend> Engine<B> {
             optimizer: None,
             gradient_checkpointing,
             offload_activations: false,
+            offload_activations_half: false,
             activation_prefetch: 1,
             offload_optimizer: false,
+            seq_tile: None,
+            last_tile: None,
             seed,
             cancel: None,
+        }
+    }
+
+    /// The tile rows of a call of `n` tokens (None: untiled): [`Engine::seq_tile`] when
+    /// set, else, on a device with memory of its own,
+    /// [`crate::model::tiles::AUTO_TILE_ROWS`], or the largest multiple of
+    /// [`crate::model::tiles::TILE_ROWS_STEP`] rows below it whose backward fits in the
+    /// memory free now beside what the call holds for every token (the blocks' saved
+    /// inputs on the device, each block's whole-call tensors, [`TILE_MARGIN_BYTES`] for
+    /// the runtime); untiled when the call fits in one such tile. On the CPU, and without
+    /// checkpointing (a block keeps every activation anyway), nothing is tiled unless
+    /// asked for.
+    pub fn tile_rows(&self, n: usize, keep_all: bool) -> Option<usize> {
+        match self.seq_tile {
+            Some(0) => None,
+            Some(r) => Some(r).filter(|&r| r < n),
+            None if keep_all => None,
+            None => {
+                let avail = self.be.free_memory()?;
+                let cfg = self.model.config();
+                // the blocks' inputs the backward reads: every block's on the device, or
+                // with offloading the few brought back ahead
+                let kept = if self.offload_activations {
+                    self.activation_prefetch.max(1) + 1
+                } else {
+                    cfg.num_hidden_layers
+                };
+                let inputs = (kept * n * cfg.hidden_size * 4) as u64;
+                crate::model::tiles::rows_within(
+                    n,
+                    avail,
+                    TILE_MARGIN_BYTES + inputs,
+                    self.model.token_bytes(),
+                )
+            }
         }
     }
 
@@ -145,11 +193,14 @@ impl<B: Backend> Engine<B> {
         dropout_seed: u64,
     ) -> Result<(LossSum, Option<Vec<f32>>)> {
         self.check_batch(batch)?;
+        let keep_all = train && !self.gradient_checkpointing;
         let shape = StepShape::of_batch(batch);
+        let tile = self.tile_rows(shape.tokens(), keep_all);
+        let shape = shape.with_tile(tile);
+        self.last_tile = tile;
         let n = shape.tokens();
         let c = self.model.config().hidden_size;
         let layers = self.model.config().num_hidden_layers;
-        let keep_all = train && !self.gradient_checkpointing;
         let be = &self.be;
         // training needs adapters; evaluation runs the base model when there are none
         let mut lora = if train {
@@ -189,7 +240,15 @@ impl<B: Backend> Engine<B> {
             let input = std::mem::replace(&mut x, y);
             if train {
                 hs.push(if self.offload_activations {
-                    Checkpoint::Parked(be.park(input)?)
+                    let half = if self.offload_activations_half {
+                        self.model.half_copy(be, i, &w, &input)?
+                    } else {
+                        None
+                    };
+                    match half {
+                        Some(h) => Checkpoint::ParkedHalf(be.park(h)?),
+                        None => Checkpoint::Parked(be.park(input)?),
+                    }
                 } else {
                     Checkpoint::Device(input)
                 });
@@ -241,12 +300,13 @@ impl<B: Backend> Engine<B> {
             let x = match hs.pop() {
                 Some(Checkpoint::Device(b)) => b,
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
+                Some(Checkpoint::ParkedHalf(p)) => be.widen(&be.unpark(p)?)?,
                 None => return Err(Error::internal("hidden state stack")),
             };
             // the inputs of the next blocks down come back while this one computes
             let ahead = hs.len().saturating_sub(self.activation_prefetch.max(1));
             for c in hs[ahead..].iter_mut().rev() {
-                if let Checkpoint::Parked(p) = c {
+                if let Checkpoint::Parked(p) | Checkpoint::ParkedHalf(p) = c {
                     be.prefetch(p)?;
                 }
             }
@@ -254,11 +314,11 @@ impl<B: Backend> Engine<B> {
             dh = match saved.pop() {
                 Some(mut sv) => self
                     .model
-                    .block_backward(be, i, &w, &mut bl, &x, &mut sv, &dh, &shape)?,
+                    .block_backward(be, i, &w, &mut bl, &x, &mut sv, dh, &shape)?,
                 // gradient checkpointing: re-run this block's forward from its input
                 None => self
                     .model
-                    .block_recompute_backward(be, i, &w, &mut bl, &x, &dh, &shape)?,
+                    .block_recompute_backward(be, i, &w, &mut bl, &x, dh, &shape)?,
             };
         }
         Ok((loss, logits))
@@ -418,6 +478,11 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// Device memory an automatic tile leaves to the runtime and to what the estimate does
+/// not count: cuBLAS's workspace, quantized weights expanded for a block, the pool's
+/// fragmentation.
+pub const TILE_MARGIN_BYTES: u64 = 1 << 30;
+
 const NO_COUNTED_TOKENS: &str =
     "the batch has no counted tokens (every label is -100 or sequences have length 1)";
 
@@ -439,4 +504,6 @@ fn need_lora<B: Backend>(lora: &mut Option<LoraParams<B>>) -> Result<&mut LoraPa
 enum Checkpoint<B: Backend> {
     Device(B::Buf),
     Parked(B::Parked),
+    /// Parked as its half copy ([`Model::half_copy`]), widened back to f32 on return.
+    ParkedHalf(B::Parked),
 }

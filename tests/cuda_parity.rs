@@ -377,8 +377,8 @@ fn activations_and_dropout() {
     // dropout: the very same mask (zeros in the same places), values to one rounding.
     for p_drop in [0.0f32, 0.1, 0.5] {
         let seed = r.next_u64();
-        c.dropout_forward(&mut co, &ca, p_drop, seed).unwrap();
-        g.dropout_forward(&mut go, &ga, p_drop, seed).unwrap();
+        c.dropout_forward(&mut co, &ca, p_drop, seed, 0).unwrap();
+        g.dropout_forward(&mut go, &ga, p_drop, seed, 0).unwrap();
         let (hc, hg) = (c.download(&co).unwrap(), g.download(&go).unwrap());
         let zeros_c: Vec<bool> = hc.iter().map(|&x| x == 0.0).collect();
         let zeros_g: Vec<bool> = hg.iter().map(|&x| x == 0.0).collect();
@@ -392,9 +392,16 @@ fn activations_and_dropout() {
             "mask is dropout_keep's"
         );
         check(&format!("dropout_forward p={p_drop}"), &hg, &hc, 1e-7);
-        c.dropout_backward(&mut cg, &cd, p_drop, seed).unwrap();
-        g.dropout_backward(&mut gg, &gd, p_drop, seed).unwrap();
-        p.cmp(&format!("dropout_backward p={p_drop}"), &cg, &gg, 1e-7);
+        // at an offset (a tile of a larger activation): the same mask on both sides
+        let off = r.next_u64() >> 20;
+        c.dropout_backward(&mut cg, &cd, p_drop, seed, off).unwrap();
+        g.dropout_backward(&mut gg, &gd, p_drop, seed, off).unwrap();
+        p.cmp(
+            &format!("dropout_backward p={p_drop} offset {off}"),
+            &cg,
+            &gg,
+            1e-7,
+        );
     }
 }
 
@@ -1419,12 +1426,12 @@ fn uninit_outputs_are_fully_written() {
     p.cmp("uninit: gelu_backward", &cdx, &gdx, 1e-6);
     let seed = r.next_u64();
     let (mut co, mut go) = un(n);
-    c.dropout_forward(&mut co, &ca, 0.1, seed).unwrap();
-    g.dropout_forward(&mut go, &ga, 0.1, seed).unwrap();
+    c.dropout_forward(&mut co, &ca, 0.1, seed, 0).unwrap();
+    g.dropout_forward(&mut go, &ga, 0.1, seed, 0).unwrap();
     p.cmp("uninit: dropout_forward", &co, &go, 1e-7);
     let (mut cdx, mut gdx) = un(n);
-    c.dropout_backward(&mut cdx, &cdo, 0.1, seed).unwrap();
-    g.dropout_backward(&mut gdx, &gdo, 0.1, seed).unwrap();
+    c.dropout_backward(&mut cdx, &cdo, 0.1, seed, 0).unwrap();
+    g.dropout_backward(&mut gdx, &gdo, 0.1, seed, 0).unwrap();
     p.cmp("uninit: dropout_backward", &cdx, &gdx, 1e-7);
 }
 
@@ -1747,6 +1754,176 @@ fn training_steps_cuda_match_cpu() {
             &runs[0].1,
             1e-3,
         );
+    }
+}
+
+/// Sequence tiles on CUDA (`seq_tile`): a block's per-token parts over tiles of rows,
+/// attention over the whole call, against the untiled block on the same GPU. f32
+/// fixtures: the same ops on row ranges, cuBLAS choosing its kernels by the row count and
+/// the LoRA gradients summed per tile: 1e-4, as CUDA against PEFT. bf16 copies (with and
+/// without both offloads): a last-bit difference in an f32 value can move the bf16
+/// rounding of the activation it feeds, so the bf16 test's tolerances. Fresh adapters
+/// with dropout 0.1 on every linear: a tile draws the untiled mask, so a few steps agree.
+/// The uninit buffers are NaN-poisoned: a tile that leaves rows of an assembled buffer
+/// unwritten fails.
+#[test]
+fn sequence_tiles_match_untiled_on_cuda() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        skip_without_gpu(&why.to_string());
+        return;
+    }
+    type Run = (f32, Vec<f32>, Vec<f32>, Vec<f32>);
+    let step = |cfg: LemaConfig, batch: &lema::Batch, fresh: bool| -> Run {
+        let mut model = LemaModel::new(cfg).expect("model on CUDA");
+        assert_eq!(model.device(), Device::Cuda);
+        if fresh {
+            model.initialize_lora().unwrap();
+        }
+        let mut t = Trainer::new(model, OptimizerConfig::sgd(0.1, 0.9)).unwrap();
+        let out = t.train_step_with_logits(batch).unwrap();
+        let grads: Vec<f32> = t
+            .model
+            .lora_grads()
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, g)| g)
+            .collect();
+        let mut losses = vec![out.loss as f32];
+        for _ in 0..3 {
+            losses.push(t.train_step(batch).unwrap().loss as f32);
+        }
+        (out.loss as f32, out.logits.unwrap(), grads, losses)
+    };
+    let compare = |tag: &str, got: &Run, want: &Run, tol: [f64; 3]| {
+        check(&format!("{tag} loss"), &[got.0], &[want.0], tol[0]);
+        check(&format!("{tag} logits"), &got.1, &want.1, tol[0]);
+        check(&format!("{tag} LoRA grads"), &got.2, &want.2, tol[1]);
+        check(&format!("{tag} 4 SGD losses"), &got.3, &want.3, tol[2]);
+    };
+    for case in [
+        "llama_gqa",
+        "llama_tied",
+        "gpt2",
+        "qwen2_tied",
+        "qwen3",
+        "mistral_sw",
+        "qwen2_sw",
+        "phi3",
+        "phi3_longrope",
+        "qwen2_yarn",
+        "gemma3",
+    ] {
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        let n = batch.batch * batch.seq;
+        let with = |tile: usize| {
+            let mut cfg = fixture_config(case, Device::Cuda);
+            cfg.seq_tile = Some(tile);
+            cfg
+        };
+        let whole = step(with(0), &batch, false);
+        for tile in [1, 5, n - 1] {
+            let tag = format!("tiles {case} f32 tile={tile}");
+            compare(&tag, &step(with(tile), &batch, false), &whole, [1e-4; 3]);
+        }
+        let fresh = |tile: usize| {
+            let mut cfg = with(tile);
+            cfg.adapter_path = None;
+            cfg.lora_dropout = 0.1;
+            cfg.lora_target_modules = Some(vec!["all-linear".into()]);
+            cfg
+        };
+        let whole = step(fresh(0), &batch, true);
+        let tag = format!("tiles {case} f32 dropout 0.1 tile=3");
+        compare(&tag, &step(fresh(3), &batch, true), &whole, [1e-4; 3]);
+    }
+    for case in ["llama_gqa", "gpt2", "phi3", "gemma3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::bf16_copy(case, dir.path());
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        for offload in [false, true] {
+            let with = |tile: usize| {
+                let mut cfg = LemaConfig::new(&model);
+                cfg.adapter_path = Some(fixture(case).join("adapter"));
+                cfg.device = Device::Cuda;
+                cfg.offload_activations = offload;
+                cfg.offload_optimizer = offload;
+                cfg.seq_tile = Some(tile);
+                cfg
+            };
+            let whole = step(with(0), &batch, false);
+            for tile in [2, 5] {
+                let tag = format!("tiles {case} bf16 offload={offload} tile={tile}");
+                compare(
+                    &tag,
+                    &step(with(tile), &batch, false),
+                    &whole,
+                    [5e-3, 3e-2, 5e-3],
+                );
+            }
+        }
+    }
+}
+
+/// Block inputs parked in bf16 (`offload_activations_half`): the forward is untouched,
+/// so the loss is the f32-parked run's bit for bit; the backward re-runs each block from
+/// its rounded input, so the LoRA gradients move by about bf16's rounding of the
+/// residual stream (2⁻⁹ relative), checked at the bf16 test's 3e-2; with f32 weights
+/// the GEMMs read f32 and nothing is rounded: bit for bit.
+#[test]
+fn half_parked_activations_on_cuda() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        skip_without_gpu(&why.to_string());
+        return;
+    }
+    for case in ["llama_gqa", "gpt2", "phi3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
+        let batch = common::fixture_batch(&reference);
+        for bf16 in [true, false] {
+            let model = if bf16 {
+                common::bf16_copy(case, dir.path())
+            } else {
+                fixture(case).join("model.safetensors")
+            };
+            let run = |half: bool, tile: usize| {
+                let mut cfg = LemaConfig::new(&model);
+                cfg.adapter_path = Some(fixture(case).join("adapter"));
+                cfg.device = Device::Cuda;
+                cfg.offload_activations = true;
+                cfg.offload_activations_half = half;
+                cfg.seq_tile = Some(tile);
+                let mut t =
+                    Trainer::new(LemaModel::new(cfg).unwrap(), OptimizerConfig::sgd(0.1, 0.0))
+                        .unwrap();
+                let loss = t.train_step(&batch).unwrap().loss;
+                let grads: Vec<f32> = t
+                    .model
+                    .lora_grads()
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|(_, g)| g)
+                    .collect();
+                (loss, grads)
+            };
+            for tile in [0, 5] {
+                let (full, half) = (run(false, tile), run(true, tile));
+                let tag = format!("half-parked {case} bf16={bf16} tile={tile}");
+                assert_eq!(
+                    full.0.to_bits(),
+                    half.0.to_bits(),
+                    "{tag}: the forward changed"
+                );
+                if bf16 {
+                    check(&format!("{tag} LoRA grads"), &half.1, &full.1, 3e-2);
+                } else {
+                    assert_eq!(full.1, half.1, "{tag}: f32 weights, yet the step changed");
+                }
+            }
+        }
     }
 }
 

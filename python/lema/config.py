@@ -47,7 +47,9 @@ _DEFAULTS: Dict[str, Any] = {
     "weight_source": "auto",
     "prefetch_distance": 2,
     "offload_activations": False,
+    "offload_activations_half": False,
     "offload_optimizer": False,
+    "seq_tile": None,
     "seed": 42,
     "revision": None,
     "adapter_path": None,
@@ -92,6 +94,14 @@ class LemaConfig:
     prefetch_distance: layers copied ahead of the one in use (CUDA).
     offload_activations, offload_optimizer: keep the saved block inputs / the engine
         optimizer's moments in pinned host memory instead of on the GPU.
+    offload_activations_half: with ``offload_activations``, park the block inputs in the
+        weights' half type (bf16/f16) instead of float32: half the host memory; the
+        backward re-runs each block from its rounded input.
+    seq_tile: tokens per sequence tile: a block's norms, projections, RoPE, MLP and
+        residual run over this many tokens at a time (attention over the whole sequence),
+        so their memory is one tile's; ``None``: on a GPU 8192 tokens, fewer when the
+        free GPU memory asks (sequences up to 8192 tokens untiled); ``0`` never tiles.
+        Same results up to float rounding of the LoRA gradients' sums.
     seed: seeds the LoRA initialisation and the dropout masks.
     revision: the Hub revision (branch, tag or commit) of ``model_name_or_path``.
     adapter_path: start from this PEFT adapter folder instead of a fresh initialisation.
@@ -151,7 +161,8 @@ class LemaConfig:
             if not isinstance(t, (list, tuple)) or not all(isinstance(x, str) for x in t) or not t:
                 raise TypeError("LemaConfig: lora_target_modules must be a non-empty list of module names")
             object.__setattr__(self, "lora_target_modules", list(t))
-        for name in ("use_rslora", "gradient_checkpointing", "offload_activations", "offload_optimizer"):
+        for name in ("use_rslora", "gradient_checkpointing", "offload_activations",
+                     "offload_activations_half", "offload_optimizer"):
             flag(name)
         try:
             object.__setattr__(self, "strategy", MemoryStrategy(getattr(self.strategy, "value", self.strategy)))
@@ -172,6 +183,8 @@ class LemaConfig:
         need(self.weight_source in ("auto", "mapped", "disk"),
              f"weight_source must be 'auto', 'mapped' or 'disk', got {self.weight_source!r}")
         integer("prefetch_distance", 1)
+        if self.seq_tile is not None:
+            integer("seq_tile", 0)
         integer("seed", 0)
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -268,7 +281,9 @@ def engine_config(config: LemaConfig, model_path: str, config_path: Optional[str
         "weight_source": config.weight_source,
         "prefetch_depth": config.prefetch_distance,
         "offload_activations": config.offload_activations,
+        "offload_activations_half": config.offload_activations_half,
         "offload_optimizer": config.offload_optimizer,
+        "seq_tile": config.seq_tile,
         "profile": False,
     }
     return json.dumps(d)

@@ -98,6 +98,13 @@ pub struct LemaConfig {
     /// cost of a device→host and a host→device copy per layer.
     #[serde(default)]
     pub offload_activations: bool,
+    /// With `offload_activations`, park the block inputs in the half type the GEMMs read
+    /// (bf16/f16 weights on CUDA) instead of f32: half the host memory (L·C·2 bytes a
+    /// token instead of L·C·4) and half the copies. The forward and the loss are
+    /// unchanged; the backward re-runs each block from its rounded input, so the
+    /// gradients move by about that rounding. No effect where the GEMMs read f32.
+    #[serde(default)]
+    pub offload_activations_half: bool,
     /// Keep the optimizer state (AdamW's two moments, SGD's momentum: two f32 per LoRA
     /// parameter for AdamW) in page-locked host memory that the update kernels read and
     /// write over the bus instead of in device memory: saves their device memory (0.32 GB
@@ -120,6 +127,13 @@ pub struct LemaConfig {
     /// `mapped` or `disk` (every streamed layer through the staging ring).
     #[serde(default)]
     pub weight_source: WeightSource,
+    /// Tokens per sequence tile: a block's norms, projections, RoPE, MLP and residual
+    /// run over this many tokens at a time (attention over the whole sequence), so their
+    /// memory is one tile's. None: on a GPU, tiles of 8192 tokens, fewer when the device
+    /// memory free at the step asks for it (sequences up to 8192 tokens untiled; the CPU
+    /// never tiles unless asked); 0: never tiled.
+    #[serde(default)]
+    pub seq_tile: Option<usize>,
 }
 
 fn default_prefetch_depth() -> usize {
@@ -148,10 +162,12 @@ impl LemaConfig {
             max_vram: None,
             prefetch_depth: 2,
             offload_activations: false,
+            offload_activations_half: false,
             offload_optimizer: false,
             profile: false,
             max_host_memory: None,
             weight_source: WeightSource::Auto,
+            seq_tile: None,
         }
     }
 
@@ -443,10 +459,14 @@ impl LemaModel {
         };
         let (offload, offload_opt) = (m.config.offload_activations, m.config.offload_optimizer);
         let ahead = m.config.prefetch_depth.max(1);
+        let seq_tile = m.config.seq_tile;
+        let half = m.config.offload_activations_half;
         with_engine!(&mut m.engine, e => {
             e.offload_activations = offload;
+            e.offload_activations_half = half;
             e.activation_prefetch = ahead;
             e.offload_optimizer = offload_opt;
+            e.seq_tile = seq_tile;
         });
         if let Some(dir) = m.config.adapter_path.clone() {
             m.load_adapter(&dir)?;
@@ -504,6 +524,12 @@ impl LemaModel {
     /// library prints nothing itself.
     pub fn weights_plan(&self) -> Option<String> {
         with_engine!(&self.engine, e => e.stream.plan())
+    }
+
+    /// The tokens per sequence tile of the last step (None: untiled; see
+    /// [`LemaConfig::seq_tile`]).
+    pub fn last_seq_tile(&self) -> Option<usize> {
+        with_engine!(&self.engine, e => e.last_tile)
     }
 
     /// Bytes of frozen weights read from disk through the staging ring so far.

@@ -390,6 +390,13 @@ pub trait Backend: Send + Sync + 'static {
     /// ("forward", "backward", …). Backends that do not profile ignore it.
     fn profile_phase(&self, _phase: &'static str) {}
 
+    /// Device bytes new buffers can still take: free device memory plus what the
+    /// backend's pool holds unused (CUDA). For choosing a sequence tile; None where the
+    /// device's memory is the host's (the CPU).
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory ----------------------------------------------------------------------
 
     /// A new buffer of `n` zeros.
@@ -418,6 +425,13 @@ pub trait Backend: Send + Sync + 'static {
     /// follows. Unspecified contents, as [`Backend::uninit`] (the default).
     fn gemm_output(&self, n: usize, _w: &Self::Buf) -> Result<Self::Buf> {
         self.uninit(n)
+    }
+    /// `x` as f32: a copy that [`Backend::gemm_input`] rounded to a half type widened
+    /// back (exactly: every half value is an f32), or an f32 buffer copied. For block
+    /// inputs parked in half precision (`LemaConfig::offload_activations_half`). The
+    /// default goes through the host; backends with half buffers override it.
+    fn widen(&self, x: &Self::Buf) -> Result<Self::Buf> {
+        self.upload(&self.download(x)?)
     }
     /// A new buffer of `n` f32 zeros that ops use like any other but that lives in host
     /// memory the device reads and writes over the bus (CUDA: page-locked host memory
@@ -675,15 +689,25 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- dropout (LoRA input) --------------------------------------------------------
 
-    /// `out = keep(i) ? x / (1 − p) : 0` with the mask of [`dropout_keep`].
-    fn dropout_forward(&self, out: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64) -> Result<()>;
-    /// Gradient of dropout with the same `p` and `seed`; dx is overwritten.
+    /// `out[i] = keep(offset + i) ? x[i] / (1 − p) : 0` with the mask of
+    /// [`dropout_keep`]. `offset` is the mask index of element 0: a tile of rows of an
+    /// activation draws the whole activation's mask at its position (0 for a whole one).
+    fn dropout_forward(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()>;
+    /// Gradient of dropout with the same `p`, `seed` and `offset`; dx is overwritten.
     fn dropout_backward(
         &self,
         dx: &mut Self::Buf,
         dout: &Self::Buf,
         p: f32,
         seed: u64,
+        offset: u64,
     ) -> Result<()>;
 
     // ---- LM head + loss --------------------------------------------------------------

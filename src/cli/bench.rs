@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Keep each layer's saved input in host memory between forward and backward.
     #[arg(long)]
     offload_activations: bool,
+    /// With --offload-activations: park them in bf16/f16 when the weights are (half the
+    /// host memory; the backward re-runs each block from its rounded input).
+    #[arg(long)]
+    offload_activations_half: bool,
     /// Keep the AdamW moments in page-locked host memory that the GPU reads and writes
     /// over PCIe (once per step) instead of in GPU memory.
     #[arg(long)]
@@ -63,6 +67,11 @@ pub struct BenchArgs {
     /// Where streamed layers come from on the host: auto, mapped or disk.
     #[arg(long, default_value = "auto")]
     weight_source: String,
+    /// Tokens per sequence tile of a block's per-token work (attention stays whole);
+    /// default: 8192, fewer when the free GPU memory asks (none up to 8192 tokens); 0:
+    /// never tiled.
+    #[arg(long)]
+    seq_tile: Option<usize>,
     /// Folder for the random model (default: a temporary folder, removed afterwards).
     #[arg(long)]
     workdir: Option<std::path::PathBuf>,
@@ -97,10 +106,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         max_vram: a.max_vram,
         compare_resident: a.compare_resident,
         offload_activations: a.offload_activations,
+        offload_activations_half: a.offload_activations_half,
         offload_optimizer: a.offload_optimizer,
         profile: a.profile,
         max_host_memory: a.max_host_memory,
         weight_source: a.weight_source.parse()?,
+        seq_tile: a.seq_tile,
     };
     let tmp;
     let dir = match &a.workdir {
@@ -144,6 +155,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!(
             "  all layers resident: {t:.3} s/step, so {:.0}% of a streamed step waits for weights",
             100.0 * w
+        );
+    }
+    if let Some(t) = r.seq_tile {
+        eprintln!(
+            "  sequence tiles of {t} tokens ({} per block call)",
+            (opts.batch * opts.seq).div_ceil(t)
         );
     }
     if let Some(p) = &r.weights_plan {

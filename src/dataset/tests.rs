@@ -495,3 +495,36 @@ fn streamed_text_files_are_the_whole_texts_windows() {
         "{e}"
     );
 }
+
+/// `max_seq_length = 131072` (128k tokens, issue 14): a JSONL record and a text file of
+/// more tokens than that are cut to 131072-token examples, and a packed plan lays them
+/// out in rows of that length; nothing on the way caps the length.
+#[test]
+fn examples_of_128k_tokens_load_and_batch() {
+    let max = 131_072;
+    let f = fixture(None);
+    // the byte-level tokenizer: a token per byte of this text
+    let text: String = (0..200_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let jsonl = f.file("long.jsonl", &[&format!(r#"{{"text": "{text}"}}"#), ""]);
+    let (ex, rep) = load_file(&jsonl, &f.tok, &opts(max, BadLinePolicy::Error)).unwrap();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(
+        ex[0].input_ids.len(),
+        max,
+        "the record is cut at max_seq_length"
+    );
+    assert_eq!(rep.truncated, 1);
+    let txt = f.file("long.txt", &[&text, &text]);
+    let (windows, _) = load_file(&txt, &f.tok, &opts(max, BadLinePolicy::Error)).unwrap();
+    let lens: Vec<usize> = windows.iter().map(|e| e.input_ids.len()).collect();
+    assert_eq!(lens.iter().sum::<usize>(), 400_001);
+    assert!(lens[..3].iter().all(|&l| l == max) && lens[3] == 400_001 - 3 * max);
+    let mut all = ex;
+    all.extend(windows);
+    let mut plan = BatchPlan::new(&all, Layout::Packed, max, 1, 0, 7, false).unwrap();
+    let (b, real) = plan.batch(0, 0).unwrap();
+    assert_eq!((b.batch, b.seq), (1, max));
+    assert_eq!(real, max, "a full row, no padding");
+}

@@ -18,6 +18,7 @@
 use super::kv_cache::KvCache;
 use super::linear::{Linear, keep_for_backward};
 use super::quantized::Weights;
+use super::tiles::{Rows, Tile, TokenBytes, rows_mut, rows_of, take_rows};
 use super::{Keep, LinearSpec, StepShape, keep_in};
 pub use crate::backend::Activation;
 use crate::backend::{Accumulate, AttnDims, Backend};
@@ -199,8 +200,9 @@ pub struct NormStats<B: Backend> {
     pub rstd: B::Buf,
 }
 
-/// What a block's forward keeps for its backward (typed: each field is one activation).
-/// Fields the backward is done with are taken, freeing them early.
+/// What one part of a block's forward keeps for its backward, for one tile or for the
+/// whole call (typed: each field is one activation). Fields the backward is done with
+/// are taken, freeing them early.
 pub struct Saved<B: Backend> {
     /// Input of the q/k/v projections (norm1's output, or only its GEMM copy).
     pub ln1: Option<B::Buf>,
@@ -264,6 +266,37 @@ impl<B: Backend> Default for Saved<B> {
             post_mlp: None,
             lora_t: Vec::new(),
         }
+    }
+}
+
+/// What a block's forward keeps for its backward: each tile's activations before
+/// attention (`pre`) and after it (`post`, none when the backward re-runs that part per
+/// tile), and attention's q, k, v, output and lse for the whole call (`attn`).
+pub struct BlockSaved<B: Backend> {
+    pub pre: Vec<Saved<B>>,
+    pub attn: Saved<B>,
+    pub post: Vec<Saved<B>>,
+}
+
+impl<B: Backend> Default for BlockSaved<B> {
+    fn default() -> Self {
+        BlockSaved {
+            pre: Vec::new(),
+            attn: Saved::default(),
+            post: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> BlockSaved<B> {
+    /// Elements held, for memory accounting.
+    pub fn numel(&self) -> usize {
+        self.pre
+            .iter()
+            .chain(&self.post)
+            .map(Saved::numel)
+            .sum::<usize>()
+            + self.attn.numel()
     }
 }
 
@@ -345,6 +378,38 @@ impl<'m> BlockDesc<'m> {
         })
     }
 
+    /// What this block's backward holds per token ([`TokenBytes`]), in f32 bytes.
+    pub fn token_bytes(&self) -> TokenBytes {
+        let a = &self.attn;
+        let (c, heads) = (self.hidden as u64, a.n_heads as u64);
+        let (qd, kvd) = self.qkv_widths();
+        let (qd, kvd) = (qd as u64, kvd as u64);
+        let qk_pre = if a.qk_norm.is_some() { qd + kvd } else { 0 };
+        // x, dy; q, att, datt, dq; k, v, dk, dv; lse; q, k before their norms; the
+        // kernels' half copies of q, dO, k, v (2·(qd + kvd) halves: qd + kvd f32s); the
+        // LoRA intermediates (R a linear) are left out
+        let whole = 2 * c + 4 * qd + 4 * kvd + heads + qk_pre + (qd + kvd);
+        let width = |name: &str| {
+            self.linears
+                .iter()
+                .find(|l| l.name == name)
+                .map_or(0, |l| l.in_features as u64)
+        };
+        // the down / proj linear's input is the MLP's width
+        let i = width(self.mlp.down());
+        // gated: gate, up, act, dact, dgate, dup (a fused [gate | up] copy in place of
+        // act); plain: fc output, act, dact, dfc; with h, ln2, the output projection's,
+        // dln2 and the post norms' rows
+        let tile = match self.mlp {
+            Mlp::Gated { .. } => 6 * i,
+            Mlp::Plain { .. } => 4 * i,
+        } + 6 * c;
+        TokenBytes {
+            whole: 4 * whole,
+            tile: 4 * tile,
+        }
+    }
+
     fn attn_dims(&self, s: &StepShape) -> AttnDims {
         AttnDims {
             batch: s.batch,
@@ -357,7 +422,9 @@ impl<'m> BlockDesc<'m> {
     }
 
     /// The block forward, attention over this call's tokens (training, evaluation) or,
-    /// with a cache, over the cache they are appended to (generation).
+    /// with a cache, over the cache they are appended to (generation). The per-token
+    /// parts run over the tiles of `s` ([`StepShape::tiles`]); with `keep.saved()` what
+    /// the backward reads is kept, per tile.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
@@ -368,51 +435,72 @@ impl<'m> BlockDesc<'m> {
         s: &StepShape,
         keep: Keep,
         cache: Option<(&mut KvCache<B>, usize)>,
-    ) -> Result<(Option<B::Buf>, Saved<B>)> {
-        let a = &self.attn;
-        let n = s.tokens();
-        let qd = a.n_heads * a.head_dim;
-        let mut sv = Saved::default();
-
-        // ln1[N, C] = norm1(x); only GEMMs read it unless LoRA drops its input out
-        let (ln1, stats1) = self.input_norm(be, w, &self.norm1, x, n, self.qkv_first(), lora)?;
-        // q[N, H·D], k, v[N, KVH·D]
-        let (in1, mut q, mut k, v) = match a.qkv {
-            Qkv::Separate { q, k, v } => {
-                let in1 = self.linear(w, q)?.input(&ln1);
-                let q = self
-                    .linear(w, q)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                let k = self
-                    .linear(w, k)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                let v = self
-                    .linear(w, v)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                (in1, q, k, v)
+    ) -> Result<(Option<B::Buf>, BlockSaved<B>)> {
+        let (n, c) = (s.tokens(), self.hidden);
+        let (qd, _) = self.qkv_widths();
+        let mut bs = self.forward_attention(be, w, lora, x, s, keep, cache)?;
+        let att = bs
+            .attn
+            .att
+            .take()
+            .ok_or_else(|| Error::internal("attention output"))?;
+        let mut y = Rows::new(n, c);
+        for t in s.tiles() {
+            let x_t = rows_of(be, x, t, n, c)?;
+            let att_t = rows_of(be, &att, t, n, qd)?;
+            let (y_t, sv) = self.post_forward(be, w, lora, &x_t, &att_t, t, keep)?;
+            if let Some(y_t) = y_t {
+                y.put(be, t, y_t)?;
             }
-            Qkv::Fused(name) => {
-                let wa = self.linear(w, name)?;
-                let in1 = wa.input(&ln1);
-                let qkv = wa.forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                let [q, k, v] = self.split_qkv(be, &qkv, n)?;
-                (in1, q, k, v)
+            if keep.saved() {
+                bs.post.push(sv);
             }
+        }
+        if keep.saved() {
+            bs.attn.att = Some(att);
+        }
+        let y = if keep.output() {
+            Some(y.finish(be)?)
+        } else {
+            None
         };
-        // per-head norms: rows of D
-        let mut qk_saved = None;
-        if let Some(qn) = a.qk_norm {
-            let d = a.head_dim;
-            let (qo, qs) = norm_forward(be, w, &qn.desc(true), &q, n * a.n_heads, d)?;
-            let (ko, ks) = norm_forward(be, w, &qn.desc(false), &k, n * a.n_kv_heads, d)?;
-            let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
-            qk_saved = Some((q_pre, k_pre, qs, ks));
+        Ok((y, bs))
+    }
+
+    /// The block up to and including attention: norm1, the q/k/v projections, their
+    /// norms and RoPE over the tiles of `s`, then attention over the whole call (or the
+    /// cache). Returns the attention's output in `attn.att` and, with `keep.saved()`,
+    /// what the backward reads (q, k, v and lse; each tile's projection inputs).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_attention<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        keep: Keep,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Result<BlockSaved<B>> {
+        let a = &self.attn;
+        let (n, c) = (s.tokens(), self.hidden);
+        let (qd, kvd) = self.qkv_widths();
+        // LongRoPE chooses its frequencies by the whole call's positions, not a tile's
+        let inv_freq = a.rope.map(|r| r.for_positions(&s.positions));
+        let mut bs = BlockSaved::default();
+        let (mut q, mut k, mut v) = (Rows::new(n, qd), Rows::new(n, kvd), Rows::new(n, kvd));
+        for t in s.tiles() {
+            let x_t = rows_of(be, x, t, n, c)?;
+            let ([q_t, k_t, v_t], sv) =
+                self.pre_forward(be, w, lora, &x_t, s, t, inv_freq, keep)?;
+            q.put(be, t, q_t)?;
+            k.put(be, t, k_t)?;
+            v.put(be, t, v_t)?;
+            if keep.saved() {
+                bs.pre.push(sv);
+            }
         }
-        if let Some(rope) = a.rope {
-            let inv_freq = rope.for_positions(&s.positions);
-            be.rope_forward(&mut q, &s.positions, inv_freq, a.n_heads)?;
-            be.rope_forward(&mut k, &s.positions, inv_freq, a.n_kv_heads)?;
-        }
+        let (q, k, v) = (q.finish(be)?, k.finish(be)?, v.finish(be)?);
         // att[N, H·D] = causal_attention(q, k, v), or over the cache that k, v join
         let (att, lse) = match cache {
             Some((cache, layer)) => (
@@ -435,9 +523,116 @@ impl<'m> BlockDesc<'m> {
                 (att, Some(lse))
             }
         };
-        // h[N, C] = x + att · Woᵀ, or x + post_attn_norm(att · Woᵀ)
+        if keep.saved() {
+            let lse = lse.ok_or_else(|| Error::internal("a cached forward keeps nothing"))?;
+            bs.attn.lse = Some(lse);
+            (bs.attn.q, bs.attn.k, bs.attn.v) = (Some(q), Some(k), Some(v));
+        }
+        bs.attn.att = Some(att);
+        Ok(bs)
+    }
+
+    /// norm1, the q/k/v projections, their per-head norms and RoPE (at `inv_freq`) on the
+    /// rows `x` of tile `t`: the tile's q, k, v rows and, with `keep.saved()`, what their
+    /// backward reads.
+    #[allow(clippy::too_many_arguments)]
+    fn pre_forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        s: &StepShape,
+        t: Tile,
+        inv_freq: Option<&[f32]>,
+        keep: Keep,
+    ) -> Result<([B::Buf; 3], Saved<B>)> {
+        let a = &self.attn;
+        let n = t.rows;
+        let mut sv = Saved::default();
+        // ln1[n, C] = norm1(x); only GEMMs read it unless LoRA drops its input out
+        let (ln1, stats1) = self.input_norm(be, w, &self.norm1, x, n, self.qkv_first(), lora)?;
+        // q[n, H·D], k, v[n, KVH·D]
+        let (in1, mut q, mut k, v) = match a.qkv {
+            Qkv::Separate { q, k, v } => {
+                let in1 = self.linear(w, q)?.input_from(&ln1, t.start);
+                let q = self
+                    .linear(w, q)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let k = self
+                    .linear(w, k)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let v = self
+                    .linear(w, v)?
+                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                (in1, q, k, v)
+            }
+            Qkv::Fused(name) => {
+                let wa = self.linear(w, name)?;
+                let in1 = wa.input_from(&ln1, t.start);
+                let qkv = wa.forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let [q, k, v] = self.split_qkv(be, &qkv, n)?;
+                (in1, q, k, v)
+            }
+        };
+        // per-head norms: rows of D
+        let mut qk_saved = None;
+        if let Some(qn) = a.qk_norm {
+            let d = a.head_dim;
+            let (qo, qs) = norm_forward(be, w, &qn.desc(true), &q, n * a.n_heads, d)?;
+            let (ko, ks) = norm_forward(be, w, &qn.desc(false), &k, n * a.n_kv_heads, d)?;
+            let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
+            qk_saved = Some((q_pre, k_pre, qs, ks));
+        }
+        if let Some(inv_freq) = inv_freq {
+            let positions = t.of(&s.positions);
+            be.rope_forward(&mut q, positions, inv_freq, a.n_heads)?;
+            be.rope_forward(&mut k, positions, inv_freq, a.n_kv_heads)?;
+        }
+        if keep.saved() {
+            // ln1 is read by the backward only as the projections' input. A checkpointed
+            // re-run (`SavedOnly`) keeps neither it nor its statistics across attention:
+            // the backward makes them again from the tile's rows of x, which is cheaper
+            // than holding them for the whole call
+            if keep == Keep::OutputAndSaved {
+                sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, lora.dropout));
+                sv.norm1 = Some(stats1);
+            }
+            if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
+                (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
+                (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
+            }
+        }
+        Ok(([q, k, v], sv))
+    }
+
+    /// The block after attention on the rows of tile `t` (`x` the block input's, `att`
+    /// the attention output's): the output projection, the residual, norm2, the MLP and
+    /// the residual again. Returns the tile's output rows (unless `keep` is
+    /// [`Keep::SavedOnly`]) and, with `keep.saved()`, what the backward reads.
+    #[allow(clippy::too_many_arguments)]
+    fn post_forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &BlockLora<B>,
+        x: &B::Buf,
+        att: &B::Buf,
+        t: Tile,
+        keep: Keep,
+    ) -> Result<(Option<B::Buf>, Saved<B>)> {
+        let a = &self.attn;
+        let n = t.rows;
+        let mut sv = Saved::default();
+        // h[n, C] = x + att · Woᵀ, or x + post_attn_norm(att · Woᵀ)
         let wo = self.linear(w, a.o)?;
-        let o = wo.forward(be, &wo.input(&att), n, lora, keep_in(keep, &mut sv))?;
+        let o = wo.forward(
+            be,
+            &wo.input_from(att, t.start),
+            n,
+            lora,
+            keep_in(keep, &mut sv),
+        )?;
         let (h, post_attn) = match &self.post_attn_norm {
             None => {
                 let mut h = o;
@@ -452,12 +647,12 @@ impl<'m> BlockDesc<'m> {
         };
         // ln2 = norm2(h)
         let (ln2, stats2) = self.input_norm(be, w, &self.norm2, &h, n, self.mlp_first(), lora)?;
-        // act[N, I] = act(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
+        // act[n, I] = act(ln2·Wgᵀ) · (ln2·Wuᵀ), or act(ln2·Wfcᵀ)
         let (in2, gate, up, act) = match self.mlp {
             Mlp::Gated { gate_up, act, .. } => {
                 let (in2, g, u) = match gate_up {
                     GateUp::Separate { gate, up } => {
-                        let in2 = self.linear(w, gate)?.input(&ln2);
+                        let in2 = self.linear(w, gate)?.input_from(&ln2, t.start);
                         let g = self.linear(w, gate)?.forward(
                             be,
                             &in2,
@@ -476,7 +671,7 @@ impl<'m> BlockDesc<'m> {
                     }
                     GateUp::Fused(gate_up) => {
                         let wgu = self.linear(w, gate_up)?;
-                        let in2 = wgu.input(&ln2);
+                        let in2 = wgu.input_from(&ln2, t.start);
                         let gu = wgu.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
                         let i = wgu.out_features / 2;
                         let [g, u] = split_cols(be, &gu, n, [i, i])?;
@@ -494,7 +689,7 @@ impl<'m> BlockDesc<'m> {
             }
             Mlp::Plain { fc, act, .. } => {
                 let wf = self.linear(w, fc)?;
-                let in2 = wf.input(&ln2);
+                let in2 = wf.input_from(&ln2, t.start);
                 let f = wf.forward(be, &in2, n, lora, keep_in(keep, &mut sv))?;
                 let mut a = be.uninit(f.len_of())?;
                 match act {
@@ -506,9 +701,9 @@ impl<'m> BlockDesc<'m> {
                 (in2, None, f, a)
             }
         };
-        // y[N, C] = h + act · Wdᵀ, or h + post_mlp_norm(act · Wdᵀ)
+        // y[n, C] = h + act · Wdᵀ, or h + post_mlp_norm(act · Wdᵀ)
         let wd = self.linear(w, self.mlp.down())?;
-        let ia = wd.input(&act);
+        let ia = wd.input_from(&act, t.start);
         let (y, post_mlp) = match &self.post_mlp_norm {
             None => (
                 wd.forward_residual(be, &ia, &h, n, lora, keep, &mut sv)?,
@@ -528,28 +723,17 @@ impl<'m> BlockDesc<'m> {
             }
         };
         if keep.saved() {
-            // ln1, ln2 and act are read by the backward only as linear inputs
+            // ln2 and act are read by the backward only as linear inputs
             let p = lora.dropout;
-            sv.ln1 = Some(keep_for_backward(in1.into_gemm_copy(), ln1, p));
             sv.ln2 = Some(keep_for_backward(in2.into_gemm_copy(), ln2, p));
             sv.act = Some(keep_for_backward(ia.into_gemm_copy(), act, p));
-            sv.lse = Some(lse.ok_or_else(|| Error::internal("a cached forward keeps nothing"))?);
-            if let Some((q_pre, k_pre, qs, ks)) = qk_saved {
-                (sv.q_pre, sv.k_pre) = (Some(q_pre), Some(k_pre));
-                (sv.q_norm, sv.k_norm) = (Some(qs), Some(ks));
-            }
             if let Some((o, st)) = post_attn {
                 (sv.attn_out, sv.post_attn) = (Some(o), Some(st));
             }
             if let Some((m, st)) = post_mlp {
                 (sv.mlp_out, sv.post_mlp) = (Some(m), Some(st));
             }
-            sv.norm1 = Some(stats1);
             sv.norm2 = Some(stats2);
-            sv.q = Some(q);
-            sv.k = Some(k);
-            sv.v = Some(v);
-            sv.att = Some(att);
             sv.h = Some(h);
             sv.gate = gate;
             sv.up = Some(up);
@@ -611,8 +795,8 @@ impl<'m> BlockDesc<'m> {
         (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim)
     }
 
-    /// Block backward: from `dy` and the saved activations of the forward on `x`, returns
-    /// dx and adds the LoRA gradients into `lora`.
+    /// Block backward: from `dy` (taken: its memory becomes dx's) and what the forward on
+    /// `x` kept (`sv`), returns dx and adds the LoRA gradients into `lora`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -620,12 +804,117 @@ impl<'m> BlockDesc<'m> {
         w: &Weights<'_, B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        sv: &mut Saved<B>,
-        dy: &B::Buf,
+        sv: &mut BlockSaved<B>,
+        dy: B::Buf,
         s: &StepShape,
     ) -> Result<B::Buf> {
+        self.backward_tiles(be, w, lora, x, sv, dy, s, false)
+    }
+
+    /// The backward of a checkpointed block: the forward re-run from its input `x` up to
+    /// attention, then, tile by tile, the rest of the forward re-run (without the output,
+    /// which the first forward produced: the last linear's frozen GEMM and the residual
+    /// add are skipped) and at once its backward, so that only one tile's MLP activations
+    /// exist at a time; then attention's backward over the whole call and the first
+    /// half's, tile by tile. Returns dx (in `dy`'s memory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn recompute_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &mut BlockLora<B>,
+        x: &B::Buf,
+        dy: B::Buf,
+        s: &StepShape,
+    ) -> Result<B::Buf> {
+        let mut bs = self.forward_attention(be, w, lora, x, s, Keep::SavedOnly, None)?;
+        self.backward_tiles(be, w, lora, x, &mut bs, dy, s, true)
+    }
+
+    /// The backward over the tiles of `s`: per tile the part after attention (its saved
+    /// activations taken from `bs.post`, or with `recompute` made again from the tile's
+    /// rows), turning `dy`'s rows into the residual stream's gradient dh and giving the
+    /// attention output's; then attention over the whole call (dK and dV need every
+    /// query tile); then per tile the part before attention, adding its input gradient
+    /// into dh. dh is then dx.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_tiles<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &mut BlockLora<B>,
+        x: &B::Buf,
+        bs: &mut BlockSaved<B>,
+        mut dy: B::Buf,
+        s: &StepShape,
+        recompute: bool,
+    ) -> Result<B::Buf> {
+        let (n, c) = (s.tokens(), self.hidden);
+        let (qd, kvd) = self.qkv_widths();
+        let tiles: Vec<Tile> = s.tiles().collect();
+        if bs.pre.len() != tiles.len() || (!recompute && bs.post.len() != tiles.len()) {
+            return Err(Error::internal(format!(
+                "{} tiles, but the forward kept {} and {}",
+                tiles.len(),
+                bs.pre.len(),
+                bs.post.len()
+            )));
+        }
+        let mut datt = Rows::new(n, qd);
+        {
+            let att = need(&bs.attn.att, "att")?;
+            for (i, &t) in tiles.iter().enumerate() {
+                let att_t = rows_of(be, att, t, n, qd)?;
+                let mut sv = if recompute {
+                    let x_t = rows_of(be, x, t, n, c)?;
+                    self.post_forward(be, w, lora, &x_t, &att_t, t, Keep::SavedOnly)?
+                        .1
+                } else {
+                    std::mem::take(&mut bs.post[i])
+                };
+                let datt_t = rows_mut(be, &mut dy, t, n, c, |dy_t| {
+                    self.post_backward(be, w, lora, &mut sv, dy_t, &att_t, t)
+                })?;
+                datt.put(be, t, datt_t)?;
+            }
+        }
+        let datt = datt.finish(be)?;
+        // att = attention(q, k, v)
+        let (dq, dk, dv) = self.attention_backward(be, &mut bs.attn, &datt, s)?;
+        drop(datt);
+        let inv_freq = self.attn.rope.map(|r| r.for_positions(&s.positions));
+        let (mut dq, mut dk, mut dv) = (Some(dq), Some(dk), Some(dv));
+        for (i, &t) in tiles.iter().enumerate() {
+            let x_t = rows_of(be, x, t, n, c)?;
+            let d = [
+                take_rows(be, &mut dq, t, n, qd)?,
+                take_rows(be, &mut dk, t, n, kvd)?,
+                take_rows(be, &mut dv, t, n, kvd)?,
+            ];
+            let mut sv = std::mem::take(&mut bs.pre[i]);
+            rows_mut(be, &mut dy, t, n, c, |dh_t| {
+                self.pre_backward(be, w, lora, &mut sv, &x_t, d, dh_t, s, t, inv_freq)
+            })?;
+        }
+        Ok(dy)
+    }
+
+    /// Backward of [`Self::post_forward`] on tile `t` (`att` the attention output's rows):
+    /// turns `dy`, the tile's rows of the block output's gradient, into dh, the
+    /// residual stream's after attention, in place; returns the gradient of `att`.
+    #[allow(clippy::too_many_arguments)]
+    fn post_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &mut BlockLora<B>,
+        sv: &mut Saved<B>,
+        dy: &mut B::Buf,
+        att: &B::Buf,
+        t: Tile,
+    ) -> Result<B::Buf> {
         let a = &self.attn;
-        let (c, n) = (self.hidden, s.tokens());
+        let (c, n) = (self.hidden, t.rows);
         let (qd, _) = self.qkv_widths();
 
         // y = h + m, m = act·Wdᵀ (or post_mlp_norm of it)  ⇒  dh = dy (residual), dm
@@ -650,7 +939,7 @@ impl<'m> BlockDesc<'m> {
             be,
             &mut dact,
             dm,
-            &wd.input(need(&sv.act, "act")?),
+            &wd.input_from(need(&sv.act, "act")?, t.start),
             n,
             lora,
             sv,
@@ -685,7 +974,9 @@ impl<'m> BlockDesc<'m> {
                 match gate_up {
                     GateUp::Separate { gate, up } => {
                         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
-                        let in2 = self.linear(w, gate)?.input(need(&sv.ln2, "ln2")?);
+                        let in2 = self
+                            .linear(w, gate)?
+                            .input_from(need(&sv.ln2, "ln2")?, t.start);
                         self.linear(w, gate)?.backward(
                             be,
                             &mut dln2,
@@ -719,7 +1010,7 @@ impl<'m> BlockDesc<'m> {
                             be,
                             &mut dln2,
                             &dgu,
-                            &wgu.input(need(&sv.ln2, "ln2")?),
+                            &wgu.input_from(need(&sv.ln2, "ln2")?, t.start),
                             n,
                             lora,
                             sv,
@@ -747,7 +1038,7 @@ impl<'m> BlockDesc<'m> {
                     be,
                     &mut dln2,
                     &df,
-                    &wf.input(need(&sv.ln2, "ln2")?),
+                    &wf.input_from(need(&sv.ln2, "ln2")?, t.start),
                     n,
                     lora,
                     sv,
@@ -755,20 +1046,19 @@ impl<'m> BlockDesc<'m> {
                 )?;
             }
         }
-        // ln2 = norm2(h)  ⇒  dh = dy + norm2_backward(dln2)
-        let mut dh = be.uninit(n * c)?;
-        be.axpy(&mut dh, 1.0, dy, Accumulate::Overwrite)?;
+        // ln2 = norm2(h)  ⇒  dh = dy + norm2_backward(dln2), in dy's memory
         norm_backward(
             be,
             w,
             &self.norm2,
-            &mut dh,
+            dy,
             &dln2,
             need(&sv.h, "h")?,
             need(&sv.norm2, "norm2")?,
             Accumulate::Add,
         )?;
         drop(dln2);
+        let dh = &*dy;
         // h = x + o (or post_attn_norm(o)), o = att·Woᵀ  ⇒  do, datt = do·Wo
         let post_attn_grad = match &self.post_attn_norm {
             None => None,
@@ -776,7 +1066,7 @@ impl<'m> BlockDesc<'m> {
                 be,
                 w,
                 pn,
-                &dh,
+                dh,
                 sv.attn_out.take(),
                 sv.post_attn.take(),
                 "attention",
@@ -787,22 +1077,40 @@ impl<'m> BlockDesc<'m> {
         wo.backward(
             be,
             &mut datt,
-            post_attn_grad.as_ref().unwrap_or(&dh),
-            &wo.input(need(&sv.att, "att")?),
+            post_attn_grad.as_ref().unwrap_or(dh),
+            &wo.input_from(att, t.start),
             n,
             lora,
             sv,
             Accumulate::Overwrite,
         )?;
-        drop(post_attn_grad);
-        // att = attention(q, k, v)
-        let (mut dq, mut dk, dv) = self.attention_backward(be, sv, &datt, s)?;
-        drop(datt);
+        Ok(datt)
+    }
+
+    /// Backward of [`Self::pre_forward`] on tile `t` (`x` the block input's rows): from the
+    /// gradients of the tile's q, k, v rows (`d`), adds the gradient of `x` into `dh`.
+    #[allow(clippy::too_many_arguments)]
+    fn pre_backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        lora: &mut BlockLora<B>,
+        sv: &mut Saved<B>,
+        x: &B::Buf,
+        d: [B::Buf; 3],
+        dh: &mut B::Buf,
+        s: &StepShape,
+        t: Tile,
+        inv_freq: Option<&[f32]>,
+    ) -> Result<()> {
+        let a = &self.attn;
+        let (c, n) = (self.hidden, t.rows);
+        let [mut dq, mut dk, dv] = d;
         // q, k were rotated in place after their projections
-        if let Some(rope) = a.rope {
-            let inv_freq = rope.for_positions(&s.positions);
-            be.rope_backward(&mut dq, &s.positions, inv_freq, a.n_heads)?;
-            be.rope_backward(&mut dk, &s.positions, inv_freq, a.n_kv_heads)?;
+        if let Some(inv_freq) = inv_freq {
+            let positions = t.of(&s.positions);
+            be.rope_backward(&mut dq, positions, inv_freq, a.n_heads)?;
+            be.rope_backward(&mut dk, positions, inv_freq, a.n_kv_heads)?;
         }
         // q, k = per-head norms of the projections
         if let Some(qn) = a.qk_norm {
@@ -828,10 +1136,18 @@ impl<'m> BlockDesc<'m> {
             (dq, dk) = (per_head(&dq, true)?, per_head(&dk, false)?);
             (sv.q_pre, sv.k_pre, sv.q_norm, sv.k_norm) = (None, None, None, None);
         }
+        if sv.ln1.is_none() {
+            // a checkpointed re-run kept neither: norm1 of the same rows gives the same
+            let (ln1, stats1) =
+                self.input_norm(be, w, &self.norm1, x, n, self.qkv_first(), lora)?;
+            (sv.ln1, sv.norm1) = (Some(ln1), Some(stats1));
+        }
         let mut dln1 = be.uninit(n * c)?;
         match a.qkv {
             Qkv::Separate { q, k, v } => {
-                let in1 = self.linear(w, q)?.input(need(&sv.ln1, "ln1")?);
+                let in1 = self
+                    .linear(w, q)?
+                    .input_from(need(&sv.ln1, "ln1")?, t.start);
                 self.linear(w, q)?.backward(
                     be,
                     &mut dln1,
@@ -888,7 +1204,7 @@ impl<'m> BlockDesc<'m> {
                     be,
                     &mut dln1,
                     &dqkv,
-                    &wa.input(need(&sv.ln1, "ln1")?),
+                    &wa.input_from(need(&sv.ln1, "ln1")?, t.start),
                     n,
                     lora,
                     sv,
@@ -901,13 +1217,12 @@ impl<'m> BlockDesc<'m> {
             be,
             w,
             &self.norm1,
-            &mut dh,
+            dh,
             &dln1,
             x,
             need(&sv.norm1, "norm1")?,
             Accumulate::Add,
-        )?;
-        Ok(dh)
+        )
     }
 
     /// `d(input)` of a post norm (of the attention's or the MLP's output, `what`) from the
@@ -941,7 +1256,8 @@ impl<'m> BlockDesc<'m> {
     }
 
     /// Backward of the causal attention on the saved `q`, `k`, `v` (after RoPE), output
-    /// `att` and `lse`: returns (dq, dk, dv) and frees what nothing after it reads.
+    /// `att` and `lse` of the whole call: returns (dq, dk, dv) and frees what nothing
+    /// after it reads.
     fn attention_backward<B: Backend>(
         &self,
         be: &B,

@@ -49,17 +49,32 @@ pub struct LinearInput<'x, B: Backend> {
     pub x: &'x B::Buf,
     /// A weight of the linears that read this input (its type decides the rounding).
     w: &'x B::Buf,
+    /// The row of the block call that `x`'s first row is (a tile's start), so that LoRA
+    /// dropout draws the mask of the whole call whatever the tiling.
+    first_row: usize,
     half: std::cell::OnceCell<Option<B::Buf>>,
 }
 
 impl<'x, B: Backend> LinearInput<'x, B> {
     /// The input `x` of linears whose weight is (of the type of) `w`.
     pub fn new(x: &'x B::Buf, w: &'x B::Buf) -> Self {
+        Self::from_row(x, w, 0)
+    }
+
+    /// The input `x`, rows `first_row..` of the block call, of linears whose weight is
+    /// (of the type of) `w`.
+    pub fn from_row(x: &'x B::Buf, w: &'x B::Buf, first_row: usize) -> Self {
         LinearInput {
             x,
             w,
+            first_row,
             half: std::cell::OnceCell::new(),
         }
+    }
+
+    /// Index in the dropout mask of `x`'s first element, for a linear of `in_features`.
+    fn mask_offset(&self, in_features: usize) -> u64 {
+        (self.first_row * in_features) as u64
     }
 
     /// What the GEMMs read: the rounded copy if the backend makes one, else the f32 values.
@@ -95,6 +110,14 @@ impl<'a, B: Backend> Linear<'a, B> {
         'a: 'x,
     {
         LinearInput::new(x, self.w)
+    }
+
+    /// The input `x`, rows `first_row..` of the block call (a tile), of this linear.
+    pub fn input_from<'x>(&self, x: &'x B::Buf, first_row: usize) -> LinearInput<'x, B>
+    where
+        'a: 'x,
+    {
+        LinearInput::from_row(x, self.w, first_row)
     }
 
     /// y `[N, out]` = x `[N, in]`·Wᵀ + bias + LoRA. When `saved` is given, keeps the LoRA
@@ -205,7 +228,13 @@ impl<'a, B: Backend> Linear<'a, B> {
         let dropped;
         let xd = if lora.dropout > 0.0 {
             let mut d = be.uninit(n * fi)?;
-            be.dropout_forward(&mut d, x.x, lora.dropout, lora.module_seed(idx))?;
+            be.dropout_forward(
+                &mut d,
+                x.x,
+                lora.dropout,
+                lora.module_seed(idx),
+                x.mask_offset(fi),
+            )?;
             dropped = d;
             &dropped
         } else {
@@ -266,8 +295,9 @@ impl<'a, B: Backend> Linear<'a, B> {
             // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
             if p > 0.0 {
                 let seed = seed.unwrap_or_default();
+                let off = x.mask_offset(fi);
                 let mut xd = be.uninit(n * fi)?;
-                be.dropout_forward(&mut xd, x.x, p, seed)?;
+                be.dropout_forward(&mut xd, x.x, p, seed, off)?;
                 be.matmul(
                     da,
                     &dt,
@@ -283,9 +313,9 @@ impl<'a, B: Backend> Linear<'a, B> {
                 )?;
                 // forward: xd = dropout(x)  ⇒  dx (+)= dropout_backward(dxd)
                 if acc == Accumulate::Overwrite {
-                    be.dropout_backward(dx, &dxd, p, seed)?;
+                    be.dropout_backward(dx, &dxd, p, seed, off)?;
                 } else {
-                    be.dropout_backward(&mut xd, &dxd, p, seed)?;
+                    be.dropout_backward(&mut xd, &dxd, p, seed, off)?;
                     be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
                 }
             } else {

@@ -19,8 +19,10 @@ pub mod phi3;
 pub mod quantized;
 pub mod qwen2;
 pub mod qwen3;
+pub mod tiles;
 
-pub use decoder::{NormStats, Saved};
+pub use decoder::{BlockSaved, NormStats, Saved};
+pub use tiles::Tile;
 
 use crate::backend::{Accumulate, Backend, DeviceBuf};
 use crate::config::{Arch, ModelConfig};
@@ -65,6 +67,9 @@ pub struct StepShape {
     /// For packed rows: the index within its row of the first token of each token's
     /// segment (`[B·T]`), the first key it may attend to.
     pub segment_start: Option<Vec<u32>>,
+    /// Token rows per tile of a block's per-token parts (None: the whole call in one;
+    /// see [`tiles`]).
+    pub tile: Option<usize>,
 }
 
 impl StepShape {
@@ -76,7 +81,20 @@ impl StepShape {
             seq,
             positions,
             segment_start: None,
+            tile: None,
         }
+    }
+
+    /// This shape with its blocks' per-token parts run over tiles of `rows` tokens at
+    /// most (None: untiled).
+    pub fn with_tile(mut self, rows: Option<usize>) -> Self {
+        self.tile = rows;
+        self
+    }
+
+    /// The tiles a block runs its per-token parts over, in order.
+    pub fn tiles(&self) -> impl Iterator<Item = Tile> + use<> {
+        tiles::tiles(self.tokens(), self.tile)
     }
 
     /// The shape of `b`, with positions and attention confined to its segments when the
@@ -102,6 +120,7 @@ impl StepShape {
             seq: b.seq,
             positions,
             segment_start: Some(starts),
+            tile: None,
         }
     }
 
@@ -335,6 +354,34 @@ impl Model {
         }
     }
 
+    /// `x` rounded to the half type in which block `layer`'s GEMMs read activations
+    /// (bf16/f16 with half weights on CUDA), or None when they read f32: the type a
+    /// block input can be parked in at no loss the GEMMs would see. Asked of the block's
+    /// first norm weight, which is dense and stored in the compute type whatever the
+    /// linears' storage (NF4 and FP8 included).
+    pub fn half_copy<B: Backend>(
+        &self,
+        be: &B,
+        layer: usize,
+        w: &LayerWeights<B>,
+        x: &B::Buf,
+    ) -> Result<Option<B::Buf>> {
+        let norm = w.get(&format!("{}.weight", self.block(layer).norm1.name))?;
+        be.gemm_input(x, norm)
+    }
+
+    /// What a block's backward holds per token, the largest over the blocks.
+    pub fn token_bytes(&self) -> tiles::TokenBytes {
+        (0..self.cfg.num_hidden_layers)
+            .map(|i| self.block(i).token_bytes())
+            .fold(tiles::TokenBytes { whole: 0, tile: 0 }, |a, b| {
+                tiles::TokenBytes {
+                    whole: a.whole.max(b.whole),
+                    tile: a.tile.max(b.tile),
+                }
+            })
+    }
+
     /// The description of block `layer` for the generic block.
     pub fn block(&self, layer: usize) -> decoder::BlockDesc<'_> {
         (self.def.block)(self, layer)
@@ -381,7 +428,7 @@ impl Model {
         x: &B::Buf,
         shape: &StepShape,
         keep: bool,
-    ) -> Result<(B::Buf, Saved<B>)> {
+    ) -> Result<(B::Buf, BlockSaved<B>)> {
         let keep = if keep {
             Keep::OutputAndSaved
         } else {
@@ -397,8 +444,10 @@ impl Model {
 
     /// The backward of a checkpointed block: its forward re-run from its input `x` for the
     /// activations the backward reads (without its output, which the first forward
-    /// produced: the last linear's frozen GEMM and the residual add are skipped), then
+    /// produced: the last linear's frozen GEMM and the residual add are skipped), tile by
+    /// tile after attention ([`decoder::BlockDesc::recompute_backward`]), then
     /// [`Model::block_backward`]'s work, with the block's quantized weights expanded once.
+    /// `dy` is taken: its memory becomes dx's.
     #[allow(clippy::too_many_arguments)]
     pub fn block_recompute_backward<B: Backend>(
         &self,
@@ -407,15 +456,12 @@ impl Model {
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        dy: &B::Buf,
+        dy: B::Buf,
         shape: &StepShape,
     ) -> Result<B::Buf> {
         let w = self.weights(be, layer, w)?;
-        let block = self.block(layer);
-        let mut saved = block
-            .forward(be, &w, lora, x, shape, Keep::SavedOnly, None)?
-            .1;
-        block.backward(be, &w, lora, x, &mut saved, dy, shape)
+        self.block(layer)
+            .recompute_backward(be, &w, lora, x, dy, shape)
     }
 
     /// Block forward of new tokens against a KV cache (generation): their keys and values
@@ -439,8 +485,9 @@ impl Model {
             .ok_or_else(|| Error::internal("block output"))
     }
 
-    /// Block backward: from `dy` and the saved activations of the forward on `x`, returns
-    /// dx and adds the LoRA gradients into `lora`.
+    /// Block backward: from `dy` (taken: its memory becomes dx's) and the saved
+    /// activations of the forward on `x`, returns dx and adds the LoRA gradients into
+    /// `lora`.
     #[allow(clippy::too_many_arguments)]
     pub fn block_backward<B: Backend>(
         &self,
@@ -449,8 +496,8 @@ impl Model {
         w: &LayerWeights<B>,
         lora: &mut BlockLora<B>,
         x: &B::Buf,
-        saved: &mut Saved<B>,
-        dy: &B::Buf,
+        saved: &mut BlockSaved<B>,
+        dy: B::Buf,
         shape: &StepShape,
     ) -> Result<B::Buf> {
         let w = self.weights(be, layer, w)?;

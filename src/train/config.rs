@@ -92,6 +92,9 @@ pub struct TrainConfig {
     /// CUDA: keep each block's saved input in host memory between the forward and the
     /// backward (saves GPU memory at long sequences; same numbers).
     pub offload_activations: bool,
+    /// With offload_activations: park them in bf16/f16 when the weights are (half the
+    /// host memory; the backward re-runs from the rounded inputs).
+    pub offload_activations_half: bool,
     /// CUDA: blocks copied ahead of the one in use (1 saves a layer's worth of GPU memory).
     pub prefetch_depth: usize,
     /// CUDA, strategy budget: bytes of GPU memory for blocks kept resident.
@@ -101,6 +104,9 @@ pub struct TrainConfig {
     pub max_host_memory: Option<u64>,
     /// Where streamed layers come from on the host: auto, mapped or disk.
     pub weight_source: WeightSource,
+    /// Tokens per sequence tile of a block's per-token parts (attention stays whole);
+    /// unset: on a GPU 8192, fewer when the free GPU memory asks; 0: never tiled.
+    pub seq_tile: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -144,10 +150,12 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             offload_optimizer: false,
             offload_activations: false,
+            offload_activations_half: false,
             prefetch_depth: 2,
             max_vram: None,
             max_host_memory: None,
             weight_source: WeightSource::Auto,
+            seq_tile: None,
         }
     }
 }
@@ -321,6 +329,12 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             "CUDA: keep saved block inputs in host memory [false]",
         ),
         (
+            "offload_activations_half",
+            Scalar,
+            "BOOL",
+            "CUDA, half weights: park them in bf16/f16 (half the host memory) [false]",
+        ),
+        (
             "prefetch_depth",
             Scalar,
             "N",
@@ -343,6 +357,12 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
             Text,
             "NAME",
             "streamed layers from: auto, mapped or disk (staging ring) [auto]",
+        ),
+        (
+            "seq_tile",
+            Scalar,
+            "N",
+            "tokens per sequence tile of the per-token work; 0: untiled [GPU: ≤ 8192, by free memory]",
         ),
     ]
 };
@@ -368,6 +388,7 @@ const RESUMABLE: &[&str] = &[
     "max_vram",
     "max_host_memory",
     "weight_source",
+    "seq_tile",
 ];
 
 /// Levenshtein distance between two strings.
@@ -692,6 +713,7 @@ mod tests {
             ("offload_activations".to_string(), "true".to_string()),
             ("prefetch_depth".to_string(), "1".to_string()),
             ("max_vram".to_string(), "3000000000".to_string()),
+            ("seq_tile".to_string(), "4096".to_string()),
         ];
         let c = TrainConfig::from_toml(text, "t.toml", Some(Path::new("/base")), &over).unwrap();
         assert_eq!(
@@ -711,6 +733,7 @@ mod tests {
         assert_eq!(c.batch_size, TrainConfig::default().batch_size);
         assert!(c.offload_activations && !c.offload_optimizer);
         assert_eq!((c.prefetch_depth, c.max_vram), (1, Some(3_000_000_000)));
+        assert_eq!(c.seq_tile, Some(4096));
         c.validate().unwrap();
         // the echo reads back to the same config
         let back = TrainConfig::from_toml(&c.to_toml().unwrap(), "echo", None, &[]).unwrap();

@@ -196,10 +196,12 @@ fn lema_config(cfg: &TrainConfig, model: &Path) -> LemaConfig {
     l.gradient_checkpointing = cfg.gradient_checkpointing;
     l.offload_optimizer = cfg.offload_optimizer;
     l.offload_activations = cfg.offload_activations;
+    l.offload_activations_half = cfg.offload_activations_half;
     l.prefetch_depth = cfg.prefetch_depth;
     l.max_vram = cfg.max_vram;
     l.max_host_memory = cfg.max_host_memory;
     l.weight_source = cfg.weight_source;
+    l.seq_tile = cfg.seq_tile;
     l.device = cfg.device;
     l.seed = cfg.seed;
     l

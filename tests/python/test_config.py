@@ -62,3 +62,18 @@ def test_round_trip(tmp_path):
     assert LemaConfig.from_pretrained(tmp_path, lora_rank=4).lora_rank == 4
     with pytest.raises(FileNotFoundError, match="lema_config.json"):
         LemaConfig.from_pretrained(tmp_path / "nowhere")
+
+
+def test_seq_tile_reaches_the_engine_config():
+    import json
+
+    from lema.config import engine_config
+
+    assert LemaConfig(gbi_path="m.safetensors").seq_tile is None  # chosen from free GPU memory
+    c = LemaConfig(gbi_path="m.safetensors", seq_tile=4096)
+    assert json.loads(engine_config(c, "m.safetensors", None))["seq_tile"] == 4096
+    assert LemaConfig(gbi_path="m.safetensors", seq_tile=0).seq_tile == 0  # never tiled
+    with pytest.raises(ValueError, match="seq_tile must be at least 0"):
+        LemaConfig(gbi_path="m.safetensors", seq_tile=-1)
+    with pytest.raises(TypeError, match="seq_tile must be an integer"):
+        LemaConfig(gbi_path="m.safetensors", seq_tile=1.5)

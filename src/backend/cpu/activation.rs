@@ -95,9 +95,10 @@ pub(crate) fn gelu_backward<T: CpuFloat>(dx: &mut [T], dout: &[T], x: &[T]) {
         .for_each(|(dx, (&d, &x))| *dx = d * gelu_and_slope(x).1);
 }
 
-/// out `[n]` = x · keep(i)/(1 − p) with the mask of [`dropout_keep`]; a plain copy when
-/// p = 0. Being linear in x, it is its own backward (dx from dout, same p and seed).
-pub(crate) fn dropout<T: CpuFloat>(out: &mut [T], x: &[T], p: f32, seed: u64) {
+/// out `[n]` = x · keep(offset + i)/(1 − p) with the mask of [`dropout_keep`]; a plain
+/// copy when p = 0. Being linear in x, it is its own backward (dx from dout, same p, seed
+/// and offset).
+pub(crate) fn dropout<T: CpuFloat>(out: &mut [T], x: &[T], p: f32, seed: u64, offset: u64) {
     if p == 0.0 {
         out.copy_from_slice(x);
         return;
@@ -109,7 +110,7 @@ pub(crate) fn dropout<T: CpuFloat>(out: &mut [T], x: &[T], p: f32, seed: u64) {
         .enumerate()
         .with_min_len(PAR_MIN)
         .for_each(|(i, (o, &x))| {
-            *o = if dropout_keep(seed, i as u64, p) {
+            *o = if dropout_keep(seed, offset + i as u64, p) {
                 x * scale
             } else {
                 T::zero()

@@ -715,11 +715,18 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
 
     // ---- dropout (LoRA input) --------------------------------------------------------
 
-    fn dropout_forward(&self, out: &mut CpuBuf<T>, x: &CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
+    fn dropout_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
         let op = "dropout_forward";
         dropout_check(op, p)?;
         same_len(op, ("out", out.len()), ("x", x.len()))?;
-        self.install(|| activation::dropout(&mut out.0, &x.0, p, seed));
+        self.install(|| activation::dropout(&mut out.0, &x.0, p, seed, offset));
         Ok(())
     }
 
@@ -729,12 +736,13 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         dout: &CpuBuf<T>,
         p: f32,
         seed: u64,
+        offset: u64,
     ) -> Result<()> {
         let op = "dropout_backward";
         dropout_check(op, p)?;
         same_len(op, ("dx", dx.len()), ("dout", dout.len()))?;
         // out = mask·x/(1 − p) is linear in x, so dx = mask·dout/(1 − p): the same kernel.
-        self.install(|| activation::dropout(&mut dx.0, &dout.0, p, seed));
+        self.install(|| activation::dropout(&mut dx.0, &dout.0, p, seed, offset));
         Ok(())
     }
 

@@ -6,6 +6,12 @@ extern "C" __global__ void cast_f32_to_half(u16* out, const float* x, i64 n, int
     GRID_STRIDE(i, n) { out[i] = to_bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]); }
 }
 
+// out[i] = x[i] as f32, x stored as dt (0 = f32, 1 = f16, 2 = bf16): a half copy of an
+// activation (cast_f32_to_half) widened back, exactly.
+extern "C" __global__ void widen_to_f32(float* out, const void* x, i64 n, int dt) {
+    GRID_STRIDE(i, n) { out[i] = load_w(x, i, dt); }
+}
+
 // y = alpha * x (acc = 0) or y += alpha * x (acc = 1). y is not read when overwriting.
 extern "C" __global__ void axpy(float* y, const float* x, float alpha, i64 n, int acc) {
     GRID_STRIDE(i, n) { y[i] = acc ? y[i] + alpha * x[i] : alpha * x[i]; }
@@ -98,10 +104,12 @@ __device__ __forceinline__ bool dropout_keep(u64 seed, u64 i, float p) {
     return u >= p;
 }
 
-// out = keep(i) ? x * scale : 0, scale = 1 / (1 - p) computed on the host. Forward and
-// backward are the same map (the mask is a function of (seed, i)).
-extern "C" __global__ void dropout(float* out, const float* x, float p, float scale, u64 seed, i64 n) {
-    GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, (u64)i, p) ? x[i] * scale : 0.f; }
+// out[i] = keep(offset + i) ? x[i] * scale : 0, scale = 1 / (1 - p) computed on the host.
+// Forward and backward are the same map (the mask is a function of (seed, index)); offset
+// is the mask index of element 0 (a tile of rows of a larger activation).
+extern "C" __global__ void dropout(float* out, const float* x, float p, float scale, u64 seed, u64 offset,
+                                   i64 n) {
+    GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, offset + (u64)i, p) ? x[i] * scale : 0.f; }
 }
 
 // partial[block] = sum of x[i]^2 over the block's grid-stride share, accumulated in f64.

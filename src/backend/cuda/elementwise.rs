@@ -355,7 +355,8 @@ impl CudaBackend {
         )
     }
 
-    /// Forward and backward of dropout are the same map: `out = keep(i) ? x/(1−p) : 0`.
+    /// Forward and backward of dropout are the same map:
+    /// `out[i] = keep(offset + i) ? x[i]/(1−p) : 0`.
     pub(super) fn dropout_impl(
         &self,
         op: &'static str,
@@ -363,6 +364,7 @@ impl CudaBackend {
         x: &CudaBuf,
         p: f32,
         seed: u64,
+        offset: u64,
     ) -> Result<()> {
         if !(0.0..1.0).contains(&p) {
             return Err(err(
@@ -384,6 +386,7 @@ impl CudaBackend {
                 Arg::F32(p),
                 Arg::F32(scale),
                 Arg::U64(seed),
+                Arg::U64(offset),
                 Arg::I64(n as i64),
             ],
         )

@@ -1,6 +1,6 @@
 //! The one cuBLAS wrapper: every GEMM of the backend goes through [`CudaBackend::gemm_raw`].
 
-use super::device::{Arg, Device, Launch, driver_err, err};
+use super::device::{self, Arg, Device, Launch, driver_err, err};
 use super::{CudaBackend, CudaBuf, elementwise};
 use crate::backend::{Accumulate, DType, Gemm};
 use crate::error::Result;
@@ -106,6 +106,31 @@ impl CudaBackend {
         let out = self.new_buf(op, x.len, w.dtype)?;
         self.cast_to_half(op, out.ptr(), x.ptr(), x.len, w.dtype)?;
         Ok(Some(out))
+    }
+
+    /// `x` (f32, f16 or bf16) as a new f32 buffer.
+    pub(super) fn widen_impl(&self, x: &CudaBuf) -> Result<CudaBuf> {
+        let op = "widen";
+        if !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(err(
+                op,
+                format!("a {:?} buffer is not an activation to widen", x.dtype),
+            ));
+        }
+        let out = self.new_buf(op, x.len, DType::F32)?;
+        self.dev.launch(
+            op,
+            elementwise::MODULE,
+            "widen_to_f32",
+            Launch::cover(x.len, 256, 4096),
+            &[
+                Arg::Ptr(out.ptr()),
+                Arg::Ptr(x.ptr()),
+                Arg::I64(x.len as i64),
+                Arg::I32(device::dtype_code(x.dtype)),
+            ],
+        )?;
+        Ok(out)
     }
 
     /// `dst[i] = half(src[i])` for `count` f32 values, round to nearest even.

@@ -229,10 +229,16 @@ impl CudaBackend {
     /// Peak bytes the default memory pool (where every buffer of this backend comes
     /// from) has held since the backend was made, as the driver tracks it.
     pub fn pool_peak_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        self.pool_attribute(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)
+    }
+
+    /// An attribute of the default memory pool (bytes), as the driver reports it.
+    fn pool_attribute(&self, attr: cudarc::driver::sys::CUmemPool_attribute) -> Option<u64> {
         use cudarc::driver::sys;
-        self.dev.bind("pool_peak_bytes").ok()?;
+        self.dev.bind("pool_attribute").ok()?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut high: u64 = 0;
+        let mut value: u64 = 0;
         // SAFETY: out-pointers to locals of the right types; the device handle is valid.
         unsafe {
             if sys::cuDeviceGetDefaultMemPool(&mut pool, self.dev.ctx.cu_device())
@@ -242,14 +248,14 @@ impl CudaBackend {
             }
             if sys::cuMemPoolGetAttribute(
                 pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                &mut high as *mut u64 as *mut std::ffi::c_void,
+                attr,
+                &mut value as *mut u64 as *mut std::ffi::c_void,
             ) != sys::CUresult::CUDA_SUCCESS
             {
                 return None;
             }
         }
-        Some(high)
+        Some(value)
     }
 
     /// The options this backend was made with.
@@ -569,6 +575,14 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        let (free, _) = self.mem_info()?;
+        let reserved = self.pool_attribute(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let used = self.pool_attribute(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Some(free as u64 + reserved.saturating_sub(used))
+    }
+
     fn profile_phase(&self, phase: &'static str) {
         if let Some(p) = &self.dev.profiler {
             p.set_phase(phase);
@@ -606,6 +620,10 @@ impl Backend for CudaBackend {
             }
             _ => self.uninit(n),
         }
+    }
+
+    fn widen(&self, x: &CudaBuf) -> Result<CudaBuf> {
+        self.widen_impl(x)
     }
 
     /// Page-locked host memory mapped into the device's address space, zero-filled on the
@@ -940,12 +958,26 @@ impl Backend for CudaBackend {
         self.gelu_backward_impl(dx, dout, x)
     }
 
-    fn dropout_forward(&self, out: &mut CudaBuf, x: &CudaBuf, p: f32, seed: u64) -> Result<()> {
-        self.dropout_impl("dropout_forward", out, x, p, seed)
+    fn dropout_forward(
+        &self,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
+        self.dropout_impl("dropout_forward", out, x, p, seed, offset)
     }
 
-    fn dropout_backward(&self, dx: &mut CudaBuf, dout: &CudaBuf, p: f32, seed: u64) -> Result<()> {
-        self.dropout_impl("dropout_backward", dx, dout, p, seed)
+    fn dropout_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dout: &CudaBuf,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
+        self.dropout_impl("dropout_backward", dx, dout, p, seed, offset)
     }
 
     fn lm_head_loss(

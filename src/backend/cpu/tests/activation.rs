@@ -87,7 +87,7 @@ fn dropout_follows_the_shared_mask_and_backward_matches_finite_differences() {
     let n = 4000;
     let (x, dout) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
     let mut out = buf(&vec![0.0; n]);
-    be.dropout_forward(&mut out, &buf(&x), p, seed).unwrap();
+    be.dropout_forward(&mut out, &buf(&x), p, seed, 0).unwrap();
     let want: Vec<f64> = (0..n)
         .map(|i| {
             if dropout_keep(seed, i as u64, p) {
@@ -107,20 +107,21 @@ fn dropout_follows_the_shared_mask_and_backward_matches_finite_differences() {
     // Finite differences on a short prefix (the op is elementwise, so this covers it).
     let m = 40;
     let mut dx = buf(&vec![9.0; m]);
-    be.dropout_backward(&mut dx, &buf(&dout[..m]), p, seed)
+    be.dropout_backward(&mut dx, &buf(&dout[..m]), p, seed, 0)
         .unwrap();
     check_grad("dropout dx", &dx.0, &x[..m], |xx| {
         let mut o = buf(&vec![0.0; m]);
-        be.dropout_forward(&mut o, &buf(xx), p, seed).unwrap();
+        be.dropout_forward(&mut o, &buf(xx), p, seed, 0).unwrap();
         weighted_sum(&dout[..m], &o.0)
     });
 
     // p = 0 copies; the f32 backend draws the same mask.
-    be.dropout_forward(&mut out, &buf(&x), 0.0, seed).unwrap();
+    be.dropout_forward(&mut out, &buf(&x), 0.0, seed, 0)
+        .unwrap();
     assert_eq!(out.0, x);
     let be32 = CpuBackend::<f32>::new();
     let mut o32 = be32.zeros(n).unwrap();
-    be32.dropout_forward(&mut o32, &be32.upload_f64(&x).unwrap(), p, seed)
+    be32.dropout_forward(&mut o32, &be32.upload_f64(&x).unwrap(), p, seed, 0)
         .unwrap();
     assert_close(
         "dropout f32",
@@ -129,4 +130,34 @@ fn dropout_follows_the_shared_mask_and_backward_matches_finite_differences() {
         1e-6,
         0.0,
     );
+
+    // a piece at `offset` draws the whole buffer's mask there (sequence tiles), in both
+    // directions
+    let (start, len) = (1234, 777);
+    let mut piece = buf(&vec![0.0; len]);
+    be.dropout_forward(
+        &mut piece,
+        &buf(&x[start..start + len]),
+        p,
+        seed,
+        start as u64,
+    )
+    .unwrap();
+    assert_eq!(piece.0, out_of(&be, &x, p, seed)[start..start + len]);
+    be.dropout_backward(
+        &mut piece,
+        &buf(&x[start..start + len]),
+        p,
+        seed,
+        start as u64,
+    )
+    .unwrap();
+    assert_eq!(piece.0, out_of(&be, &x, p, seed)[start..start + len]);
+}
+
+/// Dropout of all of `x` from index 0.
+fn out_of(be: &CpuBackend<f64>, x: &[f64], p: f32, seed: u64) -> Vec<f64> {
+    let mut out = buf(&vec![0.0; x.len()]);
+    be.dropout_forward(&mut out, &buf(x), p, seed, 0).unwrap();
+    out.0
 }

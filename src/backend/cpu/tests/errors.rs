@@ -112,7 +112,7 @@ fn length_mismatches_name_the_op_and_lengths() {
     ));
     assert_mentions(&msg, &["adamw_step", "step", "0"]);
 
-    let msg = message(be.dropout_forward(&mut buf(&[0.0]), &buf(&[0.0]), 1.0, 0));
+    let msg = message(be.dropout_forward(&mut buf(&[0.0]), &buf(&[0.0]), 1.0, 0, 0));
     assert_mentions(&msg, &["dropout_forward", "1"]);
 }
 
