@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::CpuFloat;
-use super::elementwise::{add_scaled, dot, min_rows};
+use super::elementwise::{add_scaled, dot, max, min_rows, sum};
 use super::matmul::{View, gemm_serial};
 use crate::backend::{Accumulate, AttnDims, DecodeDims};
 
@@ -111,22 +111,15 @@ fn block_probs<T: CpuFloat>(
         row[..lo].fill(T::zero());
         row[hi + 1..].fill(T::zero());
         let vis = &mut row[lo..=hi];
-        match lse {
-            Some(lse) => {
-                let m = lse(t);
-                for x in vis.iter_mut() {
-                    *x = (*x - m).exp();
-                }
-            }
-            None => {
-                let max = vis.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-                let mut sum = T::zero();
-                for x in vis.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum = sum + *x;
-                }
-                sums.push((max, sum));
-            }
+        let m = match lse {
+            Some(lse) => lse(t),
+            None => max(vis),
+        };
+        for x in vis.iter_mut() {
+            *x = (*x - m).exp_v();
+        }
+        if lse.is_none() {
+            sums.push((m, sum(vis)));
         }
     }
 }
