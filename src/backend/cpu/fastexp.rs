@@ -28,7 +28,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // round to the nearest integer with the 1.5·2⁵² trick (no SSE4.1 round)
     const MAGIC: f64 = 6_755_399_441_055_744.0;
     let xc = x.clamp(MIN_X, MAX_X) as f64; // NaN stays NaN
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC; // n sits in the low bits of t's mantissa
+    let n = t - MAGIC;
     let r = xc - n * LN2; // |r| ≤ 0.347; n·LN2's rounding is far below f32's
     // e^r = Σ r^k / k!, k ≤ 9, by Horner
     let mut p = 1.0 / 362_880.0;
@@ -41,8 +42,15 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    // 2^n, n in −126 ..= 127 after the clamp (NaN: n as i64 = 0, p NaN)
-    let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    // 2^n, n in −126 ..= 127 after the clamp: (n + 1023) << 52, n read from t's bits
+    // (integer adds and shifts, which vectorise where a float → integer conversion does
+    // not; NaN: p is NaN whatever the scale)
+    let scale = f64::from_bits(
+        t.to_bits()
+            .wrapping_sub(MAGIC.to_bits())
+            .wrapping_add(1023)
+            .wrapping_shl(52),
+    );
     let e = (p * scale) as f32;
     if x > MAX_X {
         f32::INFINITY
