@@ -8,7 +8,8 @@
 # after each run: numbers taken while something else runs are noise).
 #
 # Usage: tools/bench/cpu_compare.sh [out-dir] [prefix]   (default: bench-results cpu2-issue12)
-# Env: STEPS (3), LEMA (the lema binary: target/release/lema), CELLS ("4x128 1x512").
+# Env: STEPS (3), LEMA (the lema binary: target/release/lema), CELLS ("4x128 1x512"),
+# TORCH (1; 0 times lema alone, e.g. an older binary, and prints no table).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${1:-$root/bench-results}"
@@ -35,6 +36,7 @@ for ck in true false; do
         echo "$name after: $(cat /proc/loadavg)" >>"$load"
     done
 done
+[ "${TORCH:-1}" = 0 ] && exit 0
 echo "torch before: $(cat /proc/loadavg)" >>"$load"
 "$py" "$root/tools/bench/cpu_torch_baseline.py" --configs "$(echo $cells | tr ' ' ,)" \
     --checkpointing both --steps "$steps" 2>/dev/null >"$out/$prefix-torch.jsonl"
