@@ -376,8 +376,13 @@ pub struct BenchReport {
     /// Model FLOPs of one step (6·P per token with checkpointing, attention and head).
     pub step_flops: f64,
     pub achieved_tflops: f64,
-    /// CPU only: the same machine's large-GEMM throughput through the same backend.
+    /// CPU only: the machine's f32 GEMM rate on a large square product, the better of
+    /// lema's GEMM and a BLAS found at run time ([`MachineGemm`]); `gemm_gflops` is that
+    /// better rate.
     pub gemm_gflops: Option<f64>,
+    pub machine_gemm: Option<MachineGemm>,
+    /// `achieved_tflops` over `gemm_gflops`: the step's FLOPs (6·P per token, see
+    /// [`step_flops`]) as a fraction of the machine's GEMM rate.
     pub fraction_of_gemm: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     /// GPU only: the most device memory in use after any step, as the driver reports it
@@ -418,31 +423,249 @@ pub fn step_flops(shape: &Shape, batch: usize, seq: usize) -> f64 {
     linear + 4.0 * attn_fwd + head
 }
 
-/// GFLOP/s of a large f32 GEMM on the CPU backend (median of several runs).
-pub fn cpu_gemm_gflops() -> Result<f64> {
-    let be = CpuBackend::<f32>::new();
-    let (m, n, k) = (512, 2048, 2048);
+/// The machine's f32 GEMM rate, measured on an `n × n × n` product ([`MACHINE_GEMM_N`]):
+/// lema's own GEMM (the CPU backend's, the `gemm` crate) and, when one can be loaded at
+/// run time, a BLAS library's `sgemm` on the same product; `gflops` is the better of the
+/// two. Each is the best of several runs, so a busy machine lowers it less than a median
+/// would.
+#[derive(Clone, Debug, Serialize)]
+pub struct MachineGemm {
+    pub n: usize,
+    /// lema's GEMM (what the CPU backend's steps run on).
+    pub lema_gflops: f64,
+    /// The BLAS library found ([`blas::load`]) and its rate; `None` when none was found.
+    pub blas_library: Option<String>,
+    pub blas_gflops: Option<f64>,
+    /// The better of the two: the rate a step's FLOPs are compared with.
+    pub gflops: f64,
+}
+
+/// The size of the square product the machine's GEMM rate is measured on.
+pub const MACHINE_GEMM_N: usize = 2048;
+
+/// Measure [`MachineGemm`] on `threads` threads (the CPU backend's rayon pool; a BLAS
+/// runs on its own threads, which it sizes to the machine unless told otherwise).
+pub fn machine_gemm() -> Result<MachineGemm> {
+    let n = MACHINE_GEMM_N;
     let mut rng = Rng::new(1);
-    let a = be.upload(&(0..m * k).map(|_| rng.normal() as f32).collect::<Vec<_>>())?;
-    let b = be.upload(&(0..n * k).map(|_| rng.normal() as f32).collect::<Vec<_>>())?;
-    let mut c = be.zeros(m * n)?;
+    let a: Vec<f32> = (0..n * n).map(|_| rng.normal() as f32).collect();
+    let b: Vec<f32> = (0..n * n).map(|_| rng.normal() as f32).collect();
+    let flops = 2.0 * (n * n * n) as f64;
+    let best = |mut run: Box<dyn FnMut() -> Result<()> + '_>| -> Result<f64> {
+        run()?; // warm-up: pages, packing buffers, the library's threads
+        let mut t_best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            run()?;
+            t_best = t_best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(flops / t_best / 1e9)
+    };
+    let be = CpuBackend::<f32>::new();
+    let (ab, bb) = (be.upload(&a)?, be.upload(&b)?);
+    let mut cb = be.zeros(n * n)?;
     let g = Gemm {
-        m,
+        m: n,
         n,
-        k,
+        k: n,
         trans_a: false,
-        trans_b: true,
+        trans_b: false,
         alpha: 1.0,
         accumulate: Accumulate::Overwrite,
     };
-    be.matmul(&mut c, &a, &b, g)?;
-    let mut times = Vec::new();
-    for _ in 0..7 {
-        let t = Instant::now();
-        be.matmul(&mut c, &a, &b, g)?;
-        times.push(t.elapsed().as_secs_f64());
+    let lema_gflops = best(Box::new(|| be.matmul(&mut cb, &ab, &bb, g)))?;
+    let ours = be.download(&cb)?;
+    drop(cb);
+    let (blas_library, blas_gflops) = match blas::load() {
+        Some(lib) => {
+            let mut c = vec![0f32; n * n];
+            let r = best(Box::new(|| {
+                lib.sgemm(n, &a, &b, &mut c);
+                Ok(())
+            }))?;
+            // a library whose product differs (a wrong interface guessed) is not a rate
+            let scale = ours.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let off = ours
+                .iter()
+                .zip(&c)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if off <= 1e-4 * scale {
+                (Some(lib.name.clone()), Some(r))
+            } else {
+                (
+                    Some(format!(
+                        "{} (refused: its product differs from lema's by {off:e})",
+                        lib.name
+                    )),
+                    None,
+                )
+            }
+        }
+        None => (None, None),
+    };
+    Ok(MachineGemm {
+        n,
+        lema_gflops,
+        gflops: lema_gflops.max(blas_gflops.unwrap_or(0.0)),
+        blas_library,
+        blas_gflops,
+    })
+}
+
+/// A BLAS library loaded at run time (`dlopen`), so that `lema bench` can compare with a
+/// tuned BLAS where the machine has one, while lema itself builds and runs without any.
+pub mod blas {
+    use std::ffi::{CString, c_char, c_int, c_void};
+
+    /// Libraries tried in order when `LEMA_BLAS` is not set.
+    pub const CANDIDATES: &[&str] = &[
+        "libmkl_rt.so.2",
+        "libmkl_rt.so",
+        "libopenblas.so.0",
+        "libopenblas.so",
+        "libblis.so.4",
+        "libblis.so",
+        "libblas.so.3",
+    ];
+
+    type Lp64 = unsafe extern "C" fn(
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        f32,
+        *const f32,
+        c_int,
+        *const f32,
+        c_int,
+        f32,
+        *mut f32,
+        c_int,
+    );
+    type Ilp64 = unsafe extern "C" fn(
+        c_int,
+        c_int,
+        c_int,
+        i64,
+        i64,
+        i64,
+        f32,
+        *const f32,
+        i64,
+        *const f32,
+        i64,
+        f32,
+        *mut f32,
+        i64,
+    );
+
+    enum Sgemm {
+        Lp64(Lp64),
+        Ilp64(Ilp64),
     }
-    Ok(2.0 * (m * n * k) as f64 / median(&mut times) / 1e9)
+
+    /// An open library and its `cblas_sgemm`.
+    pub struct Blas {
+        pub name: String,
+        f: Sgemm,
+        _handle: *mut c_void,
+    }
+
+    /// The BLAS named by `LEMA_BLAS` (a path or a soname), else the first of
+    /// [`CANDIDATES`] that loads; `None` when none does or it lacks `cblas_sgemm` (or the
+    /// ILP64 `scipy_cblas_sgemm64_` of the OpenBLAS that numpy's wheels bundle).
+    pub fn load() -> Option<Blas> {
+        let names: Vec<String> = match std::env::var("LEMA_BLAS") {
+            Ok(p) if !p.is_empty() => vec![p],
+            _ => CANDIDATES.iter().map(|s| s.to_string()).collect(),
+        };
+        for name in names {
+            let c = CString::new(name.clone()).ok()?;
+            // SAFETY: dlopen with a valid C string; the handle is kept for the
+            // process's life (never closed: a BLAS may leave threads running).
+            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+            if h.is_null() {
+                continue;
+            }
+            let sym = |s: &str| {
+                let s = CString::new(s).expect("symbol name");
+                // SAFETY: a valid handle and C string.
+                unsafe { libc::dlsym(h, s.as_ptr() as *const c_char) }
+            };
+            let lp = sym("cblas_sgemm");
+            let f = if !lp.is_null() {
+                // SAFETY: cblas_sgemm has this signature in every CBLAS (LP64: int).
+                Sgemm::Lp64(unsafe { std::mem::transmute::<*mut c_void, Lp64>(lp) })
+            } else {
+                let ilp = sym("scipy_cblas_sgemm64_");
+                if ilp.is_null() {
+                    continue;
+                }
+                // SAFETY: OpenBLAS's ILP64 cblas_sgemm: the same with 64-bit integers.
+                Sgemm::Ilp64(unsafe { std::mem::transmute::<*mut c_void, Ilp64>(ilp) })
+            };
+            return Some(Blas {
+                name,
+                f,
+                _handle: h,
+            });
+        }
+        None
+    }
+
+    impl Blas {
+        /// c `[n, n]` = a · b, all row-major.
+        pub fn sgemm(&self, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+            assert!(a.len() >= n * n && b.len() >= n * n && c.len() >= n * n);
+            // CblasRowMajor = 101, CblasNoTrans = 111
+            let (major, nt) = (101, 111);
+            // SAFETY: the slices hold n·n elements each; lda = ldb = ldc = n.
+            unsafe {
+                match self.f {
+                    Sgemm::Lp64(f) => {
+                        let n = n as c_int;
+                        f(
+                            major,
+                            nt,
+                            nt,
+                            n,
+                            n,
+                            n,
+                            1.0,
+                            a.as_ptr(),
+                            n,
+                            b.as_ptr(),
+                            n,
+                            0.0,
+                            c.as_mut_ptr(),
+                            n,
+                        )
+                    }
+                    Sgemm::Ilp64(f) => {
+                        let n = n as i64;
+                        f(
+                            major,
+                            nt,
+                            nt,
+                            n,
+                            n,
+                            n,
+                            1.0,
+                            a.as_ptr(),
+                            n,
+                            b.as_ptr(),
+                            n,
+                            0.0,
+                            c.as_mut_ptr(),
+                            n,
+                        )
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -579,11 +802,8 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     };
     let flops = step_flops(&opts.shape, opts.batch, opts.seq);
     let on_cpu = main.device == "cpu";
-    let gemm = if on_cpu {
-        Some(cpu_gemm_gflops()?)
-    } else {
-        None
-    };
+    let machine = if on_cpu { Some(machine_gemm()?) } else { None };
+    let gemm = machine.as_ref().map(|m| m.gflops);
     let achieved = flops / med / 1e12;
     Ok(BenchReport {
         options: opts.clone(),
@@ -595,6 +815,7 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         step_flops: flops,
         achieved_tflops: achieved,
         gemm_gflops: gemm,
+        machine_gemm: machine,
         fraction_of_gemm: gemm.map(|g| achieved * 1e3 / g),
         peak_rss_bytes: peak_rss_bytes(),
         peak_vram_bytes: main.peak_vram,

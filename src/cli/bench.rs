@@ -144,11 +144,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         gb(r.peak_vram_bytes),
         gb(r.peak_rss_bytes),
     );
-    if let (Some(g), Some(f)) = (r.gemm_gflops, r.fraction_of_gemm) {
+    if let (Some(m), Some(f)) = (&r.machine_gemm, r.fraction_of_gemm) {
+        let blas = match (&m.blas_library, m.blas_gflops) {
+            (Some(l), Some(g)) => format!("{l}: {g:.1}"),
+            (Some(l), None) => l.clone(),
+            (None, _) => match std::env::var("LEMA_BLAS") {
+                Ok(p) if !p.is_empty() => {
+                    format!("LEMA_BLAS={p} did not load or has no cblas_sgemm")
+                }
+                _ => "no BLAS found (LEMA_BLAS names one)".to_string(),
+            },
+        };
         eprintln!(
-            "  {:.0}% of this machine's f32 GEMM ({g:.1} GFLOP/s, {} threads)",
+            "  {:.0}% of this machine's f32 GEMM rate, {:.1} GFLOP/s ({n}³: lema {:.1}, {blas}; {} threads)",
             100.0 * f,
-            r.threads
+            m.gflops,
+            m.lema_gflops,
+            r.threads,
+            n = m.n,
         );
     }
     if let (Some(t), Some(w)) = (r.resident_step_seconds, r.weight_wait_share) {

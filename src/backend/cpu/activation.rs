@@ -10,7 +10,7 @@ use crate::backend::{Activation, dropout_keep};
 /// σ(x) = 1/(1 + e^(−x)); saturates to 0 or 1 without NaN.
 #[inline]
 fn sigmoid<T: CpuFloat>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).exp_v())
 }
 
 /// out `[n]` = act(gate) · up.

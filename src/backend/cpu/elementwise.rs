@@ -33,6 +33,36 @@ pub(crate) fn dot<T: CpuFloat>(a: &[T], b: &[T]) -> T {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// `Σ a` with eight partial sums (vectorisable, as [`dot`]).
+pub(crate) fn sum<T: CpuFloat>(a: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let ca = a.chunks_exact(8);
+    let tail = ca.remainder().iter().fold(T::zero(), |s, &x| s + x);
+    for xa in ca {
+        for (s, &x) in acc.iter_mut().zip(xa) {
+            *s = *s + x;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// The largest element (−∞ for none; NaN elements are passed over, as `f32::max` does),
+/// in eight lanes so that it vectorises.
+pub(crate) fn max<T: CpuFloat>(a: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let ca = a.chunks_exact(8);
+    let tail = ca
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+    for xa in ca {
+        for (m, &x) in acc.iter_mut().zip(xa) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
+}
+
 /// `y += alpha · x` over two equal-length slices.
 pub(crate) fn add_scaled<T: CpuFloat>(y: &mut [T], alpha: T, x: &[T]) {
     debug_assert_eq!(y.len(), x.len());

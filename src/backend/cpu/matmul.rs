@@ -86,3 +86,93 @@ pub(crate) fn gemm_rowmajor<T: CpuFloat>(
         );
     }
 }
+
+/// A strided view of a row-major matrix operand: element `[i, j]` of the `rows × cols`
+/// matrix is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// A contiguous row-major `[rows, cols]` matrix (`rs = cols`), or its transpose when
+    /// `trans` (the stored `[cols, rows]` read by columns).
+    pub fn rowmajor(data: &'a [T], cols: usize, trans: bool) -> Self {
+        if trans {
+            View {
+                data,
+                rs: 1,
+                cs: cols,
+            }
+        } else {
+            View {
+                data,
+                rs: cols,
+                cs: 1,
+            }
+        }
+    }
+}
+
+/// Largest index `[rows−1, cols−1]` reaches with these strides, plus one.
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    (rows - 1) * rs + (cols - 1) * cs + 1
+}
+
+/// `c[m×n] (=|+=) alpha · a[m×k] · b[k×n]` on strided views, on the calling thread: the
+/// small products inside an already-parallel kernel (attention's blocks). `c` is row-major
+/// with row stride `c_rs` (unit column stride).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_serial<T: CpuFloat>(
+    c: &mut [T],
+    c_rs: usize,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    acc: Accumulate,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The raw-pointer call below relies on these: every index the strides reach lies
+    // inside its slice.
+    assert!(c.len() >= extent(m, n, c_rs, 1), "gemm_serial: c");
+    if k == 0 {
+        if acc == Accumulate::Overwrite {
+            for i in 0..m {
+                c[i * c_rs..][..n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    assert!(a.data.len() >= extent(m, k, a.rs, a.cs), "gemm_serial: a");
+    assert!(b.data.len() >= extent(k, n, b.rs, b.cs), "gemm_serial: b");
+    // SAFETY: the asserts above bound every index; `c` is borrowed mutably, so it aliases
+    // neither input; T is f32 or f64.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            acc == Accumulate::Add,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
