@@ -115,8 +115,13 @@ fn tiles_bound_the_working_set_of_a_step() {
         "tiles saved {saved} bytes, the estimate {estimate}"
     );
     // and the tiled step stays within the estimate of what it holds (the block's
-    // whole-call tensors, one tile, the blocks' inputs and the head's rows: 4 × [N, C])
-    let bound = SEQ * whole + TILE * tile + 4 * SEQ * shape.hidden * 4;
+    // whole-call tensors, one tile, the blocks' inputs and the head's rows: 4 × [N, C]),
+    // plus the CPU attention backward's workspace, which is whole-call as attention is:
+    // at most 32 query chunks a row, each with a partial dk and dv of at most
+    // [N, KVH·D] f32 (src/backend/cpu/attention.rs, `chunks_per_row`)
+    let kv_dim = shape.kv_heads * (shape.hidden / shape.heads);
+    let attention_partials = 32.min(SEQ.div_ceil(64)) * SEQ * kv_dim * 2 * 4;
+    let bound = SEQ * whole + TILE * tile + 4 * SEQ * shape.hidden * 4 + attention_partials;
     assert!(
         tiled <= bound,
         "the tiled step peaked at {tiled} bytes, above the estimate {bound}"
