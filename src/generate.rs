@@ -261,13 +261,19 @@ impl TextStream {
 }
 
 impl<B: Backend> Engine<B> {
-    /// A cache for `batch` rows of `cap` positions on this engine's backend.
+    /// A cache for `batch` rows of `cap` positions on this engine's backend; the start of
+    /// a generation (LoRA's GEMM copies are made afresh).
     pub fn new_cache(
-        &self,
+        &mut self,
         batch: usize,
         cap: usize,
         key_start: Option<Vec<u32>>,
     ) -> Result<KvCache<B>> {
+        // a generation starts from the parameters as they are now (a host optimizer may
+        // have written them since the last pass)
+        if let Some(l) = self.lora.as_mut() {
+            l.drop_gemm_copies();
+        }
         KvCache::new(&self.be, &self.model, batch, cap, key_start)
     }
 

@@ -81,8 +81,9 @@ pub struct LoraModule<B: Backend> {
     pub db: B::Buf,
     /// `a` and `b` rounded to the type the frozen GEMMs read ([`Backend::gemm_input`]),
     /// made on first use ([`LoraModule::gemm_copies`]) and dropped by every mutable access
-    /// to the parameters ([`LoraParams::named_params_mut`]): the adapter's GEMMs of one
-    /// step share one rounding of each matrix instead of casting it for every GEMM.
+    /// to the parameters ([`LoraParams::named_params_mut`]) and at the start of every pass
+    /// ([`LoraParams::drop_gemm_copies`]): the adapter's GEMMs of one pass share one
+    /// rounding of each matrix instead of casting it for every GEMM.
     gemm_copies: std::sync::OnceLock<Option<[B::Buf; 2]>>,
 }
 
@@ -327,6 +328,17 @@ impl<B: Backend> LoraParams<B> {
             be.fill_zero(&mut m.db)?;
         }
         Ok(())
+    }
+
+    /// Drop every module's GEMM copies of A and B ([`LoraModule::gemm_copies`]), so the
+    /// next pass rounds the parameters as they are now. Every pass over the model starts
+    /// with it (a training or evaluation call, a generation's cache): between calls a host
+    /// optimizer may have written the parameters through shared memory (DLPack), which no
+    /// `&mut` access here sees.
+    pub fn drop_gemm_copies(&mut self) {
+        for m in &mut self.modules {
+            m.gemm_copies = Default::default();
+        }
     }
 
     /// Every trainable tensor as (PEFT key, parameter, gradient), in a fixed order.

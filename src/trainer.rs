@@ -208,6 +208,10 @@ impl<B: Backend> Engine<B> {
         } else {
             self.lora.as_mut()
         };
+        // the parameters as they are now (a host optimizer may have written them)
+        if let Some(l) = lora.as_deref_mut() {
+            l.drop_gemm_copies();
+        }
         let dropout = match &lora {
             Some(l) if train => l.cfg.dropout,
             _ => 0.0,
