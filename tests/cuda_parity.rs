@@ -2152,3 +2152,66 @@ fn attention_timings() {
         }
     }
 }
+
+/// A host optimizer (torch, through DLPack) writes the LoRA masters in device memory
+/// between calls, which the engine does not see happen: the next pass must use the new
+/// values, not the bf16 GEMM copies of the old ones (`LoraParams::drop_gemm_copies`).
+#[test]
+fn lora_written_through_shared_memory_is_seen_by_the_next_pass() {
+    poison_uninit();
+    if let Err(why) = cuda::probe(0) {
+        skip_without_gpu(&why.to_string());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::bf16_copy("llama_gqa", dir.path());
+    let reference = common::read_tensors(&fixture("llama_gqa").join("reference.safetensors"));
+    let batch = common::fixture_batch(&reference);
+    let mut cfg = LemaConfig::new(&model);
+    cfg.adapter_path = Some(fixture("llama_gqa").join("adapter"));
+    cfg.device = Device::Cuda;
+    let mut m = LemaModel::new(cfg).expect("model");
+    let (_, _, before) = m.evaluate(&batch, true).unwrap();
+    // every B matrix scaled by 3, written straight into the shared device memory
+    let mut written = 0;
+    for t in m.shared_tensors().unwrap() {
+        if !t.name.contains("lora_B") {
+            continue;
+        }
+        let old: Vec<f32> = m
+            .lora_tensors()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _, _)| *k == t.name)
+            .map(|(_, _, w)| w)
+            .unwrap();
+        let new: Vec<f32> = old.iter().map(|x| x * 3.0).collect();
+        m.order_before(0).unwrap();
+        // SAFETY: `param` addresses shape[0]·shape[1] f32 of device memory of this model's
+        // context, alive while the model lives; the engine's work is ordered before.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_sync(t.param as u64, &new).unwrap();
+        }
+        written += 1;
+    }
+    assert!(written > 0, "the fixture adapts some linears");
+    let (_, _, after) = m.evaluate(&batch, true).unwrap();
+    // the same values saved and loaded the ordinary way
+    let saved = dir.path().join("scaled-adapter");
+    m.save_adapter(&saved).unwrap();
+    let mut m2 = {
+        let mut cfg = LemaConfig::new(&model);
+        cfg.adapter_path = Some(saved);
+        cfg.device = Device::Cuda;
+        LemaModel::new(cfg).expect("model")
+    };
+    let (_, _, want) = m2.evaluate(&batch, true).unwrap();
+    assert_ne!(
+        after, before,
+        "the pass after the write used the old adapter"
+    );
+    assert_eq!(
+        after, want,
+        "the pass after the write differs from loading those values"
+    );
+}
