@@ -765,7 +765,7 @@ impl<'m> BlockDesc<'m> {
     }
 
     /// A norm whose output is the input of the linears led by `first`: written for their
-    /// GEMMs ([`norm_forward_for_gemm`]) unless LoRA dropout reads it in f32.
+    /// GEMMs ([`norm_forward_into`]) unless LoRA dropout reads it in f32.
     #[allow(clippy::too_many_arguments)]
     fn input_norm<B: Backend>(
         &self,
@@ -777,11 +777,12 @@ impl<'m> BlockDesc<'m> {
         first: &'static str,
         lora: &BlockLora<B>,
     ) -> Result<(B::Buf, NormStats<B>)> {
-        if lora.dropout == 0.0 {
-            norm_forward_for_gemm(be, w, d, x, n, self.hidden, self.linear(w, first)?.w)
+        let gemm_w = if lora.dropout == 0.0 {
+            Some(self.linear(w, first)?.w)
         } else {
-            norm_forward(be, w, d, x, n, self.hidden)
-        }
+            None
+        };
+        norm_forward_into(be, w, d, x, n, self.hidden, gemm_w)
     }
 
     /// q, k, v `[N, H·D]`, `[N, KVH·D]` ×2 as column blocks of a fused projection.
@@ -1330,22 +1331,10 @@ pub(crate) fn norm_forward<B: Backend>(
     norm_forward_into(be, w, d, x, n, c, None)
 }
 
-/// [`norm_forward`] of a norm whose output only the linears beside the weight `gemm_w`
-/// read: an RMSNorm then writes it in the type their GEMMs read
+/// [`norm_forward`], or, given `gemm_w`, of a norm whose output only the linears beside
+/// that weight read: an RMSNorm then writes it in the type their GEMMs read
 /// ([`Backend::gemm_output`]), the values the cast before those GEMMs would make, so no
 /// cast follows. A LayerNorm writes f32.
-pub(crate) fn norm_forward_for_gemm<B: Backend>(
-    be: &B,
-    w: &Weights<'_, B>,
-    d: &NormDesc,
-    x: &B::Buf,
-    n: usize,
-    c: usize,
-    gemm_w: &B::Buf,
-) -> Result<(B::Buf, NormStats<B>)> {
-    norm_forward_into(be, w, d, x, n, c, Some(gemm_w))
-}
-
 fn norm_forward_into<B: Backend>(
     be: &B,
     w: &Weights<'_, B>,
