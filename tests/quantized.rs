@@ -463,24 +463,31 @@ fn fp8_copy(dir: &Path) -> PathBuf {
     out
 }
 
+/// The FP8 weight `name` of `t` (its E4M3 codes and `name_scale_inv`).
+fn fp8_of(t: &Raw, name: &str) -> lema::quant::fp8::Fp8Tensor {
+    let (_, shape, codes) = &t[name];
+    let scales = &t[&format!("{name}_scale_inv")].2;
+    lema::quant::fp8::Fp8Tensor {
+        shape: [shape[0], shape[1]],
+        codes: codes.clone(),
+        scale_inv: scales
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    }
+}
+
 /// The FP8 file with each weight replaced by its dequantization (the model's f32) and
 /// no scales: the dense twin.
 fn fp8_twin(fp8: &Path, dir: &Path) -> PathBuf {
-    use lema::quant::fp8::{Fp8Tensor, dequantize_fp8};
+    use lema::quant::fp8::dequantize_fp8;
     let mut t = read_raw(fp8);
-    for (name, (dtype, shape, data)) in t.clone() {
+    for (name, (dtype, shape, _)) in t.clone() {
         if dtype != DType::F8E4M3 {
             continue;
         }
-        let scales = t.remove(&format!("{name}_scale_inv")).unwrap().2;
-        let q = Fp8Tensor {
-            shape: [shape[0], shape[1]],
-            codes: data,
-            scale_inv: scales
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        };
+        let q = fp8_of(&t, &name);
+        t.remove(&format!("{name}_scale_inv"));
         let mut w = vec![0.0f32; shape[0] * shape[1]];
         dequantize_fp8(&q, DType::F32, &mut w);
         let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -653,17 +660,8 @@ fn benchmark_models_in_each_quantized_format_train_on_every_strategy() {
                 out
             }
             Format::Fp8 => {
-                let (_, shape, codes) = &raw[w];
-                let scales = &raw[&format!("{w}_scale_inv")].2;
-                let q = lema::quant::fp8::Fp8Tensor {
-                    shape: [shape[0], shape[1]],
-                    codes: codes.clone(),
-                    scale_inv: scales
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                };
-                let mut out = vec![0.0f32; shape[0] * shape[1]];
+                let q = fp8_of(&raw, w);
+                let mut out = vec![0.0f32; q.codes.len()];
                 lema::quant::fp8::dequantize_fp8(&q, DType::BF16, &mut out);
                 out
             }
