@@ -341,7 +341,7 @@ pub struct BenchOptions {
     pub quant: Option<crate::quant::Format>,
     pub lora_rank: usize,
     pub device: Device,
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: crate::GradientCheckpointing,
     pub prefetch_depth: usize,
     pub max_vram: Option<u64>,
     /// Also time the same steps with every layer resident on the device, to tell how much
@@ -373,7 +373,8 @@ pub struct BenchReport {
     pub step_seconds_median: f64,
     pub step_seconds_all: Vec<f64>,
     pub tokens_per_second: f64,
-    /// Model FLOPs of one step (6·P per token with checkpointing, attention and head).
+    /// Model FLOPs of one step ([`step_flops`]: 6·P per token, attention and head, the
+    /// same count whether or not blocks are re-run).
     pub step_flops: f64,
     pub achieved_tflops: f64,
     /// CPU only: the machine's f32 GEMM rate on a large square product, the better of
@@ -399,6 +400,8 @@ pub struct BenchReport {
     pub stream_note: Option<String>,
     /// Tokens per sequence tile of the timed steps (None: untiled).
     pub seq_tile: Option<usize>,
+    /// The blocks whose activations the last timed step kept (the others were re-run).
+    pub kept_blocks: usize,
     /// Where the frozen layers come from (the tier plan).
     pub weights_plan: Option<String>,
     /// Bytes read from disk through the staging ring per step.
@@ -694,6 +697,7 @@ struct Timing {
     disk_bytes_per_step: f64,
     plan: Option<String>,
     seq_tile: Option<usize>,
+    kept_blocks: usize,
 }
 
 fn time_steps(
@@ -752,6 +756,7 @@ fn time_steps(
     }
     let (copied1, note) = trainer.model.stream_stats();
     let seq_tile = trainer.model.last_seq_tile();
+    let kept_blocks = trainer.model.last_kept_blocks();
     let read1 = trainer.model.disk_bytes_read();
     let steps = times.len() as f64;
     let profile = (!profile.is_empty()).then(|| {
@@ -777,6 +782,7 @@ fn time_steps(
         note,
         profile,
         seq_tile,
+        kept_blocks,
     })
 }
 
@@ -825,6 +831,7 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         weight_wait_share: resident.map(|r| (1.0 - r / med).max(0.0)),
         stream_note: main.note,
         seq_tile: main.seq_tile,
+        kept_blocks: main.kept_blocks,
         weights_plan: main.plan,
         disk_bytes_per_step: main.disk_bytes_per_step,
         model_file_bytes,

@@ -26,6 +26,7 @@ pub mod model;
 pub mod modelfile;
 pub mod optim;
 pub mod quant;
+pub mod recompute;
 pub mod rng;
 pub mod schedule;
 pub mod staging;
@@ -41,6 +42,7 @@ pub use data::Batch;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generated, SamplingParams};
 pub use optim::OptimizerConfig;
+pub use recompute::GradientCheckpointing;
 pub use stream::Strategy;
 pub use trainer::StepOutput;
 

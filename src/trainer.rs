@@ -1,7 +1,8 @@
-//! The layer-wise schedule: forward over the blocks keeping only each block's input,
-//! head and loss, then the blocks in reverse, each re-run from its saved input before its
-//! backward (gradient checkpointing); gradient accumulation, clipping and the optimizer
-//! step. It never knows which backend or memory strategy runs.
+//! The layer-wise schedule: forward over the blocks keeping each block's input (and,
+//! for the blocks that `crate::recompute` lets keep them, its activations), head and
+//! loss, then the blocks in reverse, each other one re-run from its saved input before
+//! its backward (gradient checkpointing); gradient accumulation, clipping and the
+//! optimizer step. It never knows which backend or memory strategy runs.
 
 use crate::backend::{Backend, LossSum};
 use crate::data::Batch;
@@ -10,6 +11,7 @@ use crate::gbi::Gbi;
 use crate::lora::LoraParams;
 use crate::model::{Model, StepShape};
 use crate::optim::{Optimizer, OptimizerConfig, clip_grad_norm};
+use crate::recompute::{GradientCheckpointing, kept_blocks};
 use crate::rng::mix_seed;
 use crate::stream::{Part, WeightStream};
 use std::sync::Arc;
@@ -36,7 +38,18 @@ pub struct Engine<B: Backend> {
     pub stream: Box<dyn WeightStream<B>>,
     pub lora: Option<LoraParams<B>>,
     pub optimizer: Option<Optimizer<B>>,
-    pub gradient_checkpointing: bool,
+    /// Which blocks are re-run in the backward ([`GradientCheckpointing`]).
+    pub gradient_checkpointing: GradientCheckpointing,
+    /// With `auto` checkpointing: the bytes the kept blocks' activations may take, in
+    /// place of the memory free at the start of
+    /// each call less what the rest of the call needs ([`Engine::auto_room`]).
+    pub activation_budget: Option<u64>,
+    /// The blocks whose activations the last call kept (the rest were re-run), for
+    /// reports.
+    pub last_kept: usize,
+    /// Bytes per token one block kept in the first call that kept any (what `auto`
+    /// counts with afterwards).
+    saved_per_token: Option<u64>,
     /// Keep the blocks' saved inputs in host memory between forward and backward.
     pub offload_activations: bool,
     /// With offloading: park them rounded to the half type the GEMMs read (half weights
@@ -81,7 +94,7 @@ impl<B: Backend> Engine<B> {
         model: Model,
         gbi: Arc<Gbi>,
         strategy: crate::stream::Strategy,
-        gradient_checkpointing: bool,
+        gradient_checkpointing: impl Into<GradientCheckpointing>,
         seed: u64,
     ) -> Self {
         let stream = crate::stream::make_stream(strategy, gbi.clone(), model.clone());
@@ -95,7 +108,7 @@ impl<B: Backend> Engine<B> {
         model: Model,
         gbi: Arc<Gbi>,
         stream: Box<dyn WeightStream<B>>,
-        gradient_checkpointing: bool,
+        gradient_checkpointing: impl Into<GradientCheckpointing>,
         seed: u64,
     ) -> Self {
         Engine {
@@ -105,7 +118,10 @@ impl<B: Backend> Engine<B> {
             gbi,
             lora: None,
             optimizer: None,
-            gradient_checkpointing,
+            gradient_checkpointing: gradient_checkpointing.into(),
+            activation_budget: None,
+            last_kept: 0,
+            saved_per_token: None,
             offload_activations: false,
             offload_activations_half: false,
             activation_prefetch: 1,
@@ -181,6 +197,38 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The bytes `auto` checkpointing lets the kept blocks' activations take in a call
+    /// of `n` tokens: [`Engine::activation_budget`] when set, else the memory free now
+    /// (the device's; the host's on the CPU) less what the call needs beside them: every
+    /// block's saved input on the device (the few brought back ahead with offloading),
+    /// the head's rows, one re-run block's backward ([`Model::token_bytes`]) and
+    /// [`TILE_MARGIN_BYTES`].
+    pub fn auto_room(&self, n: usize) -> u64 {
+        if let Some(b) = self.activation_budget {
+            return b;
+        }
+        let free = self
+            .be
+            .free_memory()
+            .unwrap_or_else(|| crate::hostmem::HostBudget::probe(None).available);
+        let cfg = self.model.config();
+        let row = (n * cfg.hidden_size * 4) as u64;
+        let inputs = if self.offload_activations {
+            self.activation_prefetch.max(1) + 1
+        } else {
+            cfg.num_hidden_layers
+        } as u64;
+        let t = self.model.token_bytes();
+        let rerun = (t.whole + t.tile) * n as u64;
+        free.saturating_sub(TILE_MARGIN_BYTES + (inputs + 4) * row + rerun)
+    }
+
+    /// Bytes per token one block's activations took, measured in the first call that
+    /// kept any under `auto` (None before).
+    pub fn saved_bytes_per_token(&self) -> Option<u64> {
+        self.saved_per_token
+    }
+
     /// Forward (and, with `train`, backward) of one micro-batch. The loss gradient is
     /// scaled by `loss_scale` (1 / counted tokens of the whole accumulated batch), and
     /// LoRA gradients are added into the parameters' gradient buffers.
@@ -193,7 +241,8 @@ impl<B: Backend> Engine<B> {
         dropout_seed: u64,
     ) -> Result<(LossSum, Option<Vec<f32>>)> {
         self.check_batch(batch)?;
-        let keep_all = train && !self.gradient_checkpointing;
+        let mode = self.gradient_checkpointing;
+        let keep_all = train && mode == GradientCheckpointing::Off;
         let shape = StepShape::of_batch(batch);
         let tile = self.tile_rows(shape.tokens(), keep_all);
         let shape = shape.with_tile(tile);
@@ -201,6 +250,24 @@ impl<B: Backend> Engine<B> {
         let n = shape.tokens();
         let c = self.model.config().hidden_size;
         let layers = self.model.config().num_hidden_layers;
+        // the blocks 0..kept keep their activations; `auto` only where the call runs
+        // untiled (a tiled call is one whose re-run alone fills the memory), counting
+        // with an upper bound of a block's activations until one block has been measured
+        let auto = train && mode == GradientCheckpointing::Auto && tile.is_none();
+        let (room, mut per_block) = if auto {
+            let per_token = self.saved_per_token.unwrap_or_else(|| {
+                let t = self.model.token_bytes();
+                t.whole + t.tile
+            });
+            (self.auto_room(n), per_token * n as u64)
+        } else {
+            (0, 0)
+        };
+        let mut kept = match () {
+            _ if keep_all => layers,
+            _ if auto => kept_blocks(layers, room, per_block),
+            _ => 0,
+        };
         let be = &self.be;
         // training needs adapters; evaluation runs the base model when there are none
         let mut lora = if train {
@@ -240,7 +307,13 @@ impl<B: Backend> Engine<B> {
             let bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
             let (y, sv) = self
                 .model
-                .block_forward(be, i, &w, &bl, &x, &shape, keep_all)?;
+                .block_forward(be, i, &w, &bl, &x, &shape, i < kept)?;
+            if auto && i == 0 && kept > 0 && self.saved_per_token.is_none() {
+                // what a block keeps, measured: the count for the other blocks
+                per_block = sv.bytes() as u64;
+                self.saved_per_token = Some(per_block.div_ceil(n.max(1) as u64));
+                kept = kept_blocks(layers, room, per_block).max(1);
+            }
             let input = std::mem::replace(&mut x, y);
             if train {
                 hs.push(if self.offload_activations {
@@ -257,10 +330,11 @@ impl<B: Backend> Engine<B> {
                     Checkpoint::Device(input)
                 });
             }
-            if keep_all {
+            if i < kept {
                 saved.push(sv);
             }
         }
+        self.last_kept = if train { kept } else { 0 };
 
         // head: final norm, LM head and cross-entropy, row-chunked in the backend
         let last = layers.checked_sub(1).map(Part::Block);
@@ -315,7 +389,8 @@ impl<B: Backend> Engine<B> {
                 }
             }
             let mut bl = LoraParams::block_or_none(lora.as_deref_mut(), i, block_seed(i), dropout);
-            dh = match saved.pop() {
+            let kept_here = if i < kept { saved.pop() } else { None };
+            dh = match kept_here {
                 Some(mut sv) => self
                     .model
                     .block_backward(be, i, &w, &mut bl, &x, &mut sv, dh, &shape)?,

@@ -68,7 +68,7 @@ fn strategies_and_checkpointing_are_bit_identical() {
         ] {
             let mut c = base.clone();
             c.strategy = strategy;
-            c.gradient_checkpointing = ckpt;
+            c.gradient_checkpointing = ckpt.into();
             let got = run(c, 3, &b);
             assert_eq!(
                 got, reference,
@@ -374,5 +374,86 @@ fn packed_examples_do_not_see_each_other() {
                 1e-5,
             );
         }
+    }
+}
+
+/// `gradient_checkpointing = "auto"` keeps the activations of the first blocks that fit
+/// in its room and re-runs the others: every split (none kept, some, all) gives the
+/// loss and LoRA gradients of checkpointing every block, bit for bit, on models with
+/// sliding windows and post-norms (three blocks each).
+#[test]
+fn auto_checkpointing_keeps_the_blocks_that_fit_and_changes_nothing() {
+    use lema::GradientCheckpointing;
+    for case in ["gemma3", "qwen2_sw"] {
+        let mut cfg = config(case);
+        cfg.lora_dropout = 0.1;
+        let (gbi, model): (Arc<_>, Model) = lema::api::open_model(&cfg).unwrap();
+        let layers = model.config().num_hidden_layers;
+        assert_eq!(layers, 3, "{case}: the test needs three blocks");
+        let lcfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            target_modules: vec!["all-linear".into()],
+            use_rslora: false,
+        };
+        let vocab = model.config().vocab_size as u64;
+        let b = random_batch(8, 2, 7, vocab.min(96));
+        let n = (b.batch * b.seq) as u64;
+        let engine = |mode: GradientCheckpointing| {
+            let mut e = Engine::new(
+                CpuBackend::<f32>::new(),
+                model.clone(),
+                gbi.clone(),
+                Strategy::Streaming,
+                mode,
+                4,
+            );
+            let mut rng = Rng::new(5);
+            let mut lora =
+                lema::lora::LoraParams::init(&e.be, e.model.block_linears(), &lcfg, &mut rng)
+                    .unwrap();
+            for m in &mut lora.modules {
+                for x in m.b.as_mut_slice() {
+                    *x = (rng.normal() * 0.2) as f32;
+                }
+            }
+            e.lora = Some(lora);
+            e
+        };
+        let pass = |e: &mut Engine<CpuBackend<f32>>| {
+            e.lora.as_mut().unwrap().zero_grads(&e.be).unwrap();
+            let (l, _) = e.forward_backward(&b, 0.01, true, false, 3).unwrap();
+            let g: Vec<Vec<f32>> = e
+                .lora
+                .as_ref()
+                .unwrap()
+                .modules
+                .iter()
+                .flat_map(|m| [m.da.as_slice().to_vec(), m.db.as_slice().to_vec()])
+                .collect();
+            (l.sum, g)
+        };
+        let mut every = engine(GradientCheckpointing::Every);
+        let reference = pass(&mut every);
+        assert_eq!(every.last_kept, 0, "{case}: true keeps no block");
+        let mut off = engine(GradientCheckpointing::Off);
+        assert_eq!(pass(&mut off), reference, "{case}: false");
+        assert_eq!(off.last_kept, layers);
+
+        let mut auto = engine(GradientCheckpointing::Auto);
+        // the host's free memory holds these blocks many times over
+        assert_eq!(pass(&mut auto), reference, "{case}: auto, all kept");
+        assert_eq!(auto.last_kept, layers, "{case}: auto on a roomy host");
+        let per_block = auto.saved_bytes_per_token().unwrap() * n;
+        assert!(per_block > 0);
+        for want in 0..=layers {
+            auto.activation_budget = Some(want as u64 * per_block + per_block / 2);
+            assert_eq!(pass(&mut auto), reference, "{case}: auto keeping {want}");
+            assert_eq!(auto.last_kept, want, "{case}: blocks kept");
+        }
+        // an evaluation keeps nothing
+        auto.eval(&b, false).unwrap();
+        assert_eq!(auto.last_kept, 0);
     }
 }

@@ -87,7 +87,7 @@ fn run(device: Device) -> BTreeMap<String, serde_json::Value> {
                 let v = record(path, case, |c| {
                     c.device = device;
                     c.strategy = strategy;
-                    c.gradient_checkpointing = ckpt;
+                    c.gradient_checkpointing = ckpt.into();
                     c.lora_dropout = dropout;
                     c.seed = 5;
                 });

@@ -54,7 +54,7 @@ fn check_case(case: &str, strategy: Strategy, checkpointing: bool) {
     for which in ["adamw", "sgd"] {
         let mut cfg = case_config(case);
         cfg.strategy = strategy;
-        cfg.gradient_checkpointing = checkpointing;
+        cfg.gradient_checkpointing = checkpointing.into();
         let model = LemaModel::new(cfg).expect("model");
         let mut trainer = Trainer::new(model, optimizer(case, which)).expect("trainer");
         let out = trainer.train_step_with_logits(&batch).expect("step");

@@ -95,7 +95,7 @@ fn config(path: &Path, strategy: Strategy, checkpointing: bool) -> LemaConfig {
     let mut c = LemaConfig::new(path);
     c.device = Device::Cpu;
     c.strategy = strategy;
-    c.gradient_checkpointing = checkpointing;
+    c.gradient_checkpointing = checkpointing.into();
     c.lora_rank = 4;
     c.lora_alpha = 8.0;
     c.lora_target_modules = Some(vec!["all-linear".into()]);

@@ -80,7 +80,7 @@ fn run(
     let mut cfg = LemaConfig::new(dir.join("model.safetensors"));
     cfg.adapter_path = Some(adapter_with_dropout(case, dropout, tmp.path()));
     cfg.device = Device::Cpu;
-    cfg.gradient_checkpointing = checkpointing;
+    cfg.gradient_checkpointing = checkpointing.into();
     cfg.seq_tile = seq_tile;
     let model = LemaModel::new(cfg).expect("model");
     assert_eq!(

@@ -79,7 +79,10 @@ class LemaConfig:
         (Llama: ``["q_proj", "v_proj"]``, GPT-2: ``["c_attn"]``); ``["all-linear"]`` adapts
         every linear of every block.
     gradient_checkpointing: re-run each block's forward in the backward (the memory of one
-        block instead of all); ``False`` keeps every block's activations.
+        block instead of all); ``False`` keeps every block's activations; ``"auto"`` keeps
+        those of as many blocks as the free (GPU, or on the CPU host) memory holds and
+        re-runs the rest: the speed of ``False`` when the model fits, and still training
+        when it does not.
     strategy: a ``MemoryStrategy`` (or its name).
     device: ``"auto"`` (CUDA when usable, else the CPU), ``"cuda"`` or ``"cpu"``.
     dtype: the GPU's compute type for weights stored as float32 (``"bfloat16"``, ...).
@@ -161,9 +164,15 @@ class LemaConfig:
             if not isinstance(t, (list, tuple)) or not all(isinstance(x, str) for x in t) or not t:
                 raise TypeError("LemaConfig: lora_target_modules must be a non-empty list of module names")
             object.__setattr__(self, "lora_target_modules", list(t))
-        for name in ("use_rslora", "gradient_checkpointing", "offload_activations",
-                     "offload_activations_half", "offload_optimizer"):
+        for name in ("use_rslora", "offload_activations", "offload_activations_half",
+                     "offload_optimizer"):
             flag(name)
+        g = self.gradient_checkpointing
+        if isinstance(g, str) and g.lower() == "auto":
+            object.__setattr__(self, "gradient_checkpointing", "auto")
+        elif not isinstance(g, bool):
+            raise TypeError(
+                f"LemaConfig: gradient_checkpointing must be True, False or \"auto\", got {g!r}")
         try:
             object.__setattr__(self, "strategy", MemoryStrategy(getattr(self.strategy, "value", self.strategy)))
         except ValueError:

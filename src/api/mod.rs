@@ -79,7 +79,8 @@ pub struct LemaConfig {
     pub lora_target_modules: Option<Vec<String>>,
     pub use_rslora: bool,
     pub strategy: Strategy,
-    pub gradient_checkpointing: bool,
+    /// true, false or auto ([`crate::GradientCheckpointing`]).
+    pub gradient_checkpointing: crate::GradientCheckpointing,
     /// Compute type of the GEMMs on an accelerator (the CPU computes in f32).
     pub dtype: Option<DType>,
     pub device: Device,
@@ -154,7 +155,7 @@ impl LemaConfig {
             lora_target_modules: None,
             use_rslora: false,
             strategy: Strategy::Streaming,
-            gradient_checkpointing: true,
+            gradient_checkpointing: crate::GradientCheckpointing::Every,
             dtype: None,
             device: Device::Auto,
             seed: 42,
@@ -530,6 +531,12 @@ impl LemaModel {
     /// [`LemaConfig::seq_tile`]).
     pub fn last_seq_tile(&self) -> Option<usize> {
         with_engine!(&self.engine, e => e.last_tile)
+    }
+
+    /// The blocks whose activations the last training step kept from its forward to its
+    /// backward (the others were re-run; see [`LemaConfig::gradient_checkpointing`]).
+    pub fn last_kept_blocks(&self) -> usize {
+        with_engine!(&self.engine, e => e.last_kept)
     }
 
     /// Bytes of frozen weights read from disk through the staging ring so far.

@@ -368,6 +368,8 @@ pub trait DeviceBuf: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes the elements occupy.
+    fn bytes(&self) -> usize;
     /// Address of the first element, for sharing the memory with another library
     /// (DLPack): a host address on the CPU, a device address on CUDA. It stays valid
     /// while the buffer lives; ops write into a buffer in place and never move it.

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use lema::bench::{BenchOptions, preset, run_bench};
-use lema::{Device, Strategy};
+use lema::{Device, GradientCheckpointing, Strategy};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -33,9 +33,10 @@ pub struct BenchArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Recompute each layer in the backward (gradient checkpointing); off keeps activations.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    checkpointing: bool,
+    /// Recompute each layer in the backward (gradient checkpointing): true, false (keep
+    /// every layer's activations) or auto (keep those that fit in the free memory).
+    #[arg(long, default_value = "true")]
+    checkpointing: GradientCheckpointing,
     /// CUDA: layers copied ahead of the one in use.
     #[arg(long, default_value_t = 2)]
     prefetch: usize,
@@ -169,6 +170,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "  all layers resident: {t:.3} s/step, so {:.0}% of a streamed step waits for weights",
             100.0 * w
         );
+    }
+    let layers = opts.shape.layers;
+    match opts.gradient_checkpointing {
+        GradientCheckpointing::Auto => eprintln!(
+            "  activations (checkpointing auto): kept for {} of {layers} blocks, the other {} re-run in the backward",
+            r.kept_blocks,
+            layers - r.kept_blocks.min(layers)
+        ),
+        GradientCheckpointing::Off => {
+            eprintln!("  activations: kept for every block (checkpointing off)")
+        }
+        GradientCheckpointing::Every => {}
     }
     if let Some(t) = r.seq_tile {
         eprintln!(

@@ -198,7 +198,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut cfg = LemaConfig::new(&model_path);
     cfg.device = a.device;
     cfg.strategy = Strategy::Resident;
-    cfg.gradient_checkpointing = a.gradient_checkpointing;
+    cfg.gradient_checkpointing = a.gradient_checkpointing.into();
     cfg.lora_rank = a.rank;
     cfg.lora_alpha = 2.0 * a.rank as f32;
     cfg.lora_target_modules = Some(a.targets.split(',').map(|s| s.trim().to_string()).collect());

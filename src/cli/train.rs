@@ -78,6 +78,8 @@ struct CliObserver {
     tty: bool,
     logging_steps: u64,
     tokens_per_s: Option<f64>,
+    /// The kept blocks last reported (`gradient_checkpointing = "auto"`).
+    kept_blocks: Option<usize>,
 }
 
 impl CliObserver {
@@ -128,6 +130,15 @@ impl Observer for CliObserver {
     }
 
     fn on_step(&mut self, r: &StepRecord) {
+        if let Some(k) = r.kept_blocks
+            && self.kept_blocks != Some(k)
+        {
+            self.say(format!(
+                "gradient checkpointing auto: step {} kept the activations of {k} blocks in memory and re-ran the others",
+                r.step
+            ));
+            self.kept_blocks = Some(k);
+        }
         let tps = match self.tokens_per_s {
             Some(prev) => 0.8 * prev + 0.2 * r.tokens_per_s,
             None => r.tokens_per_s,
@@ -267,6 +278,7 @@ pub fn run(a: TrainArgs) -> Result<i32> {
         tty,
         logging_steps: cfg.logging_steps,
         tokens_per_s: None,
+        kept_blocks: None,
     };
     let outcome = train::run(&cfg, a.resume.as_deref(), &mut obs);
     bar.finish_and_clear();

@@ -289,14 +289,14 @@ impl<B: Backend> Default for BlockSaved<B> {
 }
 
 impl<B: Backend> BlockSaved<B> {
-    /// Elements held, for memory accounting.
-    pub fn numel(&self) -> usize {
+    /// Bytes held, for memory accounting.
+    pub fn bytes(&self) -> usize {
         self.pre
             .iter()
             .chain(&self.post)
-            .map(Saved::numel)
+            .map(Saved::bytes)
             .sum::<usize>()
-            + self.attn.numel()
+            + self.attn.bytes()
     }
 }
 
@@ -316,12 +316,12 @@ impl<B: Backend> Saved<B> {
             .ok_or_else(|| Error::internal(format!("activation '{name}.lora_t' was not saved")))
     }
 
-    /// Elements held, for memory accounting.
-    pub fn numel(&self) -> usize {
+    /// Bytes held, for memory accounting.
+    pub fn bytes(&self) -> usize {
         use crate::backend::DeviceBuf;
-        let one = |b: &Option<B::Buf>| b.as_ref().map_or(0, |b| b.len());
+        let one = |b: &Option<B::Buf>| b.as_ref().map_or(0, |b| b.bytes());
         let stats =
-            |s: &Option<NormStats<B>>| s.as_ref().map_or(0, |s| s.rstd.len() + one(&s.mean));
+            |s: &Option<NormStats<B>>| s.as_ref().map_or(0, |s| s.rstd.bytes() + one(&s.mean));
         [
             &self.ln1,
             &self.q_pre,
@@ -348,7 +348,7 @@ impl<B: Backend> Saved<B> {
             + stats(&self.k_norm)
             + stats(&self.post_attn)
             + stats(&self.post_mlp)
-            + self.lora_t.iter().map(|(_, t)| t.len()).sum::<usize>()
+            + self.lora_t.iter().map(|(_, t)| t.bytes()).sum::<usize>()
     }
 }
 

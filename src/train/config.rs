@@ -84,8 +84,10 @@ pub struct TrainConfig {
     pub strategy: Strategy,
     /// auto, cpu or cuda.
     pub device: Device,
-    /// Re-run each block's forward in backward instead of keeping activations.
-    pub gradient_checkpointing: bool,
+    /// Re-run each block's forward in backward instead of keeping activations (true),
+    /// keep them all (false), or keep those of as many blocks as the free memory holds
+    /// and re-run the rest (auto).
+    pub gradient_checkpointing: crate::GradientCheckpointing,
     /// Keep the optimizer state in host memory that the GPU reads over the bus (saves
     /// GPU memory; same numbers).
     pub offload_optimizer: bool,
@@ -147,7 +149,7 @@ impl Default for TrainConfig {
             on_bad_line: BadLinePolicy::Error,
             strategy: Strategy::Streaming,
             device: Device::Auto,
-            gradient_checkpointing: true,
+            gradient_checkpointing: crate::GradientCheckpointing::Every,
             offload_optimizer: false,
             offload_activations: false,
             offload_activations_half: false,
@@ -313,8 +315,8 @@ pub const FIELDS: &[(&str, FieldKind, &str, &str)] = {
         (
             "gradient_checkpointing",
             Scalar,
-            "BOOL",
-            "re-run each block's forward in backward [true]",
+            "BOOL|auto",
+            "re-run each block's forward in backward; auto: only the blocks whose activations do not fit [true]",
         ),
         (
             "offload_optimizer",
@@ -714,6 +716,7 @@ mod tests {
             ("prefetch_depth".to_string(), "1".to_string()),
             ("max_vram".to_string(), "3000000000".to_string()),
             ("seq_tile".to_string(), "4096".to_string()),
+            ("gradient_checkpointing".to_string(), "auto".to_string()),
         ];
         let c = TrainConfig::from_toml(text, "t.toml", Some(Path::new("/base")), &over).unwrap();
         assert_eq!(
@@ -734,6 +737,7 @@ mod tests {
         assert!(c.offload_activations && !c.offload_optimizer);
         assert_eq!((c.prefetch_depth, c.max_vram), (1, Some(3_000_000_000)));
         assert_eq!(c.seq_tile, Some(4096));
+        assert_eq!(c.gradient_checkpointing, crate::GradientCheckpointing::Auto);
         c.validate().unwrap();
         // the echo reads back to the same config
         let back = TrainConfig::from_toml(&c.to_toml().unwrap(), "echo", None, &[]).unwrap();

@@ -60,6 +60,10 @@ pub struct StepRecord {
     pub elapsed_s: f64,
     /// Peak resident memory of the process so far.
     pub peak_rss_bytes: Option<u64>,
+    /// With `gradient_checkpointing = "auto"`: the blocks whose activations this step
+    /// kept (the others were re-run in the backward).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kept_blocks: Option<usize>,
     /// Validation loss, on the steps that evaluated.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
@@ -649,6 +653,8 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
             tokens_per_s: tokens as f64 / dt.max(1e-9),
             elapsed_s: elapsed,
             peak_rss_bytes: crate::bench::peak_rss_bytes(),
+            kept_blocks: (cfg.gradient_checkpointing == crate::GradientCheckpointing::Auto)
+                .then(|| trainer.model.last_kept_blocks()),
             eval_loss: None,
             eval_ppl: None,
         };

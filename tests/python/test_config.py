@@ -30,11 +30,18 @@ def test_unknown_keyword_names_the_closest():
     (dict(device="tpu"), ValueError, "device must be 'auto', 'cuda' or 'cpu'"),
     (dict(dtype="int8"), ValueError, "dtype 'int8' is not supported"),
     (dict(lora_target_modules=[]), TypeError, "non-empty list"),
-    (dict(gradient_checkpointing="yes"), TypeError, "gradient_checkpointing must be True or False"),
+    (dict(gradient_checkpointing="yes"), TypeError, 'gradient_checkpointing must be True, False or "auto"'),
+    (dict(gradient_checkpointing=1), TypeError, 'gradient_checkpointing must be True, False or "auto"'),
 ])
 def test_bad_values(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         LemaConfig(gbi_path="m.safetensors", **kw)
+
+
+def test_gradient_checkpointing_auto():
+    c = LemaConfig(gbi_path="m.safetensors", gradient_checkpointing="AUTO")
+    assert c.gradient_checkpointing == "auto"
+    assert LemaConfig.from_dict(c.to_dict()) == c
 
 
 def test_no_model_at_all():

@@ -126,6 +126,9 @@ impl<T: Send + Sync> DeviceBuf for CpuBuf<T> {
     fn len(&self) -> usize {
         self.0.len()
     }
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.0.as_slice())
+    }
     fn address(&self) -> usize {
         self.0.as_ptr() as usize
     }

@@ -75,11 +75,6 @@ impl CudaBuf {
         self.dtype
     }
 
-    /// Bytes the elements occupy (in device memory, or in host memory when host-mapped).
-    pub fn bytes(&self) -> usize {
-        self.len * self.dtype.size()
-    }
-
     /// True when the elements live in mapped host memory ([`Backend::zeros_host`]), not
     /// in device memory.
     pub fn is_host_mapped(&self) -> bool {
@@ -98,6 +93,10 @@ impl CudaBuf {
 impl DeviceBuf for CudaBuf {
     fn len(&self) -> usize {
         self.len
+    }
+    /// In device memory, or in host memory when host-mapped.
+    fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
     }
     fn address(&self) -> usize {
         self.ptr() as usize

@@ -6,6 +6,7 @@
 
 use super::{CudaBackend, CudaBuf, device};
 use crate::backend::DType;
+use crate::backend::DeviceBuf;
 use crate::error::Result;
 use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice, sys};
 use std::sync::{Arc, Mutex, OnceLock};
