@@ -10,6 +10,7 @@ torch's own peak allocation.
 
     python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 1x512 --steps 10
     python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 1x512 --qlora   # QLoRA (bitsandbytes)
+    python3 tools/bench/peft_baseline.py --shape llama2-7b --configs 8x512 --no-checkpointing
 """
 import argparse, json, statistics, subprocess, time
 
@@ -52,7 +53,7 @@ def quantize_linears_nf4(model):
     torch.cuda.empty_cache()
 
 
-def build(shape, r, alpha, qlora=False):
+def build(shape, r, alpha, qlora=False, checkpointing=True):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig, get_peft_model
     gpt2, vocab, hidden, inter, layers, heads, kv, max_pos, tied = SHAPES[shape]
@@ -72,8 +73,9 @@ def build(shape, r, alpha, qlora=False):
     torch.set_default_dtype(torch.float32)
     if qlora:
         quantize_linears_nf4(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.config.use_cache = False
     lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                       fan_in_fan_out=gpt2, task_type="CAUSAL_LM")
@@ -85,9 +87,9 @@ def build(shape, r, alpha, qlora=False):
     return model, vocab
 
 
-def run(shape, batch, seq, steps, warmup, r, alpha, qlora=False):
+def run(shape, batch, seq, steps, warmup, r, alpha, qlora=False, checkpointing=True):
     torch.manual_seed(0)
-    model, vocab = build(shape, r, alpha, qlora)
+    model, vocab = build(shape, r, alpha, qlora, checkpointing)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -105,7 +107,8 @@ def run(shape, batch, seq, steps, warmup, r, alpha, qlora=False):
             times.append(time.perf_counter() - t)
         peak_driver = max(peak_driver, driver_used_mib())
     med = statistics.median(times)
-    res = dict(impl="peft+bitsandbytes-nf4+checkpointing" if qlora else "peft+checkpointing", shape=shape, batch=batch, seq=seq, steps=steps,
+    impl = "peft+bitsandbytes-nf4" if qlora else "peft"
+    res = dict(impl=impl + ("+checkpointing" if checkpointing else ""), shape=shape, batch=batch, seq=seq, steps=steps,
                step_seconds_median=med, tokens_per_second=batch * seq / med,
                peak_vram_driver_gb=peak_driver * 2**20 / 1e9,
                peak_vram_torch_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
@@ -125,10 +128,12 @@ def main():
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--qlora", action="store_true",
                     help="QLoRA: the base's linears in bitsandbytes NF4 (double quant, bf16 compute)")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                    help="keep every layer's activations (no gradient checkpointing)")
     a = ap.parse_args()
     for c in a.configs.split(","):
         b, t = (int(x) for x in c.split("x"))
-        print(json.dumps(run(a.shape, b, t, a.steps, a.warmup, a.rank, a.alpha, a.qlora)), flush=True)
+        print(json.dumps(run(a.shape, b, t, a.steps, a.warmup, a.rank, a.alpha, a.qlora, a.checkpointing)), flush=True)
 
 
 if __name__ == "__main__":
