@@ -1024,6 +1024,82 @@ fn attention_is_deterministic() {
     }
 }
 
+/// The backward that takes its inputs over (and frees them as its kernels finish with
+/// them, before the gradients are allocated) gives the borrowing backward's bits, on
+/// the tensor-core and the f32 path, with GQA and packing.
+#[test]
+fn attention_backward_taking_its_inputs_matches_the_borrowing_one() {
+    for exact in [false, true] {
+        let Some(g) = gpu_with(|o| o.exact_attention = exact) else {
+            return;
+        };
+        let mut r = Rng::fresh("attention backward owned");
+        let (b, t, h, kvh, d) = (2usize, 200usize, 8usize, 2usize, 64usize);
+        let dims = AttnDims {
+            batch: b,
+            seq: t,
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+        let ks = packed_starts(&mut r, b, t);
+        let (q, k, v, dout) = (
+            r.vec(nq, 2.0),
+            r.vec(nk, 1.0),
+            r.vec(nk, 1.0),
+            r.vec(nq, 1.0),
+        );
+        let up = |x: &[f32]| g.upload(x).unwrap();
+        let (gq, gk, gv) = (up(&q), up(&k), up(&v));
+        let mut o = g.zeros(nq).unwrap();
+        let mut l = g.zeros(b * h * t).unwrap();
+        g.attention_forward(&mut o, &mut l, &gq, &gk, &gv, dims, Some(&ks))
+            .unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            g.zeros(nq).unwrap(),
+            g.zeros(nk).unwrap(),
+            g.zeros(nk).unwrap(),
+        );
+        let gdo = up(&dout);
+        g.attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &gdo,
+            &o,
+            &l,
+            &gq,
+            &gk,
+            &gv,
+            dims,
+            Some(&ks),
+        )
+        .unwrap();
+        let bits = |x: &cuda::CudaBuf| {
+            g.download(x)
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect::<Vec<u32>>()
+        };
+        let want = [bits(&dq), bits(&dk), bits(&dv)];
+        let o_copy = up(&g.download(&o).unwrap());
+        let (oq, ok, ov) = g
+            .attention_backward_owned(gdo, o_copy, &l, gq, gk, gv, dims, Some(&ks))
+            .unwrap();
+        let got = [bits(&oq), bits(&ok), bits(&ov)];
+        for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            assert!(
+                got[i] == want[i],
+                "{name} of the owned backward differs (exact = {exact})"
+            );
+        }
+        println!("PARITY attention backward owned = borrowed (exact = {exact}): bit-identical");
+    }
+}
+
 // ---- LM head + loss ------------------------------------------------------------------
 
 #[test]

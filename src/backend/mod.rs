@@ -644,6 +644,32 @@ pub trait Backend: Send + Sync + 'static {
         key_start: Option<&[u32]>,
     ) -> Result<()>;
 
+    /// [`Backend::attention_backward`] into new dq, dk, dv, taking dout, out, q, k and v,
+    /// which nothing after it reads, so that a backend can free them as soon as its
+    /// kernels are done with them (CUDA's tensor-core path: before the gradients are
+    /// allocated, so that they never coexist). The same values as the borrowing call.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_owned(
+        &self,
+        dout: Self::Buf,
+        out: Self::Buf,
+        lse: &Self::Buf,
+        q: Self::Buf,
+        k: Self::Buf,
+        v: Self::Buf,
+        dims: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        // overwritten by the kernels (every row written)
+        let mut dq = self.uninit(q.len())?;
+        let mut dk = self.uninit(k.len())?;
+        let mut dv = self.uninit(v.len())?;
+        self.attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &out, lse, &q, &k, &v, dims, key_start,
+        )?;
+        Ok((dq, dk, dv))
+    }
+
     /// Attention of `Tq` new queries against a key/value cache (inference; no lse, no
     /// backward). Shapes and the causal rule in [`DecodeDims`]; out is overwritten.
     ///

@@ -387,7 +387,9 @@ impl<'m> BlockDesc<'m> {
         let qk_pre = if a.qk_norm.is_some() { qd + kvd } else { 0 };
         // x, dy; q, att, datt, dq; k, v, dk, dv; lse; q, k before their norms; the
         // kernels' half copies of q, dO, k, v (2·(qd + kvd) halves: qd + kvd f32s); the
-        // LoRA intermediates (R a linear) are left out
+        // LoRA intermediates (R a linear) are left out. An upper bound: they never all
+        // coexist (the attention backward frees its inputs as it is done with them,
+        // `Backend::attention_backward_owned`)
         let whole = 2 * c + 4 * qd + 4 * kvd + heads + qk_pre + (qd + kvd);
         let width = |name: &str| {
             self.linears
@@ -881,8 +883,7 @@ impl<'m> BlockDesc<'m> {
         }
         let datt = datt.finish(be)?;
         // att = attention(q, k, v)
-        let (dq, dk, dv) = self.attention_backward(be, &mut bs.attn, &datt, s)?;
-        drop(datt);
+        let (dq, dk, dv) = self.attention_backward(be, &mut bs.attn, datt, s)?;
         let inv_freq = self.attn.rope.map(|r| r.for_positions(&s.positions));
         let (mut dq, mut dk, mut dv) = (Some(dq), Some(dk), Some(dv));
         for (i, &t) in tiles.iter().enumerate() {
@@ -1257,36 +1258,37 @@ impl<'m> BlockDesc<'m> {
     }
 
     /// Backward of the causal attention on the saved `q`, `k`, `v` (after RoPE), output
-    /// `att` and `lse` of the whole call: returns (dq, dk, dv) and frees what nothing
-    /// after it reads.
+    /// `att` and `lse` of the whole call and the output's gradient `datt`: returns (dq,
+    /// dk, dv). Nothing after it reads its inputs, so they are handed over to be freed
+    /// as soon as the backend is done with them ([`Backend::attention_backward_owned`]).
     fn attention_backward<B: Backend>(
         &self,
         be: &B,
         sv: &mut Saved<B>,
-        datt: &B::Buf,
+        datt: B::Buf,
         s: &StepShape,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
-        let (q, k, v) = (need(&sv.q, "q")?, need(&sv.k, "k")?, need(&sv.v, "v")?);
-        // overwritten by the kernels (no atomics, every row written)
-        let mut dq = be.uninit(q.len_of())?;
-        let mut dk = be.uninit(k.len_of())?;
-        let mut dv = be.uninit(v.len_of())?;
-        be.attention_backward(
-            &mut dq,
-            &mut dk,
-            &mut dv,
+        let take = |b: &mut Option<B::Buf>, what: &str| {
+            b.take()
+                .ok_or_else(|| Error::internal(format!("activation '{what}' was not saved")))
+        };
+        let (q, k, v) = (
+            take(&mut sv.q, "q")?,
+            take(&mut sv.k, "k")?,
+            take(&mut sv.v, "v")?,
+        );
+        let att = take(&mut sv.att, "att")?;
+        let lse = take(&mut sv.lse, "lse")?;
+        be.attention_backward_owned(
             datt,
-            need(&sv.att, "att")?,
-            need(&sv.lse, "lse")?,
+            att,
+            &lse,
             q,
             k,
             v,
             self.attn_dims(s),
             s.key_start_within(self.attn.window).as_deref(),
-        )?;
-        // nothing after the attention backward reads these
-        (sv.q, sv.k, sv.v, sv.att, sv.lse) = (None, None, None, None, None);
-        Ok((dq, dk, dv))
+        )
     }
 }
 

@@ -7,6 +7,7 @@
 
 use super::device::{Arg, Launch, Module, err};
 use super::{CudaBackend, CudaBuf};
+use crate::backend::DType;
 use crate::backend::{AttnDims, DecodeDims};
 use crate::error::Result;
 
@@ -198,11 +199,13 @@ impl CudaBackend {
         )
     }
 
+    /// `release` hears when the kernels are done with q, k, v (their bf16 copies are
+    /// made), then with dout and out (dsum and dout's bf16 copy are), and gives dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_mma(
         &self,
         op: &'static str,
-        (pdq, pdk, pdv): (u64, u64, u64),
+        release: &mut dyn Release,
         pdo: u64,
         po: u64,
         pl: u64,
@@ -212,16 +215,19 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
-        // bf16 q, k, v, dout, then f32 dsum [b, h, t] = bf16(dout) · out
-        let scratch = self.dev.alloc(op, (2 * nq + 2 * nk) * 2 + b * h * t * 4)?;
-        let pqb = super::Device::ptr(&scratch);
+        // bf16 q, k, v; then (once the f32 ones may go) bf16 dout and f32 dsum [b, h, t]
+        // = bf16(dout) · out
+        let qkv = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
+        let pqb = super::Device::ptr(&qkv);
         let pkb = pqb + (nq * 2) as u64;
         let pvb = pkb + (nk * 2) as u64;
-        let pdob = pvb + (nk * 2) as u64;
-        let pds = pdob + (nq * 2) as u64;
         self.attn_cast_bf16(op, pqb, pq, nq)?;
         self.attn_cast_bf16(op, pkb, pk, nk)?;
         self.attn_cast_bf16(op, pvb, pv, nk)?;
+        release.qkv_read();
+        let dos = self.dev.alloc(op, nq * 2 + b * h * t * 4)?;
+        let pdob = super::Device::ptr(&dos);
+        let pds = pdob + (nq * 2) as u64;
         let rows = b * t * h;
         self.dev.launch(
             op,
@@ -243,6 +249,7 @@ impl CudaBackend {
                 Arg::I64(rows as i64),
             ],
         )?;
+        let (pdq, pdk, pdv) = release.grads()?;
         let common = [
             Arg::Ptr(pqb),
             Arg::Ptr(pkb),
@@ -412,6 +419,7 @@ impl CudaBackend {
         )
     }
 
+    /// The backward into given dq, dk, dv ([`crate::backend::Backend::attention_backward`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_backward_impl(
         &self,
@@ -428,36 +436,82 @@ impl CudaBackend {
         key_start: Option<&[u32]>,
     ) -> Result<()> {
         let op = "attention_backward";
-        check_dims(op, &d)?;
+        let (nq, nk) = (
+            d.batch * d.seq * d.n_heads * d.head_dim,
+            d.batch * d.seq * d.n_kv_heads * d.head_dim,
+        );
+        let pdq = Self::check_f32(op, "dq", dq, nq)?;
+        let pdk = Self::check_f32(op, "dk", dk, nk)?;
+        let pdv = Self::check_f32(op, "dv", dv, nk)?;
+        let held = Held::check(op, &d, [dout, out, q, k, v])?;
+        self.attention_backward_run(op, held, lse, d, key_start, &mut Given((pdq, pdk, pdv)))
+    }
+
+    /// The backward into new dq, dk, dv, freeing dout, out, q, k and v as soon as the
+    /// kernels are done with them: on the tensor-core path before dq, dk and dv are
+    /// allocated, so the step's peak holds only their bf16 copies beside the gradients
+    /// ([`crate::backend::Backend::attention_backward_owned`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_owned_impl(
+        &self,
+        dout: CudaBuf,
+        out: CudaBuf,
+        lse: &CudaBuf,
+        q: CudaBuf,
+        k: CudaBuf,
+        v: CudaBuf,
+        d: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
+        let op = "attention_backward";
+        let (nq, nk) = (q.len, k.len);
+        let held = Held::check(op, &d, [&dout, &out, &q, &k, &v])?;
+        let mut own = Owned {
+            be: self,
+            op,
+            qkv: Some((q, k, v)),
+            douts: Some((dout, out)),
+            lens: (nq, nk),
+            grads: None,
+        };
+        self.attention_backward_run(op, held, lse, d, key_start, &mut own)?;
+        own.grads
+            .ok_or_else(|| err(op, "the gradients were not allocated (a bug in lema)"))
+    }
+
+    /// The backward's checks and kernels; `grads` gives dq, dk, dv once the kernels no
+    /// longer read the inputs in `held` (at once on the f32 path).
+    fn attention_backward_run(
+        &self,
+        op: &'static str,
+        held: Held,
+        lse: &CudaBuf,
+        d: AttnDims,
+        key_start: Option<&[u32]>,
+        release: &mut dyn Release,
+    ) -> Result<()> {
         check_key_start(op, &d, key_start)?;
         let var = variant(op, d.head_dim)?;
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
-        let pdq = Self::check_f32(op, "dq", dq, b * t * h * hd)?;
-        let pdk = Self::check_f32(op, "dk", dk, b * t * kvh * hd)?;
-        let pdv = Self::check_f32(op, "dv", dv, b * t * kvh * hd)?;
-        let pdo = Self::check_f32(op, "dout", dout, b * t * h * hd)?;
-        let po = Self::check_f32(op, "out", out, b * t * h * hd)?;
+        let Held {
+            pdo,
+            po,
+            pq,
+            pk,
+            pv,
+        } = held;
         let pl = Self::check_f32(op, "lse", lse, b * h * t)?;
-        let pq = Self::check_f32(op, "q", q, b * t * h * hd)?;
-        let pk = Self::check_f32(op, "k", k, b * t * kvh * hd)?;
-        let pv = Self::check_f32(op, "v", v, b * t * kvh * hd)?;
         if b * t == 0 {
+            release.grads()?;
             return Ok(());
         }
         let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
         let pks = ks.as_ref().map_or(0, super::Device::ptr);
         if self.attention_on_tensor_cores(hd) {
-            return self.attention_backward_mma(
-                op,
-                (pdq, pdk, pdv),
-                pdo,
-                po,
-                pl,
-                (pq, pk, pv),
-                pks,
-                &d,
-            );
+            return self.attention_backward_mma(op, release, pdo, po, pl, (pq, pk, pv), pks, &d);
         }
+        // the f32 kernels read every input to the end
+        let (pdq, pdk, pdv) = release.grads()?;
         // dsum[b, h, t] = dout · out, written by the dq kernel, read by the dk/dv kernel.
         let dsum = self.dev.alloc(op, b * h * t * 4)?;
         let pds = super::Device::ptr(&dsum);
@@ -517,5 +571,76 @@ impl CudaBackend {
             },
             &args,
         )
+    }
+}
+
+/// The checked device pointers of the attention backward's inputs that its kernels read
+/// until the gradients are made: dout, out, q, k, v.
+struct Held {
+    pdo: u64,
+    po: u64,
+    pq: u64,
+    pk: u64,
+    pv: u64,
+}
+
+impl Held {
+    fn check(op: &'static str, d: &AttnDims, [dout, out, q, k, v]: [&CudaBuf; 5]) -> Result<Held> {
+        check_dims(op, d)?;
+        let (nq, nk) = (
+            d.batch * d.seq * d.n_heads * d.head_dim,
+            d.batch * d.seq * d.n_kv_heads * d.head_dim,
+        );
+        Ok(Held {
+            pdo: CudaBackend::check_f32(op, "dout", dout, nq)?,
+            po: CudaBackend::check_f32(op, "out", out, nq)?,
+            pq: CudaBackend::check_f32(op, "q", q, nq)?,
+            pk: CudaBackend::check_f32(op, "k", k, nk)?,
+            pv: CudaBackend::check_f32(op, "v", v, nk)?,
+        })
+    }
+}
+
+/// What the backward's kernels tell the owner of their inputs and outputs
+/// ([`CudaBackend::attention_backward_mma`]).
+trait Release {
+    /// q, k and v are no longer read.
+    fn qkv_read(&mut self) {}
+    /// dout and out are no longer read either: dq, dk and dv, to be overwritten.
+    fn grads(&mut self) -> Result<(u64, u64, u64)>;
+}
+
+/// Gradients into the caller's buffers; the caller keeps the inputs.
+struct Given((u64, u64, u64));
+
+impl Release for Given {
+    fn grads(&mut self) -> Result<(u64, u64, u64)> {
+        Ok(self.0)
+    }
+}
+
+/// Inputs handed over, freed in stream order as soon as they are read for the last time
+/// (kernels queued before a free still read them); gradients allocated after.
+struct Owned<'a> {
+    be: &'a CudaBackend,
+    op: &'static str,
+    qkv: Option<(CudaBuf, CudaBuf, CudaBuf)>,
+    douts: Option<(CudaBuf, CudaBuf)>,
+    lens: (usize, usize),
+    grads: Option<(CudaBuf, CudaBuf, CudaBuf)>,
+}
+
+impl Release for Owned<'_> {
+    fn qkv_read(&mut self) {
+        self.qkv = None;
+    }
+    fn grads(&mut self) -> Result<(u64, u64, u64)> {
+        (self.qkv, self.douts) = (None, None);
+        let (nq, nk) = self.lens;
+        let new = |n| self.be.new_buf(self.op, n, DType::F32);
+        let g = (new(nq)?, new(nk)?, new(nk)?);
+        let p = (g.0.ptr(), g.1.ptr(), g.2.ptr());
+        self.grads = Some(g);
+        Ok(p)
     }
 }

@@ -931,6 +931,20 @@ impl Backend for CudaBackend {
         self.attention_backward_impl(dq, dk, dv, dout, out, lse, q, k, v, dims, key_start)
     }
 
+    fn attention_backward_owned(
+        &self,
+        dout: CudaBuf,
+        out: CudaBuf,
+        lse: &CudaBuf,
+        q: CudaBuf,
+        k: CudaBuf,
+        v: CudaBuf,
+        dims: AttnDims,
+        key_start: Option<&[u32]>,
+    ) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
+        self.attention_backward_owned_impl(dout, out, lse, q, k, v, dims, key_start)
+    }
+
     fn gated_forward(
         &self,
         act: Activation,
