@@ -249,6 +249,7 @@ impl CudaBackend {
                 Arg::I64(rows as i64),
             ],
         )?;
+        release.douts_read();
         let (pdq, pdk, pdv) = release.grads()?;
         let common = [
             Arg::Ptr(pqb),
@@ -510,7 +511,8 @@ impl CudaBackend {
         if self.attention_on_tensor_cores(hd) {
             return self.attention_backward_mma(op, release, pdo, po, pl, (pq, pk, pv), pks, &d);
         }
-        // the f32 kernels read every input to the end
+        // the f32 kernels read every input to the end (an owner frees them after the
+        // launches)
         let (pdq, pdk, pdv) = release.grads()?;
         // dsum[b, h, t] = dout · out, written by the dq kernel, read by the dk/dv kernel.
         let dsum = self.dev.alloc(op, b * h * t * 4)?;
@@ -606,7 +608,9 @@ impl Held {
 trait Release {
     /// q, k and v are no longer read.
     fn qkv_read(&mut self) {}
-    /// dout and out are no longer read either: dq, dk and dv, to be overwritten.
+    /// dout and out are no longer read.
+    fn douts_read(&mut self) {}
+    /// dq, dk and dv, to be overwritten (inputs not released are still read).
     fn grads(&mut self) -> Result<(u64, u64, u64)>;
 }
 
@@ -620,7 +624,8 @@ impl Release for Given {
 }
 
 /// Inputs handed over, freed in stream order as soon as they are read for the last time
-/// (kernels queued before a free still read them); gradients allocated after.
+/// (kernels queued before a free still read them; what is still held goes when the
+/// owner drops, after the last launch); gradients allocated when asked for.
 struct Owned<'a> {
     be: &'a CudaBackend,
     op: &'static str,
@@ -634,8 +639,10 @@ impl Release for Owned<'_> {
     fn qkv_read(&mut self) {
         self.qkv = None;
     }
+    fn douts_read(&mut self) {
+        self.douts = None;
+    }
     fn grads(&mut self) -> Result<(u64, u64, u64)> {
-        (self.qkv, self.douts) = (None, None);
         let (nq, nk) = self.lens;
         let new = |n| self.be.new_buf(self.op, n, DType::F32);
         let g = (new(nq)?, new(nk)?, new(nk)?);
