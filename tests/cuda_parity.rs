@@ -957,6 +957,28 @@ fn attention_exact_f32_kernels() {
     );
 }
 
+/// Attention of `b` packed rows of `t` tokens, `h` query heads of `d` sharing 2 key/value
+/// heads: the dims, q's and k's element counts, and the rows' first keys.
+fn gqa_packed(
+    r: &mut Rng,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> (AttnDims, usize, usize, Vec<u32>) {
+    let kvh = 2;
+    let dims = AttnDims {
+        batch: b,
+        seq: t,
+        n_heads: h,
+        n_kv_heads: kvh,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let ks = packed_starts(r, b, t);
+    (dims, b * t * h * d, b * t * kvh * d, ks)
+}
+
 /// Attention gives bit-identical results when run again (no atomics, fixed reduction
 /// order), on both paths, with GQA and packing.
 #[test]
@@ -966,17 +988,8 @@ fn attention_is_deterministic() {
             return;
         };
         let mut r = Rng::fresh("attention determinism");
-        let (b, t, h, kvh, d) = (2usize, 333usize, 8usize, 2usize, 128usize);
-        let dims = AttnDims {
-            batch: b,
-            seq: t,
-            n_heads: h,
-            n_kv_heads: kvh,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
-        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
-        let ks = packed_starts(&mut r, b, t);
+        let (b, t, h) = (2usize, 333usize, 8usize);
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, 128usize);
         let q = g.upload(&r.vec(nq, 2.0)).unwrap();
         let k = g.upload(&r.vec(nk, 1.0)).unwrap();
         let v = g.upload(&r.vec(nk, 1.0)).unwrap();
@@ -1034,17 +1047,8 @@ fn attention_backward_taking_its_inputs_matches_the_borrowing_one() {
             return;
         };
         let mut r = Rng::fresh("attention backward owned");
-        let (b, t, h, kvh, d) = (2usize, 200usize, 8usize, 2usize, 64usize);
-        let dims = AttnDims {
-            batch: b,
-            seq: t,
-            n_heads: h,
-            n_kv_heads: kvh,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
-        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
-        let ks = packed_starts(&mut r, b, t);
+        let (b, t, h) = (2usize, 200usize, 8usize);
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, 64usize);
         let (q, k, v, dout) = (
             r.vec(nq, 2.0),
             r.vec(nk, 1.0),
