@@ -220,6 +220,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "  GPU time per step ({total:.1} ms profiled), by phase (idle: the compute stream waiting):"
         );
         p.iter().filter(phase).for_each(line);
+        let sum = |f: &dyn Fn(&str) -> bool| -> f64 {
+            p.iter().filter(|l| f(&l.label)).map(|l| l.ms).sum()
+        };
+        let busy = sum(&|l| l.starts_with("busy: "));
+        let idle = sum(&|l| l.starts_with("idle: "));
+        let gemm = sum(&|l| l.starts_with("gemm"));
+        eprintln!(
+            "  GEMMs {gemm:.2} ms = {:.1}% of the {busy:.1} ms busy; the GPU waited {idle:.2} ms ({:.1}% of the step)",
+            100.0 * gemm / busy.max(1e-9),
+            100.0 * idle / total.max(1e-9)
+        );
         eprintln!("  by kernel:");
         p.iter().filter(|l| !phase(l)).take(24).for_each(line);
     }
