@@ -78,8 +78,9 @@ struct CliObserver {
     tty: bool,
     logging_steps: u64,
     tokens_per_s: Option<f64>,
-    /// The kept blocks last reported (`gradient_checkpointing = "auto"`).
+    /// The kept blocks last reported (`gradient_checkpointing = "auto"`), of `blocks`.
     kept_blocks: Option<usize>,
+    blocks: usize,
 }
 
 impl CliObserver {
@@ -99,6 +100,7 @@ fn gb(bytes: Option<u64>) -> String {
 
 impl Observer for CliObserver {
     fn on_start(&mut self, s: &DataSummary) {
+        self.blocks = s.blocks;
         let say = |m: String| eprintln!("{m}");
         for n in &s.model_notes {
             say(n.clone());
@@ -134,8 +136,14 @@ impl Observer for CliObserver {
             && self.kept_blocks != Some(k)
         {
             self.say(format!(
-                "gradient checkpointing auto: step {} kept the activations of {k} blocks in memory and re-ran the others",
-                r.step
+                "gradient checkpointing auto: step {} kept the activations of {k} of {} blocks in memory{}",
+                r.step,
+                self.blocks,
+                if k < self.blocks {
+                    " and re-ran the others in the backward"
+                } else {
+                    ""
+                }
             ));
             self.kept_blocks = Some(k);
         }
@@ -279,6 +287,7 @@ pub fn run(a: TrainArgs) -> Result<i32> {
         logging_steps: cfg.logging_steps,
         tokens_per_s: None,
         kept_blocks: None,
+        blocks: 0,
     };
     let outcome = train::run(&cfg, a.resume.as_deref(), &mut obs);
     bar.finish_and_clear();

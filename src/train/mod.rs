@@ -97,6 +97,8 @@ pub struct DataSummary {
     pub max_seq_length: usize,
     /// Where the frozen layers come from (the tier plan), for printing once.
     pub weights_plan: Option<String>,
+    /// The model's blocks (for reports of how many kept their activations).
+    pub blocks: usize,
     /// What the model's config asks that lema does not do ([`crate::config::ModelConfig::notes`]).
     pub model_notes: Vec<String>,
 }
@@ -387,6 +389,7 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Result<Data> {
             trainable_parameters: 0,
             max_seq_length: cfg.max_seq_length,
             weights_plan: None,
+            blocks: 0,
             model_notes: Vec::new(),
         },
         train,
@@ -557,6 +560,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> 
     data.summary.start_step = start;
     data.summary.trainable_parameters = trainer.model.trainable_parameters();
     data.summary.weights_plan = trainer.model.weights_plan();
+    data.summary.blocks = trainer.model.model_config().num_hidden_layers;
     data.summary.model_notes = trainer.model.model_config().notes.clone();
     obs.on_start(&data.summary);
 
