@@ -23,11 +23,6 @@ pub enum GradientCheckpointing {
 impl GradientCheckpointing {
     /// The names accepted in a config file, a flag or Python.
     pub const ACCEPTED: &'static str = "true, false or \"auto\"";
-
-    /// Whether this setting can keep any block's activations.
-    pub fn may_keep(self) -> bool {
-        self != GradientCheckpointing::Every
-    }
 }
 
 impl From<bool> for GradientCheckpointing {
@@ -133,7 +128,6 @@ mod tests {
             "off".parse::<GradientCheckpointing>().unwrap(),
             false.into()
         );
-        assert!(!GradientCheckpointing::Every.may_keep());
     }
 
     #[test]

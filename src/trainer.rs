@@ -149,19 +149,10 @@ impl<B: Backend> Engine<B> {
             None if keep_all => None,
             None => {
                 let avail = self.be.free_memory()?;
-                let cfg = self.model.config();
-                // the blocks' inputs the backward reads: every block's on the device, or
-                // with offloading the few brought back ahead
-                let kept = if self.offload_activations {
-                    self.activation_prefetch.max(1) + 1
-                } else {
-                    cfg.num_hidden_layers
-                };
-                let inputs = (kept * n * cfg.hidden_size * 4) as u64;
                 crate::model::tiles::rows_within(
                     n,
                     avail,
-                    TILE_MARGIN_BYTES + inputs,
+                    TILE_MARGIN_BYTES + self.inputs_on_device() * self.row_bytes(n),
                     self.model.token_bytes(),
                 )
             }
@@ -211,16 +202,26 @@ impl<B: Backend> Engine<B> {
             .be
             .free_memory()
             .unwrap_or_else(|| crate::hostmem::HostBudget::probe(None).available);
-        let cfg = self.model.config();
-        let row = (n * cfg.hidden_size * 4) as u64;
-        let inputs = if self.offload_activations {
-            self.activation_prefetch.max(1) + 1
-        } else {
-            cfg.num_hidden_layers
-        } as u64;
+        // the head's rows: the last block's output, the final norm's, their gradients
+        let rows = self.inputs_on_device() + 4;
         let t = self.model.token_bytes();
         let rerun = (t.whole + t.tile) * n as u64;
-        free.saturating_sub(TILE_MARGIN_BYTES + (inputs + 4) * row + rerun)
+        free.saturating_sub(TILE_MARGIN_BYTES + rows * self.row_bytes(n) + rerun)
+    }
+
+    /// How many blocks' saved inputs the backward holds on the device at once: every
+    /// block's, or with activation offloading the few brought back ahead.
+    fn inputs_on_device(&self) -> u64 {
+        if self.offload_activations {
+            self.activation_prefetch.max(1) as u64 + 1
+        } else {
+            self.model.config().num_hidden_layers as u64
+        }
+    }
+
+    /// Bytes of one f32 `[n, hidden]` activation.
+    fn row_bytes(&self, n: usize) -> u64 {
+        (n * self.model.config().hidden_size * 4) as u64
     }
 
     /// Bytes per token one block's activations took, measured in the first call that
@@ -263,10 +264,12 @@ impl<B: Backend> Engine<B> {
         } else {
             (0, 0)
         };
-        let mut kept = match () {
-            _ if keep_all => layers,
-            _ if auto => kept_blocks(layers, room, per_block),
-            _ => 0,
+        let mut kept = if keep_all {
+            layers
+        } else if auto {
+            kept_blocks(layers, room, per_block)
+        } else {
+            0
         };
         let be = &self.be;
         // training needs adapters; evaluation runs the base model when there are none

@@ -1659,19 +1659,7 @@ fn peft_fixtures_on_cuda() {
         skip_without_gpu(&why.to_string());
         return;
     }
-    for case in [
-        "llama_gqa",
-        "llama_tied",
-        "gpt2",
-        "qwen2_tied",
-        "qwen3",
-        "mistral_sw",
-        "qwen2_sw",
-        "phi3",
-        "phi3_longrope",
-        "qwen2_yarn",
-        "gemma3",
-    ] {
+    for &case in common::EVERY_ARCHITECTURE {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = common::fixture_batch(&reference);
         let model = LemaModel::new(fixture_config(case, Device::Cuda)).expect("model on CUDA");
@@ -1881,19 +1869,7 @@ fn sequence_tiles_match_untiled_on_cuda() {
         check(&format!("{tag} LoRA grads"), &got.2, &want.2, tol[1]);
         check(&format!("{tag} 4 SGD losses"), &got.3, &want.3, tol[2]);
     };
-    for case in [
-        "llama_gqa",
-        "llama_tied",
-        "gpt2",
-        "qwen2_tied",
-        "qwen3",
-        "mistral_sw",
-        "qwen2_sw",
-        "phi3",
-        "phi3_longrope",
-        "qwen2_yarn",
-        "gemma3",
-    ] {
+    for &case in common::EVERY_ARCHITECTURE {
         let reference = common::read_tensors(&fixture(case).join("reference.safetensors"));
         let batch = common::fixture_batch(&reference);
         let n = batch.batch * batch.seq;

@@ -25,20 +25,6 @@ mod common;
 use common::*;
 use lema::{Batch, Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
-const CASES: &[&str] = &[
-    "llama_gqa",
-    "llama_tied",
-    "gpt2",
-    "qwen2_tied",
-    "mistral_sw",
-    "qwen2_sw",
-    "phi3",
-    "phi3_longrope",
-    "qwen2_yarn",
-    "qwen3",
-    "gemma3",
-];
-
 /// What one training step and a few more produce.
 struct Run {
     loss: f64,
@@ -186,7 +172,7 @@ fn fixture_batch_of(case: &str) -> Batch {
 
 #[test]
 fn tiles_match_the_untiled_block_for_every_fixture() {
-    for case in CASES {
+    for case in EVERY_ARCHITECTURE {
         check(case, &fixture_batch_of(case), true, 0.0);
     }
 }

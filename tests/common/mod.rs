@@ -10,6 +10,22 @@ pub use skip::{running_in_ci, skip, skip_without_gpu};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The fixture cases with a transformers reference for every architecture lema builds
+/// (`tools/fixtures/make_fixtures.py`).
+pub const EVERY_ARCHITECTURE: &[&str] = &[
+    "llama_gqa",
+    "llama_tied",
+    "gpt2",
+    "qwen2_tied",
+    "qwen3",
+    "mistral_sw",
+    "qwen2_sw",
+    "phi3",
+    "phi3_longrope",
+    "qwen2_yarn",
+    "gemma3",
+];
+
 /// Folder of a PEFT fixture case. Looked up under the working directory first, so that
 /// test binaries built here also run from a copy of the tree elsewhere (the GPU machine).
 pub fn fixture(case: &str) -> PathBuf {
