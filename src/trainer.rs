@@ -373,6 +373,7 @@ impl<B: Backend> Engine<B> {
             .final_norm_backward(be, &hw, &x_last, &fsv, &dxf)?;
         drop((xf, dxf, x_last, hw));
         be.profile_phase("backward");
+        let tiled = shape.tiles().nth(1).is_some();
 
         for i in (0..layers).rev() {
             check_cancel(self.cancel.as_deref())?;
@@ -381,11 +382,19 @@ impl<B: Backend> Engine<B> {
             let x = match hs.pop() {
                 Some(Checkpoint::Device(b)) => b,
                 Some(Checkpoint::Parked(p)) => be.unpark(p)?,
-                Some(Checkpoint::ParkedHalf(p)) => be.widen(&be.unpark(p)?)?,
+                // kept half on the device too: the block widens it a tile at a time
+                Some(Checkpoint::ParkedHalf(p)) => be.unpark(p)?,
                 None => return Err(Error::internal("hidden state stack")),
             };
-            // the inputs of the next blocks down come back while this one computes
-            let ahead = hs.len().saturating_sub(self.activation_prefetch.max(1));
+            // the inputs of the next blocks down come back while this one computes; a long
+            // (tiled) call's come back when needed, as their copy is short against the
+            // block's compute (which grows with the square of the length) while the memory
+            // they would hold meanwhile grows with it
+            let ahead = if tiled {
+                hs.len()
+            } else {
+                hs.len().saturating_sub(self.activation_prefetch.max(1))
+            };
             for c in hs[ahead..].iter_mut().rev() {
                 if let Checkpoint::Parked(p) | Checkpoint::ParkedHalf(p) = c {
                     be.prefetch(p)?;

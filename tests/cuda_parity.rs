@@ -23,7 +23,7 @@ use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
 use lema::backend::{
     Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX,
-    SgdStep, dropout_keep,
+    RopeAngles, SgdStep, dropout_keep,
 };
 use lema::{Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
@@ -1101,6 +1101,109 @@ fn attention_backward_taking_its_inputs_matches_the_borrowing_one() {
             );
         }
         println!("PARITY attention backward owned = borrowed (exact = {exact}): bit-identical");
+    }
+}
+
+/// q, k, v and dout made by `attention_operand` (RoPE fused with the bf16 rounding on the
+/// tensor-core path; rotated in place, f32, on the exact path) give the same bits through
+/// the attention forward and backward as f32 operands rotated by `rope_forward`; on the
+/// tensor-core path they are bf16 and equal the rounded rotation. Tiles of such operands
+/// go through `uninit_like` and `copy_range` unchanged.
+#[test]
+fn attention_operands_match_rope_then_f32_operands() {
+    for (exact, d) in [(false, 64usize), (false, 128), (true, 64)] {
+        let Some(g) = gpu_with(|o| o.exact_attention = exact) else {
+            return;
+        };
+        let mut r = Rng::fresh("attention operands");
+        let (b, t, h) = (2usize, 150usize, 4usize);
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, d);
+        let positions: Vec<u32> = (0..b * t).map(|_| r.below(8192) as u32).collect();
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|j| 500000f32.powf(-(2.0 * j as f32) / d as f32))
+            .collect();
+        let rope = RopeAngles {
+            positions: &positions,
+            inv_freq: &inv_freq,
+        };
+        let (q, k, v, dout) = (
+            r.vec(nq, 2.0),
+            r.vec(nk, 1.0),
+            r.vec(nk, 1.0),
+            r.vec(nq, 1.0),
+        );
+        let up = |x: &[f32]| g.upload(x).unwrap();
+        let bits = |x: &cuda::CudaBuf| {
+            g.download(x)
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect::<Vec<u32>>()
+        };
+        // the reference: f32 operands rotated in place
+        let (mut fq, mut fk, fv) = (up(&q), up(&k), up(&v));
+        g.rope_forward(&mut fq, &positions, &inv_freq, h).unwrap();
+        g.rope_forward(&mut fk, &positions, &inv_freq, 2).unwrap();
+        let rounded = |x: &cuda::CudaBuf| {
+            g.download(x)
+                .unwrap()
+                .iter()
+                .map(|&f| half::bf16::from_f32(f).to_f32().to_bits())
+                .collect::<Vec<u32>>()
+        };
+        let want_operands = [rounded(&fq), rounded(&fk), rounded(&fv)];
+        let attend = |[q, k, v, dout]: [cuda::CudaBuf; 4]| {
+            let mut o = g.zeros(nq).unwrap();
+            let mut l = g.zeros(b * h * t).unwrap();
+            g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, Some(&ks))
+                .unwrap();
+            let (o_bits, l_bits) = (bits(&o), bits(&l));
+            let (dq, dk, dv) = g
+                .attention_backward_owned(dout, o, &l, q, k, v, dims, Some(&ks))
+                .unwrap();
+            [o_bits, l_bits, bits(&dq), bits(&dk), bits(&dv)]
+        };
+        let want = attend([fq, fk, fv, up(&dout)]);
+        let oq = g.attention_operand(up(&q), Some(rope), h, d).unwrap();
+        let ok = g.attention_operand(up(&k), Some(rope), 2, d).unwrap();
+        let ov = g.attention_operand(up(&v), None, 2, d).unwrap();
+        let half = oq.dtype() == DType::BF16;
+        assert_eq!(
+            half, !exact,
+            "operands in bf16 exactly on the tensor-core path"
+        );
+        if half {
+            for (i, (name, o)) in [("q", &oq), ("k", &ok), ("v", &ov)].into_iter().enumerate() {
+                assert_eq!(o.dtype(), DType::BF16, "{name}");
+                assert!(
+                    bits(o) == want_operands[i],
+                    "{name}: the fused RoPE is not the rounded rotation"
+                );
+            }
+            // tiles of a bf16 operand: a copy of rows 3.. and back into a fresh buffer
+            let n = nk;
+            let mut part = g.uninit_like(n - 3 * d, &ok).unwrap();
+            g.copy_range(&mut part, 0, &ok, 3 * d, n - 3 * d).unwrap();
+            let mut whole = g.uninit_like(n, &ok).unwrap();
+            g.copy_range(&mut whole, 0, &ok, 0, 3 * d).unwrap();
+            g.copy_range(&mut whole, 3 * d, &part, 0, n - 3 * d)
+                .unwrap();
+            assert_eq!(part.dtype(), DType::BF16);
+            assert!(bits(&whole) == bits(&ok), "copy_range of bf16 rows");
+        }
+        // dout as the backward's operand too (bf16 on the tensor-core path)
+        let odo = g.attention_operand(up(&dout), None, h, d).unwrap();
+        assert_eq!(odo.dtype() == DType::BF16, half, "dout's type");
+        let got = attend([oq, ok, ov, odo]);
+        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
+            assert!(
+                got[i] == want[i],
+                "{name} differs with attention operands (exact = {exact}, d = {d})"
+            );
+        }
+        println!(
+            "PARITY attention operands = rope + f32 operands (exact = {exact}, d = {d}, bf16 = {half}): bit-identical"
+        );
     }
 }
 

@@ -176,6 +176,14 @@ pub struct Gemm {
     pub accumulate: Accumulate,
 }
 
+/// The angles of a RoPE rotation: token `i` of a call is rotated by
+/// `positions[i] · inv_freq[j]` ([`Backend::rope_forward`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeAngles<'a> {
+    pub positions: &'a [u32],
+    pub inv_freq: &'a [f32],
+}
+
 /// Shapes of a causal self-attention call. q, out: `[B, T, H, D]`; k, v: `[B, T, KVH, D]`;
 /// lse (the saved log-sum-exp of each score row): `[B, H, T]`. Query head h reads key/value
 /// head `h / (H / KVH)` (grouped-query attention).
@@ -435,6 +443,42 @@ pub trait Backend: Send + Sync + 'static {
     fn widen(&self, x: &Self::Buf) -> Result<Self::Buf> {
         self.upload(&self.download(x)?)
     }
+    /// True when `x` is stored in a half type narrower than the f32 that ops other than
+    /// GEMMs read (a [`Backend::gemm_input`] copy); such a buffer is read through
+    /// [`Backend::widen`]. Backends whose buffers are all of one type: false.
+    fn is_half(&self, _x: &Self::Buf) -> bool {
+        false
+    }
+    /// A new buffer of `n` elements of `like`'s element type (f32 or a half type), with
+    /// unspecified contents as [`Backend::uninit`] (the default, for backends whose
+    /// buffers are all of one type).
+    fn uninit_like(&self, n: usize, _like: &Self::Buf) -> Result<Self::Buf> {
+        self.uninit(n)
+    }
+    /// `dst[dst_off..dst_off + len] = src[src_off..src_off + len]`, flat element ranges of
+    /// two buffers of one element type (f32 or a half type: tiles of an activation stored
+    /// in half precision, [`Backend::attention_operand`]). The default is a one-row
+    /// [`Backend::copy_cols`].
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (dst_len, src_len) = (dst.len(), src.len());
+        self.copy_cols(
+            dst,
+            dst_len,
+            dst_off,
+            src,
+            src_len,
+            src_off,
+            len,
+            Accumulate::Overwrite,
+        )
+    }
     /// A new buffer of `n` f32 zeros that ops use like any other but that lives in host
     /// memory the device reads and writes over the bus (CUDA: page-locked host memory
     /// mapped into the device's address space): no device memory, but every access crosses
@@ -608,13 +652,36 @@ pub trait Backend: Send + Sync + 'static {
         heads: usize,
     ) -> Result<()>;
 
+    /// `x` `[N, heads, head_dim]` (f32, as projected) made a q, k or v operand of
+    /// [`Backend::attention_forward`] and [`Backend::attention_backward`] (or the
+    /// backward's dout, without a rotation): rotated by
+    /// RoPE at `rope` when given (as [`Backend::rope_forward`]), and stored in the type
+    /// the attention kernels read. The default (attention reading f32) rotates `x` in
+    /// place and returns it. CUDA's tensor-core kernels read bf16: there the rotation is
+    /// computed in f32 and rounded to a new bf16 buffer as it is stored, which is what
+    /// those kernels made of an f32 operand themselves, so results do not change while
+    /// the call's q, k and v take half the memory and no cast pass runs.
+    fn attention_operand(
+        &self,
+        mut x: Self::Buf,
+        rope: Option<RopeAngles<'_>>,
+        heads: usize,
+        _head_dim: usize,
+    ) -> Result<Self::Buf> {
+        if let Some(r) = rope {
+            self.rope_forward(&mut x, r.positions, r.inv_freq, heads)?;
+        }
+        Ok(x)
+    }
+
     // ---- attention -------------------------------------------------------------------
 
     /// Causal softmax attention without a stored score matrix; saves each row's
     /// log-sum-exp in `lse` for the backward. Shapes in [`AttnDims`]. With `key_start`
     /// (`[B·T]`, packed sequences), query t of a row attends to keys
     /// `key_start[t] ..= t` only, so packed examples do not see each other; without it,
-    /// to keys `0 ..= t`.
+    /// to keys `0 ..= t`. q, k and v are f32 or as [`Backend::attention_operand`] makes
+    /// them (also for the backward).
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,

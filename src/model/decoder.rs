@@ -18,10 +18,10 @@
 use super::kv_cache::KvCache;
 use super::linear::{Linear, keep_for_backward};
 use super::quantized::Weights;
-use super::tiles::{Rows, Tile, TokenBytes, rows_mut, rows_of, take_rows};
+use super::tiles::{Rows, Tile, TokenBytes, input_rows, rows_mut, rows_of, take_rows};
 use super::{Keep, LinearSpec, StepShape, keep_in};
 pub use crate::backend::Activation;
-use crate::backend::{Accumulate, AttnDims, Backend};
+use crate::backend::{Accumulate, AttnDims, Backend, RopeAngles};
 use crate::error::{Error, Result};
 use crate::lora::BlockLora;
 
@@ -448,7 +448,7 @@ impl<'m> BlockDesc<'m> {
             .ok_or_else(|| Error::internal("attention output"))?;
         let mut y = Rows::new(n, c);
         for t in s.tiles() {
-            let x_t = rows_of(be, x, t, n, c)?;
+            let x_t = input_rows(be, x, t, n, c)?;
             let att_t = rows_of(be, &att, t, n, qd)?;
             let (y_t, sv) = self.post_forward(be, w, lora, &x_t, &att_t, t, keep)?;
             if let Some(y_t) = y_t {
@@ -490,11 +490,14 @@ impl<'m> BlockDesc<'m> {
         // LongRoPE chooses its frequencies by the whole call's positions, not a tile's
         let inv_freq = a.rope.map(|r| r.for_positions(&s.positions));
         let mut bs = BlockSaved::default();
+        // the attention kernels read q, k, v as `Backend::attention_operand` makes them;
+        // the cache keeps them as projected (f32)
+        let operands = cache.is_none();
         let (mut q, mut k, mut v) = (Rows::new(n, qd), Rows::new(n, kvd), Rows::new(n, kvd));
         for t in s.tiles() {
-            let x_t = rows_of(be, x, t, n, c)?;
+            let x_t = input_rows(be, x, t, n, c)?;
             let ([q_t, k_t, v_t], sv) =
-                self.pre_forward(be, w, lora, &x_t, s, t, inv_freq, keep)?;
+                self.pre_forward(be, w, lora, &x_t, s, t, inv_freq, keep, operands)?;
             q.put(be, t, q_t)?;
             k.put(be, t, k_t)?;
             v.put(be, t, v_t)?;
@@ -535,8 +538,9 @@ impl<'m> BlockDesc<'m> {
     }
 
     /// norm1, the q/k/v projections, their per-head norms and RoPE (at `inv_freq`) on the
-    /// rows `x` of tile `t`: the tile's q, k, v rows and, with `keep.saved()`, what their
-    /// backward reads.
+    /// rows `x` of tile `t`: the tile's q, k, v rows (as attention operands with
+    /// `operands`, [`Backend::attention_operand`]; else f32) and, with `keep.saved()`,
+    /// what their backward reads.
     #[allow(clippy::too_many_arguments)]
     fn pre_forward<B: Backend>(
         &self,
@@ -548,6 +552,7 @@ impl<'m> BlockDesc<'m> {
         t: Tile,
         inv_freq: Option<&[f32]>,
         keep: Keep,
+        operands: bool,
     ) -> Result<([B::Buf; 3], Saved<B>)> {
         let a = &self.attn;
         let n = t.rows;
@@ -555,7 +560,7 @@ impl<'m> BlockDesc<'m> {
         // ln1[n, C] = norm1(x); only GEMMs read it unless LoRA drops its input out
         let (ln1, stats1) = self.input_norm(be, w, &self.norm1, x, n, self.qkv_first(), lora)?;
         // q[n, H·D], k, v[n, KVH·D]
-        let (in1, mut q, mut k, v) = match a.qkv {
+        let (in1, mut q, mut k, mut v) = match a.qkv {
             Qkv::Separate { q, k, v } => {
                 let in1 = self.linear(w, q)?.input_from(&ln1, t.start);
                 let q = self
@@ -586,10 +591,18 @@ impl<'m> BlockDesc<'m> {
             let (q_pre, k_pre) = (std::mem::replace(&mut q, qo), std::mem::replace(&mut k, ko));
             qk_saved = Some((q_pre, k_pre, qs, ks));
         }
-        if let Some(inv_freq) = inv_freq {
-            let positions = t.of(&s.positions);
-            be.rope_forward(&mut q, positions, inv_freq, a.n_heads)?;
-            be.rope_forward(&mut k, positions, inv_freq, a.n_kv_heads)?;
+        let rope = inv_freq.map(|inv_freq| RopeAngles {
+            positions: t.of(&s.positions),
+            inv_freq,
+        });
+        if operands {
+            let d = a.head_dim;
+            q = be.attention_operand(q, rope, a.n_heads, d)?;
+            k = be.attention_operand(k, rope, a.n_kv_heads, d)?;
+            v = be.attention_operand(v, None, a.n_kv_heads, d)?;
+        } else if let Some(r) = rope {
+            be.rope_forward(&mut q, r.positions, r.inv_freq, a.n_heads)?;
+            be.rope_forward(&mut k, r.positions, r.inv_freq, a.n_kv_heads)?;
         }
         if keep.saved() {
             // ln1 is read by the backward only as the projections' input. A checkpointed
@@ -869,7 +882,7 @@ impl<'m> BlockDesc<'m> {
             for (i, &t) in tiles.iter().enumerate() {
                 let att_t = rows_of(be, att, t, n, qd)?;
                 let mut sv = if recompute {
-                    let x_t = rows_of(be, x, t, n, c)?;
+                    let x_t = input_rows(be, x, t, n, c)?;
                     self.post_forward(be, w, lora, &x_t, &att_t, t, Keep::SavedOnly)?
                         .1
                 } else {
@@ -878,7 +891,10 @@ impl<'m> BlockDesc<'m> {
                 let datt_t = rows_mut(be, &mut dy, t, n, c, |dy_t| {
                     self.post_backward(be, w, lora, &mut sv, dy_t, &att_t, t)
                 })?;
-                datt.put(be, t, datt_t)?;
+                // stored as the attention backward reads it (bf16 on CUDA's tensor cores:
+                // the whole call's dout at half the memory, rounded as the kernels would)
+                let (h, d) = (self.attn.n_heads, self.attn.head_dim);
+                datt.put(be, t, be.attention_operand(datt_t, None, h, d)?)?;
             }
         }
         let datt = datt.finish(be)?;
@@ -887,7 +903,7 @@ impl<'m> BlockDesc<'m> {
         let inv_freq = self.attn.rope.map(|r| r.for_positions(&s.positions));
         let (mut dq, mut dk, mut dv) = (Some(dq), Some(dk), Some(dv));
         for (i, &t) in tiles.iter().enumerate() {
-            let x_t = rows_of(be, x, t, n, c)?;
+            let x_t = input_rows(be, x, t, n, c)?;
             let d = [
                 take_rows(be, &mut dq, t, n, qd)?,
                 take_rows(be, &mut dk, t, n, kvd)?,

@@ -6,7 +6,7 @@
 //! boundaries: nothing per-token cares). A tile that covers the whole call is the buffer
 //! itself — no copy — so an untiled call runs exactly the ops it ran before tiles existed.
 
-use crate::backend::{Accumulate, Backend};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// Token rows `start..start + rows` of a block call.
@@ -54,31 +54,6 @@ impl<B: Backend> std::ops::Deref for TileRows<'_, B> {
     }
 }
 
-/// `dst[0..rows·width] = src[start·width..]` over flat views (one row of each buffer), or
-/// the reverse: the row range of a `[N, width]` buffer is contiguous.
-#[allow(clippy::too_many_arguments)]
-fn copy_range<B: Backend>(
-    be: &B,
-    dst: &mut B::Buf,
-    dst_len: usize,
-    dst_off: usize,
-    src: &B::Buf,
-    src_len: usize,
-    src_off: usize,
-    len: usize,
-) -> Result<()> {
-    be.copy_cols(
-        dst,
-        dst_len,
-        dst_off,
-        src,
-        src_len,
-        src_off,
-        len,
-        Accumulate::Overwrite,
-    )
-}
-
 /// Rows `t` of `x` `[n, width]`.
 pub fn rows_of<'a, B: Backend>(
     be: &B,
@@ -92,9 +67,30 @@ pub fn rows_of<'a, B: Backend>(
     }
     let len = t.rows * width;
     // every element copied
-    let mut part = be.uninit(len)?;
-    copy_range(be, &mut part, len, 0, x, n * width, t.start * width, len)?;
+    let mut part = be.uninit_like(len, x)?;
+    be.copy_range(&mut part, 0, x, t.start * width, len)?;
     Ok(TileRows::Copy(part))
+}
+
+/// Rows `t` of a block's input `x` `[n, width]` in f32: as [`rows_of`] for an f32 `x`;
+/// widened (exactly) from a block input kept in half precision
+/// ([`Backend::is_half`]: one parked in bf16 and brought back as it was,
+/// `LemaConfig::offload_activations_half`), so that only a tile of it exists in f32.
+pub fn input_rows<'a, B: Backend>(
+    be: &B,
+    x: &'a B::Buf,
+    t: Tile,
+    n: usize,
+    width: usize,
+) -> Result<TileRows<'a, B>> {
+    if !be.is_half(x) {
+        return rows_of(be, x, t, n, width);
+    }
+    let f32_rows = match rows_of(be, x, t, n, width)? {
+        TileRows::All(x) => be.widen(x)?,
+        TileRows::Copy(part) => be.widen(&part)?,
+    };
+    Ok(TileRows::Copy(f32_rows))
 }
 
 /// Rows `t` of `x` `[n, width]` as a buffer of their own: `x` itself (taken) when the
@@ -130,10 +126,10 @@ pub fn rows_mut<B: Backend, R>(
         return f(x);
     }
     let len = t.rows * width;
-    let mut part = be.uninit(len)?;
-    copy_range(be, &mut part, len, 0, x, n * width, t.start * width, len)?;
+    let mut part = be.uninit_like(len, x)?;
+    be.copy_range(&mut part, 0, x, t.start * width, len)?;
     let r = f(&mut part)?;
-    copy_range(be, x, n * width, t.start * width, &part, len, 0, len)?;
+    be.copy_range(x, t.start * width, &part, 0, len)?;
     Ok(r)
 }
 
@@ -162,11 +158,11 @@ impl<B: Backend> Rows<B> {
         let total = self.n * self.width;
         let buf = match &mut self.buf {
             Some(b) => b,
-            // written in full by the tiles, which cover every row
-            None => self.buf.insert(be.uninit(total)?),
+            // written in full by the tiles, which cover every row; of the tiles' type
+            None => self.buf.insert(be.uninit_like(total, &part)?),
         };
         let len = t.rows * self.width;
-        copy_range(be, buf, total, t.start * self.width, &part, len, 0, len)
+        be.copy_range(buf, t.start * self.width, &part, 0, len)
     }
 
     /// The assembled buffer.

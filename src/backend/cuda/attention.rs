@@ -10,6 +10,7 @@ use super::{CudaBackend, CudaBuf};
 use crate::backend::DType;
 use crate::backend::{AttnDims, DecodeDims};
 use crate::error::Result;
+use cudarc::driver::CudaSlice;
 
 pub(super) const MODULE: Module = Module {
     name: "attention",
@@ -133,7 +134,13 @@ impl CudaBackend {
 
     /// `dst` (bf16, `n` elements) = `src` (f32) rounded to nearest even; `n` is a multiple
     /// of 4.
-    fn attn_cast_bf16(&self, op: &'static str, dst: u64, src: u64, n: usize) -> Result<()> {
+    pub(super) fn attn_cast_bf16(
+        &self,
+        op: &'static str,
+        dst: u64,
+        src: u64,
+        n: usize,
+    ) -> Result<()> {
         self.dev.launch(
             op,
             MODULE_MMA,
@@ -148,27 +155,96 @@ impl CudaBackend {
         MMA_TILE * (hd + 8) * 2
     }
 
+    /// The bf16 q, k, v the tensor-core kernels read: the operands themselves when they
+    /// are bf16 already ([`crate::backend::Backend::attention_operand`]), else copies of
+    /// the f32 ones, returned beside their addresses (freed in stream order when dropped).
+    fn bf16_operands(
+        &self,
+        op: &'static str,
+        (pq, pk, pv): Operands,
+        d: &AttnDims,
+    ) -> Result<(Bf16Qkv, Option<CudaSlice<u8>>)> {
+        if pq.half {
+            return Ok(((pq.ptr, pk.ptr, pv.ptr), None));
+        }
+        let nq = d.batch * d.seq * d.n_heads * d.head_dim;
+        let nk = d.batch * d.seq * d.n_kv_heads * d.head_dim;
+        let copies = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
+        let pqb = super::Device::ptr(&copies);
+        let (pkb, pvb) = (pqb + (nq * 2) as u64, pqb + ((nq + nk) * 2) as u64);
+        self.attn_cast_bf16(op, pqb, pq.ptr, nq)?;
+        self.attn_cast_bf16(op, pkb, pk.ptr, nk)?;
+        self.attn_cast_bf16(op, pvb, pv.ptr, nk)?;
+        Ok(((pqb, pkb, pvb), Some(copies)))
+    }
+
+    /// The checked addresses of q, k, v: f32, or bf16 from
+    /// [`crate::backend::Backend::attention_operand`] (only where the tensor-core kernels
+    /// run), all of one type.
+    fn operands(
+        &self,
+        op: &'static str,
+        d: &AttnDims,
+        [q, k, v]: [&CudaBuf; 3],
+    ) -> Result<Operands> {
+        let nq = d.batch * d.seq * d.n_heads * d.head_dim;
+        let nk = d.batch * d.seq * d.n_kv_heads * d.head_dim;
+        for (what, b) in [("k", k), ("v", v)] {
+            if b.dtype() != q.dtype() {
+                return Err(err(
+                    op,
+                    format!(
+                        "q is {} but {what} is {}: q, k and v must be of one type",
+                        q.dtype(),
+                        b.dtype()
+                    ),
+                ));
+            }
+        }
+        let one = |what, b, n| self.operand(op, what, b, n, d.head_dim);
+        Ok((one("q", q, nq)?, one("k", k, nk)?, one("v", v, nk)?))
+    }
+
+    /// The checked address of one operand of `n` elements: f32, or bf16 where the
+    /// tensor-core kernels run.
+    fn operand(
+        &self,
+        op: &'static str,
+        what: &str,
+        b: &CudaBuf,
+        n: usize,
+        head_dim: usize,
+    ) -> Result<Operand> {
+        let half = b.dtype() == DType::BF16;
+        if half && !self.attention_on_tensor_cores(head_dim) {
+            return Err(err(
+                op,
+                format!(
+                    "{what} is bf16, but attention with head dimension {head_dim} runs on the \
+                     f32 kernels here (a bug in lema: attention_operand makes f32 operands there)"
+                ),
+            ));
+        }
+        let ptr = if half {
+            Self::check_any(op, what, b, n)?.0
+        } else {
+            Self::check_f32(op, what, b, n)?
+        };
+        Ok(Operand { ptr, half })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention_forward_mma(
         &self,
         op: &'static str,
         po: u64,
         pl: u64,
-        pq: u64,
-        pk: u64,
-        pv: u64,
+        (pq, pk, pv): Operands,
         pks: u64,
         d: &AttnDims,
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
-        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
-        // bf16 copies of q, k, v (freed in stream order when `scratch` drops)
-        let scratch = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
-        let pqb = super::Device::ptr(&scratch);
-        let (pkb, pvb) = (pqb + (nq * 2) as u64, pqb + ((nq + nk) * 2) as u64);
-        self.attn_cast_bf16(op, pqb, pq, nq)?;
-        self.attn_cast_bf16(op, pkb, pk, nk)?;
-        self.attn_cast_bf16(op, pvb, pv, nk)?;
+        let ((pqb, pkb, pvb), _copies) = self.bf16_operands(op, (pq, pk, pv), d)?;
         let name = if hd == 64 {
             "amma_fwd_d64"
         } else {
@@ -200,34 +276,37 @@ impl CudaBackend {
     }
 
     /// `release` hears when the kernels are done with q, k, v (their bf16 copies are
-    /// made), then with dout and out (dsum and dout's bf16 copy are), and gives dq, dk, dv.
+    /// made), then with out and dout (dsum and dout's bf16 copy are), and gives dq, dk,
+    /// dv. Operands that are bf16 already are read by the kernels to the end.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_mma(
         &self,
         op: &'static str,
         release: &mut dyn Release,
-        pdo: u64,
+        pdo: Operand,
         po: u64,
         pl: u64,
-        (pq, pk, pv): (u64, u64, u64),
+        qkv: Operands,
         pks: u64,
         d: &AttnDims,
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
-        let (nq, nk) = (b * t * h * hd, b * t * kvh * hd);
-        // bf16 q, k, v; then (once the f32 ones may go) bf16 dout and f32 dsum [b, h, t]
-        // = bf16(dout) · out
-        let qkv = self.dev.alloc(op, (nq + 2 * nk) * 2)?;
-        let pqb = super::Device::ptr(&qkv);
-        let pkb = pqb + (nq * 2) as u64;
-        let pvb = pkb + (nk * 2) as u64;
-        self.attn_cast_bf16(op, pqb, pq, nq)?;
-        self.attn_cast_bf16(op, pkb, pk, nk)?;
-        self.attn_cast_bf16(op, pvb, pv, nk)?;
-        release.qkv_read();
-        let dos = self.dev.alloc(op, nq * 2 + b * h * t * 4)?;
-        let pdob = super::Device::ptr(&dos);
-        let pds = pdob + (nq * 2) as u64;
+        let nq = b * t * h * hd;
+        // bf16 q, k, v; then (once f32 ones may go) bf16 dout and f32 dsum [b, h, t] =
+        // bf16(dout) · out. Operands already in bf16 are read to the end.
+        let ((pqb, pkb, pvb), copies) = self.bf16_operands(op, qkv, d)?;
+        if copies.is_some() {
+            release.qkv_read();
+        }
+        // dout's bf16 copy (unless it is bf16) and dsum
+        let copy = if pdo.half { 0 } else { nq * 2 };
+        let dos = self.dev.alloc(op, copy + b * h * t * 4)?;
+        let pds = super::Device::ptr(&dos) + copy as u64;
+        let pdob = if pdo.half {
+            pdo.ptr
+        } else {
+            super::Device::ptr(&dos)
+        };
         let rows = b * t * h;
         self.dev.launch(
             op,
@@ -241,7 +320,8 @@ impl CudaBackend {
             &[
                 Arg::Ptr(pdob),
                 Arg::Ptr(pds),
-                Arg::Ptr(pdo),
+                Arg::Ptr(pdo.ptr),
+                Arg::I32(pdo.half as i32),
                 Arg::Ptr(po),
                 Arg::I32(t as i32),
                 Arg::I32(h as i32),
@@ -249,7 +329,10 @@ impl CudaBackend {
                 Arg::I64(rows as i64),
             ],
         )?;
-        release.douts_read();
+        release.out_read();
+        if !pdo.half {
+            release.dout_read();
+        }
         let (pdq, pdk, pdv) = release.grads()?;
         let common = [
             Arg::Ptr(pqb),
@@ -319,17 +402,16 @@ impl CudaBackend {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let po = Self::check_f32(op, "out", out, b * t * h * hd)?;
         let pl = Self::check_f32(op, "lse", lse, b * h * t)?;
-        let pq = Self::check_f32(op, "q", q, b * t * h * hd)?;
-        let pk = Self::check_f32(op, "k", k, b * t * kvh * hd)?;
-        let pv = Self::check_f32(op, "v", v, b * t * kvh * hd)?;
+        let qkv = self.operands(op, &d, [q, k, v])?;
         if b * t == 0 {
             return Ok(());
         }
         let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
         let pks = ks.as_ref().map_or(0, super::Device::ptr);
         if self.attention_on_tensor_cores(hd) {
-            return self.attention_forward_mma(op, po, pl, pq, pk, pv, pks, &d);
+            return self.attention_forward_mma(op, po, pl, qkv, pks, &d);
         }
+        let (pq, pk, pv) = (qkv.0.ptr, qkv.1.ptr, qkv.2.ptr);
         // kt [KT][D+1], vs [KT][D], qs [WARPS][D]
         let shared = (KT * (hd + 1) + KT * hd + WARPS * hd) * 4;
         self.dev.launch(
@@ -444,7 +526,7 @@ impl CudaBackend {
         let pdq = Self::check_f32(op, "dq", dq, nq)?;
         let pdk = Self::check_f32(op, "dk", dk, nk)?;
         let pdv = Self::check_f32(op, "dv", dv, nk)?;
-        let held = Held::check(op, &d, [dout, out, q, k, v])?;
+        let held = Held::check(self, op, &d, [dout, out, q, k, v])?;
         self.attention_backward_run(op, held, lse, d, key_start, &mut Given((pdq, pdk, pdv)))
     }
 
@@ -466,12 +548,13 @@ impl CudaBackend {
     ) -> Result<(CudaBuf, CudaBuf, CudaBuf)> {
         let op = "attention_backward";
         let (nq, nk) = (q.len, k.len);
-        let held = Held::check(op, &d, [&dout, &out, &q, &k, &v])?;
+        let held = Held::check(self, op, &d, [&dout, &out, &q, &k, &v])?;
         let mut own = Owned {
             be: self,
             op,
             qkv: Some((q, k, v)),
-            douts: Some((dout, out)),
+            dout: Some(dout),
+            out: Some(out),
             lens: (nq, nk),
             grads: None,
         };
@@ -494,13 +577,7 @@ impl CudaBackend {
         check_key_start(op, &d, key_start)?;
         let var = variant(op, d.head_dim)?;
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
-        let Held {
-            pdo,
-            po,
-            pq,
-            pk,
-            pv,
-        } = held;
+        let Held { pdo, po, qkv } = held;
         let pl = Self::check_f32(op, "lse", lse, b * h * t)?;
         if b * t == 0 {
             release.grads()?;
@@ -509,8 +586,9 @@ impl CudaBackend {
         let ks = key_start.map(|ks| self.upload_u32(op, ks)).transpose()?;
         let pks = ks.as_ref().map_or(0, super::Device::ptr);
         if self.attention_on_tensor_cores(hd) {
-            return self.attention_backward_mma(op, release, pdo, po, pl, (pq, pk, pv), pks, &d);
+            return self.attention_backward_mma(op, release, pdo, po, pl, qkv, pks, &d);
         }
+        let (pq, pk, pv, pdo) = (qkv.0.ptr, qkv.1.ptr, qkv.2.ptr, pdo.ptr);
         // the f32 kernels read every input to the end (an owner frees them after the
         // launches)
         let (pdq, pdk, pdv) = release.grads()?;
@@ -576,29 +654,41 @@ impl CudaBackend {
     }
 }
 
+/// The checked address of a q, k or v operand, and whether it is bf16
+/// ([`crate::backend::Backend::attention_operand`]) rather than f32.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: u64,
+    half: bool,
+}
+
+/// q, k and v (all of one type).
+type Operands = (Operand, Operand, Operand);
+
+/// Addresses of bf16 q, k and v.
+type Bf16Qkv = (u64, u64, u64);
+
 /// The checked device pointers of the attention backward's inputs that its kernels read
 /// until the gradients are made: dout, out, q, k, v.
 struct Held {
-    pdo: u64,
+    pdo: Operand,
     po: u64,
-    pq: u64,
-    pk: u64,
-    pv: u64,
+    qkv: Operands,
 }
 
 impl Held {
-    fn check(op: &'static str, d: &AttnDims, [dout, out, q, k, v]: [&CudaBuf; 5]) -> Result<Held> {
+    fn check(
+        be: &CudaBackend,
+        op: &'static str,
+        d: &AttnDims,
+        [dout, out, q, k, v]: [&CudaBuf; 5],
+    ) -> Result<Held> {
         check_dims(op, d)?;
-        let (nq, nk) = (
-            d.batch * d.seq * d.n_heads * d.head_dim,
-            d.batch * d.seq * d.n_kv_heads * d.head_dim,
-        );
+        let nq = d.batch * d.seq * d.n_heads * d.head_dim;
         Ok(Held {
-            pdo: CudaBackend::check_f32(op, "dout", dout, nq)?,
+            pdo: be.operand(op, "dout", dout, nq, d.head_dim)?,
             po: CudaBackend::check_f32(op, "out", out, nq)?,
-            pq: CudaBackend::check_f32(op, "q", q, nq)?,
-            pk: CudaBackend::check_f32(op, "k", k, nk)?,
-            pv: CudaBackend::check_f32(op, "v", v, nk)?,
+            qkv: be.operands(op, d, [q, k, v])?,
         })
     }
 }
@@ -608,8 +698,10 @@ impl Held {
 trait Release {
     /// q, k and v are no longer read.
     fn qkv_read(&mut self) {}
-    /// dout and out are no longer read.
-    fn douts_read(&mut self) {}
+    /// out is no longer read.
+    fn out_read(&mut self) {}
+    /// dout is no longer read.
+    fn dout_read(&mut self) {}
     /// dq, dk and dv, to be overwritten (inputs not released are still read).
     fn grads(&mut self) -> Result<(u64, u64, u64)>;
 }
@@ -630,7 +722,8 @@ struct Owned<'a> {
     be: &'a CudaBackend,
     op: &'static str,
     qkv: Option<(CudaBuf, CudaBuf, CudaBuf)>,
-    douts: Option<(CudaBuf, CudaBuf)>,
+    dout: Option<CudaBuf>,
+    out: Option<CudaBuf>,
     lens: (usize, usize),
     grads: Option<(CudaBuf, CudaBuf, CudaBuf)>,
 }
@@ -639,8 +732,11 @@ impl Release for Owned<'_> {
     fn qkv_read(&mut self) {
         self.qkv = None;
     }
-    fn douts_read(&mut self) {
-        self.douts = None;
+    fn out_read(&mut self) {
+        self.out = None;
+    }
+    fn dout_read(&mut self) {
+        self.dout = None;
     }
     fn grads(&mut self) -> Result<(u64, u64, u64)> {
         let (nq, nk) = self.lens;

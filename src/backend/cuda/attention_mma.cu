@@ -3,9 +3,10 @@
 // (mma.sync m16n8k16, ldmatrix, cp.async); other cases use the f32 kernels of attention.cu.
 //
 // Layouts as in attention.cu: q, dout: [B, T, H, D]; k, v: [B, T, KVH, D]; lse, dsum:
-// [B, H, T]. The kernels read bf16 copies of q, k, v (and dout) made by amma_cast_bf16 /
-// amma_bwd_prep, so that tiles move global -> shared memory with cp.async (16 bytes per
-// thread) while the tensor cores work on the previous tile. Outputs (out, lse, dq, dk, dv)
+// [B, H, T]. The kernels read bf16 q, k, v and dout: the operands themselves when they are
+// bf16 (Backend::attention_operand), else copies made by amma_cast_bf16 / amma_bwd_prep, so
+// that tiles move global -> shared memory with cp.async (16 bytes per thread) while the
+// tensor cores work on the previous tile. Outputs (out, lse, dq, dk, dv)
 // are f32. Query t of batch row b sees keys s0 ..= t, s0 = ks[b * T + t] or 0.
 //
 // Block = 4 warps. Shared tiles hold 64 rows of D bf16 with row stride D + 8 elements, so
@@ -563,19 +564,26 @@ extern "C" __global__ void amma_cast_bf16(u16* dst, const float* src, i64 n) {
 
 // Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out. The
 // rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j dP_j holds
-// as closely as the bf16 products allow (with one key, dS is then ~0, as it must be).
-extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const float* dout, const float* out, int T, int H,
-                                         int D, i64 rows) {
+// as closely as the bf16 products allow (with one key, dS is then ~0, as it must be). With
+// dout_bf16, dout is bf16 already (Backend::attention_operand): it is read as it is and
+// dob is not written (the kernels read dout itself).
+extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const void* dout, int dout_bf16, const float* out,
+                                         int T, int H, int D, i64 rows) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float* g = dout + row * D;
     const float* o = out + row * D;
     float acc = 0.f;
     for (int d = lane * 2; d < D; d += 64) {
-        const float2 x = *(const float2*)(g + d), y = *(const float2*)(o + d);
-        const u32 p = am_pack(x.x, x.y);
-        *(u32*)(dob + row * D + d) = p;
+        const float2 y = *(const float2*)(o + d);
+        u32 p;
+        if (dout_bf16) {
+            p = *(const u32*)((const u16*)dout + row * D + d);
+        } else {
+            const float2 x = *(const float2*)((const float*)dout + row * D + d);
+            p = am_pack(x.x, x.y);
+            *(u32*)(dob + row * D + d) = p;
+        }
         acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
     }
     acc = warp_sum(acc);

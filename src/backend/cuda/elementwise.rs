@@ -131,6 +131,59 @@ impl CudaBackend {
         )
     }
 
+    /// [`crate::backend::Backend::copy_range`]: a stream-ordered device copy of the bytes
+    /// of `len` elements between two buffers of one element type.
+    pub(super) fn copy_range_impl(
+        &self,
+        dst: &mut CudaBuf,
+        dst_off: usize,
+        src: &CudaBuf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        let op = "copy_range";
+        if dst.dtype() != src.dtype() {
+            return Err(err(
+                op,
+                format!("dst is {} but src is {}", dst.dtype(), src.dtype()),
+            ));
+        }
+        if dst_off + len > dst.len() || src_off + len > src.len() {
+            return Err(err(
+                op,
+                format!(
+                    "elements {dst_off}..{} of {} (dst) or {src_off}..{} of {} (src) out of range",
+                    dst_off + len,
+                    dst.len(),
+                    src_off + len,
+                    src.len()
+                ),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.dev.bind(op)?;
+        let size = dst.dtype().size();
+        let (pd, ps) = (
+            dst.ptr() + (dst_off * size) as u64,
+            src.ptr() + (src_off * size) as u64,
+        );
+        self.dev.timed("copy_range", || {
+            // SAFETY: both ranges were checked to lie inside their buffers, which stay
+            // alive until the copy, ordered on the compute stream, is done.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    pd,
+                    ps,
+                    len * size,
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| super::device::driver_err(op, e))
+        })
+    }
+
     pub(super) fn sum_squares_impl(&self, x: &CudaBuf) -> Result<f64> {
         self.sum_squares_all_impl(&[x])
     }

@@ -1,11 +1,13 @@
 // Fused softmax / cross-entropy / dlogits over one row chunk of logits (loss.rs).
-// x: [rows, V] logits, overwritten with dlogits = scale * (softmax - onehot(label)) when
-// want_grad (rows whose label is IGNORE_INDEX get zeros); row_loss[r] = lse - x[label]
-// (0 for ignored rows). One block per row; max, sum and lse in f32. With cap > 0 the row holds
-// soft-capped logits x = cap * tanh(z / cap) (softcap_fwd) and dlogits is taken with respect to z:
-// times 1 - (x / cap)^2.
-extern "C" __global__ void ce_fwd_bwd(float* x, float* row_loss, const int* labels, i64 v, float scale,
-                                      int want_grad, float cap) {
+// x: [rows, V] logits; when want_grad, dl [rows, V] of type dl_dt (store_act: 0 = f32, x
+// itself, overwritten; 1, 2 = f16, bf16: the head GEMM's operand, rounded once as it is
+// stored, a separate buffer) gets dlogits = scale * (softmax - onehot(label)) (rows whose
+// label is IGNORE_INDEX get zeros); row_loss[r] = lse - x[label] (0 for ignored rows). One
+// block per row; max, sum and lse in f32. With cap > 0 the row holds soft-capped logits
+// x = cap * tanh(z / cap) (softcap_fwd) and dlogits is taken with respect to z: times
+// 1 - (x / cap)^2.
+extern "C" __global__ void ce_fwd_bwd(float* x, void* dl, int dl_dt, float* row_loss, const int* labels, i64 v,
+                                      float scale, int want_grad, float cap) {
     __shared__ float sh[32];
     const i64 r = blockIdx.x;
     float* xr = x + r * v;
@@ -28,7 +30,7 @@ extern "C" __global__ void ce_fwd_bwd(float* x, float* row_loss, const int* labe
             const float y = xr[j] / cap;
             g *= 1.f - y * y;
         }
-        xr[j] = g;
+        store_act(dl, r * v + j, dl_dt, g);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Fused LM head and cross-entropy over row chunks: at most one chunk of `[rows, V]` f32
 //! logits exists at a time. Per chunk: logits = h·wᵀ (cuBLAS, half weight), the fused
-//! softmax / cross-entropy / dlogits kernel of `loss.cu`, then dh = dlogits·w.
+//! softmax / cross-entropy / dlogits kernel of `loss.cu` (dlogits written in the half
+//! weight's type, when it is one, for the next GEMM), then dh = dlogits·w.
 
 use super::device::{Arg, Device, Launch, Module, driver_err, err};
 use super::gemm::Operand;
@@ -65,6 +66,24 @@ impl CudaBackend {
         let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_ne_bytes()).collect();
         let lab = self.upload_bytes(op, &label_bytes)?;
         let plab = Device::ptr(&lab);
+        // dlogits: in the logits' f32 buffer, or for a half weight straight in the head
+        // GEMM's type (the values its cast would make), so no cast pass follows
+        let dl = match w.dtype() {
+            DType::BF16 | DType::F16 if pdh.is_some() => {
+                Some(self.dev.alloc(op, chunk * v * w.dtype().size())?)
+            }
+            _ => None,
+        };
+        let dlogits = dl.as_ref().map_or(
+            Operand {
+                ptr: pbuf,
+                dtype: DType::F32,
+            },
+            |b| Operand {
+                ptr: Device::ptr(b),
+                dtype: w.dtype(),
+            },
+        );
         let row_loss = self.dev.alloc(op, n * 4)?;
         let ploss = Device::ptr(&row_loss);
         let block = (v.div_ceil(32) * 32).clamp(32, 1024) as u32;
@@ -122,6 +141,8 @@ impl CudaBackend {
                 },
                 &[
                     Arg::Ptr(pbuf),
+                    Arg::Ptr(dlogits.ptr),
+                    Arg::I32(super::device::dtype_code(dlogits.dtype)),
                     Arg::Ptr(ploss + (r0 * 4) as u64),
                     Arg::Ptr(plab + (r0 * 4) as u64),
                     Arg::I64(v as i64),
@@ -138,10 +159,7 @@ impl CudaBackend {
                         ptr: pd + (r0 * c * 4) as u64,
                         dtype: DType::F32,
                     },
-                    Operand {
-                        ptr: pbuf,
-                        dtype: DType::F32,
-                    },
+                    dlogits,
                     weight,
                     Gemm {
                         m: rows,

@@ -45,7 +45,7 @@ pub use device::probe;
 
 use crate::backend::{
     Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts, Gemm,
-    LossSum, Nf4Parts, SgdStep,
+    LossSum, Nf4Parts, RopeAngles, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -629,6 +629,29 @@ impl Backend for CudaBackend {
         self.widen_impl(x)
     }
 
+    fn is_half(&self, x: &CudaBuf) -> bool {
+        matches!(x.dtype, DType::BF16 | DType::F16)
+    }
+
+    fn uninit_like(&self, n: usize, like: &CudaBuf) -> Result<CudaBuf> {
+        let op = "uninit_like";
+        self.dev.bind(op)?;
+        let b = self.new_buf(op, n, like.dtype)?;
+        self.poison(op, b.ptr(), b.bytes())?;
+        Ok(b)
+    }
+
+    fn copy_range(
+        &self,
+        dst: &mut CudaBuf,
+        dst_off: usize,
+        src: &CudaBuf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.copy_range_impl(dst, dst_off, src, src_off, len)
+    }
+
     /// Page-locked host memory mapped into the device's address space, zero-filled on the
     /// host (it is new, so no device work can refer to it yet).
     fn zeros_host(&self, n: usize) -> Result<CudaBuf> {
@@ -887,6 +910,16 @@ impl Backend for CudaBackend {
         heads: usize,
     ) -> Result<()> {
         self.rope_impl("rope_backward", dx, positions, inv_freq, heads, -1.0)
+    }
+
+    fn attention_operand(
+        &self,
+        x: CudaBuf,
+        rope: Option<RopeAngles<'_>>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<CudaBuf> {
+        self.attention_operand_impl(x, rope, heads, head_dim)
     }
 
     fn attention_forward(
