@@ -2247,8 +2247,9 @@ fn median_batched_ms(be: &CudaBackend, reps: usize, inner: usize, mut f: impl Fn
 }
 
 /// Attention forward and backward at Llama-2-7B heads (H = 32, D = 128), f32 kernels
-/// (`exact_attention`) against the bf16 tensor-core kernels on the same card; times
-/// include the bf16 conversions and scratch allocations of the fast path.
+/// (`exact_attention`) against the bf16 tensor-core kernels on the same card, each given
+/// its operands as a block makes them (`attention_operand`: bf16 for the fast path, so
+/// its times are the kernels' and dsum's scratch, without casts).
 #[test]
 #[ignore = "timings for the notes, GPU only"]
 fn attention_timings() {
@@ -2267,7 +2268,7 @@ fn attention_timings() {
     println!("device {} ({})", fast.device_name(), fast.arch());
     let mut r = Rng::fresh("attention timings");
     let (h, d) = (32usize, 128usize);
-    for (b, t) in [(1usize, 512usize), (1, 2048), (1, 4096), (8, 512)] {
+    for (b, t) in [(1usize, 512usize), (1, 1024), (1, 2048), (1, 4096), (8, 512)] {
         let dims = AttnDims {
             batch: b,
             seq: t,
@@ -2280,10 +2281,12 @@ fn attention_timings() {
         // causal: half the T×T scores; forward 2 GEMMs, backward 5 (FlashAttention count)
         let flops = 4.0 * (b * t * t) as f64 / 2.0 * (d * h) as f64;
         for (name, g) in [("f32 ", &exact), ("bf16", &fast)] {
-            let q = g.upload(&r.vec(n, 1.0)).unwrap();
-            let k = g.upload(&r.vec(n, 1.0)).unwrap();
-            let v = g.upload(&r.vec(n, 1.0)).unwrap();
-            let dout = g.upload(&r.vec(n, 1.0)).unwrap();
+            // as a block gives them: bf16 operands on the tensor-core path
+            let mut operand = || {
+                let x = g.upload(&r.vec(n, 1.0)).unwrap();
+                g.attention_operand(x, None, h, d).unwrap()
+            };
+            let (q, k, v, dout) = (operand(), operand(), operand(), operand());
             let mut o = g.zeros(n).unwrap();
             let mut l = g.zeros(b * h * t).unwrap();
             let (mut dq, mut dk, mut dv) = (
