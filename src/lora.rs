@@ -321,13 +321,14 @@ impl<B: Backend> LoraParams<B> {
         self.modules.iter().map(|m| m.a.len() + m.b.len()).sum()
     }
 
-    /// Zero every gradient.
+    /// Zero every gradient (in one launch where the backend can).
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
-        for m in &mut self.modules {
-            be.fill_zero(&mut m.da)?;
-            be.fill_zero(&mut m.db)?;
-        }
-        Ok(())
+        let mut grads: Vec<&mut B::Buf> = self
+            .modules
+            .iter_mut()
+            .flat_map(|m| [&mut m.da, &mut m.db])
+            .collect();
+        be.fill_zero_all(&mut grads)
     }
 
     /// Drop every module's GEMM copies of A and B ([`LoraModule::gemm_copies`]), so the

@@ -112,12 +112,17 @@ extern "C" __global__ void dropout(float* out, const float* x, float p, float sc
     GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, offset + (u64)i, p) ? x[i] * scale : 0.f; }
 }
 
-// partial[block] = sum of x[i]^2 over the block's grid-stride share, accumulated in f64.
-// The host adds the (at most a few hundred) partials in f64.
-extern "C" __global__ void sum_squares_partial(double* partial, const float* x, i64 n) {
+// partial[b] = sum of x[i]^2 over block b's share of its tensor (a multi-tensor table of
+// one pointer, x, per tensor; common.cuh), accumulated in f64: the partial sums a launch over
+// that tensor alone would give. The host adds each tensor's (at most a few hundred) partials
+// in f64, in order.
+extern "C" __global__ void sum_squares_partial(const i64* first_block, const i64* lens, const u64* ptrs, int count,
+                                               double* partial) {
     __shared__ double sh[32];
+    const TensorBlock tb = tensor_block(first_block, lens, count);
+    const float* x = (const float*)ptrs[tb.t];
     double acc = 0.0;
-    GRID_STRIDE(i, n) {
+    BLOCK_STRIDE(i, tb.n, tb.blk, tb.nblk) {
         double v = (double)x[i];
         acc += v * v;
     }
@@ -130,4 +135,12 @@ extern "C" __global__ void sum_squares_partial(double* partial, const float* x, 
         s = warp_sum_d(s);
         if (lane == 0) partial[blockIdx.x] = s;
     }
+}
+
+// x[i] = 0 for every tensor of a multi-tensor table of one pointer, x, per tensor (the
+// step's gradients, Backend::fill_zero_all).
+extern "C" __global__ void fill_zero_multi(const i64* first_block, const i64* lens, const u64* ptrs, int count) {
+    const TensorBlock tb = tensor_block(first_block, lens, count);
+    float* x = (float*)ptrs[tb.t];
+    BLOCK_STRIDE(i, tb.n, tb.blk, tb.nblk) { x[i] = 0.f; }
 }

@@ -24,6 +24,7 @@ mod elementwise;
 mod errors;
 mod gemm;
 mod loss;
+mod multi;
 mod norm;
 mod offload;
 mod optim;
@@ -44,8 +45,8 @@ pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::probe;
 
 use crate::backend::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts, Gemm,
-    LossSum, Nf4Parts, SgdStep,
+    Accumulate, Activation, AdamWItem, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts,
+    Gemm, LossSum, Nf4Parts, SgdItem, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -760,6 +761,10 @@ impl Backend for CudaBackend {
         self.memset_zero(op, buf)
     }
 
+    fn fill_zero_all(&self, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        self.fill_zero_all_impl(bufs)
+    }
+
     fn synchronize(&self) -> Result<()> {
         let op = "synchronize";
         self.dev.bind(op)?;
@@ -1036,6 +1041,14 @@ impl Backend for CudaBackend {
 
     fn sgd_step(&self, p: &mut CudaBuf, g: &CudaBuf, buf: &mut CudaBuf, h: SgdStep) -> Result<()> {
         self.sgd_impl(p, g, buf, h)
+    }
+
+    fn adamw_step_all(&self, items: &mut [AdamWItem<'_, Self>], h: AdamWStep) -> Result<()> {
+        self.adamw_all_impl(items, h)
+    }
+
+    fn sgd_step_all(&self, items: &mut [SgdItem<'_, Self>], h: SgdStep) -> Result<()> {
+        self.sgd_all_impl(items, h)
     }
 }
 
