@@ -1847,6 +1847,50 @@ fn fill_zero_all_zeroes_exactly_the_buffers_given() {
     );
 }
 
+#[test]
+fn gemm_input_all_matches_gemm_input_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("gemm_input_all");
+    let weight = |dt: DType| g.upload_weight(&weight_bytes(&[0.5; 4], dt), dt).unwrap();
+    let weights = [weight(DType::BF16), weight(DType::F16), weight(DType::F32)];
+    // values past the f16 range and near rounding ties, in every length
+    let xs: Vec<cuda::CudaBuf> = MULTI_LENS
+        .iter()
+        .map(|&n| g.upload(&r.vec(n, 7e4)).unwrap())
+        .collect();
+    let pairs: Vec<(&cuda::CudaBuf, &cuda::CudaBuf)> = (xs.iter().enumerate())
+        .map(|(i, x)| (x, &weights[i % 3]))
+        .collect();
+    let all = g.gemm_input_all(&pairs).unwrap();
+    assert_eq!(all.len(), pairs.len());
+    for (i, (got, (x, w))) in all.iter().zip(&pairs).enumerate() {
+        let want = g.gemm_input(x, w).unwrap();
+        match (got, &want) {
+            (Some(a), Some(b)) => {
+                assert_eq!(a.dtype(), b.dtype(), "pair {i}");
+                assert_eq!(
+                    bits(&g, a),
+                    bits(&g, b),
+                    "pair {i} ({} elements, {})",
+                    MULTI_LENS[i],
+                    w.dtype()
+                );
+            }
+            (None, None) => assert_eq!(w.dtype(), DType::F32, "pair {i}"),
+            _ => panic!(
+                "pair {i}: gemm_input_all {} a copy, gemm_input {}",
+                got.is_some(),
+                want.is_some()
+            ),
+        }
+    }
+    assert!(g.gemm_input_all(&[]).unwrap().is_empty());
+    println!(
+        "PARITY {:<44} bit-identical",
+        "gemm_input_all vs gemm_input (bf16, f16)"
+    );
+}
+
 // ---- faults and the streaming hooks --------------------------------------------------
 
 #[test]

@@ -436,6 +436,11 @@ pub trait Backend: Send + Sync + 'static {
     fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
         Ok(None)
     }
+    /// [`Backend::gemm_input`] of every pair `(x, w)`, in order: a backend may round them
+    /// all in one launch (CUDA) instead of one each (a block's LoRA matrices).
+    fn gemm_input_all(&self, pairs: &[(&Self::Buf, &Self::Buf)]) -> Result<Vec<Option<Self::Buf>>> {
+        pairs.iter().map(|(x, w)| self.gemm_input(x, w)).collect()
+    }
     /// A new buffer of `n` elements for an output that only GEMMs beside the weight `w`
     /// read — of an [`Accumulate::Overwrite`] GEMM (the LoRA intermediates), or of the ops
     /// that say they take one (RMSNorm, the gated MLP): in the type

@@ -613,6 +613,10 @@ impl Backend for CudaBackend {
         self.gemm_input_impl(x, w)
     }
 
+    fn gemm_input_all(&self, pairs: &[(&CudaBuf, &CudaBuf)]) -> Result<Vec<Option<CudaBuf>>> {
+        self.gemm_input_all_impl(pairs)
+    }
+
     fn gemm_output(&self, n: usize, w: &CudaBuf) -> Result<CudaBuf> {
         let op = "gemm_output";
         match w.dtype {
