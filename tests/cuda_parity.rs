@@ -1739,10 +1739,10 @@ fn multi_tensor_optimizers_match_per_tensor_bit_for_bit() {
         &["param", "momentum_buffer"],
     );
 
-    // a tensor whose gradient has the wrong length is named, and nothing is launched
+    // a tensor whose gradient has the wrong length is named, and no tensor is updated
     let (mut p, mut b) = (g.zeros(8).unwrap(), g.zeros(8).unwrap());
     let (mut q, mut c) = (g.zeros(4).unwrap(), g.zeros(4).unwrap());
-    let (g8, g3) = (g.zeros(8).unwrap(), g.zeros(3).unwrap());
+    let (g8, g3) = (g.upload(&[1.0; 8]).unwrap(), g.zeros(3).unwrap());
     let mut items = vec![
         SgdItem {
             p: &mut p,
@@ -1766,6 +1766,7 @@ fn multi_tensor_optimizers_match_per_tensor_bit_for_bit() {
         msg.contains("grad of tensor 1") && msg.contains("3 elements"),
         "{msg}"
     );
+    assert!(bits(&g, &p).iter().all(|&b| b == 0), "tensor 0 was updated");
 }
 
 #[test]
