@@ -80,11 +80,13 @@ pub struct LoraModule<B: Backend> {
     /// Gradient of `b`, `[out, R]` (accumulated).
     pub db: B::Buf,
     /// `a` and `b` rounded to the type the frozen GEMMs read ([`Backend::gemm_input`]),
-    /// made on first use ([`LoraModule::gemm_copies`]) and dropped by every mutable access
+    /// made with the block's others before its first linear
+    /// ([`BlockLora::make_gemm_copies`]) or else on first use
+    /// ([`LoraModule::gemm_copies`]), and dropped by every mutable access
     /// to the parameters ([`LoraParams::named_params_mut`]) and at the start of every pass
     /// ([`LoraParams::drop_gemm_copies`]): the adapter's GEMMs of one pass share one
     /// rounding of each matrix instead of casting it for every GEMM.
-    gemm_copies: std::sync::OnceLock<Option<[B::Buf; 2]>>,
+    gemm_copies: CopiesCell<B>,
 }
 
 impl<B: Backend> LoraModule<B> {
@@ -110,19 +112,27 @@ pub type CopiesAndGrads<'m, B> = (
     &'m mut <B as Backend>::Buf,
 );
 
+/// A module's cell of GEMM copies (see [`LoraModule::gemm_copies`]).
+type CopiesCell<B> = std::sync::OnceLock<Option<[<B as Backend>::Buf; 2]>>;
+
+/// Fill an empty `cell` with the GEMM copies of A and B (when the backend made both).
+fn store_copies<B: Backend>(cell: &CopiesCell<B>, a: Option<B::Buf>, b: Option<B::Buf>) {
+    let copies = match (a, b) {
+        (Some(a), Some(b)) => Some([a, b]),
+        _ => None,
+    };
+    let _ = cell.set(copies);
+}
+
 fn copies_of<'m, B: Backend>(
-    cell: &'m std::sync::OnceLock<Option<[B::Buf; 2]>>,
+    cell: &'m CopiesCell<B>,
     a: &'m B::Buf,
     b: &'m B::Buf,
     be: &B,
     w: &B::Buf,
 ) -> Result<[&'m B::Buf; 2]> {
     if cell.get().is_none() {
-        let copies = match (be.gemm_input(a, w)?, be.gemm_input(b, w)?) {
-            (Some(a), Some(b)) => Some([a, b]),
-            _ => None,
-        };
-        let _ = cell.set(copies);
+        store_copies::<B>(cell, be.gemm_input(a, w)?, be.gemm_input(b, w)?);
     }
     Ok(match cell.get().and_then(Option::as_ref) {
         Some([a, b]) => [a, b],
@@ -184,6 +194,37 @@ impl<B: Backend> BlockLora<'_, B> {
     /// Dropout seed of the module at position `idx` of this block.
     pub fn module_seed(&self, idx: usize) -> u64 {
         mix_seed(&[self.seed, idx as u64])
+    }
+
+    /// Make the GEMM copies ([`LoraModule::gemm_copies`]) of every adapter of this block
+    /// that has none yet, all in one [`Backend::gemm_input_all`] (one launch on CUDA instead
+    /// of two a module); `weight(linear)` is the frozen weight beside which the adapter of
+    /// `linear` runs. The same copies as the adapters' first GEMMs would make.
+    pub fn make_gemm_copies<'w>(
+        &self,
+        be: &B,
+        weight: impl Fn(&'static str) -> Result<&'w B::Buf>,
+    ) -> Result<()>
+    where
+        B::Buf: 'w,
+    {
+        let todo: Vec<&LoraModule<B>> = (self.modules.iter())
+            .filter(|m| m.gemm_copies.get().is_none())
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut pairs = Vec::with_capacity(2 * todo.len());
+        for m in &todo {
+            let w = weight(m.linear)?;
+            pairs.extend([(&m.a, w), (&m.b, w)]);
+        }
+        let mut copies = be.gemm_input_all(&pairs)?.into_iter();
+        for m in todo {
+            let (a, b) = (copies.next().flatten(), copies.next().flatten());
+            store_copies::<B>(&m.gemm_copies, a, b);
+        }
+        Ok(())
     }
 }
 
@@ -321,13 +362,14 @@ impl<B: Backend> LoraParams<B> {
         self.modules.iter().map(|m| m.a.len() + m.b.len()).sum()
     }
 
-    /// Zero every gradient.
+    /// Zero every gradient (in one launch where the backend can).
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
-        for m in &mut self.modules {
-            be.fill_zero(&mut m.da)?;
-            be.fill_zero(&mut m.db)?;
-        }
-        Ok(())
+        let mut grads: Vec<&mut B::Buf> = self
+            .modules
+            .iter_mut()
+            .flat_map(|m| [&mut m.da, &mut m.db])
+            .collect();
+        be.fill_zero_all(&mut grads)
     }
 
     /// Drop every module's GEMM copies of A and B ([`LoraModule::gemm_copies`]), so the

@@ -1,7 +1,7 @@
 //! Optimizers over the LoRA parameters (PyTorch semantics), global-norm gradient
 //! clipping, and their state for checkpoints.
 
-use crate::backend::{Accumulate, AdamWStep, Backend, SgdStep};
+use crate::backend::{Accumulate, AdamWItem, AdamWStep, Backend, SgdItem, SgdStep};
 use crate::error::{Error, Result};
 use crate::lora::LoraParams;
 use serde::{Deserialize, Serialize};
@@ -174,59 +174,65 @@ impl<B: Backend> Optimizer<B> {
         Ok(buf)
     }
 
-    /// One update of every parameter with learning rate `lr` (the schedule's value).
+    /// One update of every parameter with learning rate `lr` (the schedule's value), all
+    /// tensors at once ([`Backend::adamw_step_all`], [`Backend::sgd_step_all`]).
     pub fn update(&mut self, be: &B, params: &mut LoraParams<B>, lr: f32) -> Result<()> {
+        let tensors = params.named_params_mut();
+        if tensors.len() != self.state.len() {
+            return Err(Error::internal(format!(
+                "the optimizer holds state for {} tensors, the adapters have {}",
+                self.state.len(),
+                tensors.len()
+            )));
+        }
         self.step += 1;
         let step = self.step;
-        for ((_, p, g), st) in params.named_params_mut().into_iter().zip(&mut self.state) {
-            match (&self.cfg, st.as_mut_slice()) {
-                (
-                    OptimizerConfig::AdamW {
-                        beta1,
-                        beta2,
-                        eps,
-                        weight_decay,
-                        ..
-                    },
-                    [m, v],
-                ) => be.adamw_step(
-                    p,
-                    g,
-                    m,
-                    v,
-                    AdamWStep {
-                        lr,
-                        beta1: *beta1,
-                        beta2: *beta2,
-                        eps: *eps,
-                        weight_decay: *weight_decay,
-                        step,
-                    },
-                )?,
-                (
-                    OptimizerConfig::Sgd {
-                        momentum,
-                        weight_decay,
-                        ..
-                    },
-                    [buf],
-                ) => be.sgd_step(
-                    p,
-                    g,
-                    buf,
-                    SgdStep {
-                        lr,
-                        momentum: *momentum,
-                        weight_decay: *weight_decay,
-                        first: step == 1,
-                    },
-                )?,
-                _ => {
-                    return Err(Error::internal("optimizer state does not match its kind"));
-                }
+        let pairs = tensors.into_iter().zip(&mut self.state);
+        let mismatch = || Error::internal("optimizer state does not match its kind");
+        match self.cfg {
+            OptimizerConfig::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => {
+                let mut items = pairs
+                    .map(|((_, p, g), st)| match st.as_mut_slice() {
+                        [m, v] => Ok(AdamWItem { p, g, m, v }),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let h = AdamWStep {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step,
+                };
+                be.adamw_step_all(&mut items, h)
+            }
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => {
+                let mut items = pairs
+                    .map(|((_, p, g), st)| match st.as_mut_slice() {
+                        [buf] => Ok(SgdItem { p, g, buf }),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let h = SgdStep {
+                    lr,
+                    momentum,
+                    weight_decay,
+                    first: step == 1,
+                };
+                be.sgd_step_all(&mut items, h)
             }
         }
-        Ok(())
     }
 }
 

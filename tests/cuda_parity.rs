@@ -22,8 +22,8 @@ use common::{poison_uninit, skip_without_gpu};
 use lema::backend::cpu::CpuBackend;
 use lema::backend::cuda::{self, CudaBackend, CudaOptions};
 use lema::backend::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm, IGNORE_INDEX,
-    RopeAngles, SgdStep, dropout_keep,
+    Accumulate, Activation, AdamWItem, AdamWStep, AttnDims, Backend, DType, DecodeDims, Gemm,
+    IGNORE_INDEX, RopeAngles, SgdItem, SgdStep, dropout_keep,
 };
 use lema::{Device, LemaConfig, LemaModel, OptimizerConfig, Trainer};
 
@@ -1663,6 +1663,338 @@ fn optimizers_adamw_and_sgd() {
     p.cmp("sgd_step momentum", &cb, &gb, 1e-6);
 }
 
+/// Lengths for the multi-tensor tests: empty, one element, around the 256-thread block and
+/// the 2048 elements of an elementwise block's share, and past the 512 blocks × 256 of a
+/// sum of squares (whose blocks then stride).
+const MULTI_LENS: [usize; 9] = [
+    0,
+    1,
+    255,
+    256,
+    2047,
+    2049,
+    5000,
+    16 * 2048 + 3,
+    131_072 + 517,
+];
+
+/// The bits of a buffer's values.
+fn bits(g: &CudaBackend, b: &cuda::CudaBuf) -> Vec<u32> {
+    g.download(b).unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// `data` on the GPU: in device memory, or with `host` in mapped host memory
+/// (`zeros_host`, as offloaded optimizer state), copied exactly.
+fn gpu_buf(g: &CudaBackend, data: &[f32], host: bool) -> cuda::CudaBuf {
+    if !host {
+        return g.upload(data).unwrap();
+    }
+    let n = data.len();
+    let mut b = g.zeros_host(n).unwrap();
+    if n > 0 {
+        let src = g.upload(data).unwrap();
+        g.copy_cols(&mut b, n, 0, &src, n, 0, n, Accumulate::Overwrite)
+            .unwrap();
+    }
+    b
+}
+
+/// Parameters and optimizer state of one tensor: the multi-tensor call's copy (state in
+/// mapped host memory where `host`) and the per-tensor calls' copy (device memory).
+struct MultiCase {
+    multi: Vec<cuda::CudaBuf>,
+    single: Vec<cuda::CudaBuf>,
+}
+
+/// One [`MultiCase`] per length of [`MULTI_LENS`] with `states` state tensors (random,
+/// non-negative like AdamW's second moment), those of tensors 3 and 6 offloaded on the
+/// multi-tensor side.
+fn multi_cases(g: &CudaBackend, r: &mut Rng, states: usize) -> Vec<MultiCase> {
+    MULTI_LENS
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut data = vec![r.vec(n, 1.0)];
+            for _ in 0..states {
+                data.push(r.vec(n, 0.01).iter().map(|x| x.abs()).collect());
+            }
+            let host = i == 3 || i == 6;
+            MultiCase {
+                multi: (data.iter().enumerate())
+                    .map(|(j, d)| gpu_buf(g, d, host && j > 0))
+                    .collect(),
+                single: data.iter().map(|d| gpu_buf(g, d, false)).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Every buffer of the multi-tensor side has the bits of the per-tensor side, and every
+/// non-empty parameter moved from `start`.
+fn assert_same_bits(
+    g: &CudaBackend,
+    what: &str,
+    cases: &[MultiCase],
+    start: &[Vec<u32>],
+    names: &[&str],
+) {
+    for (i, c) in cases.iter().enumerate() {
+        let n = MULTI_LENS[i];
+        for (j, name) in names.iter().enumerate() {
+            let (got, want) = (bits(g, &c.multi[j]), bits(g, &c.single[j]));
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                diff, 0,
+                "{what}, tensor {i} ({n} elements): {diff} values of {name} differ"
+            );
+        }
+        if n > 0 {
+            assert_ne!(
+                bits(g, &c.single[0]),
+                start[i],
+                "{what}: tensor {i} did not move"
+            );
+        }
+    }
+    println!(
+        "PARITY {:<44} bit-identical",
+        format!("{what} multi-tensor vs per tensor")
+    );
+}
+
+#[test]
+fn multi_tensor_optimizers_match_per_tensor_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("multi_tensor_optimizers");
+    let grads = |r: &mut Rng| -> Vec<cuda::CudaBuf> {
+        MULTI_LENS
+            .iter()
+            .map(|&n| g.upload(&r.vec(n, 0.01)).unwrap())
+            .collect()
+    };
+    let mut cases = multi_cases(&g, &mut r, 2);
+    let start: Vec<Vec<u32>> = cases.iter().map(|c| bits(&g, &c.single[0])).collect();
+    for step in 1..=3 {
+        let gs = grads(&mut r);
+        let h = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        };
+        let mut items: Vec<AdamWItem<'_, CudaBackend>> = cases
+            .iter_mut()
+            .zip(&gs)
+            .map(|(c, gr)| match c.multi.as_mut_slice() {
+                [p, m, v] => AdamWItem { p, g: gr, m, v },
+                _ => unreachable!("two moments"),
+            })
+            .collect();
+        g.adamw_step_all(&mut items, h).unwrap();
+        for (c, gr) in cases.iter_mut().zip(&gs) {
+            let [p, m, v] = c.single.as_mut_slice() else {
+                unreachable!("two moments")
+            };
+            g.adamw_step(p, gr, m, v, h).unwrap();
+        }
+    }
+    assert_same_bits(
+        &g,
+        "adamw_step_all (3 steps)",
+        &cases,
+        &start,
+        &["param", "exp_avg", "exp_avg_sq"],
+    );
+
+    let mut cases = multi_cases(&g, &mut r, 1);
+    let start: Vec<Vec<u32>> = cases.iter().map(|c| bits(&g, &c.single[0])).collect();
+    for step in 0..3 {
+        let gs = grads(&mut r);
+        let h = SgdStep {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.01,
+            first: step == 0,
+        };
+        let mut items: Vec<SgdItem<'_, CudaBackend>> = cases
+            .iter_mut()
+            .zip(&gs)
+            .map(|(c, gr)| match c.multi.as_mut_slice() {
+                [p, buf] => SgdItem { p, g: gr, buf },
+                _ => unreachable!("one momentum buffer"),
+            })
+            .collect();
+        g.sgd_step_all(&mut items, h).unwrap();
+        for (c, gr) in cases.iter_mut().zip(&gs) {
+            let [p, buf] = c.single.as_mut_slice() else {
+                unreachable!("one buffer")
+            };
+            g.sgd_step(p, gr, buf, h).unwrap();
+        }
+    }
+    assert_same_bits(
+        &g,
+        "sgd_step_all (3 steps)",
+        &cases,
+        &start,
+        &["param", "momentum_buffer"],
+    );
+
+    // a tensor whose gradient has the wrong length is named, and no tensor is updated
+    let (mut p, mut b) = (g.zeros(8).unwrap(), g.zeros(8).unwrap());
+    let (mut q, mut c) = (g.zeros(4).unwrap(), g.zeros(4).unwrap());
+    let (g8, g3) = (g.upload(&[1.0; 8]).unwrap(), g.zeros(3).unwrap());
+    let mut items = vec![
+        SgdItem {
+            p: &mut p,
+            g: &g8,
+            buf: &mut b,
+        },
+        SgdItem {
+            p: &mut q,
+            g: &g3,
+            buf: &mut c,
+        },
+    ];
+    let h = SgdStep {
+        lr: 1.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        first: true,
+    };
+    let msg = g.sgd_step_all(&mut items, h).unwrap_err().to_string();
+    assert!(
+        msg.contains("grad of tensor 1") && msg.contains("3 elements"),
+        "{msg}"
+    );
+    assert!(bits(&g, &p).iter().all(|&b| b == 0), "tensor 0 was updated");
+}
+
+#[test]
+fn multi_tensor_sum_squares_matches_per_tensor_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut r = Rng::fresh("multi_tensor_sum_squares");
+    let data: Vec<Vec<f32>> = MULTI_LENS.iter().map(|&n| r.vec(n, 2.0)).collect();
+    let gx: Vec<cuda::CudaBuf> = data.iter().map(|d| g.upload(d).unwrap()).collect();
+    let cx: Vec<_> = data.iter().map(|d| c.upload(d).unwrap()).collect();
+    let refs: Vec<&cuda::CudaBuf> = gx.iter().collect();
+    let all = g.sum_squares_all(&refs).unwrap();
+    let each = refs
+        .iter()
+        .fold(0.0, |acc, x| acc + g.sum_squares(x).unwrap());
+    assert_eq!(
+        all.to_bits(),
+        each.to_bits(),
+        "sum_squares_all {all} vs per tensor {each}"
+    );
+    println!(
+        "PARITY {:<44} bit-identical",
+        "sum_squares_all vs per tensor (f64)"
+    );
+    let want = c.sum_squares_all(&cx.iter().collect::<Vec<_>>()).unwrap();
+    let rel = (all - want).abs() / want;
+    println!(
+        "PARITY {:<44} rel={rel:.2e} tol=1e-12",
+        "sum_squares_all (f64) vs cpu"
+    );
+    assert!(rel <= 1e-12, "sum_squares_all: {all} vs cpu {want}");
+    assert_eq!(g.sum_squares_all(&[]).unwrap(), 0.0);
+    assert_eq!(
+        g.sum_squares_all(&[&gx[0], &gx[0]]).unwrap(),
+        0.0,
+        "only empty buffers"
+    );
+}
+
+#[test]
+fn fill_zero_all_zeroes_exactly_the_buffers_given() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("fill_zero_all");
+    let data: Vec<Vec<f32>> = MULTI_LENS.iter().map(|&n| r.vec(n, 1.0)).collect();
+    // the zeroed buffers (one of them in mapped host memory), each beside one left alone
+    let mut zeroed: Vec<cuda::CudaBuf> = (data.iter().enumerate())
+        .map(|(i, d)| gpu_buf(&g, d, i == 4))
+        .collect();
+    let kept: Vec<cuda::CudaBuf> = data.iter().map(|d| g.upload(d).unwrap()).collect();
+    // a bf16 buffer (not f32: zeroed by a memset of its own)
+    let half = r.vec(1001, 1.0);
+    let mut hb = g
+        .upload_weight(&weight_bytes(&half, DType::BF16), DType::BF16)
+        .unwrap();
+    let mut list: Vec<&mut cuda::CudaBuf> = zeroed.iter_mut().collect();
+    list.push(&mut hb);
+    g.fill_zero_all(&mut list).unwrap();
+    for (i, (z, k)) in zeroed.iter().zip(&kept).enumerate() {
+        assert!(
+            bits(&g, z).iter().all(|&b| b == 0),
+            "buffer {i} ({} elements) not zeroed",
+            MULTI_LENS[i]
+        );
+        let want: Vec<u32> = data[i].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(
+            bits(&g, k),
+            want,
+            "buffer {i} beside the zeroed ones changed"
+        );
+    }
+    assert!(
+        bits(&g, &hb).iter().all(|&b| b == 0),
+        "the bf16 buffer was not zeroed"
+    );
+    g.fill_zero_all(&mut []).unwrap();
+    println!(
+        "PARITY {:<44} exact",
+        "fill_zero_all (f32, mapped host, bf16)"
+    );
+}
+
+#[test]
+fn gemm_input_all_matches_gemm_input_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::fresh("gemm_input_all");
+    let weight = |dt: DType| g.upload_weight(&weight_bytes(&[0.5; 4], dt), dt).unwrap();
+    let weights = [weight(DType::BF16), weight(DType::F16), weight(DType::F32)];
+    // values past the f16 range and near rounding ties, in every length
+    let xs: Vec<cuda::CudaBuf> = MULTI_LENS
+        .iter()
+        .map(|&n| g.upload(&r.vec(n, 7e4)).unwrap())
+        .collect();
+    let pairs: Vec<(&cuda::CudaBuf, &cuda::CudaBuf)> = (xs.iter().enumerate())
+        .map(|(i, x)| (x, &weights[i % 3]))
+        .collect();
+    let all = g.gemm_input_all(&pairs).unwrap();
+    assert_eq!(all.len(), pairs.len());
+    for (i, (got, (x, w))) in all.iter().zip(&pairs).enumerate() {
+        let want = g.gemm_input(x, w).unwrap();
+        match (got, &want) {
+            (Some(a), Some(b)) => {
+                assert_eq!(a.dtype(), b.dtype(), "pair {i}");
+                assert_eq!(
+                    bits(&g, a),
+                    bits(&g, b),
+                    "pair {i} ({} elements, {})",
+                    MULTI_LENS[i],
+                    w.dtype()
+                );
+            }
+            (None, None) => assert_eq!(w.dtype(), DType::F32, "pair {i}"),
+            _ => panic!(
+                "pair {i}: gemm_input_all {} a copy, gemm_input {}",
+                got.is_some(),
+                want.is_some()
+            ),
+        }
+    }
+    assert!(g.gemm_input_all(&[]).unwrap().is_empty());
+    println!(
+        "PARITY {:<44} bit-identical",
+        "gemm_input_all vs gemm_input (bf16, f16)"
+    );
+}
+
 // ---- faults and the streaming hooks --------------------------------------------------
 
 #[test]
@@ -2268,7 +2600,13 @@ fn attention_timings() {
     println!("device {} ({})", fast.device_name(), fast.arch());
     let mut r = Rng::fresh("attention timings");
     let (h, d) = (32usize, 128usize);
-    for (b, t) in [(1usize, 512usize), (1, 1024), (1, 2048), (1, 4096), (8, 512)] {
+    for (b, t) in [
+        (1usize, 512usize),
+        (1, 1024),
+        (1, 2048),
+        (1, 4096),
+        (8, 512),
+    ] {
         let dims = AttnDims {
             batch: b,
             seq: t,

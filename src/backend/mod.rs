@@ -345,6 +345,23 @@ pub struct SgdStep {
     pub first: bool,
 }
 
+/// One tensor of a multi-tensor AdamW update ([`Backend::adamw_step_all`]): parameter p,
+/// gradient g and moments m, v, all of one length.
+pub struct AdamWItem<'a, B: ?Sized + Backend> {
+    pub p: &'a mut B::Buf,
+    pub g: &'a B::Buf,
+    pub m: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+}
+
+/// One tensor of a multi-tensor SGD update ([`Backend::sgd_step_all`]): parameter p,
+/// gradient g and momentum buffer, all of one length.
+pub struct SgdItem<'a, B: ?Sized + Backend> {
+    pub p: &'a mut B::Buf,
+    pub g: &'a B::Buf,
+    pub buf: &'a mut B::Buf,
+}
+
 /// Result of the fused LM head + cross-entropy.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossSum {
@@ -426,6 +443,11 @@ pub trait Backend: Send + Sync + 'static {
     /// GEMM given the copy computes exactly what it computes given `x`.
     fn gemm_input(&self, _x: &Self::Buf, _w: &Self::Buf) -> Result<Option<Self::Buf>> {
         Ok(None)
+    }
+    /// [`Backend::gemm_input`] of every pair `(x, w)`, in order: a backend may round them
+    /// all in one launch (CUDA) instead of one each (a block's LoRA matrices).
+    fn gemm_input_all(&self, pairs: &[(&Self::Buf, &Self::Buf)]) -> Result<Vec<Option<Self::Buf>>> {
+        pairs.iter().map(|(x, w)| self.gemm_input(x, w)).collect()
     }
     /// A new buffer of `n` elements for an output that only GEMMs beside the weight `w`
     /// read — of an [`Accumulate::Overwrite`] GEMM (the LoRA intermediates), or of the ops
@@ -509,6 +531,11 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Set every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// [`Backend::fill_zero`] of every buffer of `bufs` (a step's gradients): a backend
+    /// may zero them all in one launch (CUDA) instead of one each.
+    fn fill_zero_all(&self, bufs: &mut [&mut Self::Buf]) -> Result<()> {
+        bufs.iter_mut().try_for_each(|b| self.fill_zero(b))
+    }
     /// Wait until all queued work is done.
     fn synchronize(&self) -> Result<()>;
     /// Move `buf` off the device (CUDA: to pinned host memory, asynchronously); its
@@ -559,8 +586,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
     /// Sum of squares of all elements, accumulated in f64 (for gradient clipping).
     fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
-    /// The sum over `xs` of [`Backend::sum_squares`], added in order (a backend may read
-    /// all of them back at once).
+    /// The sum over `xs` of [`Backend::sum_squares`], added in order, bit for bit (a
+    /// backend may compute them in one launch and read them back at once).
     fn sum_squares_all(&self, xs: &[&Self::Buf]) -> Result<f64> {
         xs.iter()
             .try_fold(0.0, |acc, x| Ok(acc + self.sum_squares(x)?))
@@ -861,4 +888,19 @@ pub trait Backend: Send + Sync + 'static {
         buf: &mut Self::Buf,
         h: SgdStep,
     ) -> Result<()>;
+    /// [`Backend::adamw_step`] of every item with the same hyper-parameters, bit for bit:
+    /// a backend may update them all in one launch (CUDA) instead of one each, which is
+    /// most of the time of a step's hundreds of small LoRA tensors.
+    fn adamw_step_all(&self, items: &mut [AdamWItem<'_, Self>], h: AdamWStep) -> Result<()> {
+        items
+            .iter_mut()
+            .try_for_each(|it| self.adamw_step(it.p, it.g, it.m, it.v, h))
+    }
+    /// [`Backend::sgd_step`] of every item with the same hyper-parameters, bit for bit (one
+    /// launch on CUDA, as [`Backend::adamw_step_all`]).
+    fn sgd_step_all(&self, items: &mut [SgdItem<'_, Self>], h: SgdStep) -> Result<()> {
+        items
+            .iter_mut()
+            .try_for_each(|it| self.sgd_step(it.p, it.g, it.buf, h))
+    }
 }

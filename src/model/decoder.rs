@@ -484,6 +484,8 @@ impl<'m> BlockDesc<'m> {
         keep: Keep,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Result<BlockSaved<B>> {
+        // the block's LoRA GEMM copies at once, before its first linear
+        lora.make_gemm_copies(be, |name| Ok(self.linear(w, name)?.w))?;
         let a = &self.attn;
         let (n, c) = (s.tokens(), self.hidden);
         let (qd, kvd) = self.qkv_widths();

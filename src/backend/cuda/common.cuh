@@ -96,5 +96,32 @@ __device__ float block_max(float v, float* sh) {
     return sh[0];
 }
 
+// for (i = each index of 0..n this thread covers as a thread of block blk of nblk blocks)
+#define BLOCK_STRIDE(i, n, blk, nblk) \
+    for (i64 i = (i64)(blk) * blockDim.x + threadIdx.x; i < (n); i += (i64)(nblk) * blockDim.x)
+
 // for (i = each index of 0..n this thread covers), over a 1-D grid of any size
-#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+#define GRID_STRIDE(i, n) BLOCK_STRIDE(i, n, blockIdx.x, gridDim.x)
+
+// Multi-tensor kernels (multi.rs) take a table of `count` tensors: tensor t has lens[t] > 0
+// elements, K pointers ptrs[K t .. K t + K] and the grid blocks first_block[t] ..
+// first_block[t + 1] (first_block[0] = 0, at least one block each). tensor_block gives this
+// block's share: of tensor t, what block blk of a launch of nblk blocks over that tensor
+// alone would cover (BLOCK_STRIDE(i, n, blk, nblk)).
+struct TensorBlock {
+    int t;
+    i64 n, blk, nblk;
+};
+
+__device__ __forceinline__ TensorBlock tensor_block(const i64* first_block, const i64* lens, int count) {
+    const i64 b = blockIdx.x;
+    // the last t with first_block[t] <= b (strictly increasing, first_block[0] = 0 <= b)
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo + 1) / 2;
+        if (first_block[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    const i64 start = first_block[lo];
+    return TensorBlock{lo, lens[lo], b - start, first_block[lo + 1] - start};
+}

@@ -1,9 +1,24 @@
 // Elementwise and gather ops (elementwise.rs). Grid-stride loops over i64 indices.
 
 
-// out[i] = half(x[i]); to_bf16: 1 = bf16, 0 = f16. Scratch operand of the half GEMMs.
+// x rounded to bf16 (to_bf16 = 1) or f16 (0), to nearest even.
+__device__ __forceinline__ u16 f32_to_half(float x, int to_bf16) { return to_bf16 ? f32_to_bf16(x) : f32_to_f16(x); }
+
+// out[i] = half(x[i]). Scratch operand of the half GEMMs.
 extern "C" __global__ void cast_f32_to_half(u16* out, const float* x, i64 n, int to_bf16) {
-    GRID_STRIDE(i, n) { out[i] = to_bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]); }
+    GRID_STRIDE(i, n) { out[i] = f32_to_half(x[i], to_bf16); }
+}
+
+// cast_f32_to_half over every tensor of a table of (out, x, to_bf16) per tensor (common.cuh;
+// the third word is the flag, not a pointer): the GEMM copies of a block's LoRA matrices.
+extern "C" __global__ void cast_f32_to_half_multi(const i64* first_block, const i64* lens, const u64* ptrs,
+                                                  int count) {
+    const TensorBlock tb = tensor_block(first_block, lens, count);
+    const u64* q = ptrs + 3 * (i64)tb.t;
+    u16* out = (u16*)q[0];
+    const float* x = (const float*)q[1];
+    const int to_bf16 = (int)q[2];
+    BLOCK_STRIDE(i, tb.n, tb.blk, tb.nblk) { out[i] = f32_to_half(x[i], to_bf16); }
 }
 
 // out[i] = x[i] as f32, x stored as dt (0 = f32, 1 = f16, 2 = bf16): a half copy of an
@@ -112,12 +127,17 @@ extern "C" __global__ void dropout(float* out, const float* x, float p, float sc
     GRID_STRIDE(i, n) { out[i] = dropout_keep(seed, offset + (u64)i, p) ? x[i] * scale : 0.f; }
 }
 
-// partial[block] = sum of x[i]^2 over the block's grid-stride share, accumulated in f64.
-// The host adds the (at most a few hundred) partials in f64.
-extern "C" __global__ void sum_squares_partial(double* partial, const float* x, i64 n) {
+// partial[b] = sum of x[i]^2 over block b's share of its tensor (a multi-tensor table of
+// one pointer, x, per tensor; common.cuh), accumulated in f64: the partial sums a launch over
+// that tensor alone would give. The host adds each tensor's (at most a few hundred) partials
+// in f64, in order.
+extern "C" __global__ void sum_squares_partial(const i64* first_block, const i64* lens, const u64* ptrs, int count,
+                                               double* partial) {
     __shared__ double sh[32];
+    const TensorBlock tb = tensor_block(first_block, lens, count);
+    const float* x = (const float*)ptrs[tb.t];
     double acc = 0.0;
-    GRID_STRIDE(i, n) {
+    BLOCK_STRIDE(i, tb.n, tb.blk, tb.nblk) {
         double v = (double)x[i];
         acc += v * v;
     }
@@ -130,4 +150,12 @@ extern "C" __global__ void sum_squares_partial(double* partial, const float* x, 
         s = warp_sum_d(s);
         if (lane == 0) partial[blockIdx.x] = s;
     }
+}
+
+// x[i] = 0 for every tensor of a multi-tensor table of one pointer, x, per tensor (the
+// step's gradients, Backend::fill_zero_all).
+extern "C" __global__ void fill_zero_multi(const i64* first_block, const i64* lens, const u64* ptrs, int count) {
+    const TensorBlock tb = tensor_block(first_block, lens, count);
+    float* x = (float*)ptrs[tb.t];
+    BLOCK_STRIDE(i, tb.n, tb.blk, tb.nblk) { x[i] = 0.f; }
 }

@@ -2,8 +2,9 @@
 //! dropout and the f64 sum of squares. Kernels in `elementwise.cu`.
 
 use super::device::{Arg, Launch, Module, err};
+use super::multi::{self, TensorTable};
 use super::{CudaBackend, CudaBuf, rows_of};
-use crate::backend::{Accumulate, Activation, DeviceBuf};
+use crate::backend::{Accumulate, Activation, DType, DeviceBuf};
 use crate::error::Result;
 
 pub(super) const MODULE: Module = Module {
@@ -188,53 +189,63 @@ impl CudaBackend {
         self.sum_squares_all_impl(&[x])
     }
 
-    /// Each buffer's f64 partial sums go to one device array that is read back once
-    /// (one synchronisation for all the gradients of a step); summed per buffer, in order.
+    /// One kernel over every buffer (a multi-tensor table): each buffer gets ⌈n/256⌉ blocks
+    /// of 256 threads, at most 512, as when it had a launch of its own; each block writes
+    /// one f64 partial sum to a device array that is read back once (one synchronisation
+    /// for all the gradients of a step); summed per buffer, in order.
     pub(super) fn sum_squares_all_impl(&self, xs: &[&CudaBuf]) -> Result<f64> {
         let op = "sum_squares";
-        // A few hundred blocks fill the GPU; each writes one f64 partial sum.
-        let mut plan = Vec::with_capacity(xs.len());
-        let mut total = 0usize;
-        for x in xs {
+        let mut table = TensorTable::<1>::new();
+        let mut blocks = Vec::with_capacity(xs.len());
+        for (i, x) in xs.iter().enumerate() {
             let n = x.len();
-            let px = Self::check_f32(op, "x", x, n)?;
-            let l = Launch::cover(n, BLOCK, 512);
-            let blocks = if n == 0 { 0 } else { l.grid.0 };
-            plan.push((px, n, l, total, blocks));
-            total += blocks;
+            let px = Self::check_f32(op, &format!("x {i}"), x, n)?;
+            let b = if n == 0 {
+                0
+            } else {
+                Launch::cover(n, multi::BLOCK, 512).grid.0
+            };
+            table.push([px], n, b);
+            blocks.push(b);
         }
-        if total == 0 {
+        if table.blocks() == 0 {
             return Ok(0.0);
         }
-        let partial = self.dev.alloc(op, total * 8)?;
-        let base = super::Device::ptr(&partial);
-        for &(px, n, l, offset, blocks) in &plan {
-            if blocks > 0 {
-                self.dev.launch(
-                    op,
-                    MODULE,
-                    "sum_squares_partial",
-                    l,
-                    &[
-                        Arg::Ptr(base + 8 * offset as u64),
-                        Arg::Ptr(px),
-                        Arg::I64(n as i64),
-                    ],
-                )?;
-            }
-        }
+        let partial = self.dev.alloc(op, table.blocks() * 8)?;
+        table.launch(
+            self,
+            op,
+            MODULE,
+            "sum_squares_partial",
+            &[Arg::Ptr(super::Device::ptr(&partial))],
+        )?;
         let bytes = self
             .dev
             .stream
             .clone_dtoh(&partial)
             .map_err(|e| super::device::driver_err(op, e))?;
-        let value = |i: usize| {
-            let c = &bytes[8 * i..8 * i + 8];
-            f64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-        };
-        Ok(plan.iter().fold(0.0, |acc, &(_, _, _, offset, blocks)| {
-            acc + (offset..offset + blocks).map(value).sum::<f64>()
-        }))
+        let mut values = bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        Ok(blocks
+            .iter()
+            .fold(0.0, |acc, &b| acc + values.by_ref().take(b).sum::<f64>()))
+    }
+
+    /// The f32 buffers of `bufs` zeroed by one kernel (`fill_zero_multi`), any others (half
+    /// or byte buffers) by a memset each.
+    pub(super) fn fill_zero_all_impl(&self, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        let op = "fill_zero_all";
+        self.dev.bind(op)?;
+        let mut table = TensorTable::<1>::new();
+        for b in bufs.iter_mut() {
+            if b.dtype == DType::F32 {
+                table.push([b.ptr()], b.len(), multi::elementwise_blocks(b.len()));
+            } else {
+                self.memset_zero(op, b)?;
+            }
+        }
+        table.launch(self, op, MODULE, "fill_zero_multi", &[])
     }
 
     pub(super) fn embedding_impl(

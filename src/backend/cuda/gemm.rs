@@ -1,6 +1,7 @@
 //! The one cuBLAS wrapper: every GEMM of the backend goes through [`CudaBackend::gemm_raw`].
 
 use super::device::{self, Arg, Device, Launch, driver_err, err};
+use super::multi::{TensorTable, elementwise_blocks};
 use super::{CudaBackend, CudaBuf, elementwise};
 use crate::backend::{Accumulate, DType, Gemm};
 use crate::error::Result;
@@ -44,6 +45,12 @@ fn cuda_type(d: DType) -> cudaDataType {
         DType::U8 => cudaDataType::CUDA_R_8U,
         DType::F8E4M3 => cudaDataType::CUDA_R_8F_E4M3,
     }
+}
+
+/// The half type in which GEMMs beside the weight `w` read the f32 activation `x` (`w`'s,
+/// when bf16 or f16), or None when they read `x` as it is.
+fn gemm_input_type(x: &CudaBuf, w: &CudaBuf) -> Option<DType> {
+    (x.dtype == DType::F32 && matches!(w.dtype, DType::BF16 | DType::F16)).then_some(w.dtype)
 }
 
 impl CudaBackend {
@@ -100,12 +107,39 @@ impl CudaBackend {
     /// `w` (the cast a GEMM would do on its scratch), or `None`.
     pub(super) fn gemm_input_impl(&self, x: &CudaBuf, w: &CudaBuf) -> Result<Option<CudaBuf>> {
         let op = "gemm_input";
-        if x.dtype != DType::F32 || w.dtype == DType::F32 {
+        let Some(h) = gemm_input_type(x, w) else {
             return Ok(None);
-        }
-        let out = self.new_buf(op, x.len, w.dtype)?;
-        self.cast_to_half(op, out.ptr(), x.ptr(), x.len, w.dtype)?;
+        };
+        let out = self.new_buf(op, x.len, h)?;
+        self.cast_to_half(op, out.ptr(), x.ptr(), x.len, h)?;
         Ok(Some(out))
+    }
+
+    /// [`crate::backend::Backend::gemm_input_all`]: the casts of `gemm_input_impl` in one
+    /// launch (`cast_f32_to_half_multi`, the same rounding).
+    pub(super) fn gemm_input_all_impl(
+        &self,
+        pairs: &[(&CudaBuf, &CudaBuf)],
+    ) -> Result<Vec<Option<CudaBuf>>> {
+        let op = "gemm_input_all";
+        let mut table = TensorTable::<3>::new();
+        let mut out = Vec::with_capacity(pairs.len());
+        for (x, w) in pairs {
+            let Some(h) = gemm_input_type(x, w) else {
+                out.push(None);
+                continue;
+            };
+            let copy = self.new_buf(op, x.len, h)?;
+            let to_bf16 = (h == DType::BF16) as u64;
+            table.push(
+                [copy.ptr(), x.ptr(), to_bf16],
+                x.len,
+                elementwise_blocks(x.len),
+            );
+            out.push(Some(copy));
+        }
+        table.launch(self, op, elementwise::MODULE, "cast_f32_to_half_multi", &[])?;
+        Ok(out)
     }
 
     /// `x` (f32, f16 or bf16) as a new f32 buffer.

@@ -24,6 +24,7 @@ mod elementwise;
 mod errors;
 mod gemm;
 mod loss;
+mod multi;
 mod norm;
 mod offload;
 mod optim;
@@ -44,8 +45,8 @@ pub use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 pub use device::probe;
 
 use crate::backend::{
-    Accumulate, Activation, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts, Gemm,
-    LossSum, Nf4Parts, RopeAngles, SgdStep,
+    Accumulate, Activation, AdamWItem, AdamWStep, AttnDims, Backend, DType, DeviceBuf, Fp8Parts,
+    Gemm, LossSum, Nf4Parts, RopeAngles, SgdItem, SgdStep,
 };
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
@@ -612,6 +613,10 @@ impl Backend for CudaBackend {
         self.gemm_input_impl(x, w)
     }
 
+    fn gemm_input_all(&self, pairs: &[(&CudaBuf, &CudaBuf)]) -> Result<Vec<Option<CudaBuf>>> {
+        self.gemm_input_all_impl(pairs)
+    }
+
     fn gemm_output(&self, n: usize, w: &CudaBuf) -> Result<CudaBuf> {
         let op = "gemm_output";
         match w.dtype {
@@ -781,6 +786,10 @@ impl Backend for CudaBackend {
         let op = "fill_zero";
         self.dev.bind(op)?;
         self.memset_zero(op, buf)
+    }
+
+    fn fill_zero_all(&self, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        self.fill_zero_all_impl(bufs)
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -1069,6 +1078,14 @@ impl Backend for CudaBackend {
 
     fn sgd_step(&self, p: &mut CudaBuf, g: &CudaBuf, buf: &mut CudaBuf, h: SgdStep) -> Result<()> {
         self.sgd_impl(p, g, buf, h)
+    }
+
+    fn adamw_step_all(&self, items: &mut [AdamWItem<'_, Self>], h: AdamWStep) -> Result<()> {
+        self.adamw_all_impl(items, h)
+    }
+
+    fn sgd_step_all(&self, items: &mut [SgdItem<'_, Self>], h: SgdStep) -> Result<()> {
+        self.sgd_all_impl(items, h)
     }
 }
 
