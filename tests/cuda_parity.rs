@@ -979,6 +979,17 @@ fn gqa_packed(
     (dims, b * t * h * d, b * t * kvh * d, ks)
 }
 
+/// Random q (larger, so that softmax rows are peaked), k, v and dout of `nq` and `nk`
+/// elements.
+fn qkv_dout(r: &mut Rng, nq: usize, nk: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        r.vec(nq, 2.0),
+        r.vec(nk, 1.0),
+        r.vec(nk, 1.0),
+        r.vec(nq, 1.0),
+    )
+}
+
 /// Attention gives bit-identical results when run again (no atomics, fixed reduction
 /// order), on both paths, with GQA and packing.
 #[test]
@@ -1049,12 +1060,7 @@ fn attention_backward_taking_its_inputs_matches_the_borrowing_one() {
         let mut r = Rng::fresh("attention backward owned");
         let (b, t, h) = (2usize, 200usize, 8usize);
         let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, 64usize);
-        let (q, k, v, dout) = (
-            r.vec(nq, 2.0),
-            r.vec(nk, 1.0),
-            r.vec(nk, 1.0),
-            r.vec(nq, 1.0),
-        );
+        let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
         let up = |x: &[f32]| g.upload(x).unwrap();
         let (gq, gk, gv) = (up(&q), up(&k), up(&v));
         let mut o = g.zeros(nq).unwrap();
@@ -1126,12 +1132,7 @@ fn attention_operands_match_rope_then_f32_operands() {
             positions: &positions,
             inv_freq: &inv_freq,
         };
-        let (q, k, v, dout) = (
-            r.vec(nq, 2.0),
-            r.vec(nk, 1.0),
-            r.vec(nk, 1.0),
-            r.vec(nq, 1.0),
-        );
+        let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
         let up = |x: &[f32]| g.upload(x).unwrap();
         let bits = |x: &cuda::CudaBuf| {
             g.download(x)
