@@ -1621,6 +1621,19 @@ fn uninit_outputs_are_fully_written() {
 
 // ---- optimizers ----------------------------------------------------------------------
 
+/// The AdamW hyper-parameters the optimizer tests step with (PyTorch's defaults, lr 1e-3,
+/// weight decay 0.01) at step `step`.
+fn adamw_hyper(step: u64) -> AdamWStep {
+    AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step,
+    }
+}
+
 #[test]
 fn optimizers_adamw_and_sgd() {
     let Some(g) = gpu() else { return };
@@ -1633,14 +1646,7 @@ fn optimizers_adamw_and_sgd() {
     let (mut cv, mut gv) = p.up(&vec![0.0; n]);
     for step in 1..=3 {
         let (cg, gg) = p.up(&r.vec(n, 0.01));
-        let h = AdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            step,
-        };
+        let h = adamw_hyper(step);
         c.adamw_step(&mut cp, &cg, &mut cm, &mut cv, h).unwrap();
         g.adamw_step(&mut gp, &gg, &mut gm, &mut gv, h).unwrap();
     }
@@ -1777,14 +1783,7 @@ fn multi_tensor_optimizers_match_per_tensor_bit_for_bit() {
     let start: Vec<Vec<u32>> = cases.iter().map(|c| bits(&g, &c.single[0])).collect();
     for step in 1..=3 {
         let gs = grads(&mut r);
-        let h = AdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            step,
-        };
+        let h = adamw_hyper(step);
         let mut items: Vec<AdamWItem<'_, CudaBackend>> = cases
             .iter_mut()
             .zip(&gs)

@@ -4,7 +4,7 @@
 use super::device::{Arg, Launch, Module};
 use super::multi::{TensorTable, elementwise_blocks};
 use super::{CudaBackend, CudaBuf};
-use crate::backend::{AdamWItem, AdamWStep, DeviceBuf, SgdItem, SgdStep};
+use crate::backend::{AdamWItem, AdamWStep, DType, DeviceBuf, SgdItem, SgdStep};
 use crate::error::Result;
 
 pub(super) const MODULE: Module = Module {
@@ -42,9 +42,14 @@ fn sgd_args(h: SgdStep) -> [Arg; 4] {
     ]
 }
 
-/// `what` of tensor `i` of a multi-tensor call, for messages.
-fn nth(what: &str, i: usize) -> String {
-    format!("{what} of tensor {i}")
+/// The address of `what` of tensor `i` of a multi-tensor call after checking that it is
+/// f32 of `n` elements; the message (naming the tensor) is made only for a failure, not
+/// for each of a step's hundreds of tensors.
+fn check_nth(op: &'static str, what: &str, i: usize, b: &CudaBuf, n: usize) -> Result<u64> {
+    if b.dtype() == DType::F32 && b.len() == n {
+        return Ok(b.ptr());
+    }
+    CudaBackend::check_f32(op, &format!("{what} of tensor {i}"), b, n)
 }
 
 impl CudaBackend {
@@ -89,10 +94,10 @@ impl CudaBackend {
         for (i, it) in items.iter().enumerate() {
             let n = it.p.len();
             let ptrs = [
-                Self::check_f32(op, &nth("param", i), it.p, n)?,
-                Self::check_f32(op, &nth("grad", i), it.g, n)?,
-                Self::check_f32(op, &nth("exp_avg", i), it.m, n)?,
-                Self::check_f32(op, &nth("exp_avg_sq", i), it.v, n)?,
+                check_nth(op, "param", i, it.p, n)?,
+                check_nth(op, "grad", i, it.g, n)?,
+                check_nth(op, "exp_avg", i, it.m, n)?,
+                check_nth(op, "exp_avg_sq", i, it.v, n)?,
             ];
             table.push(ptrs, n, elementwise_blocks(n));
         }
@@ -128,9 +133,9 @@ impl CudaBackend {
         for (i, it) in items.iter().enumerate() {
             let n = it.p.len();
             let ptrs = [
-                Self::check_f32(op, &nth("param", i), it.p, n)?,
-                Self::check_f32(op, &nth("grad", i), it.g, n)?,
-                Self::check_f32(op, &nth("momentum_buffer", i), it.buf, n)?,
+                check_nth(op, "param", i, it.p, n)?,
+                check_nth(op, "grad", i, it.g, n)?,
+                check_nth(op, "momentum_buffer", i, it.buf, n)?,
             ];
             table.push(ptrs, n, elementwise_blocks(n));
         }
