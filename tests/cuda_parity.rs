@@ -990,6 +990,66 @@ fn qkv_dout(r: &mut Rng, nq: usize, nk: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>,
     )
 }
 
+/// The wide tensor-core kernels (128 queries a block, for sequences of 8192 tokens and
+/// more) give the 64-query kernels' bits: causal attention of the first T − 1 tokens does
+/// not depend on the last one, so out, lse and dq of those rows at T = 8192 (wide) must
+/// equal a call at T = 8191 (64-query kernels) on the same rows, bit for bit, at both
+/// head dimensions, with GQA and packed segments. (The 64-query kernels are checked
+/// against the CPU above.)
+#[test]
+fn wide_attention_kernels_match_on_a_prefix() {
+    let Some(g) = gpu() else {
+        return;
+    };
+    for (d, packed) in [(64usize, false), (64, true), (128, false), (128, true)] {
+        let mut r = Rng::fresh("wide attention");
+        let (t, h) = (8192usize, 4usize);
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, 1, t, h, d);
+        let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
+        let ks = packed.then_some(ks);
+        let run = |t: usize| {
+            let ks = ks.as_ref().map(|ks| &ks[..t]);
+            let dims = AttnDims { seq: t, ..dims };
+            let (nq, nk) = (t * h * d, t * dims.n_kv_heads * d);
+            let up = |x: &[f32], n: usize| g.upload(&x[..n]).unwrap();
+            let (q, k, v) = (up(&q, nq), up(&k, nk), up(&v, nk));
+            let mut o = g.zeros(nq).unwrap();
+            let mut l = g.zeros(h * t).unwrap();
+            g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, ks)
+                .unwrap();
+            let (out, lse) = (g.download(&o).unwrap(), g.download(&l).unwrap());
+            let (dq, _, _) = g
+                .attention_backward_owned(up(&dout, nq), o, &l, q, k, v, dims, ks)
+                .unwrap();
+            (out, lse, g.download(&dq).unwrap())
+        };
+        let (wide, narrow) = (run(t), run(t - 1));
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        let rows = (t - 1) * h * d;
+        assert!(
+            bits(&wide.0[..rows]) == bits(&narrow.0),
+            "out of the first {} rows differs between the wide and the 64-query forward (d = {d}, packed = {packed})",
+            t - 1
+        );
+        for head in 0..h {
+            assert!(
+                bits(&wide.1[head * t..head * t + t - 1])
+                    == bits(&narrow.1[head * (t - 1)..][..t - 1]),
+                "lse of head {head} differs between the wide and the 64-query forward (d = {d}, packed = {packed})"
+            );
+        }
+        assert!(
+            bits(&wide.2[..rows]) == bits(&narrow.2),
+            "dq of the first {} rows differs between T = {t} and T = {} (d = {d}, packed = {packed})",
+            t - 1,
+            t - 1
+        );
+        println!(
+            "PARITY wide attention kernels (d = {d}, T = {t}, packed = {packed}): bit-identical on the prefix"
+        );
+    }
+}
+
 /// Attention gives bit-identical results when run again (no atomics, fixed reduction
 /// order), on both paths, with GQA and packing.
 #[test]

@@ -92,6 +92,7 @@ static int __syncthreads_count(int p) {
     return r;
 }
 static void wsync() { B_->wbar[warp_]->arrive_and_wait(); }
+static void __syncwarp() { wsync(); }
 static u32* myslot() { return B_->slot[warp_][lane_]; }
 static u32* slotof(int l) { return B_->slot[warp_][l]; }
 
@@ -345,34 +346,44 @@ int main(int argc, char** argv) {
         cast(kb.data(), k.data(), nk);
         cast(vb.data(), v.data(), nk);
         const float sl2 = scale * 1.4426950408889634f;
-        unsigned nt = (T + 63) / 64;
-        if (D == 64)
-            launch({nt, (unsigned)H, (unsigned)B}, 128,
-                   [&] { amma_fwd_d64(out.data(), lse.data(), qb.data(), kb.data(), vb.data(), pks, T, H, KVH, sl2); });
-        else
-            launch({nt, (unsigned)H, (unsigned)B}, 128,
-                   [&] { amma_fwd_d128(out.data(), lse.data(), qb.data(), kb.data(), vb.data(), pks, T, H, KVH, sl2); });
+        const unsigned nt = (T + 63) / 64, nw = (T + 127) / 128;
+        const dim3_ gq = {nt, (unsigned)H, (unsigned)B}, gw = {nw, (unsigned)H, (unsigned)B},
+                    gk = {nt, (unsigned)KVH, (unsigned)B};
+        auto fwd = [&](bool wide, float* o, float* l) {
+            auto f = D == 64 ? (wide ? amma_fwd_wide_d64 : amma_fwd_d64) : (wide ? amma_fwd_wide_d128 : amma_fwd_d128);
+            launch(wide ? gw : gq, 128, [&] { f(o, l, qb.data(), kb.data(), vb.data(), pks, T, H, KVH, sl2); });
+        };
+        fwd(false, out.data(), lse.data());
+        // the wide forward: the same bits
+        std::vector<float> out_w(nq, NAN), lse_w((size_t)B * H * T, NAN);
+        fwd(true, out_w.data(), lse_w.data());
+        const bool wide_same = memcmp(out.data(), out_w.data(), nq * 4) == 0 &&
+                               memcmp(lse.data(), lse_w.data(), lse.size() * 4) == 0;
+        // dsum and dout's copy by amma_bwd_prep (an f32 dout)
         i64 rows = (i64)B * T * H;
         launch({(unsigned)((rows + 7) / 8), 1, 1}, 256,
                [&] { amma_bwd_prep(dob.data(), dsum.data(), dout.data(), out.data(), T, H, D, rows); });
-        if (D == 64) {
-            launch({nt, (unsigned)H, (unsigned)B}, 128, [&] {
-                amma_bwd_dq_d64(dq.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), dsum.data(), pks, T, H,
-                                KVH, sl2, scale);
+        auto dqk = [&](bool wide, float* g, float* ds, const float* o) {
+            auto f = D == 64 ? (wide ? amma_bwd_dq_wide_d64 : amma_bwd_dq_d64) : amma_bwd_dq_d128;
+            launch(wide && D == 64 ? gw : gq, 128, [&] {
+                f(g, qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), ds, o, pks, T, H, KVH, sl2, scale);
             });
-            launch({nt, (unsigned)KVH, (unsigned)B}, 128, [&] {
-                amma_bwd_dkdv_d64(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(),
-                                  dsum.data(), pks, T, H, KVH, sl2, scale);
-            });
-        } else {
-            launch({nt, (unsigned)H, (unsigned)B}, 128, [&] {
-                amma_bwd_dq_d128(dq.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), dsum.data(), pks, T,
-                                 H, KVH, sl2, scale);
-            });
-            launch({nt, (unsigned)KVH, (unsigned)B}, 128, [&] {
-                amma_bwd_dkdv_d128(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(),
-                                   dsum.data(), pks, T, H, KVH, sl2, scale);
-            });
+        };
+        dqk(false, dq.data(), dsum.data(), nullptr);
+        // dq making dsum itself (a bf16 dout), in the wide form where there is one: the same bits
+        std::vector<float> dq_f(nq, NAN), dsum_f((size_t)B * H * T, NAN);
+        dqk(true, dq_f.data(), dsum_f.data(), out.data());
+        const bool fused_same = memcmp(dq.data(), dq_f.data(), nq * 4) == 0 &&
+                                memcmp(dsum.data(), dsum_f.data(), dsum.size() * 4) == 0;
+        auto dkdv = D == 64 ? amma_bwd_dkdv_d64 : amma_bwd_dkdv_d128;
+        launch(gk, 128, [&] {
+            dkdv(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), dsum.data(), pks, T, H,
+                 KVH, sl2, scale);
+        });
+        if (!wide_same || !fused_same) {
+            printf("B=%d T=%d D=%d: %s%s\n", B, T, D, wide_same ? "" : "wide forward differs ",
+                   fused_same ? "" : "dq with its own dsum differs");
+            worst = INFINITY;
         }
         double r, m;
         printf("B=%d T=%d H=%d KVH=%d D=%d%s:", B, T, H, KVH, D, cs.packed ? " packed" : "");

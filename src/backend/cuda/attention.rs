@@ -25,7 +25,27 @@ pub(super) const MODULE_MMA: Module = Module {
 
 /// Rows (queries or keys) per block and per tile of the tensor-core kernels.
 const MMA_TILE: usize = 64;
-/// Threads per block of the tensor-core kernels (4 warps of 16 rows each).
+/// Sequences at least this long use the "wide" forward and dq kernels (128 queries a
+/// block, 32 a warp); shorter ones the 64-query kernels, which give the GPU twice the
+/// blocks. Both give the same bits.
+const MMA_WIDE_FROM: usize = 8192;
+
+/// The tensor-core forward or dq kernel (`what`: "fwd" or "bwd_dq") for head dimension
+/// `hd` and length `t`, and its queries per block. The wide dq exists at d = 64 only.
+fn mma_kernel(what: &str, hd: usize, t: usize) -> (&'static str, usize) {
+    let wide = t >= MMA_WIDE_FROM;
+    let name = match (what, hd == 64, wide) {
+        ("fwd", true, false) => "amma_fwd_d64",
+        ("fwd", true, true) => "amma_fwd_wide_d64",
+        ("fwd", false, false) => "amma_fwd_d128",
+        ("fwd", false, true) => "amma_fwd_wide_d128",
+        (_, true, false) => "amma_bwd_dq_d64",
+        (_, true, true) => "amma_bwd_dq_wide_d64",
+        (_, false, _) => return ("amma_bwd_dq_d128", MMA_TILE),
+    };
+    (name, if wide { 2 * MMA_TILE } else { MMA_TILE })
+}
+/// Threads per block of the tensor-core kernels (4 warps).
 const MMA_THREADS: u32 = 128;
 
 /// Warps (queries, or keys in the dk/dv kernel) per block.
@@ -245,20 +265,16 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let ((pqb, pkb, pvb), _copies) = self.bf16_operands(op, (pq, pk, pv), d)?;
-        let name = if hd == 64 {
-            "amma_fwd_d64"
-        } else {
-            "amma_fwd_d128"
-        };
+        let (name, queries) = mma_kernel("fwd", hd, t);
         self.dev.launch(
             op,
             MODULE_MMA,
             name,
             Launch {
-                grid: (t.div_ceil(MMA_TILE), h, b),
+                grid: (t.div_ceil(queries), h, b),
                 block: MMA_THREADS,
                 // q tile, two stages of k and v tiles
-                shared_bytes: 5 * Self::mma_tile_bytes(hd),
+                shared_bytes: (queries / MMA_TILE + 4) * Self::mma_tile_bytes(hd),
             },
             &[
                 Arg::Ptr(po),
@@ -298,7 +314,8 @@ impl CudaBackend {
         if copies.is_some() {
             release.qkv_read();
         }
-        // dout's bf16 copy (unless it is bf16) and dsum
+        // dout's bf16 copy (unless it is bf16) and dsum [b, h, t] = bf16(dout) · out: made
+        // by amma_bwd_prep when dout needs its copy, else by the dq kernel as it reads dout
         let copy = if pdo.half { 0 } else { nq * 2 };
         let dos = self.dev.alloc(op, copy + b * h * t * 4)?;
         let pds = super::Device::ptr(&dos) + copy as u64;
@@ -307,40 +324,41 @@ impl CudaBackend {
         } else {
             super::Device::ptr(&dos)
         };
-        let rows = b * t * h;
-        self.dev.launch(
-            op,
-            MODULE_MMA,
-            "amma_bwd_prep",
-            Launch {
-                grid: (rows.div_ceil(8), 1, 1),
-                block: 256,
-                shared_bytes: 0,
-            },
-            &[
-                Arg::Ptr(pdob),
-                Arg::Ptr(pds),
-                Arg::Ptr(pdo.ptr),
-                Arg::I32(pdo.half as i32),
-                Arg::Ptr(po),
-                Arg::I32(t as i32),
-                Arg::I32(h as i32),
-                Arg::I32(hd as i32),
-                Arg::I64(rows as i64),
-            ],
-        )?;
-        release.out_read();
         if !pdo.half {
+            let rows = b * t * h;
+            self.dev.launch(
+                op,
+                MODULE_MMA,
+                "amma_bwd_prep",
+                Launch {
+                    grid: (rows.div_ceil(8), 1, 1),
+                    block: 256,
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(pdob),
+                    Arg::Ptr(pds),
+                    Arg::Ptr(pdo.ptr),
+                    Arg::Ptr(po),
+                    Arg::I32(t as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(hd as i32),
+                    Arg::I64(rows as i64),
+                ],
+            )?;
+            release.out_read();
             release.dout_read();
         }
         let (pdq, pdk, pdv) = release.grads()?;
-        let common = [
-            Arg::Ptr(pqb),
-            Arg::Ptr(pkb),
-            Arg::Ptr(pvb),
-            Arg::Ptr(pdob),
-            Arg::Ptr(pl),
-            Arg::Ptr(pds),
+        let tile = Self::mma_tile_bytes(hd);
+        let dkdv_name = if hd == 64 {
+            "amma_bwd_dkdv_d64"
+        } else {
+            "amma_bwd_dkdv_d128"
+        };
+        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t);
+        let qkv_args = [Arg::Ptr(pqb), Arg::Ptr(pkb), Arg::Ptr(pvb), Arg::Ptr(pdob)];
+        let tail = [
             Arg::Ptr(pks),
             Arg::I32(t as i32),
             Arg::I32(h as i32),
@@ -348,28 +366,34 @@ impl CudaBackend {
             Arg::F32(d.scale * std::f32::consts::LOG2_E),
             Arg::F32(d.scale),
         ];
-        let tile = Self::mma_tile_bytes(hd);
-        let (dq_name, dkdv_name) = if hd == 64 {
-            ("amma_bwd_dq_d64", "amma_bwd_dkdv_d64")
-        } else {
-            ("amma_bwd_dq_d128", "amma_bwd_dkdv_d128")
-        };
+        // dq (and dsum with a bf16 dout: `out` given)
         let mut args = vec![Arg::Ptr(pdq)];
-        args.extend_from_slice(&common);
+        args.extend_from_slice(&qkv_args);
+        args.extend([
+            Arg::Ptr(pl),
+            Arg::Ptr(pds),
+            Arg::Ptr(if pdo.half { po } else { 0 }),
+        ]);
+        args.extend_from_slice(&tail);
         self.dev.launch(
             op,
             MODULE_MMA,
             dq_name,
             Launch {
-                grid: (t.div_ceil(MMA_TILE), h, b),
+                grid: (t.div_ceil(dq_queries), h, b),
                 block: MMA_THREADS,
                 // q and dout tiles, two stages of k and v tiles
-                shared_bytes: 6 * tile,
+                shared_bytes: (2 * dq_queries / MMA_TILE + 4) * tile,
             },
             &args,
         )?;
+        if pdo.half {
+            release.out_read();
+        }
         let mut args = vec![Arg::Ptr(pdk), Arg::Ptr(pdv)];
-        args.extend_from_slice(&common);
+        args.extend_from_slice(&qkv_args);
+        args.extend([Arg::Ptr(pl), Arg::Ptr(pds)]);
+        args.extend_from_slice(&tail);
         self.dev.launch(
             op,
             MODULE_MMA,

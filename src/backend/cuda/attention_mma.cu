@@ -12,16 +12,20 @@
 // Block = 4 warps. Shared tiles hold 64 rows of D bf16 with row stride D + 8 elements, so
 // that the 8 rows an ldmatrix phase reads fall in 8 different 16-byte bank groups.
 //
-//  * amma_fwd: a block owns 64 queries of one (batch, head), 16 per warp; key/value tiles
-//    of 64 rows stream through a two-stage cp.async ring. S = Q K^T (Q fragments kept in
-//    registers), online softmax in log2 units, O += P V with P rounded to bf16 straight
-//    from the accumulators. lse = (m + log2 l) ln 2.
+//  * amma_fwd: a block owns 64 queries of one (batch, head), 16 per warp, or in the wide
+//    form (long sequences) 128, 32 per warp; key/value tiles of 64 rows stream through a
+//    two-stage cp.async ring. S = Q K^T, online softmax in log2 units, O += P V with P
+//    rounded to bf16 straight from the accumulators. lse = (m + log2 l) ln 2.
 //  * amma_bwd_dq: same tiling; per key tile S = Q K^T, P = exp(S - lse), dP = dO V^T,
-//    dS = P (dP - dsum), dQ += dS K.
+//    dS = P (dP - dsum), dQ += dS K. With a bf16 dout it also makes dsum = rowsum(dO * O)
+//    for its rows, so that no separate pass reads dout and out (amma_bwd_prep does, for an
+//    f32 dout, whose bf16 copy it makes).
 //  * amma_bwd_dkdv: a block owns 64 keys of one (batch, kv head), 16 per warp, and walks
 //    every query tile (and every query head of its group) that sees them: S^T = K Q^T,
 //    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. No atomics: dq and dk/dv come from two
 //    kernels, each output element is written by one thread, in a fixed order.
+//  A tiling changes which warp does what, not the order of any sum: the wide kernels give
+//  the 64-query kernels' bits.
 //  Blocks with the most work are scheduled first (forward and dq: the last query tiles;
 //  dk/dv: the first key tiles).
 //
@@ -127,33 +131,51 @@ __device__ __forceinline__ void am_load_tile(u32 dst, const u16* src, int b, int
 
 // ---- forward ----------------------------------------------------------------------------
 
-template <int D>
+// A block owns 64·MI queries, MI m16 tiles (16·MI rows) per warp, so that every K and V
+// fragment a warp reads from shared memory feeds MI mma's. Q fragments are read from shared
+// memory per k-step (holding them would take 8·MI more registers per k-step of D). Each
+// 64-key tile is worked in chunks of KC keys (the online softmax steps per chunk), which
+// bounds the registers that hold S beside the O accumulators; the chunking, not MI,
+// decides the bits.
+template <int D, int MI, int KC>
 __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, const u16* v, const u32* ks,
                          int T, int H, int KVH, float sl2) {
-    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD;
+    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD, WR = 16 * MI, BM = 4 * WR;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * AM_BM;
-    const int ilast = min(i0 + AM_BM, T) - 1;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int ilast = min(i0 + BM, T) - 1;
     const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
     const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
-    const int s_last = am_first_key(ks, b, ilast, T);
-    const u32 qs = am_smem(am_sm), kst = qs + AM_BM * LD * 2, vst = kst + 2 * TILE * 2;
+    const int w0 = i0 + warp * WR;                        // this warp's first query
+    const int wlast = w0 < T ? min(w0 + WR, T) - 1 : -1;  // and last (-1: none)
+    const int s_first = w0 < T ? am_first_key(ks, b, w0, T) : 0;
+    const int s_last = w0 < T ? am_first_key(ks, b, wlast, T) : 0;
+    const u32 qs = am_smem(am_sm), kst = qs + BM * LD * 2, vst = kst + 2 * TILE * 2;
 
-    am_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
+    am_load_tile<BM, D>(qs, q, b, i0, h, T, H);
     am_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
     am_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
     am_commit();
 
-    const int ra = i0 + warp * 16 + (lane >> 2), rb = ra + 8;
-    const int sa = ra < T ? am_first_key(ks, b, ra, T) : 0;
-    const int sb = rb < T ? am_first_key(ks, b, rb, T) : 0;
-    u32 qf[KS][4];
-    float o[DT][4];
+    int ra[MI][2], sa[MI][2];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m[2] = {-INF_F, -INF_F}, l[2] = {0.f, 0.f};
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            ra[mi][i] = w0 + mi * 16 + i * 8 + (lane >> 2);
+            sa[mi][i] = ra[mi][i] < T ? am_first_key(ks, b, ra[mi][i], T) : 0;
+        }
+    float o[MI][DT][4];
+    float m[MI][2], l[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int i = 0; i < DT; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
+        m[mi][0] = m[mi][1] = -INF_F;
+        l[mi][0] = l[mi][1] = 0.f;
+    }
 
     for (int it = 0; it < ntile; ++it) {
         const int j0 = jbeg + it * AM_BN, st = it & 1;
@@ -166,136 +188,187 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
             am_wait<0>();
         }
         __syncthreads();
-        if (it == 0) {
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) am_ldm(qf[kk], qs + am_off_a<LD>(warp * 16, kk * 16, lane));
-        }
         const u32 kt = kst + st * TILE * 2, vt = vst + st * TILE * 2;
-        float s[AM_BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < AM_BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int kc = 0; kc < AM_BN / KC; ++kc) {
+            const int c0 = j0 + kc * KC;  // the chunk's first key
+            // a chunk past this warp's last query, or before its rows' first keys, adds nothing
+            if (c0 > wlast || c0 + KC <= s_first) continue;
+            float s[MI][KC / 8][4];
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int np = 0; np < AM_BN / 16; ++np) {
-                u32 bf[4];
-                am_ldm(bf, kt + am_off_b<LD>(np * 16, kk * 16, lane));
-                am_mma(s[2 * np], qf[kk], bf[0], bf[1]);
-                am_mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
-            }
-        }
-        // scale to log2 units, mask (causal diagonal, segment starts), row maxima
-        const bool need_mask = j0 + AM_BN - 1 > i0 || j0 < s_last;
-        float mx[2] = {-INF_F, -INF_F};
+                for (int i = 0; i < KC / 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 qf[MI][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * sl2;
-                if (need_mask) {
-                    const int j = j0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                    const int r = e < 2 ? ra : rb, s0 = e < 2 ? sa : sb;
-                    if (j > r || j < s0) x = -INF_F;
+                for (int mi = 0; mi < MI; ++mi) am_ldm(qf[mi], qs + am_off_a<LD>(warp * WR + mi * 16, kk * 16, lane));
+#pragma unroll
+                for (int np = 0; np < KC / 16; ++np) {
+                    u32 bf[4];
+                    am_ldm(bf, kt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        am_mma(s[mi][2 * np], qf[mi], bf[0], bf[1]);
+                        am_mma(s[mi][2 * np + 1], qf[mi], bf[2], bf[3]);
+                    }
                 }
-                s[nt][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
-        }
-        float mu[2];
+            // scale to log2 units, mask (causal diagonal, segment starts), online softmax
+            const bool need_mask = c0 + KC - 1 > w0 || c0 < s_last;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 2));
-            const float mn = fmaxf(m[i], mx[i]);
-            mu[i] = mn == -INF_F ? 0.f : mn;  // a row with no key yet: keep everything at 0
-            const float corr = exp2f(m[i] - mu[i]);
-            m[i] = mn;
-            l[i] *= corr;
+            for (int mi = 0; mi < MI; ++mi) {
+                float mx[2] = {-INF_F, -INF_F};
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * i] *= corr;
-                o[dt][2 * i + 1] *= corr;
+                for (int nt = 0; nt < KC / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mi][nt][e] * sl2;
+                        if (need_mask) {
+                            const int j = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                            if (j > ra[mi][e >> 1] || j < sa[mi][e >> 1]) x = -INF_F;
+                        }
+                        s[mi][nt][e] = x;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    }
+                }
+                float mu[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 2));
+                    const float mn = fmaxf(m[mi][i], mx[i]);
+                    mu[i] = mn == -INF_F ? 0.f : mn;  // a row with no key yet: keep everything at 0
+                    const float corr = exp2f(m[mi][i] - mu[i]);
+                    m[mi][i] = mn;
+                    l[mi][i] *= corr;
+#pragma unroll
+                    for (int dt = 0; dt < DT; ++dt) {
+                        o[mi][dt][2 * i] *= corr;
+                        o[mi][dt][2 * i + 1] *= corr;
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < KC / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float p = exp2f(s[mi][nt][e] - mu[e >> 1]);
+                        s[mi][nt][e] = p;
+                        l[mi][e >> 1] += p;
+                    }
+                }
             }
-        }
+            // O += P V
 #pragma unroll
-        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+            for (int kk = 0; kk < KC / 16; ++kk) {
+                u32 pa[MI][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[nt][e] - mu[e >> 1]);
-                s[nt][e] = p;
-                l[e >> 1] += p;
-            }
-        }
-        // O += P V
+                for (int mi = 0; mi < MI; ++mi) {
+                    pa[mi][0] = am_pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                    pa[mi][1] = am_pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                    pa[mi][2] = am_pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                    pa[mi][3] = am_pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+                }
 #pragma unroll
-        for (int kk = 0; kk < AM_BN / 16; ++kk) {
-            const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
-                               am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    u32 bf[4];
+                    am_ldm_t(bf, vt + am_off_a<LD>(kc * KC + kk * 16, dp * 16, lane));
 #pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 bf[4];
-                am_ldm_t(bf, vt + am_off_a<LD>(kk * 16, dp * 16, lane));
-                am_mma(o[2 * dp], pa, bf[0], bf[1]);
-                am_mma(o[2 * dp + 1], pa, bf[2], bf[3]);
+                    for (int mi = 0; mi < MI; ++mi) {
+                        am_mma(o[mi][2 * dp], pa[mi], bf[0], bf[1]);
+                        am_mma(o[mi][2 * dp + 1], pa[mi], bf[2], bf[3]);
+                    }
+                }
             }
         }
         __syncthreads();  // the next iteration's loads overwrite this stage
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 1);
-        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 2);
-    }
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int r = i == 0 ? ra : rb;
-        if (r >= T) continue;
-        const float inv = 1.f / l[i];
-        float* dst = out + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
+        for (int i = 0; i < 2; ++i) {
+            l[mi][i] += __shfl_xor_sync(FULL_MASK, l[mi][i], 1);
+            l[mi][i] += __shfl_xor_sync(FULL_MASK, l[mi][i], 2);
+            const int r = ra[mi][i];
+            if (r >= T) continue;
+            const float inv = 1.f / l[mi][i];
+            float* dst = out + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            const float2 val = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-            *(float2*)(dst + dt * 8) = val;
+            for (int dt = 0; dt < DT; ++dt) {
+                const float2 val = make_float2(o[mi][dt][2 * i] * inv, o[mi][dt][2 * i + 1] * inv);
+                *(float2*)(dst + dt * 8) = val;
+            }
+            if ((lane & 3) == 0) lse[((i64)b * H + h) * T + r] = (m[mi][i] + log2f(l[mi][i])) * AM_LN2;
         }
-        if ((lane & 3) == 0) lse[((i64)b * H + h) * T + r] = (m[i] + log2f(l[i])) * AM_LN2;
-    }
 }
 
 // ---- backward: dq -----------------------------------------------------------------------
 
-template <int D>
+// 64·MI queries a block, MI m16 tiles a warp (amma_dq_queries); each 64-key tile is worked
+// in chunks of KC keys, which bounds the registers that hold S and dP beside the dQ
+// accumulators.
+//
+// With `out` given, the kernel also makes dsum (which amma_bwd_prep makes otherwise): each
+// warp sums bf16(dout) · out over its rows exactly as amma_bwd_prep does (same lanes, same
+// order, so the same bits), keeps them, and writes them for amma_bwd_dkdv.
+template <int D, int MI, int KC>
 __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob,
-                            const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
-                            float scale) {
-    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD;
+                            const float* lse, float* dsum, const float* out, const u32* ks, int T, int H, int KVH,
+                            float sl2, float scale) {
+    constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD, WR = 16 * MI, BM = 4 * WR;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH);
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * AM_BM;
-    const int ilast = min(i0 + AM_BM, T) - 1;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int ilast = min(i0 + BM, T) - 1;
     const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
     const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
-    const int s_last = am_first_key(ks, b, ilast, T);
-    const u32 qs = am_smem(am_sm), dos = qs + AM_BM * LD * 2, kst = dos + AM_BM * LD * 2,
-              vst = kst + 2 * TILE * 2;
+    const int w0 = i0 + warp * WR;
+    const int wlast = w0 < T ? min(w0 + WR, T) - 1 : -1;
+    const int s_first = w0 < T ? am_first_key(ks, b, w0, T) : 0;
+    const int s_last = w0 < T ? am_first_key(ks, b, wlast, T) : 0;
+    const u32 qs = am_smem(am_sm), dos = qs + BM * LD * 2, kst = dos + BM * LD * 2, vst = kst + 2 * TILE * 2;
 
-    am_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
-    am_load_tile<AM_BM, D>(dos, dob, b, i0, h, T, H);
+    am_load_tile<BM, D>(qs, q, b, i0, h, T, H);
+    am_load_tile<BM, D>(dos, dob, b, i0, h, T, H);
     am_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
     am_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
     am_commit();
 
-    const int ra = i0 + warp * 16 + (lane >> 2), rb = ra + 8;
-    const int sa = ra < T ? am_first_key(ks, b, ra, T) : 0;
-    const int sb = rb < T ? am_first_key(ks, b, rb, T) : 0;
     const i64 la = ((i64)b * H + h) * T;
-    const float l2[2] = {ra < T ? lse[la + ra] * AM_LOG2E : 0.f, rb < T ? lse[la + rb] * AM_LOG2E : 0.f};
-    const float dl[2] = {ra < T ? dsum[la + ra] : 0.f, rb < T ? dsum[la + rb] : 0.f};
-    u32 qf[KS][4];
-    float acc[DT][4];
+    if (out) {
+        // dsum of this warp's rows, as amma_bwd_prep computes it
+        for (int r = w0; r < w0 + WR && r < T; ++r) {
+            const i64 row = ((i64)b * T + r) * H + h;
+            float acc = 0.f;
+            for (int d = lane * 2; d < D; d += 64) {
+                const float2 y = *(const float2*)(out + row * D + d);
+                const u32 p = *(const u32*)(dob + row * D + d);
+                acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) dsum[la + r] = acc;
+        }
+        __syncwarp();
+    }
+    int ra[MI][2], sa[MI][2];
+    float l2[MI][2], dl[MI][2];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = w0 + mi * 16 + i * 8 + (lane >> 2);
+            ra[mi][i] = r;
+            sa[mi][i] = r < T ? am_first_key(ks, b, r, T) : 0;
+            l2[mi][i] = r < T ? lse[la + r] * AM_LOG2E : 0.f;
+            dl[mi][i] = r < T ? dsum[la + r] : 0.f;
+        }
+    float acc[MI][DT][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int i = 0; i < DT; ++i) acc[mi][i][0] = acc[mi][i][1] = acc[mi][i][2] = acc[mi][i][3] = 0.f;
 
     for (int it = 0; it < ntile; ++it) {
         const int j0 = jbeg + it * AM_BN, st = it & 1;
@@ -308,70 +381,96 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
             am_wait<0>();
         }
         __syncthreads();
-        if (it == 0) {
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) am_ldm(qf[kk], qs + am_off_a<LD>(warp * 16, kk * 16, lane));
-        }
         const u32 kt = kst + st * TILE * 2, vt = vst + st * TILE * 2;
-        float s[AM_BN / 8][4], dp[AM_BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < AM_BN / 8; ++i)
+        for (int kc = 0; kc < AM_BN / KC; ++kc) {
+            const int c0 = j0 + kc * KC;  // the chunk's first key
+            // a chunk past this warp's last query, or before its rows' first keys, adds nothing
+            if (c0 > wlast || c0 + KC <= s_first) continue;
+            float s[MI][KC / 8][4], dp[MI][KC / 8][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-            u32 da[4];
-            am_ldm(da, dos + am_off_a<LD>(warp * 16, kk * 16, lane));
+                for (int i = 0; i < KC / 8; ++i)
 #pragma unroll
-            for (int np = 0; np < AM_BN / 16; ++np) {
-                u32 bf[4];
-                am_ldm(bf, kt + am_off_b<LD>(np * 16, kk * 16, lane));
-                am_mma(s[2 * np], qf[kk], bf[0], bf[1]);
-                am_mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
-                am_ldm(bf, vt + am_off_b<LD>(np * 16, kk * 16, lane));
-                am_mma(dp[2 * np], da, bf[0], bf[1]);
-                am_mma(dp[2 * np + 1], da, bf[2], bf[3]);
-            }
-        }
-        const bool need_mask = j0 + AM_BN - 1 > i0 || j0 < s_last;
+                    for (int e = 0; e < 4; ++e) s[mi][i][e] = dp[mi][i][e] = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < AM_BN / 8; ++nt) {
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 qf[MI][4], da[MI][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float p = exp2f(s[nt][e] * sl2 - l2[e >> 1]);
-                if (need_mask) {
-                    const int j = j0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                    const int r = e < 2 ? ra : rb, s0 = e < 2 ? sa : sb;
-                    if (j > r || j < s0) p = 0.f;
+                for (int mi = 0; mi < MI; ++mi) {
+                    am_ldm(qf[mi], qs + am_off_a<LD>(warp * WR + mi * 16, kk * 16, lane));
+                    am_ldm(da[mi], dos + am_off_a<LD>(warp * WR + mi * 16, kk * 16, lane));
                 }
-                s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
+#pragma unroll
+                for (int np = 0; np < KC / 16; ++np) {
+                    u32 bf[4];
+                    am_ldm(bf, kt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        am_mma(s[mi][2 * np], qf[mi], bf[0], bf[1]);
+                        am_mma(s[mi][2 * np + 1], qf[mi], bf[2], bf[3]);
+                    }
+                    am_ldm(bf, vt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        am_mma(dp[mi][2 * np], da[mi], bf[0], bf[1]);
+                        am_mma(dp[mi][2 * np + 1], da[mi], bf[2], bf[3]);
+                    }
+                }
             }
-        }
-        // dQ += dS K
+            const bool need_mask = c0 + KC - 1 > w0 || c0 < s_last;
 #pragma unroll
-        for (int kk = 0; kk < AM_BN / 16; ++kk) {
-            const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
-                               am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int dd = 0; dd < D / 16; ++dd) {
-                u32 bf[4];
-                am_ldm_t(bf, kt + am_off_a<LD>(kk * 16, dd * 16, lane));
-                am_mma(acc[2 * dd], pa, bf[0], bf[1]);
-                am_mma(acc[2 * dd + 1], pa, bf[2], bf[3]);
+                for (int nt = 0; nt < KC / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float p = exp2f(s[mi][nt][e] * sl2 - l2[mi][e >> 1]);
+                        if (need_mask) {
+                            const int j = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                            if (j > ra[mi][e >> 1] || j < sa[mi][e >> 1]) p = 0.f;
+                        }
+                        s[mi][nt][e] = p * (dp[mi][nt][e] - dl[mi][e >> 1]);  // dS
+                    }
+                }
+            // dQ += dS K
+#pragma unroll
+            for (int kk = 0; kk < KC / 16; ++kk) {
+                u32 pa[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    pa[mi][0] = am_pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                    pa[mi][1] = am_pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                    pa[mi][2] = am_pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                    pa[mi][3] = am_pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dd = 0; dd < D / 16; ++dd) {
+                    u32 bf[4];
+                    am_ldm_t(bf, kt + am_off_a<LD>(kc * KC + kk * 16, dd * 16, lane));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        am_mma(acc[mi][2 * dd], pa[mi], bf[0], bf[1]);
+                        am_mma(acc[mi][2 * dd + 1], pa[mi], bf[2], bf[3]);
+                    }
+                }
             }
         }
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int r = i == 0 ? ra : rb;
-        if (r >= T) continue;
-        float* dst = dq + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *(float2*)(dst + dt * 8) = make_float2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
-    }
+        for (int i = 0; i < 2; ++i) {
+            const int r = ra[mi][i];
+            if (r >= T) continue;
+            float* dst = dq + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *(float2*)(dst + dt * 8) =
+                    make_float2(acc[mi][dt][2 * i] * scale, acc[mi][dt][2 * i + 1] * scale);
+        }
 }
 
 // ---- backward: dk, dv -------------------------------------------------------------------
@@ -530,26 +629,39 @@ __device__ void amma_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, 
     }
 }
 
-#define AMMA_VARIANTS(D, QC)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(AM_NT) amma_fwd_d##D(float* out, float* lse, const u16* q,         \
-                                                                      const u16* k, const u16* v, const u32* ks,    \
-                                                                      int T, int H, int KVH, float sl2) {           \
-        amma_fwd<D>(out, lse, q, k, v, ks, T, H, KVH, sl2);                                                         \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(AM_NT)                                                             \
-        amma_bwd_dq_d##D(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse,    \
-                         const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {        \
-        amma_bwd_dq<D>(dq, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                                     \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(AM_NT)                                                             \
-        amma_bwd_dkdv_d##D(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob,        \
-                           const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,   \
-                           float scale) {                                                                           \
-        amma_bwd_dkdv<D, QC>(dk, dv, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                           \
+// Entry points: NAME(...) runs the template at the given tiling (see each kernel above).
+#define AMMA_FWD(NAME, D, MI, KC)                                                                           \
+    extern "C" __global__ void __launch_bounds__(AM_NT)                                                     \
+        NAME(float* out, float* lse, const u16* q, const u16* k, const u16* v, const u32* ks, int T, int H, \
+             int KVH, float sl2) {                                                                          \
+        amma_fwd<D, MI, KC>(out, lse, q, k, v, ks, T, H, KVH, sl2);                                         \
+    }
+#define AMMA_DQ(NAME, D, MI, KC)                                                                               \
+    extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
+        NAME(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse, float* dsum, \
+             const float* out, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                 \
+        amma_bwd_dq<D, MI, KC>(dq, q, k, v, dob, lse, dsum, out, ks, T, H, KVH, sl2, scale);                   \
+    }
+#define AMMA_DKDV(NAME, D, QC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
+        NAME(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse, \
+             const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                \
+        amma_bwd_dkdv<D, QC>(dk, dv, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                      \
     }
 
-AMMA_VARIANTS(64, 64)
-AMMA_VARIANTS(128, 32)
+// 64 queries a block (one m16 tile a warp), and the "wide" forms for long sequences: 128
+// queries a block, so that every shared-memory fragment feeds two mma's. The wide dq
+// exists only at D = 64: at D = 128 its q and dout tiles (128 rows each) would need 139 KB
+// of shared memory a block, one block a multiprocessor.
+AMMA_FWD(amma_fwd_d64, 64, 1, 64)
+AMMA_FWD(amma_fwd_wide_d64, 64, 2, 64)
+AMMA_FWD(amma_fwd_d128, 128, 1, 64)
+AMMA_FWD(amma_fwd_wide_d128, 128, 2, 64)
+AMMA_DQ(amma_bwd_dq_d64, 64, 1, 64)
+AMMA_DQ(amma_bwd_dq_wide_d64, 64, 2, 64)
+AMMA_DQ(amma_bwd_dq_d128, 128, 1, 64)
+AMMA_DKDV(amma_bwd_dkdv_d64, 64, 64)
+AMMA_DKDV(amma_bwd_dkdv_d128, 128, 32)
 
 // ---- conversions ------------------------------------------------------------------------
 
@@ -562,13 +674,13 @@ extern "C" __global__ void amma_cast_bf16(u16* dst, const float* src, i64 n) {
     }
 }
 
-// Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out. The
-// rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j dP_j holds
-// as closely as the bf16 products allow (with one key, dS is then ~0, as it must be). With
-// dout_bf16, dout is bf16 already (Backend::attention_operand): it is read as it is and
-// dob is not written (the kernels read dout itself).
-extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const void* dout, int dout_bf16, const float* out,
-                                         int T, int H, int D, i64 rows) {
+// Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out, for an
+// f32 dout. The rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j
+// dP_j holds as closely as the bf16 products allow (with one key, dS is then ~0, as it must
+// be). A dout that is bf16 already (Backend::attention_operand) needs no copy, and the dq
+// kernel makes its dsum with the same sums.
+extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const float* dout, const float* out, int T, int H,
+                                         int D, i64 rows) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -576,14 +688,9 @@ extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const void* dout
     float acc = 0.f;
     for (int d = lane * 2; d < D; d += 64) {
         const float2 y = *(const float2*)(o + d);
-        u32 p;
-        if (dout_bf16) {
-            p = *(const u32*)((const u16*)dout + row * D + d);
-        } else {
-            const float2 x = *(const float2*)((const float*)dout + row * D + d);
-            p = am_pack(x.x, x.y);
-            *(u32*)(dob + row * D + d) = p;
-        }
+        const float2 x = *(const float2*)(dout + row * D + d);
+        const u32 p = am_pack(x.x, x.y);
+        *(u32*)(dob + row * D + d) = p;
         acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
     }
     acc = warp_sum(acc);
