@@ -39,8 +39,8 @@ AMMA_DQ(v_dq_64_m2_k64, 64, 2, 64)
     } while (0)
 
 typedef void (*FwdK)(float*, float*, const u16*, const u16*, const u16*, const u32*, int, int, int, float);
-typedef void (*DqK)(float*, const u16*, const u16*, const u16*, const u16*, const float*, float*, const float*,
-                    const u32*, int, int, int, float, float);
+typedef void (*DqK)(float*, const u16*, const u16*, const u16*, const u16*, const float*, const float*, const u32*,
+                    int, int, int, float, float);
 typedef void (*DkdvK)(float*, float*, const u16*, const u16*, const u16*, const u16*, const float*, const float*,
                       const u32*, int, int, int, float, float);
 
@@ -184,8 +184,7 @@ int main(int argc, char** argv) {
                 CK(cudaFuncSetAttribute(f.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sh));
                 dim3 grid((T + 64 * f.mi - 1) / (64 * f.mi), H, B);
                 float ms = time_ms(
-                    [&] { f.k<<<grid, 128, sh>>>(dq, q, k, v, dob, lse, dsum, nullptr, nullptr, T, H, KVH, sl2, scale); },
-                    reps);
+                    [&] { f.k<<<grid, 128, sh>>>(dq, q, k, v, dob, lse, dsum, nullptr, T, H, KVH, sl2, scale); }, reps);
                 auto g = down(dq, nq);
                 bool same = true;
                 double e = 0;

@@ -314,8 +314,7 @@ impl CudaBackend {
         if copies.is_some() {
             release.qkv_read();
         }
-        // dout's bf16 copy (unless it is bf16) and dsum [b, h, t] = bf16(dout) · out: made
-        // by amma_bwd_prep when dout needs its copy, else by the dq kernel as it reads dout
+        // dout's bf16 copy (unless it is bf16) and dsum
         let copy = if pdo.half { 0 } else { nq * 2 };
         let dos = self.dev.alloc(op, copy + b * h * t * 4)?;
         let pds = super::Device::ptr(&dos) + copy as u64;
@@ -324,41 +323,40 @@ impl CudaBackend {
         } else {
             super::Device::ptr(&dos)
         };
+        let rows = b * t * h;
+        self.dev.launch(
+            op,
+            MODULE_MMA,
+            "amma_bwd_prep",
+            Launch {
+                grid: (rows.div_ceil(8), 1, 1),
+                block: 256,
+                shared_bytes: 0,
+            },
+            &[
+                Arg::Ptr(pdob),
+                Arg::Ptr(pds),
+                Arg::Ptr(pdo.ptr),
+                Arg::I32(pdo.half as i32),
+                Arg::Ptr(po),
+                Arg::I32(t as i32),
+                Arg::I32(h as i32),
+                Arg::I32(hd as i32),
+                Arg::I64(rows as i64),
+            ],
+        )?;
+        release.out_read();
         if !pdo.half {
-            let rows = b * t * h;
-            self.dev.launch(
-                op,
-                MODULE_MMA,
-                "amma_bwd_prep",
-                Launch {
-                    grid: (rows.div_ceil(8), 1, 1),
-                    block: 256,
-                    shared_bytes: 0,
-                },
-                &[
-                    Arg::Ptr(pdob),
-                    Arg::Ptr(pds),
-                    Arg::Ptr(pdo.ptr),
-                    Arg::Ptr(po),
-                    Arg::I32(t as i32),
-                    Arg::I32(h as i32),
-                    Arg::I32(hd as i32),
-                    Arg::I64(rows as i64),
-                ],
-            )?;
-            release.out_read();
             release.dout_read();
         }
         let (pdq, pdk, pdv) = release.grads()?;
-        let tile = Self::mma_tile_bytes(hd);
-        let dkdv_name = if hd == 64 {
-            "amma_bwd_dkdv_d64"
-        } else {
-            "amma_bwd_dkdv_d128"
-        };
-        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t);
-        let qkv_args = [Arg::Ptr(pqb), Arg::Ptr(pkb), Arg::Ptr(pvb), Arg::Ptr(pdob)];
-        let tail = [
+        let common = [
+            Arg::Ptr(pqb),
+            Arg::Ptr(pkb),
+            Arg::Ptr(pvb),
+            Arg::Ptr(pdob),
+            Arg::Ptr(pl),
+            Arg::Ptr(pds),
             Arg::Ptr(pks),
             Arg::I32(t as i32),
             Arg::I32(h as i32),
@@ -366,15 +364,15 @@ impl CudaBackend {
             Arg::F32(d.scale * std::f32::consts::LOG2_E),
             Arg::F32(d.scale),
         ];
-        // dq (and dsum with a bf16 dout: `out` given)
+        let tile = Self::mma_tile_bytes(hd);
+        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t);
+        let dkdv_name = if hd == 64 {
+            "amma_bwd_dkdv_d64"
+        } else {
+            "amma_bwd_dkdv_d128"
+        };
         let mut args = vec![Arg::Ptr(pdq)];
-        args.extend_from_slice(&qkv_args);
-        args.extend([
-            Arg::Ptr(pl),
-            Arg::Ptr(pds),
-            Arg::Ptr(if pdo.half { po } else { 0 }),
-        ]);
-        args.extend_from_slice(&tail);
+        args.extend_from_slice(&common);
         self.dev.launch(
             op,
             MODULE_MMA,
@@ -387,13 +385,8 @@ impl CudaBackend {
             },
             &args,
         )?;
-        if pdo.half {
-            release.out_read();
-        }
         let mut args = vec![Arg::Ptr(pdk), Arg::Ptr(pdv)];
-        args.extend_from_slice(&qkv_args);
-        args.extend([Arg::Ptr(pl), Arg::Ptr(pds)]);
-        args.extend_from_slice(&tail);
+        args.extend_from_slice(&common);
         self.dev.launch(
             op,
             MODULE_MMA,

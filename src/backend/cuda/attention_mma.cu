@@ -17,9 +17,9 @@
 //    two-stage cp.async ring. S = Q K^T, online softmax in log2 units, O += P V with P
 //    rounded to bf16 straight from the accumulators. lse = (m + log2 l) ln 2.
 //  * amma_bwd_dq: same tiling; per key tile S = Q K^T, P = exp(S - lse), dP = dO V^T,
-//    dS = P (dP - dsum), dQ += dS K. With a bf16 dout it also makes dsum = rowsum(dO * O)
-//    for its rows, so that no separate pass reads dout and out (amma_bwd_prep does, for an
-//    f32 dout, whose bf16 copy it makes).
+//    dS = P (dP - dsum), dQ += dS K. dsum = rowsum(bf16(dO) * O) comes from amma_bwd_prep,
+//    a pass of its own: made inside dq's blocks it held out through dq and cost more than
+//    the pass (BENCHMARKS.md, issue 16).
 //  * amma_bwd_dkdv: a block owns 64 keys of one (batch, kv head), 16 per warp, and walks
 //    every query tile (and every query head of its group) that sees them: S^T = K Q^T,
 //    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. No atomics: dq and dk/dv come from two
@@ -308,14 +308,10 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
 // 64·MI queries a block, MI m16 tiles a warp (amma_dq_queries); each 64-key tile is worked
 // in chunks of KC keys, which bounds the registers that hold S and dP beside the dQ
 // accumulators.
-//
-// With `out` given, the kernel also makes dsum (which amma_bwd_prep makes otherwise): each
-// warp sums bf16(dout) · out over its rows exactly as amma_bwd_prep does (same lanes, same
-// order, so the same bits), keeps them, and writes them for amma_bwd_dkdv.
 template <int D, int MI, int KC>
 __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob,
-                            const float* lse, float* dsum, const float* out, const u32* ks, int T, int H, int KVH,
-                            float sl2, float scale) {
+                            const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
+                            float scale) {
     constexpr int LD = D + 8, KS = D / 16, DT = D / 8, TILE = AM_BN * LD, WR = 16 * MI, BM = 4 * WR;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -337,21 +333,6 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
     am_commit();
 
     const i64 la = ((i64)b * H + h) * T;
-    if (out) {
-        // dsum of this warp's rows, as amma_bwd_prep computes it
-        for (int r = w0; r < w0 + WR && r < T; ++r) {
-            const i64 row = ((i64)b * T + r) * H + h;
-            float acc = 0.f;
-            for (int d = lane * 2; d < D; d += 64) {
-                const float2 y = *(const float2*)(out + row * D + d);
-                const u32 p = *(const u32*)(dob + row * D + d);
-                acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
-            }
-            acc = warp_sum(acc);
-            if (lane == 0) dsum[la + r] = acc;
-        }
-        __syncwarp();
-    }
     int ra[MI][2], sa[MI][2];
     float l2[MI][2], dl[MI][2];
 #pragma unroll
@@ -638,9 +619,9 @@ __device__ void amma_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, 
     }
 #define AMMA_DQ(NAME, D, MI, KC)                                                                               \
     extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
-        NAME(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse, float* dsum, \
-             const float* out, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                 \
-        amma_bwd_dq<D, MI, KC>(dq, q, k, v, dob, lse, dsum, out, ks, T, H, KVH, sl2, scale);                   \
+        NAME(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse,            \
+             const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                \
+        amma_bwd_dq<D, MI, KC>(dq, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                        \
     }
 #define AMMA_DKDV(NAME, D, QC)                                                                                 \
     extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
@@ -674,13 +655,13 @@ extern "C" __global__ void amma_cast_bf16(u16* dst, const float* src, i64 n) {
     }
 }
 
-// Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out, for an
-// f32 dout. The rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j
-// dP_j holds as closely as the bf16 products allow (with one key, dS is then ~0, as it must
-// be). A dout that is bf16 already (Backend::attention_operand) needs no copy, and the dq
-// kernel makes its dsum with the same sums.
-extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const float* dout, const float* out, int T, int H,
-                                         int D, i64 rows) {
+// Per row (b, t, h), one warp: dob = bf16(dout) and dsum[b, h, t] = bf16(dout) . out. The
+// rounded dout is the one the kernels multiply with, so that dsum = sum_j P_j dP_j holds
+// as closely as the bf16 products allow (with one key, dS is then ~0, as it must be). With
+// dout_bf16, dout is bf16 already (Backend::attention_operand): it is read as it is and
+// dob is not written (the kernels read dout itself).
+extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const void* dout, int dout_bf16, const float* out,
+                                         int T, int H, int D, i64 rows) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -688,9 +669,14 @@ extern "C" __global__ void amma_bwd_prep(u16* dob, float* dsum, const float* dou
     float acc = 0.f;
     for (int d = lane * 2; d < D; d += 64) {
         const float2 y = *(const float2*)(o + d);
-        const float2 x = *(const float2*)(dout + row * D + d);
-        const u32 p = am_pack(x.x, x.y);
-        *(u32*)(dob + row * D + d) = p;
+        u32 p;
+        if (dout_bf16) {
+            p = *(const u32*)((const u16*)dout + row * D + d);
+        } else {
+            const float2 x = *(const float2*)((const float*)dout + row * D + d);
+            p = am_pack(x.x, x.y);
+            *(u32*)(dob + row * D + d) = p;
+        }
         acc += bf16_to_f32((u16)(p & 0xffffu)) * y.x + bf16_to_f32((u16)(p >> 16)) * y.y;
     }
     acc = warp_sum(acc);
