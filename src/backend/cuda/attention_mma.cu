@@ -129,6 +129,41 @@ __device__ __forceinline__ void am_load_tile(u32 dst, const u16* src, int b, int
     }
 }
 
+// The A fragment of 16 rows x 16 keys (keys 16·kk ..) from two 16x8 accumulator tiles
+// (x[2kk], x[2kk + 1]), rounded to bf16: an mma's A operand straight from an earlier mma's
+// result.
+template <int N>
+__device__ __forceinline__ void am_frag_from_acc(u32 (&a)[4], const float (&x)[N][4], int kk) {
+    a[0] = am_pack(x[2 * kk][0], x[2 * kk][1]);
+    a[1] = am_pack(x[2 * kk][2], x[2 * kk][3]);
+    a[2] = am_pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[3] = am_pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
+// acc[mi] (16 rows x D) += bf16(x[mi]) (16 rows x KC keys) · rows kc·KC .. of a shared
+// [64][D] tile (row stride LD), for each of a warp's MI m16 tiles: O += P V in the forward,
+// dQ += dS K in dq. Each tile fragment is read once and feeds MI mma's.
+template <int D, int LD, int MI, int KC>
+__device__ __forceinline__ void am_acc_times_tile(float (&acc)[MI][D / 8][4], const float (&x)[MI][KC / 8][4],
+                                                  u32 tile, int kc, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KC / 16; ++kk) {
+        u32 pa[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) am_frag_from_acc(pa[mi], x[mi], kk);
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+            u32 bf[4];
+            am_ldm_t(bf, tile + am_off_a<LD>(kc * KC + kk * 16, dd * 16, lane));
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                am_mma(acc[mi][2 * dd], pa[mi], bf[0], bf[1]);
+                am_mma(acc[mi][2 * dd + 1], pa[mi], bf[2], bf[3]);
+            }
+        }
+    }
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 // A block owns 64·MI queries, MI m16 tiles (16·MI rows) per warp, so that every K and V
@@ -260,27 +295,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
                 }
             }
             // O += P V
-#pragma unroll
-            for (int kk = 0; kk < KC / 16; ++kk) {
-                u32 pa[MI][4];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    pa[mi][0] = am_pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-                    pa[mi][1] = am_pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-                    pa[mi][2] = am_pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-                    pa[mi][3] = am_pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bf[4];
-                    am_ldm_t(bf, vt + am_off_a<LD>(kc * KC + kk * 16, dp * 16, lane));
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        am_mma(o[mi][2 * dp], pa[mi], bf[0], bf[1]);
-                        am_mma(o[mi][2 * dp + 1], pa[mi], bf[2], bf[3]);
-                    }
-                }
-            }
+            am_acc_times_tile<D, LD, MI, KC>(o, s, vt, kc, lane);
         }
         __syncthreads();  // the next iteration's loads overwrite this stage
     }
@@ -416,27 +431,7 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
                     }
                 }
             // dQ += dS K
-#pragma unroll
-            for (int kk = 0; kk < KC / 16; ++kk) {
-                u32 pa[MI][4];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    pa[mi][0] = am_pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-                    pa[mi][1] = am_pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-                    pa[mi][2] = am_pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-                    pa[mi][3] = am_pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int dd = 0; dd < D / 16; ++dd) {
-                    u32 bf[4];
-                    am_ldm_t(bf, kt + am_off_a<LD>(kc * KC + kk * 16, dd * 16, lane));
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        am_mma(acc[mi][2 * dd], pa[mi], bf[0], bf[1]);
-                        am_mma(acc[mi][2 * dd + 1], pa[mi], bf[2], bf[3]);
-                    }
-                }
-            }
+            am_acc_times_tile<D, LD, MI, KC>(acc, s, kt, kc, lane);
         }
         __syncthreads();
     }
@@ -576,12 +571,9 @@ __device__ void amma_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, 
             // dV += P^T dO, dK += dS^T Q
 #pragma unroll
             for (int kk = 0; kk < QC / 16; ++kk) {
-                const u32 pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
-                                   am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-                const u32 sa[4] = {am_pack(dp[2 * kk][0], dp[2 * kk][1]), am_pack(dp[2 * kk][2], dp[2 * kk][3]),
-                                   am_pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                   am_pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                u32 pa[4], sa[4];
+                am_frag_from_acc(pa, s, kk);
+                am_frag_from_acc(sa, dp, kk);
 #pragma unroll
                 for (int dd = 0; dd < D / 16; ++dd) {
                     u32 bf[4];
