@@ -140,6 +140,17 @@ __device__ __forceinline__ void am_frag_from_acc(u32 (&a)[4], const float (&x)[N
     a[3] = am_pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
+// c[mi][2n], c[mi][2n + 1] += a[mi] · (the two 16x8 B fragments in bf), for each of a warp's
+// MI m16 tiles: one shared-memory fragment, MI row tiles.
+template <int MI, int N>
+__device__ __forceinline__ void am_mma_rows(float (&c)[MI][N][4], const u32 (&a)[MI][4], const u32 (&bf)[4], int n) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        am_mma(c[mi][2 * n], a[mi], bf[0], bf[1]);
+        am_mma(c[mi][2 * n + 1], a[mi], bf[2], bf[3]);
+    }
+}
+
 // acc[mi] (16 rows x D) += bf16(x[mi]) (16 rows x KC keys) · rows kc·KC .. of a shared
 // [64][D] tile (row stride LD), for each of a warp's MI m16 tiles: O += P V in the forward,
 // dQ += dS K in dq. Each tile fragment is read once and feeds MI mma's.
@@ -155,11 +166,7 @@ __device__ __forceinline__ void am_acc_times_tile(float (&acc)[MI][D / 8][4], co
         for (int dd = 0; dd < D / 16; ++dd) {
             u32 bf[4];
             am_ldm_t(bf, tile + am_off_a<LD>(kc * KC + kk * 16, dd * 16, lane));
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                am_mma(acc[mi][2 * dd], pa[mi], bf[0], bf[1]);
-                am_mma(acc[mi][2 * dd + 1], pa[mi], bf[2], bf[3]);
-            }
+            am_mma_rows(acc, pa, bf, dd);
         }
     }
 }
@@ -243,11 +250,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
                 for (int np = 0; np < KC / 16; ++np) {
                     u32 bf[4];
                     am_ldm(bf, kt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        am_mma(s[mi][2 * np], qf[mi], bf[0], bf[1]);
-                        am_mma(s[mi][2 * np + 1], qf[mi], bf[2], bf[3]);
-                    }
+                    am_mma_rows(s, qf, bf, np);
                 }
             }
             // scale to log2 units, mask (causal diagonal, segment starts), online softmax
@@ -402,17 +405,9 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
                 for (int np = 0; np < KC / 16; ++np) {
                     u32 bf[4];
                     am_ldm(bf, kt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        am_mma(s[mi][2 * np], qf[mi], bf[0], bf[1]);
-                        am_mma(s[mi][2 * np + 1], qf[mi], bf[2], bf[3]);
-                    }
+                    am_mma_rows(s, qf, bf, np);
                     am_ldm(bf, vt + am_off_b<LD>(kc * KC + np * 16, kk * 16, lane));
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        am_mma(dp[mi][2 * np], da[mi], bf[0], bf[1]);
-                        am_mma(dp[mi][2 * np + 1], da[mi], bf[2], bf[3]);
-                    }
+                    am_mma_rows(dp, da, bf, np);
                 }
             }
             const bool need_mask = c0 + KC - 1 > w0 || c0 < s_last;
