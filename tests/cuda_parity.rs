@@ -990,6 +990,59 @@ fn qkv_dout(r: &mut Rng, nq: usize, nk: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>,
     )
 }
 
+/// The wide tensor-core kernels, forced at small sizes (`wide_attention_from = 1`), give
+/// the 64-query kernels' bits for out, lse, dq, dk and dv: both head dimensions, GQA,
+/// packed segments, lengths that leave partial tiles. Small enough for the sanitizers.
+#[test]
+fn wide_attention_kernels_match_at_small_sizes() {
+    let Some(narrow) = gpu() else {
+        return;
+    };
+    let Some(wide) = gpu_with(|o| o.wide_attention_from = 1) else {
+        return;
+    };
+    for (d, t, packed) in [
+        (64usize, 333usize, true),
+        (128, 333, true),
+        (64, 200, false),
+        (128, 129, false),
+    ] {
+        let mut r = Rng::fresh("wide attention, small");
+        let (b, h) = (2usize, 4usize);
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, d);
+        let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
+        let ks = packed.then_some(ks);
+        let run = |g: &cuda::CudaBackend| {
+            let up = |x: &[f32]| g.upload(x).unwrap();
+            let (qb, kb, vb) = (up(&q), up(&k), up(&v));
+            let mut o = g.zeros(nq).unwrap();
+            let mut l = g.zeros(b * h * t).unwrap();
+            g.attention_forward(&mut o, &mut l, &qb, &kb, &vb, dims, ks.as_deref())
+                .unwrap();
+            let bits = |x: &cuda::CudaBuf| {
+                g.download(x)
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect::<Vec<u32>>()
+            };
+            let (ob, lb) = (bits(&o), bits(&l));
+            let (dq, dk, dv) = g
+                .attention_backward_owned(up(&dout), o, &l, qb, kb, vb, dims, ks.as_deref())
+                .unwrap();
+            [ob, lb, bits(&dq), bits(&dk), bits(&dv)]
+        };
+        let (want, got) = (run(&narrow), run(&wide));
+        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
+            assert!(
+                got[i] == want[i],
+                "{name} differs between the wide and the 64-query kernels (d = {d}, T = {t}, packed = {packed})"
+            );
+        }
+    }
+    println!("PARITY wide attention kernels at small sizes: bit-identical");
+}
+
 /// The wide tensor-core kernels (128 queries a block, for sequences of 8192 tokens and
 /// more) give the 64-query kernels' bits: causal attention of the first T − 1 tokens does
 /// not depend on the last one, so out, lse and dq of those rows at T = 8192 (wide) must

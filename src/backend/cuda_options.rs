@@ -38,6 +38,11 @@ pub struct CudaOptions {
     /// on sm_80 and newer (default from the environment variable
     /// `LEMA_CUDA_EXACT_ATTENTION=1`).
     pub exact_attention: bool,
+    /// Sequences at least this long use the "wide" tensor-core attention kernels (128
+    /// queries a block; shorter ones the 64-query kernels, which give the GPU twice the
+    /// blocks). Both give the same bits; tests lower it to run the wide kernels at small
+    /// sizes. Default 8192.
+    pub wide_attention_from: usize,
     /// Time every kernel, GEMM and copy of the compute stream, for
     /// `CudaBackend::profile_take` (default from the environment variable
     /// `LEMA_CUDA_PROFILE=1`).
@@ -62,6 +67,7 @@ impl Default for CudaOptions {
             kernel_cache: KernelCache::Default,
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
             exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
+            wide_attention_from: 8192,
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
             max_host_memory: None,

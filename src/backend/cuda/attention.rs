@@ -25,15 +25,11 @@ pub(super) const MODULE_MMA: Module = Module {
 
 /// Rows (queries or keys) per block and per tile of the tensor-core kernels.
 const MMA_TILE: usize = 64;
-/// Sequences at least this long use the "wide" forward and dq kernels (128 queries a
-/// block, 32 a warp); shorter ones the 64-query kernels, which give the GPU twice the
-/// blocks. Both give the same bits.
-const MMA_WIDE_FROM: usize = 8192;
-
 /// The tensor-core forward or dq kernel (`what`: "fwd" or "bwd_dq") for head dimension
-/// `hd` and length `t`, and its queries per block. The wide dq exists at d = 64 only.
-fn mma_kernel(what: &str, hd: usize, t: usize) -> (&'static str, usize) {
-    let wide = t >= MMA_WIDE_FROM;
+/// `hd`, and its queries per block: the "wide" form (128 queries a block, 32 a warp) when
+/// `wide` ([`super::CudaOptions::wide_attention_from`]), else the 64-query one. The wide
+/// dq exists at d = 64 only.
+fn mma_kernel(what: &str, hd: usize, wide: bool) -> (&'static str, usize) {
     let name = match (what, hd == 64, wide) {
         ("fwd", true, false) => "amma_fwd_d64",
         ("fwd", true, true) => "amma_fwd_wide_d64",
@@ -265,7 +261,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let ((pqb, pkb, pvb), _copies) = self.bf16_operands(op, (pq, pk, pv), d)?;
-        let (name, queries) = mma_kernel("fwd", hd, t);
+        let (name, queries) = mma_kernel("fwd", hd, t >= self.opts.wide_attention_from);
         self.dev.launch(
             op,
             MODULE_MMA,
@@ -365,7 +361,7 @@ impl CudaBackend {
             Arg::F32(d.scale),
         ];
         let tile = Self::mma_tile_bytes(hd);
-        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t);
+        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t >= self.opts.wide_attention_from);
         let dkdv_name = if hd == 64 {
             "amma_bwd_dkdv_d64"
         } else {
