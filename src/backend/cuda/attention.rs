@@ -25,22 +25,30 @@ pub(super) const MODULE_MMA: Module = Module {
 
 /// Rows (queries or keys) per block and per tile of the tensor-core kernels.
 const MMA_TILE: usize = 64;
-/// The tensor-core forward or dq kernel (`what`: "fwd" or "bwd_dq") for head dimension
-/// `hd`, and its queries per block: the "wide" form (128 queries a block, 32 a warp) when
-/// `wide` ([`super::CudaOptions::wide_attention_from`]), else the 64-query one. The wide
-/// dq exists at d = 64 only.
-fn mma_kernel(what: &str, hd: usize, wide: bool) -> (&'static str, usize) {
-    let name = match (what, hd == 64, wide) {
-        ("fwd", true, false) => "amma_fwd_d64",
-        ("fwd", true, true) => "amma_fwd_wide_d64",
-        ("fwd", false, false) => "amma_fwd_d128",
-        ("fwd", false, true) => "amma_fwd_wide_d128",
-        (_, true, false) => "amma_bwd_dq_d64",
-        (_, true, true) => "amma_bwd_dq_wide_d64",
-        (_, false, _) => return ("amma_bwd_dq_d128", MMA_TILE),
+/// The tensor-core kernels that come in a "wide" form (128 queries a block, 32 a warp).
+#[derive(Clone, Copy)]
+enum MmaQueryPass {
+    Forward,
+    Dq,
+}
+
+/// The kernel of `pass` for head dimension `hd`, and its queries per block: the wide form
+/// when `wide` ([`super::CudaOptions::wide_attention_from`]), else the 64-query one. The
+/// wide dq exists at d = 64 only.
+fn mma_kernel(pass: MmaQueryPass, hd: usize, wide: bool) -> (&'static str, usize) {
+    use MmaQueryPass::*;
+    let name = match (pass, hd == 64, wide) {
+        (Forward, true, false) => "amma_fwd_d64",
+        (Forward, true, true) => "amma_fwd_wide_d64",
+        (Forward, false, false) => "amma_fwd_d128",
+        (Forward, false, true) => "amma_fwd_wide_d128",
+        (Dq, true, false) => "amma_bwd_dq_d64",
+        (Dq, true, true) => "amma_bwd_dq_wide_d64",
+        (Dq, false, _) => return ("amma_bwd_dq_d128", MMA_TILE),
     };
     (name, if wide { 2 * MMA_TILE } else { MMA_TILE })
 }
+
 /// Threads per block of the tensor-core kernels (4 warps).
 const MMA_THREADS: u32 = 128;
 
@@ -261,7 +269,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let ((pqb, pkb, pvb), _copies) = self.bf16_operands(op, (pq, pk, pv), d)?;
-        let (name, queries) = mma_kernel("fwd", hd, t >= self.opts.wide_attention_from);
+        let (name, queries) = mma_kernel(
+            MmaQueryPass::Forward,
+            hd,
+            t >= self.opts.wide_attention_from,
+        );
         self.dev.launch(
             op,
             MODULE_MMA,
@@ -361,7 +373,8 @@ impl CudaBackend {
             Arg::F32(d.scale),
         ];
         let tile = Self::mma_tile_bytes(hd);
-        let (dq_name, dq_queries) = mma_kernel("bwd_dq", hd, t >= self.opts.wide_attention_from);
+        let (dq_name, dq_queries) =
+            mma_kernel(MmaQueryPass::Dq, hd, t >= self.opts.wide_attention_from);
         let dkdv_name = if hd == 64 {
             "amma_bwd_dkdv_d64"
         } else {
