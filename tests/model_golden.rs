@@ -4,7 +4,8 @@
 //! without LoRA dropout: the loss of 3 AdamW steps, every LoRA gradient of the first and
 //! the logits (as FNV-1a hashes of their f32 bits), the evaluation loss, and the logits
 //! through the KV cache. Recorded per backend in `tests/data/golden/model-<backend>.json`
-//! with `LEMA_GOLDEN=write`; compared otherwise (CUDA only where a GPU is present).
+//! (the CPU once per kernel family: `cpu` for AVX2/FMA, `cpu-avx512`) with
+//! `LEMA_GOLDEN=write`; compared otherwise (CUDA only where a GPU is present).
 //!
 //! A change that moves any bit fails here; one that means to (a new kernel, a new
 //! summation order) records again and says why in its commit.
@@ -98,6 +99,17 @@ fn run(device: Device) -> BTreeMap<String, serde_json::Value> {
     out
 }
 
+/// The CPU recording for the GEMM kernels this processor runs: the `gemm` crate takes its
+/// AVX-512 kernels wherever the processor has AVX-512F (its `x86-v4` feature), else its
+/// AVX2/FMA ones, and the two sum in different orders.
+fn cpu_kernels() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return "cpu-avx512";
+    }
+    "cpu"
+}
+
 fn check(device: Device, name: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("tests/data/golden/model-{name}.json"));
@@ -138,7 +150,7 @@ fn check(device: Device, name: &str) {
 
 #[test]
 fn cpu_results_are_bit_for_bit_the_recorded_ones() {
-    check(Device::Cpu, "cpu");
+    check(Device::Cpu, cpu_kernels());
 }
 
 #[test]
