@@ -990,6 +990,34 @@ fn qkv_dout(r: &mut Rng, nq: usize, nk: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>,
     )
 }
 
+/// The f32 bits of a buffer.
+fn bits_of(g: &CudaBackend, x: &cuda::CudaBuf) -> Vec<u32> {
+    g.download(x).unwrap().iter().map(|f| f.to_bits()).collect()
+}
+
+/// Attention forward and the backward that takes its inputs over, on given operands: the
+/// bits of out, lse, dq, dk and dv.
+fn attention_bits(
+    g: &CudaBackend,
+    [q, k, v, dout]: [cuda::CudaBuf; 4],
+    dims: AttnDims,
+    key_start: Option<&[u32]>,
+) -> [Vec<u32>; 5] {
+    let (nq, rows) = (
+        dims.batch * dims.seq * dims.n_heads * dims.head_dim,
+        dims.batch * dims.n_heads * dims.seq,
+    );
+    let mut o = g.zeros(nq).unwrap();
+    let mut l = g.zeros(rows).unwrap();
+    g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, key_start)
+        .unwrap();
+    let (ob, lb) = (bits_of(g, &o), bits_of(g, &l));
+    let (dq, dk, dv) = g
+        .attention_backward_owned(dout, o, &l, q, k, v, dims, key_start)
+        .unwrap();
+    [ob, lb, bits_of(g, &dq), bits_of(g, &dk), bits_of(g, &dv)]
+}
+
 /// The wide tensor-core kernels, forced at small sizes (`wide_attention_from = 1`), give
 /// the 64-query kernels' bits for out, lse, dq, dk and dv: both head dimensions, GQA,
 /// packed segments, lengths that leave partial tiles. Small enough for the sanitizers.
@@ -1012,25 +1040,9 @@ fn wide_attention_kernels_match_at_small_sizes() {
         let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, d);
         let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
         let ks = packed.then_some(ks);
-        let run = |g: &cuda::CudaBackend| {
+        let run = |g: &CudaBackend| {
             let up = |x: &[f32]| g.upload(x).unwrap();
-            let (qb, kb, vb) = (up(&q), up(&k), up(&v));
-            let mut o = g.zeros(nq).unwrap();
-            let mut l = g.zeros(b * h * t).unwrap();
-            g.attention_forward(&mut o, &mut l, &qb, &kb, &vb, dims, ks.as_deref())
-                .unwrap();
-            let bits = |x: &cuda::CudaBuf| {
-                g.download(x)
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.to_bits())
-                    .collect::<Vec<u32>>()
-            };
-            let (ob, lb) = (bits(&o), bits(&l));
-            let (dq, dk, dv) = g
-                .attention_backward_owned(up(&dout), o, &l, qb, kb, vb, dims, ks.as_deref())
-                .unwrap();
-            [ob, lb, bits(&dq), bits(&dk), bits(&dv)]
+            attention_bits(g, [up(&q), up(&k), up(&v), up(&dout)], dims, ks.as_deref())
         };
         let (want, got) = (run(&narrow), run(&wide));
         for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
@@ -1266,17 +1278,7 @@ fn attention_operands_match_rope_then_f32_operands() {
                 .collect::<Vec<u32>>()
         };
         let want_operands = [rounded(&fq), rounded(&fk), rounded(&fv)];
-        let attend = |[q, k, v, dout]: [cuda::CudaBuf; 4]| {
-            let mut o = g.zeros(nq).unwrap();
-            let mut l = g.zeros(b * h * t).unwrap();
-            g.attention_forward(&mut o, &mut l, &q, &k, &v, dims, Some(&ks))
-                .unwrap();
-            let (o_bits, l_bits) = (bits(&o), bits(&l));
-            let (dq, dk, dv) = g
-                .attention_backward_owned(dout, o, &l, q, k, v, dims, Some(&ks))
-                .unwrap();
-            [o_bits, l_bits, bits(&dq), bits(&dk), bits(&dv)]
-        };
+        let attend = |ops: [cuda::CudaBuf; 4]| attention_bits(&g, ops, dims, Some(&ks));
         let want = attend([fq, fk, fv, up(&dout)]);
         let oq = g.attention_operand(up(&q), Some(rope), h, d).unwrap();
         let ok = g.attention_operand(up(&k), Some(rope), 2, d).unwrap();
