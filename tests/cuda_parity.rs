@@ -1018,6 +1018,14 @@ fn attention_bits(
     [ob, lb, bits_of(g, &dq), bits_of(g, &dk), bits_of(g, &dv)]
 }
 
+/// Asserts that two [`attention_bits`] results are the same bits, naming the output that
+/// is not and `what` differed between them.
+fn assert_same_attention_bits(got: &[Vec<u32>; 5], want: &[Vec<u32>; 5], what: &str) {
+    for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
+        assert!(got[i] == want[i], "attention {name} differs {what}");
+    }
+}
+
 /// The wide tensor-core kernels, forced at small sizes (`wide_attention_from = 1`), give
 /// the 64-query kernels' bits for out, lse, dq, dk and dv: both head dimensions, GQA,
 /// packed segments, lengths that leave partial tiles. Small enough for the sanitizers.
@@ -1044,13 +1052,13 @@ fn wide_attention_kernels_match_at_small_sizes() {
             let up = |x: &[f32]| g.upload(x).unwrap();
             attention_bits(g, [up(&q), up(&k), up(&v), up(&dout)], dims, ks.as_deref())
         };
-        let (want, got) = (run(&narrow), run(&wide));
-        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
-            assert!(
-                got[i] == want[i],
-                "{name} differs between the wide and the 64-query kernels (d = {d}, T = {t}, packed = {packed})"
-            );
-        }
+        assert_same_attention_bits(
+            &run(&wide),
+            &run(&narrow),
+            &format!(
+                "between the wide and the 64-query kernels (d = {d}, T = {t}, packed = {packed})"
+            ),
+        );
     }
     println!("PARITY wide attention kernels at small sizes: bit-identical");
 }
@@ -1162,13 +1170,11 @@ fn attention_is_deterministic() {
                     .collect::<Vec<u32>>()
             })
         };
-        let (first, second) = (run(), run());
-        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
-            assert!(
-                first[i] == second[i],
-                "attention {name} differs between two runs (exact = {exact})"
-            );
-        }
+        assert_same_attention_bits(
+            &run(),
+            &run(),
+            &format!("between two runs (exact = {exact})"),
+        );
         println!("PARITY attention run twice (exact = {exact}): bit-identical");
     }
 }
@@ -1311,12 +1317,11 @@ fn attention_operands_match_rope_then_f32_operands() {
         let odo = g.attention_operand(up(&dout), None, h, d).unwrap();
         assert_eq!(odo.dtype() == DType::BF16, half, "dout's type");
         let got = attend([oq, ok, ov, odo]);
-        for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
-            assert!(
-                got[i] == want[i],
-                "{name} differs with attention operands (exact = {exact}, d = {d})"
-            );
-        }
+        assert_same_attention_bits(
+            &got,
+            &want,
+            &format!("with attention operands (exact = {exact}, d = {d})"),
+        );
         println!(
             "PARITY attention operands = rope + f32 operands (exact = {exact}, d = {d}, bf16 = {half}): bit-identical"
         );

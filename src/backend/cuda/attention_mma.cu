@@ -171,6 +171,34 @@ __device__ __forceinline__ void am_acc_times_tile(float (&acc)[MI][D / 8][4], co
     }
 }
 
+// The query rows a warp owns in the forward and dq kernels (16·MI from w0) and what the
+// causal and segment masks make of a chunk of keys for them: rows r[mi][i] (this lane's,
+// m16 tile mi, upper/lower half i) see keys s0[mi][i] ..= r[mi][i].
+template <int MI>
+struct AmWarpRows {
+    int w0, wlast, s_first, s_last;  // first and last row (-1: none), their first keys
+    int r[MI][2], s0[MI][2];
+
+    __device__ __forceinline__ AmWarpRows(const u32* ks, int b, int i0, int warp, int lane, int T) {
+        w0 = i0 + warp * 16 * MI;
+        wlast = w0 < T ? min(w0 + 16 * MI, T) - 1 : -1;
+        s_first = w0 < T ? am_first_key(ks, b, w0, T) : 0;
+        s_last = w0 < T ? am_first_key(ks, b, wlast, T) : 0;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                r[mi][i] = w0 + mi * 16 + i * 8 + (lane >> 2);
+                s0[mi][i] = r[mi][i] < T ? am_first_key(ks, b, r[mi][i], T) : 0;
+            }
+    }
+    // keys c0 .. c0 + n - 1 lie wholly past the last row or before every row's first key
+    __device__ __forceinline__ bool skips(int c0, int n) const { return c0 > wlast || c0 + n <= s_first; }
+    // some key of c0 .. c0 + n - 1 is masked for some row
+    __device__ __forceinline__ bool needs_mask(int c0, int n) const { return c0 + n - 1 > w0 || c0 < s_last; }
+    __device__ __forceinline__ bool masked(int mi, int i, int j) const { return j > r[mi][i] || j < s0[mi][i]; }
+};
+
 // ---- forward ----------------------------------------------------------------------------
 
 // A block owns 64·MI queries, MI m16 tiles (16·MI rows) per warp, so that every K and V
@@ -190,10 +218,6 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
     const int ilast = min(i0 + BM, T) - 1;
     const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
     const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
-    const int w0 = i0 + warp * WR;                        // this warp's first query
-    const int wlast = w0 < T ? min(w0 + WR, T) - 1 : -1;  // and last (-1: none)
-    const int s_first = w0 < T ? am_first_key(ks, b, w0, T) : 0;
-    const int s_last = w0 < T ? am_first_key(ks, b, wlast, T) : 0;
     const u32 qs = am_smem(am_sm), kst = qs + BM * LD * 2, vst = kst + 2 * TILE * 2;
 
     am_load_tile<BM, D>(qs, q, b, i0, h, T, H);
@@ -201,14 +225,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
     am_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
     am_commit();
 
-    int ra[MI][2], sa[MI][2];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            ra[mi][i] = w0 + mi * 16 + i * 8 + (lane >> 2);
-            sa[mi][i] = ra[mi][i] < T ? am_first_key(ks, b, ra[mi][i], T) : 0;
-        }
+    const AmWarpRows<MI> rows(ks, b, i0, warp, lane, T);
     float o[MI][DT][4];
     float m[MI][2], l[MI][2];
 #pragma unroll
@@ -235,7 +252,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
         for (int kc = 0; kc < AM_BN / KC; ++kc) {
             const int c0 = j0 + kc * KC;  // the chunk's first key
             // a chunk past this warp's last query, or before its rows' first keys, adds nothing
-            if (c0 > wlast || c0 + KC <= s_first) continue;
+            if (rows.skips(c0, KC)) continue;
             float s[MI][KC / 8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -254,7 +271,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
                 }
             }
             // scale to log2 units, mask (causal diagonal, segment starts), online softmax
-            const bool need_mask = c0 + KC - 1 > w0 || c0 < s_last;
+            const bool need_mask = rows.needs_mask(c0, KC);
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
                 float mx[2] = {-INF_F, -INF_F};
@@ -265,7 +282,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
                         float x = s[mi][nt][e] * sl2;
                         if (need_mask) {
                             const int j = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                            if (j > ra[mi][e >> 1] || j < sa[mi][e >> 1]) x = -INF_F;
+                            if (rows.masked(mi, e >> 1, j)) x = -INF_F;
                         }
                         s[mi][nt][e] = x;
                         mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -308,7 +325,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
         for (int i = 0; i < 2; ++i) {
             l[mi][i] += __shfl_xor_sync(FULL_MASK, l[mi][i], 1);
             l[mi][i] += __shfl_xor_sync(FULL_MASK, l[mi][i], 2);
-            const int r = ra[mi][i];
+            const int r = rows.r[mi][i];
             if (r >= T) continue;
             const float inv = 1.f / l[mi][i];
             float* dst = out + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
@@ -323,7 +340,7 @@ __device__ void amma_fwd(float* out, float* lse, const u16* q, const u16* k, con
 
 // ---- backward: dq -----------------------------------------------------------------------
 
-// 64·MI queries a block, MI m16 tiles a warp (amma_dq_queries); each 64-key tile is worked
+// 64·MI queries a block, MI m16 tiles a warp (attention.rs: mma_kernel); each 64-key tile is worked
 // in chunks of KC keys, which bounds the registers that hold S and dP beside the dQ
 // accumulators.
 template <int D, int MI, int KC>
@@ -338,10 +355,6 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
     const int ilast = min(i0 + BM, T) - 1;
     const int jbeg = (am_first_key(ks, b, i0, T) / AM_BN) * AM_BN;
     const int ntile = ilast / AM_BN - jbeg / AM_BN + 1;
-    const int w0 = i0 + warp * WR;
-    const int wlast = w0 < T ? min(w0 + WR, T) - 1 : -1;
-    const int s_first = w0 < T ? am_first_key(ks, b, w0, T) : 0;
-    const int s_last = w0 < T ? am_first_key(ks, b, wlast, T) : 0;
     const u32 qs = am_smem(am_sm), dos = qs + BM * LD * 2, kst = dos + BM * LD * 2, vst = kst + 2 * TILE * 2;
 
     am_load_tile<BM, D>(qs, q, b, i0, h, T, H);
@@ -351,15 +364,13 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
     am_commit();
 
     const i64 la = ((i64)b * H + h) * T;
-    int ra[MI][2], sa[MI][2];
+    const AmWarpRows<MI> rows(ks, b, i0, warp, lane, T);
     float l2[MI][2], dl[MI][2];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int r = w0 + mi * 16 + i * 8 + (lane >> 2);
-            ra[mi][i] = r;
-            sa[mi][i] = r < T ? am_first_key(ks, b, r, T) : 0;
+            const int r = rows.r[mi][i];
             l2[mi][i] = r < T ? lse[la + r] * AM_LOG2E : 0.f;
             dl[mi][i] = r < T ? dsum[la + r] : 0.f;
         }
@@ -385,7 +396,7 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
         for (int kc = 0; kc < AM_BN / KC; ++kc) {
             const int c0 = j0 + kc * KC;  // the chunk's first key
             // a chunk past this warp's last query, or before its rows' first keys, adds nothing
-            if (c0 > wlast || c0 + KC <= s_first) continue;
+            if (rows.skips(c0, KC)) continue;
             float s[MI][KC / 8][4], dp[MI][KC / 8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -410,7 +421,7 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
                     am_mma_rows(dp, da, bf, np);
                 }
             }
-            const bool need_mask = c0 + KC - 1 > w0 || c0 < s_last;
+            const bool need_mask = rows.needs_mask(c0, KC);
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -420,7 +431,7 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
                         float p = exp2f(s[mi][nt][e] * sl2 - l2[mi][e >> 1]);
                         if (need_mask) {
                             const int j = c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                            if (j > ra[mi][e >> 1] || j < sa[mi][e >> 1]) p = 0.f;
+                            if (rows.masked(mi, e >> 1, j)) p = 0.f;
                         }
                         s[mi][nt][e] = p * (dp[mi][nt][e] - dl[mi][e >> 1]);  // dS
                     }
@@ -434,7 +445,7 @@ __device__ void amma_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v,
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int r = ra[mi][i];
+            const int r = rows.r[mi][i];
             if (r >= T) continue;
             float* dst = dq + (((i64)b * T + r) * H + h) * D + (lane & 3) * 2;
 #pragma unroll
