@@ -1018,6 +1018,30 @@ fn attention_bits(
     [ob, lb, bits_of(g, &dq), bits_of(g, &dk), bits_of(g, &dv)]
 }
 
+/// The kernels `g` launched since the last call (its profile must be on).
+fn kernels_launched(g: &CudaBackend) -> Vec<String> {
+    let lines = g.profile_take().unwrap().expect("profiling is on");
+    lines.into_iter().map(|l| l.label).collect()
+}
+
+/// Asserts that the calls since the last [`kernels_launched`] ran the wide attention
+/// kernels at head dimension `d` (the dq one exists at d = 64 only), or none of them.
+fn assert_wide_kernels(g: &CudaBackend, d: usize, wide: bool, what: &str) {
+    let ran = kernels_launched(g);
+    let mut names = vec![format!("amma_fwd_wide_d{d}")];
+    if d == 64 {
+        names.push("amma_bwd_dq_wide_d64".to_string());
+    }
+    for name in names {
+        assert_eq!(
+            ran.contains(&name),
+            wide,
+            "{what}: {name} {} (kernels: {ran:?})",
+            if wide { "did not run" } else { "ran" }
+        );
+    }
+}
+
 /// Asserts that two [`attention_bits`] results are the same bits, naming the output that
 /// is not and `what` differed between them.
 fn assert_same_attention_bits(got: &[Vec<u32>; 5], want: &[Vec<u32>; 5], what: &str) {
@@ -1031,10 +1055,13 @@ fn assert_same_attention_bits(got: &[Vec<u32>; 5], want: &[Vec<u32>; 5], what: &
 /// packed segments, lengths that leave partial tiles. Small enough for the sanitizers.
 #[test]
 fn wide_attention_kernels_match_at_small_sizes() {
-    let Some(narrow) = gpu() else {
+    let Some(narrow) = gpu_with(|o| o.profile = true) else {
         return;
     };
-    let Some(wide) = gpu_with(|o| o.wide_attention_from = 1) else {
+    let Some(wide) = gpu_with(|o| {
+        o.wide_attention_from = 1;
+        o.profile = true;
+    }) else {
         return;
     };
     for (d, t, packed) in [
@@ -1052,12 +1079,15 @@ fn wide_attention_kernels_match_at_small_sizes() {
             let up = |x: &[f32]| g.upload(x).unwrap();
             attention_bits(g, [up(&q), up(&k), up(&v), up(&dout)], dims, ks.as_deref())
         };
+        let what = format!("d = {d}, T = {t}, packed = {packed}");
+        let got = run(&wide);
+        assert_wide_kernels(&wide, d, true, &what);
+        let want = run(&narrow);
+        assert_wide_kernels(&narrow, d, false, &what);
         assert_same_attention_bits(
-            &run(&wide),
-            &run(&narrow),
-            &format!(
-                "between the wide and the 64-query kernels (d = {d}, T = {t}, packed = {packed})"
-            ),
+            &got,
+            &want,
+            &format!("between the wide and the 64-query kernels ({what})"),
         );
     }
     println!("PARITY wide attention kernels at small sizes: bit-identical");
@@ -1071,7 +1101,7 @@ fn wide_attention_kernels_match_at_small_sizes() {
 /// against the CPU above.)
 #[test]
 fn wide_attention_kernels_match_on_a_prefix() {
-    let Some(g) = gpu() else {
+    let Some(g) = gpu_with(|o| o.profile = true) else {
         return;
     };
     for (d, packed) in [(64usize, false), (64, true), (128, false), (128, true)] {
@@ -1096,7 +1126,11 @@ fn wide_attention_kernels_match_on_a_prefix() {
                 .unwrap();
             (out, lse, g.download(&dq).unwrap())
         };
-        let (wide, narrow) = (run(t), run(t - 1));
+        let what = format!("d = {d}, packed = {packed}");
+        let wide = run(t);
+        assert_wide_kernels(&g, d, true, &format!("T = {t}, {what}"));
+        let narrow = run(t - 1);
+        assert_wide_kernels(&g, d, false, &format!("T = {}, {what}", t - 1));
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         let rows = (t - 1) * h * d;
         assert!(
