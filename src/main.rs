@@ -20,13 +20,16 @@ unsafe extern "C" {
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (the same index in v2 and v3).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// How long freed memory stays mapped before mimalloc returns it to the OS (its default
-/// is 1 s). A training step frees its activations and allocates the same sizes again
-/// in the next step; when that comes more than the delay later, every page is faulted
-/// and zeroed by the kernel again — on the CPU backend 11–17% of a SmolLM2 step's
-/// cycles were `clear_page` (issue 12). Freed memory is still returned, 10 s later.
-/// `MIMALLOC_PURGE_DELAY` in the environment wins.
-const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
+/// Freed memory stays mapped for the process to reuse, as PyTorch's caching allocator
+/// keeps GPU memory: a training step frees its activations and allocates the same sizes
+/// again in the next step, and every page mimalloc hands back to the OS is faulted and
+/// zeroed by the kernel again when it is reused. Its default (a 1 s delay) made that
+/// 11–17% of a SmolLM2 step's cycles on the CPU backend (`clear_page`, issue 12). A 10 s
+/// delay still left 11.8k page faults in a 6-step 1 × 512 bench on a Zen 4 VM, against
+/// 2.1k with no purging (and 2.1k at 60 s, for a run shorter than that), at the same peak
+/// RSS: so nothing is purged.
+/// `MIMALLOC_PURGE_DELAY` in the environment wins (milliseconds; -1 never).
+const PURGE_DELAY_MS: std::ffi::c_long = -1;
 
 fn main() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {

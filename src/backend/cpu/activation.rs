@@ -5,26 +5,39 @@ use rayon::prelude::*;
 
 use super::CpuFloat;
 use super::elementwise::PAR_MIN;
+use super::vector::{CHUNK, vectorized};
 use crate::backend::{Activation, dropout_keep};
 
 /// σ(x) = 1/(1 + e^(−x)); saturates to 0 or 1 without NaN.
-#[inline]
+#[inline(always)]
 fn sigmoid<T: CpuFloat>(x: T) -> T {
     T::one() / (T::one() + (-x).exp_v())
 }
 
 /// out `[n]` = act(gate) · up.
 pub(crate) fn gated_forward<T: CpuFloat>(act: Activation, out: &mut [T], gate: &[T], up: &[T]) {
-    let each = |(o, (&g, &u)): (&mut T, (&T, &T))| {
-        *o = match act {
-            Activation::Silu => g * sigmoid(g) * u,
-            Activation::GeluTanh => gelu_and_slope(g).0 * u,
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(out, (gate, up))| gated_forward_chunk(act, out, gate, up));
+}
+
+vectorized! {
+    /// [`gated_forward`] over one chunk.
+    fn gated_forward_chunk<T: CpuFloat>(act: Activation, out: &mut [T], gate: &[T], up: &[T]) {
+        let each = out.iter_mut().zip(gate.iter().zip(up));
+        match act {
+            Activation::Silu => {
+                for (o, (&g, &u)) in each {
+                    *o = g * sigmoid(g) * u;
+                }
+            }
+            Activation::GeluTanh => {
+                for (o, (&g, &u)) in each {
+                    *o = gelu_and_slope(g).0 * u;
+                }
+            }
         }
-    };
-    out.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .with_min_len(PAR_MIN)
-        .for_each(each);
+    }
 }
 
 /// dgate, dup `[n]` (overwritten) of [`gated_forward`] given dout `[n]`.
@@ -36,25 +49,51 @@ pub(crate) fn gated_backward<T: CpuFloat>(
     gate: &[T],
     up: &[T],
 ) {
-    // forward: out = act(g)·u  ⇒  ∂out/∂u = act(g), ∂out/∂g = u·act′(g); for SiLU
-    //   act(g) = g·σ(g), act′(g) = σ(g)·(1 + g·(1 − σ(g)))
     dgate
-        .par_iter_mut()
-        .zip(dup.par_iter_mut())
-        .zip(dout.par_iter().zip(gate.par_iter().zip(up.par_iter())))
-        .with_min_len(PAR_MIN)
-        .for_each(|((dg, du), (&d, (&g, &u)))| match act {
+        .par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .zip(
+            dout.par_chunks(CHUNK)
+                .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))),
+        )
+        .for_each(|((dgate, dup), (dout, (gate, up)))| {
+            gated_backward_chunk(act, dgate, dup, dout, gate, up)
+        });
+}
+
+vectorized! {
+    /// [`gated_backward`] over one chunk.
+    fn gated_backward_chunk<T: CpuFloat>(
+        act: Activation,
+        dgate: &mut [T],
+        dup: &mut [T],
+        dout: &[T],
+        gate: &[T],
+        up: &[T],
+    ) {
+        // forward: out = act(g)·u  ⇒  ∂out/∂u = act(g), ∂out/∂g = u·act′(g); for SiLU
+        //   act(g) = g·σ(g), act′(g) = σ(g)·(1 + g·(1 − σ(g)))
+        let each = dgate
+            .iter_mut()
+            .zip(dup.iter_mut())
+            .zip(dout.iter().zip(gate.iter().zip(up)));
+        match act {
             Activation::Silu => {
-                let s = sigmoid(g);
-                *du = d * g * s;
-                *dg = d * u * s * (T::one() + g * (T::one() - s));
+                for ((dg, du), (&d, (&g, &u))) in each {
+                    let s = sigmoid(g);
+                    *du = d * g * s;
+                    *dg = d * u * s * (T::one() + g * (T::one() - s));
+                }
             }
             Activation::GeluTanh => {
-                let (a, slope) = gelu_and_slope(g);
-                *du = d * a;
-                *dg = d * u * slope;
+                for ((dg, du), (&d, (&g, &u))) in each {
+                    let (a, slope) = gelu_and_slope(g);
+                    *du = d * a;
+                    *dg = d * u * slope;
+                }
             }
-        });
+        }
+    }
 }
 
 /// √(2/π) and the cubic coefficient of the tanh approximation.
@@ -67,7 +106,7 @@ fn gelu_consts<T: CpuFloat>() -> (T, T) {
 
 /// GELU (tanh approximation) at x and its derivative:
 /// `½·x·(1 + tanh u)`, u = k·(x + a·x³), and `½·(1 + tanh u) + ½·x·(1 − tanh² u)·k·(1 + 3a·x²)`.
-#[inline]
+#[inline(always)]
 fn gelu_and_slope<T: CpuFloat>(x: T) -> (T, T) {
     let (k, a) = gelu_consts::<T>();
     let (half, three) = (T::from_f64(0.5), T::from_f64(3.0));

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use super::CpuFloat;
 use super::elementwise::{add_scaled, dot, max, min_rows, sum};
 use super::matmul::{View, gemm_serial};
+use super::vector::vectorized;
 use crate::backend::{Accumulate, AttnDims, DecodeDims};
 
 /// Index helper for the row-major layouts above.
@@ -104,22 +105,50 @@ fn block_probs<T: CpuFloat>(
         scale,
         Accumulate::Overwrite,
     );
-    sums.clear();
-    for (i, row) in s.chunks_exact_mut(len).enumerate() {
-        let t = t0 + i;
-        let (lo, hi) = (first(b * l.t + t) - s_lo, t - s_lo);
-        row[..lo].fill(T::zero());
-        row[hi + 1..].fill(T::zero());
-        let vis = &mut row[lo..=hi];
-        let m = match lse {
-            Some(lse) => lse(t),
-            None => max(vis),
-        };
-        for x in vis.iter_mut() {
-            *x = (*x - m).exp_v();
-        }
-        if lse.is_none() {
-            sums.push((m, sum(vis)));
+    let rows_at = RowsAt {
+        t0,
+        s_lo,
+        row0: b * l.t,
+    };
+    softmax_rows(s, len, rows_at, first, lse, sums);
+}
+
+/// Where a block's score rows sit: query `t0 + i` of the row of the batch whose first
+/// token is `row0`, keys from `s_lo` on.
+#[derive(Clone, Copy)]
+struct RowsAt {
+    t0: usize,
+    s_lo: usize,
+    row0: usize,
+}
+
+vectorized! {
+    /// [`block_probs`]'s softmax over the score rows `s [rows, len]`, in place.
+    fn softmax_rows<T: CpuFloat>(
+        s: &mut [T],
+        len: usize,
+        at: RowsAt,
+        first: &dyn Fn(usize) -> usize,
+        lse: Option<&dyn Fn(usize) -> T>,
+        sums: &mut Vec<(T, T)>,
+    ) {
+        sums.clear();
+        for (i, row) in s.chunks_exact_mut(len).enumerate() {
+            let t = at.t0 + i;
+            let (lo, hi) = (first(at.row0 + t) - at.s_lo, t - at.s_lo);
+            row[..lo].fill(T::zero());
+            row[hi + 1..].fill(T::zero());
+            let vis = &mut row[lo..=hi];
+            let m = match lse {
+                Some(lse) => lse(t),
+                None => max(vis),
+            };
+            for x in vis.iter_mut() {
+                *x = (*x - m).exp_v();
+            }
+            if lse.is_none() {
+                sums.push((m, sum(vis)));
+            }
         }
     }
 }

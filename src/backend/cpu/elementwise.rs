@@ -16,6 +16,7 @@ pub(crate) fn min_rows(cols: usize) -> usize {
 
 /// `Σ a·b` with eight partial sums: vectorisable, and rounding grows more slowly than with
 /// one running sum.
+#[inline(always)]
 pub(crate) fn dot<T: CpuFloat>(a: &[T], b: &[T]) -> T {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [T::zero(); 8];
@@ -34,6 +35,7 @@ pub(crate) fn dot<T: CpuFloat>(a: &[T], b: &[T]) -> T {
 }
 
 /// `Σ a` with eight partial sums (vectorisable, as [`dot`]).
+#[inline(always)]
 pub(crate) fn sum<T: CpuFloat>(a: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let ca = a.chunks_exact(8);
@@ -48,6 +50,7 @@ pub(crate) fn sum<T: CpuFloat>(a: &[T]) -> T {
 
 /// The largest element (−∞ for none; NaN elements are passed over, as `f32::max` does),
 /// in eight lanes so that it vectorises.
+#[inline(always)]
 pub(crate) fn max<T: CpuFloat>(a: &[T]) -> T {
     let mut acc = [T::neg_infinity(); 8];
     let ca = a.chunks_exact(8);
@@ -64,6 +67,7 @@ pub(crate) fn max<T: CpuFloat>(a: &[T]) -> T {
 }
 
 /// `y += alpha · x` over two equal-length slices.
+#[inline(always)]
 pub(crate) fn add_scaled<T: CpuFloat>(y: &mut [T], alpha: T, x: &[T]) {
     debug_assert_eq!(y.len(), x.len());
     for (y, &x) in y.iter_mut().zip(x) {

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::CpuFloat;
 use super::matmul::gemm_rowmajor;
+use super::vector::vectorized;
 use crate::backend::{Accumulate, IGNORE_INDEX, LossSum};
 
 /// Rows of logits materialised at once: as many as fit [`BLOCK_BYTES`], between 16 and
@@ -89,68 +90,70 @@ pub(crate) fn lm_head_loss<T: CpuFloat>(
     total
 }
 
-/// Cross-entropy of one row of logits `[V]` against `label`: `lse − logit[label]`, or
-/// `None` for [`IGNORE_INDEX`]. With `want_grad` the row is overwritten with
-/// `loss_scale · (softmax − onehot)` (zeros for an ignored row), times the soft-cap's
-/// slope `1 − (x/cap)²` when the row holds capped logits x.
-fn row_loss<T: CpuFloat>(
-    row: &mut [T],
-    label: i32,
-    loss_scale: T,
-    softcap: Option<T>,
-    want_grad: bool,
-) -> Option<f64> {
-    if label == IGNORE_INDEX {
+vectorized! {
+    /// Cross-entropy of one row of logits `[V]` against `label`: `lse − logit[label]`, or
+    /// `None` for [`IGNORE_INDEX`]. With `want_grad` the row is overwritten with
+    /// `loss_scale · (softmax − onehot)` (zeros for an ignored row), times the soft-cap's
+    /// slope `1 − (x/cap)²` when the row holds capped logits x.
+    fn row_loss<T: CpuFloat>(
+        row: &mut [T],
+        label: i32,
+        loss_scale: T,
+        softcap: Option<T>,
+        want_grad: bool,
+    ) -> Option<f64> {
+        if label == IGNORE_INDEX {
+            if want_grad {
+                row.fill(T::zero());
+            }
+            return None;
+        }
+        let label = label as usize;
+        // lse = max + ln Σ exp(x − max), the sum in f64: summed in order in f32, the small
+        // terms of a large vocabulary are rounded away (SmolLM2, V = 49152: the loss came out
+        // 1.0e-4 nats low against transformers over the same logits)
+        let max = super::elementwise::max(row);
+        let x_label = row[label];
+        // the capped logits, for the slope of the cap in the gradient
+        let capped: Option<(T, Vec<T>)> = softcap.filter(|_| want_grad).map(|cap| (cap, row.to_vec()));
+        // the row becomes e_j = exp(x_j − max); softmax_j = e_j / Σ e
+        for x in row.iter_mut() {
+            *x = (*x - max).exp_v();
+        }
+        let mut part = [0f64; 4];
+        let chunks = row.chunks_exact(4);
+        let tail: f64 = chunks.remainder().iter().map(|&e| e.as_f64()).sum();
+        for c in chunks {
+            for (p, &e) in part.iter_mut().zip(c) {
+                *p += e.as_f64();
+            }
+        }
+        let sum = (part[0] + part[1]) + (part[2] + part[3]) + tail;
+        let lse64 = max.as_f64() + sum.ln();
+        let loss = lse64 - x_label.as_f64();
         if want_grad {
-            row.fill(T::zero());
-        }
-        return None;
-    }
-    let label = label as usize;
-    // lse = max + ln Σ exp(x − max), the sum in f64: summed in order in f32, the small
-    // terms of a large vocabulary are rounded away (SmolLM2, V = 49152: the loss came out
-    // 1.0e-4 nats low against transformers over the same logits)
-    let max = super::elementwise::max(row);
-    let x_label = row[label];
-    // the capped logits, for the slope of the cap in the gradient
-    let capped: Option<(T, Vec<T>)> = softcap.filter(|_| want_grad).map(|cap| (cap, row.to_vec()));
-    // the row becomes e_j = exp(x_j − max); softmax_j = e_j / Σ e
-    for x in row.iter_mut() {
-        *x = (*x - max).exp_v();
-    }
-    let mut part = [0f64; 4];
-    let chunks = row.chunks_exact(4);
-    let tail: f64 = chunks.remainder().iter().map(|&e| e.as_f64()).sum();
-    for c in chunks {
-        for (p, &e) in part.iter_mut().zip(c) {
-            *p += e.as_f64();
-        }
-    }
-    let sum = (part[0] + part[1]) + (part[2] + part[3]) + tail;
-    let lse64 = max.as_f64() + sum.ln();
-    let loss = lse64 - x_label.as_f64();
-    if want_grad {
-        // ∂loss/∂x_j = softmax_j − [j = label]
-        let inv = T::from_f64(1.0 / sum);
-        match capped {
-            None => {
-                let s = loss_scale * inv;
-                for e in row.iter_mut() {
-                    *e = s * *e;
+            // ∂loss/∂x_j = softmax_j − [j = label]
+            let inv = T::from_f64(1.0 / sum);
+            match capped {
+                None => {
+                    let s = loss_scale * inv;
+                    for e in row.iter_mut() {
+                        *e = s * *e;
+                    }
+                    row[label] = row[label] - loss_scale;
                 }
-                row[label] = row[label] - loss_scale;
-            }
-            Some((cap, x)) => {
-                // x = cap·tanh(z/cap)  ⇒  ∂x/∂z = 1 − (x/cap)²
-                for (j, (e, &x)) in row.iter_mut().zip(&x).enumerate() {
-                    let onehot = if j == label { T::one() } else { T::zero() };
-                    let y = x / cap;
-                    *e = loss_scale * (*e * inv - onehot) * (T::one() - y * y);
+                Some((cap, x)) => {
+                    // x = cap·tanh(z/cap)  ⇒  ∂x/∂z = 1 − (x/cap)²
+                    for (j, (e, &x)) in row.iter_mut().zip(&x).enumerate() {
+                        let onehot = if j == label { T::one() } else { T::zero() };
+                        let y = x / cap;
+                        *e = loss_scale * (*e * inv - onehot) * (T::one() - y * y);
+                    }
                 }
             }
         }
+        Some(loss)
     }
-    Some(loss)
 }
 
 /// `x = cap · tanh(x / cap)` over a block of logits, as transformers computes it.

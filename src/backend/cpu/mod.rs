@@ -20,6 +20,7 @@ mod quant;
 mod rope;
 #[cfg(test)]
 mod tests;
+pub(crate) mod vector;
 
 use std::marker::PhantomData;
 use std::sync::Arc;

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::CpuFloat;
 use super::elementwise::{dot, min_rows};
+use super::vector::vectorized;
 use crate::backend::Accumulate;
 
 /// `T` from a count.
@@ -14,7 +15,7 @@ fn count<T: CpuFloat>(c: usize) -> T {
 }
 
 /// Store `v` into `dst` or add it, by `acc`.
-#[inline]
+#[inline(always)]
 fn put<T: CpuFloat>(dst: &mut T, v: T, acc: Accumulate) {
     *dst = match acc {
         Accumulate::Overwrite => v,
@@ -37,13 +38,18 @@ pub(crate) fn rms_norm_forward<T: CpuFloat>(
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(c))
         .with_min_len(min_rows(c))
-        .for_each(|((out, rstd), x)| {
-            let r = T::one() / (dot(x, x) / count(c) + eps).sqrt();
-            *rstd = r;
-            for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-                *o = x * r * (w_offset + w);
-            }
-        });
+        .for_each(|((out, rstd), x)| *rstd = rms_norm_row(out, x, w, w_offset, eps));
+}
+
+vectorized! {
+    /// One row of [`rms_norm_forward`]; returns its rstd.
+    fn rms_norm_row<T: CpuFloat>(out: &mut [T], x: &[T], w: &[T], w_offset: T, eps: T) -> T {
+        let r = T::one() / (dot(x, x) / count(x.len()) + eps).sqrt();
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+            *o = x * r * (w_offset + w);
+        }
+        r
+    }
 }
 
 /// dx `[N, C]` (=|+=) ∂L/∂x of [`rms_norm_forward`], given dout `[N, C]` and its saved rstd.
@@ -65,17 +71,30 @@ pub(crate) fn rms_norm_backward<T: CpuFloat>(
         .zip(x.par_chunks(c))
         .zip(rstd.par_iter())
         .with_min_len(min_rows(c))
-        .for_each(|(((dx, dout), x), &r)| {
-            let s = dout
-                .iter()
-                .zip(w)
-                .zip(x)
-                .fold(T::zero(), |s, ((&g, &w), &x)| s + g * (w_offset + w) * x);
-            let coef = s * r * r * r / count(c);
-            for (((dx, &g), &w), &x) in dx.iter_mut().zip(dout).zip(w).zip(x) {
-                put(dx, r * (w_offset + w) * g - x * coef, acc);
-            }
-        });
+        .for_each(|(((dx, dout), x), &r)| rms_norm_backward_row(dx, dout, x, w, w_offset, r, acc));
+}
+
+vectorized! {
+    /// One row of [`rms_norm_backward`].
+    fn rms_norm_backward_row<T: CpuFloat>(
+        dx: &mut [T],
+        dout: &[T],
+        x: &[T],
+        w: &[T],
+        w_offset: T,
+        r: T,
+        acc: Accumulate,
+    ) {
+        let s = dout
+            .iter()
+            .zip(w)
+            .zip(x)
+            .fold(T::zero(), |s, ((&g, &w), &x)| s + g * (w_offset + w) * x);
+        let coef = s * r * r * r / count(x.len());
+        for (((dx, &g), &w), &x) in dx.iter_mut().zip(dout).zip(w).zip(x) {
+            put(dx, r * (w_offset + w) * g - x * coef, acc);
+        }
+    }
 }
 
 /// out `[N, C]` = (x − mean) · rstd · w + b with mean, rstd `[N]` (saved),

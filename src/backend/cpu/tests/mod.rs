@@ -14,3 +14,4 @@ mod norm;
 mod optim;
 mod rope;
 mod util;
+mod vector;
