@@ -402,6 +402,10 @@ pub struct BenchReport {
     pub seq_tile: Option<usize>,
     /// The blocks whose activations the last timed step kept (the others were re-run).
     pub kept_blocks: usize,
+    /// Timed steps replayed as a step graph (CUDA; None on the CPU).
+    pub graph_replays: Option<u64>,
+    /// Why the step's capture was not kept, when it was not.
+    pub graph_note: Option<String>,
     /// Where the frozen layers come from (the tier plan).
     pub weights_plan: Option<String>,
     /// Bytes read from disk through the staging ring per step.
@@ -698,6 +702,8 @@ struct Timing {
     plan: Option<String>,
     seq_tile: Option<usize>,
     kept_blocks: usize,
+    graph_replays: Option<u64>,
+    graph_note: Option<String>,
 }
 
 fn time_steps(
@@ -743,6 +749,7 @@ fn time_steps(
     let mut peak_vram = trainer.model.device_memory_used();
     trainer.model.profile_take()?; // drop the warm-up's regions
     let mut profile: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    let replays0 = trainer.model.step_graphs().map(|g| g.0);
     for _ in 0..opts.steps.max(1) {
         let t = Instant::now();
         last = trainer.train_step(&batch)?; // returns after the loss is on the host
@@ -757,6 +764,9 @@ fn time_steps(
     let (copied1, note) = trainer.model.stream_stats();
     let seq_tile = trainer.model.last_seq_tile();
     let kept_blocks = trainer.model.last_kept_blocks();
+    let graphs = trainer.model.step_graphs();
+    let graph_replays = graphs.as_ref().zip(replays0).map(|(g, r0)| g.0 - r0);
+    let graph_note = graphs.and_then(|g| g.1);
     let read1 = trainer.model.disk_bytes_read();
     let steps = times.len() as f64;
     let profile = (!profile.is_empty()).then(|| {
@@ -783,6 +793,8 @@ fn time_steps(
         profile,
         seq_tile,
         kept_blocks,
+        graph_replays,
+        graph_note,
     })
 }
 
@@ -832,6 +844,8 @@ pub fn run_bench(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         stream_note: main.note,
         seq_tile: main.seq_tile,
         kept_blocks: main.kept_blocks,
+        graph_replays: main.graph_replays,
+        graph_note: main.graph_note,
         weights_plan: main.plan,
         disk_bytes_per_step: main.disk_bytes_per_step,
         model_file_bytes,

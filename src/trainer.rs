@@ -4,7 +4,7 @@
 //! its backward (gradient checkpointing); gradient accumulation, clipping and the
 //! optimizer step. It never knows which backend or memory strategy runs.
 
-use crate::backend::{Backend, LossSum};
+use crate::backend::{Backend, DeviceBuf, LossSum};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::gbi::Gbi;
@@ -14,6 +14,7 @@ use crate::optim::{Optimizer, OptimizerConfig, clip_grad_norm};
 use crate::recompute::{GradientCheckpointing, kept_blocks};
 use crate::rng::mix_seed;
 use crate::stream::{Part, WeightStream};
+use crate::types::IGNORE_INDEX;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -77,6 +78,11 @@ pub struct Engine<B: Backend> {
     /// [`Error::Interrupted`], before any parameter changes (the Python bindings raise it
     /// on Ctrl-C).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The inputs of the last step that could run as a step graph
+    /// ([`Engine::forward_backward_graphed`]): a step that repeats them is captured.
+    graph_key: Option<u64>,
+    /// A capture was dropped: no more are tried.
+    graphs_failed: bool,
 }
 
 /// Gradients accumulated over micro-batches that arrive one call at a time
@@ -130,6 +136,8 @@ impl<B: Backend> Engine<B> {
             last_tile: None,
             seed,
             cancel: None,
+            graph_key: None,
+            graphs_failed: false,
         }
     }
 
@@ -413,6 +421,111 @@ impl<B: Backend> Engine<B> {
         Ok((loss, logits))
     }
 
+    /// [`Engine::forward_backward`] of a training step through the backend's step graphs
+    /// (`backend/cuda/graph.rs`): a step whose key ([`Engine::step_graph_key`]) repeats
+    /// the previous step's is captured as it runs, and the steps after it with the same
+    /// key replay it with their own tokens, without running the host code. The same
+    /// arithmetic in the same order: the same bits as the eager path. Runs eagerly where
+    /// the backend or the configuration does not allow it.
+    fn forward_backward_graphed(
+        &mut self,
+        batch: &Batch,
+        scale: f32,
+        seed: u64,
+    ) -> Result<(LossSum, Option<Vec<f32>>)> {
+        // a backend without step graphs (the CPU) reports none
+        let key = match self.be.step_graph_report() {
+            Some(_) => self.step_graph_key(batch, scale),
+            None => None,
+        };
+        let Some(key) = key else {
+            return self.forward_backward(batch, scale, true, false, seed);
+        };
+        if !self.stream.static_on_device() {
+            // e.g. before the first step, which waits for the weights' uploads
+            self.graph_key = Some(key);
+            return self.forward_backward(batch, scale, true, false, seed);
+        }
+        // what a replay skips of `forward_backward`'s checks
+        self.check_batch(batch)?;
+        check_cancel(self.cancel.as_deref())?;
+        // what every pass starts with (`forward_backward`): here it frees the copies a
+        // capture left in the adapters before the graph allocates them again
+        if let Some(l) = self.lora.as_mut() {
+            l.drop_gemm_copies();
+        }
+        // the inputs that depend on the tokens, as `forward_backward` uploads them
+        let shape = StepShape::of_batch(batch);
+        let labels = batch.shifted_labels();
+        let (model, gbi) = (&self.model, &self.gbi);
+        let mut embed =
+            |out: &mut [f32]| model.embed_into(gbi, &batch.input_ids, &shape.positions, out);
+        if let Some(loss) = self.be.step_graph_replay(key, &mut embed, &labels)? {
+            return Ok((loss, None));
+        }
+        if self.graph_key.replace(key) != Some(key) || !self.be.step_graph_begin(key)? {
+            return self.forward_backward(batch, scale, true, false, seed);
+        }
+        let mut embedded = vec![0f32; shape.tokens() * self.model.config().hidden_size];
+        self.model
+            .embed_into(&self.gbi, &batch.input_ids, &shape.positions, &mut embedded)?;
+        let r = self.forward_backward(batch, scale, true, false, seed);
+        let ok = r.is_ok();
+        // freed inside the graph, so that nothing the step allocates outlives it
+        if let Some(l) = self.lora.as_mut() {
+            l.drop_gemm_copies();
+        }
+        match (r, self.be.step_graph_end(ok, &embedded, &labels)) {
+            (Ok((_, logits)), Ok(Some(loss))) => Ok((loss, logits)),
+            (Err(Error::Interrupted), _) => Err(Error::Interrupted),
+            (_, Err(e)) => Err(e),
+            // nothing of the capture ran: the step again, eagerly (where an op could not
+            // be captured, it runs; a real error comes back from it as from any step)
+            (_, Ok(_)) => {
+                self.graphs_failed = true;
+                self.forward_backward(batch, scale, true, false, seed)
+            }
+        }
+    }
+
+    /// What names a training step for [`Engine::forward_backward_graphed`]: everything
+    /// the step's host code decides from, which is all but the tokens' values (the
+    /// batch's shape and packing, the counted tokens and the loss scale, the adapters'
+    /// configuration and buffers, the engine's settings). None when the step cannot run
+    /// as a graph: offloaded activations, dropout (a new mask every step), labels that the
+    /// eager step rejects. (Weights that are not all on the device, which a step copies
+    /// and waits for, are checked at the step: the first step waits for them too.)
+    fn step_graph_key(&self, batch: &Batch, scale: f32) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let lora = self.lora.as_ref()?;
+        if self.graphs_failed
+            || self.offload_activations
+            || lora.cfg.dropout > 0.0
+            || batch.labels.iter().any(|&l| l < 0 && l != IGNORE_INDEX)
+        {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (batch.batch, batch.seq).hash(&mut h);
+        batch.segment_ids.hash(&mut h);
+        let counted = batch
+            .shifted_labels()
+            .iter()
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count();
+        (counted, scale.to_bits()).hash(&mut h);
+        format!("{:?}", lora.cfg).hash(&mut h);
+        for (name, shape, p, g) in lora.named_params() {
+            (name, shape, p.address(), g.address()).hash(&mut h);
+        }
+        format!(
+            "{:?} {:?} {:?}",
+            self.gradient_checkpointing, self.activation_budget, self.seq_tile
+        )
+        .hash(&mut h);
+        Some(h.finish())
+    }
+
     /// One optimizer step over the micro-batches (gradient accumulation), equal to one
     /// step on their concatenation: the loss is the mean over all their counted tokens.
     pub fn train_step(
@@ -504,7 +617,13 @@ impl<B: Backend> Engine<B> {
         }
         let seed = mix_seed(&[self.seed, step, acc.micro_batches]);
         let scale = if all == 0 { 0.0 } else { 1.0 / all as f32 };
-        let out = self.forward_backward(batch, scale, true, want_logits, seed)?;
+        // a step of one micro-batch may run as a step graph
+        let whole_step = acc.micro_batches == 0 && total == Some(t);
+        let out = if whole_step && !want_logits {
+            self.forward_backward_graphed(batch, scale, seed)?
+        } else {
+            self.forward_backward(batch, scale, true, want_logits, seed)?
+        };
         acc.tokens += t;
         acc.micro_batches += 1;
         Ok(out)

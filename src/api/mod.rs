@@ -135,6 +135,16 @@ pub struct LemaConfig {
     /// never tiles unless asked); 0: never tiled.
     #[serde(default)]
     pub seq_tile: Option<usize>,
+    /// CUDA: capture a training step as a CUDA graph once its shape repeats, and replay it
+    /// for the steps after with their own tokens (`backend/cuda/graph.rs`), so that a
+    /// small step is not bound by the host's kernel launches. The same bits as without.
+    /// Off also with `LEMA_CUDA_GRAPHS=0`.
+    #[serde(default = "default_step_graphs")]
+    pub step_graphs: bool,
+}
+
+fn default_step_graphs() -> bool {
+    true
 }
 
 fn default_prefetch_depth() -> usize {
@@ -169,6 +179,7 @@ impl LemaConfig {
             max_host_memory: None,
             weight_source: WeightSource::Auto,
             seq_tile: None,
+            step_graphs: true,
         }
     }
 
@@ -236,6 +247,7 @@ fn cuda_options(config: &LemaConfig) -> CudaOptions {
     }
     opts.profile |= config.profile;
     opts.max_host_memory = config.max_host_memory;
+    opts.step_graphs &= config.step_graphs;
     opts
 }
 
@@ -537,6 +549,12 @@ impl LemaModel {
     /// backward (the others were re-run; see [`LemaConfig::gradient_checkpointing`]).
     pub fn last_kept_blocks(&self) -> usize {
         with_engine!(&self.engine, e => e.last_kept)
+    }
+
+    /// Training steps replayed as step graphs so far (CUDA graphs; None on the CPU), and
+    /// why the last capture was not kept, if it was not.
+    pub fn step_graphs(&self) -> Option<(u64, Option<String>)> {
+        with_engine!(&self.engine, e => e.be.step_graph_report())
     }
 
     /// Bytes of frozen weights read from disk through the staging ring so far.

@@ -56,6 +56,10 @@ pub struct CudaOptions {
     /// allocations are checked against it (and the cgroup limit and what the system has
     /// available) before they are made.
     pub max_host_memory: Option<u64>,
+    /// Capture a training step whose inputs repeat the previous step's as a CUDA graph,
+    /// and replay it for the steps after (`backend/cuda/graph.rs`); on unless the
+    /// environment says `LEMA_CUDA_GRAPHS=0`.
+    pub step_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -71,6 +75,7 @@ impl Default for CudaOptions {
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
             max_host_memory: None,
+            step_graphs: !std::env::var("LEMA_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
         }
     }
 }

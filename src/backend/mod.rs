@@ -417,6 +417,44 @@ pub trait Backend: Send + Sync + 'static {
     /// ("forward", "backward", …). Backends that do not profile ignore it.
     fn profile_phase(&self, _phase: &'static str) {}
 
+    // ---- step graphs (CUDA graphs; `backend/cuda/graph.rs`) ---------------------------
+
+    /// Start capturing the device work of one step whose inputs `key` names: until
+    /// [`Backend::step_graph_end`], ops only record. False (the default) where the backend
+    /// does not capture; then nothing changes.
+    fn step_graph_begin(&self, _key: u64) -> Result<bool> {
+        Ok(false)
+    }
+    /// End the capture. With `ok` (the step's host code succeeded) run the captured work
+    /// once and return the step's loss, which the captured `lm_head_loss` could not read
+    /// back. None: the capture was dropped and nothing of it ran. The step's inputs, what
+    /// depends on its tokens, are given as the step uploaded them: the embedding rows
+    /// (`upload_with`) and the shifted labels (`lm_head_loss`); a replay takes new ones.
+    fn step_graph_end(
+        &self,
+        _ok: bool,
+        _embedded: &[f32],
+        _labels: &[i32],
+    ) -> Result<Option<LossSum>> {
+        Ok(None)
+    }
+    /// Run the step captured under `key` again with new inputs (`embed` writes the
+    /// embedding rows where the graph's upload reads them; the parameters as they are
+    /// now) and return its loss; None when no such step is held.
+    fn step_graph_replay(
+        &self,
+        _key: u64,
+        _embed: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+        _labels: &[i32],
+    ) -> Result<Option<LossSum>> {
+        Ok(None)
+    }
+    /// Steps replayed so far, and why the last capture was not kept; None where the
+    /// backend has no step graphs.
+    fn step_graph_report(&self) -> Option<(u64, Option<String>)> {
+        None
+    }
+
     /// Device bytes new buffers can still take: free device memory plus what the
     /// backend's pool holds unused (CUDA). For choosing a sequence tile; None where the
     /// device's memory is the host's (the CPU).

@@ -183,6 +183,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         GradientCheckpointing::Every => {}
     }
+    match (r.graph_replays, &r.graph_note) {
+        (Some(n), _) if n > 0 => eprintln!(
+            "  step graph: {n} of {} timed steps replayed from one capture (LEMA_CUDA_GRAPHS=0: off)",
+            opts.steps
+        ),
+        (Some(_), Some(why)) => eprintln!("  step graph: not replayed ({why})"),
+        _ => {}
+    }
     if let Some(t) = r.seq_tile {
         eprintln!(
             "  sequence tiles of {t} tokens ({} per block call)",

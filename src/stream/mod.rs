@@ -74,6 +74,11 @@ pub trait WeightStream<B: Backend>: Send {
     fn disk_bytes_read(&self) -> u64 {
         0
     }
+    /// Every part is on the device and a step's `get`s queue nothing on the device (no
+    /// copy, no wait), so the step's work may be captured and replayed as a graph.
+    fn static_on_device(&self) -> bool {
+        false
+    }
 }
 
 /// Tensors of a part in a fixed order: (name in the layer map, file tensor). Names are

@@ -371,8 +371,9 @@ impl WeightStream<CudaBackend> for CudaRing {
             } else {
                 self.stats.demand_loads += 1;
             }
-            if let Some(ev) = &self.slots[s].loaded {
-                be.compute_wait(ev)?;
+            // once waited for, later compute is ordered after it on the stream
+            if let Some(ev) = self.slots[s].loaded.take() {
+                be.compute_wait(&ev)?;
             }
             self.current = Some(s);
             self.slots[s].weights.clone()
@@ -406,6 +407,14 @@ impl WeightStream<CudaBackend> for CudaRing {
     fn held_elements(&self) -> usize {
         self.slots.iter().map(|s| s.weights.numel()).sum::<usize>()
             + self.resident.values().map(|w| w.numel()).sum::<usize>()
+    }
+
+    fn static_on_device(&self) -> bool {
+        let head = &self.slots[self.head_slot()];
+        self.resident.len() == self.model.config().num_hidden_layers
+            && self.resident_loaded.is_empty()
+            && head.part == Some(Part::Head)
+            && head.loaded.is_none()
     }
 }
 

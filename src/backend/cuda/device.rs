@@ -295,6 +295,8 @@ pub(crate) struct Device {
     pub sync_each_launch: bool,
     /// Times every region of the compute stream when profiling is on.
     pub profiler: Option<super::profile::Profiler>,
+    /// The compute stream is being captured into a step graph (`graph.rs`).
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 impl Device {
@@ -331,6 +333,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             sync_each_launch,
+            capturing: false.into(),
         })
     }
 
@@ -341,6 +344,26 @@ impl Device {
             None => f(),
             Some(p) => p.time(&self.stream, label, f),
         }
+    }
+
+    /// Whether the compute stream is being captured into a graph.
+    pub fn capturing(&self) -> bool {
+        self.capturing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_capturing(&self, on: bool) {
+        self.capturing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wait for the queued work, then hand the memory the stream's pool keeps unused back
+    /// to the driver.
+    pub fn trim_pool(&self, op: &'static str) -> Result<()> {
+        self.stream.synchronize().map_err(|e| driver_err(op, e))?;
+        set_pool_release_threshold(&self.ctx, 0);
+        self.stream.synchronize().map_err(|e| driver_err(op, e))?;
+        set_pool_release_threshold(&self.ctx, u64::MAX);
+        Ok(())
     }
 
     /// Make this backend's context current on the calling thread.
@@ -361,6 +384,10 @@ impl Device {
         // SAFETY: uninitialised bytes; every caller writes before it reads (or memsets).
         match unsafe { self.stream.alloc::<u8>(bytes) } {
             Ok(s) => Ok(s),
+            // a capture cannot wait for the device
+            Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) if self.capturing() => {
+                Err(self.oom(op, bytes))
+            }
             Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
                 // Freed buffers go back to the driver at a synchronisation point.
                 set_pool_release_threshold(&self.ctx, 0);

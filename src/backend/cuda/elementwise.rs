@@ -303,7 +303,9 @@ impl CudaBackend {
         bytes: &[u8],
     ) -> Result<cudarc::driver::CudaSlice<u8>> {
         let mut mem = self.dev.alloc(op, bytes.len())?;
-        if !bytes.is_empty() {
+        if !bytes.is_empty() && self.capturing() {
+            self.capture_htod(op, super::device::Device::ptr(&mem), bytes)?;
+        } else if !bytes.is_empty() {
             self.dev
                 .stream
                 .memcpy_htod(bytes, &mut mem)

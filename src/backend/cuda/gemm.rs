@@ -15,16 +15,36 @@ use cudarc::driver::CudaSlice;
 pub(super) struct GemmState {
     blas: CudaBlas,
     scratch: Option<CudaSlice<u8>>,
+    _workspace: CudaSlice<u8>,
 }
+
+/// cuBLAS's workspace (its default size on Hopper).
+const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl GemmState {
     pub fn new(dev: &Device) -> Result<Self> {
         dev.bind("init")?;
         let blas =
             CudaBlas::new(dev.stream.clone()).map_err(|e| err("init", format!("cuBLAS: {e:?}")))?;
+        // A workspace of our own, the size cuBLAS takes by default on Hopper: a captured
+        // GEMM (step graphs) then chooses the same kernel as an eager one, and cuBLAS never
+        // allocates inside a capture.
+        let workspace = dev.alloc("init", GEMM_WORKSPACE_BYTES)?;
+        // SAFETY: the workspace lives in this state, beside the handle, for as long as it.
+        let r = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                Device::ptr(&workspace) as *mut std::ffi::c_void,
+                GEMM_WORKSPACE_BYTES,
+            )
+        };
+        if r != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(err("init", format!("cuBLAS workspace: {r:?}")));
+        }
         Ok(GemmState {
             blas,
             scratch: None,
+            _workspace: workspace,
         })
     }
 }
@@ -305,6 +325,8 @@ impl CudaBackend {
                         let need = count * 2;
                         let fits = st.scratch.as_ref().is_some_and(|s| s.len() >= need);
                         if !fits {
+                            // a scratch made in a capture would outlive the step
+                            self.refuse_in_capture(op, "a larger GEMM scratch buffer")?;
                             st.scratch = None; // free first, then allocate the larger one
                             st.scratch = Some(self.dev.alloc(op, need.max(1 << 20))?);
                         }

@@ -173,16 +173,21 @@ impl CudaBackend {
                 )?;
             }
         }
+        if self.capturing() {
+            // summed after the graph's launch; the caller takes the sum from there
+            self.capture_loss(super::graph::PendingLoss {
+                rows: row_loss,
+                n,
+                count,
+            })?;
+            return Ok(LossSum { sum: 0.0, count });
+        }
         let bytes = self
             .dev
             .stream
             .clone_dtoh(&row_loss)
             .map_err(|e| driver_err(op, e))?;
-        let sum: f64 = bytes[..n * 4]
-            .chunks_exact(4)
-            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .sum();
-        Ok(LossSum { sum, count })
+        Ok(super::graph::loss_sum(&bytes, n, count))
     }
 
     /// `x = cap · tanh(x / cap)` over the f32 buffer x.

@@ -23,6 +23,7 @@ mod device;
 mod elementwise;
 mod errors;
 mod gemm;
+mod graph;
 mod loss;
 mod multi;
 mod norm;
@@ -121,6 +122,8 @@ pub struct CudaBackend {
     /// [`Backend::upload_with`]'s page-locked staging buffer and the event that completes
     /// when the last copy out of it is done.
     staging: Mutex<Option<Staging>>,
+    /// The step graph being captured or held for replay (`graph.rs`).
+    graphs: Mutex<graph::Graphs>,
 }
 
 /// A page-locked host buffer, and the event after the last copy out of it.
@@ -151,6 +154,7 @@ impl CudaBackend {
             opts,
             offload: offload::Offload::default(),
             staging: Mutex::new(None),
+            graphs: Mutex::new(graph::Graphs::default()),
         })
     }
 
@@ -323,12 +327,14 @@ impl CudaBackend {
             return Ok(());
         }
         match &mut b.mem {
+            Mem::Device(_) if self.capturing() => self.capture_htod(op, b.ptr(), src),
             Mem::Device(s) => self
                 .dev
                 .stream
                 .memcpy_htod(src, s)
                 .map_err(|e| device::driver_err(op, e)),
             Mem::Host(h) => {
+                self.refuse_in_capture(op, "a write to mapped host memory")?;
                 // Queued kernels may still use the memory: let them finish, then write it
                 // from the host.
                 self.dev
@@ -347,6 +353,7 @@ impl CudaBackend {
 
     /// The stored bytes of `b` (`b.bytes()` of them), after the work queued so far.
     fn copy_out(&self, op: &'static str, b: &CudaBuf) -> Result<Vec<u8>> {
+        self.refuse_in_capture(op, "a read back")?;
         if b.bytes() == 0 {
             // an empty buffer's allocation is a few bytes nothing wrote: nothing to copy
             return Ok(Vec::new());
@@ -431,6 +438,7 @@ impl CudaBackend {
     /// Make the compute stream wait (on the device, the host does not block) for `event`,
     /// e.g. the completion of a weight upload on the copy stream.
     pub fn compute_wait(&self, event: &CudaEvent) -> Result<()> {
+        self.refuse_in_capture("compute_wait", "a wait for an event recorded outside it")?;
         self.dev.bind("compute_wait")?;
         self.dev
             .stream
@@ -457,6 +465,7 @@ impl CudaBackend {
         slot_free: Option<&CudaEvent>,
     ) -> Result<CudaEvent> {
         let op = "upload_weight_async";
+        self.refuse_in_capture(op, "a weight upload on the copy stream")?;
         if bytes.len() != dst.bytes() {
             return Err(err(
                 op,
@@ -557,20 +566,57 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+fn i32_bytes(v: &[i32]) -> &[u8] {
+    // SAFETY: as for `f32_bytes`.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Parked = offload::Parked;
 
     fn park(&self, buf: CudaBuf) -> Result<offload::Parked> {
+        self.refuse_in_capture("park", "activation offloading")?;
         self.park_buf(buf)
     }
 
     fn unpark(&self, parked: offload::Parked) -> Result<CudaBuf> {
+        self.refuse_in_capture("unpark", "activation offloading")?;
         self.unpark_buf(parked)
     }
 
     fn prefetch(&self, parked: &mut offload::Parked) -> Result<()> {
+        self.refuse_in_capture("prefetch", "activation offloading")?;
         self.prefetch_buf(parked)
+    }
+
+    fn step_graph_begin(&self, key: u64) -> Result<bool> {
+        self.step_graph_begin_impl(key)
+    }
+
+    fn step_graph_end(
+        &self,
+        ok: bool,
+        embedded: &[f32],
+        labels: &[i32],
+    ) -> Result<Option<LossSum>> {
+        self.step_graph_end_impl(ok, &[f32_bytes(embedded), i32_bytes(labels)])
+    }
+
+    fn step_graph_replay(
+        &self,
+        key: u64,
+        embed: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+        labels: &[i32],
+    ) -> Result<Option<LossSum>> {
+        self.step_graph_replay_impl(key, embed, i32_bytes(labels))
+    }
+
+    fn step_graph_report(&self) -> Option<(u64, Option<String>)> {
+        self.graphs
+            .lock()
+            .ok()
+            .map(|g| (g.replays, g.dropped.clone()))
     }
 
     fn name(&self) -> &'static str {
@@ -690,6 +736,13 @@ impl Backend for CudaBackend {
     ) -> Result<CudaBuf> {
         let op = "upload_with";
         self.dev.bind(op)?;
+        if self.capturing() {
+            let mut values = vec![0f32; n];
+            fill(&mut values)?;
+            let b = self.new_buf(op, n, DType::F32)?;
+            self.capture_htod(op, b.ptr(), f32_bytes(&values))?;
+            return Ok(b);
+        }
         let bytes = n * DType::F32.size();
         let mut guard = self
             .staging
@@ -792,6 +845,7 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         let op = "synchronize";
+        self.refuse_in_capture(op, "a wait for the device")?;
         self.dev.bind(op)?;
         self.dev
             .stream
