@@ -191,6 +191,18 @@ impl<B: Backend> BlockLora<'_, B> {
             .find(|(_, m)| m.linear == linear)
     }
 
+    /// The adapters of the linears `names` (None where one is not adapted), mutably and
+    /// all at once.
+    pub fn group_mut(&mut self, names: &[&str]) -> Vec<Option<&mut LoraModule<B>>> {
+        let mut out: Vec<Option<&mut LoraModule<B>>> = names.iter().map(|_| None).collect();
+        for m in self.modules.iter_mut() {
+            if let Some(i) = names.iter().position(|n| *n == m.linear) {
+                out[i] = Some(m);
+            }
+        }
+        out
+    }
+
     /// Dropout seed of the module at position `idx` of this block.
     pub fn module_seed(&self, idx: usize) -> u64 {
         mix_seed(&[self.seed, idx as u64])
@@ -214,14 +226,18 @@ impl<B: Backend> BlockLora<'_, B> {
         if todo.is_empty() {
             return Ok(());
         }
+        // every A, then every B: the A copies of linears that share an input are then
+        // equally long neighbours, as one group GEMM reads them (`Backend::matmul_group`)
         let mut pairs = Vec::with_capacity(2 * todo.len());
         for m in &todo {
-            let w = weight(m.linear)?;
-            pairs.extend([(&m.a, w), (&m.b, w)]);
+            pairs.push((&m.a, weight(m.linear)?));
         }
-        let mut copies = be.gemm_input_all(&pairs)?.into_iter();
-        for m in todo {
-            let (a, b) = (copies.next().flatten(), copies.next().flatten());
+        for m in &todo {
+            pairs.push((&m.b, weight(m.linear)?));
+        }
+        let mut copies = be.gemm_input_all(&pairs)?;
+        let bs = copies.split_off(todo.len());
+        for ((m, a), b) in todo.into_iter().zip(copies).zip(bs) {
             store_copies::<B>(&m.gemm_copies, a, b);
         }
         Ok(())
@@ -272,6 +288,7 @@ impl<B: Backend> LoraParams<B> {
         let mut layer_range = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {
             let start = modules.len();
+            let mut loaded = Vec::new();
             for lin in linears {
                 let path = format!("{}{}", (blocks.block_prefix)(layer), lin.name);
                 if !cfg.targets(&path) {
@@ -284,12 +301,19 @@ impl<B: Backend> LoraParams<B> {
                     r: cfg.r,
                 };
                 let (a, b) = load(&spec)?;
+                loaded.push((spec.path, lin, a, b));
+            }
+            // a block's dA in one group: those of linears that share an input lie at one
+            // stride, as their group GEMM writes them (`Backend::zeros_group`)
+            let da_lens: Vec<usize> = loaded.iter().map(|(_, _, a, _)| a.len()).collect();
+            let das = be.zeros_group(&da_lens)?;
+            for ((path, lin, a, b), da) in loaded.into_iter().zip(das) {
                 modules.push(LoraModule {
                     a: be.upload(&a)?,
                     b: be.upload(&b)?,
-                    da: be.zeros(a.len())?,
+                    da,
                     db: be.zeros(b.len())?,
-                    path: spec.path,
+                    path,
                     layer,
                     linear: lin.name,
                     in_features: lin.in_features,

@@ -2105,6 +2105,150 @@ fn fill_zero_all_zeroes_exactly_the_buffers_given() {
     );
 }
 
+/// `matmul_group` (one strided-batched cuBLAS call for the LoRA products of linears that
+/// share an input) against the CPU's products and against the same products one by one:
+/// the forward's t_i = x·A_iᵀ into group outputs, and the backward's dA_i += dt_iᵀ·x into
+/// a block's grouped gradients, with bf16 and f32 weights; and the fallback (operands not at
+/// one stride) bit for bit the products one by one.
+#[test]
+fn group_gemms_match_the_products_one_by_one() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let p = Pair { c: &c, g: &g };
+    let mut r = Rng::fresh("matmul_group");
+    let (n, fin, rank, count) = (45, 192, 16, 3);
+    for dt in [DType::BF16, DType::F32] {
+        let (_, gw) = p.weight(&r.vec(8 * fin, 0.1), dt);
+        let x = r.vec(n * fin, 1.0);
+        let (cx, gx) = p.up(&x);
+        let gxh = g.gemm_input(&gx, &gw).unwrap();
+        let gxg = gxh.as_ref().unwrap_or(&gx);
+        let a: Vec<Vec<f32>> = (0..count).map(|_| r.vec(rank * fin, 0.1)).collect();
+        let ca: Vec<_> = a.iter().map(|v| c.upload(v).unwrap()).collect();
+        let ga: Vec<_> = a.iter().map(|v| g.upload(v).unwrap()).collect();
+        let copies = g
+            .gemm_input_all(&ga.iter().map(|b| (b, &gw)).collect::<Vec<_>>())
+            .unwrap();
+        let ga_g: Vec<&cuda::CudaBuf> = copies
+            .iter()
+            .zip(&ga)
+            .map(|(h, a)| h.as_ref().unwrap_or(a))
+            .collect();
+        // forward: t_i[N, R] = x · A_iᵀ
+        let fwd = gemm(n, rank, fin, false, true, 1.0, Accumulate::Overwrite);
+        let mut ts = g.gemm_output_group(n * rank, count, &gw).unwrap();
+        g.matmul_group(&mut ts.iter_mut().collect::<Vec<_>>(), &[gxg], &ga_g, fwd)
+            .unwrap();
+        for i in 0..count {
+            let mut one = g.gemm_output(n * rank, &gw).unwrap();
+            g.matmul(&mut one, gxg, ga_g[i], fwd).unwrap();
+            let mut ct = c.zeros(n * rank).unwrap();
+            c.matmul(&mut ct, &cx, &ca[i], fwd).unwrap();
+            let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+            p.cmp(
+                &format!("{dt} group t_{i} against the CPU"),
+                &ct,
+                &ts[i],
+                tol,
+            );
+            let same = bits(&g, &one) == bits(&g, &ts[i]);
+            println!("{dt} group t_{i}: bit-identical to the product alone: {same}");
+            check(
+                &format!("{dt} group t_{i} against the product alone"),
+                &g.download(&ts[i]).unwrap(),
+                &g.download(&one).unwrap(),
+                tol,
+            );
+        }
+        // backward: dA_i[R, in] += dt_iᵀ · x, into one block's grouped gradients
+        let dt_vals: Vec<Vec<f32>> = (0..count).map(|_| r.vec(n * rank, 1.0)).collect();
+        let mut gdt = g.gemm_output_group(n * rank, count, &gw).unwrap();
+        for (b, v) in gdt.iter_mut().zip(&dt_vals) {
+            // dt in the type the GEMMs read: written by a GEMM with an identity
+            let (_, gi) = p.up(&identity(n));
+            let src = g.upload(v).unwrap();
+            let ident = g.gemm_input(&gi, &gw).unwrap();
+            let srch = g.gemm_input(&src, &gw).unwrap();
+            let eye = gemm(n, rank, n, false, false, 1.0, Accumulate::Overwrite);
+            g.matmul(
+                b,
+                ident.as_ref().unwrap_or(&gi),
+                srch.as_ref().unwrap_or(&src),
+                eye,
+            )
+            .unwrap();
+        }
+        let lens = vec![rank * fin; count];
+        let mut das = g.zeros_group(&[vec![7], lens.clone()].concat()).unwrap();
+        let mut das = das.split_off(1);
+        let bwd = gemm(rank, fin, n, true, false, 1.0, Accumulate::Add);
+        let dt_refs: Vec<&cuda::CudaBuf> = gdt.iter().collect();
+        g.matmul_group(
+            &mut das.iter_mut().collect::<Vec<_>>(),
+            &dt_refs,
+            &[gxg],
+            bwd,
+        )
+        .unwrap();
+        for i in 0..count {
+            let mut one = g.zeros(rank * fin).unwrap();
+            g.matmul(&mut one, dt_refs[i], gxg, bwd).unwrap();
+            let (cdt, _) = p.up(&g.download(dt_refs[i]).unwrap());
+            let mut cda = c.zeros(rank * fin).unwrap();
+            c.matmul(&mut cda, &cdt, &cx, bwd).unwrap();
+            let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+            p.cmp(
+                &format!("{dt} group dA_{i} against the CPU"),
+                &cda,
+                &das[i],
+                tol,
+            );
+            let same = bits(&g, &one) == bits(&g, &das[i]);
+            println!("{dt} group dA_{i}: bit-identical to the product alone: {same}");
+            check(
+                &format!("{dt} group dA_{i} against the product alone"),
+                &g.download(&das[i]).unwrap(),
+                &g.download(&one).unwrap(),
+                tol,
+            );
+        }
+        // operands in separate allocations: the products one by one, bit for bit
+        let mut sep: Vec<cuda::CudaBuf> =
+            (0..count).map(|_| g.zeros(rank * fin).unwrap()).collect();
+        g.matmul_group(
+            &mut sep.iter_mut().collect::<Vec<_>>(),
+            &dt_refs,
+            &[gxg],
+            bwd,
+        )
+        .unwrap();
+        for (i, b) in sep.iter().enumerate() {
+            let mut one = g.zeros(rank * fin).unwrap();
+            g.matmul(&mut one, dt_refs[i], gxg, bwd).unwrap();
+            assert_eq!(bits(&g, b), bits(&g, &one), "{dt}: separate dA_{i}");
+        }
+    }
+    // a list of operands that is neither one nor one per output is a bug, reported
+    let mut outs: Vec<cuda::CudaBuf> = (0..3).map(|_| g.zeros(4).unwrap()).collect();
+    let ops: Vec<cuda::CudaBuf> = (0..2).map(|_| g.zeros(4).unwrap()).collect();
+    let e = g
+        .matmul_group(
+            &mut outs.iter_mut().collect::<Vec<_>>(),
+            &ops.iter().collect::<Vec<_>>(),
+            &[&ops[0]],
+            gemm(2, 2, 2, false, false, 1.0, Accumulate::Overwrite),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 operands for 3 outputs"), "{e}");
+}
+
+fn identity(n: usize) -> Vec<f32> {
+    (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect()
+}
+
 #[test]
 fn gemm_input_all_matches_gemm_input_bit_for_bit() {
     let Some(g) = gpu() else { return };

@@ -496,6 +496,16 @@ pub trait Backend: Send + Sync + 'static {
     fn gemm_output(&self, n: usize, _w: &Self::Buf) -> Result<Self::Buf> {
         self.uninit(n)
     }
+    /// `count` buffers as [`Backend::gemm_output`] makes them, for the outputs of one
+    /// [`Backend::matmul_group`] (CUDA: consecutive in one allocation).
+    fn gemm_output_group(&self, n: usize, count: usize, w: &Self::Buf) -> Result<Vec<Self::Buf>> {
+        (0..count).map(|_| self.gemm_output(n, w)).collect()
+    }
+    /// Zeroed f32 buffers of `lens[i]` elements (CUDA: consecutive in one allocation, so
+    /// that the gradients of one block's LoRA matrices of one shape lie at one stride).
+    fn zeros_group(&self, lens: &[usize]) -> Result<Vec<Self::Buf>> {
+        lens.iter().map(|&n| self.zeros(n)).collect()
+    }
     /// `x` as f32: a copy that [`Backend::gemm_input`] rounded to a half type widened
     /// back (exactly: every half value is an f32), or an f32 buffer copied. For block
     /// inputs parked in half precision (`LemaConfig::offload_activations_half`). The
@@ -604,6 +614,36 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `c (=|+=) alpha · op(a) · op(b)`, see [`Gemm`].
     fn matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
+    /// One GEMM of one shape for every `cs[i]`: `cs[i] (=|+=) alpha · op(a_i) · op(b_i)`,
+    /// where `a_i` is `a[i]`, or `a[0]` for every i when `a` has one element (an operand
+    /// the group shares); likewise `b`. The LoRA products of linears that read one input
+    /// (q, k, v; gate, up). Each product is the one [`Backend::matmul`] would make, to the
+    /// rounding of the kernel that runs it. The default runs them one by one; CUDA runs
+    /// them in one launch when both factors are of one half type and the operands that
+    /// differ lie at one stride
+    /// ([`Backend::gemm_output_group`], [`Backend::zeros_group`]).
+    fn matmul_group(
+        &self,
+        cs: &mut [&mut Self::Buf],
+        a: &[&Self::Buf],
+        b: &[&Self::Buf],
+        g: Gemm,
+    ) -> Result<()> {
+        let count = cs.len();
+        let pick = |ops: &[&'_ Self::Buf], i: usize| -> Result<usize> {
+            match ops.len() {
+                1 => Ok(0),
+                n if n == count => Ok(i),
+                n => Err(crate::error::Error::internal(format!(
+                    "matmul_group: {n} operands for {count} outputs"
+                ))),
+            }
+        };
+        for (i, c) in cs.iter_mut().enumerate() {
+            self.matmul(c, a[pick(a, i)?], b[pick(b, i)?], g)?;
+        }
+        Ok(())
+    }
     /// `y (=|+=) alpha · x`, elementwise over the whole buffers.
     fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf, acc: Accumulate) -> Result<()>;
     /// `x[r, :] += b` for every row r of x `[rows, b.len()]`.

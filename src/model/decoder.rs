@@ -564,16 +564,16 @@ impl<'m> BlockDesc<'m> {
         // q[n, H·D], k, v[n, KVH·D]
         let (in1, mut q, mut k, mut v) = match a.qkv {
             Qkv::Separate { q, k, v } => {
-                let in1 = self.linear(w, q)?.input_from(&ln1, t.start);
-                let q = self
-                    .linear(w, q)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                let k = self
-                    .linear(w, k)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
-                let v = self
-                    .linear(w, v)?
-                    .forward(be, &in1, n, lora, keep_in(keep, &mut sv))?;
+                let (lq, lk, lv) = (self.linear(w, q)?, self.linear(w, k)?, self.linear(w, v)?);
+                let in1 = lq.input_from(&ln1, t.start);
+                let [q, k, v] = Linear::forward_group(
+                    [&lq, &lk, &lv],
+                    be,
+                    &in1,
+                    n,
+                    lora,
+                    keep_in(keep, &mut sv),
+                )?;
                 (in1, q, k, v)
             }
             Qkv::Fused(name) => {
@@ -669,15 +669,10 @@ impl<'m> BlockDesc<'m> {
             Mlp::Gated { gate_up, act, .. } => {
                 let (in2, g, u) = match gate_up {
                     GateUp::Separate { gate, up } => {
-                        let in2 = self.linear(w, gate)?.input_from(&ln2, t.start);
-                        let g = self.linear(w, gate)?.forward(
-                            be,
-                            &in2,
-                            n,
-                            lora,
-                            keep_in(keep, &mut sv),
-                        )?;
-                        let u = self.linear(w, up)?.forward(
+                        let (lg, lu) = (self.linear(w, gate)?, self.linear(w, up)?);
+                        let in2 = lg.input_from(&ln2, t.start);
+                        let [g, u] = Linear::forward_group(
+                            [&lg, &lu],
                             be,
                             &in2,
                             n,
@@ -994,28 +989,18 @@ impl<'m> BlockDesc<'m> {
                 match gate_up {
                     GateUp::Separate { gate, up } => {
                         // g = ln2·Wgᵀ, u = ln2·Wuᵀ
-                        let in2 = self
-                            .linear(w, gate)?
-                            .input_from(need(&sv.ln2, "ln2")?, t.start);
-                        self.linear(w, gate)?.backward(
+                        let (lg, lu) = (self.linear(w, gate)?, self.linear(w, up)?);
+                        let in2 = lg.input_from(need(&sv.ln2, "ln2")?, t.start);
+                        Linear::backward_group(
+                            [&lg, &lu],
                             be,
                             &mut dln2,
-                            &dg,
+                            [&dg, &du],
                             &in2,
                             n,
                             lora,
                             sv,
                             Accumulate::Overwrite,
-                        )?;
-                        self.linear(w, up)?.backward(
-                            be,
-                            &mut dln2,
-                            &du,
-                            &in2,
-                            n,
-                            lora,
-                            sv,
-                            Accumulate::Add,
                         )?;
                     }
                     GateUp::Fused(gate_up) => {
@@ -1165,38 +1150,18 @@ impl<'m> BlockDesc<'m> {
         let mut dln1 = be.uninit(n * c)?;
         match a.qkv {
             Qkv::Separate { q, k, v } => {
-                let in1 = self
-                    .linear(w, q)?
-                    .input_from(need(&sv.ln1, "ln1")?, t.start);
-                self.linear(w, q)?.backward(
+                let (lq, lk, lv) = (self.linear(w, q)?, self.linear(w, k)?, self.linear(w, v)?);
+                let in1 = lq.input_from(need(&sv.ln1, "ln1")?, t.start);
+                Linear::backward_group(
+                    [&lq, &lk, &lv],
                     be,
                     &mut dln1,
-                    &dq,
+                    [&dq, &dk, &dv],
                     &in1,
                     n,
                     lora,
                     sv,
                     Accumulate::Overwrite,
-                )?;
-                self.linear(w, k)?.backward(
-                    be,
-                    &mut dln1,
-                    &dk,
-                    &in1,
-                    n,
-                    lora,
-                    sv,
-                    Accumulate::Add,
-                )?;
-                self.linear(w, v)?.backward(
-                    be,
-                    &mut dln1,
-                    &dv,
-                    &in1,
-                    n,
-                    lora,
-                    sv,
-                    Accumulate::Add,
                 )?;
             }
             Qkv::Fused(name) => {

@@ -135,10 +135,84 @@ impl<'a, B: Backend> Linear<'a, B> {
         lora: &BlockLora<B>,
         saved: Option<&mut Saved<B>>,
     ) -> Result<B::Buf> {
+        let t = self.lora_t(be, x, n, lora)?;
+        self.forward_with_t(be, x, n, lora, t, saved)
+    }
+
+    /// [`Linear::forward`] of linears that read one input `x` (q, k and v; gate and up):
+    /// the same outputs, with the LoRA intermediates `t = x·Aᵀ` of the adapted ones made
+    /// by one GEMM for the group ([`Backend::matmul_group`]) when none drops its input
+    /// out. Each `t` is the product [`Linear::forward`] would make, to the rounding of the
+    /// kernel that runs it.
+    pub fn forward_group<const N: usize>(
+        group: [&Self; N],
+        be: &B,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &BlockLora<B>,
+        mut saved: Option<&mut Saved<B>>,
+    ) -> Result<[B::Buf; N]> {
+        let ts = Self::group_t(&group, be, x, n, lora)?;
+        let mut out = Vec::with_capacity(N);
+        for (lin, t) in group.iter().zip(ts) {
+            out.push(lin.forward_with_t(be, x, n, lora, t, saved.as_deref_mut())?);
+        }
+        out.try_into()
+            .map_err(|_| crate::error::Error::internal("forward_group: outputs lost"))
+    }
+
+    /// The LoRA intermediates of `group`'s adapted linears (see [`Linear::forward_group`]).
+    #[allow(clippy::type_complexity)]
+    fn group_t<'l>(
+        group: &[&Self],
+        be: &B,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &'l BlockLora<B>,
+    ) -> Result<Vec<Option<(B::Buf, &'l crate::lora::LoraModule<B>)>>> {
+        let adapted: Vec<_> = group.iter().map(|l| lora.find(l.name)).collect();
+        let count = adapted.iter().flatten().count();
+        if lora.dropout > 0.0 || count < 2 {
+            return group.iter().map(|l| l.lora_t(be, x, n, lora)).collect();
+        }
+        let (fi, w) = (group[0].in_features, group[0].w);
+        let mut a_copies = Vec::with_capacity(count);
+        for (lin, m) in group.iter().zip(&adapted) {
+            if let Some((_, m)) = m {
+                a_copies.push(m.gemm_copies(be, lin.w)?[0]);
+            }
+        }
+        // t_i[N, R] = x[N, in] · A_iᵀ, A_i [R, in]
+        let mut ts = be.gemm_output_group(n * lora.r, count, w)?;
+        let mut outs: Vec<&mut B::Buf> = ts.iter_mut().collect();
+        be.matmul_group(
+            &mut outs,
+            &[x.gemm(be)?],
+            &a_copies,
+            gemm(n, lora.r, fi, false, true, 1.0, Accumulate::Overwrite),
+        )?;
+        let mut ts = ts.into_iter();
+        Ok(adapted
+            .into_iter()
+            .map(|m| m.and_then(|(_, m)| ts.next().map(|t| (t, m))))
+            .collect())
+    }
+
+    /// [`Linear::forward`] given the LoRA intermediate `t` (and adapter) of this linear,
+    /// if it is adapted.
+    fn forward_with_t(
+        &self,
+        be: &B,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &BlockLora<B>,
+        t: Option<(B::Buf, &crate::lora::LoraModule<B>)>,
+        saved: Option<&mut Saved<B>>,
+    ) -> Result<B::Buf> {
         let (fi, fo) = (self.in_features, self.out_features);
         let mut y = be.uninit(n * fo)?;
         let mut acc = Accumulate::Overwrite;
-        if let Some((t, m)) = self.lora_t(be, x, n, lora)? {
+        if let Some((t, m)) = t {
             // y[N, out] = scale · t · Bᵀ, B [out, R]
             let [_, b] = m.gemm_copies(be, self.w)?;
             be.matmul(
@@ -268,6 +342,132 @@ impl<'a, B: Backend> Linear<'a, B> {
         saved: &Saved<B>,
         acc: Accumulate,
     ) -> Result<()> {
+        Self::backward_group([self], be, dx, [dy], x, n, lora, saved, acc)
+    }
+
+    /// Backward of [`Linear::forward_group`]: [`Linear::backward`] of each linear in turn
+    /// (`dys[i]` the gradient of linear i's output), all adding into `dx`, with the dA of
+    /// the adapted ones made by one GEMM for the group ([`Backend::matmul_group`]) when no
+    /// dropout makes their inputs differ. dx sums its terms in the same order as the
+    /// linears' backwards one after the other.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_group<const N: usize>(
+        group: [&Self; N],
+        be: &B,
+        dx: &mut B::Buf,
+        dys: [&B::Buf; N],
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &mut BlockLora<B>,
+        saved: &Saved<B>,
+        acc: Accumulate,
+    ) -> Result<()> {
+        if lora.dropout > 0.0 {
+            let mut acc = acc;
+            for (lin, dy) in group.iter().zip(dys) {
+                lin.backward_dropout(be, dx, dy, x, n, lora, saved, acc)?;
+                acc = Accumulate::Add;
+            }
+            return Ok(());
+        }
+        let (r, scale) = (lora.r, lora.scale);
+        let dys: Vec<LinearInput<B>> = group
+            .iter()
+            .zip(dys)
+            .map(|(l, dy)| LinearInput::new(dy, l.w))
+            .collect();
+        let names: Vec<&str> = group.iter().map(|l| l.name).collect();
+        let mods = lora.group_mut(&names);
+        let count = mods.iter().flatten().count();
+        let mut dts = match count {
+            0 => Vec::new(),
+            _ => be.gemm_output_group(n * r, count, group[0].w)?,
+        };
+        // per adapted linear: its index in the group, A's GEMM copy, dA
+        let (mut adapted, mut a_copies, mut das) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, m) in mods.into_iter().enumerate() {
+            let Some(m) = m else { continue };
+            let (lin, k) = (group[i], adapted.len());
+            let ([a, b], da, db) = m.gemm_copies_and_grads(be, lin.w)?;
+            let (t, dy) = (saved.lora_t(lin.name)?, dys[i].gemm(be)?);
+            let fo = lin.out_features;
+            // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
+            be.matmul(
+                db,
+                dy,
+                t,
+                gemm(fo, r, n, true, false, scale, Accumulate::Add),
+            )?;
+            //                              dt[N, R] = scale · dy · B
+            let g = gemm(n, r, fo, false, false, scale, Accumulate::Overwrite);
+            be.matmul(&mut dts[k], dy, b, g)?;
+            adapted.push(i);
+            a_copies.push(a);
+            das.push(da);
+        }
+        if count > 0 {
+            // forward: t = x · Aᵀ  ⇒  dA[R, in] += dtᵀ · x
+            let fi = group[0].in_features;
+            let dt_refs: Vec<&B::Buf> = dts.iter().collect();
+            be.matmul_group(
+                &mut das,
+                &dt_refs,
+                &[x.gemm(be)?],
+                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+            )?;
+        }
+        let mut acc = acc;
+        for (i, lin) in group.iter().enumerate() {
+            let fi = lin.in_features;
+            if let Some(k) = adapted.iter().position(|&j| j == i) {
+                //                          dx[N, in] (+)= dt · A
+                be.matmul(
+                    dx,
+                    &dts[k],
+                    a_copies[k],
+                    gemm(n, fi, r, false, false, 1.0, acc),
+                )?;
+                acc = Accumulate::Add;
+            }
+            lin.frozen_backward(be, dx, &dys[i], n, acc)?;
+            acc = Accumulate::Add;
+        }
+        Ok(())
+    }
+
+    /// The frozen weight's part of the backward: `dx (+)= dy · op(W)ᵀ`.
+    fn frozen_backward(
+        &self,
+        be: &B,
+        dx: &mut B::Buf,
+        dy: &LinearInput<B>,
+        n: usize,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let (fi, fo) = (self.in_features, self.out_features);
+        // forward: y = x · op(W)  ⇒  dx (+)= dy · op(W)ᵀ; W [out, in] is used as stored.
+        be.matmul(
+            dx,
+            dy.gemm(be)?,
+            self.w,
+            gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc),
+        )
+    }
+
+    /// [`Linear::backward`] with LoRA dropout: the adapter's input is this linear's own
+    /// dropped-out copy of x, remade from the seeded mask.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_dropout(
+        &self,
+        be: &B,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        x: &LinearInput<B>,
+        n: usize,
+        lora: &mut BlockLora<B>,
+        saved: &Saved<B>,
+        acc: Accumulate,
+    ) -> Result<()> {
         let (fi, fo) = (self.in_features, self.out_features);
         let dy = LinearInput::new(dy, self.w);
         let mut acc = acc;
@@ -275,16 +475,13 @@ impl<'a, B: Backend> Linear<'a, B> {
         let seed = lora.find(self.name).map(|(idx, _)| lora.module_seed(idx));
         if let Some((_, m)) = lora.find_mut(self.name) {
             let t = saved.lora_t(self.name)?;
-            // the rounded copies of A and B (or A and B), borrowed beside m's gradients
             let ([a, b], da, db) = m.gemm_copies_and_grads(be, self.w)?;
-            // forward: y += scale · t · Bᵀ  ⇒  dB[out, R] += scale · dyᵀ · t
             be.matmul(
                 db,
                 dy.gemm(be)?,
                 t,
                 gemm(fo, r, n, true, false, scale, Accumulate::Add),
             )?;
-            //                              dt[N, R] = scale · dy · B
             let mut dt = be.gemm_output(n * r, self.w)?;
             be.matmul(
                 &mut dt,
@@ -293,48 +490,32 @@ impl<'a, B: Backend> Linear<'a, B> {
                 gemm(n, r, fo, false, false, scale, Accumulate::Overwrite),
             )?;
             // forward: t = xd · Aᵀ  ⇒  dA[R, in] += dtᵀ · xd,  dxd[N, in] = dt · A
-            if p > 0.0 {
-                let seed = seed.unwrap_or_default();
-                let off = x.mask_offset(fi);
-                let mut xd = be.uninit(n * fi)?;
-                be.dropout_forward(&mut xd, x.x, p, seed, off)?;
-                be.matmul(
-                    da,
-                    &dt,
-                    &xd,
-                    gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
-                )?;
-                let mut dxd = be.uninit(n * fi)?;
-                be.matmul(
-                    &mut dxd,
-                    &dt,
-                    a,
-                    gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
-                )?;
-                // forward: xd = dropout(x)  ⇒  dx (+)= dropout_backward(dxd)
-                if acc == Accumulate::Overwrite {
-                    be.dropout_backward(dx, &dxd, p, seed, off)?;
-                } else {
-                    be.dropout_backward(&mut xd, &dxd, p, seed, off)?;
-                    be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
-                }
+            let seed = seed.unwrap_or_default();
+            let off = x.mask_offset(fi);
+            let mut xd = be.uninit(n * fi)?;
+            be.dropout_forward(&mut xd, x.x, p, seed, off)?;
+            be.matmul(
+                da,
+                &dt,
+                &xd,
+                gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
+            )?;
+            let mut dxd = be.uninit(n * fi)?;
+            be.matmul(
+                &mut dxd,
+                &dt,
+                a,
+                gemm(n, fi, r, false, false, 1.0, Accumulate::Overwrite),
+            )?;
+            // forward: xd = dropout(x)  ⇒  dx (+)= dropout_backward(dxd)
+            if acc == Accumulate::Overwrite {
+                be.dropout_backward(dx, &dxd, p, seed, off)?;
             } else {
-                be.matmul(
-                    da,
-                    &dt,
-                    x.gemm(be)?,
-                    gemm(r, fi, n, true, false, 1.0, Accumulate::Add),
-                )?;
-                be.matmul(dx, &dt, a, gemm(n, fi, r, false, false, 1.0, acc))?;
+                be.dropout_backward(&mut xd, &dxd, p, seed, off)?;
+                be.axpy(dx, 1.0, &xd, Accumulate::Add)?;
             }
             acc = Accumulate::Add;
         }
-        // forward: y = x · op(W)  ⇒  dx (+)= dy · op(W)ᵀ; W [out, in] is used as stored.
-        be.matmul(
-            dx,
-            dy.gemm(be)?,
-            self.w,
-            gemm(n, fi, fo, false, self.layout == Layout::InOut, 1.0, acc),
-        )
+        self.frozen_backward(be, dx, &dy, n, acc)
     }
 }

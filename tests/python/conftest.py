@@ -5,6 +5,7 @@ may be absent), as in the Rust tests (tests/common/skip.rs)."""
 
 import os
 import pathlib
+import signal
 
 import pytest
 
@@ -14,6 +15,12 @@ from lema import _lema
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GGUF = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 CI = os.environ.get("CI", "").lower() in ("true", "1")
+
+# A shell without job control starts a background command (`scripts/test &`) with SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C tests would
+# test the launcher, not lema. Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def need(condition: bool, why: str) -> None:

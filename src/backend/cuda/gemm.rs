@@ -73,6 +73,98 @@ fn gemm_input_type(x: &CudaBuf, w: &CudaBuf) -> Option<DType> {
     (x.dtype == DType::F32 && matches!(w.dtype, DType::BF16 | DType::F16)).then_some(w.dtype)
 }
 
+/// The operands of `c (=|+=) op(a)·op(b)` after the shape and type checks of
+/// [`crate::backend::Backend::matmul`].
+fn operands(c: &CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<[Operand; 3]> {
+    let op = "matmul";
+    let shape = format!(
+        "m={} n={} k={} trans_a={} trans_b={}",
+        g.m, g.n, g.k, g.trans_a, g.trans_b
+    );
+    if a.len != g.m * g.k || b.len != g.k * g.n || c.len != g.m * g.n {
+        return Err(err(
+            op,
+            format!(
+                "{shape}: a has {} elements, b {}, c {}",
+                a.len, b.len, c.len
+            ),
+        ));
+    }
+    // a half output only where the operands meet in that half type (the LoRA
+    // intermediates, `Backend::gemm_output`)
+    let half_operand = [a.dtype, b.dtype].into_iter().find(|d| *d != DType::F32);
+    if c.dtype != DType::F32 && Some(c.dtype) != half_operand {
+        return Err(err(
+            op,
+            format!(
+                "{shape}: the output is {}, but the operands are {} and {}: it must be f32 or their half type",
+                c.dtype, a.dtype, b.dtype
+            ),
+        ));
+    }
+    let of = |x: &CudaBuf| Operand {
+        ptr: x.ptr(),
+        dtype: x.dtype,
+    };
+    Ok([of(c), of(a), of(b)])
+}
+
+/// Products of one shape in one cuBLAS call: `count` of them, product i reading and
+/// writing its operands at `ptr + i·stride` (in elements; 0 for an operand they share).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Batch {
+    pub count: usize,
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+}
+
+impl Batch {
+    /// One product.
+    pub const ONE: Batch = Batch {
+        count: 1,
+        a: 0,
+        b: 0,
+        c: 0,
+    };
+
+    /// The batch that runs the products `ops` (`[c, a, b]` each) in one call, if their
+    /// operands have one type each, both factors of one half type (no cast: `gemm_raw`
+    /// casts an f32 operand beside a half one in a scratch that one product at a time can
+    /// use), and lie at one stride; the outputs must not overlap.
+    fn of(ops: &[[Operand; 3]], g: Gemm) -> Option<Batch> {
+        let sizes = [g.m * g.n, g.m * g.k, g.k * g.n];
+        let mut strides = [0usize; 3];
+        for (j, stride) in strides.iter_mut().enumerate() {
+            let dtype = ops[0][j].dtype;
+            if ops.iter().any(|o| o[j].dtype != dtype) {
+                return None;
+            }
+            let step = ops[1][j].ptr.checked_sub(ops[0][j].ptr)? as usize;
+            let uniform = ops
+                .windows(2)
+                .all(|w| w[1][j].ptr.checked_sub(w[0][j].ptr) == Some(step as u64));
+            if !uniform || !step.is_multiple_of(dtype.size()) {
+                return None;
+            }
+            *stride = step / dtype.size();
+        }
+        // f32 × f32 products stay one by one: cuBLAS's batched SGEMM sums in another
+        // order than its SGEMM, and the f32 path is the exact one the goldens hold
+        let (a, b) = (ops[0][1].dtype, ops[0][2].dtype);
+        let half = a == b && matches!(a, DType::BF16 | DType::F16);
+        if !half || strides[0] < sizes[0] {
+            return None;
+        }
+        Some(Batch {
+            count: ops.len(),
+            c: strides[0],
+            a: strides[1],
+            b: strides[2],
+        })
+    }
+}
+
 impl CudaBackend {
     /// [`crate::backend::Backend::matmul`] with its shape checks.
     pub(super) fn gemm_checked(
@@ -82,45 +174,45 @@ impl CudaBackend {
         b: &CudaBuf,
         g: Gemm,
     ) -> Result<()> {
-        let op = "matmul";
-        let shape = format!(
-            "m={} n={} k={} trans_a={} trans_b={}",
-            g.m, g.n, g.k, g.trans_a, g.trans_b
-        );
-        if a.len != g.m * g.k || b.len != g.k * g.n || c.len != g.m * g.n {
-            return Err(err(
-                op,
-                format!(
-                    "{shape}: a has {} elements, b {}, c {}",
-                    a.len, b.len, c.len
-                ),
-            ));
+        let [oc, oa, ob] = operands(c, a, b, g)?;
+        self.gemm_raw("matmul", oc, oa, ob, g, Batch::ONE)
+    }
+
+    /// [`crate::backend::Backend::matmul_group`]: one strided-batched cuBLAS call when the
+    /// operands that differ from product to product lie at one stride and no operand needs
+    /// a cast, else the products one by one.
+    pub(super) fn gemm_group_checked(
+        &self,
+        cs: &mut [&mut CudaBuf],
+        a: &[&CudaBuf],
+        b: &[&CudaBuf],
+        g: Gemm,
+    ) -> Result<()> {
+        let count = cs.len();
+        let pick = |ops: &[&CudaBuf], i: usize| -> Result<usize> {
+            match ops.len() {
+                1 => Ok(0),
+                n if n == count => Ok(i),
+                n => Err(err(
+                    "matmul_group",
+                    format!("{n} operands for {count} outputs (a bug in lema)"),
+                )),
+            }
+        };
+        let mut ops = Vec::with_capacity(count);
+        for (i, c) in cs.iter().enumerate() {
+            ops.push(operands(c, a[pick(a, i)?], b[pick(b, i)?], g)?);
         }
-        // a half output only where the operands meet in that half type (the LoRA
-        // intermediates, `Backend::gemm_output`)
-        let half_operand = [a.dtype, b.dtype].into_iter().find(|d| *d != DType::F32);
-        if c.dtype != DType::F32 && Some(c.dtype) != half_operand {
-            return Err(err(
-                op,
-                format!(
-                    "{shape}: the output is {}, but the operands are {} and {}: it must be f32 or their half type",
-                    c.dtype, a.dtype, b.dtype
-                ),
-            ));
+        let batch = (count > 1 && g.k > 0).then(|| Batch::of(&ops, g)).flatten();
+        match batch {
+            Some(batch) => {
+                let [oc, oa, ob] = ops[0];
+                self.gemm_raw("matmul_group", oc, oa, ob, g, batch)
+            }
+            None => ops
+                .into_iter()
+                .try_for_each(|[oc, oa, ob]| self.gemm_raw("matmul", oc, oa, ob, g, Batch::ONE)),
         }
-        let oa = Operand {
-            ptr: a.ptr(),
-            dtype: a.dtype,
-        };
-        let ob = Operand {
-            ptr: b.ptr(),
-            dtype: b.dtype,
-        };
-        let oc = Operand {
-            ptr: c.ptr(),
-            dtype: c.dtype,
-        };
-        self.gemm_raw(op, oc, oa, ob, g)
     }
 
     /// [`crate::backend::Backend::gemm_input`]: an f32 activation cast to the half type of
@@ -143,21 +235,27 @@ impl CudaBackend {
     ) -> Result<Vec<Option<CudaBuf>>> {
         let op = "gemm_input_all";
         let mut table = TensorTable::<3>::new();
-        let mut out = Vec::with_capacity(pairs.len());
-        for (x, w) in pairs {
-            let Some(h) = gemm_input_type(x, w) else {
-                out.push(None);
-                continue;
-            };
-            let copy = self.new_buf(op, x.len, h)?;
-            let to_bf16 = (h == DType::BF16) as u64;
+        // the copies of one half type in one allocation, in the order of `pairs`, so that
+        // equally long ones lie at one stride (`Backend::matmul_group`)
+        let types: Vec<Option<DType>> = pairs.iter().map(|(x, w)| gemm_input_type(x, w)).collect();
+        let mut copies: Vec<Option<CudaBuf>> = pairs.iter().map(|_| None).collect();
+        for h in [DType::BF16, DType::F16] {
+            let of_h: Vec<usize> = (0..pairs.len()).filter(|&i| types[i] == Some(h)).collect();
+            let lens: Vec<usize> = of_h.iter().map(|&i| pairs[i].0.len).collect();
+            for (i, copy) in of_h.into_iter().zip(self.new_bufs(op, &lens, h)?) {
+                copies[i] = Some(copy);
+            }
+        }
+        for ((x, _), copy) in pairs.iter().zip(&copies) {
+            let Some(copy) = copy else { continue };
+            let to_bf16 = (copy.dtype == DType::BF16) as u64;
             table.push(
                 [copy.ptr(), x.ptr(), to_bf16],
                 x.len,
                 elementwise_blocks(x.len),
             );
-            out.push(Some(copy));
         }
+        let out = copies;
         table.launch(self, op, elementwise::MODULE, "cast_f32_to_half_multi", &[])?;
         Ok(out)
     }
@@ -230,6 +328,7 @@ impl CudaBackend {
         a: Operand,
         b: Operand,
         g: Gemm,
+        batch: Batch,
     ) -> Result<()> {
         let shape = || {
             format!(
@@ -239,6 +338,15 @@ impl CudaBackend {
         };
         if g.m == 0 || g.n == 0 {
             return Ok(());
+        }
+        if batch != Batch::ONE && (g.k == 0 || a.dtype != b.dtype) {
+            return Err(err(
+                op,
+                format!(
+                    "{}: a batch of products that need a cast (a bug in lema)",
+                    shape()
+                ),
+            ));
         }
         if [a.dtype, b.dtype].iter().any(|d| d.size() == 1) {
             return Err(err(
@@ -356,8 +464,8 @@ impl CudaBackend {
         };
         let r = self.dev.timed(label, || {
             Ok(unsafe {
-                if half.is_none() {
-                    cudarc::cublas::result::sgemm(
+                match (half.is_none(), batch == Batch::ONE) {
+                    (true, true) => cudarc::cublas::result::sgemm(
                         handle,
                         op_b,
                         op_a,
@@ -372,9 +480,8 @@ impl CudaBackend {
                         &beta,
                         c.ptr as *mut f32,
                         n,
-                    )
-                } else {
-                    cudarc::cublas::result::gemm_ex(
+                    ),
+                    (false, true) => cudarc::cublas::result::gemm_ex(
                         handle,
                         op_b,
                         op_a,
@@ -394,7 +501,54 @@ impl CudaBackend {
                         n,
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
+                    ),
+                    // SAFETY (batches): product i's operands lie at ptr + i·stride and are
+                    // as long as one product's (checked per product by `operands`)
+                    (true, false) => cudarc::cublas::result::sgemm_strided_batched(
+                        handle,
+                        op_b,
+                        op_a,
+                        n,
+                        m,
+                        k,
+                        &alpha,
+                        b.ptr as *const f32,
+                        ldb,
+                        batch.b as i64,
+                        a.ptr as *const f32,
+                        lda,
+                        batch.a as i64,
+                        &beta,
+                        c.ptr as *mut f32,
+                        n,
+                        batch.c as i64,
+                        int(batch.count)?,
+                    ),
+                    (false, false) => cudarc::cublas::result::gemm_strided_batched_ex(
+                        handle,
+                        op_b,
+                        op_a,
+                        n,
+                        m,
+                        k,
+                        &alpha as *const f32 as *const _,
+                        b.ptr as *const _,
+                        cuda_type(b.dtype),
+                        ldb,
+                        batch.b as i64,
+                        a.ptr as *const _,
+                        cuda_type(a.dtype),
+                        lda,
+                        batch.a as i64,
+                        &beta as *const f32 as *const _,
+                        c.ptr as *mut _,
+                        cuda_type(c.dtype),
+                        n,
+                        batch.c as i64,
+                        int(batch.count)?,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    ),
                 }
             })
         })?;
@@ -407,5 +561,74 @@ impl CudaBackend {
                 .map_err(|e| driver_err(op, e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Batch, Operand};
+    use crate::backend::{Accumulate, DType, Gemm};
+
+    fn op(ptr: u64, dtype: DType) -> Operand {
+        Operand { ptr, dtype }
+    }
+
+    /// `[c, a, b]` of product i: c at `c0 + i·sc` bytes, a shared, b at `b0 + i·sb`.
+    fn ops(sc: u64, sb: u64, a_type: DType) -> Vec<[Operand; 3]> {
+        (0..3)
+            .map(|i| {
+                [
+                    op(0x10000 + i * sc, DType::F32),
+                    op(0x20000, a_type),
+                    op(0x30000 + i * sb, DType::BF16),
+                ]
+            })
+            .collect()
+    }
+
+    const G: Gemm = Gemm {
+        m: 4,
+        n: 4,
+        k: 8,
+        trans_a: false,
+        trans_b: true,
+        alpha: 1.0,
+        accumulate: Accumulate::Overwrite,
+    };
+
+    #[test]
+    fn a_batch_needs_one_stride_one_type_and_outputs_apart() {
+        // 16 f32 outputs (64 bytes) and 32 bf16 b elements (64 bytes) a product
+        assert_eq!(
+            Batch::of(&ops(64, 64, DType::BF16), G),
+            Some(Batch {
+                count: 3,
+                c: 16,
+                a: 0,
+                b: 32
+            })
+        );
+        let mut uneven = ops(64, 64, DType::BF16);
+        uneven[2][2].ptr += 2;
+        assert_eq!(Batch::of(&uneven, G), None, "b not at one stride");
+        assert_eq!(
+            Batch::of(&ops(64, 64, DType::F32), G),
+            None,
+            "an f32 operand beside a bf16 one needs a cast"
+        );
+        let mut f32s = ops(64, 128, DType::F32);
+        f32s.iter_mut().for_each(|o| o[2].dtype = DType::F32);
+        assert_eq!(Batch::of(&f32s, G), None, "f32 products run one by one");
+        assert_eq!(
+            Batch::of(&ops(32, 64, DType::BF16), G),
+            None,
+            "outputs overlap"
+        );
+        let mut backwards = ops(64, 64, DType::BF16);
+        backwards.reverse();
+        assert_eq!(Batch::of(&backwards, G), None, "descending addresses");
+        let mut mixed = ops(64, 64, DType::BF16);
+        mixed[1][0].dtype = DType::BF16;
+        assert_eq!(Batch::of(&mixed, G), None, "outputs of two types");
     }
 }

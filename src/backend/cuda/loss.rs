@@ -114,6 +114,7 @@ impl CudaBackend {
                     alpha: 1.0,
                     accumulate: Accumulate::Overwrite,
                 },
+                super::gemm::Batch::ONE,
             )?;
             if let Some(cap) = softcap {
                 self.softcap_raw(op, pbuf, rows * v, cap)?;
@@ -170,6 +171,7 @@ impl CudaBackend {
                         alpha: 1.0,
                         accumulate: Accumulate::Overwrite,
                     },
+                    super::gemm::Batch::ONE,
                 )?;
             }
         }

@@ -69,6 +69,10 @@ enum Mem {
     Device(CudaSlice<u8>),
     /// Page-locked host memory mapped into the device's address space.
     Host(device::HostMem),
+    /// Bytes `offset..` of device memory shared with other buffers ([`CudaBackend::new_bufs`]):
+    /// buffers that one group GEMM reads or writes at a fixed stride. The memory is freed
+    /// with the last of them.
+    Part(Arc<CudaSlice<u8>>, usize),
 }
 
 impl CudaBuf {
@@ -88,6 +92,7 @@ impl CudaBuf {
         match &self.mem {
             Mem::Device(s) => Device::ptr(s),
             Mem::Host(h) => h.device_ptr(),
+            Mem::Part(s, offset) => Device::ptr(s) + *offset as u64,
         }
     }
 }
@@ -283,6 +288,45 @@ impl CudaBackend {
         Ok(CudaBuf { mem, len, dtype })
     }
 
+    /// Buffers of `lens[i]` elements of `dtype`, consecutive in one allocation (each
+    /// starting 256-byte aligned, as cuBLAS likes its operands), so that a group GEMM
+    /// ([`Backend::matmul_group`]) finds equally long ones at one stride.
+    fn new_bufs(&self, op: &'static str, lens: &[usize], dtype: DType) -> Result<Vec<CudaBuf>> {
+        if lens.len() < 2 {
+            return lens.iter().map(|&n| self.new_buf(op, n, dtype)).collect();
+        }
+        let padded = |n: usize| (n * dtype.size()).div_ceil(256) * 256;
+        let total: usize = lens.iter().map(|&n| padded(n)).sum();
+        let base = Arc::new(self.dev.alloc(op, total)?);
+        let mut offset = 0;
+        Ok(lens
+            .iter()
+            .map(|&len| {
+                let b = CudaBuf {
+                    mem: Mem::Part(base.clone(), offset),
+                    len,
+                    dtype,
+                };
+                offset += padded(len);
+                b
+            })
+            .collect())
+    }
+
+    /// Set `bytes` bytes at device address `ptr` to zero, stream-ordered.
+    fn memset_raw(&self, op: &'static str, ptr: u64, bytes: usize, what: &str) -> Result<()> {
+        use cudarc::driver::sys;
+        // SAFETY: the caller's buffer covers `bytes` bytes at `ptr`, alive while it is.
+        let r = unsafe { sys::cuMemsetD8Async(ptr, 0, bytes, self.dev.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err(
+                op,
+                format!("memset of {bytes} bytes of {what} failed: {r:?}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Set every byte of `b` to zero, stream-ordered on the compute stream.
     fn memset_zero(&self, op: &'static str, b: &mut CudaBuf) -> Result<()> {
         self.dev.timed("memset", || match &mut b.mem {
@@ -291,23 +335,8 @@ impl CudaBackend {
                 .stream
                 .memset_zeros(s)
                 .map_err(|e| device::driver_err(op, e)),
-            Mem::Host(h) => {
-                use cudarc::driver::sys;
-                // SAFETY: the device address covers `h.bytes()` bytes, alive while `b` is.
-                let r = unsafe {
-                    sys::cuMemsetD8Async(h.device_ptr(), 0, h.bytes(), self.dev.stream.cu_stream())
-                };
-                if r != sys::CUresult::CUDA_SUCCESS {
-                    return Err(err(
-                        op,
-                        format!(
-                            "memset of {} bytes of mapped host memory failed: {r:?}",
-                            h.bytes()
-                        ),
-                    ));
-                }
-                Ok(())
-            }
+            Mem::Host(h) => self.memset_raw(op, h.device_ptr(), h.bytes(), "mapped host memory"),
+            Mem::Part(..) => self.memset_raw(op, b.ptr(), b.bytes(), "device memory"),
         })
     }
 
@@ -327,7 +356,16 @@ impl CudaBackend {
             return Ok(());
         }
         match &mut b.mem {
-            Mem::Device(_) if self.capturing() => self.capture_htod(op, b.ptr(), src),
+            Mem::Device(_) | Mem::Part(..) if self.capturing() => {
+                self.capture_htod(op, b.ptr(), src)
+            }
+            // SAFETY: the buffer covers src.len() bytes (checked above); the copy from
+            // pageable memory is waited for before `src` can go.
+            Mem::Part(..) => unsafe {
+                cudarc::driver::result::memcpy_htod_async(b.ptr(), src, self.dev.stream.cu_stream())
+                    .and_then(|()| self.dev.stream.synchronize())
+                    .map_err(|e| device::driver_err(op, e))
+            },
             Mem::Device(s) => self
                 .dev
                 .stream
@@ -366,6 +404,20 @@ impl CudaBackend {
                 .stream
                 .clone_dtoh(&s.slice(..b.bytes()))
                 .map_err(|e| device::driver_err(op, e)),
+            Mem::Part(..) => {
+                let mut bytes = vec![0u8; b.bytes()];
+                // SAFETY: the buffer covers b.bytes() bytes; the copy is waited for.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut bytes,
+                        b.ptr(),
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .and_then(|()| self.dev.stream.synchronize())
+                .map_err(|e| device::driver_err(op, e))?;
+                Ok(bytes)
+            }
             Mem::Host(h) => {
                 // The writers are kernels on the compute stream: once it is idle their
                 // writes over the bus have landed in host memory.
@@ -674,6 +726,30 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn gemm_output_group(&self, n: usize, count: usize, w: &CudaBuf) -> Result<Vec<CudaBuf>> {
+        let op = "gemm_output";
+        self.dev.bind(op)?;
+        let dtype = match w.dtype {
+            DType::BF16 | DType::F16 => w.dtype,
+            _ => DType::F32,
+        };
+        let bufs = self.new_bufs(op, &vec![n; count], dtype)?;
+        for b in &bufs {
+            self.poison(op, b.ptr(), b.bytes())?;
+        }
+        Ok(bufs)
+    }
+
+    fn zeros_group(&self, lens: &[usize]) -> Result<Vec<CudaBuf>> {
+        let op = "zeros";
+        self.dev.bind(op)?;
+        let mut bufs = self.new_bufs(op, lens, DType::F32)?;
+        for b in &mut bufs {
+            self.memset_zero(op, b)?;
+        }
+        Ok(bufs)
+    }
+
     fn widen(&self, x: &CudaBuf) -> Result<CudaBuf> {
         self.widen_impl(x)
     }
@@ -859,6 +935,16 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
         self.gemm_checked(c, a, b, g)
+    }
+
+    fn matmul_group(
+        &self,
+        cs: &mut [&mut CudaBuf],
+        a: &[&CudaBuf],
+        b: &[&CudaBuf],
+        g: Gemm,
+    ) -> Result<()> {
+        self.gemm_group_checked(cs, a, b, g)
     }
 
     fn axpy(&self, y: &mut CudaBuf, alpha: f32, x: &CudaBuf, acc: Accumulate) -> Result<()> {
