@@ -162,6 +162,18 @@ pub enum Accumulate {
     Add,
 }
 
+/// Which of `len` operands product `i` of a [`Backend::matmul_group`] of `count` reads:
+/// the one operand they share, or its own.
+pub fn group_operand(len: usize, count: usize, i: usize) -> Result<usize> {
+    match len {
+        1 => Ok(0),
+        n if n == count => Ok(i),
+        n => Err(crate::error::Error::internal(format!(
+            "matmul_group: {n} operands for {count} outputs"
+        ))),
+    }
+}
+
 /// One GEMM, row-major: `C[m×n] (=|+=) alpha · op(A)[m×k] · op(B)[k×n]`.
 /// `op(A)` is A itself (stored `[m, k]`) or, with `trans_a`, Aᵀ of A stored `[k, m]`;
 /// likewise B is stored `[k, n]` or, with `trans_b`, `[n, k]`.
@@ -630,17 +642,12 @@ pub trait Backend: Send + Sync + 'static {
         g: Gemm,
     ) -> Result<()> {
         let count = cs.len();
-        let pick = |ops: &[&'_ Self::Buf], i: usize| -> Result<usize> {
-            match ops.len() {
-                1 => Ok(0),
-                n if n == count => Ok(i),
-                n => Err(crate::error::Error::internal(format!(
-                    "matmul_group: {n} operands for {count} outputs"
-                ))),
-            }
-        };
         for (i, c) in cs.iter_mut().enumerate() {
-            self.matmul(c, a[pick(a, i)?], b[pick(b, i)?], g)?;
+            let (ia, ib) = (
+                group_operand(a.len(), count, i)?,
+                group_operand(b.len(), count, i)?,
+            );
+            self.matmul(c, a[ia], b[ib], g)?;
         }
         Ok(())
     }

@@ -189,19 +189,10 @@ impl CudaBackend {
         g: Gemm,
     ) -> Result<()> {
         let count = cs.len();
-        let pick = |ops: &[&CudaBuf], i: usize| -> Result<usize> {
-            match ops.len() {
-                1 => Ok(0),
-                n if n == count => Ok(i),
-                n => Err(err(
-                    "matmul_group",
-                    format!("{n} operands for {count} outputs (a bug in lema)"),
-                )),
-            }
-        };
         let mut ops = Vec::with_capacity(count);
         for (i, c) in cs.iter().enumerate() {
-            ops.push(operands(c, a[pick(a, i)?], b[pick(b, i)?], g)?);
+            let pick = |len| crate::backend::group_operand(len, count, i);
+            ops.push(operands(c, a[pick(a.len())?], b[pick(b.len())?], g)?);
         }
         let batch = (count > 1 && g.k > 0).then(|| Batch::of(&ops, g)).flatten();
         match batch {
