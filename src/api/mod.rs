@@ -138,9 +138,13 @@ pub struct LemaConfig {
     /// CUDA: capture a training step as a CUDA graph once its shape repeats, and replay it
     /// for the steps after with their own tokens (`backend/cuda/graph.rs`), so that a
     /// small step is not bound by the host's kernel launches. The same bits as without.
-    /// Off by default for now (CUDA.md, "Step graphs"); also on with `LEMA_CUDA_GRAPHS=1`.
-    #[serde(default)]
+    /// On by default (CUDA.md, "Step graphs"); off with `false` or `LEMA_CUDA_GRAPHS=0`.
+    #[serde(default = "default_step_graphs")]
     pub step_graphs: bool,
+}
+
+fn default_step_graphs() -> bool {
+    true
 }
 
 fn default_prefetch_depth() -> usize {
@@ -175,7 +179,7 @@ impl LemaConfig {
             max_host_memory: None,
             weight_source: WeightSource::Auto,
             seq_tile: None,
-            step_graphs: false,
+            step_graphs: default_step_graphs(),
         }
     }
 
@@ -243,7 +247,7 @@ fn cuda_options(config: &LemaConfig) -> CudaOptions {
     }
     opts.profile |= config.profile;
     opts.max_host_memory = config.max_host_memory;
-    opts.step_graphs |= config.step_graphs;
+    opts.step_graphs &= config.step_graphs;
     opts
 }
 

@@ -57,9 +57,8 @@ pub struct CudaOptions {
     /// available) before they are made.
     pub max_host_memory: Option<u64>,
     /// Capture a training step whose inputs repeat the previous step's as a CUDA graph,
-    /// and replay it for the steps after (`backend/cuda/graph.rs`). Off by default until
-    /// compute-sanitizer's memcheck is explained under graph launches (CUDA.md, "Step
-    /// graphs"); on with `LEMA_CUDA_GRAPHS=1` or `LemaConfig::step_graphs`.
+    /// and replay it for the steps after (`backend/cuda/graph.rs`). On by default; off
+    /// with `LEMA_CUDA_GRAPHS=0` or `LemaConfig::step_graphs = false`.
     pub step_graphs: bool,
 }
 
@@ -76,7 +75,7 @@ impl Default for CudaOptions {
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
             max_host_memory: None,
-            step_graphs: std::env::var("LEMA_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
+            step_graphs: std::env::var("LEMA_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         }
     }
 }

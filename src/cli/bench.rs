@@ -185,7 +185,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     match (r.graph_replays, &r.graph_note) {
         (Some(n), _) if n > 0 => eprintln!(
-            "  step graph: {n} of {} timed steps replayed from one capture (LEMA_CUDA_GRAPHS=1)",
+            "  step graph: {n} of {} timed steps replayed from one capture (LEMA_CUDA_GRAPHS=0: none)",
             opts.steps
         ),
         (Some(_), Some(why)) => eprintln!("  step graph: not replayed ({why})"),

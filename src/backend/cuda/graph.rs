@@ -29,23 +29,67 @@
 //!
 //! Memory: the graph's allocations live in the driver's graph pool, at the same
 //! addresses on every launch. Everything the step allocates is freed inside the step,
-//! except the per-row losses: they are freed after each download. If the capture leaves
-//! anything else allocated (a buffer that outlives the step), the graph runs once for
-//! that step and is not kept.
+//! except the per-row losses, which live in memory outside the graph's pool
+//! ([`PlainAlloc`]) for as long as the graph. If the capture leaves anything else
+//! allocated (a buffer that outlives the step), the graph runs once for that step and is
+//! not kept.
 
 use super::device::{Device, driver_err, err};
 use super::{CudaBackend, pinned};
 use crate::backend::LossSum;
 use crate::error::Result;
 use crate::hostmem::HostBuf;
+use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{self, CUdeviceptr};
-use cudarc::driver::{CudaGraph, CudaSlice};
 
 /// The per-row losses that the captured `lm_head_loss` left on the device.
 pub(super) struct PendingLoss {
-    pub rows: CudaSlice<u8>,
+    pub rows: PlainAlloc,
     pub n: usize,
     pub count: usize,
+}
+
+/// Device memory from `cuMemAlloc`, not from a stream's pool: made inside a capture (which
+/// relaxed capture allows), it is no allocation node of the graph, so it outlives every
+/// launch at one address and the graph's own memory never overlaps it. The per-row losses
+/// that each launch writes and the host reads after it live here. (They were a graph
+/// allocation freed after each download at first; compute-sanitizer's memcheck kept that
+/// freed allocation's record and flagged the next launch's writes to graph memory at the
+/// same addresses.)
+pub(super) struct PlainAlloc {
+    pub ptr: CUdeviceptr,
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+}
+
+impl PlainAlloc {
+    pub fn new(dev: &Device, op: &'static str, bytes: usize) -> Result<Self> {
+        let mut ptr: CUdeviceptr = 0;
+        // SAFETY: allocates `bytes` bytes of device memory in the bound context.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(4)) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err(
+                op,
+                format!("cuMemAlloc of {bytes} bytes failed: {r:?}"),
+            ));
+        }
+        Ok(PlainAlloc {
+            ptr,
+            ctx: dev.ctx.clone(),
+        })
+    }
+}
+
+impl Drop for PlainAlloc {
+    fn drop(&mut self) {
+        // cuMemFree waits for the device work that uses the memory
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: allocated by cuMemAlloc above and freed once, here.
+        let r = unsafe { sys::cuMemFree_v2(self.ptr) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.ctx
+                .record_err::<()>(Err(cudarc::driver::DriverError(r)));
+        }
+    }
 }
 
 /// The state of an open capture.
@@ -60,8 +104,8 @@ pub(super) struct Capture {
 struct Ready {
     key: u64,
     graph: OwnedGraph,
-    /// The device address, row count and counted tokens of the per-row losses.
-    loss: (CUdeviceptr, usize, usize),
+    /// The per-row losses each launch writes, their row count and counted tokens.
+    loss: (PlainAlloc, usize, usize),
     uploads: Vec<(Box<dyn HostBuf>, usize)>,
     /// For each step input, the upload that carries it.
     inputs: Vec<usize>,
@@ -217,10 +261,6 @@ impl CudaBackend {
             _ => None,
         };
         let Some(graph) = graph else {
-            // the graph never ran, so its addresses were never memory: nothing to free
-            if let Some(loss) = capture.loss {
-                std::mem::forget(loss.rows);
-            }
             // errors that the failed capture left behind are its own
             let _ = self.dev.ctx.check_err();
             return Ok(None);
@@ -232,22 +272,14 @@ impl CudaBackend {
                 "the captured step computed no loss (a bug in lema)",
             ));
         };
-        let rows = Device::ptr(&loss.rows);
-        let (escaped, foreign) = memory_nodes(&graph, rows).map_err(|e| driver_err(op, e))?;
+        let (escaped, foreign) = memory_nodes(&graph).map_err(|e| driver_err(op, e))?;
         if let Err(e) = graph.launch() {
             // e.g. no memory for the graph's pool: nothing ran, the step runs eagerly
-            std::mem::forget(loss.rows);
             let _ = self.dev.ctx.check_err();
             self.graphs(op)?.dropped = Some(format!("its launch failed: {e:?}"));
             return Ok(None);
         }
-        let bytes = self
-            .dev
-            .stream
-            .clone_dtoh(&loss.rows)
-            .map_err(|e| driver_err(op, e))?;
-        let sum = loss_sum(&bytes, loss.n, loss.count);
-        drop(loss.rows); // freed outside the graph, as after every replay
+        let sum = self.download_losses(op, &loss.rows, loss.n, loss.count)?;
         let found = find_inputs(&capture.uploads, inputs);
         let mut g = self.graphs(op)?;
         g.dropped = match (&found, escaped, foreign) {
@@ -263,7 +295,7 @@ impl CudaBackend {
             g.ready = Some(Ready {
                 key: capture.key,
                 graph: OwnedGraph(graph),
-                loss: (rows, loss.n, loss.count),
+                loss: (loss.rows, loss.n, loss.count),
                 uploads: capture.uploads,
                 inputs,
             });
@@ -305,7 +337,6 @@ impl CudaBackend {
         };
         embed(values)?;
         self.dev.bind(op)?;
-        let (rows, n, count) = ready.loss;
         if let Err(e) = ready.graph.0.launch() {
             // e.g. no memory for the graph's pool: run the step eagerly instead
             g.dropped = Some(format!("its launch failed: {e:?}"));
@@ -313,25 +344,36 @@ impl CudaBackend {
             let _ = self.dev.ctx.check_err();
             return Ok(None);
         }
+        let (rows, n, count) = &ready.loss;
+        let sum = self.download_losses(op, rows, *n, *count)?;
+        g.replays += 1;
+        Ok(Some(sum))
+    }
+
+    /// The loss from the `n` per-row losses at `rows`, after the work queued so far.
+    fn download_losses(
+        &self,
+        op: &'static str,
+        rows: &PlainAlloc,
+        n: usize,
+        count: usize,
+    ) -> Result<LossSum> {
         let mut bytes = vec![0u8; n * 4];
-        // SAFETY: `rows` is the graph's allocation of n f32 losses, allocated by the launch
-        // just queued and not freed yet; the copy is ordered after it and waited for.
+        // SAFETY: `rows` holds n f32 losses; the copy is ordered after the launch that
+        // writes them and waited for.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(
                 &mut bytes,
-                rows,
+                rows.ptr,
                 self.dev.stream.cu_stream(),
             )
             .map_err(|e| driver_err(op, e))?;
-            cudarc::driver::result::free_async(rows, self.dev.stream.cu_stream())
-                .map_err(|e| driver_err(op, e))?;
         }
         self.dev
             .stream
             .synchronize()
             .map_err(|e| driver_err(op, e))?;
-        g.replays += 1;
-        Ok(Some(loss_sum(&bytes, n, count)))
+        Ok(loss_sum(&bytes, n, count))
     }
 }
 
@@ -359,11 +401,10 @@ fn find_inputs(
         .collect()
 }
 
-/// Of the graph's memory nodes: the allocations not freed inside it besides `rows`, and
-/// the frees of memory that it did not allocate.
+/// Of the graph's memory nodes: the allocations not freed inside it, and the frees of
+/// memory that it did not allocate.
 fn memory_nodes(
     graph: &CudaGraph,
-    rows: CUdeviceptr,
 ) -> std::result::Result<(usize, usize), cudarc::driver::DriverError> {
     use cudarc::driver::DriverError;
     let g = graph.cu_graph();
@@ -397,10 +438,7 @@ fn memory_nodes(
                 _ => {}
             }
         }
-        let escaped = allocated
-            .iter()
-            .filter(|p| **p != rows && !freed.contains(p))
-            .count();
+        let escaped = allocated.iter().filter(|p| !freed.contains(p)).count();
         Ok((escaped, freed.difference(&allocated).count()))
     }
 }

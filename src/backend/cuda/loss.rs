@@ -84,8 +84,12 @@ impl CudaBackend {
                 dtype: w.dtype(),
             },
         );
-        let row_loss = self.dev.alloc(op, n * 4)?;
-        let ploss = Device::ptr(&row_loss);
+        // inside a capture, memory that outlives the graph (graph.rs)
+        let row_loss = match self.capturing() {
+            true => RowLoss::Plain(super::graph::PlainAlloc::new(&self.dev, op, n * 4)?),
+            false => RowLoss::Pool(self.dev.alloc(op, n * 4)?),
+        };
+        let ploss = row_loss.ptr();
         let block = (v.div_ceil(32) * 32).clamp(32, 1024) as u32;
         let weight = Operand {
             ptr: pw,
@@ -175,15 +179,14 @@ impl CudaBackend {
                 )?;
             }
         }
-        if self.capturing() {
-            // summed after the graph's launch; the caller takes the sum from there
-            self.capture_loss(super::graph::PendingLoss {
-                rows: row_loss,
-                n,
-                count,
-            })?;
-            return Ok(LossSum { sum: 0.0, count });
-        }
+        let row_loss = match row_loss {
+            RowLoss::Plain(rows) => {
+                // summed after the graph's launch; the caller takes the sum from there
+                self.capture_loss(super::graph::PendingLoss { rows, n, count })?;
+                return Ok(LossSum { sum: 0.0, count });
+            }
+            RowLoss::Pool(rows) => rows,
+        };
         let bytes = self
             .dev
             .stream
@@ -218,4 +221,20 @@ impl CudaBackend {
 /// A soft-cap must be a positive finite number.
 fn check_softcap(op: &'static str, cap: Option<f32>) -> Result<()> {
     crate::backend::softcap_problem(cap).map_or(Ok(()), |m| Err(err(op, m)))
+}
+
+/// Where `lm_head_loss` writes its per-row losses: the stream's pool, or inside a step
+/// graph's capture memory that outlives the graph.
+enum RowLoss {
+    Pool(cudarc::driver::CudaSlice<u8>),
+    Plain(super::graph::PlainAlloc),
+}
+
+impl RowLoss {
+    fn ptr(&self) -> u64 {
+        match self {
+            RowLoss::Pool(s) => Device::ptr(s),
+            RowLoss::Plain(p) => p.ptr,
+        }
+    }
 }
