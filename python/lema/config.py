@@ -50,6 +50,7 @@ _DEFAULTS: Dict[str, Any] = {
     "offload_activations_half": False,
     "offload_optimizer": False,
     "seq_tile": None,
+    "step_graphs": True,
     "seed": 42,
     "revision": None,
     "adapter_path": None,
@@ -105,6 +106,10 @@ class LemaConfig:
         so their memory is one tile's; ``None``: on a GPU 8192 tokens, fewer when the
         free GPU memory asks (sequences up to 8192 tokens untiled); ``0`` never tiles.
         Same results up to float rounding of the LoRA gradients' sums.
+    step_graphs: on CUDA with every layer on the GPU, capture a training step as a CUDA
+        graph once its shape repeats and replay it for the next steps (the same results,
+        one launch a step); ``False`` runs every step eagerly (so does the environment
+        variable ``LEMA_CUDA_GRAPHS=0``).
     seed: seeds the LoRA initialisation and the dropout masks.
     revision: the Hub revision (branch, tag or commit) of ``model_name_or_path``.
     adapter_path: start from this PEFT adapter folder instead of a fresh initialisation.
@@ -165,7 +170,7 @@ class LemaConfig:
                 raise TypeError("LemaConfig: lora_target_modules must be a non-empty list of module names")
             object.__setattr__(self, "lora_target_modules", list(t))
         for name in ("use_rslora", "offload_activations", "offload_activations_half",
-                     "offload_optimizer"):
+                     "offload_optimizer", "step_graphs"):
             flag(name)
         g = self.gradient_checkpointing
         if isinstance(g, str) and g.lower() == "auto":
@@ -293,6 +298,7 @@ def engine_config(config: LemaConfig, model_path: str, config_path: Optional[str
         "offload_activations_half": config.offload_activations_half,
         "offload_optimizer": config.offload_optimizer,
         "seq_tile": config.seq_tile,
+        "step_graphs": config.step_graphs,
         "profile": False,
     }
     return json.dumps(d)

@@ -71,6 +71,19 @@ def test_round_trip(tmp_path):
         LemaConfig.from_pretrained(tmp_path / "nowhere")
 
 
+def test_step_graphs_reach_the_engine_config():
+    import json
+
+    from lema.config import engine_config
+
+    on = json.loads(engine_config(LemaConfig(gbi_path="m.safetensors"), "m.safetensors", None))
+    assert on["step_graphs"] is True  # the default
+    c = LemaConfig(gbi_path="m.safetensors", step_graphs=False)
+    assert json.loads(engine_config(c, "m.safetensors", None))["step_graphs"] is False
+    with pytest.raises(TypeError, match="step_graphs must be True or False"):
+        LemaConfig(gbi_path="m.safetensors", step_graphs=1)
+
+
 def test_seq_tile_reaches_the_engine_config():
     import json
 
