@@ -14,7 +14,7 @@
 #include <random>
 #include <cmath>
 
-#include "kernels.inc"  // common.cuh + attention_mma.cu
+#include "kernels.inc"  // common.cuh + attention_mma.cu (+ attention_wgmma.cu on Hopper)
 
 AMMA_FWD(v_fwd_128_m1_k64, 128, 1, 64)
 AMMA_FWD(v_fwd_128_m2_k64, 128, 2, 64)
@@ -124,10 +124,13 @@ int main(int argc, char** argv) {
             const size_t tile = 64 * (D + 8) * 2;
             const double fwd_flops = 2.0 * T * (double)T * H * D;  // causal half of 4·T²·H·D
             const int reps = T >= 32768 ? 2 : T >= 8192 ? 5 : 20;
+            // the wgmma kernels' tiles: D / 64 swizzled atoms of 64 rows, 1 KB for alignment
+            const size_t wtile = (size_t)(D / 64) * 8192;
             struct F {
                 const char* name;
                 FwdK k;
                 int mi;
+                size_t sh = 0;  // wgmma: its shared memory (one 64-query warpgroup a block)
             };
             std::vector<F> fw = D == 128 ? std::vector<F>{{"fwd m1 k64", v_fwd_128_m1_k64, 1},
                                                           {"fwd m2 k64", v_fwd_128_m2_k64, 2},
@@ -135,9 +138,12 @@ int main(int argc, char** argv) {
                                                           {"fwd m1 k32", v_fwd_128_m1_k32, 1}}
                                          : std::vector<F>{{"fwd m1 k64", v_fwd_64_m1_k64, 1},
                                                           {"fwd m2 k64", v_fwd_64_m2_k64, 2}};
+#ifdef AWG_ATOM
+            fw.push_back({"fwd wgmma", D == 128 ? awg_fwd_d128 : awg_fwd_d64, 1, 5 * wtile + 1024});
+#endif
             std::vector<float> ref_out, ref_lse;
             for (auto& f : fw) {
-                const size_t sh = (f.mi + 4) * tile;
+                const size_t sh = f.sh ? f.sh : (f.mi + 4) * tile;
                 CK(cudaFuncSetAttribute(f.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sh));
                 dim3 grid((T + 64 * f.mi - 1) / (64 * f.mi), H, B);
                 float ms = time_ms([&] { f.k<<<grid, 128, sh>>>(out, lse, q, k, v, nullptr, T, H, KVH, sl2); }, reps);
@@ -175,12 +181,16 @@ int main(int argc, char** argv) {
                 const char* name;
                 DqK k;
                 int mi;
+                size_t sh = 0;
             };
             std::vector<Q> dqs = D == 128 ? std::vector<Q>{{"dq m1 k64", v_dq_128_m1_k64, 1}, {"dq m1 k32", v_dq_128_m1_k32, 1}}
                                           : std::vector<Q>{{"dq m1 k64", v_dq_64_m1_k64, 1}, {"dq m2 k64", v_dq_64_m2_k64, 2}};
+#ifdef AWG_ATOM
+            dqs.push_back({"dq wgmma", D == 128 ? awg_bwd_dq_d128 : awg_bwd_dq_d64, 1, 6 * wtile + 1024});
+#endif
             std::vector<float> ref_dq;
             for (auto& f : dqs) {
-                const size_t sh = (2 * f.mi + 4) * tile;
+                const size_t sh = f.sh ? f.sh : (2 * f.mi + 4) * tile;
                 CK(cudaFuncSetAttribute(f.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sh));
                 dim3 grid((T + 64 * f.mi - 1) / (64 * f.mi), H, B);
                 float ms = time_ms(
@@ -193,25 +203,38 @@ int main(int argc, char** argv) {
                 printf("D=%d T=%d %-12s %9.3f ms %6.1f TFLOP/s (of 1.0x fwd)  %s (max rel %.1e)\n", D, T, f.name, ms,
                        fwd_flops / ms / 1e9, same ? "bit-equal" : "differs", e);
             }
-            if (D == 128) {
+            {
                 struct K {
                     const char* name;
                     DkdvK k;
+                    size_t sh = 0;
                 };
-                std::vector<K> ks = {{"dkdv q32", v_dkdv_128_q32}, {"dkdv q16", v_dkdv_128_q16}};
-                std::vector<float> ref_dk;
+                std::vector<K> ks;
+                if (D == 128) ks = {{"dkdv q32", v_dkdv_128_q32}, {"dkdv q16", v_dkdv_128_q16}};
+                else ks = {{"dkdv q64", amma_bwd_dkdv_d64}};
+#ifdef AWG_ATOM
+                ks.push_back({"dkdv wgmma", D == 128 ? awg_bwd_dkdv_d128 : awg_bwd_dkdv_d64, 6 * wtile + 6 * 64 * 4 + 1024});
+#endif
+                std::vector<float> ref_dk, ref_dv;
                 for (auto& f : ks) {
-                    const size_t sh = 6 * tile + 6 * 64 * 4;
+                    const size_t sh = f.sh ? f.sh : 6 * tile + 6 * 64 * 4;
                     CK(cudaFuncSetAttribute(f.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sh));
                     dim3 grid((T + 63) / 64, KVH, B);
                     float ms = time_ms(
                         [&] { f.k<<<grid, 128, sh>>>(dk, dv, q, k, v, dob, lse, dsum, nullptr, T, H, KVH, sl2, scale); },
                         reps);
-                    auto g = down(dk, nk);
-                    bool same = true;
-                    double e = 0;
-                    if (ref_dk.empty()) ref_dk = g;
-                    else e = max_rel(g, ref_dk, &same);
+                    auto g = down(dk, nk), gv = down(dv, nk);
+                    bool same = true, same_v = true;
+                    double e = 0, ev = 0;
+                    if (ref_dk.empty()) {
+                        ref_dk = g;
+                        ref_dv = gv;
+                    } else {
+                        e = max_rel(g, ref_dk, &same);
+                        ev = max_rel(gv, ref_dv, &same_v);
+                        e = fmax(e, ev);
+                        same = same && same_v;
+                    }
                     printf("D=%d T=%d %-12s %9.3f ms %6.1f TFLOP/s (of 1.5x fwd)  %s (max rel %.1e)\n", D, T, f.name,
                            ms, 1.5 * fwd_flops / ms / 1e9, same ? "bit-equal" : "differs", e);
                 }
