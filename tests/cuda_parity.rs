@@ -1055,12 +1055,17 @@ fn assert_same_attention_bits(got: &[Vec<u32>; 5], want: &[Vec<u32>; 5], what: &
 /// packed segments, lengths that leave partial tiles. Small enough for the sanitizers.
 #[test]
 fn wide_attention_kernels_match_at_small_sizes() {
-    let Some(narrow) = gpu_with(|o| o.profile = true) else {
+    // the mma.sync kernels (on Hopper the wgmma ones would run instead)
+    let Some(narrow) = gpu_with(|o| {
+        o.profile = true;
+        o.wgmma_attention = false;
+    }) else {
         return;
     };
     let Some(wide) = gpu_with(|o| {
         o.wide_attention_from = 1;
         o.profile = true;
+        o.wgmma_attention = false;
     }) else {
         return;
     };
@@ -1093,6 +1098,69 @@ fn wide_attention_kernels_match_at_small_sizes() {
     println!("PARITY wide attention kernels at small sizes: bit-identical");
 }
 
+/// On Hopper the wgmma kernels (attention_wgmma.cu, the default there) give the mma.sync
+/// kernels' bits for out, lse, dq, dk and dv: both head dimensions, GQA, packed segments,
+/// lengths that leave partial tiles, and one of several thousand tokens. Other GPUs do
+/// not have them (the test says so and checks nothing).
+#[test]
+fn wgmma_attention_kernels_match_the_mma_sync_kernels() {
+    let Some(mma) = gpu_with(|o| {
+        o.profile = true;
+        o.wgmma_attention = false;
+    }) else {
+        return;
+    };
+    if mma.arch() != "sm_90" {
+        println!(
+            "wgmma attention: {} is not sm_90, nothing to compare",
+            mma.arch()
+        );
+        return;
+    }
+    let Some(wg) = gpu_with(|o| o.profile = true) else {
+        return;
+    };
+    for (d, t, b, packed) in [
+        (64usize, 333usize, 2usize, true),
+        (128, 333, 2, true),
+        (64, 200, 2, false),
+        (128, 129, 2, false),
+        (128, 3000, 1, true),
+        (64, 4100, 1, false),
+    ] {
+        let mut r = Rng::fresh("wgmma attention");
+        let h = 4usize;
+        let (dims, nq, nk, ks) = gqa_packed(&mut r, b, t, h, d);
+        let (q, k, v, dout) = qkv_dout(&mut r, nq, nk);
+        let ks = packed.then_some(ks);
+        let run = |g: &CudaBackend| {
+            let up = |x: &[f32]| g.upload(x).unwrap();
+            let bits = attention_bits(g, [up(&q), up(&k), up(&v), up(&dout)], dims, ks.as_deref());
+            (bits, kernels_launched(g))
+        };
+        let what = format!("d = {d}, T = {t}, packed = {packed}");
+        let (got, ran) = run(&wg);
+        for pass in ["fwd", "bwd_dq", "bwd_dkdv"] {
+            let name = format!("awg_{pass}_d{d}");
+            assert!(
+                ran.contains(&name),
+                "{what}: {name} did not run (kernels: {ran:?})"
+            );
+        }
+        let (want, ran) = run(&mma);
+        assert!(
+            !ran.iter().any(|k| k.starts_with("awg_")),
+            "{what}: wgmma kernels ran with wgmma_attention off: {ran:?}"
+        );
+        assert_same_attention_bits(
+            &got,
+            &want,
+            &format!("between the wgmma and the mma.sync kernels ({what})"),
+        );
+    }
+    println!("PARITY wgmma attention kernels: bit-identical to the mma.sync kernels");
+}
+
 /// The wide tensor-core kernels (128 queries a block, for sequences of 8192 tokens and
 /// more) give the 64-query kernels' bits: causal attention of the first T − 1 tokens does
 /// not depend on the last one, so out, lse and dq of those rows at T = 8192 (wide) must
@@ -1101,7 +1169,10 @@ fn wide_attention_kernels_match_at_small_sizes() {
 /// against the CPU above.)
 #[test]
 fn wide_attention_kernels_match_on_a_prefix() {
-    let Some(g) = gpu_with(|o| o.profile = true) else {
+    let Some(g) = gpu_with(|o| {
+        o.profile = true;
+        o.wgmma_attention = false;
+    }) else {
         return;
     };
     for (d, packed) in [(64usize, false), (64, true), (128, false), (128, true)] {

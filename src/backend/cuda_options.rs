@@ -43,6 +43,11 @@ pub struct CudaOptions {
     /// blocks). Both give the same bits; tests lower it to run the wide kernels at small
     /// sizes. Default 8192.
     pub wide_attention_from: usize,
+    /// On sm_90 (Hopper), run the tensor-core attention on the wgmma kernels
+    /// (`attention_wgmma.cu`: the mma.sync kernels' arithmetic and bits, faster) instead of
+    /// the mma.sync ones; other architectures ignore it. Default from the environment
+    /// variable `LEMA_CUDA_WGMMA` (on unless `0`).
+    pub wgmma_attention: bool,
     /// Time every kernel, GEMM and copy of the compute stream, for
     /// `CudaBackend::profile_take` (default from the environment variable
     /// `LEMA_CUDA_PROFILE=1`).
@@ -72,6 +77,7 @@ impl Default for CudaOptions {
             sync_each_launch: std::env::var("LEMA_CUDA_SYNC").is_ok_and(|v| v == "1"),
             exact_attention: std::env::var("LEMA_CUDA_EXACT_ATTENTION").is_ok_and(|v| v == "1"),
             wide_attention_from: 8192,
+            wgmma_attention: std::env::var("LEMA_CUDA_WGMMA").map_or(true, |v| v != "0"),
             profile: std::env::var("LEMA_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             poison_uninit: std::env::var("LEMA_CUDA_POISON").is_ok_and(|v| v == "1"),
             max_host_memory: None,

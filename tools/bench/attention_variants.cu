@@ -28,6 +28,9 @@ AMMA_FWD(v_fwd_64_m1_k64, 64, 1, 64)
 AMMA_FWD(v_fwd_64_m2_k64, 64, 2, 64)
 AMMA_DQ(v_dq_64_m1_k64, 64, 1, 64)
 AMMA_DQ(v_dq_64_m2_k64, 64, 2, 64)
+#ifdef AWG_ATOM
+AWG_DKDV(v_awg_dkdv_128_q64, 128, 64)
+#endif
 
 #define CK(x)                                                                        \
     do {                                                                             \
@@ -214,6 +217,7 @@ int main(int argc, char** argv) {
                 else ks = {{"dkdv q64", amma_bwd_dkdv_d64}};
 #ifdef AWG_ATOM
                 ks.push_back({"dkdv wgmma", D == 128 ? awg_bwd_dkdv_d128 : awg_bwd_dkdv_d64, 6 * wtile + 6 * 64 * 4 + 1024});
+                if (D == 128) ks.push_back({"dkdv wgmma q64", v_awg_dkdv_128_q64, 6 * wtile + 6 * 64 * 4 + 1024});
 #endif
                 std::vector<float> ref_dk, ref_dv;
                 for (auto& f : ks) {

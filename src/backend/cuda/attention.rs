@@ -1,8 +1,9 @@
 //! Causal (grouped-query) attention without a T×T matrix: flash-style forward that saves
 //! each row's log-sum-exp, and a backward that recomputes the probabilities from it.
 //! Two implementations of the same interface: bf16 tensor-core kernels
-//! (`attention_mma.cu`, FlashAttention-2 style) for head dimensions 64 and 128 on sm_80 and
-//! newer, and f32 CUDA-core kernels (`attention.cu`) for every other case and whenever
+//! (`attention_mma.cu`, FlashAttention-2 style, for head dimensions 64 and 128 on sm_80 and
+//! newer; on sm_90 their arithmetic on wgmma, `attention_wgmma.cu`, with the same bits),
+//! and f32 CUDA-core kernels (`attention.cu`) for every other case and whenever
 //! [`super::CudaOptions::exact_attention`] asks for exact f32 results.
 
 use super::device::{Arg, Launch, Module, err};
@@ -12,41 +13,119 @@ use crate::backend::{AttnDims, DecodeDims};
 use crate::error::Result;
 use cudarc::driver::CudaSlice;
 
-pub(super) const MODULE: Module = Module {
-    name: "attention",
-    src: include_str!("attention.cu"),
-};
+pub(super) const MODULE: Module = Module::new("attention", include_str!("attention.cu"));
 
 /// The tensor-core kernels (bf16 operands, f32 accumulation).
-pub(super) const MODULE_MMA: Module = Module {
-    name: "attention_mma",
-    src: include_str!("attention_mma.cu"),
+pub(super) const MODULE_MMA: Module =
+    Module::new("attention_mma", include_str!("attention_mma.cu"));
+
+/// The wgmma kernels (Hopper): attention_mma.cu's helpers with attention_wgmma.cu, one
+/// module compiled for sm_90a.
+pub(super) const MODULE_WGMMA: Module = Module {
+    name: "attention_wgmma",
+    src: concat!(
+        include_str!("attention_mma.cu"),
+        "\n",
+        include_str!("attention_wgmma.cu")
+    ),
+    arch_specific: true,
 };
 
 /// Rows (queries or keys) per block and per tile of the tensor-core kernels.
 const MMA_TILE: usize = 64;
-/// The tensor-core kernels that come in a "wide" form (128 queries a block, 32 a warp).
-#[derive(Clone, Copy)]
-enum MmaQueryPass {
-    Forward,
-    Dq,
+
+/// One tensor-core attention kernel as it is launched: its module, name, rows (queries, or
+/// keys for dk/dv) per block and shared memory.
+struct TcKernel {
+    module: Module,
+    name: &'static str,
+    rows: usize,
+    shared_bytes: usize,
 }
 
-/// The kernel of `pass` for head dimension `hd`, and its queries per block: the wide form
-/// when `wide` ([`super::CudaOptions::wide_attention_from`]), else the 64-query one. The
-/// wide dq exists at d = 64 only.
-fn mma_kernel(pass: MmaQueryPass, hd: usize, wide: bool) -> (&'static str, usize) {
-    use MmaQueryPass::*;
-    let name = match (pass, hd == 64, wide) {
-        (Forward, true, false) => "amma_fwd_d64",
-        (Forward, true, true) => "amma_fwd_wide_d64",
-        (Forward, false, false) => "amma_fwd_d128",
-        (Forward, false, true) => "amma_fwd_wide_d128",
-        (Dq, true, false) => "amma_bwd_dq_d64",
-        (Dq, true, true) => "amma_bwd_dq_wide_d64",
-        (Dq, false, _) => return ("amma_bwd_dq_d128", MMA_TILE),
+/// The three tensor-core kernels of one attention call.
+struct TcKernels {
+    forward: TcKernel,
+    dq: TcKernel,
+    dkdv: TcKernel,
+}
+
+/// The mma.sync kernels (sm_80 and newer) for head dimension `hd` (64 or 128). `wide`
+/// ([`super::CudaOptions::wide_attention_from`]) takes the 128-query forms of the forward
+/// and (d = 64 only) dq.
+fn mma_kernels(hd: usize, wide: bool) -> TcKernels {
+    // one 64-row bf16 tile, row stride D + 8
+    let tile = MMA_TILE * (hd + 8) * 2;
+    let d64 = hd == 64;
+    let pick = |a: &'static str, b: &'static str| if d64 { a } else { b };
+    let fwd_rows = if wide { 2 * MMA_TILE } else { MMA_TILE };
+    let dq_rows = if wide && d64 { 2 * MMA_TILE } else { MMA_TILE };
+    let forward = TcKernel {
+        module: MODULE_MMA,
+        name: match (d64, wide) {
+            (true, false) => "amma_fwd_d64",
+            (true, true) => "amma_fwd_wide_d64",
+            (false, false) => "amma_fwd_d128",
+            (false, true) => "amma_fwd_wide_d128",
+        },
+        rows: fwd_rows,
+        // q tile, two stages of k and v tiles
+        shared_bytes: (fwd_rows / MMA_TILE + 4) * tile,
     };
-    (name, if wide { 2 * MMA_TILE } else { MMA_TILE })
+    let dq = TcKernel {
+        module: MODULE_MMA,
+        name: match (d64, wide) {
+            (true, false) => "amma_bwd_dq_d64",
+            (true, true) => "amma_bwd_dq_wide_d64",
+            (false, _) => "amma_bwd_dq_d128",
+        },
+        rows: dq_rows,
+        // q and dout tiles, two stages of k and v tiles
+        shared_bytes: (2 * dq_rows / MMA_TILE + 4) * tile,
+    };
+    let dkdv = TcKernel {
+        module: MODULE_MMA,
+        name: pick("amma_bwd_dkdv_d64", "amma_bwd_dkdv_d128"),
+        rows: MMA_TILE,
+        // k and v tiles, two stages of q and dout tiles and of lse, dsum, first key
+        shared_bytes: 6 * tile + 6 * MMA_TILE * 4,
+    };
+    TcKernels { forward, dq, dkdv }
+}
+
+/// The wgmma kernels (sm_90) for head dimension `hd` (64 or 128): 64 rows a block; tiles of
+/// D / 64 swizzled 8 KB atoms, and 1 KB to align them.
+fn wgmma_kernels(hd: usize) -> TcKernels {
+    let tile = hd / 64 * 8192;
+    let d64 = hd == 64;
+    let kernel = |name, shared_bytes| TcKernel {
+        module: MODULE_WGMMA,
+        name,
+        rows: MMA_TILE,
+        shared_bytes: shared_bytes + 1024,
+    };
+    TcKernels {
+        // q tile, two stages of k and v tiles
+        forward: kernel(if d64 { "awg_fwd_d64" } else { "awg_fwd_d128" }, 5 * tile),
+        // q and dout tiles, two stages of k and v tiles
+        dq: kernel(
+            if d64 {
+                "awg_bwd_dq_d64"
+            } else {
+                "awg_bwd_dq_d128"
+            },
+            6 * tile,
+        ),
+        // k and v tiles, two stages of q and dout tiles and of lse, dsum, first key
+        dkdv: kernel(
+            if d64 {
+                "awg_bwd_dkdv_d64"
+            } else {
+                "awg_bwd_dkdv_d128"
+            },
+            6 * tile + 6 * MMA_TILE * 4,
+        ),
+    }
 }
 
 /// Threads per block of the tensor-core kernels (4 warps).
@@ -174,9 +253,14 @@ impl CudaBackend {
         )
     }
 
-    /// Shared bytes of one 64-row bf16 tile of the tensor-core kernels (row stride D + 8).
-    fn mma_tile_bytes(hd: usize) -> usize {
-        MMA_TILE * (hd + 8) * 2
+    /// The tensor-core kernels for head dimension `hd` at sequence length `t`: wgmma on
+    /// sm_90 ([`super::CudaOptions::wgmma_attention`]), else mma.sync.
+    fn tc_kernels(&self, hd: usize, t: usize) -> TcKernels {
+        if self.opts.wgmma_attention && self.dev.arch == "sm_90" {
+            wgmma_kernels(hd)
+        } else {
+            mma_kernels(hd, t >= self.opts.wide_attention_from)
+        }
     }
 
     /// The bf16 q, k, v the tensor-core kernels read: the operands themselves when they
@@ -269,20 +353,15 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h, kvh, hd) = (d.batch, d.seq, d.n_heads, d.n_kv_heads, d.head_dim);
         let ((pqb, pkb, pvb), _copies) = self.bf16_operands(op, (pq, pk, pv), d)?;
-        let (name, queries) = mma_kernel(
-            MmaQueryPass::Forward,
-            hd,
-            t >= self.opts.wide_attention_from,
-        );
+        let kf = self.tc_kernels(hd, t).forward;
         self.dev.launch(
             op,
-            MODULE_MMA,
-            name,
+            kf.module,
+            kf.name,
             Launch {
-                grid: (t.div_ceil(queries), h, b),
+                grid: (t.div_ceil(kf.rows), h, b),
                 block: MMA_THREADS,
-                // q tile, two stages of k and v tiles
-                shared_bytes: (queries / MMA_TILE + 4) * Self::mma_tile_bytes(hd),
+                shared_bytes: kf.shared_bytes,
             },
             &[
                 Arg::Ptr(po),
@@ -372,39 +451,32 @@ impl CudaBackend {
             Arg::F32(d.scale * std::f32::consts::LOG2_E),
             Arg::F32(d.scale),
         ];
-        let tile = Self::mma_tile_bytes(hd);
-        let (dq_name, dq_queries) =
-            mma_kernel(MmaQueryPass::Dq, hd, t >= self.opts.wide_attention_from);
-        let dkdv_name = if hd == 64 {
-            "amma_bwd_dkdv_d64"
-        } else {
-            "amma_bwd_dkdv_d128"
-        };
+        let kernels = self.tc_kernels(hd, t);
         let mut args = vec![Arg::Ptr(pdq)];
         args.extend_from_slice(&common);
+        let kq = kernels.dq;
         self.dev.launch(
             op,
-            MODULE_MMA,
-            dq_name,
+            kq.module,
+            kq.name,
             Launch {
-                grid: (t.div_ceil(dq_queries), h, b),
+                grid: (t.div_ceil(kq.rows), h, b),
                 block: MMA_THREADS,
-                // q and dout tiles, two stages of k and v tiles
-                shared_bytes: (2 * dq_queries / MMA_TILE + 4) * tile,
+                shared_bytes: kq.shared_bytes,
             },
             &args,
         )?;
         let mut args = vec![Arg::Ptr(pdk), Arg::Ptr(pdv)];
         args.extend_from_slice(&common);
+        let kk = kernels.dkdv;
         self.dev.launch(
             op,
-            MODULE_MMA,
-            dkdv_name,
+            kk.module,
+            kk.name,
             Launch {
-                grid: (t.div_ceil(MMA_TILE), kvh, b),
+                grid: (t.div_ceil(kk.rows), kvh, b),
                 block: MMA_THREADS,
-                // k and v tiles, two stages of q and dout tiles and of lse, dsum, first key
-                shared_bytes: 6 * tile + 6 * MMA_TILE * 4,
+                shared_bytes: kk.shared_bytes,
             },
             &args,
         )

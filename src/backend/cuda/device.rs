@@ -89,6 +89,30 @@ fn default_cache_dir(
 pub(crate) struct Module {
     pub name: &'static str,
     pub src: &'static str,
+    /// Compiled for the architecture-specific target ("sm_90" → "sm_90a"), whose
+    /// instructions (wgmma) only that architecture runs. Such a module is only loaded on
+    /// the architecture it names (attention.rs checks).
+    pub arch_specific: bool,
+}
+
+impl Module {
+    /// A module compiled for the device's architecture as NVRTC names it.
+    pub const fn new(name: &'static str, src: &'static str) -> Module {
+        Module {
+            name,
+            src,
+            arch_specific: false,
+        }
+    }
+
+    /// The NVRTC target of this module on a device of architecture `arch`.
+    pub fn target(&self, arch: &str) -> String {
+        if self.arch_specific {
+            format!("{arch}a")
+        } else {
+            arch.to_string()
+        }
+    }
 }
 
 /// Helpers shared by every module (half conversions, warp and block reductions);
@@ -504,13 +528,12 @@ impl Device {
             match mods.get(m.name) {
                 Some(md) => md.clone(),
                 None => {
-                    let img = module_image(m, &self.arch, &self.cache)?;
+                    let target = m.target(&self.arch);
+                    let img = module_image(m, &target, &self.cache)?;
                     let md = self
                         .ctx
                         .load_module(Ptx::from_binary(img.as_ref().clone()))
-                        .map_err(|e| {
-                            err(op, format!("module '{}' for {}: {e:?}", m.name, self.arch))
-                        })?;
+                        .map_err(|e| err(op, format!("module '{}' for {target}: {e:?}", m.name)))?;
                     mods.insert(m.name, md.clone());
                     md
                 }

@@ -7,10 +7,7 @@ use super::{CudaBackend, CudaBuf, rows_of};
 use crate::backend::{Accumulate, Activation, DType, DeviceBuf};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "elementwise",
-    src: include_str!("elementwise.cu"),
-};
+pub(super) const MODULE: Module = Module::new("elementwise", include_str!("elementwise.cu"));
 
 /// Threads per block of the grid-stride kernels, and the most blocks they use.
 const BLOCK: u32 = 256;

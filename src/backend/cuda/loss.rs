@@ -9,10 +9,7 @@ use super::{CudaBackend, CudaBuf, rows_of};
 use crate::backend::{Accumulate, DType, DeviceBuf, Gemm, IGNORE_INDEX, LossSum};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "loss",
-    src: include_str!("loss.cu"),
-};
+pub(super) const MODULE: Module = Module::new("loss", include_str!("loss.cu"));
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]

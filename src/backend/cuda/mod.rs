@@ -1229,13 +1229,14 @@ impl Backend for CudaBackend {
 
 /// Every kernel module, for ahead-of-time checks.
 #[cfg(test)]
-fn all_modules() -> [device::Module; 8] {
+fn all_modules() -> [device::Module; 9] {
     [
         elementwise::MODULE,
         norm::MODULE,
         rope::MODULE,
         attention::MODULE,
         attention::MODULE_MMA,
+        attention::MODULE_WGMMA,
         loss::MODULE,
         optim::MODULE,
         quant::MODULE,
@@ -1253,8 +1254,9 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// Every .cu file compiles with NVRTC for Hopper and Ampere. Needs only NVRTC, no GPU;
-    /// skipped visibly where libnvrtc cannot be loaded (a failure under CI).
+    /// Every .cu file compiles with NVRTC for Hopper and Ampere (an architecture-specific
+    /// module for Hopper only, where its kernels must be in the image). Needs only NVRTC,
+    /// no GPU; skipped visibly where libnvrtc cannot be loaded (a failure under CI).
     #[test]
     fn kernels_compile_with_nvrtc() {
         // SAFETY: only tries to dlopen the library.
@@ -1264,9 +1266,23 @@ mod tests {
         }
         for arch in ["sm_90", "sm_80"] {
             for m in all_modules() {
-                let img = device::module_image(m, arch, &KernelCache::Off)
+                if m.arch_specific && arch != "sm_90" {
+                    continue;
+                }
+                let img = device::module_image(m, &m.target(arch), &KernelCache::Off)
                     .unwrap_or_else(|e| panic!("{}: {e}", m.name));
                 assert!(img.starts_with(b"\x7fELF"), "{}: not a CUBIN", m.name);
+                if m.arch_specific {
+                    // the kernels are guarded by the target's feature macro: they must be in
+                    for name in ["awg_fwd_d128", "awg_bwd_dq_d64", "awg_bwd_dkdv_d128"] {
+                        assert!(
+                            img.windows(name.len()).any(|w| w == name.as_bytes()),
+                            "{}: kernel {name} is not in the {} image",
+                            m.name,
+                            m.target(arch)
+                        );
+                    }
+                }
             }
         }
     }

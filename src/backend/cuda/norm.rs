@@ -5,10 +5,7 @@ use super::{CudaBackend, CudaBuf, rows_of};
 use crate::backend::{Accumulate, DeviceBuf};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "norm",
-    src: include_str!("norm.cu"),
-};
+pub(super) const MODULE: Module = Module::new("norm", include_str!("norm.cu"));
 
 /// One block per row: enough threads for the row, at most 1024.
 fn per_row(rows: usize, c: usize) -> Launch {

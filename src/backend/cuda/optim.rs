@@ -7,10 +7,7 @@ use super::{CudaBackend, CudaBuf};
 use crate::backend::{AdamWItem, AdamWStep, DType, DeviceBuf, SgdItem, SgdStep};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "optim",
-    src: include_str!("optim.cu"),
-};
+pub(super) const MODULE: Module = Module::new("optim", include_str!("optim.cu"));
 
 /// The hyper-parameter arguments of `adamw` and `adamw_multi` (after the tensors'):
 /// lr, β1, β2, eps, weight decay, and the bias corrections folded in on the host in f64,

@@ -6,10 +6,7 @@ use super::{CudaBackend, CudaBuf};
 use crate::backend::{DType, DeviceBuf, Fp8Parts, Nf4Parts};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "quant",
-    src: include_str!("quant.cu"),
-};
+pub(super) const MODULE: Module = Module::new("quant", include_str!("quant.cu"));
 
 impl CudaBackend {
     pub(super) fn dequantize_nf4_impl(

@@ -6,10 +6,7 @@ use super::{CudaBackend, CudaBuf, rows_of};
 use crate::backend::{DType, DeviceBuf, RopeAngles};
 use crate::error::Result;
 
-pub(super) const MODULE: Module = Module {
-    name: "rope",
-    src: include_str!("rope.cu"),
-};
+pub(super) const MODULE: Module = Module::new("rope", include_str!("rope.cu"));
 
 impl CudaBackend {
     /// Rotate x `[N, heads, D]` in place by `sign ·` the angles `positions[i] · inv_freq[j]`.
