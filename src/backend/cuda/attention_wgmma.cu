@@ -105,15 +105,6 @@ __device__ __forceinline__ void awg_rs_n128_t(float (&d)[16][4], const u32 (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-template <int N>
-__device__ __forceinline__ void awg_hold_u(u32 (&a)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
-}
-__device__ __forceinline__ void awg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
-
 // ---- tiles --------------------------------------------------------------------------------
 
 // Rows r0 .. r0 + R - 1 of head hd of a bf16 [B, T, NH, D] tensor into a swizzled tile
@@ -144,6 +135,25 @@ __device__ __forceinline__ u64 awg_nmajor(u32 tile, int k0) {
 // The block's shared memory from a 1024-byte boundary (the launch asks for 1 KB more).
 __device__ __forceinline__ u32 awg_base(const void* sm) { return (am_smem(sm) + 1023u) & ~1023u; }
 
+// acc (64 rows x D) += bf16(x) (64 rows x 64 keys) · the 64 x D tile at `tile` (rows = keys):
+// O += P V and dQ += dS K, one wgmma a k16 step, in key order.
+template <int D>
+__device__ __forceinline__ void awg_acc_times_tile(float (&acc)[D / 8][4], const float (&x)[8][4], u32 tile) {
+    u32 pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) am_frag_from_acc(pa[kk], x, kk);
+    awg_hold(acc);
+    awg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        if constexpr (D == 128) awg_rs_n128_t(acc, pa[kk], awg_nmajor(tile, kk * 16));
+        else awg_rs_n64_t(acc, pa[kk], awg_nmajor(tile, kk * 16));
+    }
+    awg_commit();
+    awg_wait0();
+    awg_hold(acc);
+}
+
 // s (64 x 64) = the 64-row tile a (K-major over D) · the 64-row tile b^T.
 template <int D>
 __device__ __forceinline__ void awg_tile_products(float (&s)[8][4], u32 a, u32 b) {
@@ -152,30 +162,14 @@ __device__ __forceinline__ void awg_tile_products(float (&s)[8][4], u32 a, u32 b
     for (int kk = 0; kk < D / 16; ++kk) awg_ss_n64(s, awg_kmajor<64>(a, kk), awg_kmajor<64>(b, kk));
 }
 
-// ---- the three passes -----------------------------------------------------------------
+// ---- forward ----------------------------------------------------------------------------
 
-// acc += bf16 fragments pa (64 rows x 64 keys) · the tile at `tile` (rows = keys), issued
-// and committed, not waited for: pa and acc belong to the wgmma until awg_wait0.
-template <int D>
-__device__ __forceinline__ void awg_issue_acc(float (&acc)[D / 8][4], const u32 (&pa)[4][4], u32 tile) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        if constexpr (D == 128) awg_rs_n128_t(acc, pa[kk], awg_nmajor(tile, kk * 16));
-        else awg_rs_n64_t(acc, pa[kk], awg_nmajor(tile, kk * 16));
-    }
-    awg_commit();
-}
-
-// amma_fwd<D, 1, 64>'s arithmetic, the block's 64 queries the warpgroup's rows. The P V
-// product of key tile j runs on the tensor cores while the softmax of tile j + 1 runs
-// (FlashAttention-3's overlap inside a warpgroup); the operations on O are the same in the
-// same order (scale by tile j's correction, add tile j's P V, ...). Every warp takes part
-// in every wgmma, so a warp works the key tiles its rows do not see too; their
-// probabilities are 0 and leave m, l and O as they were. K tile j + 1 is loaded while tile j is worked; V tile j + 1 once P V of
-// tile j - 1, which read its stage, is done.
+// amma_fwd<D, 1, 64>'s arithmetic; the block's 64 queries are the warpgroup's rows. Every
+// warp takes part in every wgmma, so a warp works the key tiles its rows do not see too;
+// their probabilities are 0 and leave m, l and O as they were.
 template <int D>
 __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, const u16* v, const u32* ks, int T,
-                             int H, int KVH, float sl2) {
+                        int H, int KVH, float sl2) {
     constexpr int DT = D / 8, TILE = (D / 64) * AWG_ATOM;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -188,14 +182,12 @@ __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, cons
 
     awg_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
     awg_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
-    am_commit();
     awg_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
     am_commit();
 
     const AmWarpRows<1> rows(ks, b, i0, warp, lane, T);
     float o[DT][4];
     float m[2], l[2];
-    u32 pa[4][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     m[0] = m[1] = -INF_F;
@@ -203,30 +195,26 @@ __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, cons
 
     for (int it = 0; it < ntile; ++it) {
         const int j0 = jbeg + it * AM_BN, st = it & 1;
-        // pending copy groups: K tile it, V tile it (and now K tile it + 1)
         if (it + 1 < ntile) {
             awg_load_tile<AM_BN, D>(kst + (st ^ 1) * TILE, k, b, j0 + AM_BN, g, T, KVH);
+            awg_load_tile<AM_BN, D>(vst + (st ^ 1) * TILE, v, b, j0 + AM_BN, g, T, KVH);
             am_commit();
-            am_wait<2>();
-        } else {
             am_wait<1>();
+        } else {
+            am_wait<0>();
         }
         awg_fence_smem();
         __syncthreads();
+        const u32 kt = kst + st * TILE, vt = vst + st * TILE;
         float s[8][4];
 #pragma unroll
         for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
         awg_hold(s);
-        awg_tile_products<D>(s, qs, kst + st * TILE);
+        awg_tile_products<D>(s, qs, kt);
         awg_commit();
-        if (it > 0) {
-            awg_hold(o);
-            awg_issue_acc<D>(o, pa, vst + (st ^ 1) * TILE);  // O += P V of the previous tile
-            awg_wait1();
-        } else {
-            awg_wait0();
-        }
+        awg_wait0();
         awg_hold(s);
+        // scale to log2 units, mask (causal diagonal, segment starts), online softmax
         const bool need_mask = rows.needs_mask(j0, AM_BN);
         float mx[2] = {-INF_F, -INF_F};
 #pragma unroll
@@ -242,16 +230,21 @@ __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, cons
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
         }
-        float mu[2], corr[2];
+        float mu[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 2));
             const float mn = fmaxf(m[i], mx[i]);
             mu[i] = mn == -INF_F ? 0.f : mn;  // a row with no key yet: keep everything at 0
-            corr[i] = exp2f(m[i] - mu[i]);
+            const float corr = exp2f(m[i] - mu[i]);
             m[i] = mn;
-            l[i] *= corr[i];
+            l[i] *= corr;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * i] *= corr;
+                o[dt][2 * i + 1] *= corr;
+            }
         }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
@@ -262,35 +255,10 @@ __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, cons
                 l[e >> 1] += p;
             }
         }
-        if (it > 0) {
-            awg_wait0();
-            awg_hold(o);
-            awg_hold_u(pa);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * i] *= corr[i];
-                o[dt][2 * i + 1] *= corr[i];
-            }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) am_frag_from_acc(pa[kk], s, kk);
-        __syncthreads();  // every warp's P V of the previous tile is done: its V stage is free
-        if (it + 1 < ntile) {
-            awg_load_tile<AM_BN, D>(vst + (st ^ 1) * TILE, v, b, j0 + AM_BN, g, T, KVH);
-            am_commit();
-        }
+        // O += P V
+        awg_acc_times_tile<D>(o, s, vt);
+        __syncthreads();  // the next iteration's loads overwrite this stage
     }
-    // O += P V of the last tile
-    am_wait<0>();
-    awg_fence_smem();
-    __syncthreads();
-    awg_hold(o);
-    awg_fence();
-    awg_issue_acc<D>(o, pa, vst + ((ntile - 1) & 1) * TILE);
-    awg_wait0();
-    awg_hold(o);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         l[i] += __shfl_xor_sync(FULL_MASK, l[i], 1);
@@ -305,14 +273,12 @@ __device__ void awg_fwd(float* out, float* lse, const u16* q, const u16* k, cons
     }
 }
 
-// amma_bwd_dq<D, 1, 64>'s arithmetic, the block's 64 queries the warpgroup's rows, with
-// dQ += dS K of key tile j on the tensor cores while S and dP of tile j + 1 are made and
-// turned into dS; the same sums in the same order. V tile j + 1 is loaded
-// while tile j is worked; K tile j + 1 once dQ of tile j - 1, which read its stage, is done.
+// ---- backward: dq -----------------------------------------------------------------------
+
+// amma_bwd_dq<D, 1, 64>'s arithmetic, the block's 64 queries the warpgroup's rows.
 template <int D>
-__device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob,
-                                const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
-                                float scale) {
+__device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse,
+                           const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {
     constexpr int DT = D / 8, TILE = (D / 64) * AWG_ATOM;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -325,9 +291,8 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
 
     awg_load_tile<AM_BM, D>(qs, q, b, i0, h, T, H);
     awg_load_tile<AM_BM, D>(dos, dob, b, i0, h, T, H);
-    awg_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
-    am_commit();
     awg_load_tile<AM_BN, D>(kst, k, b, jbeg, g, T, KVH);
+    awg_load_tile<AM_BN, D>(vst, v, b, jbeg, g, T, KVH);
     am_commit();
 
     const i64 la = ((i64)b * H + h) * T;
@@ -340,14 +305,13 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
         dl[i] = r < T ? dsum[la + r] : 0.f;
     }
     float acc[DT][4];
-    u32 da[4][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     for (int it = 0; it < ntile; ++it) {
         const int j0 = jbeg + it * AM_BN, st = it & 1;
-        // pending copy groups: V tile it, K tile it (and now V tile it + 1)
         if (it + 1 < ntile) {
+            awg_load_tile<AM_BN, D>(kst + (st ^ 1) * TILE, k, b, j0 + AM_BN, g, T, KVH);
             awg_load_tile<AM_BN, D>(vst + (st ^ 1) * TILE, v, b, j0 + AM_BN, g, T, KVH);
             am_commit();
             am_wait<1>();
@@ -356,6 +320,7 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
         }
         awg_fence_smem();
         __syncthreads();
+        const u32 kt = kst + st * TILE, vt = vst + st * TILE;
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -363,16 +328,10 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
             for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
         awg_hold(s);
         awg_hold(dp);
-        awg_tile_products<D>(s, qs, kst + st * TILE);
-        awg_tile_products<D>(dp, dos, vst + st * TILE);
+        awg_tile_products<D>(s, qs, kt);
+        awg_tile_products<D>(dp, dos, vt);
         awg_commit();
-        if (it > 0) {
-            awg_hold(acc);
-            awg_issue_acc<D>(acc, da, kst + (st ^ 1) * TILE);  // dQ += dS K of the previous tile
-            awg_wait1();
-        } else {
-            awg_wait0();
-        }
+        awg_wait0();
         awg_hold(s);
         awg_hold(dp);
         const bool need_mask = rows.needs_mask(j0, AM_BN);
@@ -388,25 +347,10 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
                 s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
             }
         }
-        if (it > 0) {
-            awg_wait0();
-            awg_hold(acc);
-            awg_hold_u(da);
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) am_frag_from_acc(da[kk], s, kk);
-        __syncthreads();  // every warp's dQ of the previous tile is done: its K stage is free
-        if (it + 1 < ntile) {
-            awg_load_tile<AM_BN, D>(kst + (st ^ 1) * TILE, k, b, j0 + AM_BN, g, T, KVH);
-            am_commit();
-        }
+        // dQ += dS K
+        awg_acc_times_tile<D>(acc, s, kt);
+        __syncthreads();
     }
-    // dQ += dS K of the last tile (its K tile came with the loop's last wait)
-    awg_hold(acc);
-    awg_fence();
-    awg_issue_acc<D>(acc, da, kst + ((ntile - 1) & 1) * TILE);
-    awg_wait0();
-    awg_hold(acc);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int r = rows.r[0][i];
@@ -418,40 +362,21 @@ __device__ void awg_bwd_dq(float* dq, const u16* q, const u16* k, const u16* v, 
     }
 }
 
-// dV += P^T dO and dK += dS^T Q over the 16-query k-steps from query r0 of a stage (qt: q,
-// dt_: dout), issued and committed, not waited for.
-template <int D, int QC>
-__device__ __forceinline__ void awg_issue_dkdv(float (&adv)[D / 8][4], float (&adk)[D / 8][4],
-                                               const u32 (&pa)[QC / 16][4], const u32 (&sa)[QC / 16][4], u32 qt,
-                                               u32 dt_, int r0) {
-#pragma unroll
-    for (int kk = 0; kk < QC / 16; ++kk) {
-        if constexpr (D == 128) {
-            awg_rs_n128_t(adv, pa[kk], awg_nmajor(dt_, r0 + kk * 16));
-            awg_rs_n128_t(adk, sa[kk], awg_nmajor(qt, r0 + kk * 16));
-        } else {
-            awg_rs_n64_t(adv, pa[kk], awg_nmajor(dt_, r0 + kk * 16));
-            awg_rs_n64_t(adk, sa[kk], awg_nmajor(qt, r0 + kk * 16));
-        }
-    }
-    awg_commit();
-}
+// ---- backward: dk, dv -------------------------------------------------------------------
 
-// amma_bwd_dkdv<D, QC>'s arithmetic, the block's 64 keys the warpgroup's rows, QC queries
-// (of a 64-query tile) a compute step, with dV and dK of one step on the tensor cores while
-// S^T and dP^T of the next are made and turned into P^T and dS^T; the same sums in the
-// same order.
-// The next query tile is loaded once the last step that read its stage is done.
+// amma_bwd_dkdv<D, QC>'s arithmetic, the block's 64 keys the warpgroup's rows; QC queries
+// (of a 64-query tile) a compute step.
 template <int D, int QC>
 __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob,
-                                  const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH,
-                                  float sl2, float scale) {
+                             const float* lse, const float* dsum, const u32* ks, int T, int H, int KVH, float sl2,
+                             float scale) {
     constexpr int DT = D / 8, TILE = (D / 64) * AWG_ATOM;
     extern __shared__ __align__(16) u16 am_sm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
     const int b = blockIdx.z, g = blockIdx.y, group = H / KVH;
     const int j0 = blockIdx.x * AM_BN, jlast = min(j0 + AM_BN, T) - 1;
     const u32 ksm = awg_base(am_sm), vsm = ksm + TILE, qst = vsm + TILE, dost = qst + 2 * TILE;
+    // [2][BM] each of lse, dsum and first keys, after the tiles
     float* lse_s = (float*)((char*)am_sm + (dost + 2 * TILE - am_smem(am_sm)));
     float* dl_s = lse_s + 2 * AM_BM;
     int* s0_s = (int*)(dl_s + 2 * AM_BM);
@@ -499,13 +424,16 @@ __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, c
     for (int i = 0; i < DT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
-    u32 pa[QC / 16][4], sa[QC / 16][4];
-    u32 prev_qt = 0, prev_dt = 0;  // the stage and first query of the step in flight
-    int prev_r0 = -1;
 
     for (int step = 0; step < total; ++step) {
         const int st = step & 1, i0 = j0 + (step % n) * AM_BM;
-        am_wait<0>();
+        if (step + 1 < total) {
+            issue(step + 1, st ^ 1);
+            am_commit();
+            am_wait<1>();
+        } else {
+            am_wait<0>();
+        }
         awg_fence_smem();
         __syncthreads();
         const u32 qt = qst + st * TILE, dt_ = dost + st * TILE;
@@ -521,6 +449,7 @@ __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, c
             for (int i = 0; i < QC / 8; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+            // S^T = K Q^T, dP^T = V dO^T over this step's QC queries
             awg_hold(s);
             awg_hold(dp);
             awg_fence();
@@ -535,16 +464,10 @@ __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, c
                 }
             }
             awg_commit();
-            if (prev_r0 >= 0) {
-                awg_hold(adv);
-                awg_hold(adk);
-                awg_issue_dkdv<D, QC>(adv, adk, pa, sa, prev_qt, prev_dt, prev_r0);
-                awg_wait1();
-            } else {
-                awg_wait0();
-            }
+            awg_wait0();
             awg_hold(s);
             awg_hold(dp);
+            // P^T and dS^T; s holds P^T, dp becomes dS^T
 #pragma unroll
             for (int nt = 0; nt < QC / 8; ++nt) {
 #pragma unroll
@@ -559,40 +482,35 @@ __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, c
                     dp[nt][e] = p * (dp[nt][e] - dls[tq]);
                 }
             }
-            if (prev_r0 >= 0) {
-                awg_wait0();
-                awg_hold(adv);
-                awg_hold(adk);
-                awg_hold_u(pa);
-                awg_hold_u(sa);
-            }
+            // dV += P^T dO, dK += dS^T Q
+            u32 pa[QC / 16][4], sa[QC / 16][4];
 #pragma unroll
             for (int kk = 0; kk < QC / 16; ++kk) {
                 am_frag_from_acc(pa[kk], s, kk);
                 am_frag_from_acc(sa[kk], dp, kk);
             }
-            prev_qt = qt;
-            prev_dt = dt_;
-            prev_r0 = qc * QC;
-            if (qc == 0) {
-                // every warp's products of the previous query tile are done: its stage is free
-                __syncthreads();
-                if (step + 1 < total) {
-                    issue(step + 1, st ^ 1);
-                    am_commit();
+            awg_hold(adv);
+            awg_hold(adk);
+            awg_fence();
+#pragma unroll
+            for (int kk = 0; kk < QC / 16; ++kk) {
+                const int r0 = qc * QC + kk * 16;
+                if constexpr (D == 128) {
+                    awg_rs_n128_t(adv, pa[kk], awg_nmajor(dt_, r0));
+                    awg_rs_n128_t(adk, sa[kk], awg_nmajor(qt, r0));
+                } else {
+                    awg_rs_n64_t(adv, pa[kk], awg_nmajor(dt_, r0));
+                    awg_rs_n64_t(adk, sa[kk], awg_nmajor(qt, r0));
                 }
             }
+            awg_commit();
+            awg_wait0();
+            awg_hold(adv);
+            awg_hold(adk);
         }
+        __syncthreads();
     }
-    if (prev_r0 >= 0) {
-        awg_hold(adv);
-        awg_hold(adk);
-        awg_fence();
-        awg_issue_dkdv<D, QC>(adv, adk, pa, sa, prev_qt, prev_dt, prev_r0);
-        awg_wait0();
-        awg_hold(adv);
-        awg_hold(adk);
-    }
+    am_wait<0>();
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int r = i == 0 ? ka : kb;
@@ -607,23 +525,23 @@ __device__ void awg_bwd_dkdv(float* dk, float* dv, const u16* q, const u16* k, c
 }
 
 // Entry points, the signatures of attention_mma.cu's.
-#define AWG_FWD(NAME, D)                                                                               \
+#define AWG_FWD(NAME, D)                                                                                    \
     extern "C" __global__ void __launch_bounds__(AM_NT)                                                     \
         NAME(float* out, float* lse, const u16* q, const u16* k, const u16* v, const u32* ks, int T, int H, \
              int KVH, float sl2) {                                                                          \
-        awg_fwd<D>(out, lse, q, k, v, ks, T, H, KVH, sl2);                                             \
+        awg_fwd<D>(out, lse, q, k, v, ks, T, H, KVH, sl2);                                                  \
     }
-#define AWG_DQ(NAME, D)                                                                                   \
+#define AWG_DQ(NAME, D)                                                                                        \
     extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
         NAME(float* dq, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse,            \
              const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                \
-        awg_bwd_dq<D>(dq, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                            \
+        awg_bwd_dq<D>(dq, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                                 \
     }
-#define AWG_DKDV(NAME, D, QC)                                                                             \
+#define AWG_DKDV(NAME, D, QC)                                                                                  \
     extern "C" __global__ void __launch_bounds__(AM_NT)                                                        \
         NAME(float* dk, float* dv, const u16* q, const u16* k, const u16* v, const u16* dob, const float* lse, \
              const float* dsum, const u32* ks, int T, int H, int KVH, float sl2, float scale) {                \
-        awg_bwd_dkdv<D, QC>(dk, dv, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                  \
+        awg_bwd_dkdv<D, QC>(dk, dv, q, k, v, dob, lse, dsum, ks, T, H, KVH, sl2, scale);                       \
     }
 
 AWG_FWD(awg_fwd_d64, 64)
